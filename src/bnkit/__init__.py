@@ -1,0 +1,28 @@
+"""bnkit: Batch Normalization for PyTorch, from the math up.
+
+Layers flow one way: ``stats`` -> ``kernels`` -> ``functional`` -> ``layers``
+-> ``tools`` -> ``experiments`` / ``cli``.
+"""
+
+from __future__ import annotations
+
+from . import functional, kernels, reference, stats
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .stats import momentum_from_keras, momentum_to_keras
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "functional",
+    "kernels",
+    "reference",
+    "stats",
+    "momentum_from_keras",
+    "momentum_to_keras",
+]
+
+# ---- exports of later parts (each part adds its own lines below) ----

@@ -1,0 +1,354 @@
+"""The functional core: autograd functions and the public F-style API.
+
+``batch_norm`` has the signature and semantics of
+``torch.nn.functional.batch_norm`` but is computed by bnkit's own kernels
+(the math is in :mod:`bnkit.reference`). Every layer of bnkit goes through
+:func:`batch_norm_core`, which adds what modules need beyond the F-style
+API: a feature axis, the cumulative average, and the non-finite policy.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import kernels, stats
+from .kernels import torch_ops
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_core",
+    "moments",
+    "normalize",
+    "fold",
+    "canonical_view",
+    "NONFINITE_POLICIES",
+]
+
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
+
+
+# --------------------------------------------------------------------------- views
+def canonical_view(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` as the kernels' contiguous ``(outer, C, inner)`` view, and the inverse map.
+
+    No copy is made when ``x`` is contiguous, or when the feature axis is its
+    innermost dense dimension (``torch.channels_last`` / ``channels_last_3d``
+    and any channels-last layout): the latter becomes ``(N*H*W, C, 1)``, and
+    the inverse restores the original memory format, so outputs and input
+    gradients keep it.
+    """
+    shape = x.shape
+    channels = shape[axis]
+    if x.is_contiguous():
+        outer = math.prod(shape[:axis])
+        inner = math.prod(shape[axis + 1 :])
+        return x.view(outer, channels, inner), lambda y3: y3.view(shape)
+    moved = x.movedim(axis, -1)
+    if moved.is_contiguous():
+        moved_shape = moved.shape
+        return moved.view(-1, channels, 1), lambda y3: y3.view(moved_shape).movedim(-1, axis)
+    xc = x.contiguous()
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1 :])
+    return xc.view(outer, channels, inner), lambda y3: y3.view(shape)
+
+
+# --------------------------------------------------------------------------- autograd
+class _BatchNormTrain(torch.autograd.Function):
+    """Training BN on the 3-D view with the analytic backward (torch/reference backends).
+
+    Outputs ``(y3, mean, biased_var)``; the statistics are not differentiable
+    (they feed the running averages only). The backward is computed by the
+    raw kernels; when a graph of the backward is requested (double backward),
+    it is computed by differentiable torch ops that recompute the statistics
+    from the saved input, so the second derivative is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str):
+        y3, mean, var = kernels.raw(backend).forward_train(x3, weight, bias, eps)
+        invstd = torch.rsqrt(var + eps)
+        ctx.eps = eps
+        ctx.backend = backend
+        ctx.save_for_backward(x3, weight, bias, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y3, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y3: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        x3, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw, db = torch_ops.backward(grad_y3, x3, weight, ctx.eps)
+        else:
+            dx, dw, db = kernels.raw(ctx.backend).backward(grad_y3, x3, weight, ctx.eps, mean, invstd)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+def _train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    backend = kernels.select(x3)
+    if backend == "cpp":
+        return torch.ops.bnkit.batch_norm_train(x3, weight, bias, eps)
+    return _BatchNormTrain.apply(x3, weight, bias, eps, backend)
+
+
+def _eval_forward(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    backend = kernels.select(x3)
+    if backend == "cpp":
+        return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
+    # The affine map is differentiable as torch ops on every backend.
+    return torch_ops.forward_eval(x3, scale, shift)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise RuntimeError(
+            f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
+        )
+    if t.dtype != x.dtype and not (
+        x.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32
+    ):
+        raise TypeError(
+            f"batch_norm: {name} has dtype {t.dtype} but the input has {x.dtype}; parameters and buffers "
+            "must have the input's dtype (float16/bfloat16 inputs may also use float32 ones)"
+        )
+    if t.numel() != channels and not (name in ("weight", "bias") and t.numel() == 1):
+        raise ValueError(
+            f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"
+        )
+
+
+def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
+    """A ``[C]`` view of a per-channel or shared (one-element) parameter."""
+    if t is None:
+        return None
+    t = t.reshape(-1)
+    return t.expand(channels) if t.numel() == 1 and channels != 1 else t
+
+
+def _statistics_finite(mean: Tensor, var: Tensor) -> bool:
+    # A float64 sum cannot overflow for float32 values and turns any NaN/Inf into non-finite.
+    total = mean.sum(dtype=torch.float64) + var.sum(dtype=torch.float64)
+    return bool(torch.isfinite(total))
+
+
+@torch.no_grad()
+def _update_running(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    nonfinite: str,
+    where: str,
+) -> None:
+    """Apply the running-average rule of :mod:`bnkit.stats` under the non-finite policy."""
+    if count == 0:
+        # An empty batch has no statistics; torch still counts it.
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
+    eager = not torch.compiler.is_compiling() and mean.device.type == "cpu"
+    if nonfinite == "propagate" or (nonfinite == "skip" and not eager):
+        valid = None
+        if nonfinite == "skip":
+            # No host synchronisation: keep the old values where the batch is not finite.
+            valid = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1 if valid is None else valid.to(num_batches_tracked.dtype))
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            factor: float | Tensor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
+        else:
+            factor = float(momentum)
+        unbiased = stats.unbiased_variance(var, count)
+        if valid is None:
+            running_mean.lerp_(mean.to(running_mean.dtype), factor if isinstance(factor, float) else factor.to(running_mean.dtype))
+            running_var.lerp_(unbiased.to(running_var.dtype), factor if isinstance(factor, float) else factor.to(running_var.dtype))
+        else:
+            f = factor if isinstance(factor, float) else factor.to(running_mean.dtype)
+            running_mean.copy_(torch.where(valid, torch.lerp(running_mean, mean.to(running_mean.dtype), f), running_mean))
+            running_var.copy_(torch.where(valid, torch.lerp(running_var, unbiased.to(running_var.dtype), f), running_var))
+        return
+    if not _statistics_finite(mean, var):
+        message = (
+            f"{where}: the batch statistics are not finite (NaN/Inf in the input); "
+            "the running statistics were left unchanged"
+        )
+        if nonfinite == "raise":
+            raise FloatingPointError(message.replace("were left unchanged", "are unchanged (nonfinite='raise')"))
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    factor_f = stats.running_average_factor(
+        momentum, int(num_batches_tracked) if num_batches_tracked is not None else 0
+    )
+    stats.update_running_stats(running_mean, running_var, mean, var, count, factor_f)
+
+
+# --------------------------------------------------------------------------- core
+def batch_norm_core(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    num_batches_tracked: Tensor | None = None,
+    nonfinite: str = "propagate",
+    where: str = "batch_norm",
+) -> Tensor:
+    """Batch normalization of ``input`` along feature ``axis``; the engine of every layer.
+
+    Training (``training=True``) normalizes with the batch's mean and biased
+    variance over all axes but ``axis`` and, when running buffers are given,
+    updates them (``momentum=None``: cumulative average counted by
+    ``num_batches_tracked``, which is incremented here). Otherwise the running
+    statistics are used. ``nonfinite`` decides what a batch with NaN/Inf
+    statistics does to the running buffers: ``"skip"`` (warn, leave them),
+    ``"raise"`` (``FloatingPointError``), ``"propagate"`` (update, as torch).
+    ``where`` names the caller in error messages.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+    ndim = input.dim()
+    if ndim < 1 or not -ndim <= axis < ndim:
+        raise ValueError(f"{where}: feature axis {axis} is out of range for a {ndim}-D input")
+    axis = axis % ndim
+    channels = input.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(name, t, input, channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{where}: running_mean and running_var must both be given or both be None")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"{where}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    weight_c = _per_channel(weight, channels)
+    bias_c = _per_channel(bias, channels)
+
+    x3, restore = canonical_view(input, axis)
+    if training:
+        if not eps > 0:
+            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
+        count = x3.shape[0] * x3.shape[2]
+        if count == 1:
+            raise ValueError(
+                f"{where}: Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+        y3, mean, var = _train_forward(x3, weight_c, bias_c, eps)
+        if running_mean is not None:
+            _update_running(
+                running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, where
+            )
+        return restore(y3)
+    if running_mean is None:
+        raise ValueError(f"{where}: running_mean and running_var are required when training=False")
+    scale, shift = fold(running_mean, running_var, weight_c, bias_c, eps)
+    return restore(_eval_forward(x3, scale, shift))
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.batch_norm`` (channels on dim 1), computed by bnkit.
+
+    In training, normalizes with batch statistics and, if running buffers are
+    given, updates them in place with ``running = (1-momentum)*running +
+    momentum*batch`` (unbiased variance). In eval, uses the running buffers.
+    """
+    if isinstance(input, Tensor) and input.dim() < 2:
+        raise ValueError(f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D")
+    return batch_norm_core(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, axis=1, where="batch_norm"
+    )
+
+
+# --------------------------------------------------------------------------- TF-style API
+def moments(
+    x: Tensor, axes: int | Sequence[int], *, keepdims: bool = False, correction: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``(mean, variance)`` of ``x`` over ``axes``, like ``tf.nn.moments``.
+
+    Stable two-pass computation (see :mod:`bnkit.stats`); half-precision inputs
+    are accumulated in float32 and the results returned in the input dtype.
+    ``correction=1`` gives the unbiased variance.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"moments: expected a torch.Tensor, got {type(x).__name__}")
+    m = stats.Moments.of(x, axes)
+    mean, var = m.mean, m.variance(correction)
+    if keepdims:
+        dims = sorted(d % x.dim() for d in ([axes] if isinstance(axes, int) else axes))
+        for d in dims:
+            mean = mean.unsqueeze(d)
+            var = var.unsqueeze(d)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    variance: Tensor,
+    offset: Tensor | None = None,
+    scale: Tensor | None = None,
+    variance_epsilon: float = 1e-3,
+) -> Tensor:
+    """``(x - mean) / sqrt(variance + eps) * scale + offset`` with broadcasting, like ``tf.nn.batch_normalization``."""
+    if variance_epsilon < 0:
+        raise ValueError(f"normalize: variance_epsilon must be >= 0, got {variance_epsilon}")
+    inv = torch.rsqrt(variance + variance_epsilon)
+    if scale is not None:
+        inv = inv * scale
+    shift = -mean * inv
+    if offset is not None:
+        shift = shift + offset
+    return x * inv.to(x.dtype) + shift.to(x.dtype)
+
+
+def fold(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Inference BN as an affine map: ``(scale, shift)`` with ``y = x * scale + shift``.
+
+    ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale``
+    (``weight`` = 1 and ``bias`` = 0 when absent). Differentiable in all inputs.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return scale, shift

@@ -1,0 +1,148 @@
+"""Kernel backends and the one place where a backend is chosen.
+
+Backends, all implementing the same contract on the canonical 3-D view
+``x3 = (outer, C, inner)``:
+
+``cpp``
+    fused C++ CPU kernels registered as ``torch.ops.bnkit.*`` (CPU tensors);
+``torch``
+    portable torch tensor ops (:mod:`bnkit.kernels.torch_ops`), any device;
+``reference``
+    the NumPy float64 oracle (:mod:`bnkit.reference`), for debugging.
+
+By default CPU tensors use ``cpp`` when the extension is available, and every
+other device uses ``torch``. ``BNKIT_BACKEND=cpp|torch|reference`` (read at
+import) or :func:`set_backend` / :func:`use_backend` force one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from types import ModuleType
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import reference as _reference
+from ..stats import accumulation_dtype
+from . import torch_ops
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select", "raw", "cpp_available"]
+
+BACKENDS = ("cpp", "torch", "reference")
+
+
+def _validated(name: str | None) -> str | None:
+    if name in (None, "", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown bnkit backend {name!r}; choose one of {BACKENDS} (or 'auto')")
+    return name
+
+
+_forced: str | None = _validated(os.environ.get("BNKIT_BACKEND"))
+
+
+def get_backend() -> str | None:
+    """The forced backend, or None for automatic selection."""
+    return _forced
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for all later calls (None or 'auto': choose per device)."""
+    global _forced
+    _forced = _validated(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Temporarily force a backend."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def cpp_available() -> bool:
+    """Whether the C++ extension is (or can be) loaded; builds it on first call."""
+    try:
+        from . import cpp
+    except ImportError:
+        return False
+    return cpp.available()
+
+
+def select(x: Tensor) -> str:
+    """The backend for a tensor: forced one, else ``cpp`` on CPU when available, else ``torch``."""
+    forced = _forced
+    if forced == "reference" or forced == "torch":
+        return forced
+    if x.device.type == "cpu" and cpp_available():
+        return "cpp"
+    if forced == "cpp" and x.device.type == "cpu":
+        raise RuntimeError(
+            "BNKIT_BACKEND=cpp but the C++ extension is not available; run `bnkit build` to see why"
+        )
+    return "torch"
+
+
+class _ReferenceKernels:
+    """The NumPy oracle behind the raw-kernel contract (values only: not differentiable)."""
+
+    @staticmethod
+    def _np(t: Tensor) -> np.ndarray:
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    @classmethod
+    def moments(cls, x3: Tensor) -> tuple[Tensor, Tensor]:
+        y, mean, var = _reference.forward_train(cls._np(x3), axis=1)
+        acc = accumulation_dtype(x3.dtype)
+        return (torch.from_numpy(mean).to(x3.device, acc), torch.from_numpy(var).to(x3.device, acc))
+
+    @classmethod
+    def forward_train(cls, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        y, mean, var = _reference.forward_train(
+            cls._np(x3),
+            None if weight is None else cls._np(weight),
+            None if bias is None else cls._np(bias),
+            eps,
+            axis=1,
+        )
+        acc = accumulation_dtype(x3.dtype)
+        return (
+            torch.from_numpy(y).to(x3.device, x3.dtype),
+            torch.from_numpy(mean).to(x3.device, acc),
+            torch.from_numpy(var).to(x3.device, acc),
+        )
+
+    @classmethod
+    def forward_eval(cls, x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        y = cls._np(x3) * cls._np(scale).reshape(1, -1, 1) + cls._np(shift).reshape(1, -1, 1)
+        return torch.from_numpy(y).to(x3.device, x3.dtype)
+
+    @classmethod
+    def backward(cls, grad3, x3, weight, eps, mean=None, invstd=None):
+        dx, dw, db = _reference.backward(
+            cls._np(grad3), cls._np(x3), None if weight is None else cls._np(weight), eps, axis=1
+        )
+        acc = accumulation_dtype(x3.dtype)
+        return (
+            torch.from_numpy(dx).to(x3.device, x3.dtype),
+            torch.from_numpy(dw).to(x3.device, acc),
+            torch.from_numpy(db).to(x3.device, acc),
+        )
+
+
+def raw(name: str) -> ModuleType | type:
+    """The raw (non-autograd) kernels of the ``torch`` or ``reference`` backend."""
+    if name == "torch":
+        return torch_ops
+    if name == "reference":
+        return _ReferenceKernels
+    raise ValueError(f"backend {name!r} has no raw kernels here (the cpp backend is used as torch.ops.bnkit)")

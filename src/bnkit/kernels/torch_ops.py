@@ -1,0 +1,84 @@
+"""Portable BN kernels written with plain torch tensor ops (any device).
+
+All functions take the canonical 3-D view ``x3`` of shape ``(outer, C, inner)``
+and reduce over dims (0, 2); the math is given once, in :mod:`bnkit.reference`.
+Statistics and parameters are float32 for half-precision inputs.
+
+Every function here is differentiable by autograd, which is what makes the
+double backward of :mod:`bnkit.functional` work: the gradient of
+:func:`backward` is taken through these same ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..stats import Moments, accumulation_dtype
+
+__all__ = ["moments", "forward_train", "forward_eval", "backward"]
+
+_DIMS = (0, 2)
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    return t.view(1, -1, 1)
+
+
+def moments(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance)`` of ``x3``, two-pass."""
+    m = Moments.of(x3, _DIMS)
+    return m.mean, m.variance(0)
+
+
+def forward_train(
+    x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y3, mean, biased_var)`` normalizing with the batch statistics."""
+    mean, var = moments(x3)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    y3 = forward_eval(x3, scale, shift)
+    return y3, mean, var
+
+
+def forward_eval(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y3 = x3 * scale[c] + shift[c]`` in the accumulation dtype, cast back to ``x3``'s dtype."""
+    acc = accumulation_dtype(x3.dtype)
+    y = torch.addcmul(_per_channel(shift.to(acc)), x3.to(acc), _per_channel(scale.to(acc)))
+    return y.to(x3.dtype)
+
+
+def backward(
+    grad3: Tensor,
+    x3: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    mean: Tensor | None = None,
+    invstd: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx3, dweight, dbias)`` of the training forward.
+
+    ``mean``/``invstd`` saved by the forward may be passed to skip recomputing
+    them; leave them out when the result must itself be differentiable with
+    respect to ``x3`` (double backward), so that they are recomputed on the
+    autograd graph.
+    """
+    acc = accumulation_dtype(x3.dtype)
+    xa = x3.to(acc)
+    g = grad3.to(acc)
+    if mean is None or invstd is None:
+        mean, var = moments(xa)
+        invstd = torch.rsqrt(var + eps)
+    count = x3.shape[0] * x3.shape[2]
+    xhat = (xa - _per_channel(mean)) * _per_channel(invstd)
+    dbias = g.sum(dim=_DIMS)
+    dweight = (g * xhat).sum(dim=_DIMS)
+    if count == 0:
+        return torch.zeros_like(x3), dweight, dbias
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = _per_channel(scale) * (g - _per_channel(dbias / count) - xhat * _per_channel(dweight / count))
+    return dx.to(x3.dtype), dweight, dbias

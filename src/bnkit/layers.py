@@ -1,0 +1,249 @@
+"""Batch Normalization modules: one generic layer and torch-compatible drop-ins.
+
+:class:`BatchNorm` normalizes over every axis except its feature ``axis``
+(Keras-style, negative allowed), so one implementation serves every rank and
+layout. :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`
+are thin specializations with ``torch.nn.BatchNormNd``'s arguments,
+parameters, buffers, state_dict keys and input checks. The math lives in
+:mod:`bnkit.functional` / :mod:`bnkit.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from .functional import NONFINITE_POLICIES, batch_norm_core
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES"]
+
+SHARE_AFFINE_MODES = ("none", "weight", "all")
+
+
+def batch_norm_module_call(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    nonfinite: str,
+    where: str,
+) -> Tensor:
+    """A BN layer's call as one function, so ``torch.fx.symbolic_trace`` records it as a single node."""
+    return batch_norm_core(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        axis=axis,
+        num_batches_tracked=num_batches_tracked,
+        nonfinite=nonfinite,
+        where=where,
+    )
+
+
+# fx records calls of this function instead of tracing into its input checks.
+torch.fx.wrap("batch_norm_module_call")
+
+
+class BatchNorm(nn.Module):
+    r"""Batch Normalization over every axis except the feature ``axis``.
+
+    Training: ``y = (x - mean_B) / sqrt(var_B + eps) * weight + bias`` with the
+    batch mean and biased variance of each feature; the running averages are
+    updated with the unbiased variance (``momentum=None``: cumulative
+    average). Eval: the running statistics replace the batch's (or the batch's
+    are used when ``track_running_stats=False``).
+
+    Args beyond torch's:
+        axis: the feature axis (``1`` for NCHW, ``-1`` for channels-last data
+            such as ``(N, H, W, C)``).
+        share_affine: ``"none"`` (per-channel weight and bias), ``"weight"``
+            (one scalar weight for all channels, per-channel bias) or ``"all"``
+            (scalar weight and bias). Statistics stay per channel.
+        nonfinite: what a batch with NaN/Inf statistics does to the running
+            buffers: ``"skip"`` (default: leave them, warn), ``"raise"``
+            (``FloatingPointError``, nothing changes) or ``"propagate"``
+            (update them anyway, as torch does). On non-CPU devices and under
+            ``torch.compile`` the skip happens without the warning (no host
+            synchronisation).
+    """
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
+    # Ranks accepted by the layer, or None for any rank that has the feature axis.
+    _expected_dims: tuple[int, ...] | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        axis: int = 1,
+        share_affine: str = "none",
+        nonfinite: str = "skip",
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"{name}: eps must be a positive number, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
+        if share_affine not in SHARE_AFFINE_MODES:
+            raise ValueError(f"{name}: share_affine must be one of {SHARE_AFFINE_MODES}, got {share_affine!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.axis = axis
+        self.share_affine = share_affine
+        self.nonfinite = nonfinite
+        if affine:
+            weight_size = 1 if share_affine in ("weight", "all") else num_features
+            bias_size = 1 if share_affine == "all" else num_features
+            self.weight = nn.Parameter(torch.empty(weight_size, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(bias_size, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- torch's _NormBase interface -------------------------------------------------
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
+        if self.axis != 1 or self._expected_dims is None:
+            s += f", axis={self.axis}"
+        if self.share_affine != "none":
+            n_params = sum(p.numel() for p in (self.weight, self.bias) if p is not None)
+            s += f", share_affine={self.share_affine!r} ({n_params} affine parameters)"
+        if self.nonfinite != "skip":
+            s += f", nonfinite={self.nonfinite!r}"
+        return s
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # Version 2 added num_batches_tracked; older checkpoints start it at 0.
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # -- forward ---------------------------------------------------------------------
+    def _describe(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{self._describe()}: expected a torch.Tensor input, got {type(input).__name__}")
+        dims = self._expected_dims
+        if dims is not None and input.dim() not in dims:
+            expected = " or ".join(f"{d}D" for d in dims)
+            raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+        ndim = input.dim()
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(
+                f"{self._describe()}: feature axis {self.axis} does not exist in a {ndim}-D input "
+                f"of shape {tuple(input.shape)}"
+            )
+        if input.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"{self._describe()}: expected {self.num_features} features along axis {self.axis}, "
+                f"got {input.shape[self.axis]} (input shape {tuple(input.shape)})"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input(input)
+        track = self.training and self.track_running_stats
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        batch_stats = self.training or running_mean is None
+        return batch_norm_module_call(
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            self.num_batches_tracked if track else None,
+            batch_stats,
+            self.momentum,
+            self.eps,
+            self.axis,
+            self.nonfinite,
+            self._describe(),
+        )
+
+
+class BatchNorm1d(BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``."""
+
+    _expected_dims = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format."""
+
+    _expected_dims = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``, any memory format."""
+
+    _expected_dims = (5,)

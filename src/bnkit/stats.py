@@ -1,0 +1,224 @@
+"""Per-feature statistics: moments, exact merging, and running-average rules.
+
+This module is the single home of the statistics every other part of bnkit
+uses (kernels, layers, Ghost BN, SyncBN, PreciseBN).
+
+Moments
+    For the values ``x_1..x_n`` of one feature, ``mean = sum(x)/n`` and
+    ``M2 = sum((x - mean)^2)``; the biased variance is ``M2/n`` and the
+    unbiased one ``M2/(n-1)``. They are computed in two passes (mean first,
+    then the centred sum of squares), which is stable where the one-pass
+    ``E[x^2] - E[x]^2`` cancels catastrophically (e.g. float32 data with mean
+    1e3 and std 0.1). Half-precision inputs are accumulated in float32.
+
+Merging (Chan, Golub & LeVeque 1979)
+    Two partial results ``(n_a, mean_a, M2_a)`` and ``(n_b, mean_b, M2_b)``
+    combine exactly::
+
+        n     = n_a + n_b
+        delta = mean_b - mean_a
+        mean  = mean_a + delta * n_b / n
+        M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+Running statistics (PyTorch's convention)
+    ``running = (1 - momentum) * running + momentum * batch`` with the
+    *unbiased* batch variance; with ``momentum=None`` the factor is
+    ``1 / num_batches_tracked`` (a cumulative average). Keras writes the same
+    rule with ``running = m * running + (1 - m) * batch``, so Keras' 0.99 is
+    PyTorch's 0.01.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Moments",
+    "accumulation_dtype",
+    "moments",
+    "merge",
+    "merge_stacked",
+    "unbiased_variance",
+    "running_average_factor",
+    "update_running_stats",
+    "momentum_from_keras",
+    "momentum_to_keras",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics of ``dtype`` data are accumulated in (float32 for halves)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if not dtype.is_floating_point:
+        raise TypeError(f"batch statistics need a floating-point input, got {dtype}")
+    return dtype
+
+
+def _normalize_dims(ndim: int, dims: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(dims, int):
+        dims = (dims,)
+    out = []
+    for d in dims:
+        if not -ndim <= d < ndim:
+            raise ValueError(f"axis {d} is out of range for a {ndim}-D input")
+        out.append(d % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"repeated axis in {tuple(dims)}")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Partial statistics of one or more features: sample count, mean and M2.
+
+    ``count`` is a Python int (the same for every feature) or a tensor
+    broadcastable against ``mean``.
+    """
+
+    count: int | Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @classmethod
+    def of(cls, x: Tensor, dims: int | Sequence[int]) -> "Moments":
+        """Two-pass moments of ``x`` over ``dims`` (kept dims are the features)."""
+        dims_t = _normalize_dims(x.dim(), dims)
+        acc = accumulation_dtype(x.dtype)
+        count = 1
+        for d in dims_t:
+            count *= x.shape[d]
+        if count == 0:
+            shape = [s for i, s in enumerate(x.shape) if i not in dims_t]
+            zeros = torch.zeros(shape, dtype=acc, device=x.device)
+            return cls(0, zeros, zeros.clone())
+        xa = x.to(acc)
+        mean = xa.mean(dim=dims_t, keepdim=True)
+        m2 = (xa - mean).square().sum(dim=dims_t)
+        return cls(count, mean.squeeze(dims_t) if dims_t else mean, m2)
+
+    def variance(self, correction: int = 0) -> Tensor:
+        """``M2 / (count - correction)``; NaN where that denominator is not positive."""
+        denom = self.count - correction
+        if isinstance(denom, Tensor):
+            return torch.where(denom > 0, self.m2 / denom.clamp_min(1), torch.full_like(self.m2, float("nan")))
+        if denom <= 0:
+            return torch.full_like(self.m2, float("nan"))
+        return self.m2 / denom
+
+    def merge(self, other: "Moments") -> "Moments":
+        return merge(self, other)
+
+
+def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0) -> tuple[Tensor, Tensor]:
+    """Stable ``(mean, variance)`` of ``x`` over ``dims``; ``correction=1`` gives the unbiased variance."""
+    m = Moments.of(x, dims)
+    return m.mean, m.variance(correction)
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Exact combination of two partial moments by Chan's formula (empty parts allowed)."""
+    n_a, n_b = a.count, b.count
+    n = n_a + n_b
+    if isinstance(n, int):
+        if n_b == 0:
+            return a
+        if n_a == 0:
+            return b
+        delta = b.mean - a.mean
+        mean = a.mean + delta * (n_b / n)
+        m2 = a.m2 + b.m2 + delta.square() * (n_a * n_b / n)
+        return Moments(n, mean, m2)
+    n_t = torch.as_tensor(n, dtype=a.mean.dtype, device=a.mean.device)
+    na_t = torch.as_tensor(n_a, dtype=a.mean.dtype, device=a.mean.device)
+    nb_t = torch.as_tensor(n_b, dtype=a.mean.dtype, device=a.mean.device)
+    safe = n_t.clamp_min(1)
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (nb_t / safe)
+    m2 = a.m2 + b.m2 + delta.square() * (na_t * nb_t / safe)
+    return Moments(n, mean, m2)
+
+
+def merge_stacked(counts: Tensor, means: Tensor, m2s: Tensor) -> Moments:
+    """Merge K partial moments stacked along dim 0 (``counts``: [K], ``means``/``m2s``: [K, ...]).
+
+    Equivalent to folding :func:`merge` over the K parts, but vectorized: the
+    global mean is the count-weighted mean, and
+    ``M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2``. Parts with a zero count
+    contribute nothing.
+    """
+    if counts.dim() != 1 or means.shape[0] != counts.shape[0] or m2s.shape != means.shape:
+        raise ValueError("merge_stacked expects counts [K] and means/m2s of shape [K, ...]")
+    w = counts.to(means.dtype).reshape((-1,) + (1,) * (means.dim() - 1))
+    total = w.sum(dim=0)
+    safe = total.clamp_min(1)
+    mean = (w * means).sum(dim=0) / safe
+    m2 = m2s.sum(dim=0) + (w * (means - mean).square()).sum(dim=0)
+    n = counts.sum()
+    return Moments(n, mean, m2)
+
+
+def merge_all(parts: Iterable[Moments]) -> Moments:
+    """Fold :func:`merge` over an iterable of partial moments."""
+    result: Moments | None = None
+    for p in parts:
+        result = p if result is None else merge(result, p)
+    if result is None:
+        raise ValueError("merge_all needs at least one part")
+    return result
+
+
+def unbiased_variance(biased_var: Tensor, count: int) -> Tensor:
+    """Bessel's correction ``var * n / (n - 1)`` (``n = 1`` leaves the value as is, like torch)."""
+    if count > 1:
+        return biased_var * (count / (count - 1))
+    return biased_var
+
+
+def running_average_factor(momentum: float | None, num_batches_tracked: int) -> float:
+    """The weight of the new batch: ``momentum``, or ``1/num_batches_tracked`` when ``momentum`` is None."""
+    if momentum is None:
+        if num_batches_tracked <= 0:
+            raise ValueError("a cumulative average (momentum=None) needs num_batches_tracked >= 1")
+        return 1.0 / num_batches_tracked
+    return float(momentum)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    factor: float,
+) -> None:
+    """In place: ``running = (1 - factor) * running + factor * batch``.
+
+    ``batch_var`` is the *biased* batch variance; the unbiased one enters the
+    average. Nothing is written when ``count`` is zero (an empty batch has no
+    statistics).
+    """
+    if count == 0:
+        return
+    var = unbiased_variance(batch_var, count)
+    running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
+    running_var.lerp_(var.to(running_var.dtype), factor)
+
+
+def momentum_from_keras(keras_momentum: float) -> float:
+    """Keras' ``BatchNormalization(momentum=m)`` as a PyTorch momentum (``1 - m``)."""
+    if not 0.0 <= keras_momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {keras_momentum}")
+    return 1.0 - keras_momentum
+
+
+def momentum_to_keras(torch_momentum: float) -> float:
+    """A PyTorch BN momentum as Keras' (``1 - m``): 0.01 becomes 0.99."""
+    if not 0.0 <= torch_momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {torch_momentum}")
+    return 1.0 - torch_momentum

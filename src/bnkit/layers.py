@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .functional import NONFINITE_POLICIES, batch_norm_core
+from .functional import NONFINITE_POLICIES, batch_norm_core, fold
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES"]
 
@@ -183,6 +183,19 @@ class BatchNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def inference_affine(self) -> tuple[Tensor, Tensor]:
+        """The eval-mode layer as per-channel ``(scale, shift)``: ``y = x * scale + shift`` along ``axis``.
+
+        Raises ``RuntimeError`` when the layer has no fixed inference form
+        (``track_running_stats=False`` normalizes with batch statistics).
+        """
+        if self.running_mean is None or self.running_var is None:
+            raise RuntimeError(f"{self._describe()} has no running statistics, so no fixed inference form")
+        c = self.num_features
+        weight = None if self.weight is None else self.weight.reshape(-1).expand(c)
+        bias = None if self.bias is None else self.bias.reshape(-1).expand(c)
+        return fold(self.running_mean, self.running_var, weight, bias, self.eps)
 
     # -- forward ---------------------------------------------------------------------
     def _describe(self) -> str:

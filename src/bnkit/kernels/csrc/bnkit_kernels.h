@@ -1,0 +1,52 @@
+// bnkit: fused CPU Batch Normalization kernels (declarations).
+//
+// Every kernel takes the canonical contiguous 3-D view x3 of shape
+// (outer, C, inner) and reduces over dims (0, 2) per channel C.
+//   inner == 1  -> channels-last / BatchNorm1d: rows of C contiguous values,
+//                  vectorized over C;
+//   inner  > 1  -> NCHW-like: rows of `inner` contiguous values per (n, c),
+//                  vectorized over inner.
+// Statistics and parameters are float32 for float32/bfloat16/float16 inputs
+// and float64 for float64 inputs ("the accumulation dtype").
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace bnkit {
+
+// (y3, mean, biased var); weight/bias may be undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
+    const at::Tensor& x3,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+
+// y3 = x3 * scale[c] + shift[c].
+at::Tensor batch_norm_eval_cpu(
+    const at::Tensor& x3,
+    const at::Tensor& scale,
+    const at::Tensor& shift);
+
+// (mean, biased var).
+std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x3);
+
+// (grad_x3, grad_weight, grad_bias) of the training forward, from the saved
+// batch mean and biased var.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_y3,
+    const at::Tensor& x3,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const std::optional<at::Tensor>& weight,
+    double eps);
+
+// (grad_x3, grad_scale, grad_shift) of the eval forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
+    const at::Tensor& grad_y3,
+    const at::Tensor& x3,
+    const at::Tensor& scale);
+
+} // namespace bnkit

@@ -1,0 +1,821 @@
+// bnkit: fused CPU Batch Normalization kernels.
+//
+// Plain C++ loops vectorized with `#pragma omp simd` and parallelized with
+// at::parallel_for (torch's own thread pool: honours torch.set_num_threads).
+//
+// Numerics
+//   Statistics are computed in ONE read of the input with *shifted sums*:
+//   for each channel a shift K (the mean of a few of its first values) is
+//   taken, and sum(x - K), sum((x - K)^2) are accumulated -- in the
+//   accumulation dtype inside short blocks (<= kBlock values per lane) and in
+//   float64 across blocks.  Since K is close to the mean, the classical
+//   cancellation of E[x^2] - E[x]^2 does not occur (float32 data with mean
+//   1e3 and std 0.1 keeps ~6 significant digits of the variance).
+//   The mean is carried as a float32 pair (hi + lo) when centring, so that
+//   (x - mean) is exact to float32 rounding even when |mean| >> std.
+#include "bnkit_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace bnkit {
+namespace {
+
+using at::Tensor;
+
+// Values per lane accumulated in the accumulation dtype before flushing to
+// double (NCHW rows).
+constexpr int64_t kBlock = 4096;
+// Rows accumulated in the accumulation dtype before flushing (channels-last).
+constexpr int64_t kRows = 256;
+// Minimum number of elements worth a task of their own.
+constexpr int64_t kGrain = 32768;
+
+template <typename T>
+struct AccT {
+  using type = float;
+};
+template <>
+struct AccT<double> {
+  using type = double;
+};
+
+template <typename A, typename T>
+inline A cvt(T v) {
+  return static_cast<A>(v);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// ---------------------------------------------------------------- row ops --
+
+// s += sum(p[i] - K), q += sum((p[i] - K)^2) over one contiguous row.
+template <typename T, typename A>
+inline void row_moments(const T* __restrict p, int64_t n, A K, double& s, double& q) {
+  constexpr int L = 64 / sizeof(A); // 16 floats / 8 doubles: several vector registers
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t end = std::min(n, i + kBlock);
+    A sv[L] = {};
+    A qv[L] = {};
+    for (; i + L <= end; i += L) {
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        const A d = cvt<A>(p[i + j]) - K;
+        sv[j] += d;
+        qv[j] += d * d;
+      }
+    }
+    A st = 0, qt = 0;
+    for (; i < end; ++i) {
+      const A d = cvt<A>(p[i]) - K;
+      st += d;
+      qt += d * d;
+    }
+    for (int j = 0; j < L; ++j) {
+      st += sv[j];
+      qt += qv[j];
+    }
+    s += st;
+    q += qt;
+  }
+}
+
+// sg += sum(g), sx += sum(g * (p - mean)) over one contiguous row.
+template <typename T, typename A>
+inline void row_bwd_sums(
+    const T* __restrict g,
+    const T* __restrict p,
+    int64_t n,
+    A mhi,
+    A mlo,
+    double& sg,
+    double& sx) {
+  constexpr int L = 64 / sizeof(A);
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t end = std::min(n, i + kBlock);
+    A gv[L] = {};
+    A xv[L] = {};
+    for (; i + L <= end; i += L) {
+#pragma omp simd
+      for (int j = 0; j < L; ++j) {
+        const A gj = cvt<A>(g[i + j]);
+        const A d = (cvt<A>(p[i + j]) - mhi) - mlo;
+        gv[j] += gj;
+        xv[j] += gj * d;
+      }
+    }
+    A gt = 0, xt = 0;
+    for (; i < end; ++i) {
+      const A gj = cvt<A>(g[i]);
+      const A d = (cvt<A>(p[i]) - mhi) - mlo;
+      gt += gj;
+      xt += gj * d;
+    }
+    for (int j = 0; j < L; ++j) {
+      gt += gv[j];
+      xt += xv[j];
+    }
+    sg += gt;
+    sx += xt;
+  }
+}
+
+// o = ((p - mhi) - mlo) * sc + sh
+template <typename T, typename A>
+inline void row_normalize(
+    const T* __restrict p,
+    T* __restrict o,
+    int64_t n,
+    A mhi,
+    A mlo,
+    A sc,
+    A sh) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = static_cast<T>(((cvt<A>(p[i]) - mhi) - mlo) * sc + sh);
+  }
+}
+
+// o = p * sc + sh
+template <typename T, typename A>
+inline void row_scale_shift(const T* __restrict p, T* __restrict o, int64_t n, A sc, A sh) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    o[i] = static_cast<T>(cvt<A>(p[i]) * sc + sh);
+  }
+}
+
+// dx = g * k1 - ((p - mhi) - mlo) * k2 - k3
+template <typename T, typename A>
+inline void row_bwd_apply(
+    const T* __restrict g,
+    const T* __restrict p,
+    T* __restrict dx,
+    int64_t n,
+    A mhi,
+    A mlo,
+    A k1,
+    A k2,
+    A k3) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dx[i] = static_cast<T>(cvt<A>(g[i]) * k1 - ((cvt<A>(p[i]) - mhi) - mlo) * k2 - k3);
+  }
+}
+
+// ------------------------------------------------------------ shape info --
+
+struct Shape {
+  int64_t N, C, S;
+  int64_t M() const {
+    return N * S;
+  }
+};
+
+inline Shape shape_of(const Tensor& x3) {
+  return Shape{x3.size(0), x3.size(1), x3.size(2)};
+}
+
+// Whether the NCHW per-channel fused path (statistics then normalization of a
+// channel while it is still in cache) has enough channels to balance threads.
+inline bool use_channel_fused(const Shape& s) {
+  return s.S > 1 && s.C >= 2 * at::get_num_threads();
+}
+
+// Shift per channel: mean of up to 16 of its first values (in the dtype A,
+// so that x - K is computed exactly as it will be in the loops).
+template <typename T, typename A>
+void channel_shifts(const T* x, const Shape& s, A* K) {
+  if (s.M() == 0) {
+    for (int64_t c = 0; c < s.C; ++c) K[c] = 0;
+    return;
+  }
+  if (s.S > 1) {
+    const int64_t k = std::min<int64_t>(s.S, 16);
+    for (int64_t c = 0; c < s.C; ++c) {
+      double acc = 0;
+      for (int64_t i = 0; i < k; ++i) acc += cvt<double>(x[c * s.S + i]);
+      K[c] = static_cast<A>(acc / k);
+    }
+  } else {
+    const int64_t k = std::min<int64_t>(s.N, 16);
+    std::vector<double> acc(s.C, 0.0);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t c = 0; c < s.C; ++c) acc[c] += cvt<double>(x[r * s.C + c]);
+    for (int64_t c = 0; c < s.C; ++c) K[c] = static_cast<A>(acc[c] / k);
+  }
+}
+
+// Reduces two per-channel float64 sums over an (N, C, S) tensor.
+//   row_op(n, c, a, b):             S > 1, one contiguous row of channel c;
+//   cl_op(r0, r1, a_ptr, b_ptr):    S == 1, rows [r0, r1) into C-arrays.
+// Deterministic: the partials are combined in a fixed order.
+template <typename RowOp, typename ClOp>
+void reduce2(const Shape& s, double* out_a, double* out_b, const RowOp& row_op, const ClOp& cl_op) {
+  const int64_t N = s.N, C = s.C, S = s.S;
+  std::fill(out_a, out_a + C, 0.0);
+  std::fill(out_b, out_b + C, 0.0);
+  if (N == 0 || C == 0 || S == 0) return;
+  if (S > 1) {
+    std::vector<double> pa(N * C), pb(N * C);
+    const int64_t grain = std::max<int64_t>(1, kGrain / S);
+    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double a = 0, b = 0;
+        row_op(r / C, r % C, a, b);
+        pa[r] = a;
+        pb[r] = b;
+      }
+    });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        out_a[c] += pa[n * C + c];
+        out_b[c] += pb[n * C + c];
+      }
+  } else {
+    int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, N * C / kGrain));
+    tasks = std::max<int64_t>(1, std::min(tasks, N));
+    std::vector<double> pa(tasks * C, 0.0), pb(tasks * C, 0.0);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        cl_op(N * t / tasks, N * (t + 1) / tasks, pa.data() + t * C, pb.data() + t * C);
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        out_a[c] += pa[t * C + c];
+        out_b[c] += pb[t * C + c];
+      }
+  }
+}
+
+// Shifted sums (sum(x-K), sum((x-K)^2)) per channel, generic layout.
+template <typename T, typename A>
+void shifted_sums(const T* x, const Shape& s, const A* K, double* sum, double* sumsq) {
+  const int64_t C = s.C, S = s.S;
+  reduce2(
+      s,
+      sum,
+      sumsq,
+      [&](int64_t n, int64_t c, double& a, double& b) {
+        row_moments<T, A>(x + (n * C + c) * S, S, K[c], a, b);
+      },
+      [&](int64_t r0, int64_t r1, double* a, double* b) {
+        std::vector<A> sa(C), sb(C);
+        A* __restrict pa = sa.data();
+        A* __restrict pb = sb.data();
+        const A* __restrict k = K;
+        for (int64_t rb = r0; rb < r1; rb += kRows) {
+          const int64_t re = std::min(r1, rb + kRows);
+          std::fill(sa.begin(), sa.end(), A(0));
+          std::fill(sb.begin(), sb.end(), A(0));
+          for (int64_t r = rb; r < re; ++r) {
+            const T* __restrict row = x + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const A d = cvt<A>(row[c]) - k[c];
+              pa[c] += d;
+              pb[c] += d * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += pa[c];
+            b[c] += pb[c];
+          }
+        }
+      });
+}
+
+inline void finish_moments(double K, double s, double q, int64_t M, double& mean, double& var) {
+  if (M == 0) {
+    mean = var = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
+  const double dm = s / static_cast<double>(M);
+  mean = K + dm;
+  var = std::max(q / static_cast<double>(M) - dm * dm, 0.0);
+}
+
+template <typename A>
+inline void split_mean(double mean, A& hi, A& lo) {
+  hi = static_cast<A>(mean);
+  lo = static_cast<A>(mean - static_cast<double>(hi));
+}
+
+// Per-channel moments (double) for any layout.
+template <typename T, typename A>
+void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
+  std::vector<A> K(s.C);
+  channel_shifts<T, A>(x, s, K.data());
+  std::vector<double> sum(s.C), sumsq(s.C);
+  shifted_sums<T, A>(x, s, K.data(), sum.data(), sumsq.data());
+  for (int64_t c = 0; c < s.C; ++c)
+    finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
+}
+
+// y = ((x - mhi) - mlo) * sc + sh  (kCenter) or y = x * sc + sh, any layout.
+template <bool kCenter, typename T, typename A>
+void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, const A* sc, const A* sh) {
+  const int64_t N = s.N, C = s.C, S = s.S;
+  if (N == 0 || C == 0 || S == 0) return;
+  if (S > 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / S);
+    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        if (kCenter)
+          row_normalize<T, A>(x + r * S, y + r * S, S, mhi[c], mlo[c], sc[c], sh[c]);
+        else
+          row_scale_shift<T, A>(x + r * S, y + r * S, S, sc[c], sh[c]);
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrain / C);
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      const A* __restrict h = mhi;
+      const A* __restrict l = mlo;
+      const A* __restrict a = sc;
+      const A* __restrict b = sh;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict xr = x + r * C;
+        T* __restrict yr = y + r * C;
+        if (kCenter) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c)
+            yr[c] = static_cast<T>(((cvt<A>(xr[c]) - h[c]) - l[c]) * a[c] + b[c]);
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(cvt<A>(xr[c]) * a[c] + b[c]);
+        }
+      }
+    });
+  }
+}
+
+// --------------------------------------------------------------- forward --
+
+template <typename T>
+void train_kernel(
+    const T* x,
+    T* y,
+    const Shape& s,
+    const typename AccT<T>::type* w,
+    const typename AccT<T>::type* b,
+    double eps,
+    typename AccT<T>::type* mean_o,
+    typename AccT<T>::type* var_o) {
+  using A = typename AccT<T>::type;
+  const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
+  if (C == 0) return;
+  if (M > 0 && use_channel_fused(s)) {
+    // One task per channel range: statistics, then normalization of the same
+    // channel while its rows are still in the core's cache.
+    const int64_t grain = std::max<int64_t>(1, kGrain / M);
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t k = std::min<int64_t>(S, 16);
+        double kacc = 0;
+        for (int64_t i = 0; i < k; ++i) kacc += cvt<double>(x[c * S + i]);
+        const A K = static_cast<A>(kacc / k);
+        double sum = 0, sumsq = 0;
+        for (int64_t n = 0; n < N; ++n) row_moments<T, A>(x + (n * C + c) * S, S, K, sum, sumsq);
+        double mean, var;
+        finish_moments(static_cast<double>(K), sum, sumsq, M, mean, var);
+        mean_o[c] = static_cast<A>(mean);
+        var_o[c] = static_cast<A>(var);
+        if (y != nullptr) {
+          const double invstd = 1.0 / std::sqrt(var + eps);
+          const A sc = static_cast<A>((w ? static_cast<double>(w[c]) : 1.0) * invstd);
+          const A sh = b ? b[c] : A(0);
+          A mhi, mlo;
+          split_mean(mean, mhi, mlo);
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            row_normalize<T, A>(x + off, y + off, S, mhi, mlo, sc, sh);
+          }
+        }
+      }
+    });
+    return;
+  }
+  std::vector<double> mean(C), var(C);
+  moments_impl<T, A>(x, s, mean.data(), var.data());
+  std::vector<A> mhi(C), mlo(C), sc(C), sh(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean_o[c] = static_cast<A>(mean[c]);
+    var_o[c] = static_cast<A>(var[c]);
+    const double invstd = 1.0 / std::sqrt(var[c] + eps);
+    sc[c] = static_cast<A>((w ? static_cast<double>(w[c]) : 1.0) * invstd);
+    sh[c] = b ? b[c] : A(0);
+    split_mean(mean[c], mhi[c], mlo[c]);
+  }
+  if (y != nullptr)
+    apply_affine<true, T, A>(x, y, s, mhi.data(), mlo.data(), sc.data(), sh.data());
+}
+
+// -------------------------------------------------------------- backward --
+
+template <typename T>
+void backward_kernel(
+    const T* g,
+    const T* x,
+    T* dx,
+    const Shape& s,
+    const typename AccT<T>::type* mean,
+    const typename AccT<T>::type* var,
+    const typename AccT<T>::type* w,
+    double eps,
+    typename AccT<T>::type* dw,
+    typename AccT<T>::type* db) {
+  using A = typename AccT<T>::type;
+  const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
+  if (C == 0) return;
+  if (M == 0) {
+    for (int64_t c = 0; c < C; ++c) dw[c] = db[c] = A(0);
+    return;
+  }
+  const double inv_m = 1.0 / static_cast<double>(M);
+  // dx = k1*g - k2*(x - mean) - k3 with
+  //   k1 = w*invstd, k2 = k1*invstd^2*sum(g*(x-mean))/M, k3 = k1*sum(g)/M.
+  auto coefs = [&](int64_t c, double sg, double sx, A& k1, A& k2, A& k3) {
+    const double invstd = 1.0 / std::sqrt(static_cast<double>(var[c]) + eps);
+    const double kk = (w ? static_cast<double>(w[c]) : 1.0) * invstd;
+    dw[c] = static_cast<A>(sx * invstd);
+    db[c] = static_cast<A>(sg);
+    k1 = static_cast<A>(kk);
+    k2 = static_cast<A>(kk * invstd * invstd * sx * inv_m);
+    k3 = static_cast<A>(kk * sg * inv_m);
+  };
+  if (use_channel_fused(s)) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / M);
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        A mhi, mlo;
+        split_mean(static_cast<double>(mean[c]), mhi, mlo);
+        double sg = 0, sx = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          row_bwd_sums<T, A>(g + off, x + off, S, mhi, mlo, sg, sx);
+        }
+        A k1, k2, k3;
+        coefs(c, sg, sx, k1, k2, k3);
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t off = (n * C + c) * S;
+          row_bwd_apply<T, A>(g + off, x + off, dx + off, S, mhi, mlo, k1, k2, k3);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<A> mhi(C), mlo(C);
+  for (int64_t c = 0; c < C; ++c) split_mean(static_cast<double>(mean[c]), mhi[c], mlo[c]);
+  std::vector<double> sg(C), sx(C);
+  reduce2(
+      s,
+      sg.data(),
+      sx.data(),
+      [&](int64_t n, int64_t c, double& a, double& b) {
+        const int64_t off = (n * C + c) * S;
+        row_bwd_sums<T, A>(g + off, x + off, S, mhi[c], mlo[c], a, b);
+      },
+      [&](int64_t r0, int64_t r1, double* a, double* b) {
+        std::vector<A> sa(C), sb(C);
+        A* __restrict pa = sa.data();
+        A* __restrict pb = sb.data();
+        const A* __restrict h = mhi.data();
+        const A* __restrict l = mlo.data();
+        for (int64_t rb = r0; rb < r1; rb += kRows) {
+          const int64_t re = std::min(r1, rb + kRows);
+          std::fill(sa.begin(), sa.end(), A(0));
+          std::fill(sb.begin(), sb.end(), A(0));
+          for (int64_t r = rb; r < re; ++r) {
+            const T* __restrict gr = g + r * C;
+            const T* __restrict xr = x + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const A gc = cvt<A>(gr[c]);
+              pa[c] += gc;
+              pb[c] += gc * ((cvt<A>(xr[c]) - h[c]) - l[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += pa[c];
+            b[c] += pb[c];
+          }
+        }
+      });
+  std::vector<A> k1(C), k2(C), k3(C);
+  for (int64_t c = 0; c < C; ++c) coefs(c, sg[c], sx[c], k1[c], k2[c], k3[c]);
+  if (S > 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / S);
+    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        row_bwd_apply<T, A>(g + r * S, x + r * S, dx + r * S, S, mhi[c], mlo[c], k1[c], k2[c], k3[c]);
+      }
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrain / C);
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+      const A* __restrict h = mhi.data();
+      const A* __restrict l = mlo.data();
+      const A* __restrict a1 = k1.data();
+      const A* __restrict a2 = k2.data();
+      const A* __restrict a3 = k3.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* __restrict gr = g + r * C;
+        const T* __restrict xr = x + r * C;
+        T* __restrict dr = dx + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c)
+          dr[c] = static_cast<T>(cvt<A>(gr[c]) * a1[c] - ((cvt<A>(xr[c]) - h[c]) - l[c]) * a2[c] - a3[c]);
+      }
+    });
+  }
+}
+
+// Eval backward: dx = g*scale, dscale = sum(g*x), dshift = sum(g); one pass.
+template <typename T>
+void eval_backward_kernel(
+    const T* g,
+    const T* x,
+    T* dx,
+    const Shape& s,
+    const typename AccT<T>::type* scale,
+    double* dscale,
+    double* dshift) {
+  using A = typename AccT<T>::type;
+  const int64_t C = s.C, S = s.S;
+  reduce2(
+      s,
+      dshift,
+      dscale,
+      [&](int64_t n, int64_t c, double& a, double& b) {
+        const int64_t off = (n * C + c) * S;
+        const T* __restrict gr = g + off;
+        const T* __restrict xr = x + off;
+        T* __restrict dr = dx + off;
+        const A sc = scale[c];
+        A sa = 0, sb = 0;
+        for (int64_t i0 = 0; i0 < S; i0 += kBlock) {
+          const int64_t i1 = std::min(S, i0 + kBlock);
+          sa = 0;
+          sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+          for (int64_t i = i0; i < i1; ++i) {
+            const A gi = cvt<A>(gr[i]);
+            sa += gi;
+            sb += gi * cvt<A>(xr[i]);
+            dr[i] = static_cast<T>(gi * sc);
+          }
+          a += sa;
+          b += sb;
+        }
+      },
+      [&](int64_t r0, int64_t r1, double* a, double* b) {
+        std::vector<A> sa(C), sb(C);
+        A* __restrict pa = sa.data();
+        A* __restrict pb = sb.data();
+        const A* __restrict scp = scale;
+        for (int64_t rb = r0; rb < r1; rb += kRows) {
+          const int64_t re = std::min(r1, rb + kRows);
+          std::fill(sa.begin(), sa.end(), A(0));
+          std::fill(sb.begin(), sb.end(), A(0));
+          for (int64_t r = rb; r < re; ++r) {
+            const T* __restrict gr = g + r * C;
+            const T* __restrict xr = x + r * C;
+            T* __restrict dr = dx + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const A gc = cvt<A>(gr[c]);
+              pa[c] += gc;
+              pb[c] += gc * cvt<A>(xr[c]);
+              dr[c] = static_cast<T>(gc * scp[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += pa[c];
+            b[c] += pb[c];
+          }
+        }
+      });
+}
+
+// ------------------------------------------------------------ arg checks --
+
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor check_x3(const Tensor& x3, const char* op, const char* what = "x3") {
+  TORCH_CHECK(x3.defined(), "bnkit::", op, ": ", what, " is undefined");
+  TORCH_CHECK(
+      x3.dim() == 3,
+      "bnkit::",
+      op,
+      ": expected ",
+      what,
+      " to be the 3-D view (outer, C, inner), got a tensor of shape ",
+      x3.sizes());
+  TORCH_CHECK(
+      x3.device().is_cpu(), "bnkit::", op, ": the C++ kernels run on CPU tensors, got ", what, " on ", x3.device());
+  const auto t = x3.scalar_type();
+  TORCH_CHECK(
+      t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+      "bnkit::",
+      op,
+      ": unsupported dtype ",
+      t,
+      " for ",
+      what,
+      " (float32, float64, bfloat16 and float16 are supported)");
+  return x3.contiguous();
+}
+
+// A per-channel parameter as a contiguous tensor of the accumulation dtype.
+Tensor check_param(const Tensor& p, int64_t C, at::ScalarType acc, const char* op, const char* name) {
+  TORCH_CHECK(p.device().is_cpu(), "bnkit::", op, ": ", name, " must be a CPU tensor, got ", p.device());
+  TORCH_CHECK(
+      p.numel() == C && p.dim() <= 1,
+      "bnkit::",
+      op,
+      ": expected ",
+      name,
+      " of shape (",
+      C,
+      ",) (one value per channel), got shape ",
+      p.sizes());
+  TORCH_CHECK(
+      at::isFloatingType(p.scalar_type()), "bnkit::", op, ": ", name, " must be floating point, got ", p.scalar_type());
+  return p.reshape({C}).to(acc).contiguous();
+}
+
+template <typename A>
+const A* opt_ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+} // namespace
+
+// ------------------------------------------------------------- entry points --
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& x3_,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps) {
+  const Tensor x3 = check_x3(x3_, "batch_norm_train");
+  TORCH_CHECK(eps >= 0, "bnkit::batch_norm_train: eps must be >= 0, got ", eps);
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  Tensor w, b;
+  if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, acc, "batch_norm_train", "weight");
+  if (bias.has_value() && bias->defined()) b = check_param(*bias, s.C, acc, "batch_norm_train", "bias");
+  Tensor y = at::empty_like(x3, at::MemoryFormat::Contiguous);
+  Tensor mean = at::empty({s.C}, x3.options().dtype(acc));
+  Tensor var = at::empty({s.C}, x3.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_train", [&] {
+    using A = typename AccT<scalar_t>::type;
+    train_kernel<scalar_t>(
+        x3.const_data_ptr<scalar_t>(),
+        y.mutable_data_ptr<scalar_t>(),
+        s,
+        opt_ptr<A>(w),
+        opt_ptr<A>(b),
+        eps,
+        mean.mutable_data_ptr<A>(),
+        var.mutable_data_ptr<A>());
+  });
+  return {y, mean, var};
+}
+
+std::tuple<Tensor, Tensor> moments_cpu(const Tensor& x3_) {
+  const Tensor x3 = check_x3(x3_, "moments");
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  Tensor mean = at::empty({s.C}, x3.options().dtype(acc));
+  Tensor var = at::empty({s.C}, x3.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::moments", [&] {
+    using A = typename AccT<scalar_t>::type;
+    train_kernel<scalar_t>(
+        x3.const_data_ptr<scalar_t>(),
+        nullptr,
+        s,
+        nullptr,
+        nullptr,
+        0.0,
+        mean.mutable_data_ptr<A>(),
+        var.mutable_data_ptr<A>());
+  });
+  return {mean, var};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& x3_, const Tensor& scale_, const Tensor& shift_) {
+  const Tensor x3 = check_x3(x3_, "batch_norm_eval");
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  const Tensor scale = check_param(scale_, s.C, acc, "batch_norm_eval", "scale");
+  const Tensor shift = check_param(shift_, s.C, acc, "batch_norm_eval", "shift");
+  Tensor y = at::empty_like(x3, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_eval", [&] {
+    using A = typename AccT<scalar_t>::type;
+    apply_affine<false, scalar_t, A>(
+        x3.const_data_ptr<scalar_t>(),
+        y.mutable_data_ptr<scalar_t>(),
+        s,
+        nullptr,
+        nullptr,
+        scale.const_data_ptr<A>(),
+        shift.const_data_ptr<A>());
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_y3_,
+    const Tensor& x3_,
+    const Tensor& mean_,
+    const Tensor& var_,
+    const std::optional<Tensor>& weight,
+    double eps) {
+  const Tensor x3 = check_x3(x3_, "batch_norm_backward");
+  const Tensor g = check_x3(grad_y3_, "batch_norm_backward", "grad_y3");
+  TORCH_CHECK(
+      g.sizes() == x3.sizes(),
+      "bnkit::batch_norm_backward: grad_y3 has shape ",
+      g.sizes(),
+      " but x3 has shape ",
+      x3.sizes());
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  const Tensor gx = g.to(x3.scalar_type()).contiguous();
+  const Tensor mean = check_param(mean_, s.C, acc, "batch_norm_backward", "mean");
+  const Tensor var = check_param(var_, s.C, acc, "batch_norm_backward", "var");
+  Tensor w;
+  if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, acc, "batch_norm_backward", "weight");
+  Tensor dx = at::empty_like(x3, at::MemoryFormat::Contiguous);
+  Tensor dw = at::empty({s.C}, x3.options().dtype(acc));
+  Tensor db = at::empty({s.C}, x3.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_backward", [&] {
+    using A = typename AccT<scalar_t>::type;
+    backward_kernel<scalar_t>(
+        gx.const_data_ptr<scalar_t>(),
+        x3.const_data_ptr<scalar_t>(),
+        dx.mutable_data_ptr<scalar_t>(),
+        s,
+        mean.const_data_ptr<A>(),
+        var.const_data_ptr<A>(),
+        opt_ptr<A>(w),
+        eps,
+        dw.mutable_data_ptr<A>(),
+        db.mutable_data_ptr<A>());
+  });
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_backward_cpu(
+    const Tensor& grad_y3_,
+    const Tensor& x3_,
+    const Tensor& scale_) {
+  const Tensor x3 = check_x3(x3_, "batch_norm_eval_backward");
+  const Tensor g = check_x3(grad_y3_, "batch_norm_eval_backward", "grad_y3");
+  TORCH_CHECK(
+      g.sizes() == x3.sizes(),
+      "bnkit::batch_norm_eval_backward: grad_y3 has shape ",
+      g.sizes(),
+      " but x3 has shape ",
+      x3.sizes());
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  const Tensor gx = g.to(x3.scalar_type()).contiguous();
+  const Tensor scale = check_param(scale_, s.C, acc, "batch_norm_eval_backward", "scale");
+  Tensor dx = at::empty_like(x3, at::MemoryFormat::Contiguous);
+  Tensor dscale = at::empty({s.C}, x3.options().dtype(at::kDouble));
+  Tensor dshift = at::empty({s.C}, x3.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_eval_backward", [&] {
+    using A = typename AccT<scalar_t>::type;
+    eval_backward_kernel<scalar_t>(
+        gx.const_data_ptr<scalar_t>(),
+        x3.const_data_ptr<scalar_t>(),
+        dx.mutable_data_ptr<scalar_t>(),
+        s,
+        scale.const_data_ptr<A>(),
+        dscale.mutable_data_ptr<double>(),
+        dshift.mutable_data_ptr<double>());
+  });
+  return {dx, dscale.to(acc), dshift.to(acc)};
+}
+
+} // namespace bnkit

@@ -1,0 +1,30 @@
+"""Shared fixtures: the kernel backends every parity test runs against."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bnkit import kernels
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+ALL_BACKENDS = ("torch", "reference", "cpp")
+
+
+def _backend_params():
+    forced = os.environ.get("BNKIT_BACKEND")
+    names = (forced,) if forced in ALL_BACKENDS else ALL_BACKENDS
+    return [pytest.param(n, id=n) for n in names]
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    """Run the test once per backend; ``cpp`` is skipped when the extension is unavailable."""
+    name = request.param
+    if name == "cpp" and not kernels.cpp_available():
+        pytest.skip("the C++ extension is not available on this machine")
+    with kernels.use_backend(name):
+        yield name

@@ -26,3 +26,6 @@ __all__ = [
 ]
 
 # ---- exports of later parts (each part adds its own lines below) ----
+from .tools import Affine, FuseReport, convert, fuse, recalibrate  # noqa: E402  (deployment tools, issue 6)
+
+__all__ += ["convert", "fuse", "recalibrate", "Affine", "FuseReport"]

@@ -1,0 +1,5 @@
+"""Deployment tools: layer conversion, BN folding, population statistics."""
+
+from .calibrate import recalibrate
+from .convert import convert
+from .fuse import Affine, FuseReport, fuse

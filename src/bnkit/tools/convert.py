@@ -1,0 +1,135 @@
+"""Swap BN layers between torch and bnkit: :func:`convert`.
+
+``torch.nn.BatchNorm1d/2d/3d`` <-> ``bnkit.BatchNorm1d/2d/3d``. The new layer
+takes over the old layer's parameter and buffer *objects* (so
+``requires_grad``, device, dtype, ``num_batches_tracked`` and, with
+``inplace=True``, an optimizer's references are kept), its ``training`` flag,
+its hook dictionaries (hooks registered on the layer keep firing and their
+handles still remove them) and its ``momentum``/``eps``. Parent modules are
+edited with ``setattr``, so hooks on them are untouched. Outputs and
+``state_dict`` (keys, values and the version metadata) are equal.
+
+Only the exact classes are converted: subclasses (SyncBatchNorm, bnkit's
+variants, user subclasses) are left as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .. import layers
+
+__all__ = ["convert"]
+
+_TORCH_TO_BNKIT: dict[type, type] = {
+    nn.BatchNorm1d: layers.BatchNorm1d,
+    nn.BatchNorm2d: layers.BatchNorm2d,
+    nn.BatchNorm3d: layers.BatchNorm3d,
+}
+_BNKIT_TO_TORCH: dict[type, type] = {v: k for k, v in _TORCH_TO_BNKIT.items()}
+
+# Module attributes holding hooks registered on the module itself.
+_HOOK_DICTS = (
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
+    problems = []
+    if bn.axis != 1:
+        problems.append(f"axis={bn.axis} (torch normalizes along axis 1)")
+    if bn.share_affine != "none":
+        problems.append(f"share_affine={bn.share_affine!r} (torch has per-channel weight and bias)")
+    if bn.affine and bn.bias is None:
+        problems.append("bias=False (torch's affine layers always have a bias)")
+    if problems:
+        raise ValueError(f"convert(to='torch'): {name or 'the model'} ({bn._describe()}) has no torch equivalent: " + "; ".join(problems))
+
+
+def _swap(old: nn.Module, new_cls: type) -> nn.Module:
+    """A ``new_cls`` layer that takes over ``old``'s tensors, flags and hooks."""
+    c = old.num_features
+    ref = old.running_mean if old.running_mean is not None else old.weight
+    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    # Build on the meta device: the real tensors are taken over from ``old`` below.
+    new = new_cls(
+        c,
+        eps=old.eps,
+        momentum=old.momentum,
+        affine=old.affine,
+        track_running_stats=old.track_running_stats,
+        device="meta",
+        dtype=factory.get("dtype"),
+    )
+    for pname in ("weight", "bias"):
+        p = getattr(old, pname)
+        if p is None:
+            new.register_parameter(pname, None)
+        else:
+            new._parameters[pname] = p
+    for bname in ("running_mean", "running_var", "num_batches_tracked"):
+        new._buffers[bname] = old._buffers.get(bname)
+    new.train(old.training)
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    return new
+
+
+def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Module:
+    """Replace every torch BN layer by its bnkit counterpart (``to="bnkit"``), or back (``to="torch"``).
+
+    Args:
+        model: any module (a BN layer itself is converted too).
+        to: ``"bnkit"`` (``torch.nn.BatchNorm{1,2,3}d`` -> ``bnkit.BatchNorm{1,2,3}d``) or
+            ``"torch"`` (the reverse).
+        inplace: edit ``model`` itself; otherwise a deep copy is converted.
+
+    Returns:
+        The converted model (``model`` itself when ``inplace`` and the root is not a BN layer).
+
+    The converted layers keep parameters (the same ``Parameter`` objects),
+    buffers including ``num_batches_tracked``, ``training`` flags, hooks,
+    ``eps`` and ``momentum``, so outputs and ``state_dict`` are equal. bnkit
+    layers get their default ``nonfinite="skip"`` policy (torch propagates
+    NaN/Inf into the running statistics; on finite data both agree); going
+    back to torch drops that policy. A bnkit layer with no torch equivalent
+    (``axis != 1``, ``share_affine``, ``bias=False``) raises ``ValueError``
+    before anything is changed. Subclasses of either family are left alone.
+    """
+    if to not in ("bnkit", "torch"):
+        raise ValueError(f"convert: to must be 'bnkit' or 'torch', got {to!r}")
+    table = _TORCH_TO_BNKIT if to == "bnkit" else _BNKIT_TO_TORCH
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if to == "torch":
+        for name, m in model.named_modules():
+            if type(m) in table:
+                _check_torch_compatible(m, name)
+    if not inplace:
+        model = copy.deepcopy(model)
+    if type(model) in table:
+        return _swap(model, table[type(model)])
+    # Collect first, then edit: a layer shared by several parents is swapped once.
+    swapped: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for cname, child in list(parent._modules.items()):
+            if child is not None and type(child) in table:
+                if id(child) not in swapped:
+                    swapped[id(child)] = _swap(child, table[type(child)])
+                setattr(parent, cname, swapped[id(child)])
+    return model

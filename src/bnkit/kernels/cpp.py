@@ -32,8 +32,14 @@ __all__ = ["available", "load", "build", "build_error", "library_path", "EXTENSI
 
 EXTENSION_NAME = "bnkit_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("kernels.cpp", "ops.cpp")
-HEADERS = ("bnkit_kernels.h",)
+SOURCES = (
+    "ops.cpp",
+    "kernels.cpp",
+    "rowkernels_default.cpp",
+    "rowkernels_avx2.cpp",
+    "rowkernels_avx512.cpp",
+)
+HEADERS = ("bnkit_kernels.h", "rowkernels.h", "rowkernels_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG")
 
 _lock = threading.RLock()

@@ -49,4 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
     const at::Tensor& x3,
     const at::Tensor& scale);
 
+// Instruction set of the row kernels in use: "default", "avx2" or "avx512".
+const char* cpu_isa();
+
 } // namespace bnkit

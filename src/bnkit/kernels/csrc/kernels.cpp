@@ -1,19 +1,22 @@
 // bnkit: fused CPU Batch Normalization kernels.
 //
-// Plain C++ loops vectorized with `#pragma omp simd` and parallelized with
-// at::parallel_for (torch's own thread pool: honours torch.set_num_threads).
+// Drivers: shapes, parallelization (at::parallel_for: torch's own thread pool,
+// honours torch.set_num_threads), statistics bookkeeping and argument checks.
+// The innermost loops (`#pragma omp simd`) live in rowkernels_impl.h and are
+// compiled per instruction set (see rowkernels.h).
 //
 // Numerics
 //   Statistics are computed in ONE read of the input with *shifted sums*:
 //   for each channel a shift K (the mean of a few of its first values) is
 //   taken, and sum(x - K), sum((x - K)^2) are accumulated -- in the
-//   accumulation dtype inside short blocks (<= kBlock values per lane) and in
+//   accumulation dtype inside short blocks (a few thousand values) and in
 //   float64 across blocks.  Since K is close to the mean, the classical
 //   cancellation of E[x^2] - E[x]^2 does not occur (float32 data with mean
 //   1e3 and std 0.1 keeps ~6 significant digits of the variance).
 //   The mean is carried as a float32 pair (hi + lo) when centring, so that
 //   (x - mean) is exact to float32 rounding even when |mean| >> std.
 #include "bnkit_kernels.h"
+#include "rowkernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,6 +27,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace bnkit {
@@ -31,148 +36,14 @@ namespace {
 
 using at::Tensor;
 
-// Values per lane accumulated in the accumulation dtype before flushing to
-// double (NCHW rows).
-constexpr int64_t kBlock = 4096;
 // Rows accumulated in the accumulation dtype before flushing (channels-last).
 constexpr int64_t kRows = 256;
 // Minimum number of elements worth a task of their own.
 constexpr int64_t kGrain = 32768;
 
-template <typename T>
-struct AccT {
-  using type = float;
-};
-template <>
-struct AccT<double> {
-  using type = double;
-};
-
 template <typename A, typename T>
 inline A cvt(T v) {
   return static_cast<A>(v);
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// ---------------------------------------------------------------- row ops --
-
-// s += sum(p[i] - K), q += sum((p[i] - K)^2) over one contiguous row.
-template <typename T, typename A>
-inline void row_moments(const T* __restrict p, int64_t n, A K, double& s, double& q) {
-  constexpr int L = 64 / sizeof(A); // 16 floats / 8 doubles: several vector registers
-  int64_t i = 0;
-  while (i < n) {
-    const int64_t end = std::min(n, i + kBlock);
-    A sv[L] = {};
-    A qv[L] = {};
-    for (; i + L <= end; i += L) {
-#pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        const A d = cvt<A>(p[i + j]) - K;
-        sv[j] += d;
-        qv[j] += d * d;
-      }
-    }
-    A st = 0, qt = 0;
-    for (; i < end; ++i) {
-      const A d = cvt<A>(p[i]) - K;
-      st += d;
-      qt += d * d;
-    }
-    for (int j = 0; j < L; ++j) {
-      st += sv[j];
-      qt += qv[j];
-    }
-    s += st;
-    q += qt;
-  }
-}
-
-// sg += sum(g), sx += sum(g * (p - mean)) over one contiguous row.
-template <typename T, typename A>
-inline void row_bwd_sums(
-    const T* __restrict g,
-    const T* __restrict p,
-    int64_t n,
-    A mhi,
-    A mlo,
-    double& sg,
-    double& sx) {
-  constexpr int L = 64 / sizeof(A);
-  int64_t i = 0;
-  while (i < n) {
-    const int64_t end = std::min(n, i + kBlock);
-    A gv[L] = {};
-    A xv[L] = {};
-    for (; i + L <= end; i += L) {
-#pragma omp simd
-      for (int j = 0; j < L; ++j) {
-        const A gj = cvt<A>(g[i + j]);
-        const A d = (cvt<A>(p[i + j]) - mhi) - mlo;
-        gv[j] += gj;
-        xv[j] += gj * d;
-      }
-    }
-    A gt = 0, xt = 0;
-    for (; i < end; ++i) {
-      const A gj = cvt<A>(g[i]);
-      const A d = (cvt<A>(p[i]) - mhi) - mlo;
-      gt += gj;
-      xt += gj * d;
-    }
-    for (int j = 0; j < L; ++j) {
-      gt += gv[j];
-      xt += xv[j];
-    }
-    sg += gt;
-    sx += xt;
-  }
-}
-
-// o = ((p - mhi) - mlo) * sc + sh
-template <typename T, typename A>
-inline void row_normalize(
-    const T* __restrict p,
-    T* __restrict o,
-    int64_t n,
-    A mhi,
-    A mlo,
-    A sc,
-    A sh) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    o[i] = static_cast<T>(((cvt<A>(p[i]) - mhi) - mlo) * sc + sh);
-  }
-}
-
-// o = p * sc + sh
-template <typename T, typename A>
-inline void row_scale_shift(const T* __restrict p, T* __restrict o, int64_t n, A sc, A sh) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    o[i] = static_cast<T>(cvt<A>(p[i]) * sc + sh);
-  }
-}
-
-// dx = g * k1 - ((p - mhi) - mlo) * k2 - k3
-template <typename T, typename A>
-inline void row_bwd_apply(
-    const T* __restrict g,
-    const T* __restrict p,
-    T* __restrict dx,
-    int64_t n,
-    A mhi,
-    A mlo,
-    A k1,
-    A k2,
-    A k3) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dx[i] = static_cast<T>(cvt<A>(g[i]) * k1 - ((cvt<A>(p[i]) - mhi) - mlo) * k2 - k3);
-  }
 }
 
 // ------------------------------------------------------------ shape info --
@@ -194,8 +65,64 @@ inline bool use_channel_fused(const Shape& s) {
   return s.S > 1 && s.C >= 2 * at::get_num_threads();
 }
 
-// Shift per channel: mean of up to 16 of its first values (in the dtype A,
-// so that x - K is computed exactly as it will be in the loops).
+// Reduces two per-channel float64 sums over an (N, C, S) tensor.
+//   row_op(n, c, a, b):             S > 1, one contiguous row of channel c;
+//   cl_op(r0, r1, sa, sb):          S == 1, rows [r0, r1) into C-arrays of A.
+// Deterministic: the partials are combined in a fixed order.
+template <typename A, typename RowOp, typename ClOp>
+void reduce2(const Shape& s, double* out_a, double* out_b, const RowOp& row_op, const ClOp& cl_op) {
+  const int64_t N = s.N, C = s.C, S = s.S;
+  std::fill(out_a, out_a + C, 0.0);
+  std::fill(out_b, out_b + C, 0.0);
+  if (N == 0 || C == 0 || S == 0) return;
+  if (S > 1) {
+    std::vector<double> pa(N * C), pb(N * C);
+    const int64_t grain = std::max<int64_t>(1, kGrain / S);
+    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        double a = 0, b = 0;
+        row_op(r / C, r % C, &a, &b);
+        pa[r] = a;
+        pb[r] = b;
+      }
+    });
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        out_a[c] += pa[n * C + c];
+        out_b[c] += pb[n * C + c];
+      }
+  } else {
+    int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, N * C / kGrain));
+    tasks = std::max<int64_t>(1, std::min(tasks, N));
+    std::vector<double> pa(tasks * C, 0.0), pb(tasks * C, 0.0);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<A> sa(C), sb(C);
+      for (int64_t t = t0; t < t1; ++t) {
+        double* a = pa.data() + t * C;
+        double* b = pb.data() + t * C;
+        const int64_t r0 = N * t / tasks, r1 = N * (t + 1) / tasks;
+        for (int64_t rb = r0; rb < r1; rb += kRows) {
+          const int64_t re = std::min(r1, rb + kRows);
+          std::fill(sa.begin(), sa.end(), A(0));
+          std::fill(sb.begin(), sb.end(), A(0));
+          cl_op(rb, re, sa.data(), sb.data());
+          for (int64_t c = 0; c < C; ++c) {
+            a[c] += static_cast<double>(sa[c]);
+            b[c] += static_cast<double>(sb[c]);
+          }
+        }
+      }
+    });
+    for (int64_t t = 0; t < tasks; ++t)
+      for (int64_t c = 0; c < C; ++c) {
+        out_a[c] += pa[t * C + c];
+        out_b[c] += pb[t * C + c];
+      }
+  }
+}
+
+// Shift per channel: mean of up to 16 of its first values, rounded to A (so
+// that x - K is computed exactly as it is in the loops).
 template <typename T, typename A>
 void channel_shifts(const T* x, const Shape& s, A* K) {
   if (s.M() == 0) {
@@ -218,86 +145,6 @@ void channel_shifts(const T* x, const Shape& s, A* K) {
   }
 }
 
-// Reduces two per-channel float64 sums over an (N, C, S) tensor.
-//   row_op(n, c, a, b):             S > 1, one contiguous row of channel c;
-//   cl_op(r0, r1, a_ptr, b_ptr):    S == 1, rows [r0, r1) into C-arrays.
-// Deterministic: the partials are combined in a fixed order.
-template <typename RowOp, typename ClOp>
-void reduce2(const Shape& s, double* out_a, double* out_b, const RowOp& row_op, const ClOp& cl_op) {
-  const int64_t N = s.N, C = s.C, S = s.S;
-  std::fill(out_a, out_a + C, 0.0);
-  std::fill(out_b, out_b + C, 0.0);
-  if (N == 0 || C == 0 || S == 0) return;
-  if (S > 1) {
-    std::vector<double> pa(N * C), pb(N * C);
-    const int64_t grain = std::max<int64_t>(1, kGrain / S);
-    at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        double a = 0, b = 0;
-        row_op(r / C, r % C, a, b);
-        pa[r] = a;
-        pb[r] = b;
-      }
-    });
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) {
-        out_a[c] += pa[n * C + c];
-        out_b[c] += pb[n * C + c];
-      }
-  } else {
-    int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, N * C / kGrain));
-    tasks = std::max<int64_t>(1, std::min(tasks, N));
-    std::vector<double> pa(tasks * C, 0.0), pb(tasks * C, 0.0);
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        cl_op(N * t / tasks, N * (t + 1) / tasks, pa.data() + t * C, pb.data() + t * C);
-      }
-    });
-    for (int64_t t = 0; t < tasks; ++t)
-      for (int64_t c = 0; c < C; ++c) {
-        out_a[c] += pa[t * C + c];
-        out_b[c] += pb[t * C + c];
-      }
-  }
-}
-
-// Shifted sums (sum(x-K), sum((x-K)^2)) per channel, generic layout.
-template <typename T, typename A>
-void shifted_sums(const T* x, const Shape& s, const A* K, double* sum, double* sumsq) {
-  const int64_t C = s.C, S = s.S;
-  reduce2(
-      s,
-      sum,
-      sumsq,
-      [&](int64_t n, int64_t c, double& a, double& b) {
-        row_moments<T, A>(x + (n * C + c) * S, S, K[c], a, b);
-      },
-      [&](int64_t r0, int64_t r1, double* a, double* b) {
-        std::vector<A> sa(C), sb(C);
-        A* __restrict pa = sa.data();
-        A* __restrict pb = sb.data();
-        const A* __restrict k = K;
-        for (int64_t rb = r0; rb < r1; rb += kRows) {
-          const int64_t re = std::min(r1, rb + kRows);
-          std::fill(sa.begin(), sa.end(), A(0));
-          std::fill(sb.begin(), sb.end(), A(0));
-          for (int64_t r = rb; r < re; ++r) {
-            const T* __restrict row = x + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const A d = cvt<A>(row[c]) - k[c];
-              pa[c] += d;
-              pb[c] += d * d;
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            a[c] += pa[c];
-            b[c] += pb[c];
-          }
-        }
-      });
-}
-
 inline void finish_moments(double K, double s, double q, int64_t M, double& mean, double& var) {
   if (M == 0) {
     mean = var = std::numeric_limits<double>::quiet_NaN();
@@ -314,20 +161,28 @@ inline void split_mean(double mean, A& hi, A& lo) {
   lo = static_cast<A>(mean - static_cast<double>(hi));
 }
 
-// Per-channel moments (double) for any layout.
-template <typename T, typename A>
+// Per-channel moments (double) for any layout: one read of x.
+template <typename T>
 void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
-  std::vector<A> K(s.C);
+  using A = typename AccT<T>::type;
+  const RowKernels<T>& rk = row_kernels_for<T>();
+  const int64_t C = s.C, S = s.S;
+  std::vector<A> K(C);
   channel_shifts<T, A>(x, s, K.data());
-  std::vector<double> sum(s.C), sumsq(s.C);
-  shifted_sums<T, A>(x, s, K.data(), sum.data(), sumsq.data());
-  for (int64_t c = 0; c < s.C; ++c)
-    finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
+  std::vector<double> sum(C), sumsq(C);
+  reduce2<A>(
+      s,
+      sum.data(),
+      sumsq.data(),
+      [&](int64_t n, int64_t c, double* a, double* b) { rk.moments(x + (n * C + c) * S, S, K[c], a, b); },
+      [&](int64_t r0, int64_t r1, A* sa, A* sb) { rk.cl_moments(x + r0 * C, r1 - r0, C, K.data(), sa, sb); });
+  for (int64_t c = 0; c < C; ++c) finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
 }
 
 // y = ((x - mhi) - mlo) * sc + sh  (kCenter) or y = x * sc + sh, any layout.
 template <bool kCenter, typename T, typename A>
 void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, const A* sc, const A* sh) {
+  const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S;
   if (N == 0 || C == 0 || S == 0) return;
   if (S > 1) {
@@ -336,30 +191,18 @@ void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, 
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
         if (kCenter)
-          row_normalize<T, A>(x + r * S, y + r * S, S, mhi[c], mlo[c], sc[c], sh[c]);
+          rk.normalize(x + r * S, y + r * S, S, mhi[c], mlo[c], sc[c], sh[c]);
         else
-          row_scale_shift<T, A>(x + r * S, y + r * S, S, sc[c], sh[c]);
+          rk.scale_shift(x + r * S, y + r * S, S, sc[c], sh[c]);
       }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / C);
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-      const A* __restrict h = mhi;
-      const A* __restrict l = mlo;
-      const A* __restrict a = sc;
-      const A* __restrict b = sh;
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict xr = x + r * C;
-        T* __restrict yr = y + r * C;
-        if (kCenter) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c)
-            yr[c] = static_cast<T>(((cvt<A>(xr[c]) - h[c]) - l[c]) * a[c] + b[c]);
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(cvt<A>(xr[c]) * a[c] + b[c]);
-        }
-      }
+      if (kCenter)
+        rk.cl_normalize(x + r0 * C, y + r0 * C, r1 - r0, C, mhi, mlo, sc, sh);
+      else
+        rk.cl_scale_shift(x + r0 * C, y + r0 * C, r1 - r0, C, sc, sh);
     });
   }
 }
@@ -377,6 +220,7 @@ void train_kernel(
     typename AccT<T>::type* mean_o,
     typename AccT<T>::type* var_o) {
   using A = typename AccT<T>::type;
+  const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
   if (C == 0) return;
   if (M > 0 && use_channel_fused(s)) {
@@ -390,7 +234,7 @@ void train_kernel(
         for (int64_t i = 0; i < k; ++i) kacc += cvt<double>(x[c * S + i]);
         const A K = static_cast<A>(kacc / k);
         double sum = 0, sumsq = 0;
-        for (int64_t n = 0; n < N; ++n) row_moments<T, A>(x + (n * C + c) * S, S, K, sum, sumsq);
+        for (int64_t n = 0; n < N; ++n) rk.moments(x + (n * C + c) * S, S, K, &sum, &sumsq);
         double mean, var;
         finish_moments(static_cast<double>(K), sum, sumsq, M, mean, var);
         mean_o[c] = static_cast<A>(mean);
@@ -403,7 +247,7 @@ void train_kernel(
           split_mean(mean, mhi, mlo);
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c) * S;
-            row_normalize<T, A>(x + off, y + off, S, mhi, mlo, sc, sh);
+            rk.normalize(x + off, y + off, S, mhi, mlo, sc, sh);
           }
         }
       }
@@ -411,7 +255,7 @@ void train_kernel(
     return;
   }
   std::vector<double> mean(C), var(C);
-  moments_impl<T, A>(x, s, mean.data(), var.data());
+  moments_impl<T>(x, s, mean.data(), var.data());
   std::vector<A> mhi(C), mlo(C), sc(C), sh(C);
   for (int64_t c = 0; c < C; ++c) {
     mean_o[c] = static_cast<A>(mean[c]);
@@ -421,8 +265,7 @@ void train_kernel(
     sh[c] = b ? b[c] : A(0);
     split_mean(mean[c], mhi[c], mlo[c]);
   }
-  if (y != nullptr)
-    apply_affine<true, T, A>(x, y, s, mhi.data(), mlo.data(), sc.data(), sh.data());
+  if (y != nullptr) apply_affine<true, T, A>(x, y, s, mhi.data(), mlo.data(), sc.data(), sh.data());
 }
 
 // -------------------------------------------------------------- backward --
@@ -440,6 +283,7 @@ void backward_kernel(
     typename AccT<T>::type* dw,
     typename AccT<T>::type* db) {
   using A = typename AccT<T>::type;
+  const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
   if (C == 0) return;
   if (M == 0) {
@@ -467,13 +311,13 @@ void backward_kernel(
         double sg = 0, sx = 0;
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c) * S;
-          row_bwd_sums<T, A>(g + off, x + off, S, mhi, mlo, sg, sx);
+          rk.bwd_sums(g + off, x + off, S, mhi, mlo, &sg, &sx);
         }
         A k1, k2, k3;
         coefs(c, sg, sx, k1, k2, k3);
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c) * S;
-          row_bwd_apply<T, A>(g + off, x + off, dx + off, S, mhi, mlo, k1, k2, k3);
+          rk.bwd_apply(g + off, x + off, dx + off, S, mhi, mlo, k1, k2, k3);
         }
       }
     });
@@ -482,39 +326,16 @@ void backward_kernel(
   std::vector<A> mhi(C), mlo(C);
   for (int64_t c = 0; c < C; ++c) split_mean(static_cast<double>(mean[c]), mhi[c], mlo[c]);
   std::vector<double> sg(C), sx(C);
-  reduce2(
+  reduce2<A>(
       s,
       sg.data(),
       sx.data(),
-      [&](int64_t n, int64_t c, double& a, double& b) {
+      [&](int64_t n, int64_t c, double* a, double* b) {
         const int64_t off = (n * C + c) * S;
-        row_bwd_sums<T, A>(g + off, x + off, S, mhi[c], mlo[c], a, b);
+        rk.bwd_sums(g + off, x + off, S, mhi[c], mlo[c], a, b);
       },
-      [&](int64_t r0, int64_t r1, double* a, double* b) {
-        std::vector<A> sa(C), sb(C);
-        A* __restrict pa = sa.data();
-        A* __restrict pb = sb.data();
-        const A* __restrict h = mhi.data();
-        const A* __restrict l = mlo.data();
-        for (int64_t rb = r0; rb < r1; rb += kRows) {
-          const int64_t re = std::min(r1, rb + kRows);
-          std::fill(sa.begin(), sa.end(), A(0));
-          std::fill(sb.begin(), sb.end(), A(0));
-          for (int64_t r = rb; r < re; ++r) {
-            const T* __restrict gr = g + r * C;
-            const T* __restrict xr = x + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const A gc = cvt<A>(gr[c]);
-              pa[c] += gc;
-              pb[c] += gc * ((cvt<A>(xr[c]) - h[c]) - l[c]);
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            a[c] += pa[c];
-            b[c] += pb[c];
-          }
-        }
+      [&](int64_t r0, int64_t r1, A* sa, A* sb) {
+        rk.cl_bwd_sums(g + r0 * C, x + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), sa, sb);
       });
   std::vector<A> k1(C), k2(C), k3(C);
   for (int64_t c = 0; c < C; ++c) coefs(c, sg[c], sx[c], k1[c], k2[c], k3[c]);
@@ -523,25 +344,14 @@ void backward_kernel(
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t c = r % C;
-        row_bwd_apply<T, A>(g + r * S, x + r * S, dx + r * S, S, mhi[c], mlo[c], k1[c], k2[c], k3[c]);
+        rk.bwd_apply(g + r * S, x + r * S, dx + r * S, S, mhi[c], mlo[c], k1[c], k2[c], k3[c]);
       }
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / C);
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-      const A* __restrict h = mhi.data();
-      const A* __restrict l = mlo.data();
-      const A* __restrict a1 = k1.data();
-      const A* __restrict a2 = k2.data();
-      const A* __restrict a3 = k3.data();
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* __restrict gr = g + r * C;
-        const T* __restrict xr = x + r * C;
-        T* __restrict dr = dx + r * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-          dr[c] = static_cast<T>(cvt<A>(gr[c]) * a1[c] - ((cvt<A>(xr[c]) - h[c]) - l[c]) * a2[c] - a3[c]);
-      }
+      rk.cl_bwd_apply(
+          g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), k1.data(), k2.data(), k3.data());
     });
   }
 }
@@ -557,59 +367,18 @@ void eval_backward_kernel(
     double* dscale,
     double* dshift) {
   using A = typename AccT<T>::type;
+  const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t C = s.C, S = s.S;
-  reduce2(
+  reduce2<A>(
       s,
       dshift,
       dscale,
-      [&](int64_t n, int64_t c, double& a, double& b) {
+      [&](int64_t n, int64_t c, double* a, double* b) {
         const int64_t off = (n * C + c) * S;
-        const T* __restrict gr = g + off;
-        const T* __restrict xr = x + off;
-        T* __restrict dr = dx + off;
-        const A sc = scale[c];
-        A sa = 0, sb = 0;
-        for (int64_t i0 = 0; i0 < S; i0 += kBlock) {
-          const int64_t i1 = std::min(S, i0 + kBlock);
-          sa = 0;
-          sb = 0;
-#pragma omp simd reduction(+ : sa, sb)
-          for (int64_t i = i0; i < i1; ++i) {
-            const A gi = cvt<A>(gr[i]);
-            sa += gi;
-            sb += gi * cvt<A>(xr[i]);
-            dr[i] = static_cast<T>(gi * sc);
-          }
-          a += sa;
-          b += sb;
-        }
+        rk.eval_bwd(g + off, x + off, dx + off, S, scale[c], a, b);
       },
-      [&](int64_t r0, int64_t r1, double* a, double* b) {
-        std::vector<A> sa(C), sb(C);
-        A* __restrict pa = sa.data();
-        A* __restrict pb = sb.data();
-        const A* __restrict scp = scale;
-        for (int64_t rb = r0; rb < r1; rb += kRows) {
-          const int64_t re = std::min(r1, rb + kRows);
-          std::fill(sa.begin(), sa.end(), A(0));
-          std::fill(sb.begin(), sb.end(), A(0));
-          for (int64_t r = rb; r < re; ++r) {
-            const T* __restrict gr = g + r * C;
-            const T* __restrict xr = x + r * C;
-            T* __restrict dr = dx + r * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const A gc = cvt<A>(gr[c]);
-              pa[c] += gc;
-              pb[c] += gc * cvt<A>(xr[c]);
-              dr[c] = static_cast<T>(gc * scp[c]);
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            a[c] += pa[c];
-            b[c] += pb[c];
-          }
-        }
+      [&](int64_t r0, int64_t r1, A* sa, A* sb) {
+        rk.cl_eval_bwd(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, scale, sa, sb);
       });
 }
 
@@ -816,6 +585,46 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_backward_cpu(
         dshift.mutable_data_ptr<double>());
   });
   return {dx, dscale.to(acc), dshift.to(acc)};
+}
+
+} // namespace bnkit
+
+// ------------------------------------------------------- ISA selection --
+
+namespace bnkit {
+
+namespace {
+RowKernelSet select_row_kernels() {
+  RowKernelSet set{};
+  fill_row_kernels_default(set);
+  const char* cap = std::getenv("BNKIT_CPU_ISA");
+  const std::string want = cap ? cap : "";
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  if (want == "default") return set;
+  if (avx512 && want != "avx2") {
+    RowKernelSet s512 = set;
+    if (fill_row_kernels_avx512(s512)) return s512;
+  }
+  if (avx2) {
+    RowKernelSet s2 = set;
+    if (fill_row_kernels_avx2(s2)) return s2;
+  }
+#endif
+  return set;
+}
+} // namespace
+
+const RowKernelSet& row_kernels() {
+  static const RowKernelSet set = select_row_kernels();
+  return set;
+}
+
+const char* cpu_isa() {
+  return row_kernels().isa;
 }
 
 } // namespace bnkit

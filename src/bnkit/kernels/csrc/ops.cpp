@@ -9,6 +9,7 @@
 //       -> (grad_x3, grad_weight, grad_bias)
 //   bnkit::batch_norm_eval_backward(grad_y3, x3, scale)
 //       -> (grad_x3, grad_scale, grad_shift)
+//   bnkit::cpu_isa() -> str   (instruction set of the inner loops in use)
 //
 // Each has a CPU kernel and a Meta kernel (shapes only: lets torch.compile /
 // torch.export trace them as single opaque ops).  The forward ops have an
@@ -300,6 +301,7 @@ TORCH_LIBRARY(bnkit, m) {
       "batch_norm_backward(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight, float eps)"
       " -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_eval_backward(Tensor grad_y3, Tensor x3, Tensor scale) -> (Tensor, Tensor, Tensor)");
+  m.def("cpu_isa() -> str", [] { return std::string(bnkit::cpu_isa()); });
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {

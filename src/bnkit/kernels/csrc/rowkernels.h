@@ -1,0 +1,100 @@
+// bnkit: the innermost loops ("row kernels"), compiled once per instruction
+// set (baseline x86-64, AVX2+FMA, AVX-512) and picked at run time, so that a
+// portable build still runs wide vector code where the CPU has it.
+//
+// A "row" is either one contiguous run of `inner` values of one channel
+// (NCHW-like layouts; the loops run along the row) or, for channels-last,
+// a block of rows of C contiguous channel values (the loops run along C).
+// A is the accumulation dtype: float for float/bfloat16/float16, double for
+// double.  Partial sums are returned in A over short blocks; the callers
+// accumulate them in double.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace bnkit {
+
+template <typename T>
+struct AccT {
+  using type = float;
+};
+template <>
+struct AccT<double> {
+  using type = double;
+};
+
+template <typename T>
+struct RowKernels {
+  using A = typename AccT<T>::type;
+  // NCHW rows (n values).
+  // s += sum(p - K), q += sum((p - K)^2)
+  void (*moments)(const T* p, int64_t n, A K, double* s, double* q);
+  // sg += sum(g), sx += sum(g * ((p - mhi) - mlo))
+  void (*bwd_sums)(const T* g, const T* p, int64_t n, A mhi, A mlo, double* sg, double* sx);
+  // o = ((p - mhi) - mlo) * sc + sh
+  void (*normalize)(const T* p, T* o, int64_t n, A mhi, A mlo, A sc, A sh);
+  // o = p * sc + sh
+  void (*scale_shift)(const T* p, T* o, int64_t n, A sc, A sh);
+  // dx = g*k1 - ((p - mhi) - mlo)*k2 - k3
+  void (*bwd_apply)(const T* g, const T* p, T* dx, int64_t n, A mhi, A mlo, A k1, A k2, A k3);
+  // dx = g*sc; sg += sum(g); sx += sum(g*p)
+  void (*eval_bwd)(const T* g, const T* p, T* dx, int64_t n, A sc, double* sg, double* sx);
+
+  // Channels-last: `rows` rows of C values; per-channel A accumulators.
+  void (*cl_moments)(const T* x, int64_t rows, int64_t C, const A* K, A* sa, A* sb);
+  void (*cl_bwd_sums)(const T* g, const T* x, int64_t rows, int64_t C, const A* mhi, const A* mlo, A* sa, A* sb);
+  void (*cl_normalize)(const T* x, T* y, int64_t rows, int64_t C, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  void (*cl_scale_shift)(const T* x, T* y, int64_t rows, int64_t C, const A* sc, const A* sh);
+  void (*cl_bwd_apply)(
+      const T* g,
+      const T* x,
+      T* dx,
+      int64_t rows,
+      int64_t C,
+      const A* mhi,
+      const A* mlo,
+      const A* k1,
+      const A* k2,
+      const A* k3);
+  void (*cl_eval_bwd)(const T* g, const T* x, T* dx, int64_t rows, int64_t C, const A* sc, A* sa, A* sb);
+};
+
+struct RowKernelSet {
+  RowKernels<float> f32;
+  RowKernels<double> f64;
+  RowKernels<c10::BFloat16> bf16;
+  RowKernels<c10::Half> f16;
+  const char* isa;
+};
+
+// Each returns false when that instruction set was not compiled in.
+bool fill_row_kernels_default(RowKernelSet& set);
+bool fill_row_kernels_avx2(RowKernelSet& set);
+bool fill_row_kernels_avx512(RowKernelSet& set);
+
+// The set for this CPU (chosen once; BNKIT_CPU_ISA=default|avx2|avx512 caps it).
+const RowKernelSet& row_kernels();
+
+template <typename T>
+const RowKernels<T>& row_kernels_for();
+template <>
+inline const RowKernels<float>& row_kernels_for<float>() {
+  return row_kernels().f32;
+}
+template <>
+inline const RowKernels<double>& row_kernels_for<double>() {
+  return row_kernels().f64;
+}
+template <>
+inline const RowKernels<c10::BFloat16>& row_kernels_for<c10::BFloat16>() {
+  return row_kernels().bf16;
+}
+template <>
+inline const RowKernels<c10::Half>& row_kernels_for<c10::Half>() {
+  return row_kernels().f16;
+}
+
+} // namespace bnkit

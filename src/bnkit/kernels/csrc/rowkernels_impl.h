@@ -1,0 +1,248 @@
+// bnkit: row-kernel bodies, included once per instruction set by
+// rowkernels_{default,avx2,avx512}.cpp *after* every header (so that only
+// these functions, all with internal linkage, get the ISA's target options).
+// Requires BNKIT_ISA_FILL (the fill function's name) and BNKIT_ISA_NAME.
+// No #include here on purpose.
+
+namespace bnkit {
+namespace {
+
+constexpr int64_t kBlk = 4096; // values per lane accumulated in A before flushing to double
+
+template <typename A, typename T>
+inline A cv(T v) {
+  return static_cast<A>(v);
+}
+
+template <typename T, typename A>
+void k_moments(const T* __restrict p, int64_t n, A K, double* s, double* q) {
+  double ts = 0, tq = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+    const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+    A bs = 0, bq = 0;
+#pragma omp simd reduction(+ : bs, bq)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A d = cv<A>(p[i]) - K;
+      bs += d;
+      bq += d * d;
+    }
+    ts += bs;
+    tq += bq;
+  }
+  *s += ts;
+  *q += tq;
+}
+
+template <typename T, typename A>
+void k_bwd_sums(const T* __restrict g, const T* __restrict p, int64_t n, A mhi, A mlo, double* sg, double* sx) {
+  double tg = 0, tx = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+    const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+    A bg = 0, bx = 0;
+#pragma omp simd reduction(+ : bg, bx)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A gi = cv<A>(g[i]);
+      bg += gi;
+      bx += gi * ((cv<A>(p[i]) - mhi) - mlo);
+    }
+    tg += bg;
+    tx += bx;
+  }
+  *sg += tg;
+  *sx += tx;
+}
+
+template <typename T, typename A>
+void k_normalize(const T* __restrict p, T* __restrict o, int64_t n, A mhi, A mlo, A sc, A sh) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(((cv<A>(p[i]) - mhi) - mlo) * sc + sh);
+}
+
+template <typename T, typename A>
+void k_scale_shift(const T* __restrict p, T* __restrict o, int64_t n, A sc, A sh) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(cv<A>(p[i]) * sc + sh);
+}
+
+template <typename T, typename A>
+void k_bwd_apply(
+    const T* __restrict g,
+    const T* __restrict p,
+    T* __restrict dx,
+    int64_t n,
+    A mhi,
+    A mlo,
+    A k1,
+    A k2,
+    A k3) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    dx[i] = static_cast<T>(cv<A>(g[i]) * k1 - ((cv<A>(p[i]) - mhi) - mlo) * k2 - k3);
+}
+
+template <typename T, typename A>
+void k_eval_bwd(const T* __restrict g, const T* __restrict p, T* __restrict dx, int64_t n, A sc, double* sg, double* sx) {
+  double tg = 0, tx = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+    const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+    A bg = 0, bx = 0;
+#pragma omp simd reduction(+ : bg, bx)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A gi = cv<A>(g[i]);
+      bg += gi;
+      bx += gi * cv<A>(p[i]);
+      dx[i] = static_cast<T>(gi * sc);
+    }
+    tg += bg;
+    tx += bx;
+  }
+  *sg += tg;
+  *sx += tx;
+}
+
+// ------------------------------------------------------------ channels-last
+
+template <typename T, typename A>
+void k_cl_moments(const T* __restrict x, int64_t rows, int64_t C, const A* __restrict K, A* __restrict sa, A* __restrict sb) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A d = cv<A>(xr[c]) - K[c];
+      sa[c] += d;
+      sb[c] += d * d;
+    }
+  }
+}
+
+template <typename T, typename A>
+void k_cl_bwd_sums(
+    const T* __restrict g,
+    const T* __restrict x,
+    int64_t rows,
+    int64_t C,
+    const A* __restrict mhi,
+    const A* __restrict mlo,
+    A* __restrict sa,
+    A* __restrict sb) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * C;
+    const T* __restrict xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A gc = cv<A>(gr[c]);
+      sa[c] += gc;
+      sb[c] += gc * ((cv<A>(xr[c]) - mhi[c]) - mlo[c]);
+    }
+  }
+}
+
+template <typename T, typename A>
+void k_cl_normalize(
+    const T* __restrict x,
+    T* __restrict y,
+    int64_t rows,
+    int64_t C,
+    const A* __restrict mhi,
+    const A* __restrict mlo,
+    const A* __restrict sc,
+    const A* __restrict sh) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    T* __restrict yr = y + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(((cv<A>(xr[c]) - mhi[c]) - mlo[c]) * sc[c] + sh[c]);
+  }
+}
+
+template <typename T, typename A>
+void k_cl_scale_shift(
+    const T* __restrict x,
+    T* __restrict y,
+    int64_t rows,
+    int64_t C,
+    const A* __restrict sc,
+    const A* __restrict sh) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict xr = x + r * C;
+    T* __restrict yr = y + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(cv<A>(xr[c]) * sc[c] + sh[c]);
+  }
+}
+
+template <typename T, typename A>
+void k_cl_bwd_apply(
+    const T* __restrict g,
+    const T* __restrict x,
+    T* __restrict dx,
+    int64_t rows,
+    int64_t C,
+    const A* __restrict mhi,
+    const A* __restrict mlo,
+    const A* __restrict k1,
+    const A* __restrict k2,
+    const A* __restrict k3) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * C;
+    const T* __restrict xr = x + r * C;
+    T* __restrict dr = dx + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c)
+      dr[c] = static_cast<T>(cv<A>(gr[c]) * k1[c] - ((cv<A>(xr[c]) - mhi[c]) - mlo[c]) * k2[c] - k3[c]);
+  }
+}
+
+template <typename T, typename A>
+void k_cl_eval_bwd(
+    const T* __restrict g,
+    const T* __restrict x,
+    T* __restrict dx,
+    int64_t rows,
+    int64_t C,
+    const A* __restrict sc,
+    A* __restrict sa,
+    A* __restrict sb) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * C;
+    const T* __restrict xr = x + r * C;
+    T* __restrict dr = dx + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A gc = cv<A>(gr[c]);
+      sa[c] += gc;
+      sb[c] += gc * cv<A>(xr[c]);
+      dr[c] = static_cast<T>(gc * sc[c]);
+    }
+  }
+}
+
+template <typename T>
+void fill_one(RowKernels<T>& k) {
+  using A = typename AccT<T>::type;
+  k.moments = &k_moments<T, A>;
+  k.bwd_sums = &k_bwd_sums<T, A>;
+  k.normalize = &k_normalize<T, A>;
+  k.scale_shift = &k_scale_shift<T, A>;
+  k.bwd_apply = &k_bwd_apply<T, A>;
+  k.eval_bwd = &k_eval_bwd<T, A>;
+  k.cl_moments = &k_cl_moments<T, A>;
+  k.cl_bwd_sums = &k_cl_bwd_sums<T, A>;
+  k.cl_normalize = &k_cl_normalize<T, A>;
+  k.cl_scale_shift = &k_cl_scale_shift<T, A>;
+  k.cl_bwd_apply = &k_cl_bwd_apply<T, A>;
+  k.cl_eval_bwd = &k_cl_eval_bwd<T, A>;
+}
+
+} // namespace
+
+bool BNKIT_ISA_FILL(RowKernelSet& set) {
+  fill_one(set.f32);
+  fill_one(set.f64);
+  fill_one(set.bf16);
+  fill_one(set.f16);
+  set.isa = BNKIT_ISA_NAME;
+  return true;
+}
+
+} // namespace bnkit

@@ -1,0 +1,155 @@
+"""A self-contained HTML report: no external resources (images are base64 data URIs, CSS is inline)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["render_report", "write_report", "fmt"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #ccc;padding:.25em .6em;
+text-align:left;vertical-align:top} th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#0a7d28;font-weight:600} .fail{color:#b3261e;font-weight:600} img{max-width:100%;border:1px solid #eee}
+code,pre{background:#f6f6f6;padding:.1em .3em;border-radius:3px} pre{padding:.6em;overflow-x:auto}
+.muted{color:#666;font-size:.9em}
+"""
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v or v in (float("inf"), float("-inf")):
+            return str(v)
+        if abs(v) >= 1000 and float(v).is_integer():
+            return f"{int(v)}"
+        return f"{v:.{digits}g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt(x, digits) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def _e(v) -> str:
+    return html.escape(fmt(v))
+
+
+def _kv_table(d: Dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_e(v)}</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+def _table(header: Sequence[str], rows: List[Sequence]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in header)
+    body = ""
+    for r in rows:
+        body += "<tr>" + "".join(
+            f"<td class=\"num\">{_e(x)}</td>" if isinstance(x, (int, float)) and not isinstance(x, bool)
+            else f"<td>{_e(x)}</td>" for x in r) + "</tr>"
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_report(metrics: Dict, images: Sequence[Path], *, title: str, intro: str = "",
+                  notes: Optional[str] = None) -> str:
+    cfg = metrics.get("config", {})
+    summary = metrics.get("summary", {})
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p class=\"muted\">experiment <code>{html.escape(str(metrics.get('experiment')))}</code>, "
+             f"output directory <code>{html.escape(str(metrics.get('out_dir', '')))}</code>, "
+             f"finished {html.escape(str(metrics.get('finished', '')))}</p>"]
+    if intro:
+        parts.append("".join(f"<p>{html.escape(p.strip())}</p>" for p in intro.split("\n\n") if p.strip()))
+    for img in images:
+        parts.append(f"<h2>Figure</h2><p>{_img(img, Path(img).name)}</p>")
+
+    checks = summary.get("checks")
+    if checks:
+        rows = []
+        for name, c in checks.items():
+            ok = c.get("pass")
+            detail = {k: v for k, v in c.items() if k != "pass"}
+            rows.append((name, ok, detail))
+        body = "".join(
+            f"<tr><td>{html.escape(n)}</td><td class=\"{'pass' if ok else 'fail'}\">{'PASS' if ok else 'FAIL'}</td>"
+            f"<td>{_e(d)}</td></tr>" for n, ok, d in rows)
+        parts.append(f"<h2>Checks</h2><table><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead>"
+                     f"<tbody>{body}</tbody></table>")
+
+    variants = [k for k, v in summary.items() if isinstance(v, dict) and "final_acc" in v]
+    if variants:
+        keys = sorted({k for v in variants for k in summary[v]["steps_to"]})
+        header = ["variant", "final acc (mean)", "best acc (mean)"] + [f"steps to {k}" for k in keys] + \
+                 ["drift: 50th pct range", "drift / 15-85 spread", "ms / step"]
+        rows = []
+        for v in variants:
+            s = summary[v]
+            d = s.get("drift") or {}
+            rows.append([v, s["final_acc"], s.get("best_acc")] + [s["steps_to"].get(k) for k in keys] +
+                        [d.get("range"), d.get("relative"), s.get("ms_per_step")])
+        parts.append("<h2>Summary (mean over seeds)</h2>" + _table(header, rows))
+
+    runs = metrics.get("runs", {})
+    if runs:
+        keys = sorted({k for r in runs.values() for k in r["summary"]["steps_to"]})
+        header = ["run", "norm", "seed", "final acc", "best acc"] + [f"steps to {k}" for k in keys] + \
+                 ["typical unit", "50th pct range", "relative drift", "ms / step"]
+        rows = [[r["name"], r["norm"], r["seed"], r["summary"]["final_acc"], r["summary"]["best_acc"]] +
+                [r["summary"]["steps_to"].get(k) for k in keys] +
+                [r.get("typical_unit"), r["summary"]["drift"]["range"], r["summary"]["drift"]["relative"],
+                 r["timing"]["ms_per_step"]] for r in runs.values()]
+        parts.append("<h2>Runs</h2>" + _table(header, rows))
+
+    parts.append("<h2>Settings</h2>" + _kv_table(cfg))
+    ds = metrics.get("dataset", {})
+    if ds:
+        parts.append("<h2>Dataset provenance</h2>" + _kv_table(ds))
+    env = metrics.get("environment", {})
+    if env:
+        parts.append("<h2>Environment</h2>" + _kv_table(env))
+    if notes:
+        parts.append("<h2>Definitions</h2>" + "".join(
+            f"<p>{html.escape(p.strip())}</p>" for p in notes.split("\n\n") if p.strip()))
+    parts.append("<p class=\"muted\">Generated by bnkit. The raw numbers are in metrics.json and metrics.jsonl "
+                 "next to this file.</p></body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(path: Path, metrics: Dict, images: Sequence[Path], **kw) -> Path:
+    from .train import atomic_write_text
+    atomic_write_text(Path(path), render_report(metrics, images, **kw))
+    return Path(path)
+
+
+def environment() -> Dict[str, str]:
+    import torch
+    try:
+        import bnkit
+        ver = getattr(bnkit, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        ver = "?"
+    try:
+        from bnkit import kernels
+        backend = kernels.select(torch.zeros(2, 2))
+    except Exception:  # noqa: BLE001
+        backend = "?"
+    return {"bnkit": ver, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "torch threads": str(torch.get_num_threads()),
+            "bnkit kernel backend": str(backend)}

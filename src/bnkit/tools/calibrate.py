@@ -24,7 +24,10 @@ for the *final* weights. :func:`recalibrate` computes them in one pass:
 ``num_batches_tracked`` is left as it was: it counts training steps (and
 drives ``momentum=None`` cumulative averages and schedules such as Batch
 Renorm's), which recalibration does not take. Training flags and momenta are
-restored afterwards, and parameters are not touched.
+restored afterwards, and parameters are not touched. Layers that do not
+learn statistics (no ``momentum``: ``FrozenBatchNorm``, :class:`Affine`) are
+left alone. Layers with per-site statistics (``SharedBatchNorm``, called as
+``bn(x, site=i)``) get each site's statistics from that site's inputs.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ def recalibrate(
     bns: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     for name, m in model.named_modules():
-        if id(m) not in seen and is_bn(m) and has_running_stats(m):
+        # Layers without ``momentum`` (FrozenBatchNorm, Affine) do not learn statistics: left alone.
+        if id(m) not in seen and is_bn(m) and has_running_stats(m) and hasattr(m, "momentum"):
             seen.add(id(m))
             bns.append((name, m))
     if not bns:
@@ -138,13 +142,24 @@ def recalibrate(
     saved = [
         (m, {k: (b, b.clone()) for k, b in m._buffers.items() if b is not None}) for _, m in bns
     ]
-    accs = {id(m): _Accumulator(bn_axis(m)) for _, m in bns}
+    # One accumulator per (layer, site): layers such as SharedBatchNorm keep running
+    # statistics per call site (running_mean of shape [sites, C], called as bn(x, site=i)).
+    accs: dict[tuple[int, int | None], _Accumulator] = {}
     handles = []
 
-    def make_hook(acc: _Accumulator):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], Tensor):
-                acc.add(args[0])
+    def make_hook(m: nn.Module):
+        per_site = m.running_mean.dim() == 2 and callable(getattr(m, "_check_site", None))
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                return
+            site = None
+            if per_site:
+                site = module._check_site(kwargs.get("site", args[1] if len(args) > 1 else None))
+            key = (id(module), site)
+            if key not in accs:
+                accs[key] = _Accumulator(bn_axis(module))
+            accs[key].add(args[0])
 
         return hook
 
@@ -156,7 +171,7 @@ def recalibrate(
             m.train()
             if hasattr(m, "momentum"):
                 m.momentum = 0.0
-            handles.append(m.register_forward_pre_hook(make_hook(accs[id(m)])))
+            handles.append(m.register_forward_pre_hook(make_hook(m), with_kwargs=True))
         iterator = iter(data) if num_batches is None else itertools.islice(data, num_batches)
         for batch in iterator:
             x = _input_of(batch)
@@ -181,13 +196,17 @@ def recalibrate(
 
     unseen = []
     for name, m in bns:
-        acc = accs[id(m)]
-        if acc.total is None:
+        keys = [k for k in accs if k[0] == id(m) and accs[k].total is not None]
+        if not keys:
             unseen.append(name or "<root>")
             continue
-        mean, var = acc.result(estimator)
-        m.running_mean.copy_(mean.to(m.running_mean.dtype))
-        m.running_var.copy_(var.to(m.running_var.dtype))
+        for key in keys:
+            mean, var = accs[key].result(estimator)
+            site = key[1]
+            rm = m.running_mean if site is None else m.running_mean[site]
+            rv = m.running_var if site is None else m.running_var[site]
+            rm.copy_(mean.to(rm.dtype))
+            rv.copy_(var.to(rv.dtype))
     if unseen:
         warnings.warn(
             f"recalibrate: {len(unseen)} BN layer(s) received no input and keep their statistics: "

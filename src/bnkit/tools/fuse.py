@@ -235,7 +235,11 @@ def _foldable_layer(m: nn.Module) -> bool:
 
 
 def _check_eval(model: nn.Module) -> None:
-    training = [name or "<root>" for name, m in model.named_modules() if is_bn(m) and m.training]
+    # Layers that learn statistics (they have a momentum) compute something else in training mode;
+    # frozen ones (FrozenBatchNorm, Affine) are the same in both modes.
+    training = [
+        name or "<root>" for name, m in model.named_modules() if is_bn(m) and m.training and hasattr(m, "momentum")
+    ]
     if training:
         shown = ", ".join(training[:5]) + (" ..." if len(training) > 5 else "")
         raise ValueError(
@@ -254,6 +258,22 @@ def _try_affine(bn: nn.Module) -> tuple[Affine | None, str]:
 
 
 # --------------------------------------------------------------------------- fx path
+def _node_affine(bn: nn.Module, node: torch.fx.Node) -> tuple[Tensor, Tensor]:
+    """The inference map of one call of ``bn``; extra constant arguments (e.g. ``site=i``) go to ``inference_affine``."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        raise RuntimeError("the BN call has no traced input")
+    extra, kwargs = node.args[1:], dict(node.kwargs)
+    if not extra and not kwargs:
+        return bn_affine(bn)
+    if any(isinstance(a, torch.fx.Node) for a in (*extra, *kwargs.values())):
+        raise RuntimeError("the BN call has non-constant extra arguments")
+    if not callable(getattr(bn, "inference_affine", None)):
+        raise RuntimeError("the BN call has extra arguments")
+    scale, shift = bn.inference_affine(*extra, **kwargs)
+    c = int(bn.num_features)
+    return scale.detach().reshape(-1).expand(c), shift.detach().reshape(-1).expand(c)
+
+
 class _LeafBNTracer(torch.fx.Tracer):
     """A tracer that keeps BN-family layers (and :class:`Affine`) as single ``call_module`` nodes."""
 
@@ -297,21 +317,20 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
     def single_input_call(n: torch.fx.Node, src: torch.fx.Node) -> bool:
         return len(n.args) == 1 and n.args[0] is src and not n.kwargs
 
-    unfused: dict[torch.fx.Node, str] = {}
+    unfused: dict[torch.fx.Node, tuple[str, Tensor, Tensor]] = {}
     for node in list(gm.graph.nodes):
         if not is_bn_node(node):
             continue
         bn = modules[node.target]
         name = _join(prefix, node.target)
         try:
-            scale, shift = bn_affine(bn)
-        except RuntimeError as e:
+            scale, shift = _node_affine(bn, node)
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
             report.unfused.append(UnfusedBN(name, str(e), None))
             continue
         axis = bn_axis(bn)
-        if not single_input_call(node, node.args[0] if node.args else None):
-            unfused[node] = "the BN call has extra arguments"
-            continue
+        # From here on the call is the per-channel map of its first argument.
+        node.args, node.kwargs = node.args[:1], {}
         # layer -> BN
         prev = node.args[0]
         reason_prev = "its input is not the output of a Conv/ConvTranspose/Linear module"
@@ -342,16 +361,16 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
                     continue
         elif len(users) > 1:
             reason_next = "its output has several users"
-        unfused[node] = f"before: {reason_prev}; after: {reason_next}"
+        unfused[node] = (f"before: {reason_prev}; after: {reason_next}", scale, shift)
 
     # What is left becomes one Affine op per call site.
-    for node, reason in unfused.items():
+    for node, (reason, scale, shift) in unfused.items():
         bn = modules[node.target]
         name = _join(prefix, node.target)
         if isinstance(bn, Affine):
             report.unfused.append(UnfusedBN(name, reason, "Affine"))
             continue
-        aff, _ = _try_affine(bn)
+        aff = Affine(scale, shift, bn_axis(bn))
         target = node.target
         if uses_of(target) != 1:
             i = 0

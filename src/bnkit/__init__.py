@@ -29,3 +29,39 @@ __all__ = [
 from .tools import Affine, FuseReport, convert, fuse, recalibrate  # noqa: E402  (deployment tools, issue 6)
 
 __all__ += ["convert", "fuse", "recalibrate", "Affine", "FuseReport"]
+from .variants import (  # noqa: E402  (BN variants, issue 4)
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenSharedBatchNorm,
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    SharedBatchNorm,
+)
+from .tools.freeze import freeze, unfreeze  # noqa: E402  (issue 4)
+
+__all__ += [
+    "SharedBatchNorm",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenSharedBatchNorm",
+    "freeze",
+    "unfreeze",
+]

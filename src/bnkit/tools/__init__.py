@@ -3,3 +3,4 @@
 from .calibrate import recalibrate
 from .convert import convert
 from .fuse import Affine, FuseReport, fuse
+from .freeze import freeze, unfreeze

@@ -1,0 +1,258 @@
+"""Freeze every BN layer of a model to its inference map, and back: :func:`freeze`, :func:`unfreeze`.
+
+``freeze(model)`` replaces each BN layer (torch's ``BatchNorm1d/2d/3d``,
+``SyncBatchNorm``, lazy layers once initialized; bnkit's :class:`BatchNorm`
+family and its variants) by a :class:`bnkit.FrozenBatchNorm` holding the same
+values as buffers: outputs equal the replaced layer's eval outputs, in train
+mode too, and no gradient reaches gamma/beta. The standard recipe for
+fine-tuning with small batches. :class:`bnkit.SharedBatchNorm` becomes a
+:class:`bnkit.FrozenSharedBatchNorm` (still called with ``site=``).
+
+Each frozen layer remembers the layer it replaced (its class and every
+non-tensor attribute: constructor arguments such as ``momentum``, ``axis``,
+``share_affine``, ``virtual_batch_size``, ``r_max`` ...; and each parameter's
+``requires_grad``), so ``unfreeze(model)`` rebuilds layers of the original
+classes whose parameters are fresh ``nn.Parameter`` objects holding the
+frozen values (an optimizer built before ``freeze`` must be rebuilt). A
+frozen layer made directly (or loaded from a state_dict) unfreezes to the
+matching :class:`bnkit.BatchNorm` class.
+
+Parents are edited in their ``_modules`` only, so their hooks and every
+other module are untouched; hooks registered on a BN layer itself move to its
+replacement (and back). A layer used at several places stays one shared layer.
+Nothing is changed when an error is raised (the whole model is checked
+before any replacement).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import layers, variants
+from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
+
+__all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
+
+# Module attributes holding hooks registered on the module itself: they follow the layer.
+_HOOK_DICTS = (
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+# Attributes of nn.Module's own machinery that are not part of the remembered layer.
+_TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
+
+_FROZEN_BY_DIMS: dict[tuple[int, ...] | None, type[FrozenBatchNorm]] = {
+    (2, 3): variants.FrozenBatchNorm1d,
+    (4,): variants.FrozenBatchNorm2d,
+    (5,): variants.FrozenBatchNorm3d,
+}
+_TORCH_DIMS: dict[type, tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+    nn.LazyBatchNorm1d: (2, 3),
+    nn.LazyBatchNorm2d: (4,),
+    nn.LazyBatchNorm3d: (5,),
+}
+_BNKIT_BY_DIMS: dict[tuple[int, ...] | None, type[layers.BatchNorm]] = {
+    None: layers.BatchNorm,
+    (2, 3): layers.BatchNorm1d,
+    (4,): layers.BatchNorm2d,
+    (5,): layers.BatchNorm3d,
+}
+
+_REMEMBERED = "_bnkit_unfrozen_form"
+
+
+def is_freezable(module: nn.Module) -> bool:
+    """True for the layers :func:`freeze` converts: torch's ``_BatchNorm`` and bnkit's ``BatchNorm`` family."""
+    return isinstance(module, (_BatchNorm, layers.BatchNorm)) and not isinstance(module, FrozenBatchNorm)
+
+
+def _expected_dims(bn: nn.Module) -> tuple[int, ...] | None:
+    if isinstance(bn, layers.BatchNorm):
+        return bn._expected_dims
+    for cls, dims in _TORCH_DIMS.items():
+        if isinstance(bn, cls):
+            return dims
+    return None  # SyncBatchNorm and other subclasses: any rank
+
+
+def _check_freezable(bn: nn.Module, name: str) -> None:
+    where = f"freeze: {name or 'the model'} ({type(bn).__name__})"
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(f"{where} is a lazy layer that has not seen an input yet, so it has no values to freeze")
+    if not isinstance(getattr(bn, "running_mean", None), Tensor) or not isinstance(
+        getattr(bn, "running_var", None), Tensor
+    ):
+        raise ValueError(
+            f"{where} has no running statistics (track_running_stats=False): its eval output uses batch "
+            "statistics, so it has no frozen form"
+        )
+
+
+def _remember(bn: nn.Module) -> dict[str, Any]:
+    """Everything needed to rebuild ``bn`` except its tensors (values come from the frozen layer)."""
+    attrs = {
+        k: copy.copy(v) for k, v in bn.__dict__.items() if k not in _TENSOR_DICTS and k not in _HOOK_DICTS
+    }
+    return {
+        "cls": type(bn),
+        "attrs": attrs,
+        "params": {k: (None if p is None else p.requires_grad) for k, p in bn._parameters.items()},
+        "buffers": list(bn._buffers),
+        "modules": dict(bn._modules),
+    }
+
+
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    for k in _HOOK_DICTS:
+        if k in src.__dict__:
+            dst.__dict__[k] = src.__dict__[k]
+
+
+@torch.no_grad()
+def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
+    """The frozen form of one BN layer (values copied, hooks not moved)."""
+    _check_freezable(bn, "")
+    c = int(bn.num_features)
+    axis = int(getattr(bn, "axis", 1))
+    weight = getattr(bn, "weight", None)
+    bias = getattr(bn, "bias", None)
+    device, dtype = bn.running_mean.device, bn.running_mean.dtype
+    if isinstance(bn, SharedBatchNorm):
+        frozen: FrozenBatchNorm = FrozenSharedBatchNorm(
+            c, bn.sites, bn.eps, device=device, dtype=dtype, share_stats=bn.share_stats, axis=axis
+        )
+    else:
+        cls = _FROZEN_BY_DIMS.get(_expected_dims(bn), FrozenBatchNorm)
+        frozen = cls(c, bn.eps, device=device, dtype=dtype, axis=axis)
+    frozen._buffers["weight"] = None if weight is None else weight.detach().clone()
+    frozen._buffers["bias"] = None if bias is None else bias.detach().clone()
+    frozen._buffers["running_mean"] = bn.running_mean.detach().clone()
+    frozen._buffers["running_var"] = bn.running_var.detach().clone()
+    nbt = getattr(bn, "num_batches_tracked", None)
+    frozen._buffers["num_batches_tracked"] = None if nbt is None else nbt.detach().clone()
+    frozen.train(bn.training)
+    frozen.__dict__[_REMEMBERED] = _remember(bn)
+    return frozen
+
+
+def _default_form(frozen: FrozenBatchNorm) -> dict[str, Any]:
+    """A bnkit layer matching a frozen layer that has no remembered original."""
+    weight, bias = frozen.weight, frozen.bias
+    c = frozen.num_features
+    share = "none"
+    if weight is not None and weight.numel() == 1 and c != 1:
+        share = "all" if bias is not None and bias.numel() == 1 else "weight"
+    kwargs: dict[str, Any] = dict(
+        eps=frozen.eps,
+        affine=weight is not None,
+        bias=bias is not None or weight is None,
+        axis=frozen.axis,
+        share_affine=share,
+        device=frozen.running_mean.device,
+        dtype=frozen.running_mean.dtype,
+    )
+    if isinstance(frozen, FrozenSharedBatchNorm):
+        return {"cls": SharedBatchNorm, "args": (c, frozen.sites), "kwargs": dict(kwargs, share_stats=frozen.share_stats)}
+    return {"cls": _BNKIT_BY_DIMS.get(frozen._expected_dims, layers.BatchNorm), "args": (c,), "kwargs": kwargs}
+
+
+@torch.no_grad()
+def unfrozen_copy(frozen: FrozenBatchNorm) -> nn.Module:
+    """The trainable layer a frozen one came from, holding the frozen values (hooks not moved)."""
+    form = frozen.__dict__.get(_REMEMBERED)
+    values = {
+        "weight": frozen.weight,
+        "bias": frozen.bias,
+        "running_mean": frozen.running_mean,
+        "running_var": frozen.running_var,
+        "num_batches_tracked": frozen.num_batches_tracked,
+    }
+    if form is None:
+        spec = _default_form(frozen)
+        bn = spec["cls"](*spec["args"], **spec["kwargs"])
+        for name, p in bn._parameters.items():
+            if p is not None and values.get(name) is not None:
+                bn._parameters[name] = nn.Parameter(values[name].detach().clone())
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if bn._buffers.get(name) is not None and values[name] is not None:
+                bn._buffers[name] = values[name].detach().clone()
+        bn.train(frozen.training)
+        return bn
+    cls = form["cls"]
+    bn = cls.__new__(cls)
+    bn.__dict__.update({k: copy.copy(v) for k, v in form["attrs"].items()})
+    bn.__dict__["_modules"] = dict(form["modules"])
+    bn.__dict__["_parameters"] = {
+        k: None if rg is None or values.get(k) is None else nn.Parameter(values[k].detach().clone(), requires_grad=rg)
+        for k, rg in form["params"].items()
+    }
+    bn.__dict__["_buffers"] = {
+        k: None if values.get(k) is None else values[k].detach().clone() for k in form["buffers"]
+    }
+    fresh = nn.Module().__dict__
+    for k in _HOOK_DICTS:
+        if k in fresh and k not in bn.__dict__:
+            bn.__dict__[k] = fresh[k]
+    bn.train(frozen.training)
+    return bn
+
+
+def _replace(model: nn.Module, want, convert, check) -> nn.Module:
+    """Replace every module matching ``want`` (including ``model``) by ``convert(m)``; check all first."""
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if want(m):
+            names.setdefault(id(m), name)
+    found = {id(m): m for m in model.modules() if want(m)}
+    for key, m in found.items():
+        check(m, names.get(key, ""))
+    new: dict[int, nn.Module] = {}
+    for key, m in found.items():
+        replacement = convert(m)
+        _move_hooks(m, replacement)
+        new[key] = replacement
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new:
+                parent._modules[child_name] = new[id(child)]
+    return new.get(id(model), model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every torch/bnkit BN layer of ``model`` by a :class:`~bnkit.FrozenBatchNorm` with the same values.
+
+    The model is edited in place and returned (when ``model`` is itself a BN
+    layer, its frozen form is returned). Raises ``ValueError``, changing
+    nothing, when a BN layer has no running statistics or is an uninitialized
+    lazy layer. Already frozen layers are left as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze: expected an nn.Module, got {type(model).__name__}")
+    return _replace(model, is_freezable, frozen_copy, _check_freezable)
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Convert every :class:`~bnkit.FrozenBatchNorm` of ``model`` back to a trainable layer.
+
+    Layers made by :func:`freeze` get back their original class and
+    attributes, with ``nn.Parameter`` gamma/beta holding the current frozen
+    values (and their original ``requires_grad``); others become the matching
+    :class:`bnkit.BatchNorm` class. Edited in place and returned.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unfreeze: expected an nn.Module, got {type(model).__name__}")
+    return _replace(model, lambda m: isinstance(m, FrozenBatchNorm), unfrozen_copy, lambda m, n: None)

@@ -117,6 +117,10 @@ def test_layer_parity_randomized(backend, rank, channels, batch, affine, track, 
     if backend == "reference" and dtype == torch.bfloat16:
         # The float64 oracle rounds differently from torch's float32 accumulation: compared elsewhere.
         dtype = torch.float32
+    if dtype == torch.bfloat16 and rank == 2:
+        # With 2-3 values per channel the input gradient is pure bfloat16 rounding noise
+        # (it vanishes exactly for 2 values), so both implementations only agree on noise.
+        batch = max(batch, 4)
     run_parity(rank, channels, batch, affine, track, momentum, eps, channels_last, dtype, seed=seed)
 
 

@@ -136,16 +136,10 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
 
 def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
     """A ``[C]`` view of a per-channel or shared (one-element) parameter."""
-    if t is None:
-        return None
+    if t is None or (t.dim() == 1 and t.shape[0] == channels):
+        return t
     t = t.reshape(-1)
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
-
-
-def _statistics_finite(mean: Tensor, var: Tensor) -> bool:
-    # A float64 sum cannot overflow for float32 values and turns any NaN/Inf into non-finite.
-    total = mean.sum(dtype=torch.float64) + var.sum(dtype=torch.float64)
-    return bool(torch.isfinite(total))
 
 
 @torch.no_grad()
@@ -160,50 +154,42 @@ def _update_running(
     nonfinite: str,
     where: str,
 ) -> None:
-    """Apply the running-average rule of :mod:`bnkit.stats` under the non-finite policy."""
+    """Apply the running-average rule of :mod:`bnkit.stats` under the non-finite policy.
+
+    A batch's statistics are finite exactly when its variance is: any NaN or
+    Inf in the input (or an overflowing mean) makes the variance NaN. The
+    check is one float64 reduction; in eager CPU mode it decides in Python
+    (so "skip" can warn and "raise" can raise), elsewhere (accelerators,
+    ``torch.compile``) a ``torch.where`` keeps the old values without a host
+    synchronisation.
+    """
     if count == 0:
         # An empty batch has no statistics; torch still counts it.
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return
-    eager = not torch.compiler.is_compiling() and mean.device.type == "cpu"
-    if nonfinite == "propagate" or (nonfinite == "skip" and not eager):
-        valid = None
-        if nonfinite == "skip":
-            # No host synchronisation: keep the old values where the batch is not finite.
-            valid = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{where}: momentum=None (cumulative average) needs num_batches_tracked")
+    check = nonfinite != "propagate"
+    if check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu"):
+        valid = torch.isfinite(var.sum(dtype=torch.float64))
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(1 if valid is None else valid.to(num_batches_tracked.dtype))
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            factor: float | Tensor = 1.0 / num_batches_tracked.clamp_min(1).to(torch.float64)
-        else:
-            factor = float(momentum)
-        unbiased = stats.unbiased_variance(var, count)
-        if valid is None:
-            running_mean.lerp_(mean.to(running_mean.dtype), factor if isinstance(factor, float) else factor.to(running_mean.dtype))
-            running_var.lerp_(unbiased.to(running_var.dtype), factor if isinstance(factor, float) else factor.to(running_var.dtype))
-        else:
-            f = factor if isinstance(factor, float) else factor.to(running_mean.dtype)
-            running_mean.copy_(torch.where(valid, torch.lerp(running_mean, mean.to(running_mean.dtype), f), running_mean))
-            running_var.copy_(torch.where(valid, torch.lerp(running_var, unbiased.to(running_var.dtype), f), running_var))
+            num_batches_tracked.add_(valid.to(num_batches_tracked.dtype))
+        factor = momentum if momentum is not None else 1.0 / num_batches_tracked.clamp_min(1).double()
+        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
         return
-    if not _statistics_finite(mean, var):
-        message = (
-            f"{where}: the batch statistics are not finite (NaN/Inf in the input); "
-            "the running statistics were left unchanged"
-        )
+    if check and not math.isfinite(var.sum(dtype=torch.float64).item()):
+        message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
         if nonfinite == "raise":
-            raise FloatingPointError(message.replace("were left unchanged", "are unchanged (nonfinite='raise')"))
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+            raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
+        warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=4)
         return
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    factor_f = stats.running_average_factor(
-        momentum, int(num_batches_tracked) if num_batches_tracked is not None else 0
+    nbt = int(num_batches_tracked) if momentum is None else 0
+    stats.update_running_stats(
+        running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, nbt)
     )
-    stats.update_running_stats(running_mean, running_var, mean, var, count, factor_f)
 
 
 # --------------------------------------------------------------------------- core

@@ -195,19 +195,28 @@ def update_running_stats(
     batch_mean: Tensor,
     batch_var: Tensor,
     count: int,
-    factor: float,
+    factor: float | Tensor,
+    valid: Tensor | None = None,
 ) -> None:
     """In place: ``running = (1 - factor) * running + factor * batch``.
 
     ``batch_var`` is the *biased* batch variance; the unbiased one enters the
     average. Nothing is written when ``count`` is zero (an empty batch has no
-    statistics).
+    statistics). ``valid`` (a boolean 0-d tensor) keeps the old values where
+    it is False, without a host synchronisation.
     """
     if count == 0:
         return
-    var = unbiased_variance(batch_var, count)
-    running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
-    running_var.lerp_(var.to(running_var.dtype), factor)
+    new_mean = batch_mean.to(running_mean.dtype)
+    new_var = unbiased_variance(batch_var, count).to(running_var.dtype)
+    if valid is None and not isinstance(factor, Tensor):
+        torch._foreach_lerp_((running_mean, running_var), (new_mean, new_var), float(factor))
+        return
+    if isinstance(factor, Tensor):
+        factor = factor.to(running_mean.dtype)
+    for running, new in ((running_mean, new_mean), (running_var, new_var)):
+        updated = torch.lerp(running, new, factor)
+        running.copy_(updated if valid is None else torch.where(valid, updated, running))
 
 
 def momentum_from_keras(keras_momentum: float) -> float:

@@ -1,0 +1,469 @@
+"""Synchronized Batch Normalization over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+In training, every rank computes the partial moments ``(n_r, mean_r, M2_r)``
+of its own batch; one collective per layer (an all-gather of ``2C + 3``
+float64 values per rank) brings them to every rank, where Chan's merge
+(:func:`bnkit.stats.merge_stacked`) gives the exact statistics of the global
+batch::
+
+    n = sum n_r,  mean = sum n_r mean_r / n,  M2 = sum M2_r + sum n_r (mean_r - mean)^2
+
+The backward all-reduces the two per-channel sums ``sum dy`` and
+``sum dy * xhat`` (one collective of ``2C`` float64 values), so each rank's
+input gradient is its slice of the gradient of the global computation; the
+weight/bias gradients stay per rank (their sum over ranks is the global
+gradient, which is what ``DistributedDataParallel`` averages). Ranks may have
+unequal or empty batches. The running statistics are updated identically on
+every rank with the global unbiased variance.
+
+Eval mode, a world of one process, and a process without an initialized
+default process group do not communicate: the layer is then exactly
+:class:`bnkit.BatchNorm`.
+
+Failure behaviour: a collective that fails (a dead rank, or the process
+group's ``timeout`` passing because a rank never arrives) raises a
+``RuntimeError`` naming the layer. Different channel counts on different
+ranks are detected by a one-time handshake (a 1-element all-gather the first
+time a layer trains on a given process group) and reported on every rank; the
+per-step payload also carries the channel count and a tag of the layer name,
+so ranks that reach different layers are reported instead of silently mixed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import kernels, stats
+from .functional import _per_channel, _update_running, canonical_view
+from .kernels import torch_ops
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
+
+_COMM_DTYPE = torch.float64
+# Header of the forward payload: [count, channels, layer tag].
+_HEADER = 3
+
+
+def sync_payload_bytes(num_features: int, world_size: int) -> dict[str, int]:
+    """Bytes one SyncBatchNorm layer sends and receives per training step (independent of the batch size).
+
+    ``forward_send``: this rank's all-gather contribution; ``forward_gathered``:
+    the gathered tensor; ``backward_allreduce``: the all-reduced gradient sums.
+    """
+    item = torch.empty((), dtype=_COMM_DTYPE).element_size()
+    per_rank = (2 * num_features + _HEADER) * item
+    return {
+        "forward_send": per_rank,
+        "forward_gathered": per_rank * world_size,
+        "backward_allreduce": 2 * num_features * item,
+    }
+
+
+def _all_gather_flat(out: Tensor, inp: Tensor, group) -> None:
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, inp, group=group)
+
+
+class _Comm:
+    """What the autograd function needs to communicate and to name its layer in errors."""
+
+    __slots__ = ("group", "world_size", "describe", "tag")
+
+    def __init__(self, group, world_size: int, describe: str, tag: int) -> None:
+        self.group = group
+        self.world_size = world_size
+        self.describe = describe
+        self.tag = tag
+
+    def fail(self, what: str, err: BaseException) -> RuntimeError:
+        return RuntimeError(
+            f"{self.describe}: collective failed in the {what} ({type(err).__name__}: {err}). "
+            "A rank may have died, stalled past the process group's timeout, or run a different "
+            "model / number of SyncBatchNorm calls."
+        )
+
+
+def _local_moments(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased variance) of this rank's batch in the accumulation dtype."""
+    if kernels.select(x3) == "cpp" and hasattr(torch.ops.bnkit, "moments"):
+        return torch.ops.bnkit.moments(x3)
+    return torch_ops.moments(x3)
+
+
+def _apply_affine(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    if x3.numel() > 0 and kernels.select(x3) == "cpp" and hasattr(torch.ops.bnkit, "batch_norm_eval"):
+        return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
+    return torch_ops.forward_eval(x3, scale, shift)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training SyncBN on the canonical ``(outer, C, inner)`` view.
+
+    Returns ``(y3, mean, biased_var, count)`` where the statistics are those of
+    the global batch (not differentiable) and ``count`` is its size (a 0-d
+    int64 tensor).
+    """
+
+    @staticmethod
+    def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, comm: _Comm):
+        acc = stats.accumulation_dtype(x3.dtype)
+        channels = x3.shape[1]
+        n_local = x3.shape[0] * x3.shape[2]
+        payload = torch.zeros(2 * channels + _HEADER, dtype=_COMM_DTYPE, device=x3.device)
+        payload[0] = n_local
+        payload[1] = channels
+        payload[2] = comm.tag
+        if n_local > 0:
+            mean_l, var_l = _local_moments(x3)
+            payload[_HEADER : _HEADER + channels] = mean_l
+            payload[_HEADER + channels :] = var_l.to(_COMM_DTYPE) * n_local  # M2
+        gathered = torch.empty(comm.world_size * payload.numel(), dtype=_COMM_DTYPE, device=x3.device)
+        try:
+            _all_gather_flat(gathered, payload, comm.group)
+        except Exception as err:  # noqa: BLE001 - every backend error becomes one clear message
+            raise comm.fail("forward all-gather of the batch statistics", err) from err
+        gathered = gathered.view(comm.world_size, -1)
+        header = gathered[:, :_HEADER].cpu()
+        if bool((header[:, 1] != channels).any()):
+            raise RuntimeError(
+                f"{comm.describe}: channel count mismatch across ranks: ranks have "
+                f"{[int(c) for c in header[:, 1]]} channels"
+            )
+        if bool((header[:, 2] != comm.tag).any()):
+            raise RuntimeError(
+                f"{comm.describe}: ranks reached different SyncBatchNorm layers in the same collective "
+                "(layer tags differ); every rank must call the same layers in the same order"
+            )
+        counts = header[:, 0]
+        total = int(counts.sum())
+        if total == 1:
+            raise ValueError(
+                f"{comm.describe}: Expected more than 1 value per channel when training, "
+                "got a global batch of 1 value per channel"
+            )
+        merged = stats.merge_stacked(
+            gathered[:, 0], gathered[:, _HEADER : _HEADER + channels], gathered[:, _HEADER + channels :]
+        )
+        mean = merged.mean.to(acc)
+        if total > 0:
+            var = (merged.m2 / total).to(acc)
+        else:
+            var = torch.full_like(mean, float("nan"))
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        y3 = _apply_affine(x3, scale, shift)
+        ctx.comm = comm
+        ctx.total = total
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x3, weight, mean, invstd)
+        count_t = torch.tensor(total, dtype=torch.long)
+        ctx.mark_non_differentiable(mean, var, count_t)
+        return y3, mean, var, count_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y3: Tensor, _gm, _gv, _gc):
+        x3, weight, mean, invstd = ctx.saved_tensors
+        comm: _Comm = ctx.comm
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = mean.dtype
+        channels = x3.shape[1]
+        g = grad_y3.to(acc)
+        xhat = (x3.to(acc) - mean.view(1, -1, 1)) * invstd.view(1, -1, 1)
+        sum_dy = g.sum(dim=(0, 2))
+        sum_dy_xhat = (g * xhat).sum(dim=(0, 2))
+        dx = None
+        if need_x:
+            sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
+            try:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=comm.group)
+            except Exception as err:  # noqa: BLE001
+                raise comm.fail("backward all-reduce of the gradient sums", err) from err
+            if x3.numel() == 0:
+                dx = torch.zeros_like(x3)
+            else:
+                total = ctx.total
+                g_dy = (sums[:channels] / total).to(acc).view(1, -1, 1)
+                g_dyx = (sums[channels:] / total).to(acc).view(1, -1, 1)
+                scale = invstd if weight is None else invstd * weight.to(acc)
+                dx = (scale.view(1, -1, 1) * (g - g_dy - xhat * g_dyx)).to(x3.dtype)
+        dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
+        db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+        return dx, dw, db, None, None
+
+
+class SyncBatchNorm(BatchNorm):
+    r"""Batch Normalization whose training statistics are those of the global batch of all ranks.
+
+    Same arguments, parameters, buffers and state_dict as :class:`bnkit.BatchNorm`
+    (generic feature ``axis``, ``share_affine``, ``nonfinite``), plus
+    ``process_group`` (None: the default group, resolved at each call).
+
+    Training with an initialized process group of more than one rank: one
+    all-gather of the per-rank ``(count, mean, M2)`` per forward, merged exactly
+    (Chan), and one all-reduce of ``(sum dy, sum dy*xhat)`` per backward. Every
+    rank must call the layer the same number of times, in the same order, even
+    with an empty local batch. Eval mode, a world of one, and no initialized
+    process group use the local path of :class:`bnkit.BatchNorm` (no
+    communication).
+
+    Double backward is not supported in the synchronized path.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        axis: int = 1,
+        share_affine: str = "none",
+        nonfinite: str = "skip",
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            axis=axis,
+            share_affine=share_affine,
+            nonfinite=nonfinite,
+        )
+        self.process_group = process_group
+        # Name used in error messages (set by convert_sync_batchnorm, or by hand).
+        self.layer_name: str | None = None
+        # The process groups whose channel counts were checked (not saved or pickled).
+        self._checked_groups: set[int] = set()
+
+    def __getstate__(self) -> dict:
+        # Copies and unpickled layers check their channel counts again (group ids are per process).
+        state = dict(self.__dict__)
+        state["_checked_groups"] = set()
+        return state
+
+    def _describe(self) -> str:
+        base = f"{type(self).__name__}({self.num_features})"
+        return f"{base} at {self.layer_name!r}" if self.layer_name else base
+
+    def _group(self):
+        """``(group, world_size)`` when this call must synchronize, else None."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        if world <= 1:
+            return None
+        return group, world
+
+    def _handshake(self, group, world: int, device: torch.device) -> None:
+        key = id(group)
+        if key in self._checked_groups:
+            return
+        mine = torch.tensor([self.num_features], dtype=torch.long, device=device)
+        out = torch.empty(world, dtype=torch.long, device=device)
+        comm = _Comm(group, world, self._describe(), 0)
+        try:
+            _all_gather_flat(out, mine, group)
+        except Exception as err:  # noqa: BLE001
+            raise comm.fail("channel-count handshake", err) from err
+        counts = [int(c) for c in out.cpu()]
+        if any(c != self.num_features for c in counts):
+            raise RuntimeError(
+                f"{self._describe()}: channel count mismatch across ranks: ranks have {counts} channels "
+                f"(this rank, {dist.get_rank(group)}, has {self.num_features})"
+            )
+        self._checked_groups.add(key)
+
+    def forward(self, input: Tensor) -> Tensor:
+        sync = self._group() if self.training and not isinstance(input, torch.fx.Proxy) else None
+        if sync is None:
+            return super().forward(input)
+        group, world = sync
+        self._check_input(input)
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+        self._handshake(group, world, input.device)
+        axis = self.axis % input.dim()
+        channels = input.shape[axis]
+        weight_c = _per_channel(self.weight, channels)
+        bias_c = _per_channel(self.bias, channels)
+        if not self.eps > 0:
+            raise ValueError(f"{self._describe()}: eps must be positive during training, got {self.eps}")
+        tag = zlib.crc32(self.layer_name.encode()) if self.layer_name else 0
+        comm = _Comm(group, world, self._describe(), tag)
+        x3, restore = canonical_view(input, axis)
+        y3, mean, var, count = _SyncBatchNormFunction.apply(x3, weight_c, bias_c, self.eps, comm)
+        if self.track_running_stats:
+            _update_running(
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                mean,
+                var,
+                int(count),
+                self.momentum,
+                self.nonfinite,
+                self._describe(),
+            )
+        return restore(y3)
+
+
+# --------------------------------------------------------------------------- conversion
+_TORCH_DIMS = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+}
+_BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+
+
+def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
+    """Make ``dst`` use ``src``'s very parameter and buffer tensors and its training flag."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            p = getattr(src, name, None)
+            if p is not None:
+                setattr(dst, name, p)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            b = getattr(src, name, None)
+            if b is not None:
+                dst.register_buffer(name, b)
+    dst.train(src.training)
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+    return dst
+
+
+def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
+    if isinstance(module, SyncBatchNorm):
+        if process_group is not None:
+            module.process_group = process_group
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
+        weight = module.weight
+        out = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group if process_group is not None else getattr(module, "process_group", None),
+            device=weight.device if weight is not None else None,
+            dtype=weight.dtype if weight is not None else None,
+            bias=module.bias is not None or not module.affine,
+        )
+        cls = type(module)
+        dims = next((d for c, d in _TORCH_DIMS.items() if issubclass(cls, c)), None)
+        if dims is not None:
+            out._expected_dims = dims
+        out._sync_original = cls
+        return _copy_state(out, module)
+    if type(module) in _BNKIT_CLASSES:
+        weight = module.weight
+        out = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+            device=weight.device if weight is not None else None,
+            dtype=weight.dtype if weight is not None else None,
+            bias=module.bias is not None or not module.affine,
+            axis=module.axis,
+            share_affine=module.share_affine,
+            nonfinite=module.nonfinite,
+        )
+        out._expected_dims = module._expected_dims
+        out._sync_original = type(module)
+        return _copy_state(out, module)
+    return None
+
+
+def _from_sync(module: SyncBatchNorm) -> nn.Module:
+    cls = getattr(module, "_sync_original", None) or {
+        None: BatchNorm,
+        (2, 3): BatchNorm1d,
+        (4,): BatchNorm2d,
+        (5,): BatchNorm3d,
+    }.get(module._expected_dims, BatchNorm)
+    weight = module.weight
+    factory = {
+        "device": weight.device if weight is not None else None,
+        "dtype": weight.dtype if weight is not None else None,
+    }
+    if issubclass(cls, BatchNorm):
+        out = cls(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            bias=module.bias is not None or not module.affine,
+            axis=module.axis,
+            share_affine=module.share_affine,
+            nonfinite=module.nonfinite,
+            **factory,
+        )
+    else:
+        if module.share_affine != "none" or module.axis != 1 or (module.affine and module.bias is None):
+            raise ValueError(
+                f"convert_sync_batchnorm(revert=True): {module._describe()} cannot become {cls.__name__} "
+                "(it has a feature axis other than 1, shared affine parameters, or no bias)"
+            )
+        out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  **factory)
+        if cls is nn.SyncBatchNorm and module.process_group is not None:
+            out.process_group = module.process_group
+    return _copy_state(out, module)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert: bool = False) -> nn.Module:
+    """Convert every BN layer of ``module`` to :class:`SyncBatchNorm` (or back with ``revert=True``).
+
+    Converted: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
+    bnkit's ``BatchNorm``/``BatchNorm1d/2d/3d`` (other subclasses, e.g. BN
+    variants with different semantics, are left alone). The new layers use the
+    *same* parameter and buffer tensors (so an optimizer built before still
+    works), keep the training flag, and are named after their path in
+    ``module`` for error messages. ``revert=True`` turns every SyncBatchNorm
+    back into the class it was converted from (a bnkit layer of matching rank
+    when it was created directly). Returns the converted module (``module``
+    itself unless it is a BN layer).
+    """
+
+    def convert(m: nn.Module, name: str) -> nn.Module:
+        if revert:
+            out = _from_sync(m) if isinstance(m, SyncBatchNorm) else m
+        else:
+            out = _to_sync(m, process_group) or m
+            if isinstance(out, SyncBatchNorm):
+                out.layer_name = name or type(m).__name__
+        for child_name, child in list(m.named_children()):
+            new = convert(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                out.add_module(child_name, new)
+        return out
+
+    return convert(module, "")

@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 # ---- exports of later parts (each part adds its own lines below) ----
+from .sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402  (SyncBN, issue 5)
+
+__all__ += ["SyncBatchNorm", "convert_sync_batchnorm"]
 from .tools import Affine, FuseReport, convert, fuse, recalibrate  # noqa: E402  (deployment tools, issue 6)
 
 __all__ += ["convert", "fuse", "recalibrate", "Affine", "FuseReport"]

@@ -1,0 +1,480 @@
+"""BN variants against independent computations.
+
+Oracles: torch's own BN (``F.batch_norm`` / ``nn.BatchNormNd``) with gamma/beta
+tied by hand, per-chunk torch BN, and a NumPy implementation of Batch
+Renormalization's Algorithm 1 (Ioffe 2017) written here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnkit
+from bnkit import BatchNorm, BatchRenorm, BatchRenorm2d, GhostBatchNorm, GhostBatchNorm2d, SharedBatchNorm
+
+F64 = torch.float64
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_unchanged(module, before):
+    after = module.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k], before[k]), f"{k} changed"
+
+
+def randomize_affine(bn, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=g, dtype=F64).to(bn.weight.dtype) + 0.5)
+        if bn.bias is not None:
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=g, dtype=F64).to(bn.bias.dtype))
+
+
+def torch_bn(x, w, b, axis, *, training=True, rm=None, rv=None, momentum=0.1, eps=1e-5):
+    """torch BN along ``axis`` with affine=False, then ``* w + b`` broadcast along ``axis`` (tied by hand)."""
+    xm = x.movedim(axis, 1)
+    y = F.batch_norm(xm, rm, rv, None, None, training, momentum, eps).movedim(1, axis)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    if w is not None:
+        y = y * w.reshape(shape)
+    if b is not None:
+        y = y + b.reshape(shape)
+    return y
+
+
+# =========================================================================== 1. affine sharing
+@pytest.mark.parametrize("mode", ["none", "weight", "all"])
+@pytest.mark.parametrize("shape,axis", [((6, 4), 1), ((5, 4, 3), 1), ((3, 4, 3, 2), 1), ((5, 3, 4), -1)])
+def test_share_affine_matches_torch_bn_with_tied_parameters(mode, shape, axis):
+    torch.manual_seed(0)
+    c = shape[axis]
+    bn = BatchNorm(c, axis=axis, share_affine=mode, dtype=F64)
+    randomize_affine(bn)
+    w_ref = bn.weight.detach().clone().requires_grad_()
+    b_ref = bn.bias.detach().clone().requires_grad_()
+    assert tuple(w_ref.shape) == ((1,) if mode != "none" else (c,))
+    assert tuple(b_ref.shape) == ((1,) if mode == "all" else (c,))
+    rm, rv = torch.zeros(c, dtype=F64), torch.ones(c, dtype=F64)
+    for step in range(3):
+        x = (torch.randn(shape, dtype=F64) * (step + 1) + step).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y = bn(x)
+        y_ref = torch_bn(xr, w_ref, b_ref, axis % len(shape), rm=rm, rv=rv)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(bn.weight.grad, w_ref.grad)
+    torch.testing.assert_close(bn.bias.grad, b_ref.grad)
+    torch.testing.assert_close(bn.running_mean, rm)
+    torch.testing.assert_close(bn.running_var, rv)
+    bn.eval()
+    x = torch.randn(shape, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(bn(x), torch_bn(x, w_ref, b_ref, axis % len(shape), training=False, rm=rm, rv=rv))
+
+
+def test_share_affine_parameters_state_dict_and_repr():
+    bn = BatchNorm(8, share_affine="weight")
+    assert [(n, tuple(p.shape)) for n, p in bn.named_parameters()] == [("weight", (1,)), ("bias", (8,))]
+    assert "9 affine parameters" in repr(bn)
+    bn_all = bnkit.BatchNorm2d(8, share_affine="all")
+    assert sum(p.numel() for p in bn_all.parameters()) == 2 and "2 affine parameters" in repr(bn_all)
+    randomize_affine(bn_all, 3)
+    other = bnkit.BatchNorm2d(8, share_affine="all")
+    other.load_state_dict(bn_all.state_dict())
+    assert set(other.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    for k, v in bn_all.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v)
+    with pytest.raises(RuntimeError):  # a per-channel checkpoint does not fit a shared layer
+        other.load_state_dict(bnkit.BatchNorm2d(8).state_dict())
+    with pytest.raises(ValueError, match="share_affine"):
+        BatchNorm(8, share_affine="channels")
+
+
+# =========================================================================== 2. SharedBatchNorm
+def tied_torch_bns(sites, c, weight, bias, **kw):
+    bns = [torch.nn.BatchNorm1d(c, dtype=F64, **kw) for _ in range(sites)]
+    for m in bns:  # tie gamma/beta by hand: every site uses the same Parameter objects
+        m.weight = weight
+        m.bias = bias
+    return bns
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_shared_bn_per_site_matches_separate_torch_bns_with_tied_parameters(momentum):
+    torch.manual_seed(1)
+    sites, c = 3, 4
+    bn = SharedBatchNorm(c, sites, momentum=momentum, dtype=F64)
+    randomize_affine(bn)
+    w = torch.nn.Parameter(bn.weight.detach().clone())
+    b = torch.nn.Parameter(bn.bias.detach().clone())
+    refs = tied_torch_bns(sites, c, w, b, momentum=momentum)
+    assert tuple(bn.running_mean.shape) == (sites, c) and tuple(bn.num_batches_tracked.shape) == (sites,)
+    order = [0, 1, 2, 2, 0, 2, 1, 2]
+    for i, site in enumerate(order):
+        x = (torch.randn(6, c, 5, dtype=F64) * (site + 1) + 2 * site).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y, y_ref = bn(x, site=site), refs[site](xr)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(bn.weight.grad, w.grad)
+    torch.testing.assert_close(bn.bias.grad, b.grad)
+    for s in range(sites):
+        torch.testing.assert_close(bn.running_mean[s], refs[s].running_mean)
+        torch.testing.assert_close(bn.running_var[s], refs[s].running_var)
+        assert int(bn.num_batches_tracked[s]) == int(refs[s].num_batches_tracked) == order.count(s)
+    bn.eval()
+    x = torch.randn(6, c, 5, dtype=F64)
+    with torch.no_grad():
+        for s in range(sites):
+            refs[s].eval()
+            torch.testing.assert_close(bn(x, site=s), refs[s](x))
+            scale, shift = bn.inference_affine(site=s)
+            torch.testing.assert_close(x * scale.view(1, -1, 1) + shift.view(1, -1, 1), refs[s](x))
+    with pytest.raises(RuntimeError, match="site"):
+        bn.inference_affine()
+
+
+def test_shared_bn_share_stats_matches_one_torch_bn_seeing_all_calls():
+    torch.manual_seed(2)
+    bn = SharedBatchNorm(3, 4, share_stats=True, share_affine="all", axis=-1, dtype=F64)
+    randomize_affine(bn)
+    ref = torch.nn.BatchNorm1d(3, affine=False, dtype=F64)
+    assert tuple(bn.running_mean.shape) == (3,) and bn.num_batches_tracked.dim() == 0
+    for site in [3, 0, 1, 3]:
+        x = torch.randn(5, 7, 3, dtype=F64) + site
+        y = bn(x, site=site)
+        y_ref = ref(x.movedim(-1, 1)).movedim(1, -1) * bn.weight.detach() + bn.bias.detach()
+        torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == 4
+    bn.eval()
+    ref.eval()
+    x = torch.randn(2, 7, 3, dtype=F64)
+    with torch.no_grad():
+        y_ref = ref(x.movedim(-1, 1)).movedim(1, -1) * bn.weight + bn.bias
+        torch.testing.assert_close(bn(x, site=2), y_ref)
+        torch.testing.assert_close(bn(x), y_ref)  # pooled statistics: the site may be omitted
+        scale, shift = bn.inference_affine()
+        torch.testing.assert_close(x * scale + shift, y_ref)
+
+
+def test_shared_bn_bad_arguments_and_no_state_change():
+    with pytest.raises(ValueError, match="sites"):
+        SharedBatchNorm(3, 0)
+    with pytest.raises(ValueError, match="sites"):
+        SharedBatchNorm(3, 2.5)
+    bn = SharedBatchNorm(3, 2)
+    bn(torch.randn(4, 3), site=1)
+    before = snapshot(bn)
+    x = torch.randn(4, 3)
+    with pytest.raises(IndexError, match="out of range"):
+        bn(x, site=2)
+    with pytest.raises(IndexError, match="out of range"):
+        bn(x, site=-1)
+    with pytest.raises(TypeError, match="site"):
+        bn(x)
+    with pytest.raises(TypeError, match="site"):
+        bn(x, site=1.0)
+    with pytest.raises(ValueError, match="features"):
+        bn(torch.randn(4, 5), site=0)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bn(torch.randn(1, 3), site=0)
+    assert_state_unchanged(bn, before)
+    assert "sites=2" in repr(bn)
+    # state_dict round trip keeps the per-site statistics
+    other = SharedBatchNorm(3, 2)
+    other.load_state_dict(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v)
+    with pytest.raises(RuntimeError):  # per-site statistics do not fit a pooled layer
+        SharedBatchNorm(3, 2, share_stats=True).load_state_dict(bn.state_dict())
+
+
+# =========================================================================== 3. Batch Renormalization
+class NumpyRenorm:
+    """Algorithm 1 of Ioffe (2017), with bnkit's running-variance convention.
+
+    The paper keeps a moving average of sigma; bnkit (like torch) keeps one of
+    the unbiased variance and uses ``sigma = sqrt(running_var + eps)``.
+    """
+
+    def __init__(self, c, r_max, d_max, warmup, r_steps, d_steps, momentum, eps=1e-5, fixed=False):
+        self.mu = np.zeros(c)
+        self.var = np.ones(c)
+        self.step = 0
+        self.r_max, self.d_max, self.warmup = r_max, d_max, warmup
+        self.r_steps, self.d_steps = r_steps, d_steps
+        self.momentum, self.eps, self.fixed = momentum, eps, fixed
+
+    def limits(self):
+        if self.fixed:
+            return self.r_max, self.d_max
+        t = self.step
+        # r_max = 1 and d_max = 0 until warmup, then linear to the final values at r_steps / d_steps.
+        fr = 1.0 if t >= self.r_steps else max(0.0, (t - self.warmup) / (self.r_steps - self.warmup))
+        fd = 1.0 if t >= self.d_steps else max(0.0, (t - self.warmup) / (self.d_steps - self.warmup))
+        return 1 + (self.r_max - 1) * fr, self.d_max * fd
+
+    def train_step(self, x, gamma, beta, g, axis):
+        red = tuple(i for i in range(x.ndim) if i != axis)
+        shp = [1] * x.ndim
+        shp[axis] = -1
+        m = x.size // x.shape[axis]
+        mu_b = x.mean(axis=red)
+        var_b = ((x - mu_b.reshape(shp)) ** 2).mean(axis=red)
+        sigma_b = np.sqrt(var_b + self.eps)
+        sigma = np.sqrt(self.var + self.eps)
+        r_max, d_max = self.limits()
+        r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+        d = np.clip((mu_b - self.mu) / sigma, -d_max, d_max)
+        xh = (x - mu_b.reshape(shp)) / sigma_b.reshape(shp)
+        y = gamma.reshape(shp) * (xh * r.reshape(shp) + d.reshape(shp)) + beta.reshape(shp)
+        # backward with r, d constants
+        dbeta = g.sum(axis=red)
+        dgamma = (g * (xh * r.reshape(shp) + d.reshape(shp))).sum(axis=red)
+        gm = g.mean(axis=red).reshape(shp)
+        gxm = (g * xh).mean(axis=red).reshape(shp)
+        dx = (gamma * r / sigma_b).reshape(shp) * (g - gm - xh * gxm)
+        self.mu += self.momentum * (mu_b - self.mu)
+        self.var += self.momentum * (var_b * m / (m - 1) - self.var)
+        self.step += 1
+        return y, dx, dgamma, dbeta, r, d
+
+    def eval(self, x, gamma, beta, axis):
+        shp = [1] * x.ndim
+        shp[axis] = -1
+        return (x - self.mu.reshape(shp)) / np.sqrt(self.var + self.eps).reshape(shp) * gamma.reshape(shp) + beta.reshape(shp)
+
+
+@pytest.mark.parametrize("shape,axis,fixed", [((8, 3, 4), 1, False), ((6, 5, 3), -1, False), ((7, 3), 1, True)])
+def test_batch_renorm_matches_numpy_algorithm_with_schedule(shape, axis, fixed):
+    torch.manual_seed(3)
+    ax = axis % len(shape)
+    c = shape[ax]
+    kw = dict(r_max=2.0, d_max=0.5, warmup_steps=2, r_max_steps=6, d_max_steps=4, momentum=0.2)
+    bn = BatchRenorm(c, axis=axis, dtype=F64, schedule="fixed" if fixed else "linear", **kw)
+    randomize_affine(bn)
+    ref = NumpyRenorm(c, 2.0, 0.5, 2, 6, 4, 0.2, fixed=fixed)
+    gamma, beta = bn.weight.detach().numpy().copy(), bn.bias.detach().numpy().copy()
+    gw, gb = np.zeros(c), np.zeros(c)
+    clipped_r = clipped_d = False
+    for step in range(9):
+        assert bn.limits() == pytest.approx(ref.limits())
+        # a drifting distribution, so that r and d differ from 1 and 0 and get clipped
+        x = torch.randn(shape, dtype=F64) * (0.3 + 0.6 * step) + 0.4 * step
+        x.requires_grad_()
+        g = torch.randn(shape, dtype=F64)
+        y = bn(x)
+        y.backward(g)
+        y_ref, dx_ref, dg_ref, db_ref, r, d = ref.train_step(x.detach().numpy(), gamma, beta, g.numpy(), ax)
+        gw += dg_ref
+        gb += db_ref
+        clipped_r |= bool(np.any(np.abs(r - 1) > 1e-3))
+        clipped_d |= bool(np.any(np.abs(d) > 1e-3))
+        np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(bn.running_mean.numpy(), ref.mu, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(bn.running_var.numpy(), ref.var, rtol=1e-12, atol=1e-12)
+    assert clipped_r and clipped_d
+    np.testing.assert_allclose(bn.weight.grad.numpy(), gw, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(bn.bias.grad.numpy(), gb, rtol=1e-9, atol=1e-9)
+    assert int(bn.num_batches_tracked) == 9
+    bn.eval()
+    x = torch.randn(shape, dtype=F64)
+    with torch.no_grad():
+        np.testing.assert_allclose(bn(x).numpy(), ref.eval(x.numpy(), gamma, beta, ax), rtol=1e-9, atol=1e-9)
+
+
+def test_batch_renorm_schedule_values():
+    bn = BatchRenorm(2, r_max=3.0, d_max=5.0)  # the paper's: 5k warm-up, r_max 3 at 40k, d_max 5 at 25k
+    for step, (r, d) in {0: (1, 0), 5000: (1, 0), 22500: (2, 4.375), 25000: (2 + 1 / 7, 5), 40000: (3, 5), 10**6: (3, 5)}.items():
+        bn.num_batches_tracked.fill_(step)
+        assert bn.limits() == pytest.approx((r, d))
+    assert BatchRenorm(2, schedule="fixed", r_max=1.5, d_max=0.1).limits() == pytest.approx((1.5, 0.1))
+    jump = BatchRenorm(2, warmup_steps=3, r_max_steps=3, d_max_steps=3)
+    assert jump.limits() == (1.0, 0.0)
+    jump.num_batches_tracked.fill_(3)
+    assert jump.limits() == pytest.approx((3.0, 5.0))
+
+
+@pytest.mark.parametrize("share_affine", ["none", "all"])
+def test_batch_renorm_with_unit_limits_is_plain_bn(share_affine):
+    torch.manual_seed(4)
+    bn = BatchRenorm2d(3, r_max=1.0, d_max=0.0, schedule="fixed", momentum=0.1, share_affine=share_affine, dtype=F64)
+    randomize_affine(bn)
+    w = bn.weight.detach().clone().requires_grad_()
+    b = bn.bias.detach().clone().requires_grad_()
+    rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    for step in range(3):
+        x = (torch.randn(4, 3, 3, 2, dtype=F64) * 3 + step).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        y, y_ref = bn(x), torch_bn(xr, w, b, 1, rm=rm, rv=rv)
+        torch.testing.assert_close(y, y_ref)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(bn.weight.grad, w.grad)
+    torch.testing.assert_close(bn.bias.grad, b.grad)
+    torch.testing.assert_close(bn.running_mean, rm)
+    torch.testing.assert_close(bn.running_var, rv)
+    bn.eval()
+    x = torch.randn(2, 3, 3, 2, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(bn(x), torch_bn(x, w, b, 1, training=False, rm=rm, rv=rv))
+        scale, shift = bn.inference_affine()
+        torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
+
+
+def test_batch_renorm_bad_arguments_and_no_state_change():
+    for kw, msg in [
+        ({"r_max": 0.5}, "r_max"),
+        ({"d_max": -1.0}, "d_max"),
+        ({"r_max": float("nan")}, "r_max"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 10, "r_max_steps": 5}, "r_max_steps"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"track_running_stats": False}, "running statistics"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            BatchRenorm(3, **kw)
+    bn = BatchRenorm(3, nonfinite="raise")
+    bn(torch.randn(5, 3))
+    before = snapshot(bn)
+    with pytest.raises(ValueError, match="features"):
+        bn(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bn(torch.randn(1, 3))
+    with pytest.raises(FloatingPointError):
+        bn(torch.tensor([[1.0, 2.0, float("nan")], [0.0, 1.0, 2.0]]))
+    assert_state_unchanged(bn, before)
+
+
+# =========================================================================== 4. Ghost BN
+def ghost_oracle(x, vbs, w, b, axis, eps=1e-5):
+    """Per-chunk torch BN (tied gamma/beta broadcast along ``axis``)."""
+    return torch.cat([torch_bn(chunk, w, b, axis, eps=eps) for chunk in x.split(vbs, dim=0)], dim=0)
+
+
+def whole_batch_running(x, axis, momentum=0.1):
+    xm = x.detach().movedim(axis, 1).to(F64)
+    red = [0] + list(range(2, xm.dim()))
+    mean = xm.mean(dim=red)
+    var = xm.var(dim=red, unbiased=True)
+    return momentum * mean, (1 - momentum) + momentum * var
+
+
+@pytest.mark.parametrize(
+    "shape,vbs,axis,share",
+    [((10, 3, 4), 4, 1, "none"), ((12, 3), 4, 1, "weight"), ((9, 2, 3, 3), 2, 1, "all"), ((7, 5, 3), 3, -1, "none")],
+)
+def test_ghost_bn_matches_per_chunk_torch_bn(shape, vbs, axis, share):
+    torch.manual_seed(5)
+    ax = axis % len(shape)
+    c = shape[ax]
+    bn = GhostBatchNorm(c, vbs, axis=axis, share_affine=share, dtype=F64)
+    randomize_affine(bn)
+    w = bn.weight.detach().clone().requires_grad_()
+    b = bn.bias.detach().clone().requires_grad_()
+    # chunks with different distributions: ghost BN differs from BN
+    x = (torch.randn(shape, dtype=F64) * torch.arange(1, shape[0] + 1, dtype=F64).view(-1, *[1] * (len(shape) - 1))).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, y_ref = bn(x), ghost_oracle(xr, vbs, w, b, ax)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(bn.weight.grad, w.grad)
+    torch.testing.assert_close(bn.bias.grad, b.grad)
+    rm, rv = whole_batch_running(x, ax)
+    torch.testing.assert_close(bn.running_mean, rm)
+    torch.testing.assert_close(bn.running_var, rv)
+    assert int(bn.num_batches_tracked) == 1
+    bn.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(bn(x), torch_bn(x.detach(), w.detach(), b.detach(), ax, training=False, rm=rm, rv=rv))
+
+
+@pytest.mark.parametrize("vbs", [8, 100])
+def test_ghost_bn_with_the_whole_batch_is_bn(vbs):
+    torch.manual_seed(6)
+    ghost = GhostBatchNorm2d(3, vbs, momentum=None, dtype=F64)
+    ref = torch.nn.BatchNorm2d(3, momentum=None, dtype=F64)
+    randomize_affine(ghost)
+    ref.load_state_dict(ghost.state_dict())
+    for step in range(3):
+        x = torch.randn(8, 3, 2, 2, dtype=F64) + step
+        torch.testing.assert_close(ghost(x), ref(x))
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ghost.state_dict()[k], v)
+
+
+def test_ghost_bn_without_running_stats_uses_ghost_batches_in_eval():
+    bn = GhostBatchNorm(2, 3, track_running_stats=False, dtype=F64).eval()
+    x = torch.randn(8, 2, dtype=F64)
+    torch.testing.assert_close(bn(x), ghost_oracle(x, 3, None, None, 1))
+
+
+def test_ghost_bn_bad_arguments_and_no_state_change():
+    for v in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="virtual_batch_size"):
+            GhostBatchNorm(3, v)
+    with pytest.raises(ValueError, match="axis"):
+        GhostBatchNorm(3, 2, axis=0)
+    bn = GhostBatchNorm(3, 4, nonfinite="raise")
+    bn(torch.randn(8, 3))
+    before = snapshot(bn)
+    with pytest.raises(ValueError, match="single value"):
+        bn(torch.randn(9, 3))  # chunks 4, 4, 1
+    with pytest.raises(ValueError, match="features"):
+        bn(torch.randn(8, 2))
+    x = torch.randn(8, 3)
+    x[5, 1] = float("inf")
+    with pytest.raises(FloatingPointError):
+        bn(x)
+    assert_state_unchanged(bn, before)
+    assert "virtual_batch_size=4" in repr(bn)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(2, 11),
+    vbs=st.integers(1, 12),
+    c=st.integers(1, 4),
+    length=st.integers(2, 4),
+    channels_last=st.booleans(),
+    share=st.sampled_from(["none", "weight", "all"]),
+    seed=st.integers(0, 2**16),
+)
+def test_ghost_bn_property_matches_oracle(n, vbs, c, length, channels_last, share, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, c, generator=g, dtype=F64) * 2 + 1 if channels_last else torch.randn(n, c, length, generator=g, dtype=F64)
+    axis = -1 if channels_last else 1
+    bn = GhostBatchNorm(c, vbs, axis=axis, share_affine=share, dtype=F64)
+    randomize_affine(bn, seed)
+    y = bn(x)
+    torch.testing.assert_close(y, ghost_oracle(x, vbs, bn.weight.detach(), bn.bias.detach(), axis % 3))
+    rm, rv = whole_batch_running(x, axis % 3)
+    torch.testing.assert_close(bn.running_mean, rm)
+    torch.testing.assert_close(bn.running_var, rv)

@@ -142,7 +142,6 @@ def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
 
 
-@torch.no_grad()
 def _update_running(
     running_mean: Tensor,
     running_var: Tensor,
@@ -157,8 +156,8 @@ def _update_running(
     """Apply the running-average rule of :mod:`bnkit.stats` under the non-finite policy.
 
     A batch's statistics are finite exactly when its variance is: any NaN or
-    Inf in the input (or an overflowing mean) makes the variance NaN. The
-    check is one float64 reduction; in eager CPU mode it decides in Python
+    Inf in the input (or an overflowing mean) makes the variance NaN, and the
+    maximum propagates NaN without overflowing. The check is one reduction; in eager CPU mode it decides in Python
     (so "skip" can warn and "raise" can raise), elsewhere (accelerators,
     ``torch.compile``) a ``torch.where`` keeps the old values without a host
     synchronisation.
@@ -172,13 +171,13 @@ def _update_running(
         raise ValueError(f"{where}: momentum=None (cumulative average) needs num_batches_tracked")
     check = nonfinite != "propagate"
     if check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu"):
-        valid = torch.isfinite(var.sum(dtype=torch.float64))
+        valid = torch.isfinite(var.max())
         if num_batches_tracked is not None:
             num_batches_tracked.add_(valid.to(num_batches_tracked.dtype))
         factor = momentum if momentum is not None else 1.0 / num_batches_tracked.clamp_min(1).double()
         stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
         return
-    if check and not math.isfinite(var.sum(dtype=torch.float64).item()):
+    if check and var.numel() and not math.isfinite(var.max().item()):
         message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
         if nonfinite == "raise":
             raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")

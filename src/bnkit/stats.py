@@ -188,7 +188,6 @@ def running_average_factor(momentum: float | None, num_batches_tracked: int) -> 
     return float(momentum)
 
 
-@torch.no_grad()
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -207,8 +206,14 @@ def update_running_stats(
     """
     if count == 0:
         return
-    new_mean = batch_mean.to(running_mean.dtype)
-    new_var = unbiased_variance(batch_var, count).to(running_var.dtype)
+    # The buffers must never join an autograd graph (this is a per-step hot path,
+    # so detach instead of entering a no_grad context).
+    new_mean = batch_mean.detach()
+    new_var = unbiased_variance(batch_var.detach(), count)
+    if new_mean.dtype != running_mean.dtype:
+        new_mean = new_mean.to(running_mean.dtype)
+    if new_var.dtype != running_var.dtype:
+        new_var = new_var.to(running_var.dtype)
     if valid is None and not isinstance(factor, Tensor):
         torch._foreach_lerp_((running_mean, running_var), (new_mean, new_var), float(factor))
         return

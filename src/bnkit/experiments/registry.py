@@ -99,16 +99,20 @@ def _print_summary(console, exp: Experiment, metrics: Dict) -> None:
     from rich.table import Table
 
     runs = metrics["runs"]
-    keys = sorted({k for r in runs.values() for k in r["summary"]["steps_to"]})
-    t = Table(title=f"{exp.name}: {metrics['config'].get('data')} ({metrics['dataset'].get('split', '')})")
-    for c in ["run", "final acc", "best acc"] + [f"steps to {k}" for k in keys] + \
-             ["unit", "p50 range", "p50 range / spread", "ms/step"]:
-        t.add_column(c, justify="left" if c == "run" else "right")
+    thr = metrics["config"].get("threshold")
+    key = f"{float(thr):.2f}" if thr is not None else None
+    from rich import box
+    t = Table(box=box.SIMPLE_HEAD, caption="final/best: test accuracy; to X: steps to reach X; unit: the "
+              "typical unit; p50 rng: range of its 50th percentile; rng/sprd: that range / mean 15-85 spread",
+              title=f"{exp.name}: {metrics['dataset'].get('name')} "
+                    f"({metrics['dataset'].get('train')} train / {metrics['dataset'].get('test')} test)")
+    for c in ["run", "final", "best", f"to {key}", "unit", "p50 rng", "rng/sprd", "ms/step"]:
+        t.add_column(c, justify="left" if c == "run" else "right", no_wrap=True)
     f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))
     for r in runs.values():
         s = r["summary"]
-        t.add_row(r["name"], f(s["final_acc"]), f(s["best_acc"]), *[f(s["steps_to"].get(k)) for k in keys],
-                  str(r["typical_unit"]), f(s["drift"]["range"]), f(s["drift"]["relative"]),
+        t.add_row(r["name"], f(s["final_acc"]), f(s["best_acc"]), f(s["steps_to"].get(key)),
+                  str(r["typical_unit"]), f(s["drift"]["range"]), f(s["drift"]["relative"], 2),
                   f(r["timing"]["ms_per_step"], 2))
     console.print(t)
     checks = metrics["summary"].get("checks")

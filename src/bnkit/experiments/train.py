@@ -292,8 +292,9 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
                              f"the last evaluation", cfg.name, step) from None
     progress.finish(cfg.name)
 
-    res = _result(cfg, state)
-    atomic_write_text(result_path, json.dumps(res, indent=1))
+    text = json.dumps(_result(cfg, state), indent=1)
+    res = json.loads(text)  # the same plain-JSON form whether a run was just trained or read back on resume
+    atomic_write_text(result_path, text)
     np.save(out_dir / "runs" / f"{cfg.name}-percentiles.npy", np.stack(state["pct"]))
     return res
 

@@ -9,7 +9,6 @@ STAMP := $(VENV)/.bnkit-installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU build first, so the range in pyproject.toml pulls nothing larger.
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[experiments,dev]'

@@ -157,8 +157,9 @@ def _update_running(
 
     A batch's statistics are finite exactly when its variance is: any NaN or
     Inf in the input (or an overflowing mean) makes the variance NaN, and the
-    maximum propagates NaN without overflowing. The check is one reduction; in eager CPU mode it decides in Python
-    (so "skip" can warn and "raise" can raise), elsewhere (accelerators,
+    maximum propagates NaN without overflowing. The check is one reduction;
+    in eager CPU mode it decides in Python (so "skip" can warn and "raise"
+    can raise), elsewhere (accelerators,
     ``torch.compile``) a ``torch.where`` keeps the old values without a host
     synchronisation.
     """

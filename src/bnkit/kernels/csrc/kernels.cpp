@@ -37,7 +37,7 @@ namespace {
 using at::Tensor;
 
 // Rows accumulated in the accumulation dtype before flushing (channels-last).
-constexpr int64_t kRows = 256;
+constexpr int64_t kRows = 64;
 // Minimum number of elements worth a task of their own.
 constexpr int64_t kGrain = 32768;
 

@@ -7,7 +7,7 @@
 namespace bnkit {
 namespace {
 
-constexpr int64_t kBlk = 4096; // values per lane accumulated in A before flushing to double
+constexpr int64_t kBlk = 1024; // values per lane accumulated in A before flushing to double
 
 template <typename A, typename T>
 inline A cv(T v) {

@@ -1,0 +1,336 @@
+"""The fused C++ CPU kernels (torch.ops.bnkit.*) against float64 oracles.
+
+Oracles: float64 formulas / torch.nn.functional.batch_norm in float64 and its
+autograd backward -- never the kernels themselves.  Skipped (with the reason)
+when the extension cannot be built on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnkit.kernels import cpp
+
+if not cpp.available():  # pragma: no cover - depends on the machine
+    pytest.skip(f"the C++ extension cannot be built here: {cpp.build_error()}", allow_module_level=True)
+
+ops = torch.ops.bnkit
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Tolerance on outputs of magnitude ~1, per input dtype (half precision: the
+# rounding of the output itself).
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+# (shape, layout): every layout of the issue, plus shapes that hit each code
+# path: channel-fused NCHW (C >= 2 threads), row-partial NCHW (C small),
+# channels-last row blocks and several tasks, rows longer than one block.
+CASES = [
+    ((6, 4), "contiguous"),  # BatchNorm1d (N, C)
+    ((5, 3, 7), "contiguous"),  # (N, C, L)
+    ((4, 6, 3, 5), "contiguous"),  # NCHW
+    ((4, 6, 3, 5), "channels_last"),
+    ((2, 5, 2, 3, 4), "contiguous"),  # NCDHW
+    ((2, 5, 2, 3, 4), "channels_last_3d"),
+    ((3, 1, 5, 5), "contiguous"),  # one channel: row-partial path
+    ((2, 2, 4500), "contiguous"),  # rows longer than one accumulation block
+    ((40000, 3), "contiguous"),  # many rows, several tasks, row blocks
+    ((9, 64, 4, 4), "channels_last"),
+]
+
+
+def make(shape, layout, dtype, seed=0, loc=0.7, scale=2.5):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def view3(x: torch.Tensor) -> torch.Tensor:
+    """The canonical (outer, C, inner) view of the kernel contract (no copy)."""
+    C = x.shape[1]
+    if x.is_contiguous():
+        return x.view(x.shape[0], C, -1)
+    moved = x.movedim(1, -1)
+    assert moved.is_contiguous()
+    return moved.view(-1, C, 1)
+
+
+def param_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def params(C, dtype, affine, seed=1):
+    if not affine:
+        return None, None
+    g = torch.Generator().manual_seed(seed)
+    pd = param_dtype(dtype)
+    return (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(pd), torch.randn(C, generator=g, dtype=torch.float64).to(pd)
+
+
+def ref_train(x3, w, b, eps):
+    """float64 oracle: (y3, mean, biased var)."""
+    xd = x3.double()
+    mean = xd.mean((0, 2))
+    var = ((xd - mean.view(1, -1, 1)) ** 2).mean((0, 2))
+    y = (xd - mean.view(1, -1, 1)) / torch.sqrt(var.view(1, -1, 1) + eps)
+    if w is not None:
+        y = y * w.double().view(1, -1, 1)
+    if b is not None:
+        y = y + b.double().view(1, -1, 1)
+    return y, mean, var
+
+
+def close(actual, expected, tol, what):
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= tol * scale, f"{what}: max abs diff {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+# ----------------------------------------------------------------- forward
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_train_forward_and_backward_match_float64(shape, layout, dtype, affine):
+    x = make(shape, layout, dtype)
+    x3 = view3(x)
+    w, b = params(shape[1], dtype, affine)
+    eps = 1e-5
+    y3, mean, var = ops.batch_norm_train(x3, w, b, eps)
+    assert y3.dtype == dtype and y3.shape == x3.shape
+    assert mean.dtype == var.dtype == param_dtype(dtype)
+    yr, mr, vr = ref_train(x3, w, b, eps)
+    tol = TOL[dtype]
+    close(y3, yr, tol, "y3")
+    close(mean, mr, 1e-6 if dtype != torch.float64 else 1e-12, "mean")
+    close(var, vr, 1e-6 if dtype != torch.float64 else 1e-12, "var")
+
+    # backward op vs autograd of float64 F.batch_norm on the original layout
+    g = make(shape, layout, dtype, seed=7, loc=0.0, scale=1.0)
+    dx3, dw, db = ops.batch_norm_backward(view3(g), x3, mean, var, w, eps)
+    xd = x.double().requires_grad_(True)
+    wd = None if w is None else w.double().requires_grad_(True)
+    bd = None if b is None else b.double().requires_grad_(True)
+    F.batch_norm(xd, None, None, wd, bd, True, 0.0, eps).backward(g.double())
+    close(dx3, view3(xd.grad.contiguous(memory_format=_fmt(x))), 4 * tol, "grad x")
+    if affine:
+        gw, gb = wd.grad, bd.grad
+    else:  # the sums the op returns regardless: sum(g*xhat), sum(g)
+        xhat, _, _ = ref_train(x3, None, None, eps)
+        gw, gb = (view3(g).double() * xhat).sum((0, 2)), view3(g).double().sum((0, 2))
+    n = x3.shape[0] * x3.shape[2]
+    close(dw, gw, 1e-10 if dtype == torch.float64 else 1e-5 * n**0.5, "grad weight")
+    close(db, gb, 1e-10 if dtype == torch.float64 else 1e-5 * n**0.5, "grad bias")
+
+
+def _fmt(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,layout", CASES[:6] + CASES[8:], ids=[f"{s}-{l}" for s, l in CASES[:6] + CASES[8:]])
+def test_eval_forward_and_moments(shape, layout, dtype):
+    x = make(shape, layout, dtype)
+    x3 = view3(x)
+    C = shape[1]
+    scale, shift = params(C, dtype, True, seed=3)
+    y3 = ops.batch_norm_eval(x3, scale, shift)
+    expected = x3.double() * scale.double().view(1, -1, 1) + shift.double().view(1, -1, 1)
+    close(y3, expected, TOL[dtype], "eval y3")
+    mean, var = ops.moments(x3)
+    close(mean, x3.double().mean((0, 2)), 1e-12 if dtype == torch.float64 else 1e-6, "moments mean")
+    close(var, x3.double().var((0, 2), unbiased=False), 1e-12 if dtype == torch.float64 else 1e-6, "moments var")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_and_train_autograd_float32(layout):
+    x = make((4, 8, 3, 3), layout, torch.float32)
+    x3 = view3(x)
+    scale, shift = params(8, torch.float32, True)
+    for create_graph in (False, True):  # fused backward op / composite double-backward path
+        xs, ss, hs = (t.detach().clone().requires_grad_(True) for t in (x3, scale, shift))
+        y = ops.batch_norm_eval(xs, ss, hs)
+        g = torch.randn_like(y)
+        gx, gs, gh = torch.autograd.grad(y, (xs, ss, hs), g, create_graph=create_graph)
+        close(gx, g * scale.view(1, -1, 1), 1e-6, "eval grad x")
+        close(gs, (g.double() * x3.double()).sum((0, 2)), 1e-5, "eval grad scale")
+        close(gh, g.double().sum((0, 2)), 1e-5, "eval grad shift")
+        xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x3, scale, shift))
+        y, mean, var = ops.batch_norm_train(xs, ws, bs, 1e-3)
+        assert not mean.requires_grad and not var.requires_grad
+        gx, gw, gb = torch.autograd.grad(y, (xs, ws, bs), g, create_graph=create_graph)
+        xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x3, scale, shift))
+        ed = torch.autograd.grad(F.batch_norm(xd, None, None, wd, bd, True, 0.0, 1e-3), (xd, wd, bd), g.double())
+        for a, e, what in zip((gx, gw, gb), ed, ("x", "weight", "bias")):
+            close(a, e, 1e-4, f"train grad {what} (create_graph={create_graph})")
+
+
+# ------------------------------------------------------------- stability
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_stable_statistics_mean_1e3_std_0p1(layout):
+    """float32 data with mean 1e3 and std 0.1: the one-read statistics keep the variance."""
+    x = make((16, 8, 12, 12), layout, torch.float32, seed=5, loc=1e3, scale=0.1)
+    x3 = view3(x)
+    y3, mean, var = ops.batch_norm_train(x3, None, None, 1e-5)
+    yr, mr, vr = ref_train(x3, None, None, 1e-5)  # float64 on the same float32 values
+    assert (y3.double() - yr).abs().max().item() <= 1e-3
+    assert ((var.double() - vr).abs() / vr).max().item() <= 1e-4
+    m2, v2 = ops.moments(x3)
+    assert ((v2.double() - vr).abs() / vr).max().item() <= 1e-4
+    # and the backward is as accurate
+    g = torch.randn_like(x3)
+    dx, dw, db = ops.batch_norm_backward(g, x3, mean, var, None, 1e-5)
+    xd = x3.double().requires_grad_(True)
+    F.batch_norm(xd, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
+    close(dx, xd.grad, 1e-3, "grad x at mean 1e3")
+
+
+def test_threads_do_not_change_results_much():
+    x3 = view3(make((64, 4, 30, 30), "contiguous", torch.float32))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.batch_norm_train(x3, None, None, 1e-5)
+    finally:
+        torch.set_num_threads(n)
+    many = ops.batch_norm_train(x3, None, None, 1e-5)
+    for a, b in zip(one, many):
+        close(a, b, 1e-5, "1 thread vs many")
+
+
+def test_empty_batch():
+    x3 = torch.empty(0, 3, 5)
+    y3, mean, var = ops.batch_norm_train(x3, None, None, 1e-5)
+    assert y3.shape == (0, 3, 5) and mean.shape == (3,)
+    dx, dw, db = ops.batch_norm_backward(x3, x3, mean, var, None, 1e-5)
+    assert dx.shape == (0, 3, 5) and torch.equal(db, torch.zeros(3))
+
+
+# --------------------------------------------------------------- autograd
+@pytest.mark.parametrize("shape", [(4, 3, 5), (7, 4, 1)], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_gradcheck_and_gradgradcheck_train(shape, affine):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    if affine:
+        w = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+        b = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_(True)
+        inputs = (x, w, b)
+        fn = lambda x, w, b: ops.batch_norm_train(x, w, b, 1e-3)[0]  # noqa: E731
+    else:
+        inputs = (x,)
+        fn = lambda x: ops.batch_norm_train(x, None, None, 1e-3)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradcheck_and_gradgradcheck_eval_and_moments():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.batch_norm_eval, (x, s, h))
+    assert torch.autograd.gradgradcheck(ops.batch_norm_eval, (x, s, h))
+    mom = lambda x: ops.moments(x)  # noqa: E731
+    assert torch.autograd.gradcheck(mom, (x,))
+    assert torch.autograd.gradgradcheck(mom, (x,))
+
+
+# ---------------------------------------------------------- torch.compile
+def test_torch_compile_sees_opaque_ops_without_graph_breaks():
+    torch._dynamo.reset()
+
+    def fn(x3, w, b):
+        y, mean, var = ops.batch_norm_train(x3, w, b, 1e-5)
+        return ops.batch_norm_eval(y, w, b).relu().sum() + mean.sum() + var.sum()
+
+    x3 = torch.randn(4, 6, 10)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    explanation = torch._dynamo.explain(fn)(x3, w, b)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    xs = [x3.clone().requires_grad_(True), x3.clone().requires_grad_(True)]
+    ws = [w.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    out_e = fn(xs[0], ws[0], b)
+    out_c = compiled(xs[1], ws[1], b)
+    close(out_c, out_e, 1e-6, "compiled vs eager")
+    out_e.backward()
+    out_c.backward()
+    close(xs[1].grad, xs[0].grad, 1e-6, "compiled grad x")
+    close(ws[1].grad, ws[0].grad, 1e-6, "compiled grad w")
+
+
+def test_fx_trace_sees_a_single_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(x3):
+        return ops.batch_norm_train(x3, None, None, 1e-5)[0]
+
+    gm = make_fx(fn)(torch.randn(2, 3, 4))
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == ["bnkit.batch_norm_train.default", "<built-in function getitem>"] or targets.count(
+        "bnkit.batch_norm_train.default"
+    ) == 1, targets
+
+
+# --------------------------------------------------------------- bad input
+def test_bad_input_messages():
+    with pytest.raises(RuntimeError, match="3-D view"):
+        ops.batch_norm_train(torch.randn(4, 3), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        ops.batch_norm_train(torch.randn(4, 3, 2), torch.ones(4), None, 1e-5)
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        ops.moments(torch.ones(4, 3, 2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="eps must be >= 0"):
+        ops.batch_norm_train(torch.randn(4, 3, 2), None, None, -1.0)
+    with pytest.raises(RuntimeError, match="grad_y3 has shape"):
+        ops.batch_norm_backward(torch.randn(4, 3, 3), torch.randn(4, 3, 2), torch.zeros(3), torch.ones(3), None, 1e-5)
+
+
+# ---------------------------------------------------- instruction sets
+def test_baseline_instruction_set_matches_the_oracle():
+    """The portable (no AVX) row kernels, forced with BNKIT_CPU_ISA=default, in a fresh process."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from bnkit.kernels import cpp
+        assert cpp.load()
+        ops = torch.ops.bnkit
+        assert ops.cpu_isa() == "default", ops.cpu_isa()
+        worst = 0.0
+        for shape in [(5, 6, 37), (300, 7, 1), (3, 1, 50)]:
+            x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+            for dt in (torch.float32, torch.bfloat16):
+                x3 = x.to(dt)
+                y, m, v = ops.batch_norm_train(x3, None, None, 1e-5)
+                xd = x3.double()
+                yr = (xd - xd.mean((0, 2), keepdim=True)) / torch.sqrt(xd.var((0, 2), unbiased=False, keepdim=True) + 1e-5)
+                tol = 2e-5 if dt == torch.float32 else 1.6e-2
+                worst = max(worst, (y.double() - yr).abs().max().item() / tol)
+                g = torch.randn_like(x3)
+                dx, dw, db = ops.batch_norm_backward(g, x3, m, v, None, 1e-5)
+                xr = xd.clone().requires_grad_(True)
+                torch.nn.functional.batch_norm(xr, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
+                worst = max(worst, (dx.double() - xr.grad).abs().max().item() / (4 * tol))
+        print("WORST", worst)
+        """
+    )
+    env = dict(os.environ, BNKIT_CPU_ISA="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    worst = float(out.stdout.split("WORST")[-1])
+    assert worst <= 1.0

@@ -202,14 +202,16 @@ def _sc_stall(rank, world, case, ctx):
     model = _train_loop_model()
     model.bn.process_group = group
     if rank == world - 1:
-        time.sleep(FAIL_TIMEOUT_S + 3.0)
+        dist.barrier()  # on the default group: waits, without joining the layer's collective, until the others fail
         return {"stalled": True}
     t0 = time.monotonic()
     try:
         model(torch.randn(4, 3)).sum().backward()
+        res = {"error": None, "elapsed": time.monotonic() - t0}
     except RuntimeError as e:
-        return {"error": str(e), "elapsed": time.monotonic() - t0}
-    return {"error": None, "elapsed": time.monotonic() - t0}
+        res = {"error": str(e), "elapsed": time.monotonic() - t0}
+    dist.barrier()
+    return res
 
 
 def _sc_kill(rank, world, case, ctx):
@@ -234,7 +236,49 @@ def _sc_kill(rank, world, case, ctx):
     return {"error": None, "elapsed": time.monotonic() - t0, "step": None}
 
 
+def _sc_count(rank, world, case, ctx):
+    """Collectives and bytes per layer and step, for two batch sizes (rank 1 of a 2-rank world is empty once)."""
+    import torch.distributed as dist
+
+    import bnkit
+
+    calls = []
+    originals = {}
+
+    def wrap(name):
+        fn = getattr(dist, name)
+        originals[name] = fn
+
+        def counted(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            calls.append((name, tensors[0].numel() * tensors[0].element_size()))
+            return fn(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    for name in ("all_gather_single", "all_gather_into_tensor", "all_reduce", "all_gather", "broadcast"):
+        if hasattr(dist, name):
+            wrap(name)
+    try:
+        torch.manual_seed(0)
+        model = bnkit.convert_sync_batchnorm(
+            nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))
+        )
+        model(torch.randn(2, 3, 6, 6)).sum().backward()  # first step: includes the one-time handshakes
+        first = list(calls)
+        per_batch = {}
+        for n in (4, 32):
+            calls.clear()
+            model(torch.randn(n if rank == 0 else (0 if n == 4 else n), 3, 6, 6)).sum().backward()
+            per_batch[n] = list(calls)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return {"first": first, "per_batch": per_batch}
+
+
 SCENARIOS = {
+    "count": _sc_count,
     "exact": _sc_exact,
     "ddp": _sc_ddp,
     "mismatch": _sc_mismatch,
@@ -466,6 +510,7 @@ DDP_3 = make_ddp_case("ddp3_empty", sizes=[4, 0, 4], seed=2)
 def group2(tmp_path_factory):
     plan = CASES_2 + [
         DDP_2,
+        {"name": "count", "kind": "count"},
         {"name": "mismatch", "kind": "mismatch"},
         {"name": "eval_no_comm", "kind": "eval_no_comm"},
         {"name": "stall", "kind": "stall"},
@@ -529,3 +574,18 @@ def test_killed_rank_makes_the_others_raise(group3):
         assert res["step"] == 2, res
         assert "SyncBatchNorm(8) at 'bn'" in res["error"] and "collective failed" in res["error"], res["error"]
         assert res["elapsed"] < FAIL_TIMEOUT_S + 5.0, res
+
+
+def test_one_collective_per_layer_forward_and_backward_with_o_c_bytes(group2):
+    from bnkit.sync import sync_payload_bytes
+
+    for r, res in group2["count"].items():
+        first_gathers = [b for n, b in res["first"] if n.startswith("all_gather")]
+        assert len(first_gathers) == 4, res["first"]  # per layer: one handshake + one statistics gather
+        for n, calls in res["per_batch"].items():
+            gathers = [b for name, b in calls if name.startswith("all_gather")]
+            reduces = [b for name, b in calls if name == "all_reduce"]
+            assert len(calls) == 4 and len(gathers) == 2 and len(reduces) == 2, (r, n, calls)
+            # bytes depend on the channel count only (backward runs from the last layer)
+            assert gathers == [sync_payload_bytes(c, 2)["forward_gathered"] for c in (8, 16)], (n, gathers)
+            assert reduces == [sync_payload_bytes(c, 2)["backward_allreduce"] for c in (16, 8)], (n, reduces)

@@ -478,3 +478,173 @@ def test_ghost_bn_property_matches_oracle(n, vbs, c, length, channels_last, shar
     rm, rv = whole_batch_running(x, axis % 3)
     torch.testing.assert_close(bn.running_mean, rm)
     torch.testing.assert_close(bn.running_var, rv)
+
+
+# =========================================================================== every variant: layouts, dtypes, compile, gradcheck
+LAYOUTS = {
+    "2d": ((6, 3), 1, None),
+    "3d": ((6, 3, 5), 1, None),
+    "3d-axis-last": ((6, 5, 3), -1, None),
+    "4d-channels-last": ((4, 3, 3, 2), 1, torch.channels_last),
+    "5d-channels-last": ((4, 3, 2, 2, 2), 1, torch.channels_last_3d),
+    "4d-strided": ((4, 3, 2, 3), 1, "strided"),
+}
+VARIANTS = ["shared", "renorm", "ghost", "frozen"]
+
+
+def make_input(shape, fmt, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if fmt == "strided":  # a non-contiguous view that is not channels-last either
+        x = torch.randn(shape[0], shape[2], shape[1], shape[3], generator=g, dtype=F64).transpose(1, 2)
+    else:
+        x = torch.randn(shape, generator=g, dtype=F64)
+    x = (x * 1.5 + 0.5).to(dtype)
+    return x.contiguous(memory_format=fmt) if isinstance(fmt, torch.memory_format) else x
+
+
+def make_variant(kind, c, axis, pdtype):
+    if kind == "shared":
+        bn = SharedBatchNorm(c, 2, axis=axis, dtype=pdtype)
+    elif kind == "renorm":
+        bn = BatchRenorm(c, axis=axis, r_max=1.5, d_max=0.3, schedule="fixed", momentum=0.1, dtype=pdtype)
+        with torch.no_grad():
+            bn.running_mean.fill_(0.2)
+            bn.running_var.fill_(4.0)
+    elif kind == "ghost":
+        bn = GhostBatchNorm(c, 2, axis=axis, dtype=pdtype)
+    else:
+        bn = bnkit.FrozenBatchNorm(c, axis=axis, dtype=pdtype)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.linspace(-1, 1, c))
+            bn.running_var.copy_(torch.linspace(0.5, 2, c))
+            bn.weight.copy_(torch.linspace(0.5, 1.5, c))
+            bn.bias.copy_(torch.linspace(-0.3, 0.3, c))
+        return bn
+    randomize_affine(bn)
+    return bn
+
+
+def oracle_train_then_eval(kind, bn, x64, axis, x_eval64):
+    """(train output, eval output) of the variant computed independently in float64."""
+    w = None if bn.weight is None else bn.weight.detach().to(F64)
+    b = None if bn.bias is None else bn.bias.detach().to(F64)
+    c = x64.shape[axis]
+    if kind == "frozen":
+        shp = [1] * x64.dim()
+        shp[axis] = -1
+        mean, var = bn.running_mean.to(F64).reshape(shp), bn.running_var.to(F64).reshape(shp)
+        f = lambda z: (z - mean) / torch.sqrt(var + bn.eps) * w.reshape(shp) + b.reshape(shp)  # noqa: E731
+        return f(x64), f(x_eval64)
+    if kind == "renorm":
+        ref = NumpyRenorm(c, 1.5, 0.3, 0, 0, 0, 0.1, fixed=True)
+        ref.mu[:] = 0.2
+        ref.var[:] = 4.0
+        y = ref.train_step(x64.numpy(), w.numpy(), b.numpy(), np.zeros(x64.shape), axis)[0]
+        return torch.from_numpy(y), torch.from_numpy(ref.eval(x_eval64.numpy(), w.numpy(), b.numpy(), axis))
+    rm, rv = torch.zeros(c, dtype=F64), torch.ones(c, dtype=F64)
+    if kind == "shared":
+        y = torch_bn(x64, w, b, axis, rm=rm, rv=rv)
+    else:
+        y = ghost_oracle(x64, 2, w, b, axis)
+        rm, rv = whole_batch_running(x64, axis)
+    return y, torch_bn(x_eval64, w, b, axis, training=False, rm=rm, rv=rv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_every_variant_every_layout_and_dtype_matches_oracle(kind, layout, dtype):
+    shape, axis, fmt = LAYOUTS[layout]
+    ax = axis % len(shape)
+    pdtype = F64 if dtype == F64 else torch.float32
+    bn = make_variant(kind, shape[ax], axis, pdtype)
+    x = make_input(shape, fmt, dtype)
+    x_eval = make_input(shape, fmt, dtype, seed=1)
+    kw = {"site": 1} if kind == "shared" else {}
+    y_ref, y_eval_ref = oracle_train_then_eval(kind, bn, x.to(F64), ax, x_eval.to(F64))
+    y = bn(x, **kw)
+    bn.eval()
+    y_eval = bn(x_eval, **kw)
+    tol = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 4e-2)}[dtype]
+    for out, ref, inp in ((y, y_ref, x), (y_eval, y_eval_ref, x_eval)):
+        assert out.dtype == dtype and out.shape == inp.shape
+        if isinstance(fmt, torch.memory_format):
+            assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out.to(F64), ref, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_every_variant_state_dict_round_trips(kind):
+    bn = make_variant(kind, 3, 1, torch.float32)
+    kw = {"site": 0} if kind == "shared" else {}
+    bn(torch.randn(6, 3, 2), **kw)
+    other = make_variant(kind, 3, 1, torch.float32)
+    if kind != "frozen":
+        other.reset_parameters()
+    other.load_state_dict(copy.deepcopy(bn.state_dict()), strict=True)
+    assert list(other.state_dict()) == list(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    bn.eval()
+    other.eval()
+    x = torch.randn(4, 3, 2)
+    torch.testing.assert_close(other(x, **kw), bn(x, **kw), rtol=0, atol=0)
+
+
+def test_every_variant_under_torch_compile_matches_eager():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.shared = SharedBatchNorm(3, 2, share_affine="weight")
+            self.renorm = BatchRenorm(3, warmup_steps=1, r_max_steps=3, d_max_steps=2)
+            self.ghost = GhostBatchNorm(3, 3)
+            self.frozen = bnkit.FrozenBatchNorm(3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h = self.shared(h, site=0) + self.shared(h * 2, site=1)
+            return self.frozen(self.ghost(self.renorm(h)))
+
+    torch.manual_seed(0)
+    model = Net()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    for step in range(3):
+        x = torch.randn(8, 4) * (step + 1)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    model.eval()
+    eager.eval()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_every_variant_gradcheck_float64(kind):
+    torch.manual_seed(7)
+    c = 3
+    if kind == "renorm":
+        # Running statistics far from the batch's keep r and d clipped (locally constant), so the
+        # layer's true derivative is the stop-gradient one gradcheck can verify; momentum=0 keeps them.
+        bn = BatchRenorm(c, r_max=2.0, d_max=0.5, schedule="fixed", momentum=0.0, dtype=F64)
+        with torch.no_grad():
+            bn.running_var.fill_(100.0)
+            bn.running_mean.fill_(20.0)
+    else:
+        bn = make_variant(kind, c, 1, F64)
+    if kind == "ghost":
+        bn.virtual_batch_size = 3
+    kw = {"site": 1} if kind == "shared" else {}
+    x = torch.randn(7, c, 2, dtype=F64, requires_grad=True)
+    if kind == "frozen":
+        assert torch.autograd.gradcheck(lambda x: bn(x), (x,))
+        return
+    w = bn.weight.detach().clone().requires_grad_()
+    b = bn.bias.detach().clone().requires_grad_()
+
+    def f(x, w, b):
+        return torch.func.functional_call(bn, {"weight": w, "bias": b}, (x,), kw)
+
+    assert torch.autograd.gradcheck(f, (x, w, b))

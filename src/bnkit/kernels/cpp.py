@@ -34,6 +34,7 @@ EXTENSION_NAME = "bnkit_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "ops.cpp",
+    "autograd.cpp",
     "kernels.cpp",
     "rowkernels_default.cpp",
     "rowkernels_avx2.cpp",

@@ -49,6 +49,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
     const at::Tensor& x3,
     const at::Tensor& scale);
 
+// Autograd kernels of the forward ops (autograd.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(
+    const at::Tensor& x3,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+at::Tensor eval_autograd(const at::Tensor& x3, const at::Tensor& scale, const at::Tensor& shift);
+std::tuple<at::Tensor, at::Tensor> moments_autograd(const at::Tensor& x3);
+
 // Instruction set of the row kernels in use: "default", "avx2" or "avx512".
 const char* cpu_isa();
 

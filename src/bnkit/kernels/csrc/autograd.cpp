@@ -1,0 +1,227 @@
+// bnkit: C++ autograd support of the forward ops (torch::autograd::Function).
+//
+// Each forward op's Autograd kernel runs the op below autograd and saves what
+// the backward needs.  The backward calls the fused backward op; when a graph
+// of the backward is requested (create_graph=True, i.e. double backward) it
+// computes the same gradient with differentiable ATen ops instead,
+// recomputing the statistics from x3 so that their dependence on x3 is on the
+// graph.  Kept apart from ops.cpp so the two heavy header sets compile in
+// parallel.
+#include "bnkit_kernels.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/rsqrt.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace bnkit {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using TrainSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, double);
+using EvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&);
+using MomentsSig = std::tuple<Tensor, Tensor>(const Tensor&);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, double);
+using EvalBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const c10::TypedOperatorHandle<TrainSig>& train_op() {
+  static const auto op = find_op<TrainSig>("bnkit::batch_norm_train");
+  return op;
+}
+const c10::TypedOperatorHandle<EvalSig>& eval_op() {
+  static const auto op = find_op<EvalSig>("bnkit::batch_norm_eval");
+  return op;
+}
+const c10::TypedOperatorHandle<MomentsSig>& moments_op() {
+  static const auto op = find_op<MomentsSig>("bnkit::moments");
+  return op;
+}
+const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
+  static const auto op = find_op<BackwardSig>("bnkit::batch_norm_backward");
+  return op;
+}
+const c10::TypedOperatorHandle<EvalBackwardSig>& eval_backward_op() {
+  static const auto op = find_op<EvalBackwardSig>("bnkit::batch_norm_eval_backward");
+  return op;
+}
+
+at::ScalarType acc_of(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor per_channel(const Tensor& t) {
+  return t.reshape({1, -1, 1});
+}
+
+Tensor cast_like(const Tensor& g, const Tensor& like) {
+  if (!g.defined() || !like.defined() || g.scalar_type() == like.scalar_type()) return g;
+  return g.to(like.scalar_type());
+}
+
+// ------------------------------------------------------------ autograd fns --
+
+class TrainFn : public torch::autograd::Function<TrainFn> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x3,
+      const std::optional<Tensor>& weight,
+      const std::optional<Tensor>& bias,
+      double eps) {
+    Tensor y, mean, var;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(y, mean, var) = train_op().call(x3, weight, bias, eps);
+    }
+    const Tensor w = weight.has_value() ? *weight : Tensor();
+    ctx->save_for_backward({x3, w, mean, var});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& w = saved[1];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const Tensor& gy = grads[0];
+    if (!gy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      // Differentiable composite (double backward): same formula, with the
+      // statistics recomputed from x on the autograd graph.
+      const auto acc = acc_of(x);
+      const Tensor xa = x.to(acc);
+      const Tensor g = gy.to(acc);
+      const int64_t count = x.size(0) * x.size(2);
+      const Tensor mean = xa.mean({0, 2}, /*keepdim=*/true);
+      const Tensor xc = xa - mean;
+      const Tensor var = xc.pow(2).mean({0, 2}, /*keepdim=*/true);
+      const Tensor invstd = at::rsqrt(var + eps);
+      const Tensor xhat = xc * invstd;
+      db = g.sum({0, 2});
+      dw = (g * xhat).sum({0, 2});
+      if (count == 0) {
+        dx = at::zeros_like(x);
+      } else {
+        const Tensor k = w.defined() ? invstd * per_channel(w.to(acc)) : invstd;
+        dx = (k * (g - per_channel(db) / count - xhat * per_channel(dw) / count)).to(x.scalar_type());
+      }
+    } else {
+      std::tie(dx, dw, db) = backward_op().call(gy, x, saved[2], saved[3], w.defined() ? std::optional<Tensor>(w) : std::nullopt, eps);
+    }
+    return {
+        ctx->needs_input_grad(0) ? dx : Tensor(),
+        (w.defined() && ctx->needs_input_grad(1)) ? cast_like(dw, w) : Tensor(),
+        (has_bias && ctx->needs_input_grad(2)) ? db : Tensor(),
+        Tensor()};
+  }
+};
+
+class EvalFn : public torch::autograd::Function<EvalFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x3, const Tensor& scale, const Tensor& shift) {
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = eval_op().call(x3, scale, shift);
+    }
+    ctx->save_for_backward({x3, scale, shift});
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& scale = saved[1];
+    const Tensor& shift = saved[2];
+    const Tensor& gy = grads[0];
+    if (!gy.defined()) return {Tensor(), Tensor(), Tensor()};
+    Tensor dx, dscale, dshift;
+    const bool need_params = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled() || !need_params) {
+      const auto acc = acc_of(x);
+      const Tensor g = gy.to(acc);
+      if (ctx->needs_input_grad(0)) dx = (g * per_channel(scale.to(acc))).to(x.scalar_type());
+      if (ctx->needs_input_grad(1)) dscale = (g * x.to(acc)).sum({0, 2});
+      if (ctx->needs_input_grad(2)) dshift = g.sum({0, 2});
+    } else {
+      std::tie(dx, dscale, dshift) = eval_backward_op().call(gy, x, scale);
+    }
+    return {
+        ctx->needs_input_grad(0) ? dx : Tensor(),
+        ctx->needs_input_grad(1) ? cast_like(dscale, scale) : Tensor(),
+        ctx->needs_input_grad(2) ? cast_like(dshift, shift) : Tensor()};
+  }
+};
+
+class MomentsFn : public torch::autograd::Function<MomentsFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x3) {
+    Tensor mean, var;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(mean, var) = moments_op().call(x3);
+    }
+    ctx->save_for_backward({x3});
+    return {mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor x = ctx->get_saved_variables()[0];
+    const Tensor& gm = grads[0];
+    const Tensor& gv = grads[1];
+    const int64_t count = x.size(0) * x.size(2);
+    if ((!gm.defined() && !gv.defined()) || count == 0) return {at::zeros_like(x)};
+    // d mean / dx = 1/M;  d var / dx = 2 (x - mean) / M.
+    const auto acc = acc_of(x);
+    const Tensor xa = x.to(acc);
+    Tensor dx;
+    if (gv.defined()) {
+      const Tensor xc = xa - xa.mean({0, 2}, /*keepdim=*/true);
+      dx = per_channel(gv.to(acc)) * xc * (2.0 / count);
+    }
+    if (gm.defined()) {
+      const Tensor t = per_channel(gm.to(acc)) / count;
+      dx = dx.defined() ? dx + t : t.expand(x.sizes());
+    }
+    return {dx.to(x.scalar_type()).contiguous()};
+  }
+};
+
+} // namespace
+
+std::tuple<Tensor, Tensor, Tensor> train_autograd(
+    const Tensor& x3,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps) {
+  auto out = TrainFn::apply(x3, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
+Tensor eval_autograd(const Tensor& x3, const Tensor& scale, const Tensor& shift) {
+  return EvalFn::apply(x3, scale, shift)[0];
+}
+
+std::tuple<Tensor, Tensor> moments_autograd(const Tensor& x3) {
+  auto out = MomentsFn::apply(x3);
+  return {out[0], out[1]};
+}
+
+} // namespace bnkit

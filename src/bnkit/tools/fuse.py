@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -90,9 +91,11 @@ class FusedPair:
     bn: str
     layer: str
     position: str
+    note: str = ""
 
     def __str__(self) -> str:
-        return f"{self.layer} -> {self.bn}" if self.position == "after" else f"{self.bn} -> {self.layer}"
+        s = f"{self.layer} -> {self.bn}" if self.position == "after" else f"{self.bn} -> {self.layer}"
+        return s + (f" ({self.note})" if self.note else "")
 
 
 @dataclass
@@ -141,15 +144,35 @@ def _channels(layer: nn.Module, side: str) -> int:
     return layer.out_channels if side == "out" else layer.in_channels
 
 
-def _out_axis_ok(layer: nn.Module, axis: int, num_features: int) -> str | None:
-    """Why a BN with feature ``axis`` after ``layer`` does not normalize the layer's output channels (None: it does)."""
-    if _channels(layer, "out") != num_features:
-        return f"{num_features} features but the layer has {_channels(layer, 'out')} output channels"
+def _axis_check(layer: nn.Module, axis: int, ranks: set[int] | None) -> tuple[str | None, str]:
+    """``(why not, note)``: whether the BN's feature ``axis`` is ``layer``'s channel axis.
+
+    ``ranks`` are the BN input ranks seen on ``example_inputs`` (None: unknown).
+    """
     if isinstance(layer, nn.Linear):
-        # Linear's features are the last axis; axis 1 is the same for the (N, C) input of BatchNorm1d.
-        return None if axis in (1, -1) else f"feature axis {axis} is not the Linear's feature axis"
+        # Linear's features are the last axis.
+        if ranks:
+            if all(axis % r == r - 1 for r in ranks):
+                return None, ""
+            return f"feature axis {axis} is not the Linear's (last) feature axis of the {sorted(ranks)}-D input", ""
+        if axis == -1:
+            return None, ""
+        if axis == 1:  # BatchNorm1d after/before a Linear on (N, C): the common case
+            return None, "assumes a 2-D (N, C) input; pass example_inputs to check"
+        return f"feature axis {axis} is not the Linear's feature axis", ""
     nd = layer.weight.dim()  # conv rank + 2 = batched input rank
-    return None if axis % nd == 1 else f"feature axis {axis} is not the convolution's channel axis"
+    if ranks and any(r != nd for r in ranks):
+        return f"the convolution's input is not batched ({sorted(ranks)}-D)", ""
+    if axis % nd != 1:
+        return f"feature axis {axis} is not the convolution's channel axis", ""
+    return None, ""
+
+
+def _out_axis_ok(layer: nn.Module, axis: int, num_features: int, ranks: set[int] | None) -> tuple[str | None, str]:
+    """``(why not, note)``: whether a BN after ``layer`` normalizes the layer's output channels."""
+    if _channels(layer, "out") != num_features:
+        return f"{num_features} features but the layer has {_channels(layer, 'out')} output channels", ""
+    return _axis_check(layer, axis, ranks)
 
 
 def _fold_after(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
@@ -204,27 +227,25 @@ def _set_params(layer: nn.Module, w_new: Tensor, b_new: Tensor) -> None:
     layer.bias = nn.Parameter(b_new.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
 
 
-def _before_ok(layer: nn.Module, axis: int, num_features: int) -> str | None:
-    """Why a BN with feature ``axis`` cannot be folded into the following ``layer`` (None: it can)."""
+def _before_ok(layer: nn.Module, axis: int, num_features: int, ranks: set[int] | None) -> tuple[str | None, str]:
+    """``(why not, note)``: whether a BN with feature ``axis`` folds into the following ``layer``."""
     if _channels(layer, "in") != num_features:
-        return f"{num_features} features but the layer has {_channels(layer, 'in')} input channels"
-    if isinstance(layer, nn.Linear):
-        return None if axis in (1, -1) else f"feature axis {axis} is not the Linear's input feature axis"
-    nd = layer.weight.dim()
-    if axis % nd != 1:
-        return f"feature axis {axis} is not the convolution's channel axis"
+        return f"{num_features} features but the layer has {_channels(layer, 'in')} input channels", ""
+    why, note = _axis_check(layer, axis, ranks)
+    if why is not None or isinstance(layer, nn.Linear):
+        return why, note
     if isinstance(layer, _CONV_TRANSPOSES):
         if any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride):
-            return "a transposed convolution reads its input with varying multiplicity unless kernel=1 and stride=1"
-        return None
+            return "a transposed convolution reads its input with varying multiplicity unless kernel=1 and stride=1", ""
+        return None, ""
     pad = layer.padding
     if isinstance(pad, str):
         if pad == "valid" or all(d * (k - 1) == 0 for d, k in zip(layer.dilation, layer.kernel_size)):
-            return None
-        return "padding='same' pads the BN output with values that are not shifted"
+            return None, ""
+        return "padding='same' pads the BN output with values that are not shifted", ""
     if any(p != 0 for p in pad):
-        return f"padding={tuple(pad)}: padded positions would not carry the BN shift"
-    return None
+        return f"padding={tuple(pad)}: padded positions would not carry the BN shift", ""
+    return None, ""
 
 
 def _foldable_layer(m: nn.Module) -> bool:
@@ -283,11 +304,21 @@ class _LeafBNTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+@dataclass
+class _Ctx:
+    report: FuseReport
+    #: ids of modules reachable more than once in the model (copied before folding).
+    shared: set[int]
+    #: id(BN layer) -> ranks of its inputs on example_inputs (empty without them).
+    ranks: dict[int, set[int]]
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
+def _fuse_fx(model: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
+    report = ctx.report
     tracer = _LeafBNTracer()
     graph = tracer.trace(model)
     gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -299,7 +330,7 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
     def own_layer(node: torch.fx.Node) -> nn.Module:
         """The layer called by ``node``, copied under a new name when other nodes call it too."""
         target = node.target
-        if uses_of(target) == 1:
+        if uses_of(target) == 1 and id(modules[target]) not in ctx.shared:
             return modules[target]
         layer = copy.deepcopy(modules[target])
         i = 0
@@ -335,7 +366,7 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
         prev = node.args[0]
         reason_prev = "its input is not the output of a Conv/ConvTranspose/Linear module"
         if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and _foldable_layer(modules[prev.target]):
-            reason_prev = _out_axis_ok(modules[prev.target], axis, scale.numel())
+            reason_prev, note = _out_axis_ok(modules[prev.target], axis, scale.numel(), ctx.ranks.get(id(bn)))
             if reason_prev is None and len(prev.users) != 1:
                 reason_prev = f"the output of {_join(prefix, prev.target)} has other users"
             if reason_prev is None:
@@ -343,7 +374,7 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
                 _fold_after(own_layer(prev), scale, shift)
                 node.replace_all_uses_with(prev)
                 gm.graph.erase_node(node)
-                report.fused.append(FusedPair(name, layer_name, "after"))
+                report.fused.append(FusedPair(name, layer_name, "after", note))
                 continue
         # BN -> layer
         users = list(node.users)
@@ -351,13 +382,13 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
         if len(users) == 1:
             nxt = users[0]
             if nxt.op == "call_module" and _foldable_layer(modules[nxt.target]) and single_input_call(nxt, node):
-                reason_next = _before_ok(modules[nxt.target], axis, scale.numel())
+                reason_next, note = _before_ok(modules[nxt.target], axis, scale.numel(), ctx.ranks.get(id(bn)))
                 if reason_next is None:
                     layer_name = _join(prefix, nxt.target)
                     _fold_before(own_layer(nxt), scale, shift)
                     node.replace_all_uses_with(prev)
                     gm.graph.erase_node(node)
-                    report.fused.append(FusedPair(name, layer_name, "before"))
+                    report.fused.append(FusedPair(name, layer_name, "before", note))
                     continue
         elif len(users) > 1:
             reason_next = "its output has several users"
@@ -389,7 +420,16 @@ def _fuse_fx(model: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- fallback
-def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> None:
+def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Ctx) -> None:
+    report = ctx.report
+
+    def own(name: str) -> nn.Module:
+        m = seq._modules[name]
+        if id(m) in ctx.shared:
+            m = copy.deepcopy(m)
+            seq._modules[name] = m
+        return m
+
     names = list(seq._modules.keys())
     i = 0
     removed: set[str] = set()
@@ -414,34 +454,35 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> Non
             nxt = seq._modules[nxt_name] if nxt_name is not None else None
             reason_prev = "the previous child is not a Conv/ConvTranspose/Linear"
             if prev is not None and _foldable_layer(prev):
-                reason_prev = _out_axis_ok(prev, axis, scale.numel())
+                reason_prev, note = _out_axis_ok(prev, axis, scale.numel(), ctx.ranks.get(id(m)))
                 if reason_prev is None:
-                    _fold_after(prev, scale, shift)
+                    _fold_after(own(prev_name), scale, shift)
                     del seq._modules[name]
                     removed.add(name)
-                    report.fused.append(FusedPair(full, _join(prefix, prev_name), "after"))
+                    report.fused.append(FusedPair(full, _join(prefix, prev_name), "after", note))
                     i += 1
                     continue
             reason_next = "the next child is not a Conv/ConvTranspose/Linear"
             if nxt is not None and _foldable_layer(nxt):
-                reason_next = _before_ok(nxt, axis, scale.numel())
+                reason_next, note = _before_ok(nxt, axis, scale.numel(), ctx.ranks.get(id(m)))
                 if reason_next is None:
-                    _fold_before(nxt, scale, shift)
+                    _fold_before(own(nxt_name), scale, shift)
                     del seq._modules[name]
                     removed.add(name)
-                    report.fused.append(FusedPair(full, _join(prefix, nxt_name), "before"))
+                    report.fused.append(FusedPair(full, _join(prefix, nxt_name), "before", note))
                     i += 1
                     continue
             if not isinstance(m, Affine):
                 seq._modules[name] = Affine.from_bn(m)
             report.unfused.append(UnfusedBN(full, f"before: {reason_prev}; after: {reason_next}", "Affine"))
         else:
-            seq._modules[name] = _fuse_any(m, _join(prefix, name), report)
+            seq._modules[name] = _fuse_any(m, _join(prefix, name), ctx)
         i += 1
 
 
-def _fuse_any(module: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
+def _fuse_any(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
     """Fuse ``module``: fx when it traces, otherwise its children."""
+    report = ctx.report
     if is_bn(module):
         aff, why = _try_affine(module)
         reason = "a lone BN module (no adjacent layer visible)"
@@ -450,47 +491,84 @@ def _fuse_any(module: nn.Module, prefix: str, report: FuseReport) -> nn.Module:
     if not any(is_bn(m) for m in module.modules()):
         return module
     try:
-        return _fuse_fx(module, prefix, report)
+        return _fuse_fx(module, prefix, ctx)
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback
         note = f"fx tracing failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if isinstance(module, nn.Sequential):
         report.methods.append((prefix, "sequential", note))
-        _fuse_sequential(module, prefix, report)
+        _fuse_sequential(module, prefix, ctx)
         return module
     report.methods.append((prefix, "children", note))
     for name, child in list(module._modules.items()):
         if child is not None:
-            module._modules[name] = _fuse_any(child, _join(prefix, name), report)
+            module._modules[name] = _fuse_any(child, _join(prefix, name), ctx)
     return module
 
 
-def fuse(model: nn.Module, inplace: bool = False, *, report: bool = False):
+def _input_ranks(model: nn.Module, example_inputs: Any) -> dict[int, set[int]]:
+    """Run ``model`` once and record the rank of every BN-family layer's input."""
+    ranks: dict[int, set[int]] = {}
+    handles = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor):
+            ranks.setdefault(id(module), set()).add(args[0].dim())
+
+    for m in model.modules():
+        if is_bn(m):
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def fuse(model: nn.Module, inplace: bool = False, *, report: bool = False, example_inputs: Any = None):
     """Fold every BN layer of an eval-mode model into an adjacent Conv/ConvTranspose/Linear where exact.
 
     Args:
-        model: a module whose BN-family layers are in eval mode (``model.eval()``);
-            ``ValueError`` otherwise.
+        model: a module whose BN-family layers that learn statistics are in
+            eval mode (``model.eval()``); ``ValueError`` otherwise. Frozen
+            layers (no ``momentum``) may be in either mode.
         inplace: work on ``model`` itself (its submodules are modified; use the
             returned model) instead of a deep copy.
         report: also return the :class:`FuseReport`.
+        example_inputs: optional input (a tensor, or a tuple of positional
+            arguments) the model is run on once to learn the rank of every BN
+            input. Without it, a ``BatchNorm1d``-style layer (axis 1) next to a
+            ``Linear`` is assumed to see 2-D ``(N, C)`` input (noted in the
+            report); with it, the fold happens only when that is verified.
 
     Returns:
-        The fused model (a ``torch.fx.GraphModule`` when the model could be
-        traced), or ``(model, report)`` with ``report=True``. The report is
-        also available as the ``fuse_report`` attribute of the returned model.
+        The fused model, or ``(model, report)`` with ``report=True``; the
+        report is also the ``fuse_report`` attribute of the returned model.
+        A model that can be traced comes back as a ``torch.fx.GraphModule``
+        (hooks on it and on traced-through submodules, and its own methods,
+        do not carry over; leaf modules keep theirs). Otherwise the model's
+        own class is kept and its children are fused.
 
     The fused model computes the eval-mode original up to rounding (folds are
     computed in float64 and cast to each layer's dtype). It is an inference
     model: folded layers have no BN left, so ``train()`` does not bring batch
-    statistics back.
+    statistics back. Modules reachable more than once (shared layers) are
+    copied before a fold changes them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected an nn.Module, got {type(model).__name__}")
     _check_eval(model)
     if not inplace:
         model = copy.deepcopy(model)
-    rep = FuseReport()
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    shared = {i for i, c in counts.items() if c > 1}
+    ctx = _Ctx(FuseReport(), shared, {})
     with torch.no_grad():
-        fused = _fuse_any(model, "", rep)
-    fused.fuse_report = rep
-    return (fused, rep) if report else fused
+        if example_inputs is not None:
+            ctx.ranks = _input_ranks(model, example_inputs)
+        fused = _fuse_any(model, "", ctx)
+    fused.fuse_report = ctx.report
+    return (fused, ctx.report) if report else fused

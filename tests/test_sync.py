@@ -192,3 +192,36 @@ def test_copies_and_pickles_forget_checked_groups():
 def test_payload_is_o_of_channels():
     b = sync_payload_bytes(64, 4)
     assert b == {"forward_send": 8 * 131, "forward_gathered": 4 * 8 * 131, "backward_allreduce": 8 * 128}
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (6, 5, 7)), (torch.float32, (3, 4, 10)), (torch.float64, (0, 3, 2))])
+def test_synchronized_path_on_a_world_of_one_matches_torch(backend, tmp_path, dtype, shape):
+    """The autograd function itself (forced through its collectives), per kernel backend, vs torch's BN."""
+    from bnkit.sync import _Comm, _SyncBatchNormFunction
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=timedelta(seconds=10)
+    )
+    try:
+        torch.manual_seed(3)
+        # a large offset in float64; float32 data at such an offset carries only ~3 digits of its spread
+        scale, offset = (0.1, 1e3) if dtype == torch.float64 else (2.0, 10.0)
+        x = (torch.randn(shape, dtype=dtype) * scale + offset).requires_grad_(True)
+        w = (torch.rand(shape[1], dtype=dtype) + 0.5).requires_grad_(True)
+        b = torch.randn(shape[1], dtype=dtype).requires_grad_(True)
+        gy = torch.randn(shape, dtype=dtype)
+        comm = _Comm(dist.group.WORLD, 1, "test", 0)
+        y, mean, var, count = _SyncBatchNormFunction.apply(x, w, b, 1e-5, comm)
+        (y * gy).sum().backward()
+        assert int(count) == shape[0] * shape[2]
+        if x.numel() == 0:
+            assert y.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+            return
+        xr, wr, br = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+        yr = nn.functional.batch_norm(xr, None, None, wr, br, training=True, eps=1e-5)
+        (yr * gy).sum().backward()
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        for got, want in ((y, yr), (x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+            torch.testing.assert_close(got.detach(), want.detach(), atol=tol, rtol=tol)
+    finally:
+        dist.destroy_process_group()

@@ -164,7 +164,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.comm = comm
         ctx.total = total
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x3, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.save_for_backward(x3, weight, mean, var)
         count_t = torch.tensor(total, dtype=torch.long)
         ctx.mark_non_differentiable(mean, var, count_t)
         return y3, mean, var, count_t
@@ -172,15 +173,26 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y3: Tensor, _gm, _gv, _gc):
-        x3, weight, mean, invstd = ctx.saved_tensors
+        x3, weight, mean, var = ctx.saved_tensors
         comm: _Comm = ctx.comm
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
         channels = x3.shape[1]
-        g = grad_y3.to(acc)
-        xhat = (x3.to(acc) - mean.view(1, -1, 1)) * invstd.view(1, -1, 1)
-        sum_dy = g.sum(dim=(0, 2))
-        sum_dy_xhat = (g * xhat).sum(dim=(0, 2))
+        invstd = torch.rsqrt(var + ctx.eps)
+        mean3 = mean.view(1, -1, 1)
+        xc = None  # x - mean (global), kept for dx when computed here
+        if x3.numel() == 0:
+            sum_dy = torch.zeros(channels, dtype=acc, device=x3.device)
+            sum_dy_xhat = torch.zeros_like(sum_dy)
+        elif kernels.select(x3) == "cpp" and hasattr(torch.ops.bnkit, "batch_norm_backward"):
+            # One fused pass for this rank's sums, centred on the *global* mean:
+            # db = sum dy, dw = sum dy * xhat (its dx, which uses the local count, is discarded).
+            _, sum_dy_xhat, sum_dy = torch.ops.bnkit.batch_norm_backward(grad_y3, x3, mean, var, None, ctx.eps)
+        else:
+            g = grad_y3.to(acc)
+            xc = x3.to(acc) - mean3
+            sum_dy = g.sum(dim=(0, 2))
+            sum_dy_xhat = (g * xc).sum(dim=(0, 2)) * invstd
         dx = None
         if need_x:
             sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
@@ -191,11 +203,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x3.numel() == 0:
                 dx = torch.zeros_like(x3)
             else:
+                # dx = k1 * dy - k2 * (x - mean) - k3 with the global sums and count N:
+                # k1 = w * invstd, k2 = k1 * invstd * sum(dy * xhat) / N, k3 = k1 * sum(dy) / N.
                 total = ctx.total
-                g_dy = (sums[:channels] / total).to(acc).view(1, -1, 1)
-                g_dyx = (sums[channels:] / total).to(acc).view(1, -1, 1)
-                scale = invstd if weight is None else invstd * weight.to(acc)
-                dx = (scale.view(1, -1, 1) * (g - g_dy - xhat * g_dyx)).to(x3.dtype)
+                k1 = invstd if weight is None else invstd * weight.to(acc)
+                k2 = k1 * invstd * (sums[channels:] / total).to(acc)
+                k3 = k1 * (sums[:channels] / total).to(acc)
+                if xc is None:
+                    xc = x3.to(acc) - mean3
+                dx = xc.mul_(-k2.view(1, -1, 1)).sub_(k3.view(1, -1, 1)).addcmul_(grad_y3.to(acc), k1.view(1, -1, 1))
+                dx = dx.to(x3.dtype)
         dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
         return dx, dw, db, None, None

@@ -232,3 +232,39 @@ def _digits_run(kind, load_digits):
     assert not model.training
     assert acc_precise >= acc_ema, (acc_precise, acc_ema)
     assert acc_precise > 0.9
+
+
+def test_recalibrate_and_fuse_bn_family_variants():
+    """Ghost BN, Batch Renorm and SyncBN (single process): exact statistics, then a full fold."""
+    variants = pytest.importorskip("bnkit.variants")
+    sync = pytest.importorskip("bnkit.sync")
+    torch.manual_seed(4)
+    f = {"dtype": torch.float64}
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, **f),
+        variants.GhostBatchNorm2d(4, virtual_batch_size=3, **f),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1, **f),
+        variants.BatchRenorm2d(4, **f),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 1, **f),
+        sync.SyncBatchNorm(4, **f),
+    )
+    data = [torch.randn(7, 3, 6, 6, **f) * (i + 1) + i for i in range(3)]
+    ins = {i: [] for i in (1, 4, 7)}
+    ref = copy.deepcopy(model).train()
+    for i in ins:
+        ref[i].register_forward_pre_hook(lambda m, a, i=i: ins[i].append(a[0].clone()))
+    with torch.no_grad():
+        for x in data:
+            ref(x)
+    bnkit.recalibrate(model, data)
+    for i, xs in ins.items():
+        var, mean = torch.var_mean(torch.cat(xs), dim=(0, 2, 3), correction=1)
+        torch.testing.assert_close(model[i].running_mean, mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model[i].running_var, var, rtol=1e-10, atol=1e-10)
+        assert int(model[i].num_batches_tracked) == 0
+    model.eval()
+    fused, report = bnkit.fuse(model, report=True)
+    assert report.num_fused == 3
+    torch.testing.assert_close(fused(data[1]), model(data[1]), rtol=1e-10, atol=1e-10)

@@ -313,15 +313,22 @@ class _Ctx:
     ranks: dict[int, set[int]]
 
 
+def _why(reason_prev: str, reason_next: str) -> str:
+    return f"preceding layer: {reason_prev}; following layer: {reason_next}"
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def _fuse_fx(model: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
-    report = ctx.report
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
     tracer = _LeafBNTracer()
     graph = tracer.trace(model)
-    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
+    report = ctx.report
     modules = dict(gm.named_modules())
 
     def uses_of(target: str) -> int:
@@ -364,7 +371,7 @@ def _fuse_fx(model: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
         node.args, node.kwargs = node.args[:1], {}
         # layer -> BN
         prev = node.args[0]
-        reason_prev = "its input is not the output of a Conv/ConvTranspose/Linear module"
+        reason_prev = "the BN input is not the output of a Conv/ConvTranspose/Linear module"
         if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and _foldable_layer(modules[prev.target]):
             reason_prev, note = _out_axis_ok(modules[prev.target], axis, scale.numel(), ctx.ranks.get(id(bn)))
             if reason_prev is None and len(prev.users) != 1:
@@ -378,7 +385,7 @@ def _fuse_fx(model: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
                 continue
         # BN -> layer
         users = list(node.users)
-        reason_next = "its output does not go only to a Conv/ConvTranspose/Linear module"
+        reason_next = "the BN output does not go only to a Conv/ConvTranspose/Linear module"
         if len(users) == 1:
             nxt = users[0]
             if nxt.op == "call_module" and _foldable_layer(modules[nxt.target]) and single_input_call(nxt, node):
@@ -391,8 +398,8 @@ def _fuse_fx(model: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
                     report.fused.append(FusedPair(name, layer_name, "before", note))
                     continue
         elif len(users) > 1:
-            reason_next = "its output has several users"
-        unfused[node] = (f"before: {reason_prev}; after: {reason_next}", scale, shift)
+            reason_next = "the BN output has several users"
+        unfused[node] = (_why(reason_prev, reason_next), scale, shift)
 
     # What is left becomes one Affine op per call site.
     for node, (reason, scale, shift) in unfused.items():
@@ -474,7 +481,7 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Ctx) -> None:
                     continue
             if not isinstance(m, Affine):
                 seq._modules[name] = Affine.from_bn(m)
-            report.unfused.append(UnfusedBN(full, f"before: {reason_prev}; after: {reason_next}", "Affine"))
+            report.unfused.append(UnfusedBN(full, _why(reason_prev, reason_next), "Affine"))
         else:
             seq._modules[name] = _fuse_any(m, _join(prefix, name), ctx)
         i += 1
@@ -491,9 +498,11 @@ def _fuse_any(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
     if not any(is_bn(m) for m in module.modules()):
         return module
     try:
-        return _fuse_fx(module, prefix, ctx)
+        gm = _trace(module)
     except Exception as e:  # noqa: BLE001 - any tracing failure sends us to the fallback
         note = f"fx tracing failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        return _fuse_fx(gm, prefix, ctx)
     if isinstance(module, nn.Sequential):
         report.methods.append((prefix, "sequential", note))
         _fuse_sequential(module, prefix, ctx)

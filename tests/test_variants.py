@@ -648,3 +648,10 @@ def test_every_variant_gradcheck_float64(kind):
         return torch.func.functional_call(bn, {"weight": w, "bias": b}, (x,), kw)
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_ghost_bn_default_virtual_batch_size():
+    bn = bnkit.GhostBatchNorm1d(3)
+    assert bn.virtual_batch_size == 32
+    x = torch.randn(70, 3, dtype=torch.float32)
+    torch.testing.assert_close(bn(x), ghost_oracle(x, 32, None, None, 1), rtol=1e-5, atol=1e-5)

@@ -499,13 +499,14 @@ class GhostBatchNorm(BatchNorm):
     formula, :func:`bnkit.stats.merge_stacked`; unbiased variance of the whole
     batch, as BatchNorm). Eval uses the running statistics (or, with
     ``track_running_stats=False``, ghost batches again). With
-    ``virtual_batch_size >= N`` it is exactly BatchNorm.
+    ``virtual_batch_size >= N`` it is exactly BatchNorm. ``virtual_batch_size``
+    defaults to 32.
     """
 
     def __init__(
         self,
         num_features: int,
-        virtual_batch_size: int,
+        virtual_batch_size: int = 32,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,

@@ -209,9 +209,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 k1 = invstd if weight is None else invstd * weight.to(acc)
                 k2 = k1 * invstd * (sums[channels:] / total).to(acc)
                 k3 = k1 * (sums[:channels] / total).to(acc)
+                # Two passes: dx = (-k2) * x + (k2 * mean - k3), then += k1 * dy. (Folding the mean into
+                # the shift costs no more than the rounding of x itself around its mean.)
                 if xc is None:
-                    xc = x3.to(acc) - mean3
-                dx = xc.mul_(-k2.view(1, -1, 1)).sub_(k3.view(1, -1, 1)).addcmul_(grad_y3.to(acc), k1.view(1, -1, 1))
+                    dx = torch.addcmul((k2 * mean - k3).view(1, -1, 1), x3.to(acc), -k2.view(1, -1, 1))
+                else:
+                    dx = torch.addcmul(-k3.view(1, -1, 1), xc, -k2.view(1, -1, 1))
+                dx = dx.addcmul_(grad_y3.to(acc), k1.view(1, -1, 1))
                 dx = dx.to(x3.dtype)
         dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None

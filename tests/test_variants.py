@@ -413,7 +413,12 @@ def test_ghost_bn_matches_per_chunk_torch_bn(shape, vbs, axis, share):
     assert int(bn.num_batches_tracked) == 1
     bn.eval()
     with torch.no_grad():
-        torch.testing.assert_close(bn(x), torch_bn(x.detach(), w.detach(), b.detach(), ax, training=False, rm=rm, rv=rv))
+        y_eval = torch_bn(x.detach(), w.detach(), b.detach(), ax, training=False, rm=rm, rv=rv)
+        torch.testing.assert_close(bn(x), y_eval)
+        scale, shift = bn.inference_affine()
+        shp = [1] * x.dim()
+        shp[ax] = -1
+        torch.testing.assert_close(x * scale.reshape(shp) + shift.reshape(shp), y_eval)
 
 
 @pytest.mark.parametrize("vbs", [8, 100])
@@ -655,3 +660,28 @@ def test_ghost_bn_default_virtual_batch_size():
     assert bn.virtual_batch_size == 32
     x = torch.randn(70, 3, dtype=torch.float32)
     torch.testing.assert_close(bn(x), ghost_oracle(x, 32, None, None, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_symbolic_trace_records_each_variant_as_one_node():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = SharedBatchNorm(3, 2)
+            self.renorm = BatchRenorm(3)
+            self.ghost = GhostBatchNorm(3, 2)
+            self.frozen = bnkit.FrozenBatchNorm(3)
+
+        def forward(self, x):
+            return self.frozen(self.ghost(self.renorm(self.shared(x, site=1))))
+
+    net = Net()
+    for _ in range(2):
+        net(torch.randn(6, 3))
+    net.eval()
+    gm = torch.fx.symbolic_trace(net)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "batch_norm_module_call" in str(n.target)]
+    assert len(calls) == 4
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(gm(x), net(x))
+    with pytest.raises(RuntimeError, match="eval mode"):
+        torch.fx.symbolic_trace(BatchRenorm(3))

@@ -32,11 +32,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from . import stats
 from .functional import _update_running, batch_norm_core, canonical_view, fold
-from .layers import BatchNorm
+from .layers import BatchNorm, batch_norm_module_call
 
 __all__ = [
     "SharedBatchNorm",
@@ -57,6 +58,10 @@ __all__ = [
 ]
 
 
+# fx records calls of the layers' entry point from this module too (as one node each).
+torch.fx.wrap("batch_norm_module_call")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -66,6 +71,14 @@ def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
         return None
     t = t.reshape(-1)
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
+
+
+def _no_training_trace(layer: nn.Module, input: Any) -> None:
+    if isinstance(input, torch.fx.Proxy):
+        raise RuntimeError(
+            f"{layer._describe()}: torch.fx.symbolic_trace records this layer as one node in eval mode only; "
+            "call .eval() before tracing (or trace it as a leaf module)"
+        )
 
 
 # =========================================================================== SharedBatchNorm
@@ -191,23 +204,25 @@ class SharedBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor, site: int | None = None) -> Tensor:
         site = self._check_site(site)
-        self._check_input(input)
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input(input)
         running_mean, running_var, nbt = self._site_buffers(site)
         track = self.training and self.track_running_stats
         batch_stats = self.training or running_mean is None
-        return batch_norm_core(
+        # One wrapped call, so that torch.fx.symbolic_trace records it as a single node.
+        return batch_norm_module_call(
             input,
-            running_mean if (track or not self.training) else None,
-            running_var if (track or not self.training) else None,
             self.weight,
             self.bias,
+            running_mean if (track or not self.training) else None,
+            running_var if (track or not self.training) else None,
+            nbt if track else None,
             batch_stats,
             self.momentum,
             self.eps,
-            axis=self.axis,
-            num_batches_tracked=nbt if track else None,
-            nonfinite=self.nonfinite,
-            where=self._describe(),
+            self.axis,
+            self.nonfinite,
+            self._describe(),
         )
 
 
@@ -348,9 +363,10 @@ class BatchRenorm(BatchNorm):
         return r, d
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
         if not self.training:
             return super().forward(input)
+        _no_training_trace(self, input)
+        self._check_input(input)
         axis = self.axis % input.dim()
         x3, _ = canonical_view(input, axis)
         c = self.num_features
@@ -544,9 +560,10 @@ class GhostBatchNorm(BatchNorm):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
         if not self.training and self.running_mean is not None:
             return super().forward(input)
+        _no_training_trace(self, input)
+        self._check_input(input)
         if input.dim() < 2 or self.axis % input.dim() == 0:
             raise ValueError(
                 f"{self._describe()}: the feature axis {self.axis} is the batch axis of a {input.dim()}-D input"
@@ -698,10 +715,12 @@ class FrozenBatchNorm(nn.Module):
         return fold(mean, var, _per_channel(self.weight, c), _per_channel(self.bias, c), self.eps)
 
     def _forward(self, input: Tensor, site: int | None) -> Tensor:
-        self._check_input(input)
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input(input)
         mean, var = self._stats(site)
-        return batch_norm_core(
-            input, mean, var, self.weight, self.bias, False, None, self.eps, axis=self.axis, where=self._describe()
+        return batch_norm_module_call(
+            input, self.weight, self.bias, mean, var, None, False, None, self.eps, self.axis, "propagate",
+            self._describe(),
         )
 
     def forward(self, input: Tensor) -> Tensor:

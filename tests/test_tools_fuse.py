@@ -379,3 +379,9 @@ def test_shared_layers_are_copied_in_the_fallback():
     fused, report = bnkit.fuse(model, report=True)
     assert report.num_fused == 1 and bn_modules(fused) == []
     assert_close(fused(x), model(x), torch.float32)
+
+
+def test_fused_model_keeps_eval_flags():
+    model = randomize_bn(ResidualBlock(3)).eval()
+    fused = bnkit.fuse(model)
+    assert not any(m.training for m in fused.modules())

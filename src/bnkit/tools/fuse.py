@@ -71,7 +71,9 @@ class Affine(nn.Module):
     def from_bn(cls, bn: nn.Module) -> "Affine":
         """The inference form of a BN-family layer (``RuntimeError`` if it has none)."""
         scale, shift = bn_affine(bn)
-        return cls(scale, shift, bn_axis(bn))
+        aff = cls(scale, shift, bn_axis(bn))
+        aff.training = bn.training
+        return aff
 
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         return self.scale, self.shift
@@ -324,7 +326,9 @@ def _join(prefix: str, name: str) -> str:
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
     tracer = _LeafBNTracer()
     graph = tracer.trace(model)
-    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.training = model.training  # the flag only: submodules keep their own
+    return gm
 
 
 def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
@@ -409,6 +413,7 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
             report.unfused.append(UnfusedBN(name, reason, "Affine"))
             continue
         aff = Affine(scale, shift, bn_axis(bn))
+        aff.training = bn.training
         target = node.target
         if uses_of(target) != 1:
             i = 0

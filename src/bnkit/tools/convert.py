@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from .. import layers
@@ -64,8 +63,7 @@ def _swap(old: nn.Module, new_cls: type) -> nn.Module:
     """A ``new_cls`` layer that takes over ``old``'s tensors, flags and hooks."""
     c = old.num_features
     ref = old.running_mean if old.running_mean is not None else old.weight
-    factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
-    # Build on the meta device: the real tensors are taken over from ``old`` below.
+    # Built on the meta device: the real tensors are taken over from ``old`` below.
     new = new_cls(
         c,
         eps=old.eps,
@@ -73,7 +71,7 @@ def _swap(old: nn.Module, new_cls: type) -> nn.Module:
         affine=old.affine,
         track_running_stats=old.track_running_stats,
         device="meta",
-        dtype=factory.get("dtype"),
+        dtype=None if ref is None else ref.dtype,
     )
     for pname in ("weight", "bias"):
         p = getattr(old, pname)

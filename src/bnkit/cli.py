@@ -6,7 +6,6 @@ kernels) and ``bench`` (kernel benchmarks). Imports are lazy: ``bnkit build`` lo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -181,8 +180,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 0
-    if args.cmd in ("demo", "run"):
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads or 1))
     return int(args.func(args) or 0)
 
 

@@ -351,6 +351,8 @@ def test_batch_renorm_bad_arguments_and_no_state_change():
         ({"r_max": 0.5}, "r_max"),
         ({"d_max": -1.0}, "d_max"),
         ({"r_max": float("nan")}, "r_max"),
+        ({"r_max": float("inf")}, "r_max"),
+        ({"d_max": float("inf")}, "d_max"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 10, "r_max_steps": 5}, "r_max_steps"),
         ({"schedule": "cosine"}, "schedule"),

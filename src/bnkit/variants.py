@@ -29,6 +29,7 @@ feature ``axis``, ``share_affine`` and every rank/memory format the core does.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -282,10 +283,10 @@ class BatchRenorm(BatchNorm):
         nonfinite: str = "skip",
     ) -> None:
         name = type(self).__name__
-        if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not r_max >= 1.0:
-            raise ValueError(f"{name}: r_max must be a number >= 1, got {r_max!r}")
-        if not isinstance(d_max, (int, float)) or isinstance(d_max, bool) or not d_max >= 0.0:
-            raise ValueError(f"{name}: d_max must be a number >= 0, got {d_max!r}")
+        if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not 1.0 <= r_max < math.inf:
+            raise ValueError(f"{name}: r_max must be a finite number >= 1, got {r_max!r}")
+        if not isinstance(d_max, (int, float)) or isinstance(d_max, bool) or not 0.0 <= d_max < math.inf:
+            raise ValueError(f"{name}: d_max must be a finite number >= 0, got {d_max!r}")
         for arg, v in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
             if not _is_int(v) or v < 0:
                 raise ValueError(f"{name}: {arg} must be a non-negative int, got {v!r}")

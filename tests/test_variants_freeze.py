@@ -220,3 +220,20 @@ def test_frozen_shared_batch_norm_sites():
         frozen(x)
     with pytest.raises(RuntimeError, match="site"):
         frozen.inference_affine()
+
+
+def test_freeze_torch_sync_batch_norm_and_back():
+    sync = nn.SyncBatchNorm(3, eps=1e-3)
+    with torch.no_grad():
+        sync.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        sync.running_var.copy_(torch.tensor([2.0, 0.5, 1.5]))
+        sync.weight.copy_(torch.tensor([1.5, 0.5, -1.0]))
+    model = nn.Sequential(sync).eval()
+    x = torch.randn(4, 3, 2, 2)
+    expected = model(x)
+    freeze(model)
+    assert type(model[0]) is FrozenBatchNorm and model[0].eps == 1e-3
+    torch.testing.assert_close(model(x), expected)
+    unfreeze(model)
+    assert type(model[0]) is nn.SyncBatchNorm and model[0].eps == 1e-3
+    torch.testing.assert_close(model(x), expected)

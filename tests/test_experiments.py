@@ -39,8 +39,8 @@ def _tiny(ds, n_train=600, n_test=300):
 def _strip_timing(obj):
     if isinstance(obj, dict):
         return {k: _strip_timing(v) for k, v in obj.items()
-                if k not in ("timing", "ms_per_step", "time_per_step_ratio", "wall_seconds_this_call", "finished",
-                             "out_dir", "environment")}
+                if not k.startswith("ms_per_step") and k not in (
+                    "timing", "time_per_step_ratio", "wall_seconds_this_call", "finished", "out_dir", "environment")}
     if isinstance(obj, list):
         return [_strip_timing(v) for v in obj]
     return obj

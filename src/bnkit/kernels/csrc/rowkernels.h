@@ -29,19 +29,30 @@ struct AccT<double> {
 template <typename T>
 struct RowKernels {
   using A = typename AccT<T>::type;
-  // NCHW rows (n values).
-  // s += sum(p - K), q += sum((p - K)^2)
-  void (*moments)(const T* p, int64_t n, A K, double* s, double* q);
-  // sg += sum(g), sx += sum(g * ((p - mhi) - mlo))
-  void (*bwd_sums)(const T* g, const T* p, int64_t n, A mhi, A mlo, double* sg, double* sx);
-  // o = ((p - mhi) - mlo) * sc + sh
-  void (*normalize)(const T* p, T* o, int64_t n, A mhi, A mlo, A sc, A sh);
-  // o = p * sc + sh
-  void (*scale_shift)(const T* p, T* o, int64_t n, A sc, A sh);
-  // dx = g*k1 - ((p - mhi) - mlo)*k2 - k3
-  void (*bwd_apply)(const T* g, const T* p, T* dx, int64_t n, A mhi, A mlo, A k1, A k2, A k3);
-  // dx = g*sc; sg += sum(g); sx += sum(g*p)
-  void (*eval_bwd)(const T* g, const T* p, T* dx, int64_t n, A sc, double* sg, double* sx);
+  // NCHW spans: `nch` consecutive rows of n values (consecutive channels of
+  // one sample); per-channel arrays are indexed by the row; sums are added.
+  // s[c] += sum(p - K[c]), q[c] += sum((p - K[c])^2)
+  void (*moments)(const T* p, int64_t nch, int64_t n, const A* K, double* s, double* q);
+  // sg[c] += sum(g), sx[c] += sum(g * ((p - mhi[c]) - mlo[c]))
+  void (*bwd_sums)(const T* g, const T* p, int64_t nch, int64_t n, const A* mhi, const A* mlo, double* sg, double* sx);
+  // o = ((p - mhi[c]) - mlo[c]) * sc[c] + sh[c]
+  void (*normalize)(const T* p, T* o, int64_t nch, int64_t n, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  // o = p * sc[c] + sh[c]
+  void (*scale_shift)(const T* p, T* o, int64_t nch, int64_t n, const A* sc, const A* sh);
+  // dx = g*k1[c] - ((p - mhi[c]) - mlo[c])*k2[c] - k3[c]
+  void (*bwd_apply)(
+      const T* g,
+      const T* p,
+      T* dx,
+      int64_t nch,
+      int64_t n,
+      const A* mhi,
+      const A* mlo,
+      const A* k1,
+      const A* k2,
+      const A* k3);
+  // dx = g*sc[c]; sg[c] += sum(g); sx[c] += sum(g*p)
+  void (*eval_bwd)(const T* g, const T* p, T* dx, int64_t nch, int64_t n, const A* sc, double* sg, double* sx);
 
   // Channels-last: `rows` rows of C values; per-channel A accumulators.
   void (*cl_moments)(const T* x, int64_t rows, int64_t C, const A* K, A* sa, A* sb);

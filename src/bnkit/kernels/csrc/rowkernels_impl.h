@@ -14,54 +14,101 @@ inline A cv(T v) {
   return static_cast<A>(v);
 }
 
+// NCHW "span" kernels: `nch` consecutive rows of n values (consecutive
+// channels of one sample, contiguous in memory), with per-channel parameters
+// and outputs indexed by the row.  One call covers many rows, memory is read
+// in order (hardware prefetch friendly), and each row's partial sums are
+// flushed to double.
+
 template <typename T, typename A>
-void k_moments(const T* __restrict p, int64_t n, A K, double* s, double* q) {
-  double ts = 0, tq = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
-    const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
-    A bs = 0, bq = 0;
+void k_moments(const T* __restrict p, int64_t nch, int64_t n, const A* __restrict K, double* s, double* q) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict pr = p + c * n;
+    const A k = K[c];
+    double ts = 0, tq = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+      const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+      A bs = 0, bq = 0;
 #pragma omp simd reduction(+ : bs, bq)
-    for (int64_t i = i0; i < i1; ++i) {
-      const A d = cv<A>(p[i]) - K;
-      bs += d;
-      bq += d * d;
+      for (int64_t i = i0; i < i1; ++i) {
+        const A d = cv<A>(pr[i]) - k;
+        bs += d;
+        bq += d * d;
+      }
+      ts += bs;
+      tq += bq;
     }
-    ts += bs;
-    tq += bq;
+    s[c] += ts;
+    q[c] += tq;
   }
-  *s += ts;
-  *q += tq;
 }
 
 template <typename T, typename A>
-void k_bwd_sums(const T* __restrict g, const T* __restrict p, int64_t n, A mhi, A mlo, double* sg, double* sx) {
-  double tg = 0, tx = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
-    const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
-    A bg = 0, bx = 0;
+void k_bwd_sums(
+    const T* __restrict g,
+    const T* __restrict p,
+    int64_t nch,
+    int64_t n,
+    const A* __restrict mhi,
+    const A* __restrict mlo,
+    double* sg,
+    double* sx) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict gr = g + c * n;
+    const T* __restrict pr = p + c * n;
+    const A h = mhi[c], l = mlo[c];
+    double tg = 0, tx = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+      const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+      A bg = 0, bx = 0;
 #pragma omp simd reduction(+ : bg, bx)
-    for (int64_t i = i0; i < i1; ++i) {
-      const A gi = cv<A>(g[i]);
-      bg += gi;
-      bx += gi * ((cv<A>(p[i]) - mhi) - mlo);
+      for (int64_t i = i0; i < i1; ++i) {
+        const A gi = cv<A>(gr[i]);
+        bg += gi;
+        bx += gi * ((cv<A>(pr[i]) - h) - l);
+      }
+      tg += bg;
+      tx += bx;
     }
-    tg += bg;
-    tx += bx;
+    sg[c] += tg;
+    sx[c] += tx;
   }
-  *sg += tg;
-  *sx += tx;
 }
 
 template <typename T, typename A>
-void k_normalize(const T* __restrict p, T* __restrict o, int64_t n, A mhi, A mlo, A sc, A sh) {
+void k_normalize(
+    const T* __restrict p,
+    T* __restrict o,
+    int64_t nch,
+    int64_t n,
+    const A* __restrict mhi,
+    const A* __restrict mlo,
+    const A* __restrict sc,
+    const A* __restrict sh) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict pr = p + c * n;
+    T* __restrict orow = o + c * n;
+    const A h = mhi[c], l = mlo[c], a = sc[c], b = sh[c];
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(((cv<A>(p[i]) - mhi) - mlo) * sc + sh);
+    for (int64_t i = 0; i < n; ++i) orow[i] = static_cast<T>(((cv<A>(pr[i]) - h) - l) * a + b);
+  }
 }
 
 template <typename T, typename A>
-void k_scale_shift(const T* __restrict p, T* __restrict o, int64_t n, A sc, A sh) {
+void k_scale_shift(
+    const T* __restrict p,
+    T* __restrict o,
+    int64_t nch,
+    int64_t n,
+    const A* __restrict sc,
+    const A* __restrict sh) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict pr = p + c * n;
+    T* __restrict orow = o + c * n;
+    const A a = sc[c], b = sh[c];
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(cv<A>(p[i]) * sc + sh);
+    for (int64_t i = 0; i < n; ++i) orow[i] = static_cast<T>(cv<A>(pr[i]) * a + b);
+  }
 }
 
 template <typename T, typename A>
@@ -69,35 +116,55 @@ void k_bwd_apply(
     const T* __restrict g,
     const T* __restrict p,
     T* __restrict dx,
+    int64_t nch,
     int64_t n,
-    A mhi,
-    A mlo,
-    A k1,
-    A k2,
-    A k3) {
+    const A* __restrict mhi,
+    const A* __restrict mlo,
+    const A* __restrict k1,
+    const A* __restrict k2,
+    const A* __restrict k3) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict gr = g + c * n;
+    const T* __restrict pr = p + c * n;
+    T* __restrict dr = dx + c * n;
+    const A h = mhi[c], l = mlo[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
-    dx[i] = static_cast<T>(cv<A>(g[i]) * k1 - ((cv<A>(p[i]) - mhi) - mlo) * k2 - k3);
+    for (int64_t i = 0; i < n; ++i) dr[i] = static_cast<T>(cv<A>(gr[i]) * a1 - ((cv<A>(pr[i]) - h) - l) * a2 - a3);
+  }
 }
 
 template <typename T, typename A>
-void k_eval_bwd(const T* __restrict g, const T* __restrict p, T* __restrict dx, int64_t n, A sc, double* sg, double* sx) {
-  double tg = 0, tx = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
-    const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
-    A bg = 0, bx = 0;
+void k_eval_bwd(
+    const T* __restrict g,
+    const T* __restrict p,
+    T* __restrict dx,
+    int64_t nch,
+    int64_t n,
+    const A* __restrict sc,
+    double* sg,
+    double* sx) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict gr = g + c * n;
+    const T* __restrict pr = p + c * n;
+    T* __restrict dr = dx + c * n;
+    const A a = sc[c];
+    double tg = 0, tx = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+      const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+      A bg = 0, bx = 0;
 #pragma omp simd reduction(+ : bg, bx)
-    for (int64_t i = i0; i < i1; ++i) {
-      const A gi = cv<A>(g[i]);
-      bg += gi;
-      bx += gi * cv<A>(p[i]);
-      dx[i] = static_cast<T>(gi * sc);
+      for (int64_t i = i0; i < i1; ++i) {
+        const A gi = cv<A>(gr[i]);
+        bg += gi;
+        bx += gi * cv<A>(pr[i]);
+        dr[i] = static_cast<T>(gi * a);
+      }
+      tg += bg;
+      tx += bx;
     }
-    tg += bg;
-    tx += bx;
+    sg[c] += tg;
+    sx[c] += tx;
   }
-  *sg += tg;
-  *sx += tx;
 }
 
 // ------------------------------------------------------------ channels-last

@@ -48,6 +48,10 @@ inline A cvt(T v) {
   return static_cast<A>(v);
 }
 
+// Bytes of a channel block's data kept in the core's cache between the
+// statistics pass and the normalization pass (NCHW-like layouts).
+constexpr int64_t kCacheBudget = 384 * 1024;
+
 // ------------------------------------------------------------ shape info --
 
 struct Shape {
@@ -61,32 +65,65 @@ inline Shape shape_of(const Tensor& x3) {
   return Shape{x3.size(0), x3.size(1), x3.size(2)};
 }
 
-// Whether the NCHW per-channel fused path (statistics then normalization of a
-// channel while it is still in cache) has enough channels to balance threads.
-inline bool use_channel_fused(const Shape& s) {
-  return s.S > 1 && s.C >= 2 * at::get_num_threads();
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Calls fn(n, c0, c1) for the runs of rows [r0, r1) (row r = n*C + c) that
+// lie within one sample: each run is contiguous in memory.
+template <typename F>
+inline void for_runs(int64_t r0, int64_t r1, int64_t C, const F& fn) {
+  while (r0 < r1) {
+    const int64_t n = r0 / C, c0 = r0 % C;
+    const int64_t c1 = std::min(C, c0 + (r1 - r0));
+    fn(n, c0, c1);
+    r0 += c1 - c0;
+  }
+}
+
+// NCHW-like layouts with enough channels are processed in channel blocks:
+// one task computes the statistics of a block of consecutive channels over
+// the whole batch (reading, for each sample, one contiguous span) and then
+// normalizes the block while it is still in cache.
+struct Blocks {
+  int64_t cb = 0, nb = 0, grain = 1;
+};
+
+inline bool use_channel_blocks(const Shape& s) {
+  return s.S > 1 && s.M() > 0 && s.C >= at::get_num_threads();
+}
+
+inline Blocks channel_blocks(const Shape& s, int64_t bytes_per_value) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_channel = std::max<int64_t>(1, s.M() * bytes_per_value);
+  int64_t cb = std::max<int64_t>(1, kCacheBudget / per_channel);
+  cb = std::min(cb, ceil_div(s.C, threads));
+  int64_t nb = ceil_div(s.C, cb);
+  nb = std::min(s.C, ceil_div(nb, threads) * threads); // balance the threads
+  Blocks b;
+  b.cb = ceil_div(s.C, nb);
+  b.nb = ceil_div(s.C, b.cb);
+  b.grain = std::max<int64_t>(1, ceil_div(kGrain, b.cb * s.M()));
+  return b;
 }
 
 // Reduces two per-channel float64 sums over an (N, C, S) tensor.
-//   row_op(n, c, a, b):             S > 1, one contiguous row of channel c;
-//   cl_op(r0, r1, sa, sb):          S == 1, rows [r0, r1) into C-arrays of A.
+//   span_op(n, c0, c1, a, b):  S > 1: rows (n, c0..c1), adds into a[0..), b[0..)
+//   cl_op(r0, r1, sa, sb):     S == 1: rows [r0, r1) into C-arrays of A.
 // Deterministic: the partials are combined in a fixed order.
-template <typename A, typename RowOp, typename ClOp>
-void reduce2(const Shape& s, double* out_a, double* out_b, const RowOp& row_op, const ClOp& cl_op) {
+template <typename A, typename SpanOp, typename ClOp>
+void reduce2(const Shape& s, double* out_a, double* out_b, const SpanOp& span_op, const ClOp& cl_op) {
   const int64_t N = s.N, C = s.C, S = s.S;
   std::fill(out_a, out_a + C, 0.0);
   std::fill(out_b, out_b + C, 0.0);
   if (N == 0 || C == 0 || S == 0) return;
   if (S > 1) {
-    std::vector<double> pa(N * C), pb(N * C);
+    std::vector<double> pa(N * C, 0.0), pb(N * C, 0.0);
     const int64_t grain = std::max<int64_t>(1, kGrain / S);
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        double a = 0, b = 0;
-        row_op(r / C, r % C, &a, &b);
-        pa[r] = a;
-        pb[r] = b;
-      }
+      for_runs(r0, r1, C, [&](int64_t n, int64_t c0, int64_t c1) {
+        span_op(n, c0, c1, pa.data() + n * C + c0, pb.data() + n * C + c0);
+      });
     });
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
@@ -123,28 +160,21 @@ void reduce2(const Shape& s, double* out_a, double* out_b, const RowOp& row_op, 
   }
 }
 
-// Shift per channel: mean of up to 16 of its first values, rounded to A (so
+// Shift of channel c: mean of up to 16 of its first values, rounded to A (so
 // that x - K is computed exactly as it is in the loops).
 template <typename T, typename A>
-void channel_shifts(const T* x, const Shape& s, A* K) {
-  if (s.M() == 0) {
-    for (int64_t c = 0; c < s.C; ++c) K[c] = 0;
-    return;
-  }
+A channel_shift(const T* x, const Shape& s, int64_t c) {
+  if (s.M() == 0) return A(0);
+  double acc = 0;
+  int64_t k;
   if (s.S > 1) {
-    const int64_t k = std::min<int64_t>(s.S, 16);
-    for (int64_t c = 0; c < s.C; ++c) {
-      double acc = 0;
-      for (int64_t i = 0; i < k; ++i) acc += cvt<double>(x[c * s.S + i]);
-      K[c] = static_cast<A>(acc / k);
-    }
+    k = std::min<int64_t>(s.S, 16);
+    for (int64_t i = 0; i < k; ++i) acc += cvt<double>(x[c * s.S + i]);
   } else {
-    const int64_t k = std::min<int64_t>(s.N, 16);
-    std::vector<double> acc(s.C, 0.0);
-    for (int64_t r = 0; r < k; ++r)
-      for (int64_t c = 0; c < s.C; ++c) acc[c] += cvt<double>(x[r * s.C + c]);
-    for (int64_t c = 0; c < s.C; ++c) K[c] = static_cast<A>(acc[c] / k);
+    k = std::min<int64_t>(s.N, 16);
+    for (int64_t r = 0; r < k; ++r) acc += cvt<double>(x[r * s.C + c]);
   }
+  return static_cast<A>(acc / k);
 }
 
 inline void finish_moments(double K, double s, double q, int64_t M, double& mean, double& var) {
@@ -170,13 +200,15 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t C = s.C, S = s.S;
   std::vector<A> K(C);
-  channel_shifts<T, A>(x, s, K.data());
+  for (int64_t c = 0; c < C; ++c) K[c] = channel_shift<T, A>(x, s, c);
   std::vector<double> sum(C), sumsq(C);
   reduce2<A>(
       s,
       sum.data(),
       sumsq.data(),
-      [&](int64_t n, int64_t c, double* a, double* b) { rk.moments(x + (n * C + c) * S, S, K[c], a, b); },
+      [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
+        rk.moments(x + (n * C + c0) * S, c1 - c0, S, K.data() + c0, a, b);
+      },
       [&](int64_t r0, int64_t r1, A* sa, A* sb) { rk.cl_moments(x + r0 * C, r1 - r0, C, K.data(), sa, sb); });
   for (int64_t c = 0; c < C; ++c) finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
 }
@@ -190,13 +222,13 @@ void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, 
   if (S > 1) {
     const int64_t grain = std::max<int64_t>(1, kGrain / S);
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % C;
+      for_runs(r0, r1, C, [&](int64_t n, int64_t c0, int64_t c1) {
+        const int64_t off = (n * C + c0) * S;
         if (kCenter)
-          rk.normalize(x + r * S, y + r * S, S, mhi[c], mlo[c], sc[c], sh[c]);
+          rk.normalize(x + off, y + off, c1 - c0, S, mhi + c0, mlo + c0, sc + c0, sh + c0);
         else
-          rk.scale_shift(x + r * S, y + r * S, S, sc[c], sh[c]);
-      }
+          rk.scale_shift(x + off, y + off, c1 - c0, S, sc + c0, sh + c0);
+      });
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / C);
@@ -225,31 +257,35 @@ void train_kernel(
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
   if (C == 0) return;
-  if (M > 0 && use_channel_fused(s)) {
-    // One task per channel range: statistics, then normalization of the same
-    // channel while its rows are still in the core's cache.
-    const int64_t grain = std::max<int64_t>(1, kGrain / M);
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t k = std::min<int64_t>(S, 16);
-        double kacc = 0;
-        for (int64_t i = 0; i < k; ++i) kacc += cvt<double>(x[c * S + i]);
-        const A K = static_cast<A>(kacc / k);
-        double sum = 0, sumsq = 0;
-        for (int64_t n = 0; n < N; ++n) rk.moments(x + (n * C + c) * S, S, K, &sum, &sumsq);
-        double mean, var;
-        finish_moments(static_cast<double>(K), sum, sumsq, M, mean, var);
-        mean_o[c] = static_cast<A>(mean);
-        var_o[c] = static_cast<A>(var);
+  auto params = [&](int64_t c, double mean, double var, A& mhi, A& mlo, A& sc, A& sh) {
+    mean_o[c] = static_cast<A>(mean);
+    var_o[c] = static_cast<A>(var);
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    sc = static_cast<A>((w ? static_cast<double>(w[c]) : 1.0) * invstd);
+    sh = b ? b[c] : A(0);
+    split_mean(mean, mhi, mlo);
+  };
+  if (use_channel_blocks(s)) {
+    const Blocks bl = channel_blocks(s, sizeof(T));
+    at::parallel_for(0, bl.nb, bl.grain, [&](int64_t b0, int64_t b1) {
+      std::vector<A> K(bl.cb), mhi(bl.cb), mlo(bl.cb), sc(bl.cb), sh(bl.cb);
+      std::vector<double> sum(bl.cb), sumsq(bl.cb);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * bl.cb, c1 = std::min(C, c0 + bl.cb), m = c1 - c0;
+        if (m <= 0) continue;
+        for (int64_t c = c0; c < c1; ++c) K[c - c0] = channel_shift<T, A>(x, s, c);
+        std::fill(sum.begin(), sum.end(), 0.0);
+        std::fill(sumsq.begin(), sumsq.end(), 0.0);
+        for (int64_t n = 0; n < N; ++n) rk.moments(x + (n * C + c0) * S, m, S, K.data(), sum.data(), sumsq.data());
+        for (int64_t c = c0; c < c1; ++c) {
+          double mean, var;
+          finish_moments(static_cast<double>(K[c - c0]), sum[c - c0], sumsq[c - c0], M, mean, var);
+          params(c, mean, var, mhi[c - c0], mlo[c - c0], sc[c - c0], sh[c - c0]);
+        }
         if (y != nullptr) {
-          const double invstd = 1.0 / std::sqrt(var + eps);
-          const A sc = static_cast<A>((w ? static_cast<double>(w[c]) : 1.0) * invstd);
-          const A sh = b ? b[c] : A(0);
-          A mhi, mlo;
-          split_mean(mean, mhi, mlo);
           for (int64_t n = 0; n < N; ++n) {
-            const int64_t off = (n * C + c) * S;
-            rk.normalize(x + off, y + off, S, mhi, mlo, sc, sh);
+            const int64_t off = (n * C + c0) * S;
+            rk.normalize(x + off, y + off, m, S, mhi.data(), mlo.data(), sc.data(), sh.data());
           }
         }
       }
@@ -259,14 +295,7 @@ void train_kernel(
   std::vector<double> mean(C), var(C);
   moments_impl<T>(x, s, mean.data(), var.data());
   std::vector<A> mhi(C), mlo(C), sc(C), sh(C);
-  for (int64_t c = 0; c < C; ++c) {
-    mean_o[c] = static_cast<A>(mean[c]);
-    var_o[c] = static_cast<A>(var[c]);
-    const double invstd = 1.0 / std::sqrt(var[c] + eps);
-    sc[c] = static_cast<A>((w ? static_cast<double>(w[c]) : 1.0) * invstd);
-    sh[c] = b ? b[c] : A(0);
-    split_mean(mean[c], mhi[c], mlo[c]);
-  }
+  for (int64_t c = 0; c < C; ++c) params(c, mean[c], var[c], mhi[c], mlo[c], sc[c], sh[c]);
   if (y != nullptr) apply_affine<true, T, A>(x, y, s, mhi.data(), mlo.data(), sc.data(), sh.data());
 }
 
@@ -304,37 +333,40 @@ void backward_kernel(
     k2 = static_cast<A>(kk * invstd * invstd * sx * inv_m);
     k3 = static_cast<A>(kk * sg * inv_m);
   };
-  if (use_channel_fused(s)) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / M);
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        A mhi, mlo;
-        split_mean(static_cast<double>(mean[c]), mhi, mlo);
-        double sg = 0, sx = 0;
+  std::vector<A> mhi(C), mlo(C);
+  for (int64_t c = 0; c < C; ++c) split_mean(static_cast<double>(mean[c]), mhi[c], mlo[c]);
+  if (use_channel_blocks(s)) {
+    const Blocks bl = channel_blocks(s, 2 * sizeof(T));
+    at::parallel_for(0, bl.nb, bl.grain, [&](int64_t b0, int64_t b1) {
+      std::vector<A> k1(bl.cb), k2(bl.cb), k3(bl.cb);
+      std::vector<double> sg(bl.cb), sx(bl.cb);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * bl.cb, c1 = std::min(C, c0 + bl.cb), m = c1 - c0;
+        if (m <= 0) continue;
+        std::fill(sg.begin(), sg.end(), 0.0);
+        std::fill(sx.begin(), sx.end(), 0.0);
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t off = (n * C + c) * S;
-          rk.bwd_sums(g + off, x + off, S, mhi, mlo, &sg, &sx);
+          const int64_t off = (n * C + c0) * S;
+          rk.bwd_sums(g + off, x + off, m, S, mhi.data() + c0, mlo.data() + c0, sg.data(), sx.data());
         }
-        A k1, k2, k3;
-        coefs(c, sg, sx, k1, k2, k3);
+        for (int64_t c = c0; c < c1; ++c) coefs(c, sg[c - c0], sx[c - c0], k1[c - c0], k2[c - c0], k3[c - c0]);
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t off = (n * C + c) * S;
-          rk.bwd_apply(g + off, x + off, dx + off, S, mhi, mlo, k1, k2, k3);
+          const int64_t off = (n * C + c0) * S;
+          rk.bwd_apply(
+              g + off, x + off, dx + off, m, S, mhi.data() + c0, mlo.data() + c0, k1.data(), k2.data(), k3.data());
         }
       }
     });
     return;
   }
-  std::vector<A> mhi(C), mlo(C);
-  for (int64_t c = 0; c < C; ++c) split_mean(static_cast<double>(mean[c]), mhi[c], mlo[c]);
   std::vector<double> sg(C), sx(C);
   reduce2<A>(
       s,
       sg.data(),
       sx.data(),
-      [&](int64_t n, int64_t c, double* a, double* b) {
-        const int64_t off = (n * C + c) * S;
-        rk.bwd_sums(g + off, x + off, S, mhi[c], mlo[c], a, b);
+      [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
+        const int64_t off = (n * C + c0) * S;
+        rk.bwd_sums(g + off, x + off, c1 - c0, S, mhi.data() + c0, mlo.data() + c0, a, b);
       },
       [&](int64_t r0, int64_t r1, A* sa, A* sb) {
         rk.cl_bwd_sums(g + r0 * C, x + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), sa, sb);
@@ -344,10 +376,20 @@ void backward_kernel(
   if (S > 1) {
     const int64_t grain = std::max<int64_t>(1, kGrain / S);
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t c = r % C;
-        rk.bwd_apply(g + r * S, x + r * S, dx + r * S, S, mhi[c], mlo[c], k1[c], k2[c], k3[c]);
-      }
+      for_runs(r0, r1, C, [&](int64_t n, int64_t c0, int64_t c1) {
+        const int64_t off = (n * C + c0) * S;
+        rk.bwd_apply(
+            g + off,
+            x + off,
+            dx + off,
+            c1 - c0,
+            S,
+            mhi.data() + c0,
+            mlo.data() + c0,
+            k1.data() + c0,
+            k2.data() + c0,
+            k3.data() + c0);
+      });
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / C);
@@ -375,9 +417,9 @@ void eval_backward_kernel(
       s,
       dshift,
       dscale,
-      [&](int64_t n, int64_t c, double* a, double* b) {
-        const int64_t off = (n * C + c) * S;
-        rk.eval_bwd(g + off, x + off, dx + off, S, scale[c], a, b);
+      [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
+        const int64_t off = (n * C + c0) * S;
+        rk.eval_bwd(g + off, x + off, dx + off, c1 - c0, S, scale + c0, a, b);
       },
       [&](int64_t r0, int64_t r1, A* sa, A* sb) {
         rk.cl_eval_bwd(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, scale, sa, sb);

@@ -201,6 +201,7 @@ def _sc_stall(rank, world, case, ctx):
     group = dist.new_group(list(range(world)), timeout=timedelta(seconds=FAIL_TIMEOUT_S))
     model = _train_loop_model()
     model.bn.process_group = group
+    model(torch.randn(4, 3)).sum().backward()  # one step together (past the handshake)
     if rank == world - 1:
         dist.barrier()  # on the default group: waits, without joining the layer's collective, until the others fail
         return {"stalled": True}
@@ -288,14 +289,14 @@ SCENARIOS = {
 }
 
 
-def _worker(rank, world, store_path, plan, q):
+def _worker(gid, rank, world, store_path, plan, q):
     os.environ["BNKIT_NO_BUILD"] = "1"  # never start a compiler in a worker (use a cached build or torch ops)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     def send(*item):
-        q.put((rank,) + item)
+        q.put((gid, rank) + item)
 
     def die():
         q.close()
@@ -321,42 +322,63 @@ def _worker(rank, world, store_path, plan, q):
     os._exit(0)  # no teardown: a dead peer could make destroy_process_group block
 
 
-def run_group(world, plan, tmp_path, *, victim=None, deadline_s=120.0):
-    """Run ``plan`` on ``world`` spawned ranks; returns ``{name: {rank: result}}`` and the exit codes."""
+def run_groups(specs, tmp_path, *, deadline_s=120.0):
+    """Run process groups side by side (their waits overlap); ``specs``: ``[(world, plan, victim)]``.
+
+    Returns per group ``({name: {rank: result}}, exit codes)``; a scenario that
+    raised on a rank has ``{"__exception__": traceback}`` as that rank's result.
+    Every spawned process is gone when this returns.
+    """
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    store = tmp_path / f"store_{world}_{time.time_ns()}"
-    procs = [ctx.Process(target=_worker, args=(r, world, str(store), plan, q), daemon=True) for r in range(world)]
-    results: dict = {}
+    procs, results, waiting = [], [], set()
     try:
-        for p in procs:
-            p.start()
-        waiting = {r for r in range(world) if r != victim}
+        for gid, (world, plan, victim) in enumerate(specs):
+            store = tmp_path / f"store_{gid}_{world}_{time.time_ns()}"
+            group = [
+                ctx.Process(target=_worker, args=(gid, r, world, str(store), plan, q), daemon=True)
+                for r in range(world)
+            ]
+            procs.append(group)
+            results.append({})
+            waiting |= {(gid, r) for r in range(world) if r != victim}
+        for group in procs:
+            for p in group:
+                p.start()
         end = time.monotonic() + deadline_s
         while waiting and time.monotonic() < end:
             try:
-                rank, name, status, payload = q.get(timeout=max(0.1, min(1.0, end - time.monotonic())))
+                gid, rank, name, status, payload = q.get(timeout=max(0.1, min(1.0, end - time.monotonic())))
             except queue_mod.Empty:
-                if all(not procs[r].is_alive() for r in waiting) and q.empty():
+                if all(not procs[g][r].is_alive() for g, r in waiting) and q.empty():
                     break
                 continue
             if name == "__done__":
-                waiting.discard(rank)
+                waiting.discard((gid, rank))
                 continue
-            if status == "exception":
-                raise AssertionError(f"rank {rank}, scenario {name!r} raised:\n{payload}")
-            results.setdefault(name, {})[rank] = payload
-        assert not waiting, f"ranks {sorted(waiting)} did not finish within {deadline_s} s"
-        for p in procs:
-            p.join(timeout=10)
-        codes = [p.exitcode for p in procs]
+            results[gid].setdefault(name, {})[rank] = payload if status == "ok" else {"__exception__": payload}
+        assert not waiting, f"(group, rank) {sorted(waiting)} did not finish within {deadline_s} s"
+        for group in procs:
+            for p in group:
+                p.join(timeout=10)
+        return [(results[g], [p.exitcode for p in procs[g]]) for g in range(len(specs))]
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        for group in procs:
+            for p in group:
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
         q.close()
-    return results, codes
+
+
+def scenario(results, name):
+    """The per-rank results of one scenario; fails with the worker's traceback if it raised."""
+    assert "__init__" not in results, results["__init__"]
+    assert name in results, f"scenario {name!r} reported nothing"
+    for rank, res in results[name].items():
+        if isinstance(res, dict) and "__exception__" in res:
+            raise AssertionError(f"rank {rank}, scenario {name!r} raised:\n{res['__exception__']}")
+    return results[name]
 
 
 # =========================================================================== oracle (parent)
@@ -506,70 +528,75 @@ DDP_2 = make_ddp_case("ddp2", sizes=[3, 5])
 DDP_3 = make_ddp_case("ddp3_empty", sizes=[4, 0, 4], seed=2)
 
 
-@pytest.fixture(scope="module")
-def group2(tmp_path_factory):
-    plan = CASES_2 + [
-        DDP_2,
-        {"name": "count", "kind": "count"},
-        {"name": "mismatch", "kind": "mismatch"},
-        {"name": "eval_no_comm", "kind": "eval_no_comm"},
-        {"name": "stall", "kind": "stall"},
-    ]
-    t0 = time.monotonic()
-    results, codes = run_group(2, plan, tmp_path_factory.mktemp("sync2"))
-    results["__wall__"] = time.monotonic() - t0
-    assert codes == [0, 0], codes
-    return results
+PLAN_2 = CASES_2 + [
+    DDP_2,
+    {"name": "count", "kind": "count"},
+    {"name": "mismatch", "kind": "mismatch"},
+    {"name": "eval_no_comm", "kind": "eval_no_comm"},
+    {"name": "stall", "kind": "stall"},
+]
+PLAN_3 = CASES_3 + [DDP_3, {"name": "kill", "kind": "kill"}]
 
 
 @pytest.fixture(scope="module")
-def group3(tmp_path_factory):
-    plan = CASES_3 + [DDP_3, {"name": "kill", "kind": "kill"}]
-    results, codes = run_group(3, plan, tmp_path_factory.mktemp("sync3"), victim=2)
-    assert codes[:2] == [0, 0] and codes[2] == 17, codes
-    return results
+def groups(tmp_path_factory):
+    """A 2-rank and a 3-rank gloo world, run side by side; the 3-rank one loses its last rank at the end."""
+    (r2, codes2), (r3, codes3) = run_groups([(2, PLAN_2, None), (3, PLAN_3, 2)], tmp_path_factory.mktemp("sync"))
+    assert codes2 == [0, 0], codes2
+    assert codes3[:2] == [0, 0] and codes3[2] == 17, codes3
+    return r2, r3
+
+
+@pytest.fixture(scope="module")
+def group2(groups):
+    return groups[0]
+
+
+@pytest.fixture(scope="module")
+def group3(groups):
+    return groups[1]
 
 
 # =========================================================================== tests
 @pytest.mark.parametrize("case", CASES_2, ids=[c["name"] for c in CASES_2])
 def test_two_ranks_match_global_batch(group2, case):
-    check_exact(case, group2[case["name"]])
+    check_exact(case, scenario(group2, case["name"]))
 
 
 @pytest.mark.parametrize("case", CASES_3, ids=[c["name"] for c in CASES_3])
 def test_three_ranks_match_global_batch(group3, case):
-    check_exact(case, group3[case["name"]])
+    check_exact(case, scenario(group3, case["name"]))
 
 
 def test_ddp_two_ranks_matches_single_process(group2):
-    check_ddp(DDP_2, group2["ddp2"])
+    check_ddp(DDP_2, scenario(group2, "ddp2"))
 
 
 def test_ddp_three_ranks_with_empty_rank(group3):
-    check_ddp(DDP_3, group3["ddp3_empty"])
+    check_ddp(DDP_3, scenario(group3, "ddp3_empty"))
 
 
 def test_channel_mismatch_is_reported_on_every_rank(group2):
-    for r, res in group2["mismatch"].items():
+    for r, res in scenario(group2, "mismatch").items():
         assert res["error"] is not None, f"rank {r} did not detect the mismatch"
         assert "channel count mismatch" in res["error"] and "[4, 5]" in res["error"], res["error"]
         assert "'norm'" in res["error"], res["error"]
 
 
 def test_eval_mode_does_not_communicate(group2):
-    assert group2["eval_no_comm"][0]["elapsed"] < 2.0
+    assert scenario(group2, "eval_no_comm")[0]["elapsed"] < 2.0
 
 
 def test_stalled_rank_gives_timeout_error(group2):
-    res = group2["stall"][0]
+    res = scenario(group2, "stall")[0]
     assert res["error"] is not None, "the collective did not fail although a rank never arrived"
-    assert "SyncBatchNorm(8) at 'bn'" in res["error"] and "collective failed" in res["error"], res["error"]
+    assert "SyncBatchNorm(8) at 'bn'" in res["error"] and "collective failed in the forward" in res["error"], res
     assert res["elapsed"] < FAIL_TIMEOUT_S + 5.0, res
 
 
 def test_killed_rank_makes_the_others_raise(group3):
     for r in (0, 1):
-        res = group3["kill"][r]
+        res = scenario(group3, "kill")[r]
         assert res["error"] is not None, f"rank {r} did not notice the dead rank"
         assert res["step"] == 2, res
         assert "SyncBatchNorm(8) at 'bn'" in res["error"] and "collective failed" in res["error"], res["error"]
@@ -579,7 +606,7 @@ def test_killed_rank_makes_the_others_raise(group3):
 def test_one_collective_per_layer_forward_and_backward_with_o_c_bytes(group2):
     from bnkit.sync import sync_payload_bytes
 
-    for r, res in group2["count"].items():
+    for r, res in scenario(group2, "count").items():
         first_gathers = [b for n, b in res["first"] if n.startswith("all_gather")]
         assert len(first_gathers) == 4, res["first"]  # per layer: one handshake + one statistics gather
         for n, calls in res["per_batch"].items():

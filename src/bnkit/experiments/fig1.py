@@ -159,6 +159,10 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     pad = 0.05 * (max(ys) - min(ys) + 1e-9)
     for ax in axes[1:]:
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}"))
     fig.suptitle(f"Batch Normalization, Figure 1: {cfg['data']}, lr {cfg['lr']}, batch {cfg['batch_size']}, "
                  f"{cfg['steps']} steps (seed {s0} in b, c)", fontsize=10)
     fig.tight_layout()

@@ -334,3 +334,25 @@ def test_baseline_instruction_set_matches_the_oracle():
     assert out.returncode == 0, out.stderr[-2000:]
     worst = float(out.stdout.split("WORST")[-1])
     assert worst <= 1.0
+
+
+# ------------------------------------------------------- running statistics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_running_stats_matches_torch_rule(dtype):
+    x = make((6, 5, 4), "contiguous", dtype)
+    rm, rv = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.5
+    trm, trv = rm.clone(), rv.clone()
+    F.batch_norm(x, trm, trv, None, None, True, 0.3, 1e-5)  # the oracle: torch's own update
+    _, mean, var = ops.batch_norm_train(x, None, None, 1e-5)
+    v0 = rm._version
+    assert ops.update_running_stats_(rm, rv, mean, var, 0.3, 24, True)
+    assert rm._version > v0
+    close(rm, trm, 1e-6 if dtype == torch.float32 else 1e-12, "running_mean")
+    close(rv, trv, 1e-6 if dtype == torch.float32 else 1e-12, "running_var")
+    before = (rm.clone(), rv.clone())
+    nan_var = var.clone()
+    nan_var[2] = float("nan")
+    assert not ops.update_running_stats_(rm, rv, mean, nan_var, 0.3, 24, True)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+    assert ops.update_running_stats_(rm, rv, mean, nan_var, 0.3, 24, False)
+    assert torch.isnan(rv[2])

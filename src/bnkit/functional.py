@@ -171,6 +171,26 @@ def _update_running(
     if momentum is None and num_batches_tracked is None:
         raise ValueError(f"{where}: momentum=None (cumulative average) needs num_batches_tracked")
     check = nonfinite != "propagate"
+    if (
+        mean.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and kernels.select(mean) == "cpp"
+    ):
+        # Eager CPU with the C++ kernels: the finiteness check and both running
+        # averages in one fused call (per-step overhead matters for small inputs).
+        nbt = int(num_batches_tracked) + 1 if momentum is None else 0
+        factor = stats.running_average_factor(momentum, nbt)
+        if not torch.ops.bnkit.update_running_stats_(running_mean, running_var, mean, var, factor, count, check):
+            message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
+            if nonfinite == "raise":
+                raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
+            warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=4)
+            return
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
     if check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu"):
         valid = torch.isfinite(var.max())
         if num_batches_tracked is not None:

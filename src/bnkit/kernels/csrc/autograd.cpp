@@ -224,4 +224,30 @@ std::tuple<Tensor, Tensor> moments_autograd(const Tensor& x3) {
   return {out[0], out[1]};
 }
 
+bool update_running_stats_autograd(
+    Tensor& running_mean,
+    Tensor& running_var,
+    const Tensor& mean,
+    const Tensor& var,
+    double factor,
+    int64_t count,
+    bool check_finite) {
+  TORCH_CHECK(
+      !running_mean.requires_grad() && !running_var.requires_grad(),
+      "bnkit::update_running_stats_: the running statistics must not require grad");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnkit::update_running_stats_", "")
+                             .typed<bool(Tensor&, Tensor&, const Tensor&, const Tensor&, double, int64_t, bool)>();
+  bool ok;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ok = op.call(running_mean, running_var, mean, var, factor, count, check_finite);
+  }
+  if (ok && count > 0) {
+    torch::autograd::impl::bump_version(running_mean);
+    torch::autograd::impl::bump_version(running_var);
+  }
+  return ok;
+}
+
 } // namespace bnkit

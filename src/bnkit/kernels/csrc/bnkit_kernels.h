@@ -49,6 +49,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
     const at::Tensor& x3,
     const at::Tensor& scale);
 
+// In place: running = (1 - factor) * running + factor * batch, with the
+// unbiased batch variance (var * count / (count - 1)).  With check_finite,
+// nothing is written and false is returned when a batch statistic is NaN/Inf.
+bool update_running_stats_cpu(
+    at::Tensor& running_mean,
+    at::Tensor& running_var,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    double factor,
+    int64_t count,
+    bool check_finite);
+
 // Autograd kernels of the forward ops (autograd.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(
     const at::Tensor& x3,
@@ -57,6 +69,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(
     double eps);
 at::Tensor eval_autograd(const at::Tensor& x3, const at::Tensor& scale, const at::Tensor& shift);
 std::tuple<at::Tensor, at::Tensor> moments_autograd(const at::Tensor& x3);
+bool update_running_stats_autograd(
+    at::Tensor& running_mean,
+    at::Tensor& running_var,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    double factor,
+    int64_t count,
+    bool check_finite);
 
 // Instruction set of the row kernels in use: "default", "avx2" or "avx512".
 const char* cpu_isa();

@@ -598,6 +598,55 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {dx, dw, db};
 }
 
+bool update_running_stats_cpu(
+    Tensor& running_mean,
+    Tensor& running_var,
+    const Tensor& mean_,
+    const Tensor& var_,
+    double factor,
+    int64_t count,
+    bool check_finite) {
+  const int64_t C = running_mean.numel();
+  TORCH_CHECK(
+      running_var.numel() == C && mean_.numel() == C && var_.numel() == C,
+      "bnkit::update_running_stats_: running_mean, running_var, mean and var must have the same number of "
+      "elements, got ",
+      C,
+      ", ",
+      running_var.numel(),
+      ", ",
+      mean_.numel(),
+      ", ",
+      var_.numel());
+  TORCH_CHECK(
+      running_mean.is_contiguous() && running_var.is_contiguous() &&
+          running_mean.scalar_type() == running_var.scalar_type() && running_mean.device().is_cpu() &&
+          running_var.device().is_cpu(),
+      "bnkit::update_running_stats_: running_mean and running_var must be contiguous CPU tensors of one dtype");
+  if (count == 0) return true;
+  const Tensor mean = mean_.to(at::kDouble).contiguous();
+  const Tensor var = var_.to(at::kDouble).contiguous();
+  const double* m = mean.const_data_ptr<double>();
+  const double* v = var.const_data_ptr<double>();
+  if (check_finite) {
+    double acc = 0;
+    for (int64_t c = 0; c < C; ++c) acc += v[c] + m[c] * 0.0;
+    if (!std::isfinite(acc)) return false;
+  }
+  const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
+                                  : std::numeric_limits<double>::infinity();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, running_mean.scalar_type(), "bnkit::update_running_stats_", [&] {
+        scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+        scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) {
+          rm[c] = static_cast<scalar_t>(factor * m[c] + (1.0 - factor) * static_cast<double>(rm[c]));
+          rv[c] = static_cast<scalar_t>(factor * v[c] * unbias + (1.0 - factor) * static_cast<double>(rv[c]));
+        }
+      });
+  return true;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_backward_cpu(
     const Tensor& grad_y3_,
     const Tensor& x3_,

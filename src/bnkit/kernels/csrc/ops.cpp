@@ -9,6 +9,8 @@
 //       -> (grad_x3, grad_weight, grad_bias)
 //   bnkit::batch_norm_eval_backward(grad_y3, x3, scale)
 //       -> (grad_x3, grad_scale, grad_shift)
+//   bnkit::update_running_stats_(running_mean!, running_var!, mean, var, factor,
+//       count, check_finite) -> bool   (eager running-average update)
 //   bnkit::cpu_isa() -> str   (instruction set of the inner loops in use)
 //
 // Each has a CPU kernel and a Meta kernel (shapes only: lets torch.compile /
@@ -100,6 +102,9 @@ TORCH_LIBRARY(bnkit, m) {
       "batch_norm_backward(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight, float eps)"
       " -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_eval_backward(Tensor grad_y3, Tensor x3, Tensor scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+      " float factor, int count, bool check_finite) -> bool");
   m.def("cpu_isa() -> str", [] { return std::string(bnkit::cpu_isa()); });
 }
 
@@ -109,6 +114,7 @@ TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("moments", TORCH_FN(bnkit::moments_cpu));
   m.impl("batch_norm_backward", TORCH_FN(bnkit::batch_norm_backward_cpu));
   m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::batch_norm_eval_backward_cpu));
+  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_cpu));
 }
 
 TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
@@ -123,4 +129,5 @@ TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
   m.impl("batch_norm_train", TORCH_FN(bnkit::train_autograd));
   m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_autograd));
   m.impl("moments", TORCH_FN(bnkit::moments_autograd));
+  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_autograd));
 }

@@ -225,3 +225,18 @@ def test_synchronized_path_on_a_world_of_one_matches_torch(backend, tmp_path, dt
             torch.testing.assert_close(got.detach(), want.detach(), atol=tol, rtol=tol)
     finally:
         dist.destroy_process_group()
+
+
+def test_example_script_runs_in_a_single_process(monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "sync_torchrun.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "step 4" in out and "behaved as BatchNorm" in out

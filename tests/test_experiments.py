@@ -351,3 +351,14 @@ def test_cli_subprocess_list_and_lazy_build(tmp_path):
                         str(tmp_path / "none"), "--steps", "5", "--out", str(tmp_path / "o"), "--quiet"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_cli_interrupt_and_resume(tmp_path, capsys):
+    from bnkit.cli import main
+    out = tmp_path / "r"
+    args = ["run", "fig1", "--steps", "20", "--eval-every", "10", "--seed", "1", "--out", str(out), "--quiet"]
+    assert main(args + ["--stop-after", "25"]) == 3
+    assert "--resume" in capsys.readouterr().err
+    assert main(["run", "fig1", "--resume", "--out", str(out), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["runs"]["bn-s1"]["steps"] == [0, 10, 20] and m["config"]["seeds"] == [1]

@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", action="store_true")
     b.set_defaults(func=cmd_build)
 
-    be = sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)")
+    be = sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)", add_help=False)
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to benchmarks/kernels.py")
     be.set_defaults(func=cmd_bench)
     return p

@@ -10,6 +10,7 @@ killing one rank mid-training; the others must raise within the timeout.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue as queue_mod
@@ -169,20 +170,47 @@ def _sc_mismatch(rank, world, case, ctx):
     return {"error": None}
 
 
-def _sc_eval_no_comm(rank, world, case, ctx):
-    """Only rank 0 runs eval forwards and a world-less path; a collective would block it until the timeout."""
-    import bnkit
+@contextlib.contextmanager
+def _counting_collectives():
+    """Record ``(name, bytes of the first tensor)`` of every torch.distributed collective called meanwhile."""
     import torch.distributed as dist
 
-    layer = bnkit.SyncBatchNorm(3)
-    t0 = time.monotonic()
+    calls = []
+    originals = {}
+    for name in ("all_gather_single", "all_gather_into_tensor", "all_reduce", "all_gather", "broadcast", "barrier"):
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        originals[name] = fn
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            calls.append((_name, tensors[0].numel() * tensors[0].element_size() if tensors else 0))
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def _sc_eval_no_comm(rank, world, case, ctx):
+    """Only rank 0 runs eval forwards (with and without running statistics): no collective may be called."""
+    import torch.distributed as dist
+
+    import bnkit
+
+    calls = []
     if rank == 0:
-        layer.eval()
-        for _ in range(3):
-            layer(torch.randn(5, 3))
-    elapsed = time.monotonic() - t0
+        with _counting_collectives() as calls:
+            for track in (True, False):
+                layer = bnkit.SyncBatchNorm(3, track_running_stats=track).eval()
+                for _ in range(2):
+                    layer(torch.randn(5, 3))
     dist.barrier()
-    return {"elapsed": elapsed}
+    return {"calls": list(calls)}
 
 
 def _train_loop_model():
@@ -239,32 +267,13 @@ def _sc_kill(rank, world, case, ctx):
 
 def _sc_count(rank, world, case, ctx):
     """Collectives and bytes per layer and step, for two batch sizes (rank 1 of a 2-rank world is empty once)."""
-    import torch.distributed as dist
-
     import bnkit
 
-    calls = []
-    originals = {}
-
-    def wrap(name):
-        fn = getattr(dist, name)
-        originals[name] = fn
-
-        def counted(*args, **kwargs):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            calls.append((name, tensors[0].numel() * tensors[0].element_size()))
-            return fn(*args, **kwargs)
-
-        setattr(dist, name, counted)
-
-    for name in ("all_gather_single", "all_gather_into_tensor", "all_reduce", "all_gather", "broadcast"):
-        if hasattr(dist, name):
-            wrap(name)
-    try:
-        torch.manual_seed(0)
-        model = bnkit.convert_sync_batchnorm(
-            nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))
-        )
+    torch.manual_seed(0)
+    model = bnkit.convert_sync_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16))
+    )
+    with _counting_collectives() as calls:
         model(torch.randn(2, 3, 6, 6)).sum().backward()  # first step: includes the one-time handshakes
         first = list(calls)
         per_batch = {}
@@ -272,9 +281,6 @@ def _sc_count(rank, world, case, ctx):
             calls.clear()
             model(torch.randn(n if rank == 0 else (0 if n == 4 else n), 3, 6, 6)).sum().backward()
             per_batch[n] = list(calls)
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
     return {"first": first, "per_batch": per_batch}
 
 
@@ -584,7 +590,7 @@ def test_channel_mismatch_is_reported_on_every_rank(group2):
 
 
 def test_eval_mode_does_not_communicate(group2):
-    assert scenario(group2, "eval_no_comm")[0]["elapsed"] < 2.0
+    assert scenario(group2, "eval_no_comm")[0]["calls"] == []
 
 
 def test_stalled_rank_gives_timeout_error(group2):

@@ -622,3 +622,19 @@ def test_one_collective_per_layer_forward_and_backward_with_o_c_bytes(group2):
             # bytes depend on the channel count only (backward runs from the last layer)
             assert gathers == [sync_payload_bytes(c, 2)["forward_gathered"] for c in (8, 16)], (n, gathers)
             assert reduces == [sync_payload_bytes(c, 2)["backward_allreduce"] for c in (16, 8)], (n, reduces)
+
+
+@pytest.mark.slow
+def test_readme_torchrun_example(tmp_path):
+    """``torchrun --nproc_per_node=2 examples/sync_torchrun.py`` (as in the README), on a free port."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(root / "examples" / "sync_torchrun.py")]
+    env = dict(os.environ, BNKIT_NO_BUILD="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "running statistics identical on all 2 ranks: True" in proc.stdout, proc.stdout

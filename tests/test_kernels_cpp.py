@@ -150,6 +150,14 @@ def test_eval_forward_and_moments(shape, layout, dtype):
     y3 = ops.batch_norm_eval(x3, scale, shift)
     expected = x3.double() * scale.double().view(1, -1, 1) + shift.double().view(1, -1, 1)
     close(y3, expected, TOL[dtype], "eval y3")
+    rm, rv = params(C, dtype, True, seed=4)
+    rv = rv.abs() + 0.1
+    w, b = params(C, dtype, True, seed=5)
+    y3 = ops.batch_norm_infer(x3, rm, rv, w, b, 1e-5)
+    rmd, rvd, wd, bd = (t.double().view(1, -1, 1) for t in (rm, rv, w, b))
+    close(y3, (x3.double() - rmd) / torch.sqrt(rvd + 1e-5) * wd + bd, TOL[dtype], "infer y3")
+    y3 = ops.batch_norm_infer(x3, rm, rv, None, None, 1e-5)
+    close(y3, (x3.double() - rmd) / torch.sqrt(rvd + 1e-5), TOL[dtype], "infer y3 (no affine)")
     mean, var = ops.moments(x3)
     close(mean, x3.double().mean((0, 2)), 1e-12 if dtype == torch.float64 else 1e-6, "moments mean")
     close(var, x3.double().var((0, 2), unbiased=False), 1e-12 if dtype == torch.float64 else 1e-6, "moments var")
@@ -244,6 +252,11 @@ def test_gradcheck_and_gradgradcheck_eval_and_moments():
     h = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ops.batch_norm_eval, (x, s, h))
     assert torch.autograd.gradgradcheck(ops.batch_norm_eval, (x, s, h))
+    rm = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    rv = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    infer = lambda x, m, v, w, b: ops.batch_norm_infer(x, m, v, w, b, 1e-3)  # noqa: E731
+    assert torch.autograd.gradcheck(infer, (x, rm, rv, s, h))
+    assert torch.autograd.gradgradcheck(infer, (x, rm, rv, s, h))
     mom = lambda x: ops.moments(x)  # noqa: E731
     assert torch.autograd.gradcheck(mom, (x,))
     assert torch.autograd.gradgradcheck(mom, (x,))

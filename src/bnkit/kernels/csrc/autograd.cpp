@@ -26,6 +26,8 @@ using torch::autograd::variable_list;
 using TrainSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, double);
 using EvalSig = Tensor(const Tensor&, const Tensor&, const Tensor&);
+using InferSig = Tensor(
+    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, double);
 using MomentsSig = std::tuple<Tensor, Tensor>(const Tensor&);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, double);
@@ -123,6 +125,7 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
         dx = (k * (g - per_channel(db) / count - xhat * per_channel(dw) / count)).to(x.scalar_type());
       }
     } else {
+      at::AutoDispatchBelowADInplaceOrView below;
       std::tie(dx, dw, db) = backward_op().call(gy, x, saved[2], saved[3], w.defined() ? std::optional<Tensor>(w) : std::nullopt, eps);
     }
     return {
@@ -161,12 +164,75 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
       if (ctx->needs_input_grad(1)) dscale = (g * x.to(acc)).sum({0, 2});
       if (ctx->needs_input_grad(2)) dshift = g.sum({0, 2});
     } else {
+      at::AutoDispatchBelowADInplaceOrView below;
       std::tie(dx, dscale, dshift) = eval_backward_op().call(gy, x, scale);
     }
     return {
         ctx->needs_input_grad(0) ? dx : Tensor(),
         ctx->needs_input_grad(1) ? cast_like(dscale, scale) : Tensor(),
         ctx->needs_input_grad(2) ? cast_like(dshift, shift) : Tensor()};
+  }
+};
+
+const c10::TypedOperatorHandle<InferSig>& infer_op() {
+  static const auto op = find_op<InferSig>("bnkit::batch_norm_infer");
+  return op;
+}
+
+// Inference BN with given statistics.  The backward is a few ATen ops (dx =
+// g*scale is one broadcast multiply), differentiable, so double backward works.
+class InferFn : public torch::autograd::Function<InferFn> {
+ public:
+  static variable_list forward(
+      AutogradContext* ctx,
+      const Tensor& x3,
+      const Tensor& mean,
+      const Tensor& var,
+      const std::optional<Tensor>& weight,
+      const std::optional<Tensor>& bias,
+      double eps) {
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = infer_op().call(x3, mean, var, weight, bias, eps);
+    }
+    const Tensor w = weight.has_value() ? *weight : Tensor();
+    ctx->save_for_backward({x3, mean, var, w});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& mean = saved[1];
+    const Tensor& var = saved[2];
+    const Tensor& w = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const Tensor& gy = grads[0];
+    const int n_in = 6;
+    variable_list out(n_in);
+    if (!gy.defined()) return out;
+    const auto acc = acc_of(x);
+    const Tensor g = gy.to(acc);
+    const Tensor invstd = at::rsqrt(var.to(acc) + eps);
+    const Tensor scale = w.defined() ? invstd * w.to(acc) : invstd;
+    if (ctx->needs_input_grad(0)) out[0] = (g * per_channel(scale)).to(x.scalar_type());
+    const bool need_stats = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const bool need_w = w.defined() && ctx->needs_input_grad(3);
+    Tensor gsum;
+    if (need_stats || (has_bias && ctx->needs_input_grad(4))) gsum = g.sum({0, 2});
+    if (need_w || need_stats) {
+      const Tensor xc = x.to(acc) - per_channel(mean.to(acc));
+      const Tensor gxc = (g * xc).sum({0, 2});
+      if (need_w) out[3] = cast_like(gxc * invstd, w);
+      if (ctx->needs_input_grad(1)) out[1] = cast_like(-gsum * scale, mean);
+      if (ctx->needs_input_grad(2)) out[2] = cast_like(-0.5 * gxc * scale * invstd * invstd, var);
+    }
+    if (has_bias && ctx->needs_input_grad(4)) out[4] = gsum;
+    return out;
   }
 };
 
@@ -217,6 +283,16 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(
 
 Tensor eval_autograd(const Tensor& x3, const Tensor& scale, const Tensor& shift) {
   return EvalFn::apply(x3, scale, shift)[0];
+}
+
+Tensor infer_autograd(
+    const Tensor& x3,
+    const Tensor& mean,
+    const Tensor& var,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps) {
+  return InferFn::apply(x3, mean, var, weight, bias, eps)[0];
 }
 
 std::tuple<Tensor, Tensor> moments_autograd(const Tensor& x3) {

@@ -30,6 +30,16 @@ at::Tensor batch_norm_eval_cpu(
     const at::Tensor& scale,
     const at::Tensor& shift);
 
+// Inference with given statistics:
+// y3 = (x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c].
+at::Tensor batch_norm_infer_cpu(
+    const at::Tensor& x3,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+
 // (mean, biased var).
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x3);
 
@@ -68,6 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(
     const std::optional<at::Tensor>& bias,
     double eps);
 at::Tensor eval_autograd(const at::Tensor& x3, const at::Tensor& scale, const at::Tensor& shift);
+at::Tensor infer_autograd(
+    const at::Tensor& x3,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
 std::tuple<at::Tensor, at::Tensor> moments_autograd(const at::Tensor& x3);
 bool update_running_stats_autograd(
     at::Tensor& running_mean,

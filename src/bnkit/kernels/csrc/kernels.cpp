@@ -556,6 +556,42 @@ Tensor batch_norm_eval_cpu(const Tensor& x3_, const Tensor& scale_, const Tensor
   return y;
 }
 
+Tensor batch_norm_infer_cpu(
+    const Tensor& x3_,
+    const Tensor& mean_,
+    const Tensor& var_,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps) {
+  const Tensor x3 = check_x3(x3_, "batch_norm_infer");
+  TORCH_CHECK(eps >= 0, "bnkit::batch_norm_infer: eps must be >= 0, got ", eps);
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  const Tensor mean = check_param(mean_, s.C, at::kDouble, "batch_norm_infer", "mean");
+  const Tensor var = check_param(var_, s.C, at::kDouble, "batch_norm_infer", "var");
+  Tensor w, b;
+  if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, at::kDouble, "batch_norm_infer", "weight");
+  if (bias.has_value() && bias->defined()) b = check_param(*bias, s.C, at::kDouble, "batch_norm_infer", "bias");
+  Tensor y = at::empty_like(x3, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_infer", [&] {
+    using A = typename AccT<scalar_t>::type;
+    const double* m = mean.const_data_ptr<double>();
+    const double* v = var.const_data_ptr<double>();
+    const double* wp = opt_ptr<double>(w);
+    const double* bp = opt_ptr<double>(b);
+    std::vector<A> mhi(s.C), mlo(s.C), sc(s.C), sh(s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      split_mean(m[c], mhi[c], mlo[c]);
+      sc[c] = static_cast<A>((wp ? wp[c] : 1.0) / std::sqrt(v[c] + eps));
+      sh[c] = static_cast<A>(bp ? bp[c] : 0.0);
+    }
+    apply_affine<true, scalar_t, A>(
+        x3.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), s, mhi.data(), mlo.data(), sc.data(), sh.data());
+  });
+  (void)acc;
+  return y;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_y3_,
     const Tensor& x3_,

@@ -4,6 +4,8 @@
 //   bnkit::batch_norm_train(x3, weight?, bias?, eps) -> (y3, mean, var)
 //       mean and biased var are non-differentiable outputs (running stats).
 //   bnkit::batch_norm_eval(x3, scale, shift) -> y3 = x3*scale[c] + shift[c]
+//   bnkit::batch_norm_infer(x3, mean, var, weight?, bias?, eps) -> y3
+//       inference with given (running) statistics, folded inside the op
 //   bnkit::moments(x3) -> (mean, biased var)       (differentiable)
 //   bnkit::batch_norm_backward(grad_y3, x3, mean, var, weight?, eps)
 //       -> (grad_x3, grad_weight, grad_bias)
@@ -61,6 +63,17 @@ Tensor eval_meta(const Tensor& x3, const Tensor&, const Tensor&) {
   return at::empty_like(x3, at::MemoryFormat::Contiguous);
 }
 
+Tensor infer_meta(
+    const Tensor& x3,
+    const Tensor&,
+    const Tensor&,
+    const std::optional<Tensor>&,
+    const std::optional<Tensor>&,
+    double) {
+  meta_check(x3, "batch_norm_infer");
+  return at::empty_like(x3, at::MemoryFormat::Contiguous);
+}
+
 std::tuple<Tensor, Tensor> moments_meta(const Tensor& x3) {
   meta_check(x3, "moments");
   auto C = x3.sym_size(1);
@@ -97,6 +110,8 @@ std::tuple<Tensor, Tensor, Tensor> eval_backward_meta(const Tensor&, const Tenso
 TORCH_LIBRARY(bnkit, m) {
   m.def("batch_norm_train(Tensor x3, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_eval(Tensor x3, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "batch_norm_infer(Tensor x3, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   m.def("moments(Tensor x3) -> (Tensor, Tensor)");
   m.def(
       "batch_norm_backward(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight, float eps)"
@@ -111,6 +126,7 @@ TORCH_LIBRARY(bnkit, m) {
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("batch_norm_train", TORCH_FN(bnkit::batch_norm_train_cpu));
   m.impl("batch_norm_eval", TORCH_FN(bnkit::batch_norm_eval_cpu));
+  m.impl("batch_norm_infer", TORCH_FN(bnkit::batch_norm_infer_cpu));
   m.impl("moments", TORCH_FN(bnkit::moments_cpu));
   m.impl("batch_norm_backward", TORCH_FN(bnkit::batch_norm_backward_cpu));
   m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::batch_norm_eval_backward_cpu));
@@ -120,6 +136,7 @@ TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
 TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
   m.impl("batch_norm_train", TORCH_FN(bnkit::train_meta));
   m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_meta));
+  m.impl("batch_norm_infer", TORCH_FN(bnkit::infer_meta));
   m.impl("moments", TORCH_FN(bnkit::moments_meta));
   m.impl("batch_norm_backward", TORCH_FN(bnkit::backward_meta));
   m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::eval_backward_meta));
@@ -128,6 +145,7 @@ TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
 TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
   m.impl("batch_norm_train", TORCH_FN(bnkit::train_autograd));
   m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_autograd));
+  m.impl("batch_norm_infer", TORCH_FN(bnkit::infer_autograd));
   m.impl("moments", TORCH_FN(bnkit::moments_autograd));
   m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_autograd));
 }

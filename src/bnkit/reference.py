@@ -25,12 +25,27 @@ Inference uses fixed statistics and is an affine map
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["forward_train", "forward_eval", "backward", "running_update", "fold"]
 
 F64 = NDArray[np.float64]
+
+
+def _quiet(fn):
+    """NaN/Inf and empty inputs give NaN results silently, as torch does, not NumPy warnings."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _axes(x: np.ndarray, axis: int) -> tuple[tuple[int, ...], list[int]]:
@@ -41,6 +56,7 @@ def _axes(x: np.ndarray, axis: int) -> tuple[tuple[int, ...], list[int]]:
     return reduce_axes, shape
 
 
+@_quiet
 def forward_train(
     x: ArrayLike,
     weight: ArrayLike | None = None,
@@ -62,6 +78,7 @@ def forward_train(
     return y, mean, var
 
 
+@_quiet
 def fold(
     mean: ArrayLike, var: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None, eps: float
 ) -> tuple[F64, F64]:
@@ -76,6 +93,7 @@ def fold(
     return scale, shift
 
 
+@_quiet
 def forward_eval(
     x: ArrayLike,
     running_mean: ArrayLike,
@@ -92,6 +110,7 @@ def forward_eval(
     return x * scale.reshape(shape) + shift.reshape(shape)
 
 
+@_quiet
 def backward(
     grad_out: ArrayLike,
     x: ArrayLike,
@@ -119,6 +138,7 @@ def backward(
     return dx, dgamma, dbeta
 
 
+@_quiet
 def running_update(
     running_mean: ArrayLike,
     running_var: ArrayLike,

@@ -97,8 +97,15 @@ class Moments:
             zeros = torch.zeros(shape, dtype=acc, device=x.device)
             return cls(0, zeros, zeros.clone())
         xa = x.to(acc)
-        mean = xa.mean(dim=dims_t, keepdim=True)
-        m2 = (xa - mean).square().sum(dim=dims_t)
+        # Shifted data: subtracting one sample per feature first makes the sums
+        # small, so the mean keeps its precision when |mean| >> std.
+        shift = xa
+        for d in dims_t:
+            shift = shift.narrow(d, 0, 1)
+        centred = xa - shift
+        mean_c = centred.mean(dim=dims_t, keepdim=True)
+        m2 = (centred - mean_c).square().sum(dim=dims_t)
+        mean = mean_c + shift
         return cls(count, mean.squeeze(dims_t) if dims_t else mean, m2)
 
     def variance(self, correction: int = 0) -> Tensor:

@@ -9,9 +9,32 @@ namespace {
 
 constexpr int64_t kBlk = 1024; // values per lane accumulated in A before flushing to double
 
+// Loads (T -> A) and stores (A -> T).  bfloat16 is converted with plain bit
+// operations that vectorize (c10's own conversion has a NaN branch that
+// blocks vectorization); rounding is to nearest-even, NaN stays NaN.
 template <typename A, typename T>
 inline A cv(T v) {
   return static_cast<A>(v);
+}
+template <>
+inline float cv<float, c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <typename T, typename A>
+inline T st(A v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 st<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  __builtin_memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
 // NCHW "span" kernels: `nch` consecutive rows of n values (consecutive
@@ -90,7 +113,7 @@ void k_normalize(
     T* __restrict orow = o + c * n;
     const A h = mhi[c], l = mlo[c], a = sc[c], b = sh[c];
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) orow[i] = static_cast<T>(((cv<A>(pr[i]) - h) - l) * a + b);
+    for (int64_t i = 0; i < n; ++i) orow[i] = st<T>(((cv<A>(pr[i]) - h) - l) * a + b);
   }
 }
 
@@ -107,7 +130,7 @@ void k_scale_shift(
     T* __restrict orow = o + c * n;
     const A a = sc[c], b = sh[c];
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) orow[i] = static_cast<T>(cv<A>(pr[i]) * a + b);
+    for (int64_t i = 0; i < n; ++i) orow[i] = st<T>(cv<A>(pr[i]) * a + b);
   }
 }
 
@@ -129,7 +152,7 @@ void k_bwd_apply(
     T* __restrict dr = dx + c * n;
     const A h = mhi[c], l = mlo[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) dr[i] = static_cast<T>(cv<A>(gr[i]) * a1 - ((cv<A>(pr[i]) - h) - l) * a2 - a3);
+    for (int64_t i = 0; i < n; ++i) dr[i] = st<T>(cv<A>(gr[i]) * a1 - ((cv<A>(pr[i]) - h) - l) * a2 - a3);
   }
 }
 
@@ -157,7 +180,7 @@ void k_eval_bwd(
         const A gi = cv<A>(gr[i]);
         bg += gi;
         bx += gi * cv<A>(pr[i]);
-        dr[i] = static_cast<T>(gi * a);
+        dr[i] = st<T>(gi * a);
       }
       tg += bg;
       tx += bx;
@@ -218,7 +241,7 @@ void k_cl_normalize(
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(((cv<A>(xr[c]) - mhi[c]) - mlo[c]) * sc[c] + sh[c]);
+    for (int64_t c = 0; c < C; ++c) yr[c] = st<T>(((cv<A>(xr[c]) - mhi[c]) - mlo[c]) * sc[c] + sh[c]);
   }
 }
 
@@ -234,7 +257,7 @@ void k_cl_scale_shift(
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<T>(cv<A>(xr[c]) * sc[c] + sh[c]);
+    for (int64_t c = 0; c < C; ++c) yr[c] = st<T>(cv<A>(xr[c]) * sc[c] + sh[c]);
   }
 }
 
@@ -256,7 +279,7 @@ void k_cl_bwd_apply(
     T* __restrict dr = dx + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c)
-      dr[c] = static_cast<T>(cv<A>(gr[c]) * k1[c] - ((cv<A>(xr[c]) - mhi[c]) - mlo[c]) * k2[c] - k3[c]);
+      dr[c] = st<T>(cv<A>(gr[c]) * k1[c] - ((cv<A>(xr[c]) - mhi[c]) - mlo[c]) * k2[c] - k3[c]);
   }
 }
 
@@ -279,7 +302,7 @@ void k_cl_eval_bwd(
       const A gc = cv<A>(gr[c]);
       sa[c] += gc;
       sb[c] += gc * cv<A>(xr[c]);
-      dr[c] = static_cast<T>(gc * sc[c]);
+      dr[c] = st<T>(gc * sc[c]);
     }
   }
 }

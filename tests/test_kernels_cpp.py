@@ -316,7 +316,8 @@ def test_bad_input_messages():
 
 # ---------------------------------------------------- instruction sets
 def test_baseline_instruction_set_matches_the_oracle():
-    """The portable (no AVX) row kernels, forced with BNKIT_CPU_ISA=default, in a fresh process."""
+    """The portable (no AVX) row kernels (BNKIT_CPU_ISA=default) and the channel-blocked NCHW
+    schedule (BNKIT_CHANNEL_BLOCKS=1), in a fresh process."""
     code = textwrap.dedent(
         """
         import torch
@@ -325,7 +326,7 @@ def test_baseline_instruction_set_matches_the_oracle():
         ops = torch.ops.bnkit
         assert ops.cpu_isa() == "default", ops.cpu_isa()
         worst = 0.0
-        for shape in [(5, 6, 37), (300, 7, 1), (3, 1, 50)]:
+        for shape in [(5, 6, 37), (300, 7, 1), (3, 1, 50), (4, 40, 300)]:
             x = torch.randn(shape, dtype=torch.float64) * 3 + 2
             for dt in (torch.float32, torch.bfloat16):
                 x3 = x.to(dt)
@@ -342,7 +343,7 @@ def test_baseline_instruction_set_matches_the_oracle():
         print("WORST", worst)
         """
     )
-    env = dict(os.environ, BNKIT_CPU_ISA="default")
+    env = dict(os.environ, BNKIT_CPU_ISA="default", BNKIT_CHANNEL_BLOCKS="1")  # + the blocked NCHW schedule
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     worst = float(out.stdout.split("WORST")[-1])

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .functional import NONFINITE_POLICIES, batch_norm_core, fold
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
 
@@ -56,6 +56,27 @@ def batch_norm_module_call(
 
 # fx records calls of this function instead of tracing into its input checks.
 torch.fx.wrap("batch_norm_module_call")
+
+
+def check_feature_input(
+    where: str, input: Tensor, expected_dims: tuple[int, ...] | None, axis: int, num_features: int
+) -> None:
+    """The checks every BN-family layer makes on its input, with torch's messages where torch has one."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    ndim = input.dim()
+    if expected_dims is not None and ndim not in expected_dims:
+        expected = " or ".join(f"{d}D" for d in expected_dims)
+        raise ValueError(f"expected {expected} input (got {ndim}D input)")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
+        )
+    if input.shape[axis] != num_features:
+        raise ValueError(
+            f"{where}: expected {num_features} features along axis {axis}, "
+            f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
+        )
 
 
 class BatchNorm(nn.Module):
@@ -202,23 +223,7 @@ class BatchNorm(nn.Module):
         return f"{type(self).__name__}({self.num_features})"
 
     def _check_input(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{self._describe()}: expected a torch.Tensor input, got {type(input).__name__}")
-        dims = self._expected_dims
-        if dims is not None and input.dim() not in dims:
-            expected = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
-        ndim = input.dim()
-        if not -ndim <= self.axis < ndim:
-            raise ValueError(
-                f"{self._describe()}: feature axis {self.axis} does not exist in a {ndim}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.shape[self.axis] != self.num_features:
-            raise ValueError(
-                f"{self._describe()}: expected {self.num_features} features along axis {self.axis}, "
-                f"got {input.shape[self.axis]} (input shape {tuple(input.shape)})"
-            )
+        check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, torch.fx.Proxy):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import stats
 from .functional import _update_running, batch_norm_core, canonical_view, fold
-from .layers import BatchNorm, batch_norm_module_call
+from .layers import BatchNorm, batch_norm_module_call, check_feature_input
 
 __all__ = [
     "SharedBatchNorm",
@@ -685,23 +685,7 @@ class FrozenBatchNorm(nn.Module):
         )
 
     def _check_input(self, input: Tensor) -> None:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{self._describe()}: expected a torch.Tensor input, got {type(input).__name__}")
-        dims = self._expected_dims
-        if dims is not None and input.dim() not in dims:
-            expected = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
-        ndim = input.dim()
-        if not -ndim <= self.axis < ndim:
-            raise ValueError(
-                f"{self._describe()}: feature axis {self.axis} does not exist in a {ndim}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.shape[self.axis] != self.num_features:
-            raise ValueError(
-                f"{self._describe()}: expected {self.num_features} features along axis {self.axis}, "
-                f"got {input.shape[self.axis]} (input shape {tuple(input.shape)})"
-            )
+        check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
 
     def _stats(self, site: int | None) -> tuple[Tensor, Tensor]:
         return self.running_mean, self.running_var

@@ -362,3 +362,34 @@ def test_cli_interrupt_and_resume(tmp_path, capsys):
     assert main(["run", "fig1", "--resume", "--out", str(out), "--quiet"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["runs"]["bn-s1"]["steps"] == [0, 10, 20] and m["config"]["seeds"] == [1]
+
+
+def test_cifar10_and_fashion_from_user_dirs(tmp_path):
+    import pickle
+    c = tmp_path / "cifar-10-batches-py"
+    c.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 20), ("data_batch_2", 20), ("test_batch", 10)):
+        with open(c / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": list(range(10)) * (n // 10)}, f)
+    ds = D.load_dataset("cifar10", tmp_path)
+    assert ds.x_train.shape == (40, 3, 32, 32) and ds.x_test.shape == (10, 3, 32, 32)
+    (c / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(D.DatasetError, match="corrupt batch file"):
+        D.load_dataset("cifar10", c)
+    f = tmp_path / "fashion"
+    f.mkdir()
+    _fake_mnist(f, prefix="train")
+    _fake_mnist(f, prefix="t10k", n=20)
+    fm = D.load_dataset("fashion-mnist", f)
+    assert (len(fm.y_train), len(fm.y_test)) == (50, 20)  # both present: the official split
+
+
+def test_norms_experiment_skips_unavailable(tmp_path):
+    from bnkit.experiments.registry import run_experiment
+    m = run_experiment("norms", {"steps": 10, "eval_every": 5, "norms": ["none", "bn", "gn", "ln", "in"],
+                                 "probe_size": 60}, out=tmp_path / "n", quiet=True)
+    assert set(m["runs"]) == {"none-s0", "bn-s0", "gn-s0", "ln-s0"}
+    assert "spatial" in m["summary"]["skipped"]["in"]
+    assert (tmp_path / "n" / "norms.png").is_file() and (tmp_path / "n" / "report.html").is_file()

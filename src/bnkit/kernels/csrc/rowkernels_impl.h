@@ -191,10 +191,27 @@ void k_eval_bwd(
 }
 
 // ------------------------------------------------------------ channels-last
+// Rows of C contiguous values; loops run along C.  Rows are processed four
+// (reductions) or two (element-wise) at a time so that the per-channel
+// accumulators and parameters are loaded/stored once per group of rows.
 
 template <typename T, typename A>
 void k_cl_moments(const T* __restrict x, int64_t rows, int64_t C, const A* __restrict K, A* __restrict sa, A* __restrict sb) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* __restrict x0 = x + r * C;
+    const T* __restrict x1 = x0 + C;
+    const T* __restrict x2 = x1 + C;
+    const T* __restrict x3 = x2 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A k = K[c];
+      const A d0 = cv<A>(x0[c]) - k, d1 = cv<A>(x1[c]) - k, d2 = cv<A>(x2[c]) - k, d3 = cv<A>(x3[c]) - k;
+      sa[c] += (d0 + d1) + (d2 + d3);
+      sb[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
@@ -215,7 +232,26 @@ void k_cl_bwd_sums(
     const A* __restrict mlo,
     A* __restrict sa,
     A* __restrict sb) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* __restrict g0 = g + r * C;
+    const T* __restrict g1 = g0 + C;
+    const T* __restrict g2 = g1 + C;
+    const T* __restrict g3 = g2 + C;
+    const T* __restrict x0 = x + r * C;
+    const T* __restrict x1 = x0 + C;
+    const T* __restrict x2 = x1 + C;
+    const T* __restrict x3 = x2 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A h = mhi[c], l = mlo[c];
+      const A a0 = cv<A>(g0[c]), a1 = cv<A>(g1[c]), a2 = cv<A>(g2[c]), a3 = cv<A>(g3[c]);
+      sa[c] += (a0 + a1) + (a2 + a3);
+      sb[c] += (a0 * ((cv<A>(x0[c]) - h) - l) + a1 * ((cv<A>(x1[c]) - h) - l)) +
+          (a2 * ((cv<A>(x2[c]) - h) - l) + a3 * ((cv<A>(x3[c]) - h) - l));
+    }
+  }
+  for (; r < rows; ++r) {
     const T* __restrict gr = g + r * C;
     const T* __restrict xr = x + r * C;
 #pragma omp simd
@@ -237,7 +273,20 @@ void k_cl_normalize(
     const A* __restrict mlo,
     const A* __restrict sc,
     const A* __restrict sh) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const T* __restrict x0 = x + r * C;
+    const T* __restrict x1 = x0 + C;
+    T* __restrict y0 = y + r * C;
+    T* __restrict y1 = y0 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A h = mhi[c], l = mlo[c], a = sc[c], b = sh[c];
+      y0[c] = st<T>(((cv<A>(x0[c]) - h) - l) * a + b);
+      y1[c] = st<T>(((cv<A>(x1[c]) - h) - l) * a + b);
+    }
+  }
+  for (; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
 #pragma omp simd
@@ -253,7 +302,20 @@ void k_cl_scale_shift(
     int64_t C,
     const A* __restrict sc,
     const A* __restrict sh) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const T* __restrict x0 = x + r * C;
+    const T* __restrict x1 = x0 + C;
+    T* __restrict y0 = y + r * C;
+    T* __restrict y1 = y0 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A a = sc[c], b = sh[c];
+      y0[c] = st<T>(cv<A>(x0[c]) * a + b);
+      y1[c] = st<T>(cv<A>(x1[c]) * a + b);
+    }
+  }
+  for (; r < rows; ++r) {
     const T* __restrict xr = x + r * C;
     T* __restrict yr = y + r * C;
 #pragma omp simd
@@ -273,7 +335,22 @@ void k_cl_bwd_apply(
     const A* __restrict k1,
     const A* __restrict k2,
     const A* __restrict k3) {
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const T* __restrict g0 = g + r * C;
+    const T* __restrict g1 = g0 + C;
+    const T* __restrict x0 = x + r * C;
+    const T* __restrict x1 = x0 + C;
+    T* __restrict d0 = dx + r * C;
+    T* __restrict d1 = d0 + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A h = mhi[c], l = mlo[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
+      d0[c] = st<T>(cv<A>(g0[c]) * a1 - ((cv<A>(x0[c]) - h) - l) * a2 - a3);
+      d1[c] = st<T>(cv<A>(g1[c]) * a1 - ((cv<A>(x1[c]) - h) - l) * a2 - a3);
+    }
+  }
+  for (; r < rows; ++r) {
     const T* __restrict gr = g + r * C;
     const T* __restrict xr = x + r * C;
     T* __restrict dr = dx + r * C;

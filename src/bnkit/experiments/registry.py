@@ -234,6 +234,8 @@ def list_text() -> List[str]:
     lines.append("datasets:")
     for d in DATASETS.values():
         lines.append(f"  {d.name:<14} {d.description}{'  [needs --data-dir]' if d.needs_dir else ''}")
-    from .models import NORMS
-    lines.append("norms (models): " + " ".join(NORMS))
+    from .models import NORMS, norm_available
+    missing = [n for n in NORMS if n != "in" and not norm_available(n)]
+    lines.append("norms (models): " + " ".join(NORMS) +
+                 (f"  [not available in this build yet: {' '.join(missing)}]" if missing else ""))
     return lines

@@ -277,6 +277,13 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     double eps) {
+  const bool needs_graph = at::GradMode::is_enabled() &&
+      (x3.requires_grad() || (weight.has_value() && weight->defined() && weight->requires_grad()) ||
+       (bias.has_value() && bias->defined() && bias->requires_grad()));
+  if (!needs_graph) { // inference / no_grad: skip the autograd Function machinery
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return train_op().call(x3, weight, bias, eps);
+  }
   auto out = TrainFn::apply(x3, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
@@ -292,6 +299,12 @@ Tensor infer_autograd(
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     double eps) {
+  auto req = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(x3.requires_grad() || mean.requires_grad() || var.requires_grad() || req(weight) || req(bias))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return infer_op().call(x3, mean, var, weight, bias, eps);
+  }
   return InferFn::apply(x3, mean, var, weight, bias, eps)[0];
 }
 

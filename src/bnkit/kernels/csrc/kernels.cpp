@@ -480,6 +480,7 @@ Tensor check_param(const Tensor& p, int64_t C, at::ScalarType acc, const char* o
       p.sizes());
   TORCH_CHECK(
       at::isFloatingType(p.scalar_type()), "bnkit::", op, ": ", name, " must be floating point, got ", p.scalar_type());
+  if (p.dim() == 1 && p.scalar_type() == acc && p.is_contiguous()) return p; // the common case: no new tensor
   return p.reshape({C}).to(acc).contiguous();
 }
 
@@ -669,10 +670,22 @@ bool update_running_stats_cpu(
           running_var.device().is_cpu(),
       "bnkit::update_running_stats_: running_mean and running_var must be contiguous CPU tensors of one dtype");
   if (count == 0) return true;
-  const Tensor mean = mean_.to(at::kDouble).contiguous();
-  const Tensor var = var_.to(at::kDouble).contiguous();
-  const double* m = mean.const_data_ptr<double>();
-  const double* v = var.const_data_ptr<double>();
+  // The batch statistics as double (no new tensor for the usual float32/float64).
+  std::vector<double> m(C), v(C);
+  auto read = [&](const Tensor& t, std::vector<double>& out) {
+    const Tensor tc = t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)
+        ? t
+        : t.to(at::kDouble).contiguous();
+    if (tc.scalar_type() == at::kFloat) {
+      const float* p = tc.const_data_ptr<float>();
+      for (int64_t c = 0; c < C; ++c) out[c] = p[c];
+    } else {
+      const double* p = tc.const_data_ptr<double>();
+      for (int64_t c = 0; c < C; ++c) out[c] = p[c];
+    }
+  };
+  read(mean_, m);
+  read(var_, v);
   if (check_finite) {
     double acc = 0;
     for (int64_t c = 0; c < C; ++c) acc += v[c] + m[c] * 0.0;

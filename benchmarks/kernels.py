@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.reps, args.warmup, args.quick)
     print()
     for t in result["targets"]:
+        if t["value"] != t["value"]:  # NaN: no row for this target (e.g. --quick)
+            print(f"  [    n/a] {t['target']} (goal {t['goal']})")
+            continue
         print(f"  [{'met' if t['met'] else 'NOT met':>7}] {t['target']}: {t['value']:.2f}x (goal {t['goal']})")
     print(f"({time.perf_counter() - t0:.0f} s)")
     if args.json:

@@ -18,10 +18,13 @@ Both candidates allocate their outputs through the same allocator (reported
 in the header: glibc malloc unless LD_PRELOAD names another); fresh multi-MB
 outputs page-fault with glibc, which costs both candidates alike.
 
+``--allocator tuned`` re-runs the script with glibc settings that keep freed
+blocks mapped (both candidates still share one allocator).
+
 Usage::
 
     python benchmarks/kernels.py [--reps 25] [--warmup 5] [--threads N]
-                                 [--quick] [--json results.json]
+                                 [--allocator default|tuned] [--quick] [--json results.json]
     bnkit bench [same arguments]
 """
 
@@ -66,12 +69,23 @@ CASES = [
 OPS = ("train fwd", "backward", "fwd+bwd", "eval fwd")
 
 
+# glibc settings that keep freed multi-MB blocks in the heap (no unmapping, no
+# trimming), so that fresh outputs stop page-faulting after the warm-up.
+TUNED_MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's maximum; tensors below it come from the heap
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
+    "MALLOC_TOP_PAD_": str(64 * 2**20),
+}
+
+
 def allocator() -> str:
     pre = os.environ.get("LD_PRELOAD", "")
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if name in pre:
             return f"{name} (LD_PRELOAD)"
-    return "glibc malloc (default)"
+    if all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
+        return "glibc malloc, tuned (mmap threshold 32 MB, no trim: no page faults after warm-up)"
+    return "glibc malloc (default settings: fresh multi-MB outputs page-fault)"
 
 
 def make_case(shape, channels_last, dtype, seed=0):
@@ -283,7 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="a few shapes only (smoke test)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--allocator",
+        choices=("default", "tuned"),
+        default="default",
+        help="glibc malloc as is, or tuned to keep freed blocks (re-runs this script with MALLOC_* set)",
+    )
     args = p.parse_args(argv)
+    if args.allocator == "tuned" and not all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
+        import subprocess
+
+        rest = list(sys.argv[1:] if argv is None else argv)
+        return subprocess.run([sys.executable, str(Path(__file__).resolve()), *rest], env={**os.environ, **TUNED_MALLOC}).returncode
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = check_backend()

@@ -153,6 +153,17 @@ def _load(verbose: bool = False, force_build: bool = False) -> None:
     _loaded = True
 
 
+def _reason(exc: BaseException) -> str:
+    """A one-line reason: the first compiler/linker error line if there is one."""
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        low = ln.lower()
+        if "error:" in low or "fatal" in low or "not found" in low or "no such file" in low:
+            return f"{type(exc).__name__}: {ln[:240]}"
+    return f"{type(exc).__name__}: {(lines[-1] if lines else repr(exc))[:240]}"
+
+
 def load() -> bool:
     """Load (building once if needed) the kernels; ``True`` when the ops are usable.
 
@@ -173,7 +184,7 @@ def load() -> bool:
             try:
                 _load()
             except Exception as exc:  # compiler missing, headers missing, ...
-                _error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}"
+                _error = _reason(exc)
         if _error is not None:
             if not _warned:
                 _warned = True

@@ -103,11 +103,14 @@ def _train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     return _BatchNormTrain.apply(x3, weight, bias, eps, backend)
 
 
-def _eval_forward(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    backend = kernels.select(x3)
-    if backend == "cpp":
-        return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
+def _eval_forward(
+    x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    if kernels.select(x3) == "cpp":
+        # The fold into (scale, shift) happens inside the fused op (one call).
+        return torch.ops.bnkit.batch_norm_infer(x3, mean, var, weight, bias, eps)
     # The affine map is differentiable as torch ops on every backend.
+    scale, shift = fold(mean, var, weight, bias, eps)
     return torch_ops.forward_eval(x3, scale, shift)
 
 
@@ -117,21 +120,22 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
-    if t.device != x.device:
-        raise RuntimeError(
-            f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
-        )
-    if t.dtype != x.dtype and not (
-        x.dtype in (torch.float16, torch.bfloat16) and t.dtype == torch.float32
-    ):
+    if t.dtype != x.dtype and not (x.dtype in _HALF_DTYPES and t.dtype == torch.float32):
         raise TypeError(
             f"batch_norm: {name} has dtype {t.dtype} but the input has {x.dtype}; parameters and buffers "
             "must have the input's dtype (float16/bfloat16 inputs may also use float32 ones)"
         )
-    if t.numel() != channels and not (name in ("weight", "bias") and t.numel() == 1):
+    if t.device != x.device:
+        raise RuntimeError(
+            f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
+        )
+    if t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias")):
         raise ValueError(
             f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"
         )
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
@@ -274,11 +278,7 @@ def batch_norm_core(
         return restore(y3)
     if running_mean is None:
         raise ValueError(f"{where}: running_mean and running_var are required when training=False")
-    if kernels.select(x3) == "cpp":
-        # The fold into (scale, shift) happens inside the fused op (one call).
-        return restore(torch.ops.bnkit.batch_norm_infer(x3, running_mean, running_var, weight_c, bias_c, eps))
-    scale, shift = fold(running_mean, running_var, weight_c, bias_c, eps)
-    return restore(_eval_forward(x3, scale, shift))
+    return restore(_eval_forward(x3, running_mean, running_var, weight_c, bias_c, eps))
 
 
 def batch_norm(

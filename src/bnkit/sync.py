@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from . import kernels, stats
 from .functional import _per_channel, _update_running, canonical_view
-from .kernels import torch_ops
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
@@ -89,19 +88,6 @@ class _Comm:
         )
 
 
-def _local_moments(x3: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, biased variance) of this rank's batch in the accumulation dtype."""
-    if kernels.select(x3) == "cpp" and hasattr(torch.ops.bnkit, "moments"):
-        return torch.ops.bnkit.moments(x3)
-    return torch_ops.moments(x3)
-
-
-def _apply_affine(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    if x3.numel() > 0 and kernels.select(x3) == "cpp" and hasattr(torch.ops.bnkit, "batch_norm_eval"):
-        return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
-    return torch_ops.forward_eval(x3, scale, shift)
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training SyncBN on the canonical ``(outer, C, inner)`` view.
 
@@ -120,7 +106,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         payload[1] = channels
         payload[2] = comm.tag
         if n_local > 0:
-            mean_l, var_l = _local_moments(x3)
+            mean_l, var_l = kernels.moments(x3)
             payload[_HEADER : _HEADER + channels] = mean_l
             payload[_HEADER + channels :] = var_l.to(_COMM_DTYPE) * n_local  # M2
         gathered = torch.empty(comm.world_size * payload.numel(), dtype=_COMM_DTYPE, device=x3.device)
@@ -160,7 +146,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(acc)
-        y3 = _apply_affine(x3, scale, shift)
+        y3 = kernels.affine(x3, scale, shift)
         ctx.comm = comm
         ctx.total = total
         ctx.bias_dtype = None if bias is None else bias.dtype

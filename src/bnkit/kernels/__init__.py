@@ -30,7 +30,7 @@ from .. import reference as _reference
 from ..stats import accumulation_dtype
 from . import torch_ops
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select", "raw", "cpp_available"]
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select", "raw", "cpp_available", "moments", "affine"]
 
 BACKENDS = ("cpp", "torch", "reference")
 
@@ -69,13 +69,20 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
+_cpp_ok: bool | None = None  # the loader's answer, cached: select() runs on every call
+
+
 def cpp_available() -> bool:
-    """Whether the C++ extension is (or can be) loaded; builds it on first call."""
-    try:
-        from . import cpp
-    except ImportError:
-        return False
-    return cpp.available()
+    """Whether the C++ extension is loaded; builds or loads it on the first call."""
+    global _cpp_ok
+    if _cpp_ok is None:
+        try:
+            from . import cpp
+        except ImportError:
+            _cpp_ok = False
+        else:
+            _cpp_ok = cpp.available()
+    return _cpp_ok
 
 
 def select(x: Tensor) -> str:
@@ -83,13 +90,29 @@ def select(x: Tensor) -> str:
     forced = _forced
     if forced == "reference" or forced == "torch":
         return forced
-    if x.device.type == "cpu" and cpp_available():
-        return "cpp"
-    if forced == "cpp" and x.device.type == "cpu":
-        raise RuntimeError(
-            "BNKIT_BACKEND=cpp but the C++ extension is not available; run `bnkit build` to see why"
-        )
+    if x.is_cpu:
+        if _cpp_ok or cpp_available():
+            return "cpp"
+        if forced == "cpp":
+            raise RuntimeError(
+                "BNKIT_BACKEND=cpp but the C++ extension is not available; run `bnkit build` to see why"
+            )
     return "torch"
+
+
+def moments(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance)`` of ``x3`` on the selected backend."""
+    backend = select(x3)
+    if backend == "cpp":
+        return torch.ops.bnkit.moments(x3)
+    return raw(backend).moments(x3)
+
+
+def affine(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x3 * scale[c] + shift[c]``, differentiable in all three, on the selected backend."""
+    if x3.numel() and select(x3) == "cpp":
+        return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
+    return torch_ops.forward_eval(x3, scale, shift)
 
 
 class _ReferenceKernels:

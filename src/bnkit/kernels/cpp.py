@@ -14,12 +14,22 @@ on any x86-64 machine.  ``-fopenmp`` is passed at compile time only so that
 ``at::parallel_for`` uses torch's thread pool; the library links against the
 ``libgomp.so.1`` that torch itself ships and has loaded (one OpenMP runtime).
 
+Builds are serialized with our own ``fcntl.flock`` on ``bnkit.flock`` in the
+build folder, held around torch's build.  The kernel releases a flock when its
+holder dies, so a build killed half-way never blocks later processes; torch's
+own lock file (``lock``, a ``FileBaton`` that torch's build waits on forever)
+found while we hold the flock can only be a killed build's leftover, and is
+removed with a one-line message (see :func:`_clear_stale_baton`).  Where
+``fcntl`` is missing, a ``lock`` file untouched for ``STALE_LOCK_SECONDS`` is
+treated as stale.
+
 Public functions: :func:`available`, :func:`load`, :func:`build`,
 :func:`build_error`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -42,6 +52,12 @@ SOURCES = (
 )
 HEADERS = ("bnkit_kernels.h", "rowkernels.h", "rowkernels_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG")
+
+# torch's FileBaton in the build folder, and our own lock file beside it.
+BATON_NAME = "lock"
+FLOCK_NAME = "bnkit.flock"
+# Without fcntl: a baton untouched for this long is a killed build's leftover.
+STALE_LOCK_SECONDS = 300.0
 
 _lock = threading.RLock()
 _loaded: bool = False
@@ -111,12 +127,69 @@ def _ops_registered() -> bool:
         return False
 
 
-def _compile(verbose: bool) -> None:
-    import torch.utils.cpp_extension as ext
+def _clear_stale_baton(build_dir: Path, flock_held: bool) -> bool:
+    """Remove torch's build lock in ``build_dir`` if it is a dead build's leftover.
 
+    With ``flock_held`` (we hold ``bnkit.flock``, which every bnkit build holds
+    while torch's lock exists), any ``lock`` file is stale.  Otherwise it is
+    stale when untouched for :data:`STALE_LOCK_SECONDS`.  Returns whether a
+    stale lock was removed (and says so in one line on stderr).
+    """
+    baton = build_dir / BATON_NAME
+    try:
+        age = time.time() - baton.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if not flock_held and age < STALE_LOCK_SECONDS:
+        return False
+    try:
+        baton.unlink()
+    except FileNotFoundError:
+        return False
+    print(
+        f"bnkit: removed a stale build lock left by a killed build ({baton}, {age:.0f} s old); rebuilding",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Hold bnkit's inter-process build lock on ``build_dir``; clears a stale torch lock.
+
+    Yields whether the flock is held (False where ``fcntl`` is unavailable).
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        _clear_stale_baton(build_dir, flock_held=False)
+        yield False
+        return
+    with open(build_dir / FLOCK_NAME, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print("bnkit: waiting for another process building the C++ kernels...", file=sys.stderr, flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            _clear_stale_baton(build_dir, flock_held=True)
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _compile(verbose: bool) -> None:
     name = _name()
     build_dir = _build_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    with _build_lock(build_dir):
+        _compile_locked(name, build_dir, verbose)
+
+
+def _compile_locked(name: str, build_dir: Path, verbose: bool) -> None:
+    import torch.utils.cpp_extension as ext
+
     ext.load(
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],

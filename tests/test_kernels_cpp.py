@@ -350,6 +350,47 @@ def test_baseline_instruction_set_matches_the_oracle():
     assert worst <= 1.0
 
 
+def test_non_temporal_store_kernels_match_the_oracle():
+    """The streaming-store paths for large outputs (BNKIT_NT_BYTES=0: used for every size), in a
+    fresh process: channels-last rows (C % 16 == 0, and C = 20 which falls back), NCHW spans of
+    odd lengths (unaligned heads and tails), train/eval forward and backward, mean 1e3 std 0.1."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from bnkit.kernels import cpp
+        assert cpp.load()
+        ops = torch.ops.bnkit
+        worst = 0.0
+        for shape in [(300, 32, 1), (77, 64, 1), (50, 20, 1), (5, 6, 37), (3, 4, 1000), (2, 3, 5)]:
+            for loc, sc in ((2.0, 3.0), (1e3, 0.1)):
+                x = torch.randn(shape, dtype=torch.float64) * sc + loc
+                x3 = x.float()
+                xd = x3.double()
+                m_r = xd.mean((0, 2), keepdim=True)
+                v_r = xd.var((0, 2), unbiased=False, keepdim=True)
+                y, m, v = ops.batch_norm_train(x3, None, None, 1e-5)
+                yr = (xd - m_r) / torch.sqrt(v_r + 1e-5)
+                worst = max(worst, (y.double() - yr).abs().max().item() / 1e-3)
+                g = torch.randn_like(x3)
+                dx, dw, db = ops.batch_norm_backward(g, x3, m, v, None, 1e-5)
+                xr = xd.clone().requires_grad_(True)
+                torch.nn.functional.batch_norm(xr, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
+                worst = max(worst, (dx.double() - xr.grad).abs().max().item() / (1e-3 * xr.grad.abs().max().item()))
+                a = torch.rand(shape[1]) + 0.5
+                b = torch.randn(shape[1])
+                ye = ops.batch_norm_eval(x3, a, b)
+                yer = xd * a.double().view(1, -1, 1) + b.double().view(1, -1, 1)
+                worst = max(worst, (ye.double() - yer).abs().max().item() / (2e-6 * yer.abs().max().item()))
+        print("WORST", worst)
+        """
+    )
+    env = dict(os.environ, BNKIT_NT_BYTES="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    worst = float(out.stdout.split("WORST")[-1])
+    assert worst <= 1.0
+
+
 # ------------------------------------------------------- running statistics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_update_running_stats_matches_torch_rule(dtype):

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -208,7 +209,17 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t C = s.C, S = s.S;
   std::vector<A> K(C);
-  for (int64_t c = 0; c < C; ++c) K[c] = channel_shift<T, A>(x, s, c);
+  if (S == 1 && s.N > 0) {
+    // Rows of C channels: the mean of the first (up to) 16 rows, read row by
+    // row (a per-channel strided walk cost as much as a small tensor's stats).
+    const int64_t k = std::min<int64_t>(s.N, 16);
+    std::vector<double> acc(C, 0.0);
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t c = 0; c < C; ++c) acc[c] += cvt<double>(x[r * C + c]);
+    for (int64_t c = 0; c < C; ++c) K[c] = static_cast<A>(acc[c] / static_cast<double>(k));
+  } else {
+    for (int64_t c = 0; c < C; ++c) K[c] = channel_shift<T, A>(x, s, c);
+  }
   std::vector<double> sum(C), sumsq(C);
   reduce2<A>(
       s,
@@ -221,12 +232,57 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
   for (int64_t c = 0; c < C; ++c) finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
 }
 
+// Outputs at least this large are written with non-temporal stores (they do
+// not fit in the caches next to their input anyway; smaller ones are better
+// left in cache for the next layer).  BNKIT_NT_BYTES overrides (read once).
+inline int64_t nt_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("BNKIT_NT_BYTES");
+    return e != nullptr ? std::atoll(e) : int64_t(16) << 20;
+  }();
+  return v;
+}
+
+template <typename T, typename P>
+inline bool use_nt_stores(const Shape& s, const P* y) {
+  (void)y;
+  return s.N * s.C * s.S * static_cast<int64_t>(sizeof(T)) >= nt_bytes();
+}
+
+// The channels-last non-temporal kernels need whole 64-byte rows, aligned.
+template <typename F>
+inline bool cl_nt_ok(F fn, const Shape& s, const void* y) {
+  return fn != nullptr && s.C % 16 == 0 && (reinterpret_cast<uintptr_t>(y) & 63u) == 0;
+}
+
 // y = ((x - mhi) - mlo) * sc + sh  (kCenter) or y = x * sc + sh, any layout.
 template <bool kCenter, typename T, typename A>
 void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, const A* sc, const A* sh) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S;
   if (N == 0 || C == 0 || S == 0) return;
+  if (use_nt_stores<T>(s, y) && (S > 1 ? rk.span_normalize_nt != nullptr : cl_nt_ok(rk.cl_normalize_nt, s, y))) {
+    std::vector<A> zeros;
+    if (!kCenter) {
+      zeros.assign(C, A(0)); // x - 0 - 0 == x exactly: the same values as x * sc + sh
+      mhi = mlo = zeros.data();
+    }
+    if (S > 1) {
+      const int64_t grain = std::max<int64_t>(1, kGrain / S);
+      at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
+        for_runs(r0, r1, C, [&](int64_t n, int64_t c0, int64_t c1) {
+          const int64_t off = (n * C + c0) * S;
+          rk.span_normalize_nt(x + off, y + off, c1 - c0, S, mhi + c0, mlo + c0, sc + c0, sh + c0);
+        });
+      });
+    } else {
+      const int64_t grain = std::max<int64_t>(1, kGrain / C);
+      at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+        rk.cl_normalize_nt(x + r0 * C, y + r0 * C, r1 - r0, C, mhi, mlo, sc, sh);
+      });
+    }
+    return;
+  }
   if (S > 1) {
     const int64_t grain = std::max<int64_t>(1, kGrain / S);
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
@@ -401,9 +457,9 @@ void backward_kernel(
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / C);
+    const auto apply = use_nt_stores<T>(s, dx) && cl_nt_ok(rk.cl_bwd_apply_nt, s, dx) ? rk.cl_bwd_apply_nt : rk.cl_bwd_apply;
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-      rk.cl_bwd_apply(
-          g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), k1.data(), k2.data(), k3.data());
+      apply(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), k1.data(), k2.data(), k3.data());
     });
   }
 }

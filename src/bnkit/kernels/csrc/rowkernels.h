@@ -13,7 +13,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace bnkit {
 
@@ -71,6 +76,24 @@ struct RowKernels {
       const A* k2,
       const A* k3);
   void (*cl_eval_bwd)(const T* g, const T* x, T* dx, int64_t rows, int64_t C, const A* sc, A* sa, A* sb);
+
+  // Non-temporal-store variants for outputs larger than the caches (float on
+  // AVX-512 only; nullptr elsewhere).  cl_*: rows of C % 16 == 0 values with
+  // y/dx 64-byte aligned.  span_normalize_nt: one run of n values of one
+  // channel, any alignment: o = ((p - h) - l) * a + b.  Each ends with sfence.
+  void (*cl_normalize_nt)(const T* x, T* y, int64_t rows, int64_t C, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  void (*cl_bwd_apply_nt)(
+      const T* g,
+      const T* x,
+      T* dx,
+      int64_t rows,
+      int64_t C,
+      const A* mhi,
+      const A* mlo,
+      const A* k1,
+      const A* k2,
+      const A* k3);
+  void (*span_normalize_nt)(const T* p, T* o, int64_t nch, int64_t n, const A* mhi, const A* mlo, const A* sc, const A* sh);
 };
 
 struct RowKernelSet {

@@ -7,6 +7,7 @@
 #pragma GCC target("avx2,fma,avx512f,avx512vl,avx512bw,avx512dq,prefer-vector-width=512")
 #define BNKIT_ISA_FILL fill_row_kernels_avx512
 #define BNKIT_ISA_NAME "avx512"
+#define BNKIT_ISA_AVX512 1
 #include "rowkernels_impl.h"
 #pragma GCC pop_options
 #else

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from . import stats
+from . import kernels, stats
 from .functional import _update_running, batch_norm_core, canonical_view, fold
 from .layers import BatchNorm, batch_norm_module_call, check_feature_input
 
@@ -350,8 +350,7 @@ class BatchRenorm(BatchNorm):
     @torch.no_grad()
     def _correction(self, x3: Tensor) -> tuple[Tensor, Tensor]:
         """The per-channel ``(r, d)`` of the batch ``x3`` (constants: computed without a graph)."""
-        m = stats.Moments.of(x3, (0, 2))
-        mean_b, var_b = m.mean, m.variance(0)
+        mean_b, var_b = kernels.moments(x3)
         acc = mean_b.dtype
         mu = self.running_mean.to(acc)
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)

@@ -469,41 +469,6 @@ inline void fill_nt(RowKernels<T>& k) {
 }
 
 #ifdef BNKIT_ISA_AVX512
-void k_cl_normalize_nt(
-    const float* __restrict x,
-    float* __restrict y,
-    int64_t rows,
-    int64_t C,
-    const float* __restrict mhi,
-    const float* __restrict mlo,
-    const float* __restrict sc,
-    const float* __restrict sh) {
-  int64_t r = 0;
-  for (; r + 2 <= rows; r += 2) {
-    const float* x0 = x + r * C;
-    const float* x1 = x0 + C;
-    float* y0 = y + r * C;
-    float* y1 = y0 + C;
-    for (int64_t c = 0; c < C; c += 16) {
-      const __m512 h = _mm512_loadu_ps(mhi + c), l = _mm512_loadu_ps(mlo + c);
-      const __m512 a = _mm512_loadu_ps(sc + c), b = _mm512_loadu_ps(sh + c);
-      const __m512 v0 = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x0 + c), h), l);
-      const __m512 v1 = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(x1 + c), h), l);
-      _mm512_stream_ps(y0 + c, _mm512_fmadd_ps(v0, a, b));
-      _mm512_stream_ps(y1 + c, _mm512_fmadd_ps(v1, a, b));
-    }
-  }
-  for (; r < rows; ++r) {
-    const float* xr = x + r * C;
-    float* yr = y + r * C;
-    for (int64_t c = 0; c < C; c += 16) {
-      const __m512 v = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(mhi + c)), _mm512_loadu_ps(mlo + c));
-      _mm512_stream_ps(yr + c, _mm512_fmadd_ps(v, _mm512_loadu_ps(sc + c), _mm512_loadu_ps(sh + c)));
-    }
-  }
-  _mm_sfence();
-}
-
 void k_cl_bwd_apply_nt(
     const float* __restrict g,
     const float* __restrict x,
@@ -557,9 +522,197 @@ void k_span_normalize_nt(
   _mm_sfence();
 }
 
+// Channels-last reductions with the per-channel accumulators in registers:
+// chunks of up to 4 vectors (64 channels, the last one masked), the rows of
+// the block walked inside each chunk.  (The portable loops keep the
+// accumulators in memory: a load and a store per vector per group of rows.)
+inline __mmask16 tail_mask(int64_t rem) {
+  return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
+}
+
+template <int V>
+inline void cl_moments_chunk(const float* x, int64_t rows, int64_t C, const float* K, float* sa, float* sb, __mmask16 lm) {
+  __m512 k[V], s[V], q[V];
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+    k[v] = _mm512_maskz_loadu_ps(m, K + 16 * v);
+    s[v] = _mm512_maskz_loadu_ps(m, sa + 16 * v);
+    q[v] = _mm512_maskz_loadu_ps(m, sb + 16 * v);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), k[v]);
+      s[v] = _mm512_add_ps(s[v], d);
+      q[v] = _mm512_fmadd_ps(d, d, q[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+    _mm512_mask_storeu_ps(sa + 16 * v, m, s[v]);
+    _mm512_mask_storeu_ps(sb + 16 * v, m, q[v]);
+  }
+}
+
+// Rows per sub-block: ~64 KB, walked once per 64-channel chunk (from L1/L2).
+inline int64_t sub_rows(int64_t C) {
+  return std::max<int64_t>(4, 16384 / std::max<int64_t>(1, C));
+}
+
+void k_cl_moments_reg(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict K, float* __restrict sa, float* __restrict sb) {
+  const int64_t sr = sub_rows(C);
+  if (rows > sr) {
+    for (int64_t r0 = 0; r0 < rows; r0 += sr) k_cl_moments_reg(x + r0 * C, std::min(sr, rows - r0), C, K, sa, sb);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const int64_t left = C - c0;
+    const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
+    const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
+    switch (nv) {
+      case 4: cl_moments_chunk<4>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
+      case 3: cl_moments_chunk<3>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
+      case 2: cl_moments_chunk<2>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
+      default: cl_moments_chunk<1>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
+    }
+  }
+}
+
+template <int V>
+inline void cl_bwd_sums_chunk(
+    const float* g,
+    const float* x,
+    int64_t rows,
+    int64_t C,
+    const float* mhi,
+    const float* mlo,
+    float* sa,
+    float* sb,
+    __mmask16 lm) {
+  __m512 h[V], l[V], s[V], q[V];
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+    h[v] = _mm512_maskz_loadu_ps(m, mhi + 16 * v);
+    l[v] = _mm512_maskz_loadu_ps(m, mlo + 16 * v);
+    s[v] = _mm512_maskz_loadu_ps(m, sa + 16 * v);
+    q[v] = _mm512_maskz_loadu_ps(m, sb + 16 * v);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * C;
+    const float* xr = x + r * C;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, gr + 16 * v);
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]);
+      s[v] = _mm512_add_ps(s[v], gv);
+      q[v] = _mm512_fmadd_ps(gv, xc, q[v]);
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+    _mm512_mask_storeu_ps(sa + 16 * v, m, s[v]);
+    _mm512_mask_storeu_ps(sb + 16 * v, m, q[v]);
+  }
+}
+
+void k_cl_bwd_sums_reg(
+    const float* __restrict g,
+    const float* __restrict x,
+    int64_t rows,
+    int64_t C,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    float* __restrict sa,
+    float* __restrict sb) {
+  const int64_t sr = std::max<int64_t>(4, sub_rows(C) / 2);
+  if (rows > sr) {
+    for (int64_t r0 = 0; r0 < rows; r0 += sr)
+      k_cl_bwd_sums_reg(g + r0 * C, x + r0 * C, std::min(sr, rows - r0), C, mhi, mlo, sa, sb);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const int64_t left = C - c0;
+    const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
+    const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
+    switch (nv) {
+      case 4: cl_bwd_sums_chunk<4>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
+      case 3: cl_bwd_sums_chunk<3>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
+      case 2: cl_bwd_sums_chunk<2>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
+      default: cl_bwd_sums_chunk<1>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
+    }
+  }
+}
+
+template <int V, bool NT>
+inline void cl_normalize_chunk(
+    const float* x,
+    float* y,
+    int64_t rows,
+    int64_t C,
+    const float* mhi,
+    const float* mlo,
+    const float* sc,
+    const float* sh,
+    __mmask16 lm) {
+  __m512 h[V], l[V], a[V], b[V];
+  for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+    h[v] = _mm512_maskz_loadu_ps(m, mhi + 16 * v);
+    l[v] = _mm512_maskz_loadu_ps(m, mlo + 16 * v);
+    a[v] = _mm512_maskz_loadu_ps(m, sc + 16 * v);
+    b[v] = _mm512_maskz_loadu_ps(m, sh + 16 * v);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+      const __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]), a[v], b[v]);
+      if (NT)
+        _mm512_stream_ps(yr + 16 * v, o); // NT: C % 16 == 0, rows aligned (checked by the caller)
+      else
+        _mm512_mask_storeu_ps(yr + 16 * v, m, o);
+    }
+  }
+}
+
+template <bool NT>
+void k_cl_normalize_reg(
+    const float* __restrict x,
+    float* __restrict y,
+    int64_t rows,
+    int64_t C,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    const float* __restrict sc,
+    const float* __restrict sh) {
+  const int64_t sr = sub_rows(C);
+  for (int64_t r0 = 0; r0 < rows; r0 += sr) {
+    const int64_t nr = std::min(sr, rows - r0);
+    const float* xb = x + r0 * C;
+    float* yb = y + r0 * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 64) {
+      const int64_t left = C - c0;
+      const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
+      const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
+      switch (nv) {
+        case 4: cl_normalize_chunk<4, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
+        case 3: cl_normalize_chunk<3, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
+        case 2: cl_normalize_chunk<2, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
+        default: cl_normalize_chunk<1, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
+      }
+    }
+  }
+  if (NT) _mm_sfence();
+}
+
 template <>
 inline void fill_nt<float>(RowKernels<float>& k) {
-  k.cl_normalize_nt = &k_cl_normalize_nt;
+  k.cl_normalize = &k_cl_normalize_reg<false>;
+  k.cl_moments = &k_cl_moments_reg;
+  k.cl_bwd_sums = &k_cl_bwd_sums_reg;
+  k.cl_normalize_nt = &k_cl_normalize_reg<true>;
   k.cl_bwd_apply_nt = &k_cl_bwd_apply_nt;
   k.span_normalize_nt = &k_span_normalize_nt;
 }

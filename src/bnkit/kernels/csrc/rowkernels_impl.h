@@ -533,7 +533,7 @@ inline __mmask16 tail_mask(int64_t rem) {
 template <int V>
 inline void cl_moments_chunk(const float* x, int64_t rows, int64_t C, const float* K, float* sa, float* sb, __mmask16 lm) {
   __m512 k[V], s[V], q[V];
-  for (int v = 0; v < V; ++v) {
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
     const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
     k[v] = _mm512_maskz_loadu_ps(m, K + 16 * v);
     s[v] = _mm512_maskz_loadu_ps(m, sa + 16 * v);
@@ -541,23 +541,27 @@ inline void cl_moments_chunk(const float* x, int64_t rows, int64_t C, const floa
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * C;
-    for (int v = 0; v < V; ++v) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
       const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), k[v]);
       s[v] = _mm512_add_ps(s[v], d);
       q[v] = _mm512_fmadd_ps(d, d, q[v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
     const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
     _mm512_mask_storeu_ps(sa + 16 * v, m, s[v]);
     _mm512_mask_storeu_ps(sb + 16 * v, m, q[v]);
   }
 }
 
-// Rows per sub-block: ~64 KB, walked once per 64-channel chunk (from L1/L2).
+// Rows per sub-block (~16 KB: half of L1d), walked once per 64-channel chunk.
 inline int64_t sub_rows(int64_t C) {
-  return std::max<int64_t>(4, 16384 / std::max<int64_t>(1, C));
+  static const int64_t floats = [] {
+    const char* e = std::getenv("BNKIT_SUB_FLOATS");
+    return e != nullptr ? std::max<int64_t>(16, std::atoll(e)) : int64_t(4096);
+  }();
+  return std::max<int64_t>(4, floats / std::max<int64_t>(1, C));
 }
 
 void k_cl_moments_reg(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict K, float* __restrict sa, float* __restrict sb) {
@@ -591,7 +595,7 @@ inline void cl_bwd_sums_chunk(
     float* sb,
     __mmask16 lm) {
   __m512 h[V], l[V], s[V], q[V];
-  for (int v = 0; v < V; ++v) {
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
     const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
     h[v] = _mm512_maskz_loadu_ps(m, mhi + 16 * v);
     l[v] = _mm512_maskz_loadu_ps(m, mlo + 16 * v);
@@ -601,7 +605,7 @@ inline void cl_bwd_sums_chunk(
   for (int64_t r = 0; r < rows; ++r) {
     const float* gr = g + r * C;
     const float* xr = x + r * C;
-    for (int v = 0; v < V; ++v) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
       const __m512 gv = _mm512_maskz_loadu_ps(m, gr + 16 * v);
       const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]);
@@ -609,7 +613,7 @@ inline void cl_bwd_sums_chunk(
       q[v] = _mm512_fmadd_ps(gv, xc, q[v]);
     }
   }
-  for (int v = 0; v < V; ++v) {
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
     const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
     _mm512_mask_storeu_ps(sa + 16 * v, m, s[v]);
     _mm512_mask_storeu_ps(sb + 16 * v, m, q[v]);
@@ -656,7 +660,7 @@ inline void cl_normalize_chunk(
     const float* sh,
     __mmask16 lm) {
   __m512 h[V], l[V], a[V], b[V];
-  for (int v = 0; v < V; ++v) {
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
     const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
     h[v] = _mm512_maskz_loadu_ps(m, mhi + 16 * v);
     l[v] = _mm512_maskz_loadu_ps(m, mlo + 16 * v);
@@ -666,7 +670,7 @@ inline void cl_normalize_chunk(
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * C;
     float* yr = y + r * C;
-    for (int v = 0; v < V; ++v) {
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
       const __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]), a[v], b[v]);
       if (NT)

@@ -550,6 +550,19 @@ Tensor check_param(const Tensor& p, int64_t C, at::ScalarType acc, const char* o
   return p.reshape({C}).to(acc).contiguous();
 }
 
+// A per-channel parameter's values as double (checked as check_param does).
+void param_as_double(const Tensor& p, int64_t C, const char* op, const char* name, std::vector<double>& out) {
+  const Tensor t = check_param(p, C, p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, op, name);
+  out.resize(C);
+  if (t.scalar_type() == at::kDouble) {
+    const double* q = t.const_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) out[c] = q[c];
+  } else {
+    const float* q = t.const_data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) out[c] = q[c];
+  }
+}
+
 template <typename A>
 const A* opt_ptr(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<A>() : nullptr;
@@ -642,18 +655,20 @@ Tensor batch_norm_infer_cpu(
   TORCH_CHECK(eps >= 0, "bnkit::batch_norm_infer: eps must be >= 0, got ", eps);
   const Shape s = shape_of(x3);
   const auto acc = acc_dtype(x3.scalar_type());
-  const Tensor mean = check_param(mean_, s.C, at::kDouble, "batch_norm_infer", "mean");
-  const Tensor var = check_param(var_, s.C, at::kDouble, "batch_norm_infer", "var");
-  Tensor w, b;
-  if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, at::kDouble, "batch_norm_infer", "weight");
-  if (bias.has_value() && bias->defined()) b = check_param(*bias, s.C, at::kDouble, "batch_norm_infer", "bias");
+  // The parameters read as double straight from float32/float64 tensors (no
+  // conversion tensors: they cost more than the kernel on small inputs).
+  std::vector<double> mean, var, w, b;
+  param_as_double(mean_, s.C, "batch_norm_infer", "mean", mean);
+  param_as_double(var_, s.C, "batch_norm_infer", "var", var);
+  if (weight.has_value() && weight->defined()) param_as_double(*weight, s.C, "batch_norm_infer", "weight", w);
+  if (bias.has_value() && bias->defined()) param_as_double(*bias, s.C, "batch_norm_infer", "bias", b);
   Tensor y = at::empty_like(x3, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_infer", [&] {
     using A = typename AccT<scalar_t>::type;
-    const double* m = mean.const_data_ptr<double>();
-    const double* v = var.const_data_ptr<double>();
-    const double* wp = opt_ptr<double>(w);
-    const double* bp = opt_ptr<double>(b);
+    const double* m = mean.data();
+    const double* v = var.data();
+    const double* wp = w.empty() ? nullptr : w.data();
+    const double* bp = b.empty() ? nullptr : b.data();
     // Folded in double, applied as one multiply-add per value (as ATen does).
     std::vector<A> sc(s.C), sh(s.C);
     for (int64_t c = 0; c < s.C; ++c) {

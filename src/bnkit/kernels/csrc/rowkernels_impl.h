@@ -469,31 +469,6 @@ inline void fill_nt(RowKernels<T>& k) {
 }
 
 #ifdef BNKIT_ISA_AVX512
-void k_cl_bwd_apply_nt(
-    const float* __restrict g,
-    const float* __restrict x,
-    float* __restrict dx,
-    int64_t rows,
-    int64_t C,
-    const float* __restrict mhi,
-    const float* __restrict mlo,
-    const float* __restrict k1,
-    const float* __restrict k2,
-    const float* __restrict k3) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gr = g + r * C;
-    const float* xr = x + r * C;
-    float* dr = dx + r * C;
-    for (int64_t c = 0; c < C; c += 16) {
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(mhi + c)), _mm512_loadu_ps(mlo + c));
-      // g*k1 - xc*k2 - k3, rounded as the portable kernel: fma(g, k1, -(xc*k2)) - k3
-      const __m512 t = _mm512_fnmadd_ps(xc, _mm512_loadu_ps(k2 + c), _mm512_mul_ps(_mm512_loadu_ps(gr + c), _mm512_loadu_ps(k1 + c)));
-      _mm512_stream_ps(dr + c, _mm512_sub_ps(t, _mm512_loadu_ps(k3 + c)));
-    }
-  }
-  _mm_sfence();
-}
-
 void k_span_normalize_nt(
     const float* __restrict p,
     float* __restrict o,
@@ -711,13 +686,88 @@ void k_cl_normalize_reg(
   if (NT) _mm_sfence();
 }
 
+// dx = g*k1 - ((x - h) - l)*k2 - k3 with the parameters in registers.
+template <int V, bool NT>
+inline void cl_bwd_apply_chunk(
+    const float* g,
+    const float* x,
+    float* dx,
+    int64_t rows,
+    int64_t C,
+    const float* mhi,
+    const float* mlo,
+    const float* k1,
+    const float* k2,
+    const float* k3,
+    __mmask16 lm) {
+  __m512 h[V], l[V], a1[V], a2[V], a3[V];
+  _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
+    const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+    h[v] = _mm512_maskz_loadu_ps(m, mhi + 16 * v);
+    l[v] = _mm512_maskz_loadu_ps(m, mlo + 16 * v);
+    a1[v] = _mm512_maskz_loadu_ps(m, k1 + 16 * v);
+    a2[v] = _mm512_maskz_loadu_ps(m, k2 + 16 * v);
+    a3[v] = _mm512_maskz_loadu_ps(m, k3 + 16 * v);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * C;
+    const float* xr = x + r * C;
+    float* dr = dx + r * C;
+    _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
+      const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]);
+      const __m512 t = _mm512_fnmadd_ps(xc, a2[v], _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + 16 * v), a1[v]));
+      const __m512 o = _mm512_sub_ps(t, a3[v]);
+      if (NT)
+        _mm512_stream_ps(dr + 16 * v, o);
+      else
+        _mm512_mask_storeu_ps(dr + 16 * v, m, o);
+    }
+  }
+}
+
+template <bool NT>
+void k_cl_bwd_apply_reg(
+    const float* __restrict g,
+    const float* __restrict x,
+    float* __restrict dx,
+    int64_t rows,
+    int64_t C,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    const float* __restrict k1,
+    const float* __restrict k2,
+    const float* __restrict k3) {
+  const int64_t sr = std::max<int64_t>(4, sub_rows(C) / 2);
+  for (int64_t r0 = 0; r0 < rows; r0 += sr) {
+    const int64_t nr = std::min(sr, rows - r0);
+    const int64_t o = r0 * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 64) {
+      const int64_t left = C - c0;
+      const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
+      const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
+#define BNKIT_BA(NV) \
+  cl_bwd_apply_chunk<NV, NT>(g + o + c0, x + o + c0, dx + o + c0, nr, C, mhi + c0, mlo + c0, k1 + c0, k2 + c0, k3 + c0, lm)
+      switch (nv) {
+        case 4: BNKIT_BA(4); break;
+        case 3: BNKIT_BA(3); break;
+        case 2: BNKIT_BA(2); break;
+        default: BNKIT_BA(1); break;
+      }
+#undef BNKIT_BA
+    }
+  }
+  if (NT) _mm_sfence();
+}
+
 template <>
 inline void fill_nt<float>(RowKernels<float>& k) {
+  k.cl_bwd_apply = &k_cl_bwd_apply_reg<false>;
   k.cl_normalize = &k_cl_normalize_reg<false>;
   k.cl_moments = &k_cl_moments_reg;
   k.cl_bwd_sums = &k_cl_bwd_sums_reg;
   k.cl_normalize_nt = &k_cl_normalize_reg<true>;
-  k.cl_bwd_apply_nt = &k_cl_bwd_apply_nt;
+  k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true>;
   k.span_normalize_nt = &k_span_normalize_nt;
 }
 #endif

@@ -237,7 +237,8 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
 // non-temporal stores.  Measured on the 2-core EPYC VM: a 6 MB channels-last
 // eval/normalize/backward-apply pass ran 2-3x faster with them (no
 // read-for-ownership of the destination, no write-back through the caches),
-// a 1 MB one slightly slower.  BNKIT_NT_BYTES overrides (read once).
+// a 1 MB one slightly slower.  BNKIT_NT_BYTES overrides (read once; then
+// also for eval).
 inline int64_t nt_bytes() {
   static const int64_t v = [] {
     const char* e = std::getenv("BNKIT_NT_BYTES");
@@ -246,10 +247,18 @@ inline int64_t nt_bytes() {
   return v;
 }
 
+// Eval (an output read back soon by the next layer, input not just streamed
+// through by a statistics pass): streaming stores only past 16 MB (half the
+// L3).  Measured: 6 MB eval outputs were up to 2x faster written through the
+// cache, 6 MB training outputs 1.3-2x faster streamed.
+constexpr int64_t kNtEvalBytes = int64_t(16) << 20;
+
 template <typename T, typename P>
-inline bool use_nt_stores(const Shape& s, const P* y) {
+inline bool use_nt_stores(const Shape& s, const P* y, bool eval = false) {
   (void)y;
-  return s.N * s.C * s.S * static_cast<int64_t>(sizeof(T)) >= nt_bytes();
+  const int64_t bytes = s.N * s.C * s.S * static_cast<int64_t>(sizeof(T));
+  static const bool overridden = std::getenv("BNKIT_NT_BYTES") != nullptr; // then one threshold for all
+  return bytes >= nt_bytes() && (!eval || overridden || bytes >= kNtEvalBytes);
 }
 
 // The channels-last non-temporal kernels need whole 64-byte rows, aligned.
@@ -260,7 +269,7 @@ inline bool cl_nt_ok(F fn, const Shape& s, const void* y) {
 
 // y = ((x - mhi) - mlo) * sc + sh  (kCenter) or y = x * sc + sh, any layout.
 template <bool kCenter, typename T, typename A>
-void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, const A* sc, const A* sh) {
+void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, const A* sc, const A* sh, bool eval = !kCenter) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S;
   if (N == 0 || C == 0 || S == 0) return;
@@ -269,10 +278,10 @@ void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, 
     // Channels-last eval: the centring kernel with zero means computes the
     // same values (x - 0 - 0 == x) and keeps its parameters in registers.
     zeros.assign(C, A(0));
-    apply_affine<true, T, A>(x, y, s, zeros.data(), zeros.data(), sc, sh);
+    apply_affine<true, T, A>(x, y, s, zeros.data(), zeros.data(), sc, sh, /*eval=*/true);
     return;
   }
-  if (use_nt_stores<T>(s, y) && (S > 1 ? rk.span_normalize_nt != nullptr : cl_nt_ok(rk.cl_normalize_nt, s, y))) {
+  if (use_nt_stores<T>(s, y, eval) && (S > 1 ? rk.span_normalize_nt != nullptr : cl_nt_ok(rk.cl_normalize_nt, s, y))) {
     if (!kCenter) {
       zeros.assign(C, A(0)); // x - 0 - 0 == x exactly: the same values as x * sc + sh
       mhi = mlo = zeros.data();

@@ -353,7 +353,8 @@ def test_baseline_instruction_set_matches_the_oracle():
 def test_non_temporal_store_kernels_match_the_oracle():
     """The streaming-store paths for large outputs (BNKIT_NT_BYTES=0: used for every size), in a
     fresh process: channels-last rows (C % 16 == 0, and C = 20 which falls back), NCHW spans of
-    odd lengths (unaligned heads and tails), train/eval forward and backward, mean 1e3 std 0.1."""
+    odd lengths (unaligned heads and tails), train/eval forward and backward, mean 1e3 std 0.1;
+    bfloat16 channels-last."""
     code = textwrap.dedent(
         """
         import torch
@@ -381,6 +382,17 @@ def test_non_temporal_store_kernels_match_the_oracle():
                 ye = ops.batch_norm_eval(x3, a, b)
                 yer = xd * a.double().view(1, -1, 1) + b.double().view(1, -1, 1)
                 worst = max(worst, (ye.double() - yer).abs().max().item() / (2e-6 * yer.abs().max().item()))
+        for shape in [(300, 32, 1), (77, 64, 1), (50, 20, 1)]:  # bfloat16 channels-last
+            x3 = (torch.randn(shape, dtype=torch.float64) * 3 + 2).bfloat16()
+            xd = x3.double()
+            y, m, v = ops.batch_norm_train(x3, None, None, 1e-5)
+            yr = (xd - xd.mean((0, 2), keepdim=True)) / torch.sqrt(xd.var((0, 2), unbiased=False, keepdim=True) + 1e-5)
+            worst = max(worst, (y.double() - yr).abs().max().item() / (1e-2 * yr.abs().max().item()))
+            g = torch.randn_like(x3)
+            dx, dw, db = ops.batch_norm_backward(g, x3, m, v, None, 1e-5)
+            xr = xd.clone().requires_grad_(True)
+            torch.nn.functional.batch_norm(xr, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
+            worst = max(worst, (dx.double() - xr.grad).abs().max().item() / (2e-2 * xr.grad.abs().max().item()))
         print("WORST", worst)
         """
     )

@@ -501,12 +501,42 @@ void k_span_normalize_nt(
 // chunks of up to 4 vectors (64 channels, the last one masked), the rows of
 // the block walked inside each chunk.  (The portable loops keep the
 // accumulators in memory: a load and a store per vector per group of rows.)
+// 16 values as float: loads/stores of float32 or bfloat16 (bfloat16: exact
+// widening; narrowing rounds to nearest-even, NaN stays NaN, as st<> does).
+inline __m512 ldv(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+inline __m512 ldv(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void stv(float* p, __mmask16 m, __m512 v) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
+inline void stv(c10::BFloat16* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, to_bf16(v));
+}
+inline void stv_nt(float* p, __m512 v) {
+  _mm512_stream_ps(p, v);
+}
+inline void stv_nt(c10::BFloat16* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+}
+
 inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
 }
 
-template <int V>
-inline void cl_moments_chunk(const float* x, int64_t rows, int64_t C, const float* K, float* sa, float* sb, __mmask16 lm) {
+template <int V, typename T>
+inline void cl_moments_chunk(const T* x, int64_t rows, int64_t C, const float* K, float* sa, float* sb, __mmask16 lm) {
   __m512 k[V], s[V], q[V];
   _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
     const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
@@ -515,10 +545,10 @@ inline void cl_moments_chunk(const float* x, int64_t rows, int64_t C, const floa
     q[v] = _mm512_maskz_loadu_ps(m, sb + 16 * v);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * C;
+    const T* xr = x + r * C;
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
-      const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), k[v]);
+      const __m512 d = _mm512_sub_ps(ldv(xr + 16 * v, m), k[v]);
       s[v] = _mm512_add_ps(s[v], d);
       q[v] = _mm512_fmadd_ps(d, d, q[v]);
     }
@@ -539,7 +569,8 @@ inline int64_t sub_rows(int64_t C) {
   return std::max<int64_t>(4, floats / std::max<int64_t>(1, C));
 }
 
-void k_cl_moments_reg(const float* __restrict x, int64_t rows, int64_t C, const float* __restrict K, float* __restrict sa, float* __restrict sb) {
+template <typename T>
+void k_cl_moments_reg(const T* __restrict x, int64_t rows, int64_t C, const float* __restrict K, float* __restrict sa, float* __restrict sb) {
   const int64_t sr = sub_rows(C);
   if (rows > sr) {
     for (int64_t r0 = 0; r0 < rows; r0 += sr) k_cl_moments_reg(x + r0 * C, std::min(sr, rows - r0), C, K, sa, sb);
@@ -558,10 +589,10 @@ void k_cl_moments_reg(const float* __restrict x, int64_t rows, int64_t C, const 
   }
 }
 
-template <int V>
+template <int V, typename T>
 inline void cl_bwd_sums_chunk(
-    const float* g,
-    const float* x,
+    const T* g,
+    const T* x,
     int64_t rows,
     int64_t C,
     const float* mhi,
@@ -578,12 +609,12 @@ inline void cl_bwd_sums_chunk(
     q[v] = _mm512_maskz_loadu_ps(m, sb + 16 * v);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* gr = g + r * C;
-    const float* xr = x + r * C;
+    const T* gr = g + r * C;
+    const T* xr = x + r * C;
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
-      const __m512 gv = _mm512_maskz_loadu_ps(m, gr + 16 * v);
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]);
+      const __m512 gv = ldv(gr + 16 * v, m);
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(ldv(xr + 16 * v, m), h[v]), l[v]);
       s[v] = _mm512_add_ps(s[v], gv);
       q[v] = _mm512_fmadd_ps(gv, xc, q[v]);
     }
@@ -595,9 +626,10 @@ inline void cl_bwd_sums_chunk(
   }
 }
 
+template <typename T>
 void k_cl_bwd_sums_reg(
-    const float* __restrict g,
-    const float* __restrict x,
+    const T* __restrict g,
+    const T* __restrict x,
     int64_t rows,
     int64_t C,
     const float* __restrict mhi,
@@ -623,10 +655,10 @@ void k_cl_bwd_sums_reg(
   }
 }
 
-template <int V, bool NT>
+template <int V, bool NT, typename T>
 inline void cl_normalize_chunk(
-    const float* x,
-    float* y,
+    const T* x,
+    T* y,
     int64_t rows,
     int64_t C,
     const float* mhi,
@@ -643,23 +675,23 @@ inline void cl_normalize_chunk(
     b[v] = _mm512_maskz_loadu_ps(m, sh + 16 * v);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * C;
-    float* yr = y + r * C;
+    const T* xr = x + r * C;
+    T* yr = y + r * C;
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
-      const __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]), a[v], b[v]);
+      const __m512 o = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(ldv(xr + 16 * v, m), h[v]), l[v]), a[v], b[v]);
       if (NT)
-        _mm512_stream_ps(yr + 16 * v, o); // NT: C % 16 == 0, rows aligned (checked by the caller)
+        stv_nt(yr + 16 * v, o); // NT: C % 16 == 0, rows aligned (checked by the caller)
       else
-        _mm512_mask_storeu_ps(yr + 16 * v, m, o);
+        stv(yr + 16 * v, m, o);
     }
   }
 }
 
-template <bool NT>
+template <bool NT, typename T>
 void k_cl_normalize_reg(
-    const float* __restrict x,
-    float* __restrict y,
+    const T* __restrict x,
+    T* __restrict y,
     int64_t rows,
     int64_t C,
     const float* __restrict mhi,
@@ -669,8 +701,8 @@ void k_cl_normalize_reg(
   const int64_t sr = sub_rows(C);
   for (int64_t r0 = 0; r0 < rows; r0 += sr) {
     const int64_t nr = std::min(sr, rows - r0);
-    const float* xb = x + r0 * C;
-    float* yb = y + r0 * C;
+    const T* xb = x + r0 * C;
+    T* yb = y + r0 * C;
     for (int64_t c0 = 0; c0 < C; c0 += 64) {
       const int64_t left = C - c0;
       const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
@@ -687,11 +719,11 @@ void k_cl_normalize_reg(
 }
 
 // dx = g*k1 - ((x - h) - l)*k2 - k3 with the parameters in registers.
-template <int V, bool NT>
+template <int V, bool NT, typename T>
 inline void cl_bwd_apply_chunk(
-    const float* g,
-    const float* x,
-    float* dx,
+    const T* g,
+    const T* x,
+    T* dx,
     int64_t rows,
     int64_t C,
     const float* mhi,
@@ -710,27 +742,27 @@ inline void cl_bwd_apply_chunk(
     a3[v] = _mm512_maskz_loadu_ps(m, k3 + 16 * v);
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const float* gr = g + r * C;
-    const float* xr = x + r * C;
-    float* dr = dx + r * C;
+    const T* gr = g + r * C;
+    const T* xr = x + r * C;
+    T* dr = dx + r * C;
     _Pragma("GCC unroll 4") for (int v = 0; v < V; ++v) {
       const __mmask16 m = v == V - 1 ? lm : __mmask16(0xFFFF);
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xr + 16 * v), h[v]), l[v]);
-      const __m512 t = _mm512_fnmadd_ps(xc, a2[v], _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gr + 16 * v), a1[v]));
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(ldv(xr + 16 * v, m), h[v]), l[v]);
+      const __m512 t = _mm512_fnmadd_ps(xc, a2[v], _mm512_mul_ps(ldv(gr + 16 * v, m), a1[v]));
       const __m512 o = _mm512_sub_ps(t, a3[v]);
       if (NT)
-        _mm512_stream_ps(dr + 16 * v, o);
+        stv_nt(dr + 16 * v, o);
       else
-        _mm512_mask_storeu_ps(dr + 16 * v, m, o);
+        stv(dr + 16 * v, m, o);
     }
   }
 }
 
-template <bool NT>
+template <bool NT, typename T>
 void k_cl_bwd_apply_reg(
-    const float* __restrict g,
-    const float* __restrict x,
-    float* __restrict dx,
+    const T* __restrict g,
+    const T* __restrict x,
+    T* __restrict dx,
     int64_t rows,
     int64_t C,
     const float* __restrict mhi,
@@ -762,13 +794,24 @@ void k_cl_bwd_apply_reg(
 
 template <>
 inline void fill_nt<float>(RowKernels<float>& k) {
-  k.cl_bwd_apply = &k_cl_bwd_apply_reg<false>;
-  k.cl_normalize = &k_cl_normalize_reg<false>;
-  k.cl_moments = &k_cl_moments_reg;
-  k.cl_bwd_sums = &k_cl_bwd_sums_reg;
-  k.cl_normalize_nt = &k_cl_normalize_reg<true>;
-  k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true>;
+  k.cl_bwd_apply = &k_cl_bwd_apply_reg<false, float>;
+  k.cl_normalize = &k_cl_normalize_reg<false, float>;
+  k.cl_moments = &k_cl_moments_reg<float>;
+  k.cl_bwd_sums = &k_cl_bwd_sums_reg<float>;
+  k.cl_normalize_nt = &k_cl_normalize_reg<true, float>;
+  k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true, float>;
   k.span_normalize_nt = &k_span_normalize_nt;
+}
+template <>
+inline void fill_nt<c10::BFloat16>(RowKernels<c10::BFloat16>& k) {
+  using B = c10::BFloat16;
+  k.cl_moments = &k_cl_moments_reg<B>;
+  k.cl_bwd_sums = &k_cl_bwd_sums_reg<B>;
+  k.cl_normalize = &k_cl_normalize_reg<false, B>;
+  k.cl_bwd_apply = &k_cl_bwd_apply_reg<false, B>;
+  k.cl_normalize_nt = &k_cl_normalize_reg<true, B>;
+  k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true, B>;
+  k.span_normalize_nt = nullptr;
 }
 #endif
 

@@ -6,10 +6,18 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
 
 from bnkit import kernels
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# CI replays the same examples every run (a red CI is then always reproducible);
+# local runs explore new random examples each time.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ALL_BACKENDS = ("torch", "reference", "cpp")
 

@@ -18,14 +18,18 @@ import bnkit
 TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 BNKIT_CLASSES = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}
 
-# Tolerances relative to the scale of each compared quantity.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# Tolerances relative to the scale of each compared quantity. bfloat16 keeps 8
+# significant bits (one rounding step is 2**-7 ~ 0.8%); its input gradient with a
+# handful of values per channel cancels to a few rounding steps, so 5 steps are allowed.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 4e-2}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0
+) -> None:
     actual = actual.detach().double()
     expected = expected.detach().double()
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    scale = max(scale, expected.abs().max().item()) if expected.numel() else scale
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     assert err <= TOL[dtype] * scale, f"{what}: max abs diff {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
 
@@ -39,6 +43,16 @@ def make_input(shape, dtype, channels_last, seed):
     if channels_last and len(shape) == 5:
         x = x.to(memory_format=torch.channels_last_3d)
     return x
+
+
+def input_grad_scale(x: torch.Tensor, grad: torch.Tensor, eps: float) -> float:
+    """The natural size of BN's input gradient, max|dy| / min(std): with few values per
+    channel the exact gradient nearly cancels and what remains is rounding of that size."""
+    if x.numel() == 0:
+        return 1.0
+    dims = [d for d in range(x.dim()) if d != 1]
+    var = x.double().var(dim=dims, unbiased=False)
+    return max(1.0, grad.double().abs().max().item() / (var.min().item() + eps) ** 0.5)
 
 
 def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_last, dtype, steps=3, seed=0):
@@ -68,7 +82,7 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
         grad = make_input(shape, dtype, channels_last, seed + 1000 + step)
         y1.backward(grad)
         y2.backward(grad)
-        assert_close(x1.grad, x2.grad, dtype, f"input grad step {step}")
+        assert_close(x1.grad, x2.grad, dtype, f"input grad step {step}", input_grad_scale(x, grad, eps))
         if channels_last and rank in (4, 5):
             fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
             assert x1.grad.is_contiguous(memory_format=fmt), "input gradient lost the channels_last format"
@@ -90,7 +104,7 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
     g = make_input(shape, dtype, channels_last, seed + 501)
     y1.backward(g)
     y2.backward(g)
-    assert_close(x1.grad, x2.grad, dtype, "eval input grad")
+    assert_close(x1.grad, x2.grad, dtype, "eval input grad", input_grad_scale(x, g, eps) if not track else 1.0)
     if affine:
         assert_close(ours.weight.grad, theirs.weight.grad, dtype, "eval weight grad")
     # The state_dicts agree key by key.
@@ -100,7 +114,7 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
         assert_close(sd1[k].double(), sd2[k].double(), dtype, f"state_dict[{k}]")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rank=st.sampled_from([2, 3, 4, 5]),
     channels=st.integers(1, 6),

@@ -11,19 +11,9 @@ import pytest
 import torch
 
 import bnkit
+from _state import assert_state_unchanged, snapshot
 
 PAIRS = [(bnkit.BatchNorm1d, torch.nn.BatchNorm1d), (bnkit.BatchNorm2d, torch.nn.BatchNorm2d), (bnkit.BatchNorm3d, torch.nn.BatchNorm3d)]
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_state_unchanged(module, before):
-    after = module.state_dict()
-    assert list(after) == list(before)
-    for k in before:
-        assert torch.equal(after[k], before[k]), f"{k} changed"
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS)

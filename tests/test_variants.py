@@ -17,20 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnkit
+from _state import assert_state_unchanged, snapshot
 from bnkit import BatchNorm, BatchRenorm, BatchRenorm2d, GhostBatchNorm, GhostBatchNorm2d, SharedBatchNorm
 
 F64 = torch.float64
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def assert_state_unchanged(module, before):
-    after = module.state_dict()
-    assert list(after) == list(before)
-    for k in before:
-        assert torch.equal(after[k], before[k]), f"{k} changed"
 
 
 def randomize_affine(bn, seed=0):

@@ -146,6 +146,14 @@ def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
 
 
+def _reject_nonfinite(where: str, nonfinite: str) -> None:
+    """Raise (``"raise"``) or warn (``"skip"``) about a batch whose statistics are not finite."""
+    message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
+    if nonfinite == "raise":
+        raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
+    warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=5)
+
+
 def _update_running(
     running_mean: Tensor,
     running_var: Tensor,
@@ -187,10 +195,7 @@ def _update_running(
         nbt = int(num_batches_tracked) + 1 if momentum is None else 0
         factor = stats.running_average_factor(momentum, nbt)
         if not torch.ops.bnkit.update_running_stats_(running_mean, running_var, mean, var, factor, count, check):
-            message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
-            if nonfinite == "raise":
-                raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
-            warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=4)
+            _reject_nonfinite(where, nonfinite)
             return
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -203,10 +208,7 @@ def _update_running(
         stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
         return
     if check and var.numel() and not math.isfinite(var.max().item()):
-        message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
-        if nonfinite == "raise":
-            raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
-        warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=4)
+        _reject_nonfinite(where, nonfinite)
         return
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)

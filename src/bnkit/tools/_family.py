@@ -15,7 +15,26 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import fold
 
-__all__ = ["is_bn", "bn_axis", "bn_affine", "has_running_stats"]
+__all__ = ["is_bn", "bn_axis", "bn_affine", "has_running_stats", "CALL_HOOK_DICTS", "STATE_HOOK_DICTS"]
+
+# nn.Module attributes holding the hooks registered on a module's calls ...
+CALL_HOOK_DICTS = (
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+# ... and on its state_dict.
+STATE_HOOK_DICTS = (
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def is_bn(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ import copy
 from torch import nn
 
 from .. import layers
+from ._family import CALL_HOOK_DICTS, STATE_HOOK_DICTS
 
 __all__ = ["convert"]
 
@@ -30,21 +31,7 @@ _TORCH_TO_BNKIT: dict[type, type] = {
 }
 _BNKIT_TO_TORCH: dict[type, type] = {v: k for k, v in _TORCH_TO_BNKIT.items()}
 
-# Module attributes holding hooks registered on the module itself.
-_HOOK_DICTS = (
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_is_full_backward_hook",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
+_HOOK_DICTS = CALL_HOOK_DICTS + STATE_HOOK_DICTS
 
 
 def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:

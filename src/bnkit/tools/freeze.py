@@ -35,20 +35,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers, variants
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
+from ._family import CALL_HOOK_DICTS
 
 __all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
 
-# Module attributes holding hooks registered on the module itself: they follow the layer.
-_HOOK_DICTS = (
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_is_full_backward_hook",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-)
+# Hooks registered on a layer's calls follow it.
+_HOOK_DICTS = CALL_HOOK_DICTS
 # Attributes of nn.Module's own machinery that are not part of the remembered layer.
 _TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
 

@@ -1,0 +1,14 @@
+"""Helpers for tests that check a module's state is untouched by a failing call."""
+
+from __future__ import annotations
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_unchanged(module, before):
+    after = module.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert k in after and after[k].equal(before[k]), f"{k} changed"

@@ -368,44 +368,32 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
             raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
-        weight = module.weight
-        out = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group if process_group is not None else getattr(module, "process_group", None),
-            device=weight.device if weight is not None else None,
-            dtype=weight.dtype if weight is not None else None,
-            bias=module.bias is not None or not module.affine,
-        )
-        cls = type(module)
-        dims = next((d for c, d in _TORCH_DIMS.items() if issubclass(cls, c)), None)
-        if dims is not None:
-            out._expected_dims = dims
-        out._sync_original = cls
-        return _copy_state(out, module)
-    if type(module) in _BNKIT_CLASSES:
-        weight = module.weight
-        out = SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group,
-            device=weight.device if weight is not None else None,
-            dtype=weight.dtype if weight is not None else None,
-            bias=module.bias is not None or not module.affine,
-            axis=module.axis,
-            share_affine=module.share_affine,
-            nonfinite=module.nonfinite,
-        )
-        out._expected_dims = module._expected_dims
-        out._sync_original = type(module)
-        return _copy_state(out, module)
-    return None
+        if process_group is None:
+            process_group = getattr(module, "process_group", None)
+        extra: dict[str, Any] = {}
+        dims = next((d for c, d in _TORCH_DIMS.items() if isinstance(module, c)), None)
+    elif type(module) in _BNKIT_CLASSES:
+        extra = {"axis": module.axis, "share_affine": module.share_affine, "nonfinite": module.nonfinite}
+        dims = module._expected_dims
+    else:
+        return None
+    weight = module.weight
+    out = SyncBatchNorm(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group,
+        device=weight.device if weight is not None else None,
+        dtype=weight.dtype if weight is not None else None,
+        bias=module.bias is not None or not module.affine,
+        **extra,
+    )
+    if dims is not None:  # None: SyncBatchNorm's own default (any rank)
+        out._expected_dims = dims
+    out._sync_original = type(module)
+    return _copy_state(out, module)
 
 
 def _from_sync(module: SyncBatchNorm) -> nn.Module:

@@ -462,31 +462,28 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Ctx) -> None:
             axis = bn_axis(m)
             prev_name = next((n for n in reversed(names[:i]) if n not in removed), None)
             nxt_name = names[i + 1] if i + 1 < len(names) else None
-            prev = seq._modules[prev_name] if prev_name is not None else None
-            nxt = seq._modules[nxt_name] if nxt_name is not None else None
-            reason_prev = "the previous child is not a Conv/ConvTranspose/Linear"
-            if prev is not None and _foldable_layer(prev):
-                reason_prev, note = _out_axis_ok(prev, axis, scale.numel(), ctx.ranks.get(id(m)))
-                if reason_prev is None:
-                    _fold_after(own(prev_name), scale, shift)
+            reasons = []
+            # Fold into the previous layer's output channels, else into the next layer's inputs.
+            for side, other, check, fold_into, where in (
+                ("after", prev_name, _out_axis_ok, _fold_after, "previous"),
+                ("before", nxt_name, _before_ok, _fold_before, "next"),
+            ):
+                layer = seq._modules[other] if other is not None else None
+                if layer is None or not _foldable_layer(layer):
+                    reasons.append(f"the {where} child is not a Conv/ConvTranspose/Linear")
+                    continue
+                reason, note = check(layer, axis, scale.numel(), ctx.ranks.get(id(m)))
+                reasons.append(reason)
+                if reason is None:
+                    fold_into(own(other), scale, shift)
                     del seq._modules[name]
                     removed.add(name)
-                    report.fused.append(FusedPair(full, _join(prefix, prev_name), "after", note))
-                    i += 1
-                    continue
-            reason_next = "the next child is not a Conv/ConvTranspose/Linear"
-            if nxt is not None and _foldable_layer(nxt):
-                reason_next, note = _before_ok(nxt, axis, scale.numel(), ctx.ranks.get(id(m)))
-                if reason_next is None:
-                    _fold_before(own(nxt_name), scale, shift)
-                    del seq._modules[name]
-                    removed.add(name)
-                    report.fused.append(FusedPair(full, _join(prefix, nxt_name), "before", note))
-                    i += 1
-                    continue
-            if not isinstance(m, Affine):
-                seq._modules[name] = Affine.from_bn(m)
-            report.unfused.append(UnfusedBN(full, _why(reason_prev, reason_next), "Affine"))
+                    report.fused.append(FusedPair(full, _join(prefix, other), side, note))
+                    break
+            else:
+                if not isinstance(m, Affine):
+                    seq._modules[name] = Affine.from_bn(m)
+                report.unfused.append(UnfusedBN(full, _why(*reasons), "Affine"))
         else:
             seq._modules[name] = _fuse_any(m, _join(prefix, name), ctx)
         i += 1

@@ -45,18 +45,12 @@ def torch_bn(x, w, b, axis, *, training=True, rm=None, rv=None, momentum=0.1, ep
     return y
 
 
-# =========================================================================== 1. affine sharing
-@pytest.mark.parametrize("mode", ["none", "weight", "all"])
-@pytest.mark.parametrize("shape,axis", [((6, 4), 1), ((5, 4, 3), 1), ((3, 4, 3, 2), 1), ((5, 3, 4), -1)])
-def test_share_affine_matches_torch_bn_with_tied_parameters(mode, shape, axis):
-    torch.manual_seed(0)
+def assert_matches_tied_torch_bn(bn, shape, axis, eval_shape):
+    """Three training steps, then eval, against :func:`torch_bn` with ``bn``'s gamma/beta tied by hand:
+    outputs, input and parameter gradients, running statistics. Returns ``(w_ref, b_ref)``."""
     c = shape[axis]
-    bn = BatchNorm(c, axis=axis, share_affine=mode, dtype=F64)
-    randomize_affine(bn)
     w_ref = bn.weight.detach().clone().requires_grad_()
     b_ref = bn.bias.detach().clone().requires_grad_()
-    assert tuple(w_ref.shape) == ((1,) if mode != "none" else (c,))
-    assert tuple(b_ref.shape) == ((1,) if mode == "all" else (c,))
     rm, rv = torch.zeros(c, dtype=F64), torch.ones(c, dtype=F64)
     for step in range(3):
         x = (torch.randn(shape, dtype=F64) * (step + 1) + step).requires_grad_()
@@ -73,9 +67,23 @@ def test_share_affine_matches_torch_bn_with_tied_parameters(mode, shape, axis):
     torch.testing.assert_close(bn.running_mean, rm)
     torch.testing.assert_close(bn.running_var, rv)
     bn.eval()
-    x = torch.randn(shape, dtype=F64)
+    x = torch.randn(eval_shape, dtype=F64)
     with torch.no_grad():
         torch.testing.assert_close(bn(x), torch_bn(x, w_ref, b_ref, axis % len(shape), training=False, rm=rm, rv=rv))
+    return w_ref, b_ref
+
+
+# =========================================================================== 1. affine sharing
+@pytest.mark.parametrize("mode", ["none", "weight", "all"])
+@pytest.mark.parametrize("shape,axis", [((6, 4), 1), ((5, 4, 3), 1), ((3, 4, 3, 2), 1), ((5, 3, 4), -1)])
+def test_share_affine_matches_torch_bn_with_tied_parameters(mode, shape, axis):
+    torch.manual_seed(0)
+    c = shape[axis]
+    bn = BatchNorm(c, axis=axis, share_affine=mode, dtype=F64)
+    randomize_affine(bn)
+    w_ref, b_ref = assert_matches_tied_torch_bn(bn, shape, axis, shape)
+    assert tuple(w_ref.shape) == ((1,) if mode != "none" else (c,))
+    assert tuple(b_ref.shape) == ((1,) if mode == "all" else (c,))
 
 
 def test_share_affine_parameters_state_dict_and_repr():
@@ -312,26 +320,9 @@ def test_batch_renorm_with_unit_limits_is_plain_bn(share_affine):
     torch.manual_seed(4)
     bn = BatchRenorm2d(3, r_max=1.0, d_max=0.0, schedule="fixed", momentum=0.1, share_affine=share_affine, dtype=F64)
     randomize_affine(bn)
-    w = bn.weight.detach().clone().requires_grad_()
-    b = bn.bias.detach().clone().requires_grad_()
-    rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
-    for step in range(3):
-        x = (torch.randn(4, 3, 3, 2, dtype=F64) * 3 + step).requires_grad_()
-        xr = x.detach().clone().requires_grad_()
-        y, y_ref = bn(x), torch_bn(xr, w, b, 1, rm=rm, rv=rv)
-        torch.testing.assert_close(y, y_ref)
-        g = torch.randn_like(y)
-        y.backward(g)
-        y_ref.backward(g)
-        torch.testing.assert_close(x.grad, xr.grad)
-    torch.testing.assert_close(bn.weight.grad, w.grad)
-    torch.testing.assert_close(bn.bias.grad, b.grad)
-    torch.testing.assert_close(bn.running_mean, rm)
-    torch.testing.assert_close(bn.running_var, rv)
-    bn.eval()
+    assert_matches_tied_torch_bn(bn, (4, 3, 3, 2), 1, (2, 3, 3, 2))
     x = torch.randn(2, 3, 3, 2, dtype=F64)
     with torch.no_grad():
-        torch.testing.assert_close(bn(x), torch_bn(x, w, b, 1, training=False, rm=rm, rv=rv))
         scale, shift = bn.inference_affine()
         torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
 

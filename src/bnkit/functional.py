@@ -146,12 +146,12 @@ def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
 
 
-def _reject_nonfinite(where: str, nonfinite: str) -> None:
+def _reject_nonfinite(where: str, nonfinite: str, stacklevel: int = 5) -> None:
     """Raise (``"raise"``) or warn (``"skip"``) about a batch whose statistics are not finite."""
     message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
     if nonfinite == "raise":
         raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
-    warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=5)
+    warnings.warn(message + "; the running statistics were left unchanged", RuntimeWarning, stacklevel=stacklevel)
 
 
 def _update_running(
@@ -216,6 +216,77 @@ def _update_running(
     stats.update_running_stats(
         running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, nbt)
     )
+
+
+# --------------------------------------------------------------------------- fused call
+_rank_masks: dict[tuple[int, ...] | None, int] = {}
+
+
+def rank_mask(ranks: tuple[int, ...] | None) -> int:
+    """``ranks`` as the bit mask of ``bnkit::batch_norm_layer`` (bit d: d-D accepted; 0: any rank)."""
+    mask = _rank_masks.get(ranks)
+    if mask is None:
+        mask = _rank_masks[ranks] = 0 if ranks is None else sum(1 << d for d in ranks)
+    return mask
+
+
+_RANKS_FROM_2 = -4  # bits 2, 3, ...: the F-style API's "at least (N, C)"
+_NOT_HANDLED, _NONFINITE = 2, 1
+
+
+def fused_call(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    num_features: int,
+    ranks: int,
+    nonfinite: str,
+    where: str,
+) -> Tensor | None:
+    """A layer's whole call as one C++ op (``bnkit::batch_norm_layer``), or ``None`` where it does not apply.
+
+    Same semantics as :func:`batch_norm_core` (whose arguments these are, plus
+    the layer's ``num_features`` and accepted ``ranks`` as a :func:`rank_mask`).
+    It applies in eager mode to plain CPU tensors with the C++ kernels; it
+    declines (``None``, nothing changed) anything else, including bad input,
+    so that the general path raises the error. On a small input the general
+    path's separate steps cost as much as the kernels.
+    """
+    if (
+        type(input) is not Tensor
+        or not input.is_cpu
+        or kernels.select(input) != "cpp"
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    y, status = torch.ops.bnkit.batch_norm_layer(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        training,
+        -1.0 if momentum is None else momentum,
+        eps,
+        axis,
+        num_features,
+        ranks,
+        nonfinite != "propagate",
+    )
+    if status == _NOT_HANDLED:
+        return None
+    if status == _NONFINITE:
+        _reject_nonfinite(where, nonfinite, stacklevel=4)
+    return y
 
 
 # --------------------------------------------------------------------------- core
@@ -299,6 +370,12 @@ def batch_norm(
     given, updates them in place with ``running = (1-momentum)*running +
     momentum*batch`` (unbiased variance). In eval, uses the running buffers.
     """
+    y = fused_call(
+        input, weight, bias, running_mean, running_var, None, training, momentum, eps, 1, 0, _RANKS_FROM_2,
+        "propagate", "batch_norm",
+    )
+    if y is not None:
+        return y
     if isinstance(input, Tensor) and input.dim() < 2:
         raise ValueError(f"batch_norm: expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D")
     return batch_norm_core(

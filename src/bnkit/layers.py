@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .functional import NONFINITE_POLICIES, batch_norm_core, fold
+from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, rank_mask
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input"]
 
@@ -226,20 +226,40 @@ class BatchNorm(nn.Module):
         check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, torch.fx.Proxy):
-            self._check_input(input)
         track = self.training and self.track_running_stats
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         batch_stats = self.training or running_mean is None
+        num_batches_tracked = self.num_batches_tracked if track else None
+        if not torch.compiler.is_compiling():  # eager: the whole call in one C++ op where it applies
+            y = fused_call(
+                input,
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                batch_stats,
+                self.momentum,
+                self.eps,
+                self.axis,
+                self.num_features,
+                rank_mask(self._expected_dims),
+                self.nonfinite,
+                self._describe(),
+            )
+            if y is not None:
+                return y
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input(input)
         return batch_norm_module_call(
             input,
             self.weight,
             self.bias,
             running_mean,
             running_var,
-            self.num_batches_tracked if track else None,
+            num_batches_tracked,
             batch_stats,
             self.momentum,
             self.eps,

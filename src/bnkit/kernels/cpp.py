@@ -45,6 +45,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "ops.cpp",
     "autograd.cpp",
+    "layer.cpp",
     "kernels.cpp",
     "rowkernels_default.cpp",
     "rowkernels_avx2.cpp",

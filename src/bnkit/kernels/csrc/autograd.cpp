@@ -105,25 +105,7 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     if (!gy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
     Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {
-      // Differentiable composite (double backward): same formula, with the
-      // statistics recomputed from x on the autograd graph.
-      const auto acc = acc_of(x);
-      const Tensor xa = x.to(acc);
-      const Tensor g = gy.to(acc);
-      const int64_t count = x.size(0) * x.size(2);
-      const Tensor mean = xa.mean({0, 2}, /*keepdim=*/true);
-      const Tensor xc = xa - mean;
-      const Tensor var = xc.pow(2).mean({0, 2}, /*keepdim=*/true);
-      const Tensor invstd = at::rsqrt(var + eps);
-      const Tensor xhat = xc * invstd;
-      db = g.sum({0, 2});
-      dw = (g * xhat).sum({0, 2});
-      if (count == 0) {
-        dx = at::zeros_like(x);
-      } else {
-        const Tensor k = w.defined() ? invstd * per_channel(w.to(acc)) : invstd;
-        dx = (k * (g - per_channel(db) / count - xhat * per_channel(dw) / count)).to(x.scalar_type());
-      }
+      std::tie(dx, dw, db) = train_backward_composite(gy, x, w, eps);
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
       std::tie(dx, dw, db) = backward_op().call(gy, x, saved[2], saved[3], w.defined() ? std::optional<Tensor>(w) : std::nullopt, eps);
@@ -271,6 +253,32 @@ class MomentsFn : public torch::autograd::Function<MomentsFn> {
 };
 
 } // namespace
+
+std::tuple<Tensor, Tensor, Tensor> train_backward_composite(
+    const Tensor& gy,
+    const Tensor& x,
+    const Tensor& w,
+    double eps) {
+  const auto acc = acc_of(x);
+  const Tensor xa = x.to(acc);
+  const Tensor g = gy.to(acc);
+  const int64_t count = x.size(0) * x.size(2);
+  const Tensor mean = xa.mean({0, 2}, /*keepdim=*/true);
+  const Tensor xc = xa - mean;
+  const Tensor var = xc.pow(2).mean({0, 2}, /*keepdim=*/true);
+  const Tensor invstd = at::rsqrt(var + eps);
+  const Tensor xhat = xc * invstd;
+  Tensor db = g.sum({0, 2});
+  Tensor dw = (g * xhat).sum({0, 2});
+  Tensor dx;
+  if (count == 0) {
+    dx = at::zeros_like(x);
+  } else {
+    const Tensor k = w.defined() ? invstd * per_channel(w.to(acc)) : invstd;
+    dx = (k * (g - per_channel(db) / count - xhat * per_channel(dw) / count)).to(x.scalar_type());
+  }
+  return {dx, dw, db};
+}
 
 std::tuple<Tensor, Tensor, Tensor> train_autograd(
     const Tensor& x3,

@@ -24,6 +24,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
     const std::optional<at::Tensor>& bias,
     double eps);
 
+// The same, writing y3 into `y3` (a contiguous tensor of x3's shape and dtype,
+// possibly a view of a channels-last output); y3 undefined: statistics only.
+// Returns (mean, biased var).
+std::tuple<at::Tensor, at::Tensor> batch_norm_train_into(
+    const at::Tensor& x3,
+    const at::Tensor& y3,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+
 // y3 = x3 * scale[c] + shift[c].
 at::Tensor batch_norm_eval_cpu(
     const at::Tensor& x3,
@@ -34,6 +44,15 @@ at::Tensor batch_norm_eval_cpu(
 // y3 = (x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c].
 at::Tensor batch_norm_infer_cpu(
     const at::Tensor& x3,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps);
+
+void batch_norm_infer_into(
+    const at::Tensor& x3,
+    const at::Tensor& y3,
     const at::Tensor& mean,
     const at::Tensor& var,
     const std::optional<at::Tensor>& weight,
@@ -52,6 +71,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& var,
     const std::optional<at::Tensor>& weight,
     double eps);
+
+// The same, writing grad_x3 into `dx3`; returns (grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_into(
+    const at::Tensor& grad_y3,
+    const at::Tensor& x3,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const std::optional<at::Tensor>& weight,
+    double eps,
+    const at::Tensor& dx3);
 
 // (grad_x3, grad_scale, grad_shift) of the eval forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
@@ -93,6 +122,31 @@ bool update_running_stats_autograd(
     const at::Tensor& var,
     double factor,
     int64_t count,
+    bool check_finite);
+
+// The differentiable (ATen ops) gradient of the training forward on the 3-D
+// view, with the statistics recomputed from x3 on the graph: the double
+// backward of every training op.  Returns (grad_x3, grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward_composite(
+    const at::Tensor& grad_y3,
+    const at::Tensor& x3,
+    const at::Tensor& weight,
+    double eps);
+
+// The fused layer call (layer.cpp): see ops.cpp for the schema.
+std::tuple<at::Tensor, int64_t> batch_norm_layer(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    bool training,
+    double momentum,
+    double eps,
+    int64_t axis,
+    int64_t num_features,
+    int64_t ranks,
     bool check_finite);
 
 // Instruction set of the row kernels in use: "default", "avx2" or "avx512".

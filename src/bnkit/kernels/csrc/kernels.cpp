@@ -584,30 +584,41 @@ const A* opt_ptr(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<A>() : nullptr;
 }
 
-} // namespace
-
 // ------------------------------------------------------------- entry points --
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+// The output y3 must be a contiguous tensor of x3's shape and dtype (it may be
+// a view of a larger tensor's memory, e.g. of a channels-last output).
+inline void check_out(const Tensor& x3, const Tensor& out, const char* op, const char* what) {
+  TORCH_CHECK(
+      out.defined() && out.is_contiguous() && out.sizes() == x3.sizes() && out.scalar_type() == x3.scalar_type() &&
+          out.device().is_cpu(),
+      "bnkit::", op, ": ", what, " must be a contiguous CPU tensor of x3's shape ", x3.sizes(), " and dtype ",
+      x3.scalar_type());
+}
+
+} // namespace
+
+std::tuple<Tensor, Tensor> batch_norm_train_into(
     const Tensor& x3_,
+    const Tensor& y3,
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     double eps) {
   const Tensor x3 = check_x3(x3_, "batch_norm_train");
   TORCH_CHECK(eps >= 0, "bnkit::batch_norm_train: eps must be >= 0, got ", eps);
+  if (y3.defined()) check_out(x3, y3, "batch_norm_train", "the output");
   const Shape s = shape_of(x3);
   const auto acc = acc_dtype(x3.scalar_type());
   Tensor w, b;
   if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, acc, "batch_norm_train", "weight");
   if (bias.has_value() && bias->defined()) b = check_param(*bias, s.C, acc, "batch_norm_train", "bias");
-  Tensor y = at::empty_like(x3, at::MemoryFormat::Contiguous);
   Tensor mean = at::empty({s.C}, x3.options().dtype(acc));
   Tensor var = at::empty({s.C}, x3.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_train", [&] {
     using A = typename AccT<scalar_t>::type;
     train_kernel<scalar_t>(
         x3.const_data_ptr<scalar_t>(),
-        y.mutable_data_ptr<scalar_t>(),
+        y3.defined() ? y3.mutable_data_ptr<scalar_t>() : nullptr,
         s,
         opt_ptr<A>(w),
         opt_ptr<A>(b),
@@ -615,6 +626,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
         mean.mutable_data_ptr<A>(),
         var.mutable_data_ptr<A>());
   });
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& x3,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps) {
+  Tensor y = at::empty(x3.sizes(), x3.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [mean, var] = batch_norm_train_into(x3, y, weight, bias, eps);
   return {y, mean, var};
 }
 
@@ -660,8 +681,9 @@ Tensor batch_norm_eval_cpu(const Tensor& x3_, const Tensor& scale_, const Tensor
   return y;
 }
 
-Tensor batch_norm_infer_cpu(
+void batch_norm_infer_into(
     const Tensor& x3_,
+    const Tensor& y,
     const Tensor& mean_,
     const Tensor& var_,
     const std::optional<Tensor>& weight,
@@ -678,7 +700,7 @@ Tensor batch_norm_infer_cpu(
   param_as_double(var_, s.C, "batch_norm_infer", "var", var);
   if (weight.has_value() && weight->defined()) param_as_double(*weight, s.C, "batch_norm_infer", "weight", w);
   if (bias.has_value() && bias->defined()) param_as_double(*bias, s.C, "batch_norm_infer", "bias", b);
-  Tensor y = at::empty_like(x3, at::MemoryFormat::Contiguous);
+  check_out(x3, y, "batch_norm_infer", "the output");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_infer", [&] {
     using A = typename AccT<scalar_t>::type;
     const double* m = mean.data();
@@ -696,17 +718,30 @@ Tensor batch_norm_infer_cpu(
         x3.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), s, nullptr, nullptr, sc.data(), sh.data());
   });
   (void)acc;
+}
+
+Tensor batch_norm_infer_cpu(
+    const Tensor& x3,
+    const Tensor& mean,
+    const Tensor& var,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps) {
+  Tensor y = at::empty(x3.sizes(), x3.options().memory_format(at::MemoryFormat::Contiguous));
+  batch_norm_infer_into(x3, y, mean, var, weight, bias, eps);
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+std::tuple<Tensor, Tensor> batch_norm_backward_into(
     const Tensor& grad_y3_,
     const Tensor& x3_,
     const Tensor& mean_,
     const Tensor& var_,
     const std::optional<Tensor>& weight,
-    double eps) {
+    double eps,
+    const Tensor& dx) {
   const Tensor x3 = check_x3(x3_, "batch_norm_backward");
+  check_out(x3, dx, "batch_norm_backward", "grad_x3");
   const Tensor g = check_x3(grad_y3_, "batch_norm_backward", "grad_y3");
   TORCH_CHECK(
       g.sizes() == x3.sizes(),
@@ -721,7 +756,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const Tensor var = check_param(var_, s.C, acc, "batch_norm_backward", "var");
   Tensor w;
   if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, acc, "batch_norm_backward", "weight");
-  Tensor dx = at::empty_like(x3, at::MemoryFormat::Contiguous);
   Tensor dw = at::empty({s.C}, x3.options().dtype(acc));
   Tensor db = at::empty({s.C}, x3.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_backward", [&] {
@@ -738,6 +772,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
         dw.mutable_data_ptr<A>(),
         db.mutable_data_ptr<A>());
   });
+  return {dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_y3,
+    const Tensor& x3,
+    const Tensor& mean,
+    const Tensor& var,
+    const std::optional<Tensor>& weight,
+    double eps) {
+  Tensor dx = at::empty(x3.sizes(), x3.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [dw, db] = batch_norm_backward_into(grad_y3, x3, mean, var, weight, eps, dx);
   return {dx, dw, db};
 }
 

@@ -14,6 +14,15 @@
 //   bnkit::update_running_stats_(running_mean!, running_var!, mean, var, factor,
 //       count, check_finite) -> bool   (eager running-average update)
 //   bnkit::cpu_isa() -> str   (instruction set of the inner loops in use)
+//   bnkit::batch_norm_layer(input, weight?, bias?, running_mean!?, running_var!?,
+//       num_batches_tracked!?, training, momentum, eps, axis, num_features,
+//       ranks, check_finite) -> (output, status)
+//       a BN layer's whole eager CPU forward on the input as it is (any rank
+//       and layout; momentum < 0: cumulative average; ranks: bit d set when
+//       a d-D input is accepted, 0 for any; num_features 0: any).  status 0:
+//       done; 1: done, but the batch statistics were not finite and the
+//       running statistics were left unchanged (check_finite); 2: not handled,
+//       nothing was changed -- use the general path (layer.cpp).
 //
 // Each has a CPU kernel and a Meta kernel (shapes only: lets torch.compile /
 // torch.export trace them as single opaque ops).  The forward ops have an
@@ -121,6 +130,14 @@ TORCH_LIBRARY(bnkit, m) {
       "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
       " float factor, int count, bool check_finite) -> bool");
   m.def("cpu_isa() -> str", [] { return std::string(bnkit::cpu_isa()); });
+  m.def(
+      "batch_norm_layer(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+      " Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float momentum, float eps,"
+      " int axis, int num_features, int ranks, bool check_finite) -> (Tensor, int)");
+}
+
+TORCH_LIBRARY_IMPL(bnkit, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm_layer", TORCH_FN(bnkit::batch_norm_layer));
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {

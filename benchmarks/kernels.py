@@ -24,7 +24,8 @@ blocks mapped (both candidates still share one allocator).
 Usage::
 
     python benchmarks/kernels.py [--reps 25] [--warmup 5] [--threads N]
-                                 [--allocator default|tuned] [--quick] [--json results.json]
+                                 [--allocator default|tuned] [--quick] [--only SEL]
+                                 [--json results.json]
     bnkit bench [same arguments]
 """
 
@@ -189,9 +190,17 @@ def check_backend() -> str:
     return backend
 
 
-def run(reps: int, warmup: int, quick: bool = False) -> dict:
+def _case_label(name, shape, cl, dtype) -> str:
+    layout = "NC" if len(shape) == 2 else ("channels_last" if cl else "NCHW")
+    return f"{name} {layout} {str(dtype).replace('torch.', '')}"
+
+
+def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) -> dict:
     rows = []
     cases = CASES[:3] + CASES[8:9] if quick else CASES
+    if only:
+        words = only.split(",")
+        cases = [c for c in cases if any(all(w in _case_label(*c).split() for w in word.split()) for word in words)]
     for name, shape, cl, dtype in cases:
         c = candidates(shape, cl, dtype)
         x_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -296,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed repetitions first (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="a few shapes only (smoke test)")
+    p.add_argument(
+        "--only",
+        metavar="SEL",
+        help="run only the cases whose label (e.g. '32x256x14x14 channels_last float32') has all the words of"
+        " one of the comma-separated selections, e.g. --only 'channels_last float32,NC'",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument(
         "--allocator",
@@ -322,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if backend != "cpp":
         print(f"bnkit: WARNING: the C++ kernels are not in use (backend={backend})", file=sys.stderr)
     t0 = time.perf_counter()
-    result = run(args.reps, args.warmup, args.quick)
+    result = run(args.reps, args.warmup, args.quick, args.only)
     print()
     for t in result["targets"]:
         if t["value"] != t["value"]:  # NaN: no row for this target (e.g. --quick)

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 
 namespace bnkit {
@@ -151,5 +152,9 @@ std::tuple<at::Tensor, int64_t> batch_norm_layer(
 
 // Instruction set of the row kernels in use: "default", "avx2" or "avx512".
 const char* cpu_isa();
+
+// Sets a tuning knob (see Tuning in rowkernels.h) and returns its previous
+// value; a negative value only reads it.
+int64_t set_tuning(const std::string& name, int64_t value);
 
 } // namespace bnkit

@@ -240,32 +240,26 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
   for (int64_t c = 0; c < C; ++c) finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
 }
 
-// Outputs at least this large (3 MB: more than a core's L2) are written with
-// non-temporal stores.  Measured on the 2-core EPYC VM: a 6 MB channels-last
-// eval/normalize/backward-apply pass ran 2-3x faster with them (no
-// read-for-ownership of the destination, no write-back through the caches),
-// a 1 MB one slightly slower.  BNKIT_NT_BYTES overrides (read once; then
-// also for eval).
-inline int64_t nt_bytes() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("BNKIT_NT_BYTES");
-    return e != nullptr ? std::atoll(e) : int64_t(3) << 20;
-  }();
-  return v;
-}
-
-// Eval (an output read back soon by the next layer, input not just streamed
-// through by a statistics pass): streaming stores only past 16 MB (half the
-// L3).  Measured: 6 MB eval outputs were up to 2x faster written through the
-// cache, 6 MB training outputs 1.3-2x faster streamed.
-constexpr int64_t kNtEvalBytes = int64_t(16) << 20;
+// Non-temporal stores (no read-for-ownership of the destination, no
+// write-back through the caches) for large outputs, by pass:
+//   kTrain  training forward output, from tuning().nt_bytes (default 3 MB,
+//           more than a core's L2);
+//   kGrad   backward input gradient, from tuning().nt_grad_bytes (3 MB);
+//   kEval   inference output, from tuning().nt_eval_bytes (16 MB, half the L3).
+// An output written through the cache is read back cheaply by the next layer,
+// but evicts the inputs.  Measured on the 2-core EPYC VM (32 MB L3), whole
+// benchmark runs: with 3 MB rather than 8 MB for training outputs the module
+// forward+backward median was 1.36-1.44x ATen's rather than 1.27-1.29x; 6 MB
+// eval outputs were up to 2x faster written through the cache.
+enum class Pass { kTrain, kGrad, kEval };
 
 template <typename T, typename P>
-inline bool use_nt_stores(const Shape& s, const P* y, bool eval = false) {
+inline bool use_nt_stores(const Shape& s, const P* y, Pass pass) {
   (void)y;
   const int64_t bytes = s.N * s.C * s.S * static_cast<int64_t>(sizeof(T));
-  static const bool overridden = std::getenv("BNKIT_NT_BYTES") != nullptr; // then one threshold for all
-  return bytes >= nt_bytes() && (!eval || overridden || bytes >= kNtEvalBytes);
+  const Tuning& t = tuning();
+  const auto& knob = pass == Pass::kTrain ? t.nt_bytes : pass == Pass::kGrad ? t.nt_grad_bytes : t.nt_eval_bytes;
+  return bytes >= knob.load(std::memory_order_relaxed);
 }
 
 // The channels-last non-temporal kernels need whole 64-byte rows, aligned.
@@ -288,7 +282,7 @@ void apply_affine(const T* x, T* y, const Shape& s, const A* mhi, const A* mlo, 
     apply_affine<true, T, A>(x, y, s, zeros.data(), zeros.data(), sc, sh, /*eval=*/true);
     return;
   }
-  if (use_nt_stores<T>(s, y, eval) && (S > 1 ? rk.span_normalize_nt != nullptr : cl_nt_ok(rk.cl_normalize_nt, s, y))) {
+  if (use_nt_stores<T>(s, y, eval ? Pass::kEval : Pass::kTrain) && (S > 1 ? rk.span_normalize_nt != nullptr : cl_nt_ok(rk.cl_normalize_nt, s, y))) {
     if (!kCenter) {
       zeros.assign(C, A(0)); // x - 0 - 0 == x exactly: the same values as x * sc + sh
       mhi = mlo = zeros.data();
@@ -483,7 +477,7 @@ void backward_kernel(
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / C);
-    const auto apply = use_nt_stores<T>(s, dx) && cl_nt_ok(rk.cl_bwd_apply_nt, s, dx) ? rk.cl_bwd_apply_nt : rk.cl_bwd_apply;
+    const auto apply = use_nt_stores<T>(s, dx, Pass::kGrad) && cl_nt_ok(rk.cl_bwd_apply_nt, s, dx) ? rk.cl_bwd_apply_nt : rk.cl_bwd_apply;
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
       apply(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), k1.data(), k2.data(), k3.data());
     });
@@ -919,6 +913,38 @@ const RowKernelSet& row_kernels() {
 
 const char* cpu_isa() {
   return row_kernels().isa;
+}
+
+namespace {
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e != nullptr && e[0] != '\0' ? std::atoll(e) : fallback;
+}
+} // namespace
+
+Tuning& tuning() {
+  static Tuning t{
+      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS", 65536))},
+      {env_int("BNKIT_NT_BYTES", int64_t(3) << 20)},
+      {env_int("BNKIT_NT_GRAD_BYTES", int64_t(3) << 20)},
+      {env_int("BNKIT_NT_EVAL_BYTES", int64_t(16) << 20)}};
+  return t;
+}
+
+int64_t set_tuning(const std::string& name, int64_t value) {
+  Tuning& t = tuning();
+  std::atomic<int64_t>* knob = name == "sub_floats" ? &t.sub_floats
+      : name == "nt_bytes"                          ? &t.nt_bytes
+      : name == "nt_grad_bytes"                     ? &t.nt_grad_bytes
+      : name == "nt_eval_bytes"                     ? &t.nt_eval_bytes
+                                                    : nullptr;
+  TORCH_CHECK(
+      knob != nullptr,
+      "bnkit::_tune: unknown knob '",
+      name,
+      "' (sub_floats, nt_bytes, nt_grad_bytes, nt_eval_bytes)");
+  if (name == "sub_floats") value = std::max<int64_t>(16, value);
+  return value < 0 ? knob->load() : knob->exchange(value);
 }
 
 } // namespace bnkit

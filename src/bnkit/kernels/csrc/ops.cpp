@@ -14,6 +14,8 @@
 //   bnkit::update_running_stats_(running_mean!, running_var!, mean, var, factor,
 //       count, check_finite) -> bool   (eager running-average update)
 //   bnkit::cpu_isa() -> str   (instruction set of the inner loops in use)
+//   bnkit::_tune(name, value) -> int   (sets a tuning knob, returns the old
+//       value; value < 0 reads it: benchmarks A/B settings in one process)
 //   bnkit::batch_norm_layer(input, weight?, bias?, running_mean!?, running_var!?,
 //       num_batches_tracked!?, training, momentum, eps, axis, num_features,
 //       ranks, check_finite) -> (output, status)
@@ -130,6 +132,9 @@ TORCH_LIBRARY(bnkit, m) {
       "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
       " float factor, int count, bool check_finite) -> bool");
   m.def("cpu_isa() -> str", [] { return std::string(bnkit::cpu_isa()); });
+  m.def("_tune(str name, int value) -> int", [](std::string name, int64_t value) {
+    return bnkit::set_tuning(name, value);
+  });
   m.def(
       "batch_norm_layer(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float momentum, float eps,"

@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
@@ -96,6 +97,24 @@ struct RowKernels {
       const A* k3);
   void (*span_normalize_nt)(const T* p, T* o, int64_t nch, int64_t n, const A* mhi, const A* mlo, const A* sc, const A* sh);
 };
+
+// Tuning knobs, read by the kernels on every call (set once from the
+// environment, or at run time through bnkit::_tune for same-process A/B
+// measurements):
+//   sub_floats     channels-last row kernels walk sub-blocks of about this many
+//                  values per 64-channel chunk (BNKIT_SUB_FLOATS, default 65536);
+//   nt_bytes       training outputs at least this large are written with
+//                  non-temporal stores (BNKIT_NT_BYTES);
+//   nt_grad_bytes  the same for input gradients (BNKIT_NT_GRAD_BYTES);
+//   nt_eval_bytes  the same for inference outputs (BNKIT_NT_EVAL_BYTES).
+// Defaults and measurements: kernels.cpp (use_nt_stores).
+struct Tuning {
+  std::atomic<int64_t> sub_floats;
+  std::atomic<int64_t> nt_bytes;
+  std::atomic<int64_t> nt_grad_bytes;
+  std::atomic<int64_t> nt_eval_bytes;
+};
+Tuning& tuning();
 
 struct RowKernelSet {
   RowKernels<float> f32;

@@ -560,12 +560,10 @@ inline void cl_moments_chunk(const T* x, int64_t rows, int64_t C, const float* K
   }
 }
 
-// Rows per sub-block (~16 KB: half of L1d), walked once per 64-channel chunk.
+// Rows per sub-block (tuning().sub_floats values: 256 KB by default, within a
+// core's L2), walked once per 64-channel chunk.
 inline int64_t sub_rows(int64_t C) {
-  static const int64_t floats = [] {
-    const char* e = std::getenv("BNKIT_SUB_FLOATS");
-    return e != nullptr ? std::max<int64_t>(16, std::atoll(e)) : int64_t(4096);
-  }();
+  const int64_t floats = tuning().sub_floats.load(std::memory_order_relaxed);
   return std::max<int64_t>(4, floats / std::max<int64_t>(1, C));
 }
 

@@ -924,7 +924,8 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 Tuning& tuning() {
   static Tuning t{
-      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS", 65536))},
+      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS", 4096))},
+      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS_GRAD", 65536))},
       {env_int("BNKIT_NT_BYTES", int64_t(3) << 20)},
       {env_int("BNKIT_NT_GRAD_BYTES", int64_t(3) << 20)},
       {env_int("BNKIT_NT_EVAL_BYTES", int64_t(16) << 20)}};
@@ -934,6 +935,7 @@ Tuning& tuning() {
 int64_t set_tuning(const std::string& name, int64_t value) {
   Tuning& t = tuning();
   std::atomic<int64_t>* knob = name == "sub_floats" ? &t.sub_floats
+      : name == "sub_floats_grad"                   ? &t.sub_floats_grad
       : name == "nt_bytes"                          ? &t.nt_bytes
       : name == "nt_grad_bytes"                     ? &t.nt_grad_bytes
       : name == "nt_eval_bytes"                     ? &t.nt_eval_bytes
@@ -942,8 +944,8 @@ int64_t set_tuning(const std::string& name, int64_t value) {
       knob != nullptr,
       "bnkit::_tune: unknown knob '",
       name,
-      "' (sub_floats, nt_bytes, nt_grad_bytes, nt_eval_bytes)");
-  if (name == "sub_floats") value = std::max<int64_t>(16, value);
+      "' (sub_floats, sub_floats_grad, nt_bytes, nt_grad_bytes, nt_eval_bytes)");
+  if (knob == &t.sub_floats || knob == &t.sub_floats_grad) value = value < 0 ? value : std::max<int64_t>(16, value);
   return value < 0 ? knob->load() : knob->exchange(value);
 }
 

@@ -101,15 +101,18 @@ struct RowKernels {
 // Tuning knobs, read by the kernels on every call (set once from the
 // environment, or at run time through bnkit::_tune for same-process A/B
 // measurements):
-//   sub_floats     channels-last row kernels walk sub-blocks of about this many
-//                  values per 64-channel chunk (BNKIT_SUB_FLOATS, default 65536);
+//   sub_floats     channels-last forward row kernels walk sub-blocks of about
+//                  this many values per 64-channel chunk (BNKIT_SUB_FLOATS);
+//   sub_floats_grad  the same for the backward kernels, over both inputs
+//                  (BNKIT_SUB_FLOATS_GRAD);
 //   nt_bytes       training outputs at least this large are written with
 //                  non-temporal stores (BNKIT_NT_BYTES);
 //   nt_grad_bytes  the same for input gradients (BNKIT_NT_GRAD_BYTES);
 //   nt_eval_bytes  the same for inference outputs (BNKIT_NT_EVAL_BYTES).
-// Defaults and measurements: kernels.cpp (use_nt_stores).
+// Defaults: kernels.cpp (tuning()); measurements: there and at sub_rows.
 struct Tuning {
   std::atomic<int64_t> sub_floats;
+  std::atomic<int64_t> sub_floats_grad;
   std::atomic<int64_t> nt_bytes;
   std::atomic<int64_t> nt_grad_bytes;
   std::atomic<int64_t> nt_eval_bytes;

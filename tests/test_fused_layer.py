@@ -385,3 +385,24 @@ def test_cumulative_average_over_three_batches_matches_torch(dtype):
           torch.nn.functional.batch_norm(x, rm2, rv2, training=True, momentum=0.2), TOL[dtype], "F output")
     close(rm1, rm2, TOL[dtype], "F running_mean")
     close(rv1, rv2, TOL[dtype], "F running_var")
+
+
+# --------------------------------------------------------------- inference mode
+def test_inference_mode_and_buffers_made_under_it():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4)
+    ours, theirs = bnkit.BatchNorm2d(3), nn.BatchNorm2d(3)
+    with torch.inference_mode():  # training steps inside inference mode update the buffers
+        y1, y2 = ours(x), theirs(x)
+    close(y1, y2, 1e-5, "output")
+    close(ours.running_var, theirs.running_var, 1e-6, "running_var")
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+    with torch.inference_mode():
+        made_inside, torch_inside = bnkit.BatchNorm2d(3), nn.BatchNorm2d(3)
+    # Outside inference mode, updating inference-tensor buffers is torch's error, not a silent write.
+    with pytest.raises(RuntimeError) as theirs_err:
+        torch_inside(x)
+    with pytest.raises(RuntimeError) as ours_err:
+        made_inside(x)
+    assert "inference" in str(ours_err.value).lower() and "inference" in str(theirs_err.value).lower()
+    assert int(made_inside.num_batches_tracked) == 0

@@ -22,6 +22,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -230,6 +231,12 @@ std::tuple<Tensor, int64_t> batch_norm_layer(
   Tensor nbt = defined(num_batches_tracked) ? *num_batches_tracked : Tensor();
   if (nbt.defined() && (!plain_cpu(nbt) || nbt.scalar_type() != at::kLong || nbt.numel() != 1)) return not_handled;
   if (track && cumulative && !nbt.defined()) return not_handled;
+  // Buffers made under torch.inference_mode may only be updated inside it; torch's
+  // own error for the other case comes from the general path.
+  if (!c10::InferenceMode::is_enabled() &&
+      ((track && (running_mean->is_inference() || running_var->is_inference())) ||
+       (nbt.defined() && nbt.is_inference())))
+    return not_handled;
 
   Tensor y, mean, var;
   if (grad) {

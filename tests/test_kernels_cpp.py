@@ -351,7 +351,7 @@ def test_baseline_instruction_set_matches_the_oracle():
 
 
 def test_non_temporal_store_kernels_match_the_oracle():
-    """The streaming-store paths for large outputs (BNKIT_NT_BYTES=0: used for every size), in a
+    """The streaming-store paths for large outputs (BNKIT_NT_*BYTES=0: used for every size), in a
     fresh process: channels-last rows (C % 16 == 0, and C = 20 which falls back), NCHW spans of
     odd lengths (unaligned heads and tails), train/eval forward and backward, mean 1e3 std 0.1;
     bfloat16 channels-last."""
@@ -396,7 +396,7 @@ def test_non_temporal_store_kernels_match_the_oracle():
         print("WORST", worst)
         """
     )
-    env = dict(os.environ, BNKIT_NT_BYTES="0")
+    env = dict(os.environ, BNKIT_NT_BYTES="0", BNKIT_NT_GRAD_BYTES="0", BNKIT_NT_EVAL_BYTES="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     worst = float(out.stdout.split("WORST")[-1])
@@ -423,3 +423,44 @@ def test_update_running_stats_matches_torch_rule(dtype):
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
     assert ops.update_running_stats_(rm, rv, mean, nan_var, 0.3, 24, False)
     assert torch.isnan(rv[2])
+
+
+_BF16_ROUNDING = textwrap.dedent(
+    """
+    import torch
+    from bnkit.kernels import cpp
+    assert cpp.load()
+    ops = torch.ops.bnkit
+    g = torch.Generator().manual_seed(0)
+    C = 48
+    x = (torch.randn(4000, C, 1, generator=g) * 3).bfloat16()
+    x[0, :6, 0] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-3]).bfloat16()
+    a = torch.rand(C, generator=g) * 2 - 1
+    b = torch.randn(C, generator=g)
+    y = ops.batch_norm_eval(x, a, b)  # one multiply-add per value, then float32 -> bfloat16
+    # Oracle: the multiply-add exactly (in float64), rounded once to float32, then torch's
+    # round-to-nearest-even to bfloat16.
+    ref = (x.double() * a.double().view(1, -1, 1) + b.double().view(1, -1, 1)).float().bfloat16()
+    same = (y.view(torch.int16) == ref.view(torch.int16)) | (y.isnan() & ref.isnan())
+    off = (~same).sum().item()
+    ulp = ((y.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-30))[~same & ref.isfinite()]
+    print("RESULT", ops.cpu_isa(), off, y.numel(), float(ulp.max()) if ulp.numel() else 0.0,
+          bool(y[0, 0, 0].isnan()), float(y[0, 1, 0]), float(y[0, 2, 0]))
+    """
+)
+
+
+@pytest.mark.parametrize("isa", ["", "avx512"], ids=["best", "no-avx512bf16"])
+def test_bfloat16_outputs_round_to_nearest_even(isa):
+    """Channels-last bfloat16 outputs are the float32 result rounded to nearest-even, with NaN and
+    +-Inf kept: the AVX512-BF16 conversion (where the CPU has it) and the bit-operation one alike."""
+    env = dict(os.environ, BNKIT_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _BF16_ROUNDING], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    isa_used, off, n, worst_rel, nan_kept, pos_inf, neg_inf = out.stdout.split("RESULT")[-1].split()
+    # Double rounding (float64 -> float32 -> bfloat16) may differ from the kernel's single float32
+    # rounding in rare ties: at most one bfloat16 step (2^-7 relative), in a handful of values.
+    assert int(off) <= int(n) // 1000, (isa_used, off)
+    assert float(worst_rel) <= 2.0**-7
+    assert nan_kept == "True" and float(pos_inf) in (float("inf"), float("-inf"))
+    assert float(neg_inf) in (float("inf"), float("-inf"))

@@ -50,6 +50,7 @@ SOURCES = (
     "rowkernels_default.cpp",
     "rowkernels_avx2.cpp",
     "rowkernels_avx512.cpp",
+    "rowkernels_avx512bf16.cpp",
 )
 HEADERS = ("bnkit_kernels.h", "rowkernels.h", "rowkernels_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG")

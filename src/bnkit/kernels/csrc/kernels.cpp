@@ -895,7 +895,12 @@ RowKernelSet select_row_kernels() {
   if (want == "default") return set;
   if (avx512 && want != "avx2") {
     RowKernelSet s512 = set;
-    if (fill_row_kernels_avx512(s512)) return s512;
+    if (fill_row_kernels_avx512(s512)) {
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+      if (want != "avx512" && __builtin_cpu_supports("avx512bf16")) fill_row_kernels_avx512bf16(s512);
+#endif
+      return s512;
+    }
   }
   if (avx2) {
     RowKernelSet s2 = set;

@@ -131,8 +131,11 @@ struct RowKernelSet {
 bool fill_row_kernels_default(RowKernelSet& set);
 bool fill_row_kernels_avx2(RowKernelSet& set);
 bool fill_row_kernels_avx512(RowKernelSet& set);
+// Replaces only set.bf16 (and names the set "avx512+bf16").
+bool fill_row_kernels_avx512bf16(RowKernelSet& set);
 
-// The set for this CPU (chosen once; BNKIT_CPU_ISA=default|avx2|avx512 caps it).
+// The set for this CPU (chosen once; BNKIT_CPU_ISA=default|avx2|avx512 caps it,
+// avx512 leaving out the AVX512-BF16 bfloat16 kernels).
 const RowKernelSet& row_kernels();
 
 template <typename T>

@@ -511,12 +511,18 @@ inline __m512 ldv(const c10::BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 inline __m256i to_bf16(__m512 v) {
+#ifdef BNKIT_ISA_AVX512BF16
+  // One instruction: round to nearest-even, NaN stays NaN (denormals flush to
+  // zero, below bfloat16's resolution of any BN output).
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+#endif
 }
 inline void stv(float* p, __mmask16 m, __m512 v) {
   _mm512_mask_storeu_ps(p, m, v);
@@ -843,10 +849,12 @@ void fill_one(RowKernels<T>& k) {
 } // namespace
 
 bool BNKIT_ISA_FILL(RowKernelSet& set) {
+#ifndef BNKIT_ISA_BF16_ONLY
   fill_one(set.f32);
   fill_one(set.f64);
-  fill_one(set.bf16);
   fill_one(set.f16);
+#endif
+  fill_one(set.bf16);
   set.isa = BNKIT_ISA_NAME;
   return true;
 }

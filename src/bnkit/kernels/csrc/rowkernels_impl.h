@@ -805,8 +805,137 @@ void k_cl_bwd_apply_reg(
   if (NT) _mm_sfence();
 }
 
+// NCHW spans of short rows (n < kShortRow, e.g. 7x7 or 14x14 maps): one
+// vector accumulator per row, four rows at a time, and one transposing
+// horizontal sum per four rows.  (The portable loops' `omp simd` reductions end
+// each row with sixteen dependent scalar additions, which cost more than the
+// row itself when n is 49.)
+
+// [sum(v0), sum(v1), sum(v2), sum(v3)].
+inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m256 a0 = _mm256_add_ps(_mm512_castps512_ps256(v0), _mm512_extractf32x8_ps(v0, 1));
+  const __m256 a1 = _mm256_add_ps(_mm512_castps512_ps256(v1), _mm512_extractf32x8_ps(v1, 1));
+  const __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(v2), _mm512_extractf32x8_ps(v2, 1));
+  const __m256 a3 = _mm256_add_ps(_mm512_castps512_ps256(v3), _mm512_extractf32x8_ps(v3, 1));
+  const __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
+// Up to four rows r < R of n values starting at p (row stride n):
+// s[r] += sum(p_r - K[r]), q[r] += sum((p_r - K[r])^2).
+template <int R, typename T>
+inline void moments_rows(const T* p, int64_t n, const float* K, double* s, double* q) {
+  __m512 k[4], S[4], Q[4];
+  for (int r = 0; r < 4; ++r) {
+    k[r] = _mm512_set1_ps(r < R ? K[r] : 0.0f);
+    S[r] = Q[r] = _mm512_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+      const __m512 d = _mm512_sub_ps(ldv(p + r * n + i, __mmask16(0xFFFF)), k[r]);
+      S[r] = _mm512_add_ps(S[r], d);
+      Q[r] = _mm512_fmadd_ps(d, d, Q[r]);
+    }
+  }
+  if (i < n) {
+    const __mmask16 m = tail_mask(n - i);
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+      const __m512 d = _mm512_maskz_sub_ps(m, ldv(p + r * n + i, m), k[r]);
+      S[r] = _mm512_add_ps(S[r], d);
+      Q[r] = _mm512_fmadd_ps(d, d, Q[r]);
+    }
+  }
+  alignas(16) float ts[4], tq[4];
+  _mm_store_ps(ts, hsum4(S[0], S[1], S[2], S[3]));
+  _mm_store_ps(tq, hsum4(Q[0], Q[1], Q[2], Q[3]));
+  for (int r = 0; r < R; ++r) {
+    s[r] += ts[r];
+    q[r] += tq[r];
+  }
+}
+
+template <typename T>
+void k_moments_avx512(const T* __restrict p, int64_t nch, int64_t n, const float* __restrict K, double* s, double* q) {
+  if (n >= kShortRow) return k_moments<T, float>(p, nch, n, K, s, q);
+  int64_t c = 0;
+  for (; c + 4 <= nch; c += 4) moments_rows<4>(p + c * n, n, K + c, s + c, q + c);
+  switch (nch - c) {
+    case 3: moments_rows<3>(p + c * n, n, K + c, s + c, q + c); break;
+    case 2: moments_rows<2>(p + c * n, n, K + c, s + c, q + c); break;
+    case 1: moments_rows<1>(p + c * n, n, K + c, s + c, q + c); break;
+    default: break;
+  }
+}
+
+// sg[r] += sum(g_r), sx[r] += sum(g_r * ((p_r - mhi[r]) - mlo[r])) for up to four rows.
+template <int R, typename T>
+inline void bwd_sums_rows(
+    const T* g,
+    const T* p,
+    int64_t n,
+    const float* mhi,
+    const float* mlo,
+    double* sg,
+    double* sx) {
+  __m512 h[4], l[4], G[4], X[4];
+  for (int r = 0; r < 4; ++r) {
+    h[r] = _mm512_set1_ps(r < R ? mhi[r] : 0.0f);
+    l[r] = _mm512_set1_ps(r < R ? mlo[r] : 0.0f);
+    G[r] = X[r] = _mm512_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+      const __m512 gv = ldv(g + r * n + i, __mmask16(0xFFFF));
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(ldv(p + r * n + i, __mmask16(0xFFFF)), h[r]), l[r]);
+      G[r] = _mm512_add_ps(G[r], gv);
+      X[r] = _mm512_fmadd_ps(gv, xc, X[r]);
+    }
+  }
+  if (i < n) {
+    const __mmask16 m = tail_mask(n - i);
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {
+      const __m512 gv = ldv(g + r * n + i, m);
+      const __m512 xc = _mm512_maskz_sub_ps(m, _mm512_sub_ps(ldv(p + r * n + i, m), h[r]), l[r]);
+      G[r] = _mm512_add_ps(G[r], gv);
+      X[r] = _mm512_fmadd_ps(gv, xc, X[r]);
+    }
+  }
+  alignas(16) float tg[4], tx[4];
+  _mm_store_ps(tg, hsum4(G[0], G[1], G[2], G[3]));
+  _mm_store_ps(tx, hsum4(X[0], X[1], X[2], X[3]));
+  for (int r = 0; r < R; ++r) {
+    sg[r] += tg[r];
+    sx[r] += tx[r];
+  }
+}
+
+template <typename T>
+void k_bwd_sums_avx512(
+    const T* __restrict g,
+    const T* __restrict p,
+    int64_t nch,
+    int64_t n,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    double* sg,
+    double* sx) {
+  if (n >= kShortRow) return k_bwd_sums<T, float>(g, p, nch, n, mhi, mlo, sg, sx);
+  int64_t c = 0;
+  for (; c + 4 <= nch; c += 4) bwd_sums_rows<4>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c);
+  switch (nch - c) {
+    case 3: bwd_sums_rows<3>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c); break;
+    case 2: bwd_sums_rows<2>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c); break;
+    case 1: bwd_sums_rows<1>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c); break;
+    default: break;
+  }
+}
+
 template <>
 inline void fill_nt<float>(RowKernels<float>& k) {
+  k.moments = &k_moments_avx512<float>;
+  k.bwd_sums = &k_bwd_sums_avx512<float>;
   k.cl_bwd_apply = &k_cl_bwd_apply_reg<false, float>;
   k.cl_normalize = &k_cl_normalize_reg<false, float>;
   k.cl_moments = &k_cl_moments_reg<float>;
@@ -818,6 +947,8 @@ inline void fill_nt<float>(RowKernels<float>& k) {
 template <>
 inline void fill_nt<c10::BFloat16>(RowKernels<c10::BFloat16>& k) {
   using B = c10::BFloat16;
+  k.moments = &k_moments_avx512<B>;
+  k.bwd_sums = &k_bwd_sums_avx512<B>;
   k.cl_moments = &k_cl_moments_reg<B>;
   k.cl_bwd_sums = &k_cl_bwd_sums_reg<B>;
   k.cl_normalize = &k_cl_normalize_reg<false, B>;

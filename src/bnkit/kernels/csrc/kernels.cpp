@@ -929,7 +929,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 Tuning& tuning() {
   static Tuning t{
-      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS", 4096))},
+      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS", 8192))},
       {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS_GRAD", 65536))},
       {env_int("BNKIT_NT_BYTES", int64_t(3) << 20)},
       {env_int("BNKIT_NT_GRAD_BYTES", int64_t(3) << 20)},

@@ -245,15 +245,16 @@ def fused_call(
     momentum: float | None,
     eps: float,
     axis: int,
-    num_features: int,
-    ranks: int,
     nonfinite: str,
     where: str,
+    num_features: int,
+    ranks: int,
 ) -> Tensor | None:
     """A layer's whole call as one C++ op (``bnkit::batch_norm_layer``), or ``None`` where it does not apply.
 
-    Same semantics as :func:`batch_norm_core` (whose arguments these are, plus
-    the layer's ``num_features`` and accepted ``ranks`` as a :func:`rank_mask`).
+    Same semantics as :func:`batch_norm_core`, with the arguments in the order
+    of ``layers.batch_norm_module_call``, plus the layer's ``num_features``
+    and accepted ``ranks`` as a :func:`rank_mask`.
     It applies in eager mode to plain CPU tensors with the C++ kernels; it
     declines (``None``, nothing changed) anything else, including bad input,
     so that the general path raises the error. On a small input the general
@@ -371,8 +372,8 @@ def batch_norm(
     momentum*batch`` (unbiased variance). In eval, uses the running buffers.
     """
     y = fused_call(
-        input, weight, bias, running_mean, running_var, None, training, momentum, eps, 1, 0, _RANKS_FROM_2,
-        "propagate", "batch_norm",
+        input, weight, bias, running_mean, running_var, None, training, momentum, eps, 1, "propagate", "batch_norm",
+        num_features=0, ranks=_RANKS_FROM_2,
     )
     if y is not None:
         return y

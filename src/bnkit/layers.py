@@ -232,28 +232,7 @@ class BatchNorm(nn.Module):
         running_var = self.running_var if use_buffers else None
         batch_stats = self.training or running_mean is None
         num_batches_tracked = self.num_batches_tracked if track else None
-        if not torch.compiler.is_compiling():  # eager: the whole call in one C++ op where it applies
-            y = fused_call(
-                input,
-                self.weight,
-                self.bias,
-                running_mean,
-                running_var,
-                num_batches_tracked,
-                batch_stats,
-                self.momentum,
-                self.eps,
-                self.axis,
-                self.num_features,
-                rank_mask(self._expected_dims),
-                self.nonfinite,
-                self._describe(),
-            )
-            if y is not None:
-                return y
-        if not isinstance(input, torch.fx.Proxy):
-            self._check_input(input)
-        return batch_norm_module_call(
+        call = (
             input,
             self.weight,
             self.bias,
@@ -267,6 +246,13 @@ class BatchNorm(nn.Module):
             self.nonfinite,
             self._describe(),
         )
+        if not torch.compiler.is_compiling():  # eager: the whole call in one C++ op where it applies
+            y = fused_call(*call, num_features=self.num_features, ranks=rank_mask(self._expected_dims))
+            if y is not None:
+                return y
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input(input)
+        return batch_norm_module_call(*call)
 
 
 class BatchNorm1d(BatchNorm):

@@ -19,7 +19,6 @@
 #include "bnkit_kernels.h"
 
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/InferenceMode.h>
@@ -163,12 +162,6 @@ bool requires_grad(const std::optional<Tensor>& t) {
   return defined(t) && t->requires_grad();
 }
 
-// Increments a tensor through its data (it is not part of any graph) and
-// records the change for autograd's saved-tensor checks.
-void bump(const Tensor& t) {
-  t.unsafeGetTensorImpl()->bump_version();
-}
-
 } // namespace
 
 std::tuple<Tensor, int64_t> batch_norm_layer(
@@ -210,12 +203,8 @@ std::tuple<Tensor, int64_t> batch_norm_layer(
     if (!track || !(eps >= 0) || (grad && (running_mean->requires_grad() || running_var->requires_grad())))
       return not_handled;
     const Layout layout = layout_of(input, axis);
-    if (grad) { // rare (eval-mode layer in a trained graph): the autograd-tracked op on views
-      using InferSig = Tensor(
-          const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, double);
-      static const auto infer =
-          c10::Dispatcher::singleton().findSchemaOrThrow("bnkit::batch_norm_infer", "").typed<InferSig>();
-      const Tensor y3 = infer.call(view3(input, axis, layout), *running_mean, *running_var, weight, bias, eps);
+    if (grad) { // rare (eval-mode layer in a trained graph): the op's autograd kernel on views
+      const Tensor y3 = infer_autograd(view3(input, axis, layout), *running_mean, *running_var, weight, bias, eps);
       return {unview3(y3, input, axis, layout), kHandled};
     }
     Tensor y = empty_in_layout(input, layout);
@@ -254,12 +243,10 @@ std::tuple<Tensor, int64_t> batch_norm_layer(
   const double factor =
       cumulative ? 1.0 / static_cast<double>(*nbt.const_data_ptr<int64_t>() + 1) : momentum;
   Tensor rm = *running_mean, rv = *running_var;
-  if (!update_running_stats_cpu(rm, rv, mean, var, factor, count, check_finite)) return {y, kNonFinite};
-  bump(rm);
-  bump(rv);
-  if (nbt.defined()) {
+  if (!update_running_stats_autograd(rm, rv, mean, var, factor, count, check_finite)) return {y, kNonFinite};
+  if (nbt.defined()) { // not part of any graph: incremented through its data
     *nbt.mutable_data_ptr<int64_t>() += 1;
-    bump(nbt);
+    torch::autograd::impl::bump_version(nbt);
   }
   return {y, kHandled};
 }

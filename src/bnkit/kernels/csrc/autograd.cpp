@@ -59,17 +59,8 @@ const c10::TypedOperatorHandle<EvalBackwardSig>& eval_backward_op() {
   return op;
 }
 
-at::ScalarType acc_of(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor per_channel(const Tensor& t) {
   return t.reshape({1, -1, 1});
-}
-
-Tensor cast_like(const Tensor& g, const Tensor& like) {
-  if (!g.defined() || !like.defined() || g.scalar_type() == like.scalar_type()) return g;
-  return g.to(like.scalar_type());
 }
 
 // ------------------------------------------------------------ autograd fns --
@@ -140,7 +131,7 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
     Tensor dx, dscale, dshift;
     const bool need_params = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     if (at::GradMode::is_enabled() || !need_params) {
-      const auto acc = acc_of(x);
+      const auto acc = acc_dtype(x.scalar_type());
       const Tensor g = gy.to(acc);
       if (ctx->needs_input_grad(0)) dx = (g * per_channel(scale.to(acc))).to(x.scalar_type());
       if (ctx->needs_input_grad(1)) dscale = (g * x.to(acc)).sum({0, 2});
@@ -197,7 +188,7 @@ class InferFn : public torch::autograd::Function<InferFn> {
     const int n_in = 6;
     variable_list out(n_in);
     if (!gy.defined()) return out;
-    const auto acc = acc_of(x);
+    const auto acc = acc_dtype(x.scalar_type());
     const Tensor g = gy.to(acc);
     const Tensor invstd = at::rsqrt(var.to(acc) + eps);
     const Tensor scale = w.defined() ? invstd * w.to(acc) : invstd;
@@ -237,7 +228,7 @@ class MomentsFn : public torch::autograd::Function<MomentsFn> {
     const int64_t count = x.size(0) * x.size(2);
     if ((!gm.defined() && !gv.defined()) || count == 0) return {at::zeros_like(x)};
     // d mean / dx = 1/M;  d var / dx = 2 (x - mean) / M.
-    const auto acc = acc_of(x);
+    const auto acc = acc_dtype(x.scalar_type());
     const Tensor xa = x.to(acc);
     Tensor dx;
     if (gv.defined()) {
@@ -259,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_composite(
     const Tensor& x,
     const Tensor& w,
     double eps) {
-  const auto acc = acc_of(x);
+  const auto acc = acc_dtype(x.scalar_type());
   const Tensor xa = x.to(acc);
   const Tensor g = gy.to(acc);
   const int64_t count = x.size(0) * x.size(2);

@@ -18,6 +18,17 @@
 
 namespace bnkit {
 
+// The accumulation dtype of an input dtype (see above).
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A gradient in the dtype of the tensor it is for (undefined stays undefined).
+inline at::Tensor cast_like(const at::Tensor& g, const at::Tensor& like) {
+  if (!g.defined() || !like.defined() || g.scalar_type() == like.scalar_type()) return g;
+  return g.to(like.scalar_type());
+}
+
 // (y3, mean, biased var); weight/bias may be undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
     const at::Tensor& x3,

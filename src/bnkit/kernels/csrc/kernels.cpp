@@ -515,10 +515,6 @@ void eval_backward_kernel(
 
 // ------------------------------------------------------------ arg checks --
 
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor check_x3(const Tensor& x3, const char* op, const char* what = "x3") {
   TORCH_CHECK(x3.defined(), "bnkit::", op, ": ", what, " is undefined");
   TORCH_CHECK(

@@ -80,11 +80,6 @@ std::optional<Tensor> opt(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-Tensor cast_like(const Tensor& g, const Tensor& like) {
-  if (!g.defined() || !like.defined() || g.scalar_type() == like.scalar_type()) return g;
-  return g.to(like.scalar_type());
-}
-
 // Training forward of the layer on its input in its own layout; one graph node.
 class LayerTrainFn : public torch::autograd::Function<LayerTrainFn> {
  public:

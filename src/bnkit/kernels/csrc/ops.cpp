@@ -41,14 +41,10 @@ namespace {
 
 using at::Tensor;
 
-at::ScalarType acc_of(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // ------------------------------------------------------------ meta kernels --
 
 at::TensorOptions stat_options(const Tensor& x3) {
-  return x3.options().dtype(acc_of(x3));
+  return x3.options().dtype(acc_dtype(x3.scalar_type()));
 }
 
 void meta_check(const Tensor& x3, const char* op) {

@@ -540,6 +540,14 @@ Tensor check_x3(const Tensor& x3, const char* op, const char* what = "x3") {
   return x3.contiguous();
 }
 
+// grad_y3 checked as x3 is and against x3's shape; contiguous, in x3's dtype.
+Tensor check_grad(const Tensor& grad_y3, const Tensor& x3, const char* op) {
+  const Tensor g = check_x3(grad_y3, op, "grad_y3");
+  TORCH_CHECK(
+      g.sizes() == x3.sizes(), "bnkit::", op, ": grad_y3 has shape ", g.sizes(), " but x3 has shape ", x3.sizes());
+  return g.to(x3.scalar_type()).contiguous();
+}
+
 // A per-channel parameter as a contiguous tensor of the accumulation dtype.
 Tensor check_param(const Tensor& p, int64_t C, at::ScalarType acc, const char* op, const char* name) {
   TORCH_CHECK(p.device().is_cpu(), "bnkit::", op, ": ", name, " must be a CPU tensor, got ", p.device());
@@ -735,16 +743,9 @@ std::tuple<Tensor, Tensor> batch_norm_backward_into(
     const Tensor& dx) {
   const Tensor x3 = check_x3(x3_, "batch_norm_backward");
   check_out(x3, dx, "batch_norm_backward", "grad_x3");
-  const Tensor g = check_x3(grad_y3_, "batch_norm_backward", "grad_y3");
-  TORCH_CHECK(
-      g.sizes() == x3.sizes(),
-      "bnkit::batch_norm_backward: grad_y3 has shape ",
-      g.sizes(),
-      " but x3 has shape ",
-      x3.sizes());
+  const Tensor gx = check_grad(grad_y3_, x3, "batch_norm_backward");
   const Shape s = shape_of(x3);
   const auto acc = acc_dtype(x3.scalar_type());
-  const Tensor gx = g.to(x3.scalar_type()).contiguous();
   const Tensor mean = check_param(mean_, s.C, acc, "batch_norm_backward", "mean");
   const Tensor var = check_param(var_, s.C, acc, "batch_norm_backward", "var");
   Tensor w;
@@ -846,16 +847,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_backward_cpu(
     const Tensor& x3_,
     const Tensor& scale_) {
   const Tensor x3 = check_x3(x3_, "batch_norm_eval_backward");
-  const Tensor g = check_x3(grad_y3_, "batch_norm_eval_backward", "grad_y3");
-  TORCH_CHECK(
-      g.sizes() == x3.sizes(),
-      "bnkit::batch_norm_eval_backward: grad_y3 has shape ",
-      g.sizes(),
-      " but x3 has shape ",
-      x3.sizes());
+  const Tensor gx = check_grad(grad_y3_, x3, "batch_norm_eval_backward");
   const Shape s = shape_of(x3);
   const auto acc = acc_dtype(x3.scalar_type());
-  const Tensor gx = g.to(x3.scalar_type()).contiguous();
   const Tensor scale = check_param(scale_, s.C, acc, "batch_norm_eval_backward", "scale");
   Tensor dx = at::empty_like(x3, at::MemoryFormat::Contiguous);
   Tensor dscale = at::empty({s.C}, x3.options().dtype(at::kDouble));

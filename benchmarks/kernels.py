@@ -190,9 +190,12 @@ def check_backend() -> str:
     return backend
 
 
+def _layout(shape, channels_last) -> str:
+    return "NC" if len(shape) == 2 else ("channels_last" if channels_last else "NCHW")
+
+
 def _case_label(name, shape, cl, dtype) -> str:
-    layout = "NC" if len(shape) == 2 else ("channels_last" if cl else "NCHW")
-    return f"{name} {layout} {str(dtype).replace('torch.', '')}"
+    return f"{name} {_layout(shape, cl)} {str(dtype).replace('torch.', '')}"
 
 
 def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) -> dict:
@@ -212,7 +215,7 @@ def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) ->
             t = time_interleaved(fns, reps, warmup)
             res[op] = t
             clone_t = t["clone"] if clone_t is None else min(clone_t, t["clone"])
-        layout = "NC" if len(shape) == 2 else ("channels_last" if cl else "NCHW")
+        layout = _layout(shape, cl)
         for op in OPS:
             a, k = res[op]["aten"], res[op]["bnkit"]
             rows.append(

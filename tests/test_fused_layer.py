@@ -22,6 +22,7 @@ import bnkit.functional
 import bnkit.layers
 from bnkit import kernels
 from bnkit.kernels import cpp
+from _compare import assert_close, input_grad_scale
 from _state import assert_state_unchanged, snapshot
 
 if not cpp.available():  # pragma: no cover - depends on the machine
@@ -64,21 +65,6 @@ def fused_spy():
         yield handled
 
 
-def close(actual, expected, tol, what, scale=1.0):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    scale = max(scale, e.abs().max().item()) if e.numel() else scale
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    assert err <= tol * scale, f"{what}: max abs diff {err:.3g} > {tol:.1g} * {scale:.3g}"
-
-
-def grad_scale(x, g, eps):
-    """max|dy| / min(std): the natural size of BN's input gradient (it cancels with few values)."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    var = x.double().var(dim=dims, unbiased=False)
-    return max(1.0, g.double().abs().max().item() / (var.min().item() + eps) ** 0.5)
-
-
 def make(shape, dtype=torch.float64, fmt=None, seed=0, loc=0.7, scale=2.5):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc).to(dtype)
@@ -108,16 +94,16 @@ def step(module, x, g):
 
 def compare(r1, r2, tol, what, gscale, yscale=1.0):
     (y1, gx1, pg1, b1), (y2, gx2, pg2, b2) = r1, r2
-    close(y1, y2, tol, f"{what} output", yscale)
-    close(gx1, gx2, tol, f"{what} input grad", gscale)
+    assert_close(y1, y2, tol, f"{what} output", yscale)
+    assert_close(gx1, gx2, tol, f"{what} input grad", gscale)
     assert pg1.keys() == pg2.keys() and b1.keys() == b2.keys()
     for n in pg1:
-        close(pg1[n], pg2[n], tol, f"{what} {n} grad")
+        assert_close(pg1[n], pg2[n], tol, f"{what} {n} grad")
     for n in b1:
         if n == "num_batches_tracked":
             assert int(b1[n]) == int(b2[n]), what
         else:
-            close(b1[n], b2[n], tol, f"{what} {n}")
+            assert_close(b1[n], b2[n], tol, f"{what} {n}")
 
 
 # ---------------------------------------------------------------- 1. parity
@@ -156,8 +142,8 @@ def test_fused_matches_general_path_and_torch(rank, channels, batch, channels_la
             r_general = step(general, x, g)
         r_torch = step(theirs, x, g)
         batch_stats = i < 3 or not track  # ill-conditioned when a channel's values nearly coincide:
-        gscale = grad_scale(x, g, 1e-5) if batch_stats else 1.0  # errors scale with 1/std
-        yscale = grad_scale(x, x, 1e-5) if batch_stats else 1.0
+        gscale = input_grad_scale(x, g, 1e-5) if batch_stats else 1.0  # errors scale with 1/std
+        yscale = input_grad_scale(x, x, 1e-5) if batch_stats else 1.0
         compare(r_fused, r_general, tol, f"step {i} fused vs general", gscale, yscale)
         compare(r_fused, r_torch, tol, f"step {i} fused vs torch", gscale, yscale)
         if fmt is not None:
@@ -178,12 +164,12 @@ def test_output_is_fresh_and_inplace_relu_trains_like_torch(fmt):
         x = make((5, C, 3, 4), fmt=fmt, seed=i)
         g = make((5, C, 3, 4), fmt=fmt, seed=50 + i, loc=0.0, scale=1.0)
         r1, r2 = step(ours, x, g), step(theirs, x, g)
-        compare(r1, r2, 1e-10, f"step {i}", grad_scale(x, g, 1e-5))
+        compare(r1, r2, 1e-10, f"step {i}", input_grad_scale(x, g, 1e-5))
         assert r1[1].is_contiguous(memory_format=fmt), "input grad lost the memory format"
     ours.eval()
     theirs.eval()
     with torch.no_grad():
-        close(ours(x), theirs(x), 1e-10, "eval output")
+        assert_close(ours(x), theirs(x), 1e-10, "eval output")
     r1, r2 = step(ours, x, g), step(theirs, x, g)  # eval layer inside a trained graph, in-place ReLU
     compare(r1, r2, 1e-10, "eval with grad", 1.0)
     assert r1[1].is_contiguous(memory_format=fmt)
@@ -209,7 +195,7 @@ def test_strided_and_eval_inputs_match_torch(training, layout):
     with fused_spy() as handled:
         r1 = step(ours, x, g)
     assert handled == [True]
-    compare(r1, step(theirs, x, g), 1e-10, f"{layout} training={training}", grad_scale(x, g, 1e-5))
+    compare(r1, step(theirs, x, g), 1e-10, f"{layout} training={training}", input_grad_scale(x, g, 1e-5))
 
 
 # ------------------------------------------------------- 5. double backward
@@ -225,7 +211,7 @@ def test_double_backward_matches_torch():
         loss = (gx**2).sum() + (gw * torch.arange(3.0, dtype=torch.float64)).sum() + (gx * x1).sum()
         results.append(torch.autograd.grad(loss, (x1, m.weight)))
     for a, b, name in zip(results[0], results[1], ("d2/dx", "d2/dweight")):
-        close(a, b, 1e-9, name)
+        assert_close(a, b, 1e-9, name)
 
 
 def test_gradgradcheck_through_the_layer():
@@ -259,7 +245,7 @@ def test_shared_weight_layer_equals_general_path():
     r1 = step(a, x, g)
     with general_path():
         r2 = step(b, x, g)
-    compare(r1, r2, 1e-12, "share_affine='weight'", grad_scale(x, g, 1e-5))
+    compare(r1, r2, 1e-12, "share_affine='weight'", input_grad_scale(x, g, 1e-5))
 
 
 def _error_of(module, x):
@@ -309,11 +295,11 @@ def test_nan_batch_follows_the_nonfinite_policy(nonfinite):
         return
     y2 = theirs(x)
     assert torch.equal(y1.isnan(), y2.isnan()) and bn.running_var.isnan()[2]
-    close(y1.nan_to_num(), y2.nan_to_num(), 1e-5, "output")
+    assert_close(y1.nan_to_num(), y2.nan_to_num(), 1e-5, "output")
     for name in ("running_mean", "running_var"):
         a, b = getattr(bn, name), getattr(theirs, name)
         assert torch.equal(a.isnan(), b.isnan())
-        close(a.nan_to_num(), b.nan_to_num(), 1e-5, name)
+        assert_close(a.nan_to_num(), b.nan_to_num(), 1e-5, name)
     assert int(bn.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
 
 
@@ -349,9 +335,9 @@ def test_raw_op_plain_case_matches_torch():
     state, (rm2, rv2, _) = _state3(), _state3()
     y, status = _layer_op(x, w, b, state, num_features=3, ranks=1 << 4)
     assert status == 0 and y is not x and y._base is None
-    close(y, torch.nn.functional.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5), 1e-10, "output")
-    close(state[0], rm2, 1e-12, "running_mean")
-    close(state[1], rv2, 1e-12, "running_var")
+    assert_close(y, torch.nn.functional.batch_norm(x, rm2, rv2, w, b, True, 0.1, 1e-5), 1e-10, "output")
+    assert_close(state[0], rm2, 1e-12, "running_mean")
+    assert_close(state[1], rv2, 1e-12, "running_var")
     assert int(state[2]) == 1
 
 
@@ -373,18 +359,18 @@ def test_cumulative_average_over_three_batches_matches_torch(dtype):
         with fused_spy() as handled:
             y1 = ours(x)
         assert handled == [True]
-        close(y1, theirs(x), TOL[dtype], f"output {i}")
-        close(ours.running_mean, theirs.running_mean, TOL[dtype], f"running_mean {i}")
-        close(ours.running_var, theirs.running_var, TOL[dtype], f"running_var {i}")
+        assert_close(y1, theirs(x), TOL[dtype], f"output {i}")
+        assert_close(ours.running_mean, theirs.running_mean, TOL[dtype], f"running_mean {i}")
+        assert_close(ours.running_var, theirs.running_var, TOL[dtype], f"running_var {i}")
         assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == i + 1
     # the F-style API takes the fused path too and agrees with torch's
     rm1, rv1 = ours.running_mean.clone(), ours.running_var.clone()
     rm2, rv2 = rm1.clone(), rv1.clone()
     x = make((6, 4, 3), dtype, seed=30)
-    close(bnkit.functional.batch_norm(x, rm1, rv1, training=True, momentum=0.2),
+    assert_close(bnkit.functional.batch_norm(x, rm1, rv1, training=True, momentum=0.2),
           torch.nn.functional.batch_norm(x, rm2, rv2, training=True, momentum=0.2), TOL[dtype], "F output")
-    close(rm1, rm2, TOL[dtype], "F running_mean")
-    close(rv1, rv2, TOL[dtype], "F running_var")
+    assert_close(rm1, rm2, TOL[dtype], "F running_mean")
+    assert_close(rv1, rv2, TOL[dtype], "F running_var")
 
 
 # --------------------------------------------------------------- inference mode
@@ -394,8 +380,8 @@ def test_inference_mode_and_buffers_made_under_it():
     ours, theirs = bnkit.BatchNorm2d(3), nn.BatchNorm2d(3)
     with torch.inference_mode():  # training steps inside inference mode update the buffers
         y1, y2 = ours(x), theirs(x)
-    close(y1, y2, 1e-5, "output")
-    close(ours.running_var, theirs.running_var, 1e-6, "running_var")
+    assert_close(y1, y2, 1e-5, "output")
+    assert_close(ours.running_var, theirs.running_var, 1e-6, "running_var")
     assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
     with torch.inference_mode():
         made_inside, torch_inside = bnkit.BatchNorm2d(3), nn.BatchNorm2d(3)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bnkit.kernels import cpp
+from _compare import assert_close
 
 if not cpp.available():  # pragma: no cover - depends on the machine
     pytest.skip(f"the C++ extension cannot be built here: {cpp.build_error()}", allow_module_level=True)
@@ -89,13 +90,6 @@ def ref_train(x3, w, b, eps):
     return y, mean, var
 
 
-def close(actual, expected, tol, what):
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    assert err <= tol * scale, f"{what}: max abs diff {err:.3g} > {tol:.1g} * {scale:.3g}"
-
-
 # ----------------------------------------------------------------- forward
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
@@ -110,9 +104,9 @@ def test_train_forward_and_backward_match_float64(shape, layout, dtype, affine):
     assert mean.dtype == var.dtype == param_dtype(dtype)
     yr, mr, vr = ref_train(x3, w, b, eps)
     tol = TOL[dtype]
-    close(y3, yr, tol, "y3")
-    close(mean, mr, 1e-6 if dtype != torch.float64 else 1e-12, "mean")
-    close(var, vr, 1e-6 if dtype != torch.float64 else 1e-12, "var")
+    assert_close(y3, yr, tol, "y3")
+    assert_close(mean, mr, 1e-6 if dtype != torch.float64 else 1e-12, "mean")
+    assert_close(var, vr, 1e-6 if dtype != torch.float64 else 1e-12, "var")
 
     # backward op vs autograd of float64 F.batch_norm on the original layout
     g = make(shape, layout, dtype, seed=7, loc=0.0, scale=1.0)
@@ -121,15 +115,15 @@ def test_train_forward_and_backward_match_float64(shape, layout, dtype, affine):
     wd = None if w is None else w.double().requires_grad_(True)
     bd = None if b is None else b.double().requires_grad_(True)
     F.batch_norm(xd, None, None, wd, bd, True, 0.0, eps).backward(g.double())
-    close(dx3, view3(xd.grad.contiguous(memory_format=_fmt(x))), 4 * tol, "grad x")
+    assert_close(dx3, view3(xd.grad.contiguous(memory_format=_fmt(x))), 4 * tol, "grad x")
     if affine:
         gw, gb = wd.grad, bd.grad
     else:  # the sums the op returns regardless: sum(g*xhat), sum(g)
         xhat, _, _ = ref_train(x3, None, None, eps)
         gw, gb = (view3(g).double() * xhat).sum((0, 2)), view3(g).double().sum((0, 2))
     n = x3.shape[0] * x3.shape[2]
-    close(dw, gw, 1e-10 if dtype == torch.float64 else 1e-5 * n**0.5, "grad weight")
-    close(db, gb, 1e-10 if dtype == torch.float64 else 1e-5 * n**0.5, "grad bias")
+    assert_close(dw, gw, 1e-10 if dtype == torch.float64 else 1e-5 * n**0.5, "grad weight")
+    assert_close(db, gb, 1e-10 if dtype == torch.float64 else 1e-5 * n**0.5, "grad bias")
 
 
 def _fmt(x):
@@ -149,18 +143,18 @@ def test_eval_forward_and_moments(shape, layout, dtype):
     scale, shift = params(C, dtype, True, seed=3)
     y3 = ops.batch_norm_eval(x3, scale, shift)
     expected = x3.double() * scale.double().view(1, -1, 1) + shift.double().view(1, -1, 1)
-    close(y3, expected, TOL[dtype], "eval y3")
+    assert_close(y3, expected, TOL[dtype], "eval y3")
     rm, rv = params(C, dtype, True, seed=4)
     rv = rv.abs() + 0.1
     w, b = params(C, dtype, True, seed=5)
     y3 = ops.batch_norm_infer(x3, rm, rv, w, b, 1e-5)
     rmd, rvd, wd, bd = (t.double().view(1, -1, 1) for t in (rm, rv, w, b))
-    close(y3, (x3.double() - rmd) / torch.sqrt(rvd + 1e-5) * wd + bd, TOL[dtype], "infer y3")
+    assert_close(y3, (x3.double() - rmd) / torch.sqrt(rvd + 1e-5) * wd + bd, TOL[dtype], "infer y3")
     y3 = ops.batch_norm_infer(x3, rm, rv, None, None, 1e-5)
-    close(y3, (x3.double() - rmd) / torch.sqrt(rvd + 1e-5), TOL[dtype], "infer y3 (no affine)")
+    assert_close(y3, (x3.double() - rmd) / torch.sqrt(rvd + 1e-5), TOL[dtype], "infer y3 (no affine)")
     mean, var = ops.moments(x3)
-    close(mean, x3.double().mean((0, 2)), 1e-12 if dtype == torch.float64 else 1e-6, "moments mean")
-    close(var, x3.double().var((0, 2), unbiased=False), 1e-12 if dtype == torch.float64 else 1e-6, "moments var")
+    assert_close(mean, x3.double().mean((0, 2)), 1e-12 if dtype == torch.float64 else 1e-6, "moments mean")
+    assert_close(var, x3.double().var((0, 2), unbiased=False), 1e-12 if dtype == torch.float64 else 1e-6, "moments var")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -173,9 +167,9 @@ def test_eval_and_train_autograd_float32(layout):
         y = ops.batch_norm_eval(xs, ss, hs)
         g = torch.randn_like(y)
         gx, gs, gh = torch.autograd.grad(y, (xs, ss, hs), g, create_graph=create_graph)
-        close(gx, g * scale.view(1, -1, 1), 1e-6, "eval grad x")
-        close(gs, (g.double() * x3.double()).sum((0, 2)), 1e-5, "eval grad scale")
-        close(gh, g.double().sum((0, 2)), 1e-5, "eval grad shift")
+        assert_close(gx, g * scale.view(1, -1, 1), 1e-6, "eval grad x")
+        assert_close(gs, (g.double() * x3.double()).sum((0, 2)), 1e-5, "eval grad scale")
+        assert_close(gh, g.double().sum((0, 2)), 1e-5, "eval grad shift")
         xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x3, scale, shift))
         y, mean, var = ops.batch_norm_train(xs, ws, bs, 1e-3)
         assert not mean.requires_grad and not var.requires_grad
@@ -183,7 +177,7 @@ def test_eval_and_train_autograd_float32(layout):
         xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x3, scale, shift))
         ed = torch.autograd.grad(F.batch_norm(xd, None, None, wd, bd, True, 0.0, 1e-3), (xd, wd, bd), g.double())
         for a, e, what in zip((gx, gw, gb), ed, ("x", "weight", "bias")):
-            close(a, e, 1e-4, f"train grad {what} (create_graph={create_graph})")
+            assert_close(a, e, 1e-4, f"train grad {what} (create_graph={create_graph})")
 
 
 # ------------------------------------------------------------- stability
@@ -203,7 +197,7 @@ def test_stable_statistics_mean_1e3_std_0p1(layout):
     dx, dw, db = ops.batch_norm_backward(g, x3, mean, var, None, 1e-5)
     xd = x3.double().requires_grad_(True)
     F.batch_norm(xd, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
-    close(dx, xd.grad, 1e-3, "grad x at mean 1e3")
+    assert_close(dx, xd.grad, 1e-3, "grad x at mean 1e3")
 
 
 def test_threads_do_not_change_results_much():
@@ -216,7 +210,7 @@ def test_threads_do_not_change_results_much():
         torch.set_num_threads(n)
     many = ops.batch_norm_train(x3, None, None, 1e-5)
     for a, b in zip(one, many):
-        close(a, b, 1e-5, "1 thread vs many")
+        assert_close(a, b, 1e-5, "1 thread vs many")
 
 
 def test_empty_batch():
@@ -280,11 +274,11 @@ def test_torch_compile_sees_opaque_ops_without_graph_breaks():
     ws = [w.clone().requires_grad_(True), w.clone().requires_grad_(True)]
     out_e = fn(xs[0], ws[0], b)
     out_c = compiled(xs[1], ws[1], b)
-    close(out_c, out_e, 1e-6, "compiled vs eager")
+    assert_close(out_c, out_e, 1e-6, "compiled vs eager")
     out_e.backward()
     out_c.backward()
-    close(xs[1].grad, xs[0].grad, 1e-6, "compiled grad x")
-    close(ws[1].grad, ws[0].grad, 1e-6, "compiled grad w")
+    assert_close(xs[1].grad, xs[0].grad, 1e-6, "compiled grad x")
+    assert_close(ws[1].grad, ws[0].grad, 1e-6, "compiled grad w")
 
 
 def test_fx_trace_sees_a_single_op():
@@ -414,8 +408,8 @@ def test_update_running_stats_matches_torch_rule(dtype):
     v0 = rm._version
     assert ops.update_running_stats_(rm, rv, mean, var, 0.3, 24, True)
     assert rm._version > v0
-    close(rm, trm, 1e-6 if dtype == torch.float32 else 1e-12, "running_mean")
-    close(rv, trv, 1e-6 if dtype == torch.float32 else 1e-12, "running_var")
+    assert_close(rm, trm, 1e-6 if dtype == torch.float32 else 1e-12, "running_mean")
+    assert_close(rv, trv, 1e-6 if dtype == torch.float32 else 1e-12, "running_var")
     before = (rm.clone(), rv.clone())
     nan_var = var.clone()
     nan_var[2] = float("nan")

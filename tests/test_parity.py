@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnkit
+from _compare import assert_close, input_grad_scale
 
 TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 BNKIT_CLASSES = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}
@@ -22,16 +23,6 @@ BNKIT_CLASSES = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2
 # significant bits (one rounding step is 2**-7 ~ 0.8%); its input gradient with a
 # handful of values per channel cancels to a few rounding steps, so 5 steps are allowed.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 4e-2}
-
-
-def assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, scale: float = 1.0
-) -> None:
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    scale = max(scale, expected.abs().max().item()) if expected.numel() else scale
-    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= TOL[dtype] * scale, f"{what}: max abs diff {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
 
 
 def make_input(shape, dtype, channels_last, seed):
@@ -43,16 +34,6 @@ def make_input(shape, dtype, channels_last, seed):
     if channels_last and len(shape) == 5:
         x = x.to(memory_format=torch.channels_last_3d)
     return x
-
-
-def input_grad_scale(x: torch.Tensor, grad: torch.Tensor, eps: float) -> float:
-    """The natural size of BN's input gradient, max|dy| / min(std): with few values per
-    channel the exact gradient nearly cancels and what remains is rounding of that size."""
-    if x.numel() == 0:
-        return 1.0
-    dims = [d for d in range(x.dim()) if d != 1]
-    var = x.double().var(dim=dims, unbiased=False)
-    return max(1.0, grad.double().abs().max().item() / (var.min().item() + eps) ** 0.5)
 
 
 def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_last, dtype, steps=3, seed=0):
@@ -75,24 +56,24 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
         x2 = x.clone().requires_grad_(True)
         y1, y2 = ours(x1), theirs(x2)
         assert y1.dtype == y2.dtype
-        assert_close(y1, y2, dtype, f"output step {step}")
+        assert_close(y1, y2, TOL[dtype], f"output step {step}")
         if channels_last and rank in (4, 5):
             fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
             assert y1.is_contiguous(memory_format=fmt), "output lost the channels_last memory format"
         grad = make_input(shape, dtype, channels_last, seed + 1000 + step)
         y1.backward(grad)
         y2.backward(grad)
-        assert_close(x1.grad, x2.grad, dtype, f"input grad step {step}", input_grad_scale(x, grad, eps))
+        assert_close(x1.grad, x2.grad, TOL[dtype], f"input grad step {step}", input_grad_scale(x, grad, eps))
         if channels_last and rank in (4, 5):
             fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
             assert x1.grad.is_contiguous(memory_format=fmt), "input gradient lost the channels_last format"
         if affine:
-            assert_close(ours.weight.grad, theirs.weight.grad, dtype, "weight grad")
-            assert_close(ours.bias.grad, theirs.bias.grad, dtype, "bias grad")
+            assert_close(ours.weight.grad, theirs.weight.grad, TOL[dtype], "weight grad")
+            assert_close(ours.bias.grad, theirs.bias.grad, TOL[dtype], "bias grad")
             ours.weight.grad = theirs.weight.grad = ours.bias.grad = theirs.bias.grad = None
         if track:
-            assert_close(ours.running_mean, theirs.running_mean, dtype, "running_mean")
-            assert_close(ours.running_var, theirs.running_var, dtype, "running_var")
+            assert_close(ours.running_mean, theirs.running_mean, TOL[dtype], "running_mean")
+            assert_close(ours.running_var, theirs.running_var, TOL[dtype], "running_var")
             assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
     ours.eval()
     theirs.eval()
@@ -100,18 +81,18 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
     y1, y2 = ours(x1), theirs(x2)
-    assert_close(y1, y2, dtype, "eval output")
+    assert_close(y1, y2, TOL[dtype], "eval output")
     g = make_input(shape, dtype, channels_last, seed + 501)
     y1.backward(g)
     y2.backward(g)
-    assert_close(x1.grad, x2.grad, dtype, "eval input grad", input_grad_scale(x, g, eps) if not track else 1.0)
+    assert_close(x1.grad, x2.grad, TOL[dtype], "eval input grad", input_grad_scale(x, g, eps) if not track else 1.0)
     if affine:
-        assert_close(ours.weight.grad, theirs.weight.grad, dtype, "eval weight grad")
+        assert_close(ours.weight.grad, theirs.weight.grad, TOL[dtype], "eval weight grad")
     # The state_dicts agree key by key.
     sd1, sd2 = ours.state_dict(), theirs.state_dict()
     assert list(sd1) == list(sd2)
     for k in sd1:
-        assert_close(sd1[k].double(), sd2[k].double(), dtype, f"state_dict[{k}]")
+        assert_close(sd1[k].double(), sd2[k].double(), TOL[dtype], f"state_dict[{k}]")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -157,9 +138,9 @@ def test_functional_matches_torch(backend):
     w, b = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     y1 = bnkit.functional.batch_norm(x, rm1, rv1, w, b, training=True, momentum=0.3, eps=1e-4)
     y2 = torch.nn.functional.batch_norm(x, rm2, rv2, w, b, training=True, momentum=0.3, eps=1e-4)
-    assert_close(y1, y2, torch.float64, "train output")
-    assert_close(rm1, rm2, torch.float64, "running_mean")
-    assert_close(rv1, rv2, torch.float64, "running_var")
+    assert_close(y1, y2, TOL[torch.float64], "train output")
+    assert_close(rm1, rm2, TOL[torch.float64], "running_mean")
+    assert_close(rv1, rv2, TOL[torch.float64], "running_var")
     y1 = bnkit.functional.batch_norm(x, rm1, rv1, w, b, training=False, eps=1e-4)
     y2 = torch.nn.functional.batch_norm(x, rm2, rv2, w, b, training=False, eps=1e-4)
-    assert_close(y1, y2, torch.float64, "eval output")
+    assert_close(y1, y2, TOL[torch.float64], "eval output")

@@ -1,8 +1,11 @@
 """Benchmark bnkit's fused CPU kernels against PyTorch's own (ATen) BatchNorm.
 
 For each shape/layout/dtype it times, in one process, interleaving the
-candidates rep by rep (so that machine noise hits all of them alike), the
-median of ``--reps`` (>= 25 by default) repetitions after ``--warmup``:
+candidates rep by rep (so that machine noise hits all of them alike) in an
+order shuffled every rep (each call pays for what the call before it left in
+the caches -- e.g. write-backs of its dirty output lines -- so a fixed order
+would favour whichever candidate always follows the cheapest one), the median
+of ``--reps`` (>= 25 by default) repetitions after ``--warmup``:
 
 * ``train fwd``   bnkit.functional.batch_norm vs torch.nn.functional.batch_norm
                   (training mode, with running-statistics update);
@@ -12,7 +15,9 @@ median of ``--reps`` (>= 25 by default) repetitions after ``--warmup``:
                   torch.nn.BatchNorm{1,2}d (train mode);
 * ``eval fwd``    the two modules in eval mode under torch.no_grad();
 * ``clone``       ``x.clone()``: one read + one write pass over the tensor, the
-                  bandwidth limit every entry is also expressed in.
+                  bandwidth limit; it runs side by side with each op above (in
+                  the same interleaving), and each op is also expressed as a
+                  multiple of its own side-by-side clone.
 
 Both candidates allocate their outputs through the same allocator (reported
 in the header: glibc malloc unless LD_PRELOAD names another); fresh multi-MB
@@ -35,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -168,11 +174,17 @@ class _Backward:
         return out
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each fn, candidates interleaved rep by rep."""
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, seed: int = 0
+) -> dict[str, float]:
+    """Median seconds per call of each fn, candidates interleaved rep by rep in a shuffled order."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(seed)
     for i in range(warmup + reps):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             prep = getattr(fn, "prepare", None)
             if prep is not None:
                 prep()
@@ -207,17 +219,15 @@ def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) ->
     for name, shape, cl, dtype in cases:
         c = candidates(shape, cl, dtype)
         x_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        clone_t = None
         res = {}
         for op in OPS:
             fns = dict(c[op])
             fns["clone"] = c["clone"]["clone"]
-            t = time_interleaved(fns, reps, warmup)
-            res[op] = t
-            clone_t = t["clone"] if clone_t is None else min(clone_t, t["clone"])
+            res[op] = time_interleaved(fns, reps, warmup)
+        clone_best = min(t["clone"] for t in res.values())
         layout = _layout(shape, cl)
         for op in OPS:
-            a, k = res[op]["aten"], res[op]["bnkit"]
+            a, k, clone_t = res[op]["aten"], res[op]["bnkit"], res[op]["clone"]
             rows.append(
                 {
                     "shape": name,
@@ -227,7 +237,8 @@ def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) ->
                     "op": op,
                     "aten_ms": a * 1e3,
                     "bnkit_ms": k * 1e3,
-                    "clone_ms": clone_t * 1e3,
+                    "clone_ms": clone_t * 1e3,  # side by side: the same interleaving as this op
+                    "clone_best_ms": clone_best * 1e3,  # the fastest of the case's four clones
                     "speedup": a / k,
                     "bnkit_per_clone": k / clone_t,
                     "aten_per_clone": a / clone_t,
@@ -334,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"bnkit {getattr(bnkit, '__version__', '?')} backend={backend} isa={isa} | torch {torch.__version__}"
         f" | threads={torch.get_num_threads()} | allocator: {allocator()} | {platform.processor() or platform.machine()}"
-        f" | median of {args.reps} after {args.warmup} warm-up, candidates interleaved",
+        f" | median of {args.reps} after {args.warmup} warm-up, candidates interleaved, order shuffled per rep",
         flush=True,
     )
     if backend != "cpp":

@@ -99,6 +99,7 @@ class LayerTrainFn : public torch::autograd::Function<LayerTrainFn> {
     ctx->saved_data["layout"] = static_cast<int64_t>(layout);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false); // mean and var get no gradient: no zeros for them
     return {y, mean, var};
   }
 

@@ -1,0 +1,107 @@
+"""benchmarks/kernels.py: its bookkeeping (not its timings, which are never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from bnkit import cli
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bnkit_bench_under_test", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_interleaving_calls_each_candidate_once_per_rep_in_a_shuffled_order(bench):
+    calls: list[str] = []
+
+    class Prepared:
+        def __init__(self):
+            self.prepared = 0
+
+        def prepare(self):
+            self.prepared += 1
+
+        def __call__(self):
+            assert self.prepared == calls.count("p") + 1  # prepare ran right before this call
+            calls.append("p")
+
+    p = Prepared()
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "p": p}
+    reps, warmup = 12, 2
+    med = bench.time_interleaved(fns, reps, warmup)
+    assert set(med) == set(fns) and all(v >= 0 for v in med.values())
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == reps + warmup
+    assert all(sorted(r) == ["a", "b", "p"] for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between reps
+    assert p.prepared == reps + warmup
+    # the shuffle is seeded: the same sequence again
+    calls.clear()
+    p.prepared = 0
+    bench.time_interleaved(fns, reps, warmup)
+    assert [calls[i : i + 3] for i in range(0, len(calls), 3)] == rounds
+
+
+def _row(op, layout, speedup, dtype="float32", mb=6.1, per_clone=1.0):
+    return {"op": op, "layout": layout, "dtype": dtype, "MB": mb, "speedup": speedup, "bnkit_per_clone": per_clone}
+
+
+def test_targets_against_hand_values(bench):
+    rows = [
+        _row("train fwd", "NCHW", 3.0, per_clone=1.7),
+        _row("train fwd", "NCHW", 2.0, per_clone=1.9, mb=0.8),  # under 6 MB: not in the clone target
+        _row("train fwd", "channels_last", 1.4, per_clone=1.8),
+        _row("train fwd", "channels_last", 1.8),
+        _row("train fwd", "NC", 1.5, mb=1.0),
+        _row("backward", "NCHW", 1.05),
+        _row("backward", "NCHW", 1.2),
+        _row("backward", "channels_last", 1.6),
+        _row("backward", "NC", 1.4),
+        _row("fwd+bwd", "NCHW", 2.0),
+        _row("fwd+bwd", "channels_last", 0.9),
+        _row("fwd+bwd", "NC", 1.5),
+        _row("eval fwd", "NCHW", 1.1),
+        _row("eval fwd", "NC", 1.0),
+        _row("train fwd", "NCHW", 1.25, dtype="bfloat16", per_clone=9.0),  # bf16 rows: not in the clone target
+    ]
+    got = {t["target"]: (round(t["value"], 6), t["met"]) for t in bench.targets(rows)}
+    assert got == {
+        "train fwd speedup, median NCHW": (2.5, True),  # median of 3.0 and 2.0
+        "train fwd speedup, median channels_last": (1.6, True),
+        "train fwd speedup, median NC": (1.5, True),
+        "backward speedup, median NCHW": (1.125, True),
+        "backward speedup, median channels_last": (1.6, True),
+        "backward speedup, median NC": (1.4, False),
+        "fwd+bwd (module) speedup, median": (1.5, True),
+        "fwd+bwd (module) slowest shape": (0.9, False),
+        "train fwd on >= 6 MB, worst multiple of clone": (1.8, True),
+        "eval fwd speedup, slowest float32 shape": (1.0, True),
+        "bfloat16 train fwd speedup, slowest": (1.25, True),
+    }
+
+
+def test_bench_cli_smoke_writes_rows_with_side_by_side_clones(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--reps", "1", "--warmup", "0", "--only", "8x512x7x7 NCHW", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "order shuffled per rep" in printed and "train fwd" in printed
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["op"] for r in rows] == ["train fwd", "backward", "fwd+bwd", "eval fwd"]
+    for r in rows:
+        assert r["shape"] == "8x512x7x7" and r["layout"] == "NCHW" and r["dtype"] == "float32"
+        assert r["clone_best_ms"] <= r["clone_ms"]
+        assert r["speedup"] == pytest.approx(r["aten_ms"] / r["bnkit_ms"])
+        assert r["bnkit_per_clone"] == pytest.approx(r["bnkit_ms"] / r["clone_ms"])
+    assert {t["target"] for t in data["targets"]} >= {"train fwd speedup, median NCHW"}

@@ -30,7 +30,8 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.
 
 # (shape, layout): every layout of the issue, plus shapes that hit each code
 # path: channel-fused NCHW (C >= 2 threads), row-partial NCHW (C small),
-# channels-last row blocks and several tasks, rows longer than one block.
+# channels-last row blocks and several tasks, rows longer than one block, and
+# channels-last rows of 128 channels or more (element-wise loops one row at a time).
 CASES = [
     ((6, 4), "contiguous"),  # BatchNorm1d (N, C)
     ((5, 3, 7), "contiguous"),  # (N, C, L)
@@ -42,6 +43,7 @@ CASES = [
     ((2, 2, 4500), "contiguous"),  # rows longer than one accumulation block
     ((40000, 3), "contiguous"),  # many rows, several tasks, row blocks
     ((9, 64, 4, 4), "channels_last"),
+    ((3, 130, 3, 3), "channels_last"),  # rows of >= 128 channels: one row per iteration, odd row count
 ]
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bnkit
-from _compare import assert_close, input_grad_scale
+from _compare import assert_close, input_grad_scale, output_scale
 
 TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
 BNKIT_CLASSES = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}
@@ -56,7 +56,7 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
         x2 = x.clone().requires_grad_(True)
         y1, y2 = ours(x1), theirs(x2)
         assert y1.dtype == y2.dtype
-        assert_close(y1, y2, TOL[dtype], f"output step {step}")
+        assert_close(y1, y2, TOL[dtype], f"output step {step}", output_scale(x, eps))
         if channels_last and rank in (4, 5):
             fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
             assert y1.is_contiguous(memory_format=fmt), "output lost the channels_last memory format"
@@ -81,7 +81,7 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
     y1, y2 = ours(x1), theirs(x2)
-    assert_close(y1, y2, TOL[dtype], "eval output")
+    assert_close(y1, y2, TOL[dtype], "eval output", output_scale(x, eps) if not track else 1.0)
     g = make_input(shape, dtype, channels_last, seed + 501)
     y1.backward(g)
     y2.backward(g)
@@ -96,6 +96,9 @@ def run_parity(rank, channels, batch, affine, track, momentum, eps, channels_las
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Two float32 values per channel 0.01 apart near 2.8: torch's own output is 2.4e-5 from the exact one.
+@example(rank=2, channels=5, batch=2, affine=False, track=False, momentum=0.1, eps=1e-5, channels_last=False,
+         dtype=torch.float32, seed=2)
 @given(
     rank=st.sampled_from([2, 3, 4, 5]),
     channels=st.integers(1, 6),

@@ -797,6 +797,32 @@ void k_cl_bwd_apply_reg(
     const float* __restrict k1,
     const float* __restrict k2,
     const float* __restrict k3) {
+  if constexpr (NT && std::is_same_v<T, float>) {
+    // float32 with streaming stores (outputs of 3 MB or more): rows longer than one
+    // 64-channel chunk are walked in memory order, one row at a time, instead of
+    // chunk by chunk down a block of rows.  The chunk walk jumps a row (1 KB or
+    // more) per step; with streaming stores it slowed down at some input/output
+    // offsets.  In one process, sliding the input over 32 offsets: 6272x256
+    // median 546 -> 466 us (worst 970 -> 630), 3136x512 367 -> 361 us (worst
+    // 2315 -> 480); the module backward on 32x256x14x14 channels-last was 6-9%
+    // faster in two shuffled A/B rounds.  Through the cache and for bfloat16 the
+    // chunk walk stays (10-20% faster there).  Same arithmetic in the same order.
+    if (C > 64) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* gr = g + r * C;
+        const float* xr = x + r * C;
+        float* dr = dx + r * C;
+        for (int64_t c = 0; c < C; c += 16) { // C % 16 == 0 for streaming stores (checked by the caller)
+          const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(mhi + c)), _mm512_loadu_ps(mlo + c));
+          const __m512 t =
+              _mm512_fnmadd_ps(xc, _mm512_loadu_ps(k2 + c), _mm512_mul_ps(_mm512_loadu_ps(gr + c), _mm512_loadu_ps(k1 + c)));
+          stv_nt(dr + c, _mm512_sub_ps(t, _mm512_loadu_ps(k3 + c)));
+        }
+      }
+      _mm_sfence();
+      return;
+    }
+  }
   const int64_t sr = sub_rows_grad(C);
   for (int64_t r0 = 0; r0 < rows; r0 += sr) {
     const int64_t nr = std::min(sr, rows - r0);
@@ -946,41 +972,6 @@ void k_bwd_sums_avx512(
   }
 }
 
-// float32 backward apply with streaming stores (outputs of 3 MB or more): rows
-// longer than one 64-channel chunk are walked in memory order, one row at a
-// time, instead of chunk by chunk down a block of rows.  The chunk walk jumps a
-// row (1 KB or more) per step; with streaming stores it slowed down at some
-// input/output offsets.  In one process, sliding the input over 32 offsets:
-// 6272x256 median 546 -> 466 us (worst 970 -> 630), 3136x512 367 -> 361 us
-// (worst 2315 -> 480).  The module backward on 32x256x14x14 channels-last was
-// 6-9% faster in two shuffled A/B rounds.  Below 3 MB (through the cache) and for
-// bfloat16 the chunk walk stays: it was 10-20% faster there.  Same arithmetic
-// in the same order: bit-identical results.
-void k_cl_bwd_apply_nt_f32(
-    const float* __restrict g,
-    const float* __restrict x,
-    float* __restrict dx,
-    int64_t rows,
-    int64_t C,
-    const float* __restrict mhi,
-    const float* __restrict mlo,
-    const float* __restrict k1,
-    const float* __restrict k2,
-    const float* __restrict k3) {
-  if (C <= 64) return k_cl_bwd_apply_reg<true, float>(g, x, dx, rows, C, mhi, mlo, k1, k2, k3);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gr = g + r * C;
-    const float* xr = x + r * C;
-    float* dr = dx + r * C;
-    for (int64_t c = 0; c < C; c += 16) { // C % 16 == 0 for the streaming kernels (checked by the caller)
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + c), _mm512_loadu_ps(mhi + c)), _mm512_loadu_ps(mlo + c));
-      const __m512 t = _mm512_fnmadd_ps(xc, _mm512_loadu_ps(k2 + c), _mm512_mul_ps(_mm512_loadu_ps(gr + c), _mm512_loadu_ps(k1 + c)));
-      stv_nt(dr + c, _mm512_sub_ps(t, _mm512_loadu_ps(k3 + c)));
-    }
-  }
-  _mm_sfence();
-}
-
 template <>
 inline void fill_nt<float>(RowKernels<float>& k) {
   k.moments = &k_moments_avx512<float>;
@@ -992,7 +983,7 @@ inline void fill_nt<float>(RowKernels<float>& k) {
   k.cl_moments = &k_cl_moments_reg<float>;
   k.cl_bwd_sums = &k_cl_bwd_sums_reg<float>;
   k.cl_normalize_nt = &k_cl_normalize_reg<true, float>;
-  k.cl_bwd_apply_nt = &k_cl_bwd_apply_nt_f32;
+  k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true, float>;
   k.span_normalize_nt = &k_span_normalize_nt;
 }
 template <>

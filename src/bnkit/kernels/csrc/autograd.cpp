@@ -83,6 +83,7 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false); // mean and var get no gradient: no zeros for them
     return {y, mean, var};
   }
 

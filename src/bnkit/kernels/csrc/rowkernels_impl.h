@@ -555,6 +555,25 @@ inline __mmask16 tail_mask(int64_t rem) {
   return rem >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rem) - 1u);
 }
 
+// Calls fn(std::integral_constant<int, V>(), c0, lm) for each chunk of up to 64
+// channels of a C-channel row: V = 1..4 vectors (a compile-time count, so that
+// the chunk kernels keep their accumulators or parameters in registers), lm
+// the mask of the chunk's last vector.
+template <typename F>
+inline void for_chunks(int64_t C, const F& fn) {
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const int64_t left = C - c0;
+    const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
+    const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
+    switch (nv) {
+      case 4: fn(std::integral_constant<int, 4>(), c0, lm); break;
+      case 3: fn(std::integral_constant<int, 3>(), c0, lm); break;
+      case 2: fn(std::integral_constant<int, 2>(), c0, lm); break;
+      default: fn(std::integral_constant<int, 1>(), c0, lm); break;
+    }
+  }
+}
+
 template <int V, typename T>
 inline void cl_moments_chunk(const T* x, int64_t rows, int64_t C, const float* K, float* sa, float* sb, __mmask16 lm) {
   __m512 k[V], s[V], q[V];
@@ -603,17 +622,9 @@ void k_cl_moments_reg(const T* __restrict x, int64_t rows, int64_t C, const floa
     for (int64_t r0 = 0; r0 < rows; r0 += sr) k_cl_moments_reg(x + r0 * C, std::min(sr, rows - r0), C, K, sa, sb);
     return;
   }
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    const int64_t left = C - c0;
-    const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
-    const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
-    switch (nv) {
-      case 4: cl_moments_chunk<4>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
-      case 3: cl_moments_chunk<3>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
-      case 2: cl_moments_chunk<2>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
-      default: cl_moments_chunk<1>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm); break;
-    }
-  }
+  for_chunks(C, [&](auto v, int64_t c0, __mmask16 lm) {
+    cl_moments_chunk<decltype(v)::value>(x + c0, rows, C, K + c0, sa + c0, sb + c0, lm);
+  });
 }
 
 template <int V, typename T>
@@ -669,17 +680,9 @@ void k_cl_bwd_sums_reg(
       k_cl_bwd_sums_reg(g + r0 * C, x + r0 * C, std::min(sr, rows - r0), C, mhi, mlo, sa, sb);
     return;
   }
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    const int64_t left = C - c0;
-    const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
-    const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
-    switch (nv) {
-      case 4: cl_bwd_sums_chunk<4>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
-      case 3: cl_bwd_sums_chunk<3>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
-      case 2: cl_bwd_sums_chunk<2>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
-      default: cl_bwd_sums_chunk<1>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm); break;
-    }
-  }
+  for_chunks(C, [&](auto v, int64_t c0, __mmask16 lm) {
+    cl_bwd_sums_chunk<decltype(v)::value>(g + c0, x + c0, rows, C, mhi + c0, mlo + c0, sa + c0, sb + c0, lm);
+  });
 }
 
 template <int V, bool NT, typename T>
@@ -730,17 +733,9 @@ void k_cl_normalize_reg(
     const int64_t nr = std::min(sr, rows - r0);
     const T* xb = x + r0 * C;
     T* yb = y + r0 * C;
-    for (int64_t c0 = 0; c0 < C; c0 += 64) {
-      const int64_t left = C - c0;
-      const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
-      const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
-      switch (nv) {
-        case 4: cl_normalize_chunk<4, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
-        case 3: cl_normalize_chunk<3, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
-        case 2: cl_normalize_chunk<2, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
-        default: cl_normalize_chunk<1, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm); break;
-      }
-    }
+    for_chunks(C, [&](auto v, int64_t c0, __mmask16 lm) {
+      cl_normalize_chunk<decltype(v)::value, NT>(xb + c0, yb + c0, nr, C, mhi + c0, mlo + c0, sc + c0, sh + c0, lm);
+    });
   }
   if (NT) _mm_sfence();
 }
@@ -827,20 +822,10 @@ void k_cl_bwd_apply_reg(
   for (int64_t r0 = 0; r0 < rows; r0 += sr) {
     const int64_t nr = std::min(sr, rows - r0);
     const int64_t o = r0 * C;
-    for (int64_t c0 = 0; c0 < C; c0 += 64) {
-      const int64_t left = C - c0;
-      const int nv = static_cast<int>(std::min<int64_t>(4, (left + 15) / 16));
-      const __mmask16 lm = tail_mask(left - 16 * (nv - 1));
-#define BNKIT_BA(NV) \
-  cl_bwd_apply_chunk<NV, NT>(g + o + c0, x + o + c0, dx + o + c0, nr, C, mhi + c0, mlo + c0, k1 + c0, k2 + c0, k3 + c0, lm)
-      switch (nv) {
-        case 4: BNKIT_BA(4); break;
-        case 3: BNKIT_BA(3); break;
-        case 2: BNKIT_BA(2); break;
-        default: BNKIT_BA(1); break;
-      }
-#undef BNKIT_BA
-    }
+    for_chunks(C, [&](auto v, int64_t c0, __mmask16 lm) {
+      cl_bwd_apply_chunk<decltype(v)::value, NT>(
+          g + o + c0, x + o + c0, dx + o + c0, nr, C, mhi + c0, mlo + c0, k1 + c0, k2 + c0, k3 + c0, lm);
+    });
   }
   if (NT) _mm_sfence();
 }
@@ -850,6 +835,20 @@ void k_cl_bwd_apply_reg(
 // horizontal sum per four rows.  (The portable loops' `omp simd` reductions end
 // each row with sixteen dependent scalar additions, which cost more than the
 // row itself when n is 49.)
+
+// Calls fn(std::integral_constant<int, R>(), c) for the rows c..c+R-1 of nch
+// rows, four at a time (R = 4), then the last one to three.
+template <typename F>
+inline void for_row_quads(int64_t nch, const F& fn) {
+  int64_t c = 0;
+  for (; c + 4 <= nch; c += 4) fn(std::integral_constant<int, 4>(), c);
+  switch (nch - c) {
+    case 3: fn(std::integral_constant<int, 3>(), c); break;
+    case 2: fn(std::integral_constant<int, 2>(), c); break;
+    case 1: fn(std::integral_constant<int, 1>(), c); break;
+    default: break;
+  }
+}
 
 // [sum(v0), sum(v1), sum(v2), sum(v3)].
 inline __m128 hsum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
@@ -898,14 +897,7 @@ inline void moments_rows(const T* p, int64_t n, const float* K, double* s, doubl
 template <typename T>
 void k_moments_avx512(const T* __restrict p, int64_t nch, int64_t n, const float* __restrict K, double* s, double* q) {
   if (n >= kShortRow) return k_moments<T, float>(p, nch, n, K, s, q);
-  int64_t c = 0;
-  for (; c + 4 <= nch; c += 4) moments_rows<4>(p + c * n, n, K + c, s + c, q + c);
-  switch (nch - c) {
-    case 3: moments_rows<3>(p + c * n, n, K + c, s + c, q + c); break;
-    case 2: moments_rows<2>(p + c * n, n, K + c, s + c, q + c); break;
-    case 1: moments_rows<1>(p + c * n, n, K + c, s + c, q + c); break;
-    default: break;
-  }
+  for_row_quads(nch, [&](auto r, int64_t c) { moments_rows<decltype(r)::value>(p + c * n, n, K + c, s + c, q + c); });
 }
 
 // sg[r] += sum(g_r), sx[r] += sum(g_r * ((p_r - mhi[r]) - mlo[r])) for up to four rows.
@@ -962,14 +954,9 @@ void k_bwd_sums_avx512(
     double* sg,
     double* sx) {
   if (n >= kShortRow) return k_bwd_sums<T, float>(g, p, nch, n, mhi, mlo, sg, sx);
-  int64_t c = 0;
-  for (; c + 4 <= nch; c += 4) bwd_sums_rows<4>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c);
-  switch (nch - c) {
-    case 3: bwd_sums_rows<3>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c); break;
-    case 2: bwd_sums_rows<2>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c); break;
-    case 1: bwd_sums_rows<1>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c); break;
-    default: break;
-  }
+  for_row_quads(nch, [&](auto r, int64_t c) {
+    bwd_sums_rows<decltype(r)::value>(g + c * n, p + c * n, n, mhi + c, mlo + c, sg + c, sx + c);
+  });
 }
 
 template <>

@@ -116,8 +116,10 @@ def test_build_killed_while_holding_the_locks_does_not_block_the_next(tmp_path):
 
 
 def test_live_build_is_waited_for_not_broken(tmp_path):
-    """A build in progress (flock held) is waited for; its lock is not removed."""
+    """A build in progress (flock held) is waited for; its lock is not removed.  The holder
+    releases only once the second build has said that it waits (no race with start-up time)."""
     build_dir = _build_dir(tmp_path)
+    release = tmp_path / "release"
     holder = textwrap.dedent(
         f"""
         import sys, time
@@ -125,24 +127,41 @@ def test_live_build_is_waited_for_not_broken(tmp_path):
         from pathlib import Path
         from bnkit.kernels import cpp
         d = Path({str(build_dir)!r})
+        release = Path({str(release)!r})
         with cpp._build_lock(d):
             (d / cpp.BATON_NAME).touch()
             print("HOLDING", flush=True)
-            time.sleep(3)
+            deadline = time.monotonic() + 60
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             (d / cpp.BATON_NAME).unlink()
         """
     )
     h = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    build = None
     try:
         assert h.stdout.readline().strip() == "HOLDING"
-        t0 = time.monotonic()
-        out = _run_fake_build(tmp_path)
-        assert out.returncode == 0, out.stderr
-        assert "BUILT" in out.stdout
-        assert "stale" not in out.stderr and "waiting for another process" in out.stderr
-        assert time.monotonic() - t0 >= 1.0
+        env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+        build = subprocess.Popen(
+            [sys.executable, "-c", _FAKE_BUILD.format(src=SRC)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = build.stderr.readline()
+        assert "waiting for another process" in first, first
+        assert h.poll() is None  # the holder still holds the lock: the build really waits
+        release.touch()
+        stdout, stderr = build.communicate(timeout=60)
+        assert build.returncode == 0, stderr
+        assert "BUILT" in stdout
+        assert "stale" not in first + stderr
     finally:
+        release.touch()
         h.wait(timeout=60)
+        if build is not None and build.poll() is None:  # pragma: no cover - the bug
+            build.kill()
 
 
 def test_stale_lock_detection_by_age_without_flock(tmp_path):

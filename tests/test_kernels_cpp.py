@@ -313,7 +313,8 @@ def test_bad_input_messages():
 # ---------------------------------------------------- instruction sets
 def test_baseline_instruction_set_matches_the_oracle():
     """The portable (no AVX) row kernels (BNKIT_CPU_ISA=default) and the channel-blocked NCHW
-    schedule (BNKIT_CHANNEL_BLOCKS=1), in a fresh process."""
+    schedules of the training forward and the backward (BNKIT_BLOCK_BYTES*: channel blocks of
+    at most 1 MB), in a fresh process."""
     code = textwrap.dedent(
         """
         import torch
@@ -339,7 +340,7 @@ def test_baseline_instruction_set_matches_the_oracle():
         print("WORST", worst)
         """
     )
-    env = dict(os.environ, BNKIT_CPU_ISA="default", BNKIT_CHANNEL_BLOCKS="1")  # + the blocked NCHW schedule
+    env = dict(os.environ, BNKIT_CPU_ISA="default", BNKIT_BLOCK_BYTES="1048576", BNKIT_BLOCK_BYTES_GRAD="1048576")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     worst = float(out.stdout.split("WORST")[-1])
@@ -359,26 +360,32 @@ def test_non_temporal_store_kernels_match_the_oracle():
         assert cpp.load()
         ops = torch.ops.bnkit
         worst = 0.0
-        for shape in [(300, 32, 1), (77, 64, 1), (41, 144, 1), (50, 20, 1), (5, 6, 37), (3, 4, 1000), (2, 3, 5)]:
-            for loc, sc in ((2.0, 3.0), (1e3, 0.1)):
-                x = torch.randn(shape, dtype=torch.float64) * sc + loc
-                x3 = x.float()
-                xd = x3.double()
-                m_r = xd.mean((0, 2), keepdim=True)
-                v_r = xd.var((0, 2), unbiased=False, keepdim=True)
-                y, m, v = ops.batch_norm_train(x3, None, None, 1e-5)
-                yr = (xd - m_r) / torch.sqrt(v_r + 1e-5)
-                worst = max(worst, (y.double() - yr).abs().max().item() / 1e-3)
-                g = torch.randn_like(x3)
-                dx, dw, db = ops.batch_norm_backward(g, x3, m, v, None, 1e-5)
-                xr = xd.clone().requires_grad_(True)
-                torch.nn.functional.batch_norm(xr, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
-                worst = max(worst, (dx.double() - xr.grad).abs().max().item() / (1e-3 * xr.grad.abs().max().item()))
-                a = torch.rand(shape[1]) + 0.5
-                b = torch.randn(shape[1])
-                ye = ops.batch_norm_eval(x3, a, b)
-                yer = xd * a.double().view(1, -1, 1) + b.double().view(1, -1, 1)
-                worst = max(worst, (ye.double() - yer).abs().max().item() / (2e-6 * yer.abs().max().item()))
+        cases = [(300, 32, 1), (77, 64, 1), (41, 144, 1), (50, 20, 1), (5, 6, 37), (3, 4, 1000), (2, 3, 5)]
+        for shape, loc, sc, block in [
+            (shape, loc, sc, block)
+            for shape in cases
+            for loc, sc in ((2.0, 3.0), (1e3, 0.1))
+            for block in (0, 1 << 20)  # NCHW backward: two passes in memory order, or channel blocks
+        ]:
+            ops._tune("block_bytes_grad", block)
+            x = torch.randn(shape, dtype=torch.float64) * sc + loc
+            x3 = x.float()
+            xd = x3.double()
+            m_r = xd.mean((0, 2), keepdim=True)
+            v_r = xd.var((0, 2), unbiased=False, keepdim=True)
+            y, m, v = ops.batch_norm_train(x3, None, None, 1e-5)
+            yr = (xd - m_r) / torch.sqrt(v_r + 1e-5)
+            worst = max(worst, (y.double() - yr).abs().max().item() / 1e-3)
+            g = torch.randn_like(x3)
+            dx, dw, db = ops.batch_norm_backward(g, x3, m, v, None, 1e-5)
+            xr = xd.clone().requires_grad_(True)
+            torch.nn.functional.batch_norm(xr, None, None, None, None, True, 0.0, 1e-5).backward(g.double())
+            worst = max(worst, (dx.double() - xr.grad).abs().max().item() / (1e-3 * xr.grad.abs().max().item()))
+            a = torch.rand(shape[1]) + 0.5
+            b = torch.randn(shape[1])
+            ye = ops.batch_norm_eval(x3, a, b)
+            yer = xd * a.double().view(1, -1, 1) + b.double().view(1, -1, 1)
+            worst = max(worst, (ye.double() - yer).abs().max().item() / (2e-6 * yer.abs().max().item()))
         for shape in [(300, 32, 1), (77, 64, 1), (50, 20, 1)]:  # bfloat16 channels-last
             x3 = (torch.randn(shape, dtype=torch.float64) * 3 + 2).bfloat16()
             xd = x3.double()
@@ -461,3 +468,28 @@ def test_bfloat16_outputs_round_to_nearest_even(isa):
     assert float(worst_rel) <= 2.0**-7
     assert nan_kept == "True" and float(pos_inf) in (float("inf"), float("-inf"))
     assert float(neg_inf) in (float("inf"), float("-inf"))
+
+
+def test_cache_dependent_defaults_follow_the_l2_size():
+    """The documented rule (kernels.cpp, tuning()): with a 2 MB or larger L2 per core the NCHW
+    backward is blocked in half the L2 and inference outputs stream from twice the L2; otherwise
+    neither (16 MB).  Read in a fresh process, without the environment overrides."""
+    try:  # glibc's sysconf(_SC_LEVEL2_CACHE_SIZE), which Python's os.sysconf does not name
+        got = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no getconf")
+    l2 = max(int(got.stdout.strip() or 0), 0) if got.returncode == 0 else 0
+    code = (
+        "import torch; from bnkit.kernels import cpp; assert cpp.load(); t = torch.ops.bnkit._tune;"
+        "print('KNOBS', t('block_bytes_grad', -1), t('nt_eval_bytes', -1), t('block_bytes', -1))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNKIT_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    block_grad, nt_eval, block = (int(v) for v in out.stdout.split("KNOBS")[-1].split())
+    large = l2 >= 2 << 20
+    assert block_grad == (l2 // 2 if large else 0)
+    assert nt_eval == (2 * l2 if large else 16 << 20)
+    assert block == 0
+    with pytest.raises(RuntimeError, match="unknown knob"):
+        ops._tune("no_such_knob", 1)

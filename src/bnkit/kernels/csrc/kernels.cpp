@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 namespace bnkit {
 namespace {
 
@@ -49,10 +51,6 @@ template <typename A, typename T>
 inline A cvt(T v) {
   return static_cast<A>(v);
 }
-
-// Bytes of a channel block's data kept in the core's cache between the
-// statistics pass and the normalization pass (NCHW-like layouts).
-constexpr int64_t kCacheBudget = 384 * 1024;
 
 // ------------------------------------------------------------ shape info --
 
@@ -83,30 +81,26 @@ inline void for_runs(int64_t r0, int64_t r1, int64_t C, const F& fn) {
   }
 }
 
-// NCHW-like layouts with enough channels are processed in channel blocks:
+// NCHW-like layouts with enough channels can be processed in channel blocks:
 // one task computes the statistics of a block of consecutive channels over
 // the whole batch (reading, for each sample, one contiguous span) and then
-// normalizes the block while it is still in cache.
+// normalizes the block (or applies the gradient) while it is still in the
+// core's cache, so the input is read from memory once instead of twice.
+// `budget` (tuning().block_bytes / block_bytes_grad) bounds a block's data;
+// 0 turns the schedule off (defaults and measurements: tuning()).
 struct Blocks {
   int64_t cb = 0, nb = 0, grain = 1;
 };
 
-// Off by default: on the machines measured (2-core EPYC VM, 1 MB L2), two
-// full memory-order passes (statistics, then normalization) were faster than
-// the blocked schedule, whose per-sample spans are too short for the
-// hardware prefetcher.  BNKIT_CHANNEL_BLOCKS=1 turns it on (read once).
-inline bool use_channel_blocks(const Shape& s) {
-  static const bool enabled = [] {
-    const char* v = std::getenv("BNKIT_CHANNEL_BLOCKS");
-    return v != nullptr && v[0] == '1';
-  }();
-  return enabled && s.S > 1 && s.M() > 0 && s.C >= at::get_num_threads();
+inline bool use_channel_blocks(const Shape& s, int64_t budget, int64_t bytes_per_value) {
+  return budget > 0 && s.S > 1 && s.M() > 0 && s.C >= at::get_num_threads() &&
+      s.M() * bytes_per_value <= budget;
 }
 
-inline Blocks channel_blocks(const Shape& s, int64_t bytes_per_value) {
+inline Blocks channel_blocks(const Shape& s, int64_t budget, int64_t bytes_per_value) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t per_channel = std::max<int64_t>(1, s.M() * bytes_per_value);
-  int64_t cb = std::max<int64_t>(1, kCacheBudget / per_channel);
+  int64_t cb = std::max<int64_t>(1, budget / per_channel);
   cb = std::min(cb, ceil_div(s.C, threads));
   int64_t nb = ceil_div(s.C, cb);
   nb = std::min(s.C, ceil_div(nb, threads) * threads); // balance the threads
@@ -246,12 +240,12 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
 //   kTrain  training forward output, from tuning().nt_bytes (default 3 MB,
 //           more than a core's L2);
 //   kGrad   backward input gradient, from tuning().nt_grad_bytes (3 MB);
-//   kEval   inference output, from tuning().nt_eval_bytes (16 MB, half the L3).
+//   kEval   inference output, from tuning().nt_eval_bytes (by the L2 size:
+//           see the defaults at tuning()).
 // An output written through the cache is read back cheaply by the next layer,
 // but evicts the inputs.  Measured on the 2-core EPYC VM (32 MB L3), whole
 // benchmark runs: with 3 MB rather than 8 MB for training outputs the module
-// forward+backward median was 1.36-1.44x ATen's rather than 1.27-1.29x; 6 MB
-// eval outputs were up to 2x faster written through the cache.
+// forward+backward median was 1.36-1.44x ATen's rather than 1.27-1.29x.
 enum class Pass { kTrain, kGrad, kEval };
 
 template <typename T, typename P>
@@ -352,8 +346,9 @@ void train_kernel(
     sh = b ? b[c] : A(0);
     split_mean(mean, mhi, mlo);
   };
-  if (use_channel_blocks(s)) {
-    const Blocks bl = channel_blocks(s, sizeof(T));
+  const int64_t budget = tuning().block_bytes.load(std::memory_order_relaxed);
+  if (use_channel_blocks(s, budget, sizeof(T))) {
+    const Blocks bl = channel_blocks(s, budget, sizeof(T));
     at::parallel_for(0, bl.nb, bl.grain, [&](int64_t b0, int64_t b1) {
       std::vector<A> K(bl.cb), mhi(bl.cb), mlo(bl.cb), sc(bl.cb), sh(bl.cb);
       std::vector<double> sum(bl.cb), sumsq(bl.cb);
@@ -422,8 +417,12 @@ void backward_kernel(
   };
   std::vector<A> mhi(C), mlo(C);
   for (int64_t c = 0; c < C; ++c) split_mean(static_cast<double>(mean[c]), mhi[c], mlo[c]);
-  if (use_channel_blocks(s)) {
-    const Blocks bl = channel_blocks(s, 2 * sizeof(T));
+  const int64_t budget = tuning().block_bytes_grad.load(std::memory_order_relaxed);
+  // dx of NCHW-like layouts: streamed past the caches from nt_grad_bytes (on the
+  // 2 MB-L2 Xeon VM this made the 6-25 MB NCHW backward 1.2-1.35x faster).
+  const auto span_apply = use_nt_stores<T>(s, dx, Pass::kGrad) && rk.span_bwd_apply_nt != nullptr ? rk.span_bwd_apply_nt : rk.bwd_apply;
+  if (use_channel_blocks(s, budget, 2 * sizeof(T))) {
+    const Blocks bl = channel_blocks(s, budget, 2 * sizeof(T));
     at::parallel_for(0, bl.nb, bl.grain, [&](int64_t b0, int64_t b1) {
       std::vector<A> k1(bl.cb), k2(bl.cb), k3(bl.cb);
       std::vector<double> sg(bl.cb), sx(bl.cb);
@@ -439,7 +438,7 @@ void backward_kernel(
         for (int64_t c = c0; c < c1; ++c) coefs(c, sg[c - c0], sx[c - c0], k1[c - c0], k2[c - c0], k3[c - c0]);
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c0) * S;
-          rk.bwd_apply(
+          span_apply(
               g + off, x + off, dx + off, m, S, mhi.data() + c0, mlo.data() + c0, k1.data(), k2.data(), k3.data());
         }
       }
@@ -465,7 +464,7 @@ void backward_kernel(
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
       for_runs(r0, r1, C, [&](int64_t n, int64_t c0, int64_t c1) {
         const int64_t off = (n * C + c0) * S;
-        rk.bwd_apply(
+        span_apply(
             g + off,
             x + off,
             dx + off,
@@ -918,6 +917,30 @@ int64_t env_int(const char* name, int64_t fallback) {
   const char* e = std::getenv(name);
   return e != nullptr && e[0] != '\0' ? std::atoll(e) : fallback;
 }
+// Defaults that depend on the cache hierarchy, from two machines measured in
+// same-process shuffled A/B runs (benchmarks/kernels.py cases):
+//   2-core Xeon VM (Intel, 2 MB L2 per core, large shared L3): the blocked NCHW
+//     backward (use_channel_blocks, g and x of a block in half the L2) made the
+//     24.5 MB backward 1.15-1.2x faster and no case slower; streaming the 6 MB
+//     eval outputs made them 1.2-1.8x faster (through the cache they were
+//     0.83-1.04x ATen's), while 1 MB outputs were 1.3-2x slower streamed.
+//   2-core EPYC VM (AMD Zen 4, 1 MB L2, 32 MB L3): blocking was slower than two
+//     passes in memory order, and 6 MB eval outputs were up to 2x faster
+//     written through the cache (streamed from 16 MB, half the L3).
+// So the L2 size picks the class: 2 MB or more -> block the backward in half
+// the L2 and stream inference outputs from twice the L2; otherwise neither.
+// The blocked training forward was slower on both (its output goes through
+// the cache; the two-pass forward streams it), so block_bytes is 0.
+int64_t l2_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  return std::max<int64_t>(0, static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE)));
+#else
+  return 0;
+#endif
+}
+bool large_l2() {
+  return l2_bytes() >= (int64_t(2) << 20);
+}
 } // namespace
 
 Tuning& tuning() {
@@ -926,7 +949,9 @@ Tuning& tuning() {
       {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS_GRAD", 65536))},
       {env_int("BNKIT_NT_BYTES", int64_t(3) << 20)},
       {env_int("BNKIT_NT_GRAD_BYTES", int64_t(3) << 20)},
-      {env_int("BNKIT_NT_EVAL_BYTES", int64_t(16) << 20)}};
+      {env_int("BNKIT_NT_EVAL_BYTES", large_l2() ? 2 * l2_bytes() : int64_t(16) << 20)},
+      {std::max<int64_t>(0, env_int("BNKIT_BLOCK_BYTES", 0))},
+      {std::max<int64_t>(0, env_int("BNKIT_BLOCK_BYTES_GRAD", large_l2() ? l2_bytes() / 2 : 0))}};
   return t;
 }
 
@@ -937,12 +962,14 @@ int64_t set_tuning(const std::string& name, int64_t value) {
       : name == "nt_bytes"                          ? &t.nt_bytes
       : name == "nt_grad_bytes"                     ? &t.nt_grad_bytes
       : name == "nt_eval_bytes"                     ? &t.nt_eval_bytes
+      : name == "block_bytes"                       ? &t.block_bytes
+      : name == "block_bytes_grad"                  ? &t.block_bytes_grad
                                                     : nullptr;
   TORCH_CHECK(
       knob != nullptr,
       "bnkit::_tune: unknown knob '",
       name,
-      "' (sub_floats, sub_floats_grad, nt_bytes, nt_grad_bytes, nt_eval_bytes)");
+      "' (sub_floats, sub_floats_grad, nt_bytes, nt_grad_bytes, nt_eval_bytes, block_bytes, block_bytes_grad)");
   if (knob == &t.sub_floats || knob == &t.sub_floats_grad) value = value < 0 ? value : std::max<int64_t>(16, value);
   return value < 0 ? knob->load() : knob->exchange(value);
 }

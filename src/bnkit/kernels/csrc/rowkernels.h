@@ -97,6 +97,18 @@ struct RowKernels {
       const A* k2,
       const A* k3);
   void (*span_normalize_nt)(const T* p, T* o, int64_t nch, int64_t n, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  // bwd_apply with streamed dx (any alignment, as span_normalize_nt).
+  void (*span_bwd_apply_nt)(
+      const T* g,
+      const T* p,
+      T* dx,
+      int64_t nch,
+      int64_t n,
+      const A* mhi,
+      const A* mlo,
+      const A* k1,
+      const A* k2,
+      const A* k3);
 };
 
 // Tuning knobs, read by the kernels on every call (set once from the
@@ -109,7 +121,13 @@ struct RowKernels {
 //   nt_bytes       training outputs at least this large are written with
 //                  non-temporal stores (BNKIT_NT_BYTES);
 //   nt_grad_bytes  the same for input gradients (BNKIT_NT_GRAD_BYTES);
-//   nt_eval_bytes  the same for inference outputs (BNKIT_NT_EVAL_BYTES).
+//   nt_eval_bytes  the same for inference outputs (BNKIT_NT_EVAL_BYTES);
+//   block_bytes    NCHW-like training forward: channel blocks whose data is
+//                  at most this many bytes are read once from memory
+//                  (statistics, then normalization from the core's cache);
+//                  0 = two passes in memory order (BNKIT_BLOCK_BYTES);
+//   block_bytes_grad  the same for the backward, over both inputs
+//                  (BNKIT_BLOCK_BYTES_GRAD).
 // Defaults: kernels.cpp (tuning()); measurements: there and at sub_rows.
 struct Tuning {
   std::atomic<int64_t> sub_floats;
@@ -117,6 +135,8 @@ struct Tuning {
   std::atomic<int64_t> nt_bytes;
   std::atomic<int64_t> nt_grad_bytes;
   std::atomic<int64_t> nt_eval_bytes;
+  std::atomic<int64_t> block_bytes;
+  std::atomic<int64_t> block_bytes_grad;
 };
 Tuning& tuning();
 

@@ -480,6 +480,7 @@ inline void fill_nt(RowKernels<T>& k) {
   k.cl_normalize_nt = nullptr;
   k.cl_bwd_apply_nt = nullptr;
   k.span_normalize_nt = nullptr;
+  k.span_bwd_apply_nt = nullptr;
 }
 
 #ifdef BNKIT_ISA_AVX512
@@ -507,6 +508,38 @@ void k_span_normalize_nt(
       _mm512_stream_ps(orow + i, _mm512_fmadd_ps(v, a, b));
     }
     for (; i < n; ++i) orow[i] = ((pr[i] - hs) - ls) * as + bs;
+  }
+  _mm_sfence();
+}
+
+void k_span_bwd_apply_nt(
+    const float* __restrict g,
+    const float* __restrict p,
+    float* __restrict dx,
+    int64_t nch,
+    int64_t n,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    const float* __restrict k1,
+    const float* __restrict k2,
+    const float* __restrict k3) {
+  for (int64_t c = 0; c < nch; ++c) {
+    const float* gr = g + c * n;
+    const float* pr = p + c * n;
+    float* dr = dx + c * n;
+    const float hs = mhi[c], ls = mlo[c], a1s = k1[c], a2s = k2[c], a3s = k3[c];
+    int64_t i = 0;
+    const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dr) & 63u) / sizeof(float));
+    const int64_t head = mis == 0 ? 0 : std::min<int64_t>(n, 16 - mis);
+    for (; i < head; ++i) dr[i] = gr[i] * a1s - ((pr[i] - hs) - ls) * a2s - a3s;
+    const __m512 h = _mm512_set1_ps(hs), l = _mm512_set1_ps(ls), a1 = _mm512_set1_ps(a1s), a2 = _mm512_set1_ps(a2s),
+                 a3 = _mm512_set1_ps(a3s);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l);
+      const __m512 gv = _mm512_fmsub_ps(_mm512_loadu_ps(gr + i), a1, a3);
+      _mm512_stream_ps(dr + i, _mm512_fnmadd_ps(xc, a2, gv));
+    }
+    for (; i < n; ++i) dr[i] = gr[i] * a1s - ((pr[i] - hs) - ls) * a2s - a3s;
   }
   _mm_sfence();
 }
@@ -972,6 +1005,7 @@ inline void fill_nt<float>(RowKernels<float>& k) {
   k.cl_normalize_nt = &k_cl_normalize_reg<true, float>;
   k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true, float>;
   k.span_normalize_nt = &k_span_normalize_nt;
+  k.span_bwd_apply_nt = &k_span_bwd_apply_nt;
 }
 template <>
 inline void fill_nt<c10::BFloat16>(RowKernels<c10::BFloat16>& k) {
@@ -985,6 +1019,7 @@ inline void fill_nt<c10::BFloat16>(RowKernels<c10::BFloat16>& k) {
   k.cl_normalize_nt = &k_cl_normalize_reg<true, B>;
   k.cl_bwd_apply_nt = &k_cl_bwd_apply_reg<true, B>;
   k.span_normalize_nt = nullptr;
+  k.span_bwd_apply_nt = nullptr;
 }
 #endif
 

@@ -13,12 +13,16 @@ from bnkit import cli
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bnkit_bench_under_test", BENCH)
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load(BENCH, "bnkit_bench_under_test")
 
 
 def test_interleaving_calls_each_candidate_once_per_rep_in_a_shuffled_order(bench):
@@ -105,3 +109,52 @@ def test_bench_cli_smoke_writes_rows_with_side_by_side_clones(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["aten_ms"] / r["bnkit_ms"])
         assert r["bnkit_per_clone"] == pytest.approx(r["bnkit_ms"] / r["clone_ms"])
     assert {t["target"] for t in data["targets"]} >= {"train fwd speedup, median NCHW"}
+
+
+KNOBS = BENCH.parent / "knobs.py"
+
+
+@pytest.fixture(scope="module")
+def knobs():
+    return _load(KNOBS, "bnkit_knobs_under_test")
+
+
+def test_knob_settings_parse_and_bad_ones_are_named(knobs):
+    assert knobs.parse_setting("base:") == ("base", {})
+    assert knobs.parse_setting("s:nt_bytes=0,block_bytes_grad=1048576") == (
+        "s",
+        {"nt_bytes": 0, "block_bytes_grad": 1048576},
+    )
+    for bad in ("no_colon", ":nt_bytes=0", "s:nt_bytes"):
+        with pytest.raises(ValueError, match="KNOB=VALUE"):
+            knobs.parse_setting(bad)
+
+
+def test_knobs_ab_sets_each_setting_before_its_calls_and_restores_the_defaults(knobs, monkeypatch, capsys):
+    """One rep of the (N, C) case: every setting's calls run with its knob values (seen from
+    inside the timed call), and the defaults are back afterwards.  No timing is asserted."""
+    import torch
+
+    tune = torch.ops.bnkit._tune
+    before = tune("nt_bytes", -1)
+    seen: dict[str, set[int]] = {}
+    real_candidates = knobs.bench.candidates
+
+    def spying_candidates(*a):
+        c = real_candidates(*a)
+        inner = c["train fwd"]["bnkit"]
+
+        def bnkit_call():
+            seen.setdefault("bnkit", set()).add(tune("nt_bytes", -1))
+            return inner()
+
+        c["train fwd"]["bnkit"] = bnkit_call
+        return c
+
+    monkeypatch.setattr(knobs.bench, "candidates", spying_candidates)
+    rows = knobs.run({"a": {}, "b": {"nt_bytes": 0}}, ["train fwd"], "NC", reps=1, warmup=0)
+    assert [r["op"] for r in rows] == ["train fwd"] and rows[0]["case"] == "256x1024 NC float32"
+    assert set(rows[0]) >= {"aten", "clone", "a", "b"}
+    assert seen["bnkit"] == {before, 0}  # setting a ran with the default, b with 0
+    assert tune("nt_bytes", -1) == before
+    assert "(" in capsys.readouterr().out

@@ -182,20 +182,113 @@ A channel_shift(const T* x, const Shape& s, int64_t c) {
   return static_cast<A>(acc / k);
 }
 
-inline void finish_moments(double K, double s, double q, int64_t M, double& mean, double& var) {
+// The per-channel finishing steps below are plain loops over arrays so that
+// they vectorize: for (N, C) inputs with C = 1024 the scalar versions were a
+// fifth of the training forward's time on the calling thread (perf, cpu-clock),
+// with the other threads waiting.
+
+// mean = K + s/M, var = max(q/M - (s/M)^2, 0) for n channels (NaN when M == 0).
+template <typename A>
+void finish_moments(
+    int64_t n, int64_t M, const A* __restrict K, const double* __restrict s, const double* __restrict q,
+    double* __restrict mean, double* __restrict var) {
   if (M == 0) {
-    mean = var = std::numeric_limits<double>::quiet_NaN();
+    std::fill(mean, mean + n, std::numeric_limits<double>::quiet_NaN());
+    std::fill(var, var + n, std::numeric_limits<double>::quiet_NaN());
     return;
   }
-  const double dm = s / static_cast<double>(M);
-  mean = K + dm;
-  var = std::max(q / static_cast<double>(M) - dm * dm, 0.0);
+  const double Md = static_cast<double>(M);
+  for (int64_t c = 0; c < n; ++c) {
+    const double dm = s[c] / Md;
+    mean[c] = static_cast<double>(K[c]) + dm;
+    const double v = q[c] / Md - dm * dm;
+    var[c] = v < 0.0 ? 0.0 : v; // NaN stays NaN
+  }
 }
 
+// mean as a float pair hi + lo (hi = mean rounded to A, lo = the rest), so
+// that (x - hi) - lo is exact to A's rounding even when |mean| >> std.
 template <typename A>
-inline void split_mean(double mean, A& hi, A& lo) {
-  hi = static_cast<A>(mean);
-  lo = static_cast<A>(mean - static_cast<double>(hi));
+void split_mean(int64_t n, const double* __restrict mean, A* __restrict hi, A* __restrict lo) {
+  for (int64_t c = 0; c < n; ++c) {
+    hi[c] = static_cast<A>(mean[c]);
+    lo[c] = static_cast<A>(mean[c] - static_cast<double>(hi[c]));
+  }
+}
+
+// The training forward's per-channel outputs and normalization parameters for
+// n channels: mean/var in A, the mean split (split_mean), sc = w / sqrt(var +
+// eps) (w = 1 without weight), sh = b (0 without bias).
+template <typename A>
+void train_params(
+    int64_t n, const double* __restrict mean, const double* __restrict var, const A* __restrict w,
+    const A* __restrict b, double eps, A* __restrict mean_o, A* __restrict var_o, A* __restrict mhi,
+    A* __restrict mlo, A* __restrict sc, A* __restrict sh) {
+  for (int64_t c = 0; c < n; ++c) {
+    mean_o[c] = static_cast<A>(mean[c]);
+    var_o[c] = static_cast<A>(var[c]);
+  }
+  split_mean(n, mean, mhi, mlo);
+  if (w != nullptr) {
+    for (int64_t c = 0; c < n; ++c) sc[c] = static_cast<A>(static_cast<double>(w[c]) / std::sqrt(var[c] + eps));
+  } else {
+    for (int64_t c = 0; c < n; ++c) sc[c] = static_cast<A>(1.0 / std::sqrt(var[c] + eps));
+  }
+  if (b != nullptr)
+    std::copy(b, b + n, sh);
+  else
+    std::fill(sh, sh + n, A(0));
+}
+
+// The backward's per-channel coefficients for n channels, from sg = sum(g) and
+// sx = sum(g * (x - mean)) over M values: dx = k1*g - k2*(x - mean) - k3 with
+// k1 = w*invstd, k2 = k1*invstd^2*sx/M, k3 = k1*sg/M; dw = sx*invstd, db = sg.
+template <typename A>
+void backward_coefs(
+    int64_t n, int64_t M, const A* __restrict var, const A* __restrict w, const double* __restrict sg,
+    const double* __restrict sx, double eps, A* __restrict dw, A* __restrict db, A* __restrict k1,
+    A* __restrict k2, A* __restrict k3) {
+  const double inv_m = 1.0 / static_cast<double>(M);
+  auto loop = [&](auto has_w) { // a compile-time branch: the loop vectorizes
+    for (int64_t c = 0; c < n; ++c) {
+      const double invstd = 1.0 / std::sqrt(static_cast<double>(var[c]) + eps);
+      const double kk = (has_w ? static_cast<double>(w[c]) : 1.0) * invstd;
+      dw[c] = static_cast<A>(sx[c] * invstd);
+      db[c] = static_cast<A>(sg[c]);
+      k1[c] = static_cast<A>(kk);
+      k2[c] = static_cast<A>(kk * invstd * invstd * sx[c] * inv_m);
+      k3[c] = static_cast<A>(kk * sg[c] * inv_m);
+    }
+  };
+  if (w != nullptr)
+    loop(std::true_type());
+  else
+    loop(std::false_type());
+}
+
+// Inference: scale = w / sqrt(var + eps), shift = b - mean * scale for n
+// channels (w = 1, b = 0 where absent), folded in double.
+template <typename A>
+void fold_params(
+    int64_t n, const double* __restrict mean, const double* __restrict var, const double* __restrict w,
+    const double* __restrict b, double eps, A* __restrict sc, A* __restrict sh) {
+  auto loop = [&](auto has_w, auto has_b) { // compile-time branches: the loop vectorizes
+    for (int64_t c = 0; c < n; ++c) {
+      const double scale = (has_w ? w[c] : 1.0) / std::sqrt(var[c] + eps);
+      sc[c] = static_cast<A>(scale);
+      sh[c] = static_cast<A>((has_b ? b[c] : 0.0) - mean[c] * scale);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (w != nullptr && b != nullptr)
+    loop(yes(), yes());
+  else if (w != nullptr)
+    loop(yes(), no());
+  else if (b != nullptr)
+    loop(no(), yes());
+  else
+    loop(no(), no());
 }
 
 // Per-channel moments (double) for any layout: one read of x.
@@ -232,7 +325,7 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
         rk.moments(x + (n * C + c0) * S, c1 - c0, S, K.data() + c0, a, b);
       },
       [&](int64_t r0, int64_t r1, A* sa, A* sb) { rk.cl_moments(x + r0 * C, r1 - r0, C, K.data(), sa, sb); });
-  for (int64_t c = 0; c < C; ++c) finish_moments(static_cast<double>(K[c]), sum[c], sumsq[c], s.M(), mean[c], var[c]);
+  finish_moments(C, s.M(), K.data(), sum.data(), sumsq.data(), mean, var);
 }
 
 // Non-temporal stores (no read-for-ownership of the destination, no
@@ -338,20 +431,12 @@ void train_kernel(
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
   if (C == 0) return;
-  auto params = [&](int64_t c, double mean, double var, A& mhi, A& mlo, A& sc, A& sh) {
-    mean_o[c] = static_cast<A>(mean);
-    var_o[c] = static_cast<A>(var);
-    const double invstd = 1.0 / std::sqrt(var + eps);
-    sc = static_cast<A>((w ? static_cast<double>(w[c]) : 1.0) * invstd);
-    sh = b ? b[c] : A(0);
-    split_mean(mean, mhi, mlo);
-  };
   const int64_t budget = tuning().block_bytes.load(std::memory_order_relaxed);
   if (use_channel_blocks(s, budget, sizeof(T))) {
     const Blocks bl = channel_blocks(s, budget, sizeof(T));
     at::parallel_for(0, bl.nb, bl.grain, [&](int64_t b0, int64_t b1) {
       std::vector<A> K(bl.cb), mhi(bl.cb), mlo(bl.cb), sc(bl.cb), sh(bl.cb);
-      std::vector<double> sum(bl.cb), sumsq(bl.cb);
+      std::vector<double> sum(bl.cb), sumsq(bl.cb), mean(bl.cb), var(bl.cb);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t c0 = blk * bl.cb, c1 = std::min(C, c0 + bl.cb), m = c1 - c0;
         if (m <= 0) continue;
@@ -359,11 +444,10 @@ void train_kernel(
         std::fill(sum.begin(), sum.end(), 0.0);
         std::fill(sumsq.begin(), sumsq.end(), 0.0);
         for (int64_t n = 0; n < N; ++n) rk.moments(x + (n * C + c0) * S, m, S, K.data(), sum.data(), sumsq.data());
-        for (int64_t c = c0; c < c1; ++c) {
-          double mean, var;
-          finish_moments(static_cast<double>(K[c - c0]), sum[c - c0], sumsq[c - c0], M, mean, var);
-          params(c, mean, var, mhi[c - c0], mlo[c - c0], sc[c - c0], sh[c - c0]);
-        }
+        finish_moments(m, M, K.data(), sum.data(), sumsq.data(), mean.data(), var.data());
+        train_params(
+            m, mean.data(), var.data(), w ? w + c0 : nullptr, b ? b + c0 : nullptr, eps, mean_o + c0, var_o + c0,
+            mhi.data(), mlo.data(), sc.data(), sh.data());
         if (y != nullptr) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c0) * S;
@@ -377,7 +461,7 @@ void train_kernel(
   std::vector<double> mean(C), var(C);
   moments_impl<T>(x, s, mean.data(), var.data());
   std::vector<A> mhi(C), mlo(C), sc(C), sh(C);
-  for (int64_t c = 0; c < C; ++c) params(c, mean[c], var[c], mhi[c], mlo[c], sc[c], sh[c]);
+  train_params(C, mean.data(), var.data(), w, b, eps, mean_o, var_o, mhi.data(), mlo.data(), sc.data(), sh.data());
   if (y != nullptr) apply_affine<true, T, A>(x, y, s, mhi.data(), mlo.data(), sc.data(), sh.data());
 }
 
@@ -403,20 +487,14 @@ void backward_kernel(
     for (int64_t c = 0; c < C; ++c) dw[c] = db[c] = A(0);
     return;
   }
-  const double inv_m = 1.0 / static_cast<double>(M);
-  // dx = k1*g - k2*(x - mean) - k3 with
-  //   k1 = w*invstd, k2 = k1*invstd^2*sum(g*(x-mean))/M, k3 = k1*sum(g)/M.
-  auto coefs = [&](int64_t c, double sg, double sx, A& k1, A& k2, A& k3) {
-    const double invstd = 1.0 / std::sqrt(static_cast<double>(var[c]) + eps);
-    const double kk = (w ? static_cast<double>(w[c]) : 1.0) * invstd;
-    dw[c] = static_cast<A>(sx * invstd);
-    db[c] = static_cast<A>(sg);
-    k1 = static_cast<A>(kk);
-    k2 = static_cast<A>(kk * invstd * invstd * sx * inv_m);
-    k3 = static_cast<A>(kk * sg * inv_m);
+  auto coefs = [&](int64_t c0, int64_t n, const double* sg, const double* sx, A* k1, A* k2, A* k3) {
+    backward_coefs(n, M, var + c0, w ? w + c0 : nullptr, sg, sx, eps, dw + c0, db + c0, k1, k2, k3);
   };
   std::vector<A> mhi(C), mlo(C);
-  for (int64_t c = 0; c < C; ++c) split_mean(static_cast<double>(mean[c]), mhi[c], mlo[c]);
+  {
+    std::vector<double> md(mean, mean + C);
+    split_mean(C, md.data(), mhi.data(), mlo.data());
+  }
   const int64_t budget = tuning().block_bytes_grad.load(std::memory_order_relaxed);
   // dx of NCHW-like layouts: streamed past the caches from nt_grad_bytes (on the
   // 2 MB-L2 Xeon VM this made the 6-25 MB NCHW backward 1.2-1.35x faster).
@@ -435,7 +513,7 @@ void backward_kernel(
           const int64_t off = (n * C + c0) * S;
           rk.bwd_sums(g + off, x + off, m, S, mhi.data() + c0, mlo.data() + c0, sg.data(), sx.data());
         }
-        for (int64_t c = c0; c < c1; ++c) coefs(c, sg[c - c0], sx[c - c0], k1[c - c0], k2[c - c0], k3[c - c0]);
+        coefs(c0, m, sg.data(), sx.data(), k1.data(), k2.data(), k3.data());
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c0) * S;
           span_apply(
@@ -458,7 +536,7 @@ void backward_kernel(
         rk.cl_bwd_sums(g + r0 * C, x + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), sa, sb);
       });
   std::vector<A> k1(C), k2(C), k3(C);
-  for (int64_t c = 0; c < C; ++c) coefs(c, sg[c], sx[c], k1[c], k2[c], k3[c]);
+  coefs(0, C, sg.data(), sx.data(), k1.data(), k2.data(), k3.data());
   if (S > 1) {
     const int64_t grain = std::max<int64_t>(1, kGrain / S);
     at::parallel_for(0, N * C, grain, [&](int64_t r0, int64_t r1) {
@@ -709,11 +787,7 @@ void batch_norm_infer_into(
     const double* bp = b.empty() ? nullptr : b.data();
     // Folded in double, applied as one multiply-add per value (as ATen does).
     std::vector<A> sc(s.C), sh(s.C);
-    for (int64_t c = 0; c < s.C; ++c) {
-      const double scale = (wp ? wp[c] : 1.0) / std::sqrt(v[c] + eps);
-      sc[c] = static_cast<A>(scale);
-      sh[c] = static_cast<A>((bp ? bp[c] : 0.0) - m[c] * scale);
-    }
+    fold_params(s.C, m, v, wp, bp, eps, sc.data(), sh.data());
     apply_affine<false, scalar_t, A>(
         x3.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), s, nullptr, nullptr, sc.data(), sh.data());
   });

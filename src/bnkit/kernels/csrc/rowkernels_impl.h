@@ -484,6 +484,18 @@ inline void fill_nt(RowKernels<T>& k) {
 }
 
 #ifdef BNKIT_ISA_AVX512
+// o[i] = scalar(i) for i < n, written as a scalar head up to a 64-byte aligned
+// o, a body of 16-value vectors vec(i) with streaming stores, and a scalar tail.
+template <typename S, typename V>
+inline void stream_row(float* o, int64_t n, const S& scalar, const V& vec) {
+  int64_t i = 0;
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(o) & 63u) / sizeof(float));
+  const int64_t head = mis == 0 ? 0 : std::min<int64_t>(n, 16 - mis);
+  for (; i < head; ++i) o[i] = scalar(i);
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(o + i, vec(i));
+  for (; i < n; ++i) o[i] = scalar(i);
+}
+
 void k_span_normalize_nt(
     const float* __restrict p,
     float* __restrict o,
@@ -495,23 +507,18 @@ void k_span_normalize_nt(
     const float* __restrict sh) {
   for (int64_t c = 0; c < nch; ++c) {
     const float* pr = p + c * n;
-    float* orow = o + c * n;
     const float hs = mhi[c], ls = mlo[c], as = sc[c], bs = sh[c];
-    int64_t i = 0;
-    // Scalar head up to a 64-byte aligned destination, streamed body, scalar tail.
-    const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(orow) & 63u) / sizeof(float));
-    const int64_t head = mis == 0 ? 0 : std::min<int64_t>(n, 16 - mis);
-    for (; i < head; ++i) orow[i] = ((pr[i] - hs) - ls) * as + bs;
     const __m512 h = _mm512_set1_ps(hs), l = _mm512_set1_ps(ls), a = _mm512_set1_ps(as), b = _mm512_set1_ps(bs);
-    for (; i + 16 <= n; i += 16) {
-      const __m512 v = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l);
-      _mm512_stream_ps(orow + i, _mm512_fmadd_ps(v, a, b));
-    }
-    for (; i < n; ++i) orow[i] = ((pr[i] - hs) - ls) * as + bs;
+    stream_row(
+        o + c * n,
+        n,
+        [&](int64_t i) { return ((pr[i] - hs) - ls) * as + bs; },
+        [&](int64_t i) { return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l), a, b); });
   }
   _mm_sfence();
 }
 
+// dx = g*k1 - ((p - mhi) - mlo)*k2 - k3, streamed.
 void k_span_bwd_apply_nt(
     const float* __restrict g,
     const float* __restrict p,
@@ -526,20 +533,17 @@ void k_span_bwd_apply_nt(
   for (int64_t c = 0; c < nch; ++c) {
     const float* gr = g + c * n;
     const float* pr = p + c * n;
-    float* dr = dx + c * n;
     const float hs = mhi[c], ls = mlo[c], a1s = k1[c], a2s = k2[c], a3s = k3[c];
-    int64_t i = 0;
-    const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(dr) & 63u) / sizeof(float));
-    const int64_t head = mis == 0 ? 0 : std::min<int64_t>(n, 16 - mis);
-    for (; i < head; ++i) dr[i] = gr[i] * a1s - ((pr[i] - hs) - ls) * a2s - a3s;
     const __m512 h = _mm512_set1_ps(hs), l = _mm512_set1_ps(ls), a1 = _mm512_set1_ps(a1s), a2 = _mm512_set1_ps(a2s),
                  a3 = _mm512_set1_ps(a3s);
-    for (; i + 16 <= n; i += 16) {
-      const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l);
-      const __m512 gv = _mm512_fmsub_ps(_mm512_loadu_ps(gr + i), a1, a3);
-      _mm512_stream_ps(dr + i, _mm512_fnmadd_ps(xc, a2, gv));
-    }
-    for (; i < n; ++i) dr[i] = gr[i] * a1s - ((pr[i] - hs) - ls) * a2s - a3s;
+    stream_row(
+        dx + c * n,
+        n,
+        [&](int64_t i) { return gr[i] * a1s - ((pr[i] - hs) - ls) * a2s - a3s; },
+        [&](int64_t i) {
+          const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l);
+          return _mm512_fnmadd_ps(xc, a2, _mm512_fmsub_ps(_mm512_loadu_ps(gr + i), a1, a3));
+        });
   }
   _mm_sfence();
 }

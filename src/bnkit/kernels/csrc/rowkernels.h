@@ -37,78 +37,53 @@ struct AccT<double> {
 template <typename T>
 struct RowKernels {
   using A = typename AccT<T>::type;
+  // The element-wise kernels come in span (NCHW) and channels-last forms, with
+  // and without streaming stores, each with one of these signatures; (d0, d1)
+  // is (nch, n) for spans and (rows, C) for channels-last.
+  //   o = ((p - mhi[c]) - mlo[c]) * sc[c] + sh[c]
+  using NormalizeFn = void (*)(const T* p, T* o, int64_t d0, int64_t d1, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  //   dx = g*k1[c] - ((p - mhi[c]) - mlo[c])*k2[c] - k3[c]
+  using BwdApplyFn = void (*)(
+      const T* g,
+      const T* p,
+      T* dx,
+      int64_t d0,
+      int64_t d1,
+      const A* mhi,
+      const A* mlo,
+      const A* k1,
+      const A* k2,
+      const A* k3);
+
   // NCHW spans: `nch` consecutive rows of n values (consecutive channels of
   // one sample); per-channel arrays are indexed by the row; sums are added.
   // s[c] += sum(p - K[c]), q[c] += sum((p - K[c])^2)
   void (*moments)(const T* p, int64_t nch, int64_t n, const A* K, double* s, double* q);
   // sg[c] += sum(g), sx[c] += sum(g * ((p - mhi[c]) - mlo[c]))
   void (*bwd_sums)(const T* g, const T* p, int64_t nch, int64_t n, const A* mhi, const A* mlo, double* sg, double* sx);
-  // o = ((p - mhi[c]) - mlo[c]) * sc[c] + sh[c]
-  void (*normalize)(const T* p, T* o, int64_t nch, int64_t n, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  NormalizeFn normalize;
   // o = p * sc[c] + sh[c]
   void (*scale_shift)(const T* p, T* o, int64_t nch, int64_t n, const A* sc, const A* sh);
-  // dx = g*k1[c] - ((p - mhi[c]) - mlo[c])*k2[c] - k3[c]
-  void (*bwd_apply)(
-      const T* g,
-      const T* p,
-      T* dx,
-      int64_t nch,
-      int64_t n,
-      const A* mhi,
-      const A* mlo,
-      const A* k1,
-      const A* k2,
-      const A* k3);
+  BwdApplyFn bwd_apply;
   // dx = g*sc[c]; sg[c] += sum(g); sx[c] += sum(g*p)
   void (*eval_bwd)(const T* g, const T* p, T* dx, int64_t nch, int64_t n, const A* sc, double* sg, double* sx);
 
   // Channels-last: `rows` rows of C values; per-channel A accumulators.
   void (*cl_moments)(const T* x, int64_t rows, int64_t C, const A* K, A* sa, A* sb);
   void (*cl_bwd_sums)(const T* g, const T* x, int64_t rows, int64_t C, const A* mhi, const A* mlo, A* sa, A* sb);
-  void (*cl_normalize)(const T* x, T* y, int64_t rows, int64_t C, const A* mhi, const A* mlo, const A* sc, const A* sh);
+  NormalizeFn cl_normalize;
   void (*cl_scale_shift)(const T* x, T* y, int64_t rows, int64_t C, const A* sc, const A* sh);
-  void (*cl_bwd_apply)(
-      const T* g,
-      const T* x,
-      T* dx,
-      int64_t rows,
-      int64_t C,
-      const A* mhi,
-      const A* mlo,
-      const A* k1,
-      const A* k2,
-      const A* k3);
+  BwdApplyFn cl_bwd_apply;
   void (*cl_eval_bwd)(const T* g, const T* x, T* dx, int64_t rows, int64_t C, const A* sc, A* sa, A* sb);
 
   // Non-temporal-store variants for outputs larger than the caches (float on
   // AVX-512 only; nullptr elsewhere).  cl_*: rows of C % 16 == 0 values with
-  // y/dx 64-byte aligned.  span_normalize_nt: one run of n values of one
-  // channel, any alignment: o = ((p - h) - l) * a + b.  Each ends with sfence.
-  void (*cl_normalize_nt)(const T* x, T* y, int64_t rows, int64_t C, const A* mhi, const A* mlo, const A* sc, const A* sh);
-  void (*cl_bwd_apply_nt)(
-      const T* g,
-      const T* x,
-      T* dx,
-      int64_t rows,
-      int64_t C,
-      const A* mhi,
-      const A* mlo,
-      const A* k1,
-      const A* k2,
-      const A* k3);
-  void (*span_normalize_nt)(const T* p, T* o, int64_t nch, int64_t n, const A* mhi, const A* mlo, const A* sc, const A* sh);
-  // bwd_apply with streamed dx (any alignment, as span_normalize_nt).
-  void (*span_bwd_apply_nt)(
-      const T* g,
-      const T* p,
-      T* dx,
-      int64_t nch,
-      int64_t n,
-      const A* mhi,
-      const A* mlo,
-      const A* k1,
-      const A* k2,
-      const A* k3);
+  // y/dx 64-byte aligned.  span_*: runs of n values of one channel, any
+  // alignment.  Each ends with sfence.
+  NormalizeFn cl_normalize_nt;
+  BwdApplyFn cl_bwd_apply_nt;
+  NormalizeFn span_normalize_nt;
+  BwdApplyFn span_bwd_apply_nt;
 };
 
 // Tuning knobs, read by the kernels on every call (set once from the

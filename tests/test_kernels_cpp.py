@@ -355,18 +355,15 @@ def test_non_temporal_store_kernels_match_the_oracle():
     bfloat16 channels-last."""
     code = textwrap.dedent(
         """
+        import itertools
         import torch
         from bnkit.kernels import cpp
         assert cpp.load()
         ops = torch.ops.bnkit
         worst = 0.0
         cases = [(300, 32, 1), (77, 64, 1), (41, 144, 1), (50, 20, 1), (5, 6, 37), (3, 4, 1000), (2, 3, 5)]
-        for shape, loc, sc, block in [
-            (shape, loc, sc, block)
-            for shape in cases
-            for loc, sc in ((2.0, 3.0), (1e3, 0.1))
-            for block in (0, 1 << 20)  # NCHW backward: two passes in memory order, or channel blocks
-        ]:
+        # block: the NCHW backward in two passes in memory order (0), or in channel blocks
+        for shape, (loc, sc), block in itertools.product(cases, ((2.0, 3.0), (1e3, 0.1)), (0, 1 << 20)):
             ops._tune("block_bytes_grad", block)
             x = torch.randn(shape, dtype=torch.float64) * sc + loc
             x3 = x.float()

@@ -40,8 +40,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-import bnkit  # noqa: E402
+import bnkit
 
 ALLOCATOR_LIBS = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),

@@ -10,6 +10,12 @@ Backends, all implementing the same contract on the canonical 3-D view
 ``reference``
     the NumPy float64 oracle (:mod:`bnkit.reference`), for debugging.
 
+Phases (the same set on every backend; SyncBN, Ghost BN and Batch Renorm
+are compositions of them): :func:`moments`, :func:`affine` (normalize), the
+training forward and backward (``bnkit.engine``), :func:`backward_reduce`
+(``sum dy``, ``sum dy * xhat``), :func:`backward_apply`, and the running
+update (``bnkit.engine.running_update``).
+
 By default CPU tensors use ``cpp`` when the extension is available, and every
 other device uses ``torch``. ``BNKIT_BACKEND=cpp|torch|reference`` (read at
 import) or :func:`set_backend` / :func:`use_backend` force one.
@@ -30,7 +36,19 @@ from .. import reference as _reference
 from ..stats import accumulation_dtype
 from . import torch_ops
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select", "raw", "cpp_available", "moments", "affine"]
+__all__ = [
+    "BACKENDS",
+    "affine",
+    "backward_apply",
+    "backward_reduce",
+    "cpp_available",
+    "get_backend",
+    "moments",
+    "raw",
+    "select",
+    "set_backend",
+    "use_backend",
+]
 
 BACKENDS = ("cpp", "torch", "reference")
 
@@ -113,6 +131,32 @@ def affine(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     if x3.numel() and select(x3) == "cpp":
         return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
     return torch_ops.forward_eval(x3, scale, shift)
+
+
+def backward_reduce(grad3: Tensor, x3: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The backward's reduce phase: per-channel ``(sum dy, sum dy * xhat)`` for the given statistics."""
+    if select(x3) == "cpp":
+        # The fused backward's (dw, db) are exactly these sums (its dx, for this tensor's count, is not used).
+        _, sum_dy_xhat, sum_dy = torch.ops.bnkit.batch_norm_backward(grad3, x3, mean, var, None, eps)
+        return sum_dy, sum_dy_xhat
+    return torch_ops.backward_reduce(grad3, x3, mean, var, eps)
+
+
+def backward_apply(
+    grad3: Tensor,
+    x3: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+    eps: float,
+) -> Tensor:
+    """The backward's apply phase: ``dx3`` from sums over ``count`` values (e.g. all-reduced across ranks)."""
+    if select(x3) == "cpp":
+        return torch.ops.bnkit.batch_norm_backward_apply(grad3, x3, mean, var, weight, sum_dy, sum_dy_xhat, count, eps)
+    return torch_ops.backward_apply(grad3, x3, mean, var, weight, sum_dy, sum_dy_xhat, count, eps)
 
 
 class _ReferenceKernels:

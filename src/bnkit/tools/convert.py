@@ -20,15 +20,12 @@ import copy
 from torch import nn
 
 from .. import layers
+from ..family import TORCH_BATCHNORM, ranked
 from ._family import CALL_HOOK_DICTS, STATE_HOOK_DICTS
 
 __all__ = ["convert"]
 
-_TORCH_TO_BNKIT: dict[type, type] = {
-    nn.BatchNorm1d: layers.BatchNorm1d,
-    nn.BatchNorm2d: layers.BatchNorm2d,
-    nn.BatchNorm3d: layers.BatchNorm3d,
-}
+_TORCH_TO_BNKIT: dict[type, type] = {torch_cls: ranked(layers.BatchNorm, dims) for dims, (torch_cls, _) in TORCH_BATCHNORM.items()}
 _BNKIT_TO_TORCH: dict[type, type] = {v: k for k, v in _TORCH_TO_BNKIT.items()}
 
 _HOOK_DICTS = CALL_HOOK_DICTS + STATE_HOOK_DICTS
@@ -43,7 +40,7 @@ def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
     if bn.affine and bn.bias is None:
         problems.append("bias=False (torch's affine layers always have a bias)")
     if problems:
-        raise ValueError(f"convert(to='torch'): {name or 'the model'} ({bn._describe()}) has no torch equivalent: " + "; ".join(problems))
+        raise ValueError(f"convert(to='torch'): {name or 'the model'} ({bn.describe()}) has no torch equivalent: " + "; ".join(problems))
 
 
 def _swap(old: nn.Module, new_cls: type) -> nn.Module:

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import layers, variants
+from .. import layers
+from ..family import ranked, torch_dims
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
 from ._family import CALL_HOOK_DICTS
 
@@ -43,26 +44,6 @@ __all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
 _HOOK_DICTS = CALL_HOOK_DICTS
 # Attributes of nn.Module's own machinery that are not part of the remembered layer.
 _TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
-
-_FROZEN_BY_DIMS: dict[tuple[int, ...] | None, type[FrozenBatchNorm]] = {
-    (2, 3): variants.FrozenBatchNorm1d,
-    (4,): variants.FrozenBatchNorm2d,
-    (5,): variants.FrozenBatchNorm3d,
-}
-_TORCH_DIMS: dict[type, tuple[int, ...]] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-    nn.LazyBatchNorm1d: (2, 3),
-    nn.LazyBatchNorm2d: (4,),
-    nn.LazyBatchNorm3d: (5,),
-}
-_BNKIT_BY_DIMS: dict[tuple[int, ...] | None, type[layers.BatchNorm]] = {
-    None: layers.BatchNorm,
-    (2, 3): layers.BatchNorm1d,
-    (4,): layers.BatchNorm2d,
-    (5,): layers.BatchNorm3d,
-}
 
 _REMEMBERED = "_bnkit_unfrozen_form"
 
@@ -74,11 +55,8 @@ def is_freezable(module: nn.Module) -> bool:
 
 def _expected_dims(bn: nn.Module) -> tuple[int, ...] | None:
     if isinstance(bn, layers.BatchNorm):
-        return bn._expected_dims
-    for cls, dims in _TORCH_DIMS.items():
-        if isinstance(bn, cls):
-            return dims
-    return None  # SyncBatchNorm and other subclasses: any rank
+        return bn.expected_dims
+    return torch_dims(bn)  # SyncBatchNorm and other subclasses: None, any rank
 
 
 def _check_freezable(bn: nn.Module, name: str) -> None:
@@ -128,7 +106,7 @@ def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
             c, bn.sites, bn.eps, device=device, dtype=dtype, share_stats=bn.share_stats, axis=axis
         )
     else:
-        cls = _FROZEN_BY_DIMS.get(_expected_dims(bn), FrozenBatchNorm)
+        cls = ranked(FrozenBatchNorm, _expected_dims(bn))
         frozen = cls(c, bn.eps, device=device, dtype=dtype, axis=axis)
     frozen._buffers["weight"] = None if weight is None else weight.detach().clone()
     frozen._buffers["bias"] = None if bias is None else bias.detach().clone()
@@ -159,7 +137,7 @@ def _default_form(frozen: FrozenBatchNorm) -> dict[str, Any]:
     )
     if isinstance(frozen, FrozenSharedBatchNorm):
         return {"cls": SharedBatchNorm, "args": (c, frozen.sites), "kwargs": dict(kwargs, share_stats=frozen.share_stats)}
-    return {"cls": _BNKIT_BY_DIMS.get(frozen._expected_dims, layers.BatchNorm), "args": (c,), "kwargs": kwargs}
+    return {"cls": ranked(layers.BatchNorm, frozen.expected_dims), "args": (c,), "kwargs": kwargs}
 
 
 @torch.no_grad()

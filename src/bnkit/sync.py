@@ -42,6 +42,7 @@ from . import kernels, stats
 from .engine import canonical_view, per_channel, running_update
 from .family import ranked, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .surgery import replace_modules, take_over_tensors
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
 
@@ -312,19 +313,35 @@ _BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
     """Make ``dst`` use ``src``'s very parameter and buffer tensors and its training flag."""
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            p = getattr(src, name, None)
-            if p is not None:
-                setattr(dst, name, p)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            b = getattr(src, name, None)
-            if b is not None:
-                dst.register_buffer(name, b)
+    take_over_tensors(dst, src, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
     dst.train(src.training)
     if hasattr(src, "qconfig"):
         dst.qconfig = src.qconfig
     return dst
+
+
+def _convertible(module: nn.Module) -> bool:
+    return isinstance(module, (SyncBatchNorm, nn.modules.batchnorm._BatchNorm)) or type(module) in _BNKIT_CLASSES
+
+
+def _check_convertible(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
+
+
+def _revert_class(module: SyncBatchNorm) -> type:
+    return getattr(module, "_sync_original", None) or ranked(BatchNorm, module.expected_dims)
+
+
+def _check_revertible(module: SyncBatchNorm, name: str) -> None:
+    cls = _revert_class(module)
+    if not issubclass(cls, BatchNorm) and (
+        module.share_affine != "none" or module.axis != 1 or (module.affine and module.bias is None)
+    ):
+        raise ValueError(
+            f"convert_sync_batchnorm(revert=True): {module.describe()} cannot become {cls.__name__} "
+            "(it has a feature axis other than 1, shared affine parameters, or no bias)"
+        )
 
 
 def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
@@ -333,8 +350,6 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
             module.process_group = process_group
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
         if process_group is None:
             process_group = getattr(module, "process_group", None)
         extra: dict[str, Any] = {}
@@ -364,7 +379,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
 
 
 def _from_sync(module: SyncBatchNorm) -> nn.Module:
-    cls = getattr(module, "_sync_original", None) or ranked(BatchNorm, module.expected_dims)
+    cls = _revert_class(module)
     weight = module.weight
     factory = {
         "device": weight.device if weight is not None else None,
@@ -384,11 +399,6 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
             **factory,
         )
     else:
-        if module.share_affine != "none" or module.axis != 1 or (module.affine and module.bias is None):
-            raise ValueError(
-                f"convert_sync_batchnorm(revert=True): {module.describe()} cannot become {cls.__name__} "
-                "(it has a feature axis other than 1, shared affine parameters, or no bias)"
-            )
         out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                   **factory)
         if cls is nn.SyncBatchNorm and module.process_group is not None:
@@ -407,20 +417,19 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert:
     ``module`` for error messages. ``revert=True`` turns every SyncBatchNorm
     back into the class it was converted from (a bnkit layer of matching rank
     when it was created directly). Returns the converted module (``module``
-    itself unless it is a BN layer).
+    itself unless it is a BN layer). Every layer is checked before any is
+    converted; shared layers stay shared, and hooks on a layer move to its
+    replacement.
     """
 
-    def convert(m: nn.Module, name: str) -> nn.Module:
-        if revert:
-            out = _from_sync(m) if isinstance(m, SyncBatchNorm) else m
-        else:
-            out = _to_sync(m, process_group) or m
-            if isinstance(out, SyncBatchNorm):
-                out.layer_name = name or type(m).__name__
-        for child_name, child in list(m.named_children()):
-            new = convert(child, f"{name}.{child_name}" if name else child_name)
-            if new is not child:
-                out.add_module(child_name, new)
+    if revert:
+        return replace_modules(
+            module, lambda m: isinstance(m, SyncBatchNorm), lambda m, _: _from_sync(m), _check_revertible
+        )
+
+    def build(m: nn.Module, name: str) -> SyncBatchNorm:
+        out = _to_sync(m, process_group)
+        out.layer_name = name or type(m).__name__
         return out
 
-    return convert(module, "")
+    return replace_modules(module, _convertible, build, _check_convertible)

@@ -35,8 +35,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers
 from ..family import ranked, torch_dims
+from ..surgery import CALL_HOOK_DICTS, replace_modules
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
-from ._family import CALL_HOOK_DICTS
 
 __all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
 
@@ -84,12 +84,6 @@ def _remember(bn: nn.Module) -> dict[str, Any]:
         "buffers": list(bn._buffers),
         "modules": dict(bn._modules),
     }
-
-
-def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
-    for k in _HOOK_DICTS:
-        if k in src.__dict__:
-            dst.__dict__[k] = src.__dict__[k]
 
 
 @torch.no_grad()
@@ -181,27 +175,6 @@ def unfrozen_copy(frozen: FrozenBatchNorm) -> nn.Module:
     return bn
 
 
-def _replace(model: nn.Module, want, convert, check) -> nn.Module:
-    """Replace every module matching ``want`` (including ``model``) by ``convert(m)``; check all first."""
-    names: dict[int, str] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if want(m):
-            names.setdefault(id(m), name)
-    found = {id(m): m for m in model.modules() if want(m)}
-    for key, m in found.items():
-        check(m, names.get(key, ""))
-    new: dict[int, nn.Module] = {}
-    for key, m in found.items():
-        replacement = convert(m)
-        _move_hooks(m, replacement)
-        new[key] = replacement
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in new:
-                parent._modules[child_name] = new[id(child)]
-    return new.get(id(model), model)
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every torch/bnkit BN layer of ``model`` by a :class:`~bnkit.FrozenBatchNorm` with the same values.
 
@@ -212,7 +185,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: expected an nn.Module, got {type(model).__name__}")
-    return _replace(model, is_freezable, frozen_copy, _check_freezable)
+    return replace_modules(model, is_freezable, lambda m, _: frozen_copy(m), _check_freezable)
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
@@ -225,4 +198,4 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: expected an nn.Module, got {type(model).__name__}")
-    return _replace(model, lambda m: isinstance(m, FrozenBatchNorm), unfrozen_copy, lambda m, n: None)
+    return replace_modules(model, lambda m: isinstance(m, FrozenBatchNorm), lambda m, _: unfrozen_copy(m))

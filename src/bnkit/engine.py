@@ -358,14 +358,8 @@ def check_input(spec: CallSpec, input: Tensor) -> None:
 
 # --------------------------------------------------------------------------- the door
 def fused_call(
-    spec: CallSpec,
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    batch_stats: bool,
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
 ) -> Tensor | None:
     """The whole call as one C++ op (``bnkit::batch_norm_layer``), or ``None`` where it does not apply.
 
@@ -395,14 +389,8 @@ def fused_call(
 
 
 def batch_norm_module_call(
-    spec: CallSpec,
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    batch_stats: bool,
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
 ) -> Tensor:
     """Batch normalization of ``input`` as ``spec`` describes: the engine's one entry.
 
@@ -420,14 +408,8 @@ def batch_norm_module_call(
 
 
 def _general(
-    spec: CallSpec,
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    batch_stats: bool,
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
 ) -> Tensor:
     """The general path: every check and error message, then the phases on the canonical view."""
     where, eps = spec.name, spec.eps

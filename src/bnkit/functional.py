@@ -47,19 +47,10 @@ def _spec(where: str, axis: int, eps: float, momentum: float | None, nonfinite: 
 
 
 def batch_norm_core(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    *,
-    axis: int = 1,
-    num_batches_tracked: Tensor | None = None,
-    nonfinite: str = "propagate",
-    where: str = "batch_norm",
+    input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+    bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+    axis: int = 1, num_batches_tracked: Tensor | None = None, nonfinite: str = "propagate",
+    where: str = "batch_norm"
 ) -> Tensor:
     """Batch normalization of ``input`` along feature ``axis``.
 
@@ -119,12 +110,8 @@ def moments(
 
 
 def normalize(
-    x: Tensor,
-    mean: Tensor,
-    variance: Tensor,
-    offset: Tensor | None = None,
-    scale: Tensor | None = None,
-    variance_epsilon: float = 1e-3,
+    x: Tensor, mean: Tensor, variance: Tensor, offset: Tensor | None = None, scale: Tensor | None = None,
+    variance_epsilon: float = 1e-3
 ) -> Tensor:
     """``(x - mean) / sqrt(variance + eps) * scale + offset`` with broadcasting, like ``tf.nn.batch_normalization``."""
     if variance_epsilon < 0:

@@ -19,9 +19,20 @@ from torch import Tensor, nn
 from .engine import NONFINITE_POLICIES, CallSpec, batch_norm_module_call, call_spec, check_input, fold
 from .family import specialize
 
-__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "check_feature_input"]
+__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
+
+# The arguments of BatchNorm.__init__, which every subclass passes on unchanged.
+_BN_ARGUMENTS = (
+    "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
+    "share_affine", "nonfinite",
+)
+
+
+def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:
+    """:class:`BatchNorm`'s constructor arguments picked from a subclass constructor's ``locals()``."""
+    return {name: namespace[name] for name in _BN_ARGUMENTS}
 
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from . import kernels, stats
 from .engine import canonical_view, per_channel, running_update
 from .family import ranked, torch_dims
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
 from .surgery import replace_modules, take_over_tensors
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
@@ -202,34 +202,12 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        axis: int = 1,
-        share_affine: str = "none",
-        nonfinite: str = "skip",
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        track_running_stats: bool = True, process_group: Any = None, device: Any = None,
+        dtype: torch.dtype | None = None, *, bias: bool = True, axis: int = 1, share_affine: str = "none",
+        nonfinite: str = "skip"
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            axis=axis,
-            share_affine=share_affine,
-            nonfinite=nonfinite,
-        )
+        super().__init__(**bn_arguments(locals()))
         self.process_group = process_group
         # Name used in error messages (set by convert_sync_batchnorm, or by hand).
         self.layer_name: str | None = None

@@ -143,15 +143,8 @@ def backward_reduce(grad3: Tensor, x3: Tensor, mean: Tensor, var: Tensor, eps: f
 
 
 def backward_apply(
-    grad3: Tensor,
-    x3: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    sum_dy: Tensor,
-    sum_dy_xhat: Tensor,
-    count: int,
-    eps: float,
+    grad3: Tensor, x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, sum_dy: Tensor,
+    sum_dy_xhat: Tensor, count: int, eps: float
 ) -> Tensor:
     """The backward's apply phase: ``dx3`` from sums over ``count`` values (e.g. all-reduced across ranks)."""
     if select(x3) == "cpp":

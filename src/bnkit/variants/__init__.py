@@ -35,19 +35,8 @@ from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .shared import SharedBatchNorm
 
 __all__ = [
-    "BatchRenorm",
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "FrozenBatchNorm",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "FrozenSharedBatchNorm",
-    "GhostBatchNorm",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-    "SharedBatchNorm",
-    "ghost_batch_norm",
+    "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenSharedBatchNorm",
+    "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
+    "SharedBatchNorm", "ghost_batch_norm",
 ]

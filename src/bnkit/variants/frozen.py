@@ -40,15 +40,8 @@ class FrozenBatchNorm(nn.Module):
         return self.expected_dims
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        axis: int = 1,
-        affine: bool = True,
-        bias: bool = True,
+        self, num_features: int, eps: float = 1e-5, device: Any = None, dtype: torch.dtype | None = None, *,
+        axis: int = 1, affine: bool = True, bias: bool = True
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -152,17 +145,8 @@ class FrozenSharedBatchNorm(FrozenBatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        sites: int,
-        eps: float = 1e-5,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        share_stats: bool = False,
-        axis: int = 1,
-        affine: bool = True,
-        bias: bool = True,
+        self, num_features: int, sites: int, eps: float = 1e-5, device: Any = None, dtype: torch.dtype | None = None,
+        *, share_stats: bool = False, axis: int = 1, affine: bool = True, bias: bool = True
     ) -> None:
         if not is_int(sites) or sites <= 0:
             raise ValueError(f"FrozenSharedBatchNorm: sites must be a positive int, got {sites!r}")

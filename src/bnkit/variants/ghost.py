@@ -11,21 +11,15 @@ from .. import stats
 from ..engine import canonical_view, per_channel, running_update
 from ..family import specialize
 from ..functional import batch_norm_core
-from ..layers import BatchNorm
+from ..layers import BatchNorm, bn_arguments
 from ._common import is_int, no_training_trace
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm"]
 
 
 def ghost_batch_norm(
-    input: Tensor,
-    virtual_batch_size: int,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    *,
-    axis: int = 1,
-    where: str = "ghost_batch_norm",
+    input: Tensor, virtual_batch_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, *, axis: int = 1, where: str = "ghost_batch_norm"
 ) -> tuple[Tensor, stats.Moments]:
     """Normalize contiguous chunks of ``virtual_batch_size`` samples (dim 0) with their own statistics.
 
@@ -124,20 +118,9 @@ class GhostBatchNorm(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        virtual_batch_size: int = 32,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        axis: int = 1,
-        share_affine: str = "none",
-        nonfinite: str = "skip",
+        self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None,
+        *, bias: bool = True, axis: int = 1, share_affine: str = "none", nonfinite: str = "skip"
     ) -> None:
         if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
             raise ValueError(
@@ -146,19 +129,7 @@ class GhostBatchNorm(BatchNorm):
         if is_int(axis) and axis == 0:
             raise ValueError(f"{type(self).__name__}: the feature axis cannot be 0, the batch axis ghost batches split")
         self.virtual_batch_size = virtual_batch_size
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            axis=axis,
-            share_affine=share_affine,
-            nonfinite=nonfinite,
-        )
+        super().__init__(**bn_arguments(locals()))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"

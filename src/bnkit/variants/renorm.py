@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import kernels
 from ..engine import batch_norm_module_call, canonical_view, per_channel
 from ..family import specialize
-from ..layers import BatchNorm
+from ..layers import BatchNorm, bn_arguments
 from ._common import is_int, no_training_trace
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -51,25 +51,11 @@ class BatchRenorm(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.01,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_steps: int = 5000,
-        r_max_steps: int = 40000,
-        d_max_steps: int = 25000,
-        schedule: str = "linear",
-        bias: bool = True,
-        axis: int = 1,
-        share_affine: str = "none",
-        nonfinite: str = "skip",
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01, affine: bool = True,
+        track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *, r_max: float = 3.0,
+        d_max: float = 5.0, warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000,
+        schedule: str = "linear", bias: bool = True, axis: int = 1, share_affine: str = "none",
+        nonfinite: str = "skip"
     ) -> None:
         name = type(self).__name__
         if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not 1.0 <= r_max < math.inf:
@@ -96,19 +82,7 @@ class BatchRenorm(BatchNorm):
         self.r_max_steps = r_max_steps
         self.d_max_steps = d_max_steps
         self.schedule = schedule
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            axis=axis,
-            share_affine=share_affine,
-            nonfinite=nonfinite,
-        )
+        super().__init__(**bn_arguments(locals()))
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, schedule={self.schedule!r}"

@@ -9,7 +9,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..engine import batch_norm_module_call, fold, per_channel
-from ..layers import BatchNorm
+from ..layers import BatchNorm, bn_arguments
 from ._common import is_int
 
 __all__ = ["SharedBatchNorm", "check_site"]
@@ -54,21 +54,10 @@ class SharedBatchNorm(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        sites: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        share_stats: bool = False,
-        bias: bool = True,
-        axis: int = 1,
-        share_affine: str = "none",
-        nonfinite: str = "skip",
+        self, num_features: int, sites: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *,
+        share_stats: bool = False, bias: bool = True, axis: int = 1, share_affine: str = "none",
+        nonfinite: str = "skip"
     ) -> None:
         if not is_int(sites) or sites <= 0:
             raise ValueError(f"SharedBatchNorm: sites must be a positive int, got {sites!r}")
@@ -76,19 +65,7 @@ class SharedBatchNorm(BatchNorm):
             raise TypeError(f"SharedBatchNorm: share_stats must be a bool, got {share_stats!r}")
         self.sites = sites
         self.share_stats = share_stats
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            axis=axis,
-            share_affine=share_affine,
-            nonfinite=nonfinite,
-        )
+        super().__init__(**bn_arguments(locals()))
         if track_running_stats and not share_stats:
             factory = {"device": device, "dtype": dtype}
             self.running_mean = torch.zeros(sites, num_features, **factory)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import kernels, stats
 from ._warn import warn
-from .kernels import torch_ops
+from .kernels import fold
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -154,79 +154,7 @@ def per_channel(t: Tensor | None, channels: int) -> Tensor | None:
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
 
 
-def fold(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """Inference BN as an affine map: ``(scale, shift)`` with ``y = x * scale + shift``.
-
-    ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale``
-    (``weight`` = 1 and ``bias`` = 0 when absent). Differentiable in all inputs.
-    """
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    return scale, shift
-
-
 # --------------------------------------------------------------------------- phases
-class _BatchNormTrain(torch.autograd.Function):
-    """Training BN on the 3-D view with the analytic backward (torch/reference backends).
-
-    Outputs ``(y3, mean, biased_var)``; the statistics are not differentiable
-    (they feed the running averages only). The backward is computed by the
-    raw kernels; when a graph of the backward is requested (double backward),
-    it is computed by differentiable torch ops that recompute the statistics
-    from the saved input, so the second derivative is exact.
-    """
-
-    @staticmethod
-    def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str):
-        y3, mean, var = kernels.raw(backend).forward_train(x3, weight, bias, eps)
-        invstd = torch.rsqrt(var + eps)
-        ctx.eps = eps
-        ctx.backend = backend
-        ctx.save_for_backward(x3, weight, bias, mean, invstd)
-        ctx.mark_non_differentiable(mean, var)
-        return y3, mean, var
-
-    @staticmethod
-    def backward(ctx, grad_y3: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
-        x3, weight, bias, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            dx, dw, db = torch_ops.backward(grad_y3, x3, weight, ctx.eps)
-        else:
-            dx, dw, db = kernels.raw(ctx.backend).backward(grad_y3, x3, weight, ctx.eps, mean, invstd)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (
-            dx if need_x else None,
-            dw.to(weight.dtype) if need_w else None,
-            db.to(bias.dtype) if need_b else None,
-            None,
-            None,
-        )
-
-
-def _train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    backend = kernels.select(x3)
-    if backend == "cpp":
-        return torch.ops.bnkit.batch_norm_train(x3, weight, bias, eps)
-    return _BatchNormTrain.apply(x3, weight, bias, eps, backend)
-
-
-def _eval_forward(
-    x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    if kernels.select(x3) == "cpp":
-        # The fold into (scale, shift) happens inside the fused op (one call).
-        return torch.ops.bnkit.batch_norm_infer(x3, mean, var, weight, bias, eps)
-    # The affine map is differentiable as torch ops on every backend.
-    scale, shift = fold(mean, var, weight, bias, eps)
-    return torch_ops.forward_eval(x3, scale, shift)
-
-
 def _reject_nonfinite(where: str, nonfinite: str) -> None:
     """Raise (``"raise"``) or warn (``"skip"``) about a batch whose statistics are not finite."""
     message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
@@ -438,10 +366,10 @@ def _general(
             raise ValueError(
                 f"{where}: Expected more than 1 value per channel when training, got input size {input.size()}"
             )
-        y3, mean, var = _train_forward(x3, weight_c, bias_c, eps)
+        y3, mean, var = kernels.train_forward(x3, weight_c, bias_c, eps)
         if running_mean is not None:
             running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
         return restore(y3)
     if running_mean is None:
         raise ValueError(f"{where}: running_mean and running_var are required when training=False")
-    return restore(_eval_forward(x3, running_mean, running_var, weight_c, bias_c, eps))
+    return restore(kernels.infer(x3, running_mean, running_var, weight_c, bias_c, eps))

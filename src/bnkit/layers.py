@@ -186,6 +186,12 @@ class BatchNorm(nn.Module):
         return fold(self.running_mean, self.running_var, weight, bias, self.eps)
 
     # -- the engine's protocol ----------------------------------------------------------
+    _call_spec: CallSpec | None = None  # built by call_spec(), dropped by __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_call_spec"] = None  # made of plain attributes: rebuilt on the next call
+
     @property
     def _expected_dims(self) -> tuple[int, ...] | None:  # the former name of expected_dims
         return self.expected_dims
@@ -204,16 +210,17 @@ class BatchNorm(nn.Module):
     def call_spec(self) -> CallSpec:
         """The :class:`~bnkit.engine.CallSpec` of this layer's calls.
 
-        Built once and kept; rebuilt when an attribute it is made of changes
-        (``bn.momentum = 0.01`` works as in torch).
+        Built once and kept; setting any attribute (``bn.momentum = 0.01``
+        works as in torch) drops it, and the next call builds it again.
         """
-        key = (self.eps, self.momentum, self.nonfinite, self.axis, self.num_features, self.expected_dims, self.describe())
-        cached = self.__dict__.get("_call_spec")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        spec = call_spec(key[6], self.axis, self.num_features, self.expected_dims, self.eps, self.momentum, self.nonfinite)
-        if not torch.compiler.is_compiling():
-            self.__dict__["_call_spec"] = (key, spec)
+        spec = self._call_spec
+        if spec is None:
+            spec = call_spec(
+                self.describe(), self.axis, self.num_features, self.expected_dims, self.eps, self.momentum,
+                self.nonfinite,
+            )
+            if not torch.compiler.is_compiling():
+                self.__dict__["_call_spec"] = spec
         return spec
 
     def call_buffers(

@@ -71,15 +71,19 @@ class FrozenBatchNorm(nn.Module):
     def _describe(self) -> str:  # the former name of describe
         return self.describe()
 
+    _call_spec: CallSpec | None = None  # built by call_spec(), dropped by __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_call_spec"] = None
+
     def call_spec(self) -> CallSpec:
         """The engine's description of this layer's calls (inference only: no momentum, no policy)."""
-        key = (self.eps, self.axis, self.num_features, self.expected_dims, self.describe())
-        cached = self.__dict__.get("_call_spec")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        spec = call_spec(key[4], self.axis, self.num_features, self.expected_dims, self.eps, None, "propagate")
-        if not torch.compiler.is_compiling():
-            self.__dict__["_call_spec"] = (key, spec)
+        spec = self._call_spec
+        if spec is None:
+            spec = call_spec(self.describe(), self.axis, self.num_features, self.expected_dims, self.eps, None)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_call_spec"] = spec
         return spec
 
     def extra_repr(self) -> str:

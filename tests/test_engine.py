@@ -159,3 +159,45 @@ def test_torch_dims_of_torch_layers():
     assert family.torch_dims(nn.BatchNorm1d(2)) == (2, 3)
     assert family.torch_dims(nn.BatchNorm3d(2)) == (5,)
     assert family.torch_dims(nn.SyncBatchNorm(2)) is None
+
+
+# --------------------------------------------------------------- every family through the fast path
+@needs_cpp
+@pytest.mark.parametrize(
+    "make, call",
+    [
+        (lambda: bnkit.SharedBatchNorm(3, sites=2), lambda m, x: m(x, site=1)),
+        (lambda: bnkit.BatchRenorm2d(3, schedule="fixed"), lambda m, x: m(x)),
+        (lambda: bnkit.GhostBatchNorm2d(3, virtual_batch_size=8), lambda m, x: m(x)),
+        (lambda: bnkit.freeze(bnkit.BatchNorm2d(3)), lambda m, x: m(x)),
+    ],
+    ids=["shared", "renorm", "ghost", "frozen"],
+)
+def test_every_family_takes_the_fused_op_and_matches_the_general_path(make, call, monkeypatch):
+    """The fused op handles the family's calls, with the general path's results (its oracle)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1
+    fused_layer, general_layer = make().double(), make().double()
+    general_layer.load_state_dict(fused_layer.state_dict())
+    handled = []
+    real = engine.fused_call
+
+    def spy(*args):
+        y = real(*args)
+        handled.append(y is not None)
+        return y
+
+    with kernels.use_backend("cpp"):
+        monkeypatch.setattr(engine, "fused_call", spy)
+        xf = x.clone().requires_grad_()
+        yf = call(fused_layer, xf)
+        yf.sum().backward()
+        monkeypatch.setattr(engine, "fused_call", lambda *args: None)
+        xg = x.clone().requires_grad_()
+        yg = call(general_layer, xg)
+        yg.sum().backward()
+    assert handled and all(handled)
+    assert_close(yf, yg, 1e-12, "output")
+    assert_close(xf.grad, xg.grad, 1e-10, "input gradient")
+    for (name, a), (_, b) in zip(fused_layer.state_dict().items(), general_layer.state_dict().items()):
+        assert_close(a, b, 1e-12, name)

@@ -55,7 +55,8 @@ class CallSpec(NamedTuple):
     ``ranks``: the accepted input ranks (``None``: any rank with the feature
     axis); ``min_rank``: the F-style API's "at least ``(N, C)``" (2) or 0;
     ``num_features`` 0: any. ``rank_mask``, ``fused_momentum`` and
-    ``check_finite`` are the same facts as the fused op takes them.
+    ``check_finite`` are the same facts as the fused op takes them (the
+    first two ``None`` without the C++ extension).
     """
 
     name: str
@@ -66,8 +67,8 @@ class CallSpec(NamedTuple):
     eps: float
     momentum: float | None
     nonfinite: str
-    rank_mask: int
-    fused_momentum: float
+    rank_mask: int | None
+    fused_momentum: float | None
     check_finite: bool
 
 
@@ -84,11 +85,17 @@ def call_spec(
     """A :class:`CallSpec`, with the fused op's encodings (rank bit mask, cumulative-momentum sentinel) derived."""
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    if ranks is not None:
-        mask = sum(1 << d for d in ranks)
+    constants = _constants()
+    if constants is None:  # no fused op: the encodings are never sent anywhere
+        mask, fused_momentum = None, None
     else:
-        mask = -(1 << min_rank) if min_rank else 0  # bits min_rank, min_rank + 1, ...
-    fused_momentum = _constants().cumulative_momentum if momentum is None else momentum
+        if ranks is not None:
+            mask = sum(1 << d for d in ranks)  # bit d: a d-D input is accepted
+        elif min_rank not in (0, 2):
+            raise ValueError(f"{name}: min_rank must be 0 or 2, got {min_rank}")
+        else:
+            mask = constants.ranks_from_2 if min_rank else 0
+        fused_momentum = constants.cumulative_momentum if momentum is None else momentum
     return CallSpec(
         name, axis, num_features, ranks, min_rank, eps, momentum, nonfinite, mask, fused_momentum,
         nonfinite != "propagate",
@@ -109,14 +116,11 @@ class _Constants(NamedTuple):
 _CONSTANTS: _Constants | None = None
 
 
-def _constants() -> _Constants:
-    """The values shared with ``layer.cpp``, read once from the extension (defined there only)."""
+def _constants() -> _Constants | None:
+    """The values shared with ``layer.cpp``, read once from the extension (defined there only; None without it)."""
     global _CONSTANTS
-    if _CONSTANTS is None:
-        if kernels.cpp_available():
-            _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
-        else:  # no fused op: the values are never sent anywhere
-            _CONSTANTS = _Constants(0, 1, 2, -4, -1.0)
+    if _CONSTANTS is None and kernels.cpp_available():
+        _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
     return _CONSTANTS
 
 
@@ -308,7 +312,7 @@ def fused_call(
         input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
         spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
     )
-    constants = _CONSTANTS or _constants()
+    constants = _CONSTANTS or _constants()  # not None: the op exists
     if status == constants.not_handled:
         return None
     if status == constants.nonfinite:

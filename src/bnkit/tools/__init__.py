@@ -2,5 +2,7 @@
 
 from .calibrate import recalibrate
 from .convert import convert
-from .fuse import Affine, FuseReport, fuse
 from .freeze import freeze, unfreeze
+from .fuse import Affine, FuseReport, fuse
+
+__all__ = ["Affine", "FuseReport", "convert", "freeze", "fuse", "recalibrate", "unfreeze"]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, stats
+from .errors import ChannelMismatchError
 from .kernels import torch_ops
 
 __all__ = [
@@ -130,7 +131,8 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
             f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
         )
     if t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias")):
-        raise ValueError(
+        # torch raises RuntimeError here; ChannelMismatchError is one (and a ValueError).
+        raise ChannelMismatchError(
             f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"
         )
 
@@ -144,6 +146,21 @@ def _per_channel(t: Tensor | None, channels: int) -> Tensor | None:
         return t
     t = t.reshape(-1)
     return t.expand(channels) if t.numel() == 1 and channels != 1 else t
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """torch's result for an input with no elements: a copy of it, joined to the graph of ``weight``/``bias``.
+
+    torch returns ``input.clone() * weight[0] + bias[0]`` without checking the
+    parameters' sizes or dtypes (nothing is computed from them), so an empty
+    batch of another float dtype or a 1-D empty input passes; bnkit does the same.
+    """
+    out = input.clone()
+    if isinstance(weight, Tensor) and weight.numel():
+        out = out * weight.reshape(-1)[0]
+    if isinstance(bias, Tensor) and bias.numel():
+        out = out + bias.reshape(-1)[0]
+    return out
 
 
 def _reject_nonfinite(where: str, nonfinite: str, stacklevel: int = 5) -> None:
@@ -325,6 +342,11 @@ def batch_norm_core(
     if ndim < 1 or not -ndim <= axis < ndim:
         raise ValueError(f"{where}: feature axis {axis} is out of range for a {ndim}-D input")
     axis = axis % ndim
+    if input.numel() == 0:
+        # As torch: an empty batch is counted (training) and returns an empty output, whatever the buffers' dtype.
+        if training and running_mean is not None and isinstance(num_batches_tracked, Tensor):
+            num_batches_tracked.add_(1)
+        return _empty_output(input, weight, bias)
     channels = input.shape[axis]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_param(name, t, input, channels)
@@ -371,6 +393,8 @@ def batch_norm(
     given, updates them in place with ``running = (1-momentum)*running +
     momentum*batch`` (unbiased variance). In eval, uses the running buffers.
     """
+    if isinstance(input, Tensor) and input.numel() == 0 and input.dtype.is_floating_point:
+        return _empty_output(input, weight, bias)  # as torch, 1-D included
     y = fused_call(
         input, weight, bias, running_mean, running_var, None, training, momentum, eps, 1, "propagate", "batch_norm",
         num_features=0, ranks=_RANKS_FROM_2,

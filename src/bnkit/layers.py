@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .errors import ChannelMismatchError
 from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, rank_mask
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input"]
@@ -73,7 +74,8 @@ def check_feature_input(
             f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
         )
     if input.shape[axis] != num_features:
-        raise ValueError(
+        # torch raises RuntimeError for this; ChannelMismatchError is one (and a ValueError).
+        raise ChannelMismatchError(
             f"{where}: expected {num_features} features along axis {axis}, "
             f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
         )
@@ -197,10 +199,13 @@ class BatchNorm(nn.Module):
     ) -> None:
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats:
-            # Version 2 added num_batches_tracked; older checkpoints start it at 0.
+            # Version 2 added num_batches_tracked. A dict without it (an old checkpoint, or a
+            # plain dict without metadata) keeps the layer's current count, as torch does.
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
-                state_dict[key] = torch.tensor(0, dtype=torch.long)
+                nbt = self.num_batches_tracked
+                keep = nbt is not None and nbt.device.type != "meta"
+                state_dict[key] = nbt if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from . import conventions
 from .errors import ChannelMismatchError
 from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, rank_mask
 
@@ -102,6 +103,10 @@ class BatchNorm(nn.Module):
             (update them anyway, as torch does). On non-CPU devices and under
             ``torch.compile`` the skip happens without the warning (no host
             synchronisation).
+        convention: ``"torch"`` (default: ``running_var`` averages the
+            unbiased batch variance) or ``"keras"`` (it averages the biased
+            one, as Keras 3, tf-keras and Flax do; see :mod:`bnkit.conventions`).
+            Outputs are the same; only the moving statistics differ.
     """
 
     _version = 2
@@ -123,9 +128,11 @@ class BatchNorm(nn.Module):
         axis: int = 1,
         share_affine: str = "none",
         nonfinite: str = "skip",
+        convention: str = "torch",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        conventions.check_convention(name, convention)
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if not isinstance(eps, (int, float)) or not eps > 0:
@@ -145,6 +152,7 @@ class BatchNorm(nn.Module):
         self.axis = axis
         self.share_affine = share_affine
         self.nonfinite = nonfinite
+        self.convention = convention
         if affine:
             weight_size = 1 if share_affine in ("weight", "all") else num_features
             bias_size = 1 if share_affine == "all" else num_features
@@ -192,6 +200,8 @@ class BatchNorm(nn.Module):
             s += f", share_affine={self.share_affine!r} ({n_params} affine parameters)"
         if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
+        if getattr(self, "convention", "torch") != "torch":
+            s += f", convention={self.convention!r}"
         return s
 
     def _load_from_state_dict(
@@ -231,6 +241,8 @@ class BatchNorm(nn.Module):
         check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
+            return conventions.keras_train_forward(self, input)  # another update rule: not the fused op
         track = self.training and self.track_running_stats
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from . import kernels, stats
+from . import conventions, kernels, stats
 from .functional import _update_running, batch_norm_core, canonical_view, fold
 from .layers import BatchNorm, batch_norm_module_call, check_feature_input
 
@@ -283,6 +283,7 @@ class BatchRenorm(BatchNorm):
         axis: int = 1,
         share_affine: str = "none",
         nonfinite: str = "skip",
+        convention: str = "torch",
     ) -> None:
         name = type(self).__name__
         if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not 1.0 <= r_max < math.inf:
@@ -321,7 +322,16 @@ class BatchRenorm(BatchNorm):
             axis=axis,
             share_affine=share_affine,
             nonfinite=nonfinite,
+            convention=convention,
         )
+        if convention == "keras":
+            # Keras' renorm=True averages the standard deviation; it starts at 1 (as Keras' moving_stddev).
+            self.register_buffer("running_std", torch.ones(num_features, device=device, dtype=dtype))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if getattr(self, "running_std", None) is not None:
+            self.running_std.fill_(1)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, schedule={self.schedule!r}"
@@ -367,6 +377,8 @@ class BatchRenorm(BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
+        if self.convention == "keras":
+            return conventions.keras_renorm_train_forward(self, input)
         _no_training_trace(self, input)
         self._check_input(input)
         if not input.dtype.is_floating_point:  # before the moments, with the other layers' error

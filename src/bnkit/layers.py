@@ -10,6 +10,7 @@ parameters, buffers, state_dict keys and input checks. The math lives in
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, r
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
+TINY_BATCH_POLICIES = ("raise", "running")
 
 
 def batch_norm_module_call(
@@ -107,6 +109,11 @@ class BatchNorm(nn.Module):
             unbiased batch variance) or ``"keras"`` (it averages the biased
             one, as Keras 3, tf-keras and Flax do; see :mod:`bnkit.conventions`).
             Outputs are the same; only the moving statistics differ.
+        tiny_batch: a training batch with one value per channel (e.g. a last
+            batch of one sample on ``(N, C)`` data): ``"raise"`` (default, as
+            torch: ``ValueError``) or ``"running"`` (normalize it with the
+            running statistics, as in eval, without updating them or
+            ``num_batches_tracked``; one ``RuntimeWarning`` per such batch).
     """
 
     _version = 2
@@ -129,10 +136,15 @@ class BatchNorm(nn.Module):
         share_affine: str = "none",
         nonfinite: str = "skip",
         convention: str = "torch",
+        tiny_batch: str = "raise",
     ) -> None:
         super().__init__()
         name = type(self).__name__
         conventions.check_convention(name, convention)
+        if tiny_batch not in TINY_BATCH_POLICIES:
+            raise ValueError(f"{name}: tiny_batch must be one of {TINY_BATCH_POLICIES}, got {tiny_batch!r}")
+        if tiny_batch == "running" and not track_running_stats:
+            raise ValueError(f"{name}: tiny_batch='running' needs running statistics (track_running_stats=True)")
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if not isinstance(eps, (int, float)) or not eps > 0:
@@ -153,6 +165,7 @@ class BatchNorm(nn.Module):
         self.share_affine = share_affine
         self.nonfinite = nonfinite
         self.convention = convention
+        self.tiny_batch = tiny_batch
         if affine:
             weight_size = 1 if share_affine in ("weight", "all") else num_features
             bias_size = 1 if share_affine == "all" else num_features
@@ -202,6 +215,8 @@ class BatchNorm(nn.Module):
             s += f", nonfinite={self.nonfinite!r}"
         if getattr(self, "convention", "torch") != "torch":
             s += f", convention={self.convention!r}"
+        if getattr(self, "tiny_batch", "raise") != "raise":
+            s += f", tiny_batch={self.tiny_batch!r}"
         return s
 
     def _load_from_state_dict(
@@ -240,7 +255,29 @@ class BatchNorm(nn.Module):
     def _check_input(self, input: Tensor) -> None:
         check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
 
+    def _tiny_batch_forward(self, input: Tensor) -> Tensor | None:
+        """The eval-mode output for a one-value-per-channel training batch under ``tiny_batch="running"``."""
+        if not (isinstance(input, Tensor) and input.dim() >= 1 and -input.dim() <= self.axis < input.dim()):
+            return None
+        if input.numel() == 0 or input.numel() != input.shape[self.axis]:
+            return None
+        self._check_input(input)
+        warnings.warn(
+            f"{self._describe()}: a training batch with one value per channel (input size {tuple(input.shape)}) "
+            "was normalized with the running statistics, which were not updated (tiny_batch='running')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return batch_norm_module_call(
+            input, self.weight, self.bias, self.running_mean, self.running_var, None, False, self.momentum,
+            self.eps, self.axis, self.nonfinite, self._describe(),
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and getattr(self, "tiny_batch", "raise") != "raise":
+            y = self._tiny_batch_forward(input)
+            if y is not None:
+                return y
         if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
             return conventions.keras_train_forward(self, input)  # another update rule: not the fused op
         track = self.training and self.track_running_stats

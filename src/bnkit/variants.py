@@ -284,6 +284,7 @@ class BatchRenorm(BatchNorm):
         share_affine: str = "none",
         nonfinite: str = "skip",
         convention: str = "torch",
+        tiny_batch: str = "raise",
     ) -> None:
         name = type(self).__name__
         if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not 1.0 <= r_max < math.inf:
@@ -323,6 +324,7 @@ class BatchRenorm(BatchNorm):
             share_affine=share_affine,
             nonfinite=nonfinite,
             convention=convention,
+            tiny_batch=tiny_batch,
         )
         if convention == "keras":
             # Keras' renorm=True averages the standard deviation; it starts at 1 (as Keras' moving_stddev).
@@ -377,6 +379,10 @@ class BatchRenorm(BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
+        if self.tiny_batch != "raise":
+            y = self._tiny_batch_forward(input)
+            if y is not None:
+                return y
         if self.convention == "keras":
             return conventions.keras_renorm_train_forward(self, input)
         _no_training_trace(self, input)

@@ -206,3 +206,16 @@ def test_convert_to_torch_still_converts_the_nd_layers():
     model = nn.Sequential(bnkit.BatchNorm1d(3))
     out = bnkit.convert(model, to="torch")
     assert type(out[0]) is nn.BatchNorm1d
+
+
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_dtype_mismatch_is_a_runtime_error_like_torch(layer_dtype, input_dtype):
+    x = torch.randn(4, 3, dtype=input_dtype)
+    t, b = nn.BatchNorm1d(3, dtype=layer_dtype), bnkit.BatchNorm1d(3, dtype=layer_dtype)
+    with pytest.raises(RuntimeError, match="mixed dtype"):
+        t(x)
+    before = snapshot(b)
+    with pytest.raises(RuntimeError, match="has dtype") as ours:
+        b(x)
+    assert isinstance(ours.value, TypeError) and isinstance(ours.value, bnkit.DtypeMismatchError)
+    assert_state_unchanged(b, before)

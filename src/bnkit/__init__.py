@@ -68,8 +68,8 @@ __all__ += [
     "freeze",
     "unfreeze",
 ]
-from .errors import ChannelMismatchError  # noqa: E402  (drop-in exception types)
+from .errors import ChannelMismatchError, DtypeMismatchError  # noqa: E402  (drop-in exception types)
 from .tools.calibrate import NotEnoughBatchesError  # noqa: E402
 from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
 
-__all__ += ["ChannelMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
+__all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import kernels, stats
-from .errors import ChannelMismatchError
+from .errors import ChannelMismatchError, DtypeMismatchError
 from .kernels import torch_ops
 
 __all__ = [
@@ -122,7 +122,7 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.dtype != x.dtype and not (x.dtype in _HALF_DTYPES and t.dtype == torch.float32):
-        raise TypeError(
+        raise DtypeMismatchError(  # a TypeError, and a RuntimeError as torch's "mixed dtype"
             f"batch_norm: {name} has dtype {t.dtype} but the input has {x.dtype}; parameters and buffers "
             "must have the input's dtype (float16/bfloat16 inputs may also use float32 ones)"
         )

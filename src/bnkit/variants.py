@@ -245,10 +245,14 @@ class BatchRenorm(BatchNorm):
         y = gamma * (((x - mu_B) / sigma_B) * r + d) + beta
 
     then the moving averages are updated as in :class:`bnkit.BatchNorm`
-    (PyTorch's rule: ``running_var`` averages the *unbiased* batch variance;
-    the paper averages ``sigma`` itself, which differs by Bessel's factor and
-    Jensen's gap only). Eval is plain BN with the moving averages, so the
-    layer folds like BatchNorm (``inference_affine``).
+    (PyTorch's rule: ``running_var`` averages the *unbiased* batch variance).
+    The paper and Keras' ``renorm=True`` average ``sigma`` itself instead,
+    which is not the same up to Bessel's factor: the average of sigmas and
+    the square root of the average of variances part ways whenever the batch
+    statistics drift; ``convention="keras"`` follows them (a ``running_std``
+    buffer starting at 1, see :mod:`bnkit.conventions`). Eval is plain BN
+    with the moving averages, so the layer folds like BatchNorm
+    (``inference_affine``).
 
     Because ``r`` and ``d`` are constants, training is the core's BN with the
     per-channel affine ``(gamma * r, gamma * d + beta)``.

@@ -238,3 +238,11 @@ def test_recalibrate_keeps_the_keras_statistics_consistent():
     allx = torch.cat(data)
     torch.testing.assert_close(model[0].running_var, allx.var(0, correction=0))  # Keras' variance is biased
     torch.testing.assert_close(model[1].running_std, torch.sqrt(model[1].running_var + EPS))
+
+
+@pytest.mark.parametrize("kw", [{"convention": "keras"}, {"tiny_batch": "running"}])
+def test_convert_sync_batchnorm_refuses_options_sync_batch_norm_lacks(kw):
+    model = torch.nn.Sequential(bnkit.BatchNorm1d(C, **kw))
+    with pytest.raises(ValueError, match="SyncBatchNorm supports convention='torch', tiny_batch='raise' only"):
+        bnkit.convert_sync_batchnorm(model)
+    assert type(model[0]) is bnkit.BatchNorm1d

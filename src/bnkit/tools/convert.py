@@ -94,7 +94,7 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
     ``eps`` and ``momentum``, so outputs and ``state_dict`` are equal. bnkit
     layers get their default ``nonfinite="skip"`` policy (torch propagates
     NaN/Inf into the running statistics; on finite data both agree); going
-    back to torch drops that policy. A bnkit layer with no torch equivalent
+    back to torch drops that policy (and ``tiny_batch``). A bnkit layer with no torch equivalent
     (``axis != 1``, ``share_affine``, ``bias=False``, ``convention="keras"``,
     or the generic rank-free :class:`bnkit.BatchNorm` of any axis) raises
     ``ValueError`` before anything is changed. Subclasses of either family

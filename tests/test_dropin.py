@@ -219,3 +219,24 @@ def test_dtype_mismatch_is_a_runtime_error_like_torch(layer_dtype, input_dtype):
         b(x)
     assert isinstance(ours.value, TypeError) and isinstance(ours.value, bnkit.DtypeMismatchError)
     assert_state_unchanged(b, before)
+
+
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+@pytest.mark.parametrize("cls", [bnkit.BatchNorm2d, bnkit.BatchRenorm2d])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("which", ["running_mean", "running_var", "weight", "bias"])
+def test_layer_with_a_wrong_size_tensor_raises_runtime_error_like_torch(which, training, cls, convention):
+    t, b = nn.BatchNorm2d(3), cls(3, convention=convention)
+    for layer in (t, b):
+        if which in ("weight", "bias"):
+            setattr(layer, which, nn.Parameter(torch.ones(4)))
+        else:
+            layer._buffers[which] = torch.ones(4)
+        layer.train(training)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(RuntimeError):
+        t(x)
+    before = snapshot(b)
+    with pytest.raises(ChannelMismatchError, match=f"{which} should have 3 elements"):
+        b(x)
+    assert_state_unchanged(b, before)

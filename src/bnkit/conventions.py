@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .errors import ChannelMismatchError
 from .functional import batch_norm_core, canonical_view
 
 __all__ = ["CONVENTIONS", "check_convention", "keras_train_forward", "keras_renorm_train_forward"]
@@ -77,6 +78,13 @@ def _prepare(layer: nn.Module, input: Tensor) -> tuple[Tensor, int] | None:
     layer._check_input(input)
     if not input.dtype.is_floating_point:
         raise TypeError(f"{layer._describe()}: expected a floating-point input, got {input.dtype}")
+    c = layer.num_features
+    for name in ("weight", "bias", "running_mean", "running_var", "running_std"):
+        t = getattr(layer, name, None)
+        if isinstance(t, Tensor) and t.numel() != c and not (t.numel() == 1 and name in ("weight", "bias")):
+            raise ChannelMismatchError(
+                f"{layer._describe()}: {name} should have {c} elements (one per channel), got shape {tuple(t.shape)}"
+            )
     x3, _ = canonical_view(input, layer.axis % input.dim())
     count = x3.shape[0] * x3.shape[2]
     if count == 0:

@@ -21,7 +21,10 @@ from . import conventions
 from .errors import ChannelMismatchError
 from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, rank_mask
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input"]
+__all__ = [
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input",
+    "check_per_channel_tensors",
+]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
 TINY_BATCH_POLICIES = ("raise", "running")
@@ -82,6 +85,21 @@ def check_feature_input(
             f"{where}: expected {num_features} features along axis {axis}, "
             f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
         )
+
+
+def check_per_channel_tensors(layer: nn.Module) -> None:
+    """A layer's weight, bias and running buffers have one value per channel (weight/bias: or one shared value).
+
+    For layers that use them before the engine's own checks (Batch Renorm's correction): the same
+    ``ChannelMismatchError`` (a ``RuntimeError``, as torch's) and message as the engine.
+    """
+    c = layer.num_features
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(layer, name, None)
+        if isinstance(t, Tensor) and t.numel() != c and not (t.numel() == 1 and name in ("weight", "bias")):
+            raise ChannelMismatchError(
+                f"{layer._describe()}: {name} should have {c} elements (one per channel), got shape {tuple(t.shape)}"
+            )
 
 
 class BatchNorm(nn.Module):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import conventions, kernels, stats
 from .functional import _update_running, batch_norm_core, canonical_view, fold
-from .layers import BatchNorm, batch_norm_module_call, check_feature_input
+from .layers import BatchNorm, batch_norm_module_call, check_feature_input, check_per_channel_tensors
 
 __all__ = [
     "SharedBatchNorm",
@@ -393,6 +393,7 @@ class BatchRenorm(BatchNorm):
         self._check_input(input)
         if not input.dtype.is_floating_point:  # before the moments, with the other layers' error
             raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+        check_per_channel_tensors(self)  # the correction uses them before the engine checks them
         axis = self.axis % input.dim()
         x3, _ = canonical_view(input, axis)
         c = self.num_features

@@ -106,6 +106,26 @@ def _count_of(counts: int | Mapping[str, int] | None, name: str) -> int | None:
     return n
 
 
+def _correction(m: nn.Module) -> int:
+    """1 when running_var is the unbiased variance (torch's convention), 0 for ``convention="keras"``."""
+    return 0 if getattr(m, "convention", "torch") == "keras" else 1
+
+
+def _exact_merge(counts: Tensor, means: Tensor, variances: Tensor, correction: int) -> tuple[Tensor, Tensor] | None:
+    """Chan's merge of per-rank ``(n_r, mean_r, M2_r = var_r * (n_r - correction))``, in rank order."""
+    zeros = torch.zeros_like(means[0])
+    total = Moments(0, zeros, zeros.clone())
+    for r in range(counts.shape[0]):
+        n_r = int(counts[r].item())
+        if n_r:
+            m2 = variances[r] * (n_r - correction) if n_r > correction else zeros
+            total = merge(total, Moments(n_r, means[r], m2))
+    if not total.count:
+        return None
+    n = total.count
+    return total.mean, (total.m2 / (n - correction) if n > correction else total.m2)
+
+
 @torch.no_grad()
 def sync_running_stats(
     model: nn.Module,
@@ -164,34 +184,20 @@ def sync_running_stats(
             if isinstance(b, Tensor) and b.numel():
                 views[k] = table[:, offset : offset + b.numel()]
                 offset += b.numel()
-        merged: dict[str, Tensor] = {}
-        if n is not None:
-            correction = 0 if getattr(m, "convention", "torch") == "keras" else 1
-            mean_rows, var_rows = views["running_mean"], views["running_var"]
-            total = Moments(0, torch.zeros_like(mean_rows[0]), torch.zeros_like(mean_rows[0]))
-            for r in range(world):
-                n_r = int(col[r].item())
-                if n_r:
-                    m2 = var_rows[r] * max(n_r - correction, 0) if n_r > correction else torch.zeros_like(var_rows[r])
-                    total = merge(total, Moments(n_r, mean_rows[r], m2))
-            if total.count:
-                nn_ = total.count
-                merged["running_mean"] = total.mean
-                merged["running_var"] = total.m2 / (nn_ - correction) if nn_ > correction else total.m2
-                std = getattr(m, "running_std", None)
-                if isinstance(std, Tensor):
-                    merged["running_std"] = torch.sqrt(merged["running_var"] + m.eps)
-            else:
-                merged = {k: None for k in ("running_mean", "running_var")}  # type: ignore[misc]
+        new: dict[str, Tensor] = {}
         for k, rows_k in views.items():
-            b = m._buffers[k]
-            if k in merged:
-                value = merged[k]
-                if value is None:
-                    continue
-            elif b.dtype.is_floating_point:
-                value = rows_k.mean(0)
+            # Average the floating-point buffers, take the largest count (num_batches_tracked).
+            new[k] = rows_k.mean(0) if m._buffers[k].dtype.is_floating_point else rows_k.max(0).values
+        if n is not None:
+            merged = _exact_merge(col, views["running_mean"], views["running_var"], _correction(m))
+            if merged is None:  # no rank has data behind its statistics: keep them
+                for k in ("running_mean", "running_var", "running_std"):
+                    new.pop(k, None)
             else:
-                value = rows_k.max(0).values
+                new["running_mean"], new["running_var"] = merged
+                if "running_std" in new:  # Keras-convention BatchRenorm: sigma of the merged variance
+                    new["running_std"] = torch.sqrt(merged[1] + m.eps)
+        for k, value in new.items():
+            b = m._buffers[k]
             b.copy_(value.reshape(b.shape).to(b.dtype))
     return model

@@ -22,6 +22,7 @@ demo: setup
 
 # Runs the whole fast suite; fails when a test fails or when no test ran.
 test: setup
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -m "not slow" --timeout=900
 
 test-all: setup

@@ -19,49 +19,28 @@ from torch import Tensor, nn
 
 from . import conventions
 from .errors import ChannelMismatchError
-from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, rank_mask
+from .engine import NONFINITE_POLICIES, CallSpec, batch_norm_module_call, call_spec, check_input, fold
+from .family import specialize
 
-__all__ = [
-    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input",
-    "check_per_channel_tensors",
-]
+__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input",
+           "check_per_channel_tensors"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
 TINY_BATCH_POLICIES = ("raise", "running")
 
-
-def batch_norm_module_call(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    nonfinite: str,
-    where: str,
-) -> Tensor:
-    """A BN layer's call as one function, so ``torch.fx.symbolic_trace`` records it as a single node."""
-    return batch_norm_core(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        axis=axis,
-        num_batches_tracked=num_batches_tracked,
-        nonfinite=nonfinite,
-        where=where,
-    )
+# The arguments of BatchNorm.__init__, which every subclass passes on unchanged.
+_BN_ARGUMENTS = (
+    "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
+    "share_affine", "nonfinite", "convention", "tiny_batch",
+)
 
 
-# fx records calls of this function instead of tracing into its input checks.
+def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:
+    """:class:`BatchNorm`'s constructor arguments picked from a subclass constructor's ``locals()``."""
+    # Subclasses without convention/tiny_batch (Ghost, Shared, Sync) get BatchNorm's defaults.
+    return {name: namespace[name] for name in _BN_ARGUMENTS if name in namespace}
+
+# fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
 
 
@@ -69,22 +48,7 @@ def check_feature_input(
     where: str, input: Tensor, expected_dims: tuple[int, ...] | None, axis: int, num_features: int
 ) -> None:
     """The checks every BN-family layer makes on its input, with torch's messages where torch has one."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
-    ndim = input.dim()
-    if expected_dims is not None and ndim not in expected_dims:
-        expected = " or ".join(f"{d}D" for d in expected_dims)
-        raise ValueError(f"expected {expected} input (got {ndim}D input)")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
-        )
-    if input.shape[axis] != num_features:
-        # torch raises RuntimeError for this; ChannelMismatchError is one (and a ValueError).
-        raise ChannelMismatchError(
-            f"{where}: expected {num_features} features along axis {axis}, "
-            f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
-        )
+    check_input(call_spec(where, axis, num_features, expected_dims), input)
 
 
 def check_per_channel_tensors(layer: nn.Module) -> None:
@@ -136,8 +100,9 @@ class BatchNorm(nn.Module):
 
     _version = 2
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
-    # Ranks accepted by the layer, or None for any rank that has the feature axis.
-    _expected_dims: tuple[int, ...] | None = None
+    #: Input ranks the layer accepts (``None``: any rank that has the feature axis); the
+    #: 1d/2d/3d classes set it, and an instance may override it (``convert_sync_batchnorm``).
+    expected_dims: tuple[int, ...] | None = None
 
     def __init__(
         self,
@@ -224,7 +189,7 @@ class BatchNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
-        if self.axis != 1 or self._expected_dims is None:
+        if self.axis != 1 or self.expected_dims is None:
             s += f", axis={self.axis}"
         if self.share_affine != "none":
             n_params = sum(p.numel() for p in (self.weight, self.bias) if p is not None)
@@ -260,18 +225,66 @@ class BatchNorm(nn.Module):
         (``track_running_stats=False`` normalizes with batch statistics).
         """
         if self.running_mean is None or self.running_var is None:
-            raise RuntimeError(f"{self._describe()} has no running statistics, so no fixed inference form")
+            raise RuntimeError(f"{self.describe()} has no running statistics, so no fixed inference form")
         c = self.num_features
         weight = None if self.weight is None else self.weight.reshape(-1).expand(c)
         bias = None if self.bias is None else self.bias.reshape(-1).expand(c)
         return fold(self.running_mean, self.running_var, weight, bias, self.eps)
 
-    # -- forward ---------------------------------------------------------------------
-    def _describe(self) -> str:
+    # -- the engine's protocol ----------------------------------------------------------
+    @property
+    def _expected_dims(self) -> tuple[int, ...] | None:  # the former name of expected_dims
+        return self.expected_dims
+
+    @_expected_dims.setter
+    def _expected_dims(self, value: tuple[int, ...] | None) -> None:
+        self.expected_dims = value
+
+    def describe(self) -> str:
+        """The layer's name in messages, e.g. ``BatchNorm2d(64)``."""
         return f"{type(self).__name__}({self.num_features})"
 
-    def _check_input(self, input: Tensor) -> None:
-        check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
+    def _describe(self) -> str:  # the former name of describe
+        return self.describe()
+
+    def call_spec(self) -> CallSpec:
+        """The :class:`~bnkit.engine.CallSpec` of this layer's calls.
+
+        Built once and kept; rebuilt when an attribute it is made of changes
+        (``bn.momentum = 0.01`` works as in torch).
+        """
+        key = (self.eps, self.momentum, self.nonfinite, self.axis, self.num_features, self.expected_dims, self.describe())
+        cached = self.__dict__.get("_call_spec")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = call_spec(key[6], self.axis, self.num_features, self.expected_dims, self.eps, self.momentum, self.nonfinite)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_call_spec"] = (key, spec)
+        return spec
+
+    def call_buffers(
+        self, running_mean: Tensor | None = None, running_var: Tensor | None = None, num_batches_tracked: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+        """torch's rules for one call: ``(running_mean, running_var, num_batches_tracked, batch_stats)``.
+
+        Training updates the running buffers when they are tracked; eval uses
+        them, or the batch's statistics without them. The buffers default to
+        the layer's own (a variant may pass others, e.g. one site's).
+        """
+        if running_mean is None and running_var is None:
+            running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        if self.training:
+            if not self.track_running_stats:
+                return None, None, None, True
+            return running_mean, running_var, num_batches_tracked, True
+        return running_mean, running_var, None, running_mean is None
+
+    def check_input(self, input: Tensor) -> None:
+        """The layer's input checks (rank, feature axis and count), as the engine makes them."""
+        check_input(self.call_spec(), input)
+
+    def _check_input(self, input: Tensor) -> None:  # the former name of check_input
+        self.check_input(input)
 
     def _tiny_batch_forward(self, input: Tensor) -> Tensor | None:
         """The eval-mode output for a one-value-per-channel training batch under ``tiny_batch="running"``."""
@@ -287,8 +300,7 @@ class BatchNorm(nn.Module):
             stacklevel=3,
         )
         return batch_norm_module_call(
-            input, self.weight, self.bias, self.running_mean, self.running_var, None, False, self.momentum,
-            self.eps, self.axis, self.nonfinite, self._describe(),
+            self.call_spec(), input, self.weight, self.bias, self.running_mean, self.running_var, None, False
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -298,48 +310,17 @@ class BatchNorm(nn.Module):
                 return y
         if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
             return conventions.keras_train_forward(self, input)  # another update rule: not the fused op
-        track = self.training and self.track_running_stats
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        batch_stats = self.training or running_mean is None
-        num_batches_tracked = self.num_batches_tracked if track else None
-        call = (
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            batch_stats,
-            self.momentum,
-            self.eps,
-            self.axis,
-            self.nonfinite,
-            self._describe(),
+        running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
+        return batch_norm_module_call(
+            self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked, batch_stats
         )
-        if not torch.compiler.is_compiling():  # eager: the whole call in one C++ op where it applies
-            y = fused_call(*call, num_features=self.num_features, ranks=rank_mask(self._expected_dims))
-            if y is not None:
-                return y
-        if not isinstance(input, torch.fx.Proxy):
-            self._check_input(input)
-        return batch_norm_module_call(*call)
 
 
-class BatchNorm1d(BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``."""
-
-    _expected_dims = (2, 3)
-
-
-class BatchNorm2d(BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format."""
-
-    _expected_dims = (4,)
-
-
-class BatchNorm3d(BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``, any memory format."""
-
-    _expected_dims = (5,)
+BatchNorm1d, BatchNorm2d, BatchNorm3d = specialize(
+    BatchNorm,
+    {
+        "1d": "Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``.",
+        "2d": "Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format.",
+        "3d": "Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``, any memory format.",
+    },
+)

@@ -18,8 +18,8 @@ from torch import Tensor
 from . import stats
 from .engine import (
     NONFINITE_POLICIES,
-    _empty_output,
     CallSpec,
+    _empty_output,
     batch_norm_module_call,
     cached_call_spec,
     call_spec,

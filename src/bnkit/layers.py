@@ -18,8 +18,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from . import conventions
-from .errors import ChannelMismatchError
 from .engine import NONFINITE_POLICIES, CallSpec, batch_norm_module_call, call_spec, check_input, fold
+from .errors import ChannelMismatchError
 from .family import specialize
 
 __all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input",

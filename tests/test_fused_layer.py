@@ -265,7 +265,7 @@ def test_bad_input_raises_the_general_paths_error(cls, shape):
     fused_err = _error_of(bn, x)
     with general_path():
         assert fused_err == _error_of(bn, x)
-    assert fused_err[0] is ValueError
+    assert issubclass(fused_err[0], ValueError)  # channel mismatches: ChannelMismatchError (RuntimeError too)
     assert_state_unchanged(bn, before)
 
 

@@ -67,3 +67,8 @@ __all__ = [
     "stats",
     "unfreeze",
 ]
+from .errors import ChannelMismatchError, DtypeMismatchError  # noqa: E402  (drop-in exception types)
+from .tools.calibrate import NotEnoughBatchesError  # noqa: E402
+from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
+
+__all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import kernels, stats
 from ._warn import warn
+from .errors import ChannelMismatchError, DtypeMismatchError
 from .kernels import fold
 
 __all__ = [
@@ -246,7 +247,7 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.dtype != x.dtype and not (x.dtype in _HALF_DTYPES and t.dtype == torch.float32):
-        raise TypeError(
+        raise DtypeMismatchError(  # a TypeError, and a RuntimeError as torch's "mixed dtype"
             f"batch_norm: {name} has dtype {t.dtype} but the input has {x.dtype}; parameters and buffers "
             "must have the input's dtype (float16/bfloat16 inputs may also use float32 ones)"
         )
@@ -255,12 +256,28 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
             f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
         )
     if t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias")):
-        raise ValueError(
+        # torch raises RuntimeError here; ChannelMismatchError is one (and a ValueError).
+        raise ChannelMismatchError(
             f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"
         )
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """torch's result for an input with no elements: a copy of it, joined to the graph of ``weight``/``bias``.
+
+    torch returns ``input.clone() * weight[0] + bias[0]`` without checking the
+    parameters' sizes or dtypes (nothing is computed from them), so an empty
+    batch of another float dtype or a 1-D empty input passes; bnkit does the same.
+    """
+    out = input.clone()
+    if isinstance(weight, Tensor) and weight.numel():
+        out = out * weight.reshape(-1)[0]
+    if isinstance(bias, Tensor) and bias.numel():
+        out = out + bias.reshape(-1)[0]
+    return out
 
 
 def check_input(spec: CallSpec, input: Tensor) -> None:
@@ -282,7 +299,8 @@ def check_input(spec: CallSpec, input: Tensor) -> None:
             f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
         )
     if input.shape[axis] != spec.num_features:
-        raise ValueError(
+        # torch raises RuntimeError for this; ChannelMismatchError is one (and a ValueError).
+        raise ChannelMismatchError(
             f"{where}: expected {spec.num_features} features along axis {axis}, "
             f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
         )
@@ -353,6 +371,11 @@ def _general(
     if ndim < 1 or not -ndim <= spec.axis < ndim:
         raise ValueError(f"{where}: feature axis {spec.axis} is out of range for a {ndim}-D input")
     axis = spec.axis % ndim
+    if input.numel() == 0:
+        # As torch: an empty batch is counted (training) and returns an empty output, whatever the buffers' dtype.
+        if batch_stats and running_mean is not None and isinstance(num_batches_tracked, Tensor):
+            num_batches_tracked.add_(1)
+        return _empty_output(input, weight, bias)
     channels = input.shape[axis]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_param(name, t, input, channels)

@@ -19,6 +19,7 @@ from . import stats
 from .engine import (
     NONFINITE_POLICIES,
     CallSpec,
+    _empty_output,
     batch_norm_module_call,
     cached_call_spec,
     call_spec,
@@ -83,6 +84,8 @@ def batch_norm(
     given, updates them in place with ``running = (1-momentum)*running +
     momentum*batch`` (unbiased variance). In eval, uses the running buffers.
     """
+    if isinstance(input, Tensor) and input.numel() == 0 and input.dtype.is_floating_point:
+        return _empty_output(input, weight, bias)  # as torch, 1-D included
     spec = _spec("batch_norm", 1, eps, momentum, "propagate", min_rank=2)
     return batch_norm_module_call(spec, input, weight, bias, running_mean, running_var, None, training)
 

@@ -10,29 +10,35 @@ parameters, buffers, state_dict keys and input checks. The math lives in
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
+from . import conventions
 from .engine import NONFINITE_POLICIES, CallSpec, batch_norm_module_call, call_spec, check_input, fold
+from .errors import ChannelMismatchError
 from .family import specialize
 
-__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input"]
+__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input",
+           "check_per_channel_tensors"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
+TINY_BATCH_POLICIES = ("raise", "running")
 
 # The arguments of BatchNorm.__init__, which every subclass passes on unchanged.
 _BN_ARGUMENTS = (
     "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
-    "share_affine", "nonfinite",
+    "share_affine", "nonfinite", "convention", "tiny_batch",
 )
 
 
 def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:
     """:class:`BatchNorm`'s constructor arguments picked from a subclass constructor's ``locals()``."""
-    return {name: namespace[name] for name in _BN_ARGUMENTS}
+    # Subclasses without convention/tiny_batch (Ghost, Shared, Sync) get BatchNorm's defaults.
+    return {name: namespace[name] for name in _BN_ARGUMENTS if name in namespace}
 
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
@@ -43,6 +49,21 @@ def check_feature_input(
 ) -> None:
     """The checks every BN-family layer makes on its input, with torch's messages where torch has one."""
     check_input(call_spec(where, axis, num_features, expected_dims), input)
+
+
+def check_per_channel_tensors(layer: nn.Module) -> None:
+    """A layer's weight, bias and running buffers have one value per channel (weight/bias: or one shared value).
+
+    For layers that use them before the engine's own checks (Batch Renorm's correction): the same
+    ``ChannelMismatchError`` (a ``RuntimeError``, as torch's) and message as the engine.
+    """
+    c = layer.num_features
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(layer, name, None)
+        if isinstance(t, Tensor) and t.numel() != c and not (t.numel() == 1 and name in ("weight", "bias")):
+            raise ChannelMismatchError(
+                f"{layer._describe()}: {name} should have {c} elements (one per channel), got shape {tuple(t.shape)}"
+            )
 
 
 class BatchNorm(nn.Module):
@@ -66,6 +87,15 @@ class BatchNorm(nn.Module):
             (update them anyway, as torch does). On non-CPU devices and under
             ``torch.compile`` the skip happens without the warning (no host
             synchronisation).
+        convention: ``"torch"`` (default: ``running_var`` averages the
+            unbiased batch variance) or ``"keras"`` (it averages the biased
+            one, as Keras 3, tf-keras and Flax do; see :mod:`bnkit.conventions`).
+            Outputs are the same; only the moving statistics differ.
+        tiny_batch: a training batch with one value per channel (e.g. a last
+            batch of one sample on ``(N, C)`` data): ``"raise"`` (default, as
+            torch: ``ValueError``) or ``"running"`` (normalize it with the
+            running statistics, as in eval, without updating them or
+            ``num_batches_tracked``; one ``RuntimeWarning`` per such batch).
     """
 
     _version = 2
@@ -88,9 +118,16 @@ class BatchNorm(nn.Module):
         axis: int = 1,
         share_affine: str = "none",
         nonfinite: str = "skip",
+        convention: str = "torch",
+        tiny_batch: str = "raise",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        conventions.check_convention(name, convention)
+        if tiny_batch not in TINY_BATCH_POLICIES:
+            raise ValueError(f"{name}: tiny_batch must be one of {TINY_BATCH_POLICIES}, got {tiny_batch!r}")
+        if tiny_batch == "running" and not track_running_stats:
+            raise ValueError(f"{name}: tiny_batch='running' needs running statistics (track_running_stats=True)")
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if not isinstance(eps, (int, float)) or not eps > 0:
@@ -110,6 +147,8 @@ class BatchNorm(nn.Module):
         self.axis = axis
         self.share_affine = share_affine
         self.nonfinite = nonfinite
+        self.convention = convention
+        self.tiny_batch = tiny_batch
         if affine:
             weight_size = 1 if share_affine in ("weight", "all") else num_features
             bias_size = 1 if share_affine == "all" else num_features
@@ -157,6 +196,10 @@ class BatchNorm(nn.Module):
             s += f", share_affine={self.share_affine!r} ({n_params} affine parameters)"
         if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
+        if getattr(self, "convention", "torch") != "torch":
+            s += f", convention={self.convention!r}"
+        if getattr(self, "tiny_batch", "raise") != "raise":
+            s += f", tiny_batch={self.tiny_batch!r}"
         return s
 
     def _load_from_state_dict(
@@ -164,10 +207,13 @@ class BatchNorm(nn.Module):
     ) -> None:
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats:
-            # Version 2 added num_batches_tracked; older checkpoints start it at 0.
+            # Version 2 added num_batches_tracked. A dict without it (an old checkpoint, or a
+            # plain dict without metadata) keeps the layer's current count, as torch does.
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
-                state_dict[key] = torch.tensor(0, dtype=torch.long)
+                nbt = self.num_batches_tracked
+                keep = nbt is not None and nbt.device.type != "meta"
+                state_dict[key] = nbt if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -247,7 +293,30 @@ class BatchNorm(nn.Module):
     def _check_input(self, input: Tensor) -> None:  # the former name of check_input
         self.check_input(input)
 
+    def _tiny_batch_forward(self, input: Tensor) -> Tensor | None:
+        """The eval-mode output for a one-value-per-channel training batch under ``tiny_batch="running"``."""
+        if not (isinstance(input, Tensor) and input.dim() >= 1 and -input.dim() <= self.axis < input.dim()):
+            return None
+        if input.numel() == 0 or input.numel() != input.shape[self.axis]:
+            return None
+        self._check_input(input)
+        warnings.warn(
+            f"{self._describe()}: a training batch with one value per channel (input size {tuple(input.shape)}) "
+            "was normalized with the running statistics, which were not updated (tiny_batch='running')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return batch_norm_module_call(
+            self.call_spec(), input, self.weight, self.bias, self.running_mean, self.running_var, None, False
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and getattr(self, "tiny_batch", "raise") != "raise":
+            y = self._tiny_batch_forward(input)
+            if y is not None:
+                return y
+        if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
+            return conventions.keras_train_forward(self, input)  # another update rule: not the fused op
         running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
         return batch_norm_module_call(
             self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked, batch_stats

@@ -333,6 +333,12 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
         extra: dict[str, Any] = {}
         dims = torch_dims(module)
     elif type(module) in _BNKIT_CLASSES:
+        if getattr(module, "convention", "torch") != "torch" or getattr(module, "tiny_batch", "raise") != "raise":
+            # SyncBatchNorm has torch's update rule and raises on tiny batches: not dropped silently.
+            raise ValueError(
+                f"convert_sync_batchnorm: {module._describe()} uses convention={module.convention!r}, "
+                f"tiny_batch={module.tiny_batch!r}; SyncBatchNorm supports convention='torch', tiny_batch='raise' only"
+            )
         extra = {"axis": module.axis, "share_affine": module.share_affine, "nonfinite": module.nonfinite}
         dims = module.expected_dims
     else:

@@ -4,5 +4,7 @@ from .calibrate import recalibrate
 from .convert import convert
 from .freeze import freeze, unfreeze
 from .fuse import Affine, FuseReport, fuse
+from .loops import preserve_stats, sync_running_stats
 
-__all__ = ["Affine", "FuseReport", "convert", "freeze", "fuse", "recalibrate", "unfreeze"]
+__all__ = ["Affine", "FuseReport", "convert", "freeze", "fuse", "preserve_stats", "recalibrate", "sync_running_stats",
+           "unfreeze"]

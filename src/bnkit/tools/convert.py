@@ -35,6 +35,8 @@ def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
         problems.append(f"axis={bn.axis} (torch normalizes along axis 1)")
     if bn.share_affine != "none":
         problems.append(f"share_affine={bn.share_affine!r} (torch has per-channel weight and bias)")
+    if getattr(bn, "convention", "torch") != "torch":
+        problems.append(f"convention={bn.convention!r} (torch averages the unbiased batch variance)")
     if bn.affine and bn.bias is None:
         problems.append("bias=False (torch's affine layers always have a bias)")
     if problems:
@@ -77,9 +79,11 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
     ``eps`` and ``momentum``, so outputs and ``state_dict`` are equal. bnkit
     layers get their default ``nonfinite="skip"`` policy (torch propagates
     NaN/Inf into the running statistics; on finite data both agree); going
-    back to torch drops that policy. A bnkit layer with no torch equivalent
-    (``axis != 1``, ``share_affine``, ``bias=False``) raises ``ValueError``
-    before anything is changed. Subclasses of either family are left alone.
+    back to torch drops that policy (and ``tiny_batch``). A bnkit layer with no torch equivalent
+    (``axis != 1``, ``share_affine``, ``bias=False``, ``convention="keras"``,
+    or the generic rank-free :class:`bnkit.BatchNorm` of any axis) raises
+    ``ValueError`` before anything is changed. Subclasses of either family
+    (variants, SyncBatchNorm) are left alone.
     """
     if to not in ("bnkit", "torch"):
         raise ValueError(f"convert: to must be 'bnkit' or 'torch', got {to!r}")
@@ -90,6 +94,14 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
         for name, m in model.named_modules():
             if type(m) in table:
                 _check_torch_compatible(m, name)
+            elif type(m) is layers.BatchNorm:
+                # Not skipped silently: the generic layer accepts any rank (and any axis),
+                # while each torch class accepts fixed ranks with channels on axis 1.
+                raise ValueError(
+                    f"convert(to='torch'): layer {name or '<root>'!r} ({m._describe()}, axis={m.axis}) is the generic "
+                    "bnkit.BatchNorm, which has no torch equivalent (torch's BatchNorm1d/2d/3d take fixed ranks with "
+                    "the features on axis 1); use bnkit.BatchNorm1d/2d/3d for layers that should convert"
+                )
     if not inplace:
         model = copy.deepcopy(model)
     return replace_modules(

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import kernels
+from .. import conventions, kernels
 from ..engine import batch_norm_module_call, canonical_view, per_channel
 from ..family import specialize
-from ..layers import BatchNorm, bn_arguments
+from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors
 from ._common import is_int, no_training_trace
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -55,7 +55,7 @@ class BatchRenorm(BatchNorm):
         track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *, r_max: float = 3.0,
         d_max: float = 5.0, warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000,
         schedule: str = "linear", bias: bool = True, axis: int = 1, share_affine: str = "none",
-        nonfinite: str = "skip"
+        nonfinite: str = "skip", convention: str = "torch", tiny_batch: str = "raise"
     ) -> None:
         name = type(self).__name__
         if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not 1.0 <= r_max < math.inf:
@@ -83,6 +83,14 @@ class BatchRenorm(BatchNorm):
         self.d_max_steps = d_max_steps
         self.schedule = schedule
         super().__init__(**bn_arguments(locals()))
+        if convention == "keras":
+            # Keras' renorm=True averages the standard deviation; it starts at 1 (as Keras' moving_stddev).
+            self.register_buffer("running_std", torch.ones(num_features, device=device, dtype=dtype))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if getattr(self, "running_std", None) is not None:
+            self.running_std.fill_(1)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, schedule={self.schedule!r}"
@@ -128,8 +136,17 @@ class BatchRenorm(BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
+        if self.tiny_batch != "raise":
+            y = self._tiny_batch_forward(input)
+            if y is not None:
+                return y
+        if self.convention == "keras":
+            return conventions.keras_renorm_train_forward(self, input)
         no_training_trace(self, input)
         self.check_input(input)
+        if not input.dtype.is_floating_point:  # before the moments, with the other layers' error
+            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+        check_per_channel_tensors(self)  # the correction uses them before the engine checks them
         x3, _ = canonical_view(input, self.axis % input.dim())
         c = self.num_features
         r, d = self._correction(x3)

@@ -88,7 +88,9 @@ class SharedBatchNorm(BatchNorm):
         key = prefix + "num_batches_tracked"
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.zeros_like(self.num_batches_tracked, device="cpu")
+            # Keep the current per-site counts, as torch keeps its layer's count.
+            nbt = self.num_batches_tracked
+            state_dict[key] = nbt if nbt.device.type != "meta" else torch.zeros_like(nbt, device="cpu")
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

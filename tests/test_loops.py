@@ -106,7 +106,7 @@ def test_restores_on_exception():
     with pytest.raises(ZeroDivisionError):
         with bnkit.preserve_stats(model):
             model(_inputs(1)[0])
-            1 / 0
+            raise ZeroDivisionError("inside the block")
     _assert_bitwise(model, state)
 
 

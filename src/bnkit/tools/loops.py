@@ -166,9 +166,9 @@ def sync_running_stats(
     ns = [_count_of(counts, n) for n, _ in layers]
     # One all_gather of everything: [n, then each float buffer flattened] per layer, in float64.
     parts = []
-    for (name, m), n in zip(layers, ns):
+    for (_, m), n in zip(layers, ns):
         parts.append(torch.tensor([float(n or 0)], dtype=torch.float64, device=m.running_mean.device))
-        for k, b in m._buffers.items():
+        for b in m._buffers.values():
             if isinstance(b, Tensor) and b.numel():
                 parts.append(b.detach().reshape(-1).to(torch.float64))
     flat = torch.cat(parts)
@@ -176,7 +176,7 @@ def sync_running_stats(
     dist.all_gather(rows, flat, group=group)
     table = torch.stack(rows)
     offset = 0
-    for (name, m), n in zip(layers, ns):
+    for (_, m), n in zip(layers, ns):
         col = table[:, offset]
         offset += 1
         views: dict[str, Tensor] = {}

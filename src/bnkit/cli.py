@@ -181,7 +181,7 @@ def cmd_build(args) -> int:
         print(f"bnkit build: checking the cached C++ kernels ({cpp.library_path()})", file=sys.stderr, flush=True)
     else:
         print(f"bnkit build: compiling the C++ CPU kernels ({len(cpp.SOURCES)} sources, one time per source "
-              f"version; a cold build takes minutes: 1.5-2.5 min on 2 cores) into "
+              f"version; a cold build takes about 1-3 minutes on 2 cores) into "
               f"{cpp.library_path().parent}", file=sys.stderr, flush=True)
     try:
         if args.verbose or cached:

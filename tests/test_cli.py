@@ -349,18 +349,21 @@ def test_run_norms_help_has_its_own_defaults():
 
 def test_settings_are_generic_for_any_registered_experiment(tmp_path, capfd, monkeypatch):
     """A new experiment only declares DEFAULTS (and optionally OPTIONS): it gets options, defaults and
-    checks inferred from its default values."""
+    checks inferred from its default values; a common setting whose default is outside the common
+    description (steps 0, None) follows the experiment's default."""
     mod = types.ModuleType("bnkit.experiments._fake_exp")
     mod.__doc__ = "A fake experiment."
-    mod.DEFAULTS = {"steps": 10, "momentum": 0.9, "decay": 0.0, "widths": [4, 8], "tag": "x", "flag": False,
-                    "mode": "a"}
+    mod.DEFAULTS = {"steps": 0, "lr": None, "momentum": 0.9, "widths": [4, 8], "tag": "x", "flag": False,
+                    "mode": "a", "nets": {"a": {"steps": 5}}, "extra": [], "arch": "lenet"}
     mod.OPTIONS = {"mode": {"choices": ("a", "b"), "help": "the mode"}}
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     monkeypatch.setitem(registry.EXPERIMENTS, "fake", registry.Experiment("fake", "_fake_exp", "f.png", "Fake"))
     exp = registry.get_experiment("fake")
-    ok = registry.validate_config(exp, {**mod.DEFAULTS, "momentum": 2, "widths": (1,), "flag": True})
-    assert ok["momentum"] == 2.0 and ok["widths"] == [1] and ok["flag"] is True
-    for bad, needle in [({"momentum": -0.1}, "> 0"), ({"decay": -1.0}, ">= 0"), ({"widths": [0]}, ">= 1"),
+    assert registry.validate_config(exp, dict(mod.DEFAULTS)) == mod.DEFAULTS  # its own defaults are valid
+    ok = registry.validate_config(exp, {**mod.DEFAULTS, "momentum": 2, "widths": (1,), "flag": True, "lr": 0.1,
+                                        "nets": {"b": 1}, "steps": 3})
+    assert ok["momentum"] == 2.0 and ok["widths"] == [1] and ok["flag"] is True and ok["nets"] == {"b": 1}
+    for bad, needle in [({"momentum": -0.1}, ">= 0"), ({"steps": -1}, ">= 0"), ({"lr": 0.0}, "> 0"),
                         ({"widths": []}, "at least one"), ({"mode": "c"}, "choose from a, b"),
                         ({"steps": True}, "integer"), ({"flag": "yes"}, "true or false"), ({"nope": 1}, "'nope'")]:
         with pytest.raises(registry.ConfigError, match=re.escape(needle)):
@@ -368,9 +371,24 @@ def test_settings_are_generic_for_any_registered_experiment(tmp_path, capfd, mon
     p = cli.experiment_parser("fake", "bnkit run fake")
     h = " ".join(p.format_help().split())
     assert "--momentum X" in h and "(default: 0.9)" in h and "--widths N,..." in h and "--no-flag" in h
-    assert "the mode; one of a, b (default: a)" in h
-    rc, _, err = _run(["run", "fake", "--decay", "-3"], capfd)
-    assert rc == 2 and "--decay" in _one_error(err)
+    assert "the mode; one of a, b (default: a)" in h and '--nets JSON' in h
+    a = p.parse_args(["--widths", "[3, 5]", "--nets", '{"c": 2}', "--lr", "none", "--set", "tag=y"])
+    assert cli._overrides(a) == {"widths": [3, 5], "nets": {"c": 2}, "tag": "y"}
+    rc, _, err = _run(["run", "fake", "--momentum", "-3"], capfd)
+    assert rc == 2 and "--momentum" in _one_error(err)
+    rc, _, err = _run(["run", "fake", "--set", "nope=1"], capfd)
+    assert rc == 2 and "no such setting" in _one_error(err)
+    rc, _, err = _run(["run", "fake", "--set", "widths=-1"], capfd)
+    line = _one_error(err)
+    assert rc == 2 and "--set widths" in line and ">= 0" in line
+
+
+def test_systemexit_message_from_lower_code_is_one_error_line(capfd, monkeypatch):
+    def boom(args):
+        raise SystemExit("bnkit: nothing to resume: no runs/all-* directory")
+    monkeypatch.setattr(cli, "cmd_list", boom)
+    rc, _, err = _run(["list"], capfd)
+    assert rc == 2 and "nothing to resume" in _one_error(err)
 
 
 def test_list_shows_every_norm_without_scaffolding():

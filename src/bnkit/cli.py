@@ -63,13 +63,29 @@ def experiment_parser(name: str, prog: str) -> argparse.ArgumentParser:
             g.add_argument(flag(key), dest=dest, action=argparse.BooleanOptionalAction, default=None,
                            help=help_.replace("%", "%%"))
         else:
-            metavar = {"int": "N", "float": "X", "ints": "N,...", "floats": "X,...", "strs": "NAME,..."}.get(
+            metavar = {"int": "N", "float": "X", "ints": "N,...", "floats": "X,...", "strs": "NAME,...",
+                       "json": "JSON"}.get(
                 opt.kind, "NAME" if opt.choices else ("DIR" if key.endswith("_dir") else "VALUE"))
             g.add_argument(flag(key), dest=dest, type=_option_type(key, opt), default=None, metavar=metavar,
                            help=help_.replace("%", "%%"))
         if key == "seeds":
             g.add_argument("--seed", dest="seeds", type=_option_type("seed", opt), default=None, metavar="N",
                            help="a single seed (short for --seeds N)")
+    g.add_argument("--set", dest="_set", action="append", type=_set_arg, default=None, metavar="KEY=VALUE",
+                   help="any setting by its DEFAULTS name, the value as on its own option (or JSON); repeatable")
+    _add_output_options(p, name)
+    p.set_defaults(_settings=list(opts), _options=opts)
+    return p
+
+
+def _set_arg(s: str):
+    key, eq, val = s.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    return key.strip().replace("-", "_"), val
+
+
+def _add_output_options(p: argparse.ArgumentParser, name: str) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default: runs/{name}-<timestamp>)")
     o.add_argument("--resume", action="store_true",
@@ -77,15 +93,33 @@ def experiment_parser(name: str, prog: str) -> argparse.ArgumentParser:
                         f"its saved settings are used")
     o.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     o.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt after N steps
-    p.set_defaults(_settings=list(opts))
-    return p
+
+
+class _UsageError(Exception):
+    """A mistake found after parsing (``--set`` of an unknown setting): one error line, exit status 2."""
 
 
 def _overrides(args) -> dict:
+    opts = getattr(args, "_options", None) or {}
     ov = {k: getattr(args, k, None) for k in getattr(args, "_settings", [])}
+    for key, text in getattr(args, "_set", None) or []:
+        if opts and key not in opts:
+            raise _UsageError(f"--set {key}: no such setting; the settings: {', '.join(opts)}")
+        try:
+            ov[key] = opts[key].parse(text) if opts else _json_or_text(text)
+        except ValueError as e:
+            raise _UsageError(f"--set {key}: {e}") from None
     if ov.get("data_dir") is not None:
         ov["data_dir"] = str(Path(ov["data_dir"]).expanduser().resolve())
     return {k: v for k, v in ov.items() if v is not None}
+
+
+def _json_or_text(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _error(msg: str, prog: str = "bnkit") -> int:
@@ -101,8 +135,15 @@ def _run(experiment: str, args, prog: str):
     from .experiments.train import CheckpointError, RunInterrupted
 
     try:
-        metrics = run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume,
-                                 quiet=args.quiet, stop_after=args.stop_after)
+        if experiment == "all":
+            from .experiments.suite import run_all
+            metrics = run_all(_overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
+                              stop_after=args.stop_after)
+        else:
+            metrics = run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume,
+                                     quiet=args.quiet, stop_after=args.stop_after)
+    except _UsageError as e:
+        return _error(str(e), prog), None
     except RunInterrupted as e:
         print(f"\n{prog}: {e}. Continue with: bnkit run {experiment} --resume"
               f"{' --out ' + str(args.out) if args.out else ''}", file=sys.stderr)
@@ -249,11 +290,36 @@ def _main_run(argv: List[str]) -> int:
     name = argv[0]
     if name.startswith("-"):
         return _error(f"the experiment name comes first: bnkit run NAME [options] (NAME: {names})", "bnkit run")
+    if name == "all" and _have_suite():
+        return _run("all", _suite_parser().parse_args(argv[1:]), "bnkit run all")[0]
     if name not in EXPERIMENTS:
         return _error(f"unknown experiment {name!r}; choose from {names}", "bnkit run")
     prog = f"bnkit run {name}"
     args = experiment_parser(name, prog).parse_args(argv[1:])
     return _run(name, args, prog)[0]
+
+
+def _have_suite() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("bnkit.experiments.suite") is not None
+
+
+def _suite_parser() -> argparse.ArgumentParser:
+    """``bnkit run all``: every experiment in turn; a setting given here applies where an experiment has it."""
+    from .experiments.registry import common_options, flag
+    p = _Parser(prog="bnkit run all", description="Run every experiment and write an index page.")
+    g = p.add_argument_group("settings (each applies to the experiments that have it)")
+    common = common_options()
+    for key in ("steps", "seeds", "threads", "data_dir"):
+        g.add_argument(flag(key), dest=key, type=_option_type(key, common[key]), default=None,
+                       help=common[key].help)
+    g.add_argument("--seed", dest="seeds", type=_option_type("seed", common["seeds"]), default=None,
+                   metavar="N", help="a single seed (short for --seeds N)")
+    g.add_argument("--set", dest="_set", action="append", type=_set_arg, default=None, metavar="KEY=VALUE",
+                   help="any other setting (the value as JSON, or a plain string); repeatable")
+    _add_output_options(p, "all")
+    p.set_defaults(_settings=["steps", "seeds", "threads", "data_dir"], _options=None)
+    return p
 
 
 def _dispatch(argv: List[str]) -> int:
@@ -276,7 +342,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _dispatch(argv)
     except SystemExit as e:  # argparse's --help and usage errors (it has printed them)
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        msg = str(e.code)  # SystemExit("bnkit: ...") from lower code: one error line, a usage error
+        if ": error: " not in msg:
+            msg = "bnkit: error: " + (msg[len("bnkit: "):] if msg.startswith("bnkit: ") else msg)
+        print(msg, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nbnkit: interrupted", file=sys.stderr)
         return 130

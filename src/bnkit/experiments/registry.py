@@ -73,7 +73,8 @@ class Option:
     """One setting of an experiment: its type, the values it accepts and its help text.
 
     ``kind`` is ``int | float | str | bool`` or a list of one of the first three (``ints | floats | strs``:
-    at least one item, given on the command line as ``0,1,2``). Numbers (and list items) must be finite
+    at least one item, given on the command line as ``0,1,2``), or ``json`` (any JSON value, e.g. a dict
+    of per-network settings; given on the command line as JSON). Numbers (and list items) must be finite
     and at least ``low`` (greater than ``low`` with ``low_open``) and at most ``high``; strings must be
     one of ``choices`` when given; ``check`` raises ``ValueError`` for anything else it rejects.
     """
@@ -107,6 +108,18 @@ class Option:
 
     def parse(self, text: str):
         """A command-line string to a checked value; raises ``ValueError`` with the reason."""
+        if self.kind == "json":
+            try:
+                return self.validate(json.loads(text))
+            except json.JSONDecodeError:
+                return self.validate(text)  # a plain string
+        if self.nullable and text.strip().lower() in ("none", "null"):
+            return None
+        if self.kind in _LIST_KINDS and text.strip().startswith("["):  # a JSON list, e.g. [0.1, 1, 10]
+            try:
+                return self.validate(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"expected a JSON list or comma-separated values, got {text!r} ({e})") from None
         if self.kind in _LIST_KINDS:
             items = text.replace(",", " ").split()
             if not items:
@@ -165,7 +178,9 @@ class Option:
             if self.nullable:
                 return None
             raise ValueError("a value is required")
-        if self.kind in _LIST_KINDS:
+        if self.kind == "json":
+            out = v
+        elif self.kind in _LIST_KINDS:
             if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
                 raise ValueError(f"expected a list, got {v!r}")
             if not v:
@@ -185,6 +200,8 @@ class Option:
             return "none"
         if isinstance(default, bool):
             return "on" if default else "off"
+        if self.kind == "json":
+            return json.dumps(default)
         if isinstance(default, (list, tuple)):
             return ",".join(str(x) for x in default)
         return str(default)
@@ -234,36 +251,51 @@ def common_options() -> Dict[str, Option]:
 
 
 def _inferred(default) -> Option:
-    """The option of a setting that has no description: its kind (and sign) from the default value."""
+    """The option of a setting that has no description, from its default value: its kind, and a
+    non-negative default stays non-negative (an experiment declares stricter checks in ``OPTIONS``)."""
     def bound(x):
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
-            return {}
-        if x > 0:
-            return {"low": 1} if isinstance(x, int) else {"low": 0, "low_open": True}
-        return {"low": 0} if x == 0 else {}
+        return {"low": 0} if x >= 0 else {}
     if isinstance(default, bool):
         return Option("bool")
     if isinstance(default, int):
         return Option("int", **bound(default))
     if isinstance(default, float):
         return Option("float", **bound(default))
-    if isinstance(default, (list, tuple)):
-        if default and all(isinstance(x, int) and not isinstance(x, bool) for x in default):
+    if isinstance(default, str):
+        return Option("str")
+    if isinstance(default, (list, tuple)) and default:
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in default):
             return Option("ints", **bound(min(default)))
-        if default and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in default):
             return Option("floats", **bound(min(default)))
-        return Option("strs")
-    return Option("str", nullable=default is None)
+        if all(isinstance(x, str) for x in default):
+            return Option("strs")
+    return Option("json", nullable=default is None)  # None, a dict, an empty or mixed list
 
 
 def experiment_options(exp: Experiment) -> Dict[str, Option]:
-    """The settings of ``exp`` (its ``DEFAULTS`` keys, in order) with their checks."""
+    """The settings of ``exp`` (its ``DEFAULTS`` keys, in order) with their checks.
+
+    A setting described in :func:`common_options` uses that description, made nullable when its default
+    is None; when the experiment's default lies outside it (``steps: 0`` for an experiment that does not
+    train, an architecture of its own), the option is inferred from the default instead, keeping the
+    help. ``OPTIONS`` of the experiment module then overrides any field.
+    """
     mod = exp.load()
     common = common_options()
     extra = getattr(mod, "OPTIONS", {}) or {}
     out = {}
     for key, default in mod.DEFAULTS.items():
-        opt = common.get(key) or _inferred(default)
+        opt = common.get(key)
+        if opt is None:
+            opt = _inferred(default)
+        elif default is None:
+            opt = dataclasses.replace(opt, nullable=True)
+        else:
+            try:
+                opt.validate(default)
+            except ValueError:
+                opt = dataclasses.replace(_inferred(default), help=opt.help)
         if key in extra:
             kw = dict(extra[key])
             if kw.get("choices") is not None:
@@ -301,10 +333,8 @@ def validate_config(exp: Experiment, cfg: Dict, *, where: str = "") -> Dict:
 def _check_with_data(exp: Experiment, mod: ModuleType, cfg: Dict, data, runs) -> None:
     """The checks that need the data: sizes, and every distinct model built and run on one batch in
     training mode (wrong norm for the network, a batch too small for batch statistics, ...)."""
-    import torch
-
-    from .models import NormNotAvailable, build_model
-    from .train import make_optimizer
+    from .models import NormNotAvailable
+    from .train import check_run
 
     n_train, n_test = len(data.y_train), len(data.y_test)
     if "batch_size" in cfg and cfg["batch_size"] > n_train:
@@ -320,17 +350,13 @@ def _check_with_data(exp: Experiment, mod: ModuleType, cfg: Dict, data, runs) ->
             raise ConfigError(str(e)) from None
     seen = set()
     for rc in runs:
-        key = (rc.arch, rc.norm, tuple(rc.hidden), rc.activation, rc.init, rc.batch_size, rc.optimizer)
+        key = json.dumps({k: v for k, v in dataclasses.asdict(rc).items() if k not in ("name", "seed", "variant")},
+                         sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
         try:
-            model = build_model(rc.arch, rc.norm, input_shape=data.input_shape, num_classes=data.num_classes,
-                                hidden=rc.hidden, activation=rc.activation, init=rc.init, seed=rc.seed)
-            make_optimizer(rc, model.parameters())
-            model.train()
-            with torch.no_grad():
-                model(data.x_train[: rc.batch_size])
+            check_run(rc, data)
         except (ValueError, RuntimeError, TypeError, NormNotAvailable) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"run {rc.name} (norm {rc.norm}, {rc.arch}, batch {rc.batch_size}) cannot "
@@ -543,8 +569,6 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
     data = load_dataset(cfg["data"], cfg.get("data_dir"), binarize=bool(cfg.get("binarize")),
                         normalize=cfg.get("normalize", "none"))
     runs = mod.make_runs(cfg)
-    if not runs:
-        raise ConfigError(f"experiment {name}: these settings leave no run to train")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(int(cfg.get("threads") or 1))
     try:

@@ -31,7 +31,8 @@ from .diagnostics import drift, all_unit_drifts, probe_percentiles, typical_unit
 from .models import build_model
 
 __all__ = ["RunConfig", "RunInterrupted", "CheckpointError", "StepBudget", "train_run", "atomic_save",
-           "atomic_write_text", "remove_stale_temp_files", "check_resumable", "make_optimizer",
+           "atomic_write_text", "remove_stale_temp_files", "check_resumable", "make_optimizer", "make_model",
+           "check_run",
            "steps_to_threshold", "eval_steps"]
 
 
@@ -295,6 +296,30 @@ class NullProgress:
     def finish(self, name: str): ...
 
 
+def make_model(cfg: RunConfig, data: Dataset) -> torch.nn.Module:
+    """The run's initial model (seeded): the one place that maps a RunConfig to a network."""
+    return build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
+                       hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
+
+
+def _train_tensors(cfg: RunConfig, data: Dataset):
+    """The examples the run trains on."""
+    return data.x_train, data.y_train
+
+
+def check_run(cfg: RunConfig, data: Dataset) -> None:
+    """Everything a run needs, tried before anything is written: the model, the optimizer, the batch
+    schedule and one training-mode forward of one batch (on a throwaway model; no global state changes).
+    Raises what training would raise (``ValueError``, ``RuntimeError``, ...)."""
+    model = make_model(cfg, data)
+    make_optimizer(cfg, model.parameters())
+    x_tr, y_tr = _train_tensors(cfg, data)
+    batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
+    model.train()
+    with torch.no_grad():
+        model(x_tr[: batches.bs])
+
+
 def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = False, progress=None,
               budget: Optional[StepBudget] = None, jsonl: Optional[Path] = None) -> Dict:
     """Train one run; returns its result dict (also written to ``out_dir/runs/<name>.json``)."""
@@ -313,8 +338,7 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
         progress.finish(cfg.name)
         return res
 
-    model = build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
-                        hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
+    model = make_model(cfg, data)
     model.train()
     opt = make_optimizer(cfg, model.parameters())
     probe_x = data.x_test[: cfg.probe_size]
@@ -356,8 +380,8 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             f.write(json.dumps(rec) + "\n")
         progress.update(cfg.name, step, loss=state["ema"], acc=acc)
 
-    batches = _Batches(len(data.y_train), cfg.batch_size, cfg.seed)
-    x_tr, y_tr = data.x_train, data.y_train
+    x_tr, y_tr = _train_tensors(cfg, data)
+    batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
     next_eval = [s for s in schedule if s >= state["step"] and s not in state["hist"]["steps"]]
     progress.start(cfg.name, cfg.steps, state["step"])
     if state["step"] == 0 and not state["hist"]["steps"]:

@@ -85,13 +85,11 @@ def test_unknown_norm_lists_the_valid_ones(tmp_path, capfd):
 
 @pytest.mark.parametrize("argv, needle", [
     (["run", "fig2"], "fig1, norms"), (["run", "--lr", "1", "fig1"], "name comes first"),
-    (["run"], None), (["frobnicate"], "invalid choice"), (["demo", "--lr", "-2"], "--lr"),
+    (["run"], "missing the experiment name"), (["frobnicate"], "invalid choice"), (["demo", "--lr", "-2"], "--lr"),
 ])
 def test_bad_commands(capfd, argv, needle):
     rc, _, err = _run(argv, capfd)
-    assert rc == 2 and "Traceback" not in err
-    if needle:
-        assert needle in _one_error(err)
+    assert rc == 2 and needle in _one_error(err)
 
 
 def test_bad_value_is_one_line_in_a_real_process(tmp_path):
@@ -207,6 +205,7 @@ def test_damaged_experiment_dir_on_resume(interrupted, tmp_path, capfd, case, ne
     d = tmp_path / "cut"
     shutil.copytree(interrupted[0], d)
     _damage(d, case)
+    (d / "checkpoints" / ".bn-s0.pt.tmp999999999").write_bytes(b"partial")  # kept: checks come first
     before = _snapshot(d)
     rc, _, err = _run(["run", "fig1", "--resume", "--out", str(d), "--quiet"], capfd)
     assert rc == 2 and needle in _one_error(err)

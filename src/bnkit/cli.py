@@ -281,12 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _main_run(argv: List[str]) -> int:
     from .experiments.registry import EXPERIMENTS
 
-    names = ", ".join(EXPERIMENTS)
-    if not argv or argv[0] in ("-h", "--help"):
-        out = sys.stdout if argv else sys.stderr
+    names = ", ".join(EXPERIMENTS) + (", all" if _have_suite() else "")
+    if not argv:
+        return _error(f"missing the experiment name: bnkit run NAME [options] (NAME: {names})", "bnkit run")
+    if argv[0] in ("-h", "--help"):
         print("usage: bnkit run NAME [options]   (`bnkit run NAME --help`: the options of NAME)\n"
-              f"experiments: {names}", file=out)
-        return 0 if argv else 2
+              f"experiments: {names}")
+        return 0
     name = argv[0]
     if name.startswith("-"):
         return _error(f"the experiment name comes first: bnkit run NAME [options] (NAME: {names})", "bnkit run")

@@ -574,10 +574,10 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
     try:
         _check_with_data(exp, mod, cfg, data, runs)
         if resume:
+            check_resumable(runs, out)
             removed = remove_stale_temp_files(out)
             if removed:
                 notes.append(f"removed {len(removed)} temporary file(s) left by an interrupted write")
-            check_resumable(runs, out)
         else:
             _create_out_dir(out, cfg)
     except BaseException:

@@ -352,13 +352,14 @@ def test_settings_are_generic_for_any_registered_experiment(tmp_path, capfd, mon
     description (steps 0, None) follows the experiment's default."""
     mod = types.ModuleType("bnkit.experiments._fake_exp")
     mod.__doc__ = "A fake experiment."
-    mod.DEFAULTS = {"steps": 0, "lr": None, "momentum": 0.9, "widths": [4, 8], "tag": "x", "flag": False,
+    mod.DEFAULTS = {"steps": 0, "lr": None, "batch_size": None, "momentum": 0.9, "widths": [4, 8], "tag": "x", "flag": False,
                     "mode": "a", "nets": {"a": {"steps": 5}}, "extra": [], "arch": "lenet"}
     mod.OPTIONS = {"mode": {"choices": ("a", "b"), "help": "the mode"}}
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     monkeypatch.setitem(registry.EXPERIMENTS, "fake", registry.Experiment("fake", "_fake_exp", "f.png", "Fake"))
     exp = registry.get_experiment("fake")
     assert registry.validate_config(exp, dict(mod.DEFAULTS)) == mod.DEFAULTS  # its own defaults are valid
+    registry._check_with_data(exp, mod, dict(mod.DEFAULTS), D.load_dataset("digits"), [])  # None: no size check
     ok = registry.validate_config(exp, {**mod.DEFAULTS, "momentum": 2, "widths": (1,), "flag": True, "lr": 0.1,
                                         "nets": {"b": 1}, "steps": 3})
     assert ok["momentum"] == 2.0 and ok["widths"] == [1] and ok["flag"] is True and ok["nets"] == {"b": 1}

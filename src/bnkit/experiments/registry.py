@@ -337,10 +337,10 @@ def _check_with_data(exp: Experiment, mod: ModuleType, cfg: Dict, data, runs) ->
     from .train import check_run
 
     n_train, n_test = len(data.y_train), len(data.y_test)
-    if "batch_size" in cfg and cfg["batch_size"] > n_train:
+    if isinstance(cfg.get("batch_size"), int) and cfg["batch_size"] > n_train:  # None: the runs' own
         raise ConfigError(f"--batch-size {cfg['batch_size']} is larger than the training set of {data.name} "
                           f"({n_train} examples)")
-    if "probe_size" in cfg and cfg["probe_size"] > n_test:
+    if isinstance(cfg.get("probe_size"), int) and cfg["probe_size"] > n_test:
         raise ConfigError(f"--probe-size {cfg['probe_size']} is larger than the test set of {data.name} "
                           f"({n_test} examples)")
     if hasattr(mod, "validate"):

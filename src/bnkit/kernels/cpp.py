@@ -217,11 +217,11 @@ def _load(verbose: bool = False, force_build: bool = False) -> None:
         torch.ops.load_library(str(path))
     else:
         if not verbose:
-            print("bnkit: compiling the C++ kernels (once)...", file=sys.stderr, flush=True)
+            print("bnkit: compiling the C++ kernels (once per source version; a cold build takes "
+                  "minutes)...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         _compile(verbose)
-        if verbose:
-            print(f"bnkit: built {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(f"bnkit: built {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if not _ops_registered():
         raise RuntimeError(f"the library {path} loaded but registered no torch.ops.bnkit ops")
     _loaded = True
@@ -302,6 +302,5 @@ def build(verbose: bool = False) -> None:
             if not _ops_registered():
                 raise RuntimeError("bnkit: the kernels built but registered no torch.ops.bnkit ops")
             _loaded = True
-        dt = time.perf_counter() - t0
-        state = "cached" if cached else f"built in {dt:.1f} s"
-        print(f"bnkit: C++ kernels ready ({state}): {library_path()}", file=sys.stderr)
+        state = "cached" if cached else f"built in {time.perf_counter() - t0:.1f} s"
+        print(f"bnkit: C++ kernels ready ({state}): {library_path()}", file=sys.stderr, flush=True)

@@ -183,9 +183,11 @@ def _update_running(
     if momentum is None and num_batches_tracked is None:
         raise ValueError(f"{where}: momentum=None (cumulative average) needs num_batches_tracked")
     check = nonfinite != "propagate"
+    tracing = torch.jit.is_tracing()
     if (
         mean.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and not tracing
         and running_mean.is_contiguous()
         and running_var.is_contiguous()
         and kernels.select(mean) == "cpp"
@@ -200,10 +202,11 @@ def _update_running(
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return
-    if check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu"):
-        valid = torch.isfinite(var.max())
+    if tracing or (check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu")):
+        # A torch.jit.trace records tensor ops only: "raise" acts as "skip" there (no host check).
+        valid = torch.isfinite(var.max()) if check else None
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(valid.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(1 if valid is None else valid.to(num_batches_tracked.dtype))
         factor = momentum if momentum is not None else 1.0 / num_batches_tracked.clamp_min(1).double()
         stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
         return

@@ -10,19 +10,17 @@ problem or bnkit's eager layer.
 from __future__ import annotations
 
 import copy
-import io
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+from _compare import assert_close
 from torch import nn
 
 import bnkit
 from bnkit.integrations.torchscript import ScriptableBatchNorm, scriptable
-
-from _compare import assert_close
 
 TOL = 2e-5
 

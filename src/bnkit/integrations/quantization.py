@@ -38,7 +38,8 @@ layers without a torch equivalent).
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ from .. import layers, variants
 from ..tools._family import bn_affine
 from ..tools.convert import _BNKIT_TO_TORCH, _swap
 
-__all__ = ["torch_batchnorm", "install", "QuantizedBatchNorm2d", "QuantizedBatchNorm3d", "BNKIT_BY_TORCH"]
+__all__ = ["BNKIT_BY_TORCH", "QuantizedBatchNorm2d", "QuantizedBatchNorm3d", "install", "torch_batchnorm"]
 
 _TORCH_BY_DIMS: dict[tuple[int, ...], type] = {
     (2, 3): nn.BatchNorm1d,

@@ -33,7 +33,6 @@ to run).
 
 import copy
 import warnings
-from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,28 +40,28 @@ from torch import Tensor, nn
 from ..layers import BatchNorm
 from ..variants import FrozenBatchNorm
 
-__all__ = ["ScriptableBatchNorm", "ScriptableFrozenBatchNorm", "scriptable", "scriptable_layer", "install"]
+__all__ = ["ScriptableBatchNorm", "ScriptableFrozenBatchNorm", "install", "scriptable", "scriptable_layer"]
 
 
-def _dims_of(layer: nn.Module) -> List[int]:
+def _dims_of(layer: nn.Module) -> list[int]:
     dims = getattr(layer, "_expected_dims", None)
     return [] if dims is None else list(dims)
 
 
-def _shape_for(input: Tensor, axis: int) -> List[int]:
+def _shape_for(input: Tensor, axis: int) -> list[int]:
     shape = [1] * input.dim()
     shape[axis] = input.shape[axis]
     return shape
 
 
-def _tuple_str(shape: List[int]) -> str:
+def _tuple_str(shape: list[int]) -> str:
     """``str(tuple(shape))`` in TorchScript (the eager messages print shapes as tuples)."""
     if len(shape) == 1:
         return "(" + str(shape[0]) + ",)"
     return "(" + ", ".join([str(d) for d in shape]) + ")"
 
 
-def _check(where: str, input: Tensor, expected_dims: List[int], axis: int, num_features: int) -> int:
+def _check(where: str, input: Tensor, expected_dims: list[int], axis: int, num_features: int) -> int:
     """``check_feature_input`` in TorchScript: same messages; returns the axis made non-negative."""
     ndim = input.dim()
     if len(expected_dims) > 0 and ndim not in expected_dims:
@@ -85,7 +84,7 @@ def _check(where: str, input: Tensor, expected_dims: List[int], axis: int, num_f
     return axis
 
 
-def _expand(t: Optional[Tensor], c: int) -> Optional[Tensor]:
+def _expand(t: Tensor | None, c: int) -> Tensor | None:
     if t is None:
         return None
     t = t.reshape(-1)
@@ -95,8 +94,8 @@ def _expand(t: Optional[Tensor], c: int) -> Optional[Tensor]:
 
 
 def _affine_map(
-    mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> List[Tensor]:
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> list[Tensor]:
     """``bnkit.functional.fold`` in TorchScript: ``(scale, shift)`` with ``y = x * scale + shift``."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
@@ -126,18 +125,18 @@ class ScriptableBatchNorm(nn.Module):
     """
 
     __constants__ = ["num_features", "eps", "momentum", "axis", "nonfinite", "track_running_stats", "where"]
-    expected_dims: List[int]
-    momentum: Optional[float]
+    expected_dims: list[int]
+    momentum: float | None
 
     def __init__(
         self,
         num_features: int,
         eps: float,
-        momentum: Optional[float],
+        momentum: float | None,
         axis: int,
         nonfinite: str,
         track_running_stats: bool,
-        expected_dims: List[int],
+        expected_dims: list[int],
         where: str,
     ) -> None:
         super().__init__()
@@ -172,7 +171,7 @@ class ScriptableBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.where}, axis={self.axis}, nonfinite={self.nonfinite!r}"
 
-    def _update(self, x: Tensor, dims: List[int], mean: Tensor, var: Tensor, count: int) -> None:
+    def _update(self, x: Tensor, dims: list[int], mean: Tensor, var: Tensor, count: int) -> None:
         running_mean = self.running_mean
         running_var = self.running_var
         nbt = self.num_batches_tracked
@@ -210,7 +209,7 @@ class ScriptableBatchNorm(nn.Module):
     def _update_traced(
         self, running_mean: Tensor, running_var: Tensor, nbt: Tensor, mean: Tensor, unbiased: Tensor
     ) -> None:
-        valid: Optional[Tensor] = None
+        valid: Tensor | None = None
         if self.nonfinite != "propagate":
             valid = torch.isfinite(unbiased.max())
             nbt.add_(valid.to(nbt.dtype))
@@ -246,7 +245,7 @@ class ScriptableBatchNorm(nn.Module):
                 self.where + ": Expected more than 1 value per channel when training, got input size torch.Size("
                 + str(input.shape) + ")"
             )
-        dims: List[int] = []
+        dims: list[int] = []
         for d in range(input.dim()):
             if d != axis:
                 dims.append(d)
@@ -266,9 +265,9 @@ class ScriptableFrozenBatchNorm(nn.Module):
     """TorchScript-compatible twin of a :class:`bnkit.FrozenBatchNorm` layer: the fixed affine map."""
 
     __constants__ = ["num_features", "eps", "axis", "where"]
-    expected_dims: List[int]
+    expected_dims: list[int]
 
-    def __init__(self, num_features: int, eps: float, axis: int, expected_dims: List[int], where: str) -> None:
+    def __init__(self, num_features: int, eps: float, axis: int, expected_dims: list[int], where: str) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
@@ -335,7 +334,7 @@ def scriptable(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     if isinstance(model, (BatchNorm, FrozenBatchNorm)):
         return scriptable_layer(model)
-    done: Dict[int, nn.Module] = {}
+    done: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if isinstance(child, (BatchNorm, FrozenBatchNorm)):

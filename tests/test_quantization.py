@@ -181,6 +181,27 @@ def test_standalone_bn_ptq_matches_torch():
     assert torch.equal(outs[1][1], outs[0][1])
 
 
+def test_standalone_frozen_bn_ptq_matches_torch_within_one_step():
+    # A frozen layer enters torch's quantized BN through its inference map (scale, shift): the same
+    # function as torch's BN with the same statistics, rounded differently, so within one quantization step.
+    torch.manual_seed(3)
+    torch_model = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), tq.DeQuantStub())
+    torch_model.train()(_batch(0))
+    bnkit_model = bnkit.freeze(bnkit.convert(torch_model))
+    assert isinstance(bnkit_model[2], bnkit.FrozenBatchNorm2d)
+    outs = []
+    for model in (torch_model, bnkit_model):
+        model.eval().qconfig = tq.get_default_qconfig("x86")
+        prepared = tq.prepare(model)
+        prepared(_batch(1))
+        q = tq.convert(prepared)
+        outs.append(q(_batch(2)))
+    step = float(q[2].scale)
+    assert type(q[2]).__name__ == "QuantizedBatchNorm2d"
+    assert (outs[1] - outs[0]).abs().max().item() <= step * 1.01
+    assert (outs[1] != outs[0]).float().mean().item() < 0.05
+
+
 def _trained_variant(layer: nn.Module) -> nn.Module:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), layer, nn.ReLU())
     model.train()

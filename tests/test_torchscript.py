@@ -231,11 +231,14 @@ def test_script_input_errors_carry_eager_messages():
         assert str(eager_err.value) in str(script_err.value)
     with pytest.raises(torch.jit.Error, match="expected 4D input"):  # torch's own scripted layer, same type
         torch_scripted(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError) as eager_err:
-        layer(torch.randn(1, 3, 1, 1))
-    with pytest.raises(torch.jit.Error) as script_err:
-        scripted(torch.randn(1, 3, 1, 1))
-    assert str(eager_err.value) in str(script_err.value)
+    no_stats = bnkit.BatchNorm2d(3, track_running_stats=False).eval()  # eval with batch statistics
+    for eager, twin in ((layer, scripted), (no_stats, torch.jit.script(copy.deepcopy(no_stats)))):
+        with pytest.raises(ValueError) as eager_err:
+            eager(torch.randn(1, 3, 1, 1))
+        with pytest.raises(torch.jit.Error) as script_err:
+            twin(torch.randn(1, 3, 1, 1))
+        assert str(eager_err.value) in str(script_err.value)
+    assert int(layer.num_batches_tracked) == int(scripted.num_batches_tracked) == 0  # nothing changed
 
 
 def test_script_state_dict_round_trip_and_loads_without_bnkit(tmp_path):

@@ -240,7 +240,7 @@ class ScriptableBatchNorm(nn.Module):
             ab = _affine_map(running_mean.to(x.dtype), running_var.to(x.dtype), weight, bias, self.eps)
             return (x * ab[0].reshape(shape) + ab[1].reshape(shape)).to(input.dtype)
         count = input.numel() // c
-        if self.training and count == 1:
+        if count == 1:  # batch statistics of one value (eager raises in eval without running stats too)
             raise ValueError(
                 self.where + ": Expected more than 1 value per channel when training, got input size torch.Size("
                 + str(input.shape) + ")"

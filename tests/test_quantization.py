@@ -267,3 +267,33 @@ def test_fx_prepare_qat_through_convert_matches_torch():
         warnings.simplefilter("ignore")
         qt, qb = convert_fx(pt.eval()), convert_fx(pb.eval())
     assert torch.equal(qb(x), qt(x))
+
+
+def test_fx_prepare_qat_on_the_bnkit_model_matches_torch():
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+
+    from bnkit.integrations.quantization import fx_backend_config, fx_prepare_custom_config
+
+    torch.manual_seed(4)
+    torch_model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                                nn.BatchNorm2d(4))
+    bnkit_model = bnkit.convert(torch_model)
+    x = _batch(0)
+    qconfig = get_default_qat_qconfig_mapping("x86")
+    backend = fx_backend_config()
+    pt = prepare_qat_fx(copy.deepcopy(torch_model).train(), qconfig, (x,))
+    pb = prepare_qat_fx(bnkit_model.train(), qconfig, (x,), prepare_custom_config=fx_prepare_custom_config(),
+                        backend_config=backend)
+    assert [type(m) for m in list(pb.modules())[1:]] == [type(m) for m in list(pt.modules())[1:]]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (pt, pb)]
+    for step in range(2):
+        for m, opt in zip((pt, pb), opts):
+            opt.zero_grad()
+            m(_batch(step)).square().mean().backward()
+            opt.step()
+    _assert_same_state(pt, pb, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qt, qb = convert_fx(pt.eval()), convert_fx(pb.eval(), backend_config=backend)
+    assert torch.equal(qb(x), qt(x))

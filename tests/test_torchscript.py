@@ -307,6 +307,16 @@ def test_trace_skips_nonfinite_batches_like_eager():
         for k, v in ref.state_dict().items():
             assert_close(traced.state_dict()[k], v, TOL, k)
         assert int(traced.state_dict()["num_batches_tracked"]) == 2
+    # "propagate" in a trace updates with the non-finite batch, as torch does.
+    torch_bn = nn.BatchNorm2d(3, momentum=None)
+    traced = _trace(bnkit.BatchNorm2d(3, momentum=None, nonfinite="propagate"), x)
+    traced.load_state_dict(torch_bn.state_dict())
+    for batch in (x, bad):
+        traced(batch)
+        torch_bn(batch)
+    for k, v in torch_bn.state_dict().items():
+        assert torch.equal(traced.state_dict()[k].isfinite(), v.isfinite()), k
+    assert int(traced.state_dict()["num_batches_tracked"]) == 2
 
 
 def test_scriptable_shares_tensors_and_rejects_before_copying():

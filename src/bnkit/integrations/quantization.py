@@ -29,10 +29,18 @@ How a bnkit layer enters a fused module (:func:`torch_batchnorm`):
   the layer (torch's fused QAT modules train a plain BN, which would silently
   change what they compute).
 
-FX graph mode (``prepare_qat_fx`` / ``prepare_fx``): torch's FX quantizer
-matches torch's module types, so convert first with
-``bnkit.convert(model, to="torch")`` (exact for the layers above; raises for
-layers without a torch equivalent).
+FX graph mode (``prepare_qat_fx`` / ``prepare_fx`` / ``convert_fx``): torch's
+FX quantizer traces through modules outside ``torch.nn`` and matches torch's
+module types, so either
+
+* pass ``prepare_custom_config=fx_prepare_custom_config()`` (bnkit's layers
+  become leaf modules) and ``backend_config=fx_backend_config()`` (torch's
+  native patterns plus the same patterns with bnkit's layers, fused by the
+  fuser methods above) to ``prepare_qat_fx``/``prepare_fx`` and the same
+  ``backend_config`` to ``convert_fx``: conv-BN patterns fuse as with torch's
+  BN; a bnkit BN outside a pattern stays a float bnkit layer; or
+* convert first with ``bnkit.convert(model, to="torch")`` (exact for the layers
+  with a torch equivalent): then everything is torch's, stand-alone BNs included.
 """
 
 from __future__ import annotations
@@ -50,7 +58,15 @@ from .. import layers, variants
 from ..tools._family import bn_affine
 from ..tools.convert import _BNKIT_TO_TORCH, _swap
 
-__all__ = ["BNKIT_BY_TORCH", "QuantizedBatchNorm2d", "QuantizedBatchNorm3d", "install", "torch_batchnorm"]
+__all__ = [
+    "BNKIT_BY_TORCH",
+    "QuantizedBatchNorm2d",
+    "QuantizedBatchNorm3d",
+    "fx_backend_config",
+    "fx_prepare_custom_config",
+    "install",
+    "torch_batchnorm",
+]
 
 _TORCH_BY_DIMS: dict[tuple[int, ...], type] = {
     (2, 3): nn.BatchNorm1d,
@@ -207,3 +223,43 @@ def install() -> None:
     for torch_cls, qcls in _QUANTIZED_BY_TORCH.items():
         for cls in BNKIT_BY_TORCH[torch_cls]:
             static.setdefault(cls, qcls)
+
+
+# --------------------------------------------------------------------------- FX graph mode
+def _bnkit_classes() -> list[type]:
+    return [cls for classes in BNKIT_BY_TORCH.values() for cls in classes]
+
+
+def fx_prepare_custom_config(config: Any = None) -> Any:
+    """A ``PrepareCustomConfig`` (``config`` or a new one) under which FX keeps bnkit's layers as leaf modules."""
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+    config = PrepareCustomConfig() if config is None else config
+    return config.set_non_traceable_module_classes(list(config.non_traceable_module_classes) + _bnkit_classes())
+
+
+def fx_backend_config(base: Any = None) -> Any:
+    """``base`` (default: torch's native backend config) plus its BN fusion patterns with bnkit's layers.
+
+    Every pattern of ``base`` that has a torch BN *and* a fuser method (conv-BN,
+    conv-BN-ReLU, linear-BN, BN-ReLU, ...) is added once per combination of
+    bnkit layers of the same rank, fused by :func:`torch_batchnorm` and then
+    torch's own fuser method, so the fused modules are torch's.
+    """
+    from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig, get_native_backend_config
+
+    base = get_native_backend_config() if base is None else base
+    extra = []
+    for cfg in base.configs:
+        spec = cfg.to_dict()
+        pattern, fuser = spec.get("pattern"), spec.get("fuser_method")
+        if not isinstance(pattern, tuple) or fuser is None:
+            continue
+        positions = tuple(i for i, t in enumerate(pattern) if t in BNKIT_BY_TORCH)
+        if not positions:
+            continue
+        choices = [BNKIT_BY_TORCH[t] if i in positions else (t,) for i, t in enumerate(pattern)]
+        for combo in itertools.product(*choices):
+            extra.append(BackendPatternConfig.from_dict({**spec, "pattern": combo, "fuser_method": _wrap(fuser, positions)}))
+    out = BackendConfig(f"{base.name}+bnkit")
+    return out.set_backend_pattern_configs(list(base.configs) + extra)

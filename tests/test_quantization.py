@@ -273,7 +273,10 @@ def test_fx_prepare_qat_on_the_bnkit_model_matches_torch():
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
-    from bnkit.integrations.quantization import fx_backend_config, fx_prepare_custom_config
+    from bnkit.integrations.quantization import (
+        fx_backend_config,
+        fx_prepare_custom_config,
+    )
 
     torch.manual_seed(4)
     torch_model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),

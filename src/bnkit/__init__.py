@@ -68,4 +68,4 @@ __all__ += [
     "freeze",
     "unfreeze",
 ]
-from . import integrations  # noqa: E402,F401  (TorchScript and quantization registration, issue 16)
+from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)

@@ -27,14 +27,15 @@ kernels there.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import kernels
 
-__all__ = ["decompositions", "export_onnx", "register_onnx_symbolics", "bnkit_ops"]
+__all__ = ["bnkit_ops", "decompositions", "export_onnx", "register_onnx_symbolics"]
 
 aten = torch.ops.aten
 

@@ -246,7 +246,11 @@ def fx_backend_config(base: Any = None) -> Any:
     bnkit layers of the same rank, fused by :func:`torch_batchnorm` and then
     torch's own fuser method, so the fused modules are torch's.
     """
-    from torch.ao.quantization.backend_config import BackendConfig, BackendPatternConfig, get_native_backend_config
+    from torch.ao.quantization.backend_config import (
+        BackendConfig,
+        BackendPatternConfig,
+        get_native_backend_config,
+    )
 
     base = get_native_backend_config() if base is None else base
     extra = []

@@ -265,7 +265,8 @@ def test_script_state_dict_round_trip_and_loads_without_bnkit(tmp_path):
         [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
         check=True, timeout=120, env={"PATH": "/usr/bin:/bin"},
     )
-    assert_close(torch.load(tmp_path / "y.pt"), expected, 0.0, "reloaded output")
+    # (Not bit-exact: the fresh interpreter may use another number of threads for the reductions.)
+    assert_close(torch.load(tmp_path / "y.pt"), expected, TOL, "reloaded output")
     assert_close(expected, torch_net.eval()(x), TOL, "torch output")
     assert_close(bnkit_net.eval()(x), expected, TOL, "eager output after loading the scripted state")
 

@@ -72,3 +72,4 @@ from .tools.calibrate import NotEnoughBatchesError  # noqa: E402
 from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
 
 __all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
+from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)

@@ -144,7 +144,7 @@ def canonical_view(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Ten
     moved = x.movedim(axis, -1)
     if moved.is_contiguous():
         moved_shape = moved.shape
-        return moved.view(-1, channels, 1), lambda y3: y3.view(moved_shape).movedim(-1, axis)
+        return moved.view(-1, channels, 1), lambda y3: y3.view(moved_shape).movedim(len(moved_shape) - 1, axis)
     xc = x.contiguous()
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1 :])
@@ -173,6 +173,7 @@ def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | No
     if not (
         mean.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and running_mean.is_contiguous()
         and running_var.is_contiguous()
         and kernels.select(mean) == "cpp"
@@ -224,10 +225,12 @@ def running_update(
             _reject_nonfinite(spec.name, nonfinite)
         return
     check = spec.check_finite
-    if check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu"):
-        valid = torch.isfinite(var.max())
+    tracing = torch.jit.is_tracing()
+    if tracing or (check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu")):
+        # A torch.jit.trace records tensor ops only: "raise" acts as "skip" there (no host check).
+        valid = torch.isfinite(var.max()) if check else None
         if nbt is not None:
-            nbt.add_(valid.to(nbt.dtype))
+            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
         factor = momentum if momentum is not None else 1.0 / nbt.clamp_min(1).double()
         stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
         return

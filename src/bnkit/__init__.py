@@ -68,3 +68,9 @@ __all__ += [
     "freeze",
     "unfreeze",
 ]
+from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent  # noqa: E402  (test-time adaptation)
+
+__all__ += ["adapt", "tent", "bn_parameters", "AdaptHandle"]
+from .tools.doctor import BNReport, inspect  # noqa: E402  (the BN doctor)
+
+__all__ += ["inspect", "BNReport"]

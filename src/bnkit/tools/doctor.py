@@ -198,14 +198,23 @@ class BNReport:
         from rich.text import Text
 
         style = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
-        t = Table(title=self._summary(), show_lines=False, title_justify="left")
-        for h in self._HEAD:
-            t.add_column(h, no_wrap=h in ("layer", "class"), justify="right" if h in ("eps", "C", "shift") else "left")
+        t = Table(title=self._summary(), title_justify="left", padding=(0, 1), pad_edge=False)
+        # short headers: the table has to fit an 80-column terminal for small models
+        for h, short in zip(self._HEAD, ("layer", "class", "mode", "eps", "mom.", "nbt", "C", "shift", "log vr",
+                                         "fuse", "status", "findings")):
+            if h in ("status", "fuse"):
+                continue  # status: the colour of the layer name and findings; fuse: a line below
+            t.add_column(short, no_wrap=h in ("layer", "class", "mode", "eps"),
+                         justify="right" if h in ("eps", "C", "shift", "log var ratio", "batches") else "left")
         for r, row in zip(self.layers, self._rows()):
-            cells = [Text(c) for c in row]
-            cells[10] = Text(row[10], style=style[r.status])
+            cells = [Text(c) for i, c in enumerate(row) if i not in (9, 10)]
+            cells[0].stylize(style[r.status])
+            cells[-1].stylize(style[r.status])
             t.add_row(*cells)
         items = [t] + [Text(str(f), style=style[f.severity]) for f in self.findings]
+        fuse = [f"{r.name} {r.fuse}" for r in self.layers if r.fuse]
+        if fuse:
+            items.append(Text("fuse: " + "; ".join(fuse), style="dim"))
         return Group(*items)
 
     def print(self, console: Any = None) -> None:

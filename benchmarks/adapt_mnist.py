@@ -100,17 +100,19 @@ def batches(x: torch.Tensor, size: int):
 def measure(data_dir=None, *, epochs: int = 3, draws: int = 10, seed: int = 0, cache=None, log=print) -> dict:
     t0 = time.time()
     ds = load_dataset("mnist+5k", data_dir or shared_mnist_dir())
+    how = f"trained {epochs} epoch(s)"
     if cache is not None and Path(cache).is_file():
         model = small_cnn()
         model.load_state_dict(torch.load(cache))
         model.eval()
+        how = f"weights loaded from {cache}"
     else:
         model = train_model(ds, epochs=epochs, seed=seed)
         if cache is not None:
             torch.save(model.state_dict(), cache)
     clean_logits = logits_of(model, ds.x_test)
     clean = 100.0 * (clean_logits.argmax(1) == ds.y_test).float().mean().item()
-    log(f"{ds.describe()}; trained {epochs} epoch(s) in {time.time() - t0:.0f} s; clean accuracy {clean:.2f}%")
+    log(f"{ds.describe()}; {how} in {time.time() - t0:.0f} s; clean accuracy {clean:.2f}%")
     out = {"dataset": ds.describe(), "epochs": epochs, "seed": seed, "clean": clean, "corruptions": {}}
     restored_exact = True
 

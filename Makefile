@@ -1,27 +1,41 @@
-# The two commands of the README: `make demo` and `make test`.
+# The two commands of the README: `make demo` and `make test`; `make docs` builds the site.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.bnkit-installed
+# Packages that depend on torch: a plain install would pull a multi-GB CUDA torch, so --no-deps
+# (their other requirements are in the dev extra).
+TORCH_PACKAGES := timm==1.0.31 pytorch-lightning==2.6.6 torchmetrics==1.9.0
 
-.PHONY: setup demo test test-all build bench clean
+.PHONY: setup demo test test-all build bench docs clean
 
-$(STAMP): pyproject.toml
+# Progress: each step says what it does; pip shows its downloads (no -q), `bnkit build` a heartbeat.
+$(STAMP): pyproject.toml Makefile
+	@echo "==> [setup 1/4] creating the virtual environment $(VENV) (Python >= 3.10)"
 	$(PYTHON) -m venv $(VENV)
-	# The pinned CPU build first, so the range in pyproject.toml pulls nothing larger.
-	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[experiments,dev]'
+	@echo "==> [setup 2/4] installing the pinned CPU torch ($(TORCH_PIN); a large download the first time)"
+	@# The pinned CPU build first, so the range in pyproject.toml pulls nothing larger.
+	$(PY) -m pip install --progress-bar on $(TORCH_PIN)
+	@echo "==> [setup 3/4] installing bnkit (editable) with its experiments, dev and docs extras"
+	$(PY) -m pip install --progress-bar on -e '.[experiments,dev,docs]'
+	@echo "==> [setup 4/4] integrations tested against (they depend on torch: installed without their deps)"
+	$(PY) -m pip install --progress-bar on --no-deps $(TORCH_PACKAGES)
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@echo "==> building the C++ kernels (minutes the first time, cached afterwards)"
 	$(PY) -m bnkit.cli build
 
 demo: setup
+	@echo "==> bnkit demo: Figure 1 on the embedded MNIST digits (6 runs with a progress bar; exit 1 if a check fails)"
 	$(PY) -m bnkit.cli demo
 
 # Runs the whole fast suite; fails when a test fails or when no test ran.
 test: setup
+	@echo "==> ruff (lint)"
+	$(PY) -m ruff check src tests benchmarks examples
+	@echo "==> the fast test suite (pytest -m 'not slow'; minutes; one character per test, percent at line ends)"
 	$(PY) -m pytest -q -m "not slow" --timeout=900
 
 test-all: setup
@@ -30,5 +44,9 @@ test-all: setup
 bench: setup
 	$(PY) benchmarks/kernels.py
 
+# The user docs (docs/, mkdocs.yml) into site/; tests/test_docs.py runs the same build.
+docs: setup
+	$(PY) -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .hypothesis

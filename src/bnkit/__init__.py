@@ -1,38 +1,18 @@
 """bnkit: Batch Normalization for PyTorch, from the math up.
 
-Layers flow one way: ``stats`` -> ``kernels`` -> ``functional`` -> ``layers``
--> ``tools`` -> ``experiments`` / ``cli``.
+Layers flow one way: ``stats`` -> ``kernels`` -> ``engine`` / ``functional``
+-> ``layers``, ``variants``, ``sync`` -> ``tools`` -> ``experiments`` / ``cli``.
 """
 
 from __future__ import annotations
 
-from . import functional, kernels, reference, stats
+from . import engine, functional, kernels, reference, stats
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .stats import momentum_from_keras, momentum_to_keras
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "BatchNorm",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "functional",
-    "kernels",
-    "reference",
-    "stats",
-    "momentum_from_keras",
-    "momentum_to_keras",
-]
-
-# ---- exports of later parts (each part adds its own lines below) ----
-from .sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402  (SyncBN, issue 5)
-
-__all__ += ["SyncBatchNorm", "convert_sync_batchnorm"]
-from .tools import Affine, FuseReport, convert, fuse, recalibrate  # noqa: E402  (deployment tools, issue 6)
-
-__all__ += ["convert", "fuse", "recalibrate", "Affine", "FuseReport"]
-from .variants import (  # noqa: E402  (BN variants, issue 4)
+from .sync import SyncBatchNorm, convert_sync_batchnorm
+from .tools import Affine, FuseReport, convert, fuse, recalibrate
+from .tools.freeze import freeze, unfreeze
+from .variants import (
     BatchRenorm,
     BatchRenorm1d,
     BatchRenorm2d,
@@ -48,26 +28,51 @@ from .variants import (  # noqa: E402  (BN variants, issue 4)
     GhostBatchNorm3d,
     SharedBatchNorm,
 )
-from .tools.freeze import freeze, unfreeze  # noqa: E402  (issue 4)
 
-__all__ += [
-    "SharedBatchNorm",
+__version__ = "0.1.0"
+
+__all__ = [
+    "Affine",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "BatchRenorm",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
-    "GhostBatchNorm",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "FrozenSharedBatchNorm",
+    "FuseReport",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "SharedBatchNorm",
+    "SyncBatchNorm",
+    "convert",
+    "convert_sync_batchnorm",
+    "engine",
     "freeze",
+    "functional",
+    "fuse",
+    "kernels",
+    "momentum_from_keras",
+    "momentum_to_keras",
+    "recalibrate",
+    "reference",
+    "stats",
     "unfreeze",
 ]
+from .errors import ChannelMismatchError, DtypeMismatchError  # noqa: E402  (drop-in exception types)
+from .tools.calibrate import NotEnoughBatchesError  # noqa: E402
+from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
+
+__all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
+from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)
 from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent  # noqa: E402  (test-time adaptation)
 
 __all__ += ["adapt", "tent", "bn_parameters", "AdaptHandle"]

@@ -1,110 +1,176 @@
 """The ``bnkit`` command line (also ``python -m bnkit.cli``).
 
-Subcommands: ``demo`` (Figure 1 on the embedded data), ``run EXPERIMENT``, ``list``, ``build`` (the C++
-kernels) and ``bench`` (kernel benchmarks). Imports are lazy: ``bnkit build`` loads no plotting code.
+Subcommands: ``demo`` (Figure 1 on the embedded data; exits 1 when one of its checks fails),
+``run EXPERIMENT`` (each experiment has its own options: ``bnkit run NAME --help``), ``list``, ``build``
+(the C++ kernels) and ``bench`` (kernel benchmarks). Imports are lazy: ``bnkit build`` loads no
+plotting code.
+
+Exit codes: 0 success, 1 a demo check failed (or an unexpected error), 2 a usage error (bad option
+value, unknown name, unusable ``--out``, damaged experiment directory: one ``error:`` line on stderr,
+nothing written), 3 interrupted (continue with ``--resume``), 130 Ctrl-C outside training.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
-    return v
+_RUN_HELP = "run an experiment (`bnkit run NAME --help`: its options and defaults)"
 
 
-def _init_arg(s: str) -> str:
-    if s == "default":
-        return s
-    if s.startswith("normal:"):
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE`` (plus a hint line), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+
+def _option_type(key, opt):
+    def parse(s: str):
         try:
-            if float(s.split(":", 1)[1]) > 0:
-                return s
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"--init must be 'default' or 'normal:STD' (STD > 0), got {s!r}")
+            return opt.parse(s)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = key  # argparse names the type in some messages
+    return parse
 
 
-def _int_list(s: str) -> List[int]:
-    return [int(x) for x in s.replace(",", " ").split()]
+def experiment_parser(name: str, prog: str) -> argparse.ArgumentParser:
+    """The parser of one experiment: its settings (``DEFAULTS``) as options, with their defaults shown."""
+    from .experiments.registry import experiment_options, flag, get_experiment
+
+    exp = get_experiment(name)
+    mod = exp.load()
+    opts = experiment_options(exp)
+    doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+    p = _Parser(prog=prog, description=f"{exp.title}. {doc}",
+                epilog="List values are comma-separated (e.g. --seeds 0,1,2). "
+                       "Exit codes: 0 done, 2 bad usage (nothing written), 3 interrupted (--resume continues).")
+    g = p.add_argument_group(f"settings of {name} (with its defaults)")
+    for key, opt in opts.items():
+        default = mod.DEFAULTS[key]
+        help_ = opt.help or key.replace("_", " ")
+        if opt.choices and opt.kind in ("str", "strs"):
+            help_ += f"; one of {', '.join(opt.choices)}" if opt.kind == "str" else f"; from {', '.join(opt.choices)}"
+        if "(default:" not in help_:
+            help_ += f" (default: {opt.describe_default(default)})"
+        dest = key
+        if opt.kind == "bool":
+            g.add_argument(flag(key), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_.replace("%", "%%"))
+        else:
+            metavar = {"int": "N", "float": "X", "ints": "N,...", "floats": "X,...", "strs": "NAME,...",
+                       "json": "JSON"}.get(
+                opt.kind, "NAME" if opt.choices else ("DIR" if key.endswith("_dir") else "VALUE"))
+            g.add_argument(flag(key), dest=dest, type=_option_type(key, opt), default=None, metavar=metavar,
+                           help=help_.replace("%", "%%"))
+        if key == "seeds":
+            g.add_argument("--seed", dest="seeds", type=_option_type("seed", opt), default=None, metavar="N",
+                           help="a single seed (short for --seeds N)")
+    g.add_argument("--set", dest="_set", action="append", type=_set_arg, default=None, metavar="KEY=VALUE",
+                   help="any setting by its DEFAULTS name, the value as on its own option (or JSON); repeatable")
+    _add_output_options(p, name)
+    p.set_defaults(_settings=list(opts), _options=opts)
+    return p
 
 
-def _str_list(s: str) -> List[str]:
-    return [x for x in s.replace(",", " ").split()]
+def _set_arg(s: str):
+    key, eq, val = s.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    return key.strip().replace("-", "_"), val
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("experiment settings (defaults: the experiment's own; see `bnkit list`)")
-    g.add_argument("--data", help="dataset name (mnist5k, mnist, mnist+5k, digits, mnist1d, fashion-mnist, cifar10)")
-    g.add_argument("--data-dir", help="directory with the dataset files (default: $BNKIT_DATA)")
-    g.add_argument("--steps", type=_positive_int, help="training steps per run")
-    g.add_argument("--lr", type=float, help="learning rate")
-    g.add_argument("--batch-size", type=_positive_int, help="mini-batch size (paper: 60)")
-    g.add_argument("--optimizer", choices=["sgd", "momentum", "adam"])
-    g.add_argument("--init", type=_init_arg, help="default | normal:STD")
-    g.add_argument("--seed", type=int, help="a single seed (shorthand for --seeds S)")
-    g.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2")
-    g.add_argument("--eval-every", type=_positive_int, help="evaluate every K steps")
-    g.add_argument("--threshold", type=float, help="accuracy threshold for steps-to-threshold")
-    g.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=None,
-                   help="binarize pixels at 0.5")
-    g.add_argument("--normalize", choices=["none", "unit", "center", "standard"])
-    g.add_argument("--norm", help="fig1: the normalized variant (bn, bn-weight, bn-all, renorm, ghost, gn, ln)")
-    g.add_argument("--norms", type=_str_list, help="norms: which norms to compare (comma-separated)")
-    g.add_argument("--arch", choices=["mlp", "cnn"], help="norms: network (fig1 is always the MLP)")
-    g.add_argument("--threads", type=_positive_int, help="torch threads (default 1)")
+def _add_output_options(p: argparse.ArgumentParser, name: str) -> None:
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, help="output directory (default runs/<experiment>-<timestamp>)")
+    o.add_argument("--out", type=Path, metavar="DIR", help=f"output directory (default: runs/{name}-<timestamp>)")
     o.add_argument("--resume", action="store_true",
-                   help="continue an interrupted experiment in --out (default: the latest runs/<experiment>-*)")
+                   help=f"continue an interrupted experiment in --out (default: the latest runs/{name}-*); "
+                        f"its saved settings are used")
     o.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     o.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt after N steps
 
 
-_SETTINGS = ("data", "data_dir", "steps", "lr", "batch_size", "optimizer", "init", "seeds", "eval_every",
-             "threshold", "binarize", "normalize", "norm", "norms", "arch", "threads")
+class _UsageError(Exception):
+    """A mistake found after parsing (``--set`` of an unknown setting): one error line, exit status 2."""
 
 
 def _overrides(args) -> dict:
-    ov = {k: getattr(args, k, None) for k in _SETTINGS}
-    if getattr(args, "seed", None) is not None:
-        ov["seeds"] = [args.seed]
+    opts = getattr(args, "_options", None) or {}
+    ov = {k: getattr(args, k, None) for k in getattr(args, "_settings", [])}
+    for key, text in getattr(args, "_set", None) or []:
+        if opts and key not in opts:
+            raise _UsageError(f"--set {key}: no such setting; the settings: {', '.join(opts)}")
+        try:
+            ov[key] = opts[key].parse(text) if opts else _json_or_text(text)
+        except ValueError as e:
+            raise _UsageError(f"--set {key}: {e}") from None
     if ov.get("data_dir") is not None:
         ov["data_dir"] = str(Path(ov["data_dir"]).expanduser().resolve())
     return {k: v for k, v in ov.items() if v is not None}
 
 
-def _run(experiment: str, args) -> int:
-    from .experiments.registry import run_experiment
-    from .experiments.train import RunInterrupted
+def _json_or_text(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _error(msg: str, prog: str = "bnkit") -> int:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _run(experiment: str, args, prog: str):
+    """Runs the experiment; returns (exit code, metrics or None)."""
     from .experiments.data import DatasetError
     from .experiments.models import NormNotAvailable
+    from .experiments.registry import ConfigError, run_experiment
+    from .experiments.train import CheckpointError, RunInterrupted
 
     try:
-        run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
-                       stop_after=args.stop_after)
+        if experiment == "all":
+            from .experiments.suite import run_all
+            metrics = run_all(_overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
+                              stop_after=args.stop_after)
+        else:
+            metrics = run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume,
+                                     quiet=args.quiet, stop_after=args.stop_after)
+    except _UsageError as e:
+        return _error(str(e), prog), None
     except RunInterrupted as e:
-        print(f"\nbnkit: {e}. Continue with: bnkit run {experiment} --resume"
+        print(f"\n{prog}: {e}. Continue with: bnkit run {experiment} --resume"
               f"{' --out ' + str(args.out) if args.out else ''}", file=sys.stderr)
-        return 3
-    except (DatasetError, NormNotAvailable, FloatingPointError) as e:
-        print(f"bnkit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 3, None
+    except (ConfigError, CheckpointError, DatasetError, NormNotAvailable, FloatingPointError) as e:
+        return _error(str(e), prog), None
+    return 0, metrics
+
+
+def _failed_checks(metrics) -> List[str]:
+    checks = (metrics or {}).get("summary", {}).get("checks") or {}
+    return [name for name, c in checks.items() if not c.get("pass")]
 
 
 def cmd_demo(args) -> int:
-    """Figure 1 on the embedded mnist5k data with the documented defaults (3 seeds)."""
-    return _run("fig1", args)
-
-
-def cmd_run(args) -> int:
-    return _run(args.experiment, args)
+    """Figure 1 on the embedded mnist5k data with the documented defaults (3 seeds); exit 1 when a
+    check fails."""
+    rc, metrics = _run("fig1", args, "bnkit demo")
+    if rc:
+        return rc
+    failed = _failed_checks(metrics)
+    if failed:
+        total = len(metrics["summary"]["checks"])
+        print(f"bnkit demo: {len(failed)} of {total} checks FAILED: {', '.join(failed)} "
+              f"(details: {Path(metrics['out_dir']) / 'report.html'})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_list(args) -> int:
@@ -113,22 +179,65 @@ def cmd_list(args) -> int:
     return 0
 
 
+_TICK_SECONDS = 20.0
+
+
+class _Ticker:
+    """Prints ``MESSAGE (N s)`` every ``every`` seconds on stderr until stopped (a long silent step)."""
+
+    def __init__(self, message: str, every: Optional[float] = None):
+        self.message, self.every = message, _TICK_SECONDS if every is None else every
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self.t0 = time.perf_counter()
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            print(f"bnkit build: {self.message} ({time.perf_counter() - self.t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
 def cmd_build(args) -> int:
     """Build the C++ kernels ahead of time; succeeds (with a message) when there is no C++ extension."""
     try:
         from .kernels import cpp
     except ImportError:
-        print("bnkit: no C++ extension in this build; the portable torch backend is used")
+        print("bnkit build: no C++ extension in this build; the portable torch backend is used")
         return 0
     build = getattr(cpp, "build", None)
     if build is None:
-        print("bnkit: no C++ extension in this build; the portable torch backend is used")
+        print("bnkit build: no C++ extension in this build; the portable torch backend is used")
         return 0
+    cached = cpp.library_path().exists()
+    t0 = time.perf_counter()
+    if cached:
+        print(f"bnkit build: checking the cached C++ kernels ({cpp.library_path()})", file=sys.stderr, flush=True)
+    else:
+        print(f"bnkit build: compiling the C++ CPU kernels ({len(cpp.SOURCES)} sources, one time per source "
+              f"version; a cold build takes about 1-3 minutes on 2 cores) into "
+              f"{cpp.library_path().parent}", file=sys.stderr, flush=True)
     try:
-        build(verbose=args.verbose)
+        if args.verbose or cached:
+            build(verbose=args.verbose)
+        else:
+            with _Ticker("still compiling"):
+                build(verbose=False)
     except Exception as e:  # noqa: BLE001 - a failed build must not break `make setup`
-        print(f"bnkit: the C++ kernels could not be built ({type(e).__name__}: {e}); "
-              f"the portable torch backend will be used", file=sys.stderr)
+        print(f"bnkit build: the C++ kernels could not be built after {time.perf_counter() - t0:.0f} s "
+              f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); "
+              f"the portable torch backend will be used (`bnkit build --verbose` shows the compiler output)",
+              file=sys.stderr)
+        return 0
+    print(f"bnkit build: done in {time.perf_counter() - t0:.1f} s ({'cached' if cached else 'compiled'})",
+          file=sys.stderr)
     return 0
 
 
@@ -139,8 +248,7 @@ def cmd_bench(args) -> int:
     cands = [Path.cwd() / "benchmarks" / "kernels.py", here.parents[2] / "benchmarks" / "kernels.py"]
     path = next((p for p in cands if p.is_file()), None)
     if path is None:
-        print("bnkit: benchmarks/kernels.py not found (run from the source checkout)", file=sys.stderr)
-        return 2
+        return _error("benchmarks/kernels.py not found (run from the source checkout)", "bnkit bench")
     spec = importlib.util.spec_from_file_location("bnkit_bench_kernels", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -150,6 +258,15 @@ def cmd_bench(args) -> int:
 
 def _add_inspect_command(sub) -> None:
     """``bnkit inspect MODEL.pt [--data ...]``: the BN doctor (:func:`bnkit.inspect`) on a pickled model."""
+
+    def positive_int(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = 0
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        return v
 
     def load_data(spec: str, data_dir):
         path = Path(spec).expanduser()
@@ -235,50 +352,120 @@ def _add_inspect_command(sub) -> None:
     p.add_argument("--data", help="inputs to compare statistics on: a .pt/.npy file (tensor, or (x, y)) or a dataset "
                    "name (its test split, e.g. mnist5k)")
     p.add_argument("--data-dir", help="directory with the dataset files (default: $BNKIT_DATA)")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--batches", type=_positive_int, help="use at most this many batches")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batches", type=positive_int, help="use at most this many batches")
     p.add_argument("--json", help="write the report as JSON to this file ('-': stdout, without the table)")
     p.add_argument("--html", help="write a self-contained HTML report to this file")
     p.set_defaults(func=cmd_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bnkit", description="bnkit: Batch Normalization from the math up")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    """The top-level parser (``bnkit --help``). ``run`` and ``demo`` get their experiment's own parser
+    (:func:`experiment_parser`) in :func:`main`, so building this one imports no experiment code."""
+    p = _Parser(prog="bnkit", description="bnkit: Batch Normalization from the math up",
+                epilog="`bnkit run NAME --help` and `bnkit demo --help` list an experiment's options.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
-    d = sub.add_parser("demo", help="reproduce the BN paper's Figure 1 on the embedded MNIST digits (< 5 min)")
-    _add_run_options(d)
-    d.set_defaults(func=cmd_demo)
-
-    r = sub.add_parser("run", help="run an experiment (fig1, norms)")
-    r.add_argument("experiment", help="experiment name (see `bnkit list`)")
-    _add_run_options(r)
-    r.set_defaults(func=cmd_run)
+    sub.add_parser("demo", help="reproduce the BN paper's Figure 1 on the embedded MNIST digits (a few "
+                                "minutes); exit 1 when a check fails", add_help=False)
+    sub.add_parser("run", help=_RUN_HELP, add_help=False)
 
     ls = sub.add_parser("list", help="list experiments, datasets and norms")
     ls.set_defaults(func=cmd_list)
 
-    b = sub.add_parser("build", help="build the C++ CPU kernels ahead of time")
-    b.add_argument("--verbose", action="store_true")
+    b = sub.add_parser("build", help="build the C++ CPU kernels ahead of time (says how long it took)")
+    b.add_argument("--verbose", action="store_true", help="show the compiler output")
     b.set_defaults(func=cmd_build)
 
-    be = sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)", add_help=False)
-    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to benchmarks/kernels.py")
-    be.set_defaults(func=cmd_bench)
+    sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)", add_help=False)
     _add_inspect_command(sub)
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _main_run(argv: List[str]) -> int:
+    from .experiments.registry import EXPERIMENTS
+
+    names = ", ".join(EXPERIMENTS) + (", all" if _have_suite() else "")
+    if not argv:
+        return _error(f"missing the experiment name: bnkit run NAME [options] (NAME: {names})", "bnkit run")
+    if argv[0] in ("-h", "--help"):
+        print("usage: bnkit run NAME [options]   (`bnkit run NAME --help`: the options of NAME)\n"
+              f"experiments: {names}")
+        return 0
+    name = argv[0]
+    if name.startswith("-"):
+        return _error(f"the experiment name comes first: bnkit run NAME [options] (NAME: {names})", "bnkit run")
+    if name == "all" and _have_suite():
+        return _run("all", _suite_parser().parse_args(argv[1:]), "bnkit run all")[0]
+    if name not in EXPERIMENTS:
+        return _error(f"unknown experiment {name!r}; choose from {names}", "bnkit run")
+    prog = f"bnkit run {name}"
+    args = experiment_parser(name, prog).parse_args(argv[1:])
+    return _run(name, args, prog)[0]
+
+
+def _have_suite() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("bnkit.experiments.suite") is not None
+
+
+def _suite_parser() -> argparse.ArgumentParser:
+    """``bnkit run all``: every experiment in turn; a setting given here applies where an experiment has it."""
+    from .experiments.registry import common_options, flag
+    p = _Parser(prog="bnkit run all", description="Run every experiment and write an index page.")
+    g = p.add_argument_group("settings (each applies to the experiments that have it)")
+    common = common_options()
+    for key in ("steps", "seeds", "threads", "data_dir"):
+        g.add_argument(flag(key), dest=key, type=_option_type(key, common[key]), default=None,
+                       help=common[key].help)
+    g.add_argument("--seed", dest="seeds", type=_option_type("seed", common["seeds"]), default=None,
+                   metavar="N", help="a single seed (short for --seeds N)")
+    g.add_argument("--set", dest="_set", action="append", type=_set_arg, default=None, metavar="KEY=VALUE",
+                   help="any other setting (the value as JSON, or a plain string); repeatable")
+    _add_output_options(p, "all")
+    p.set_defaults(_settings=["steps", "seeds", "threads", "data_dir"], _options=None)
+    return p
+
+
+def _dispatch(argv: List[str]) -> int:
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/kernels.py, --help included
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+    if argv[:1] == ["run"]:
+        return _main_run(argv[1:])
+    if argv[:1] == ["demo"]:
+        return cmd_demo(experiment_parser("fig1", "bnkit demo").parse_args(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 0
     return int(args.func(args) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _dispatch(argv)
+    except SystemExit as e:  # argparse's --help and usage errors (it has printed them)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        msg = str(e.code)  # SystemExit("bnkit: ...") from lower code: one error line, a usage error
+        if ": error: " not in msg:
+            msg = "bnkit: error: " + (msg[len("bnkit: "):] if msg.startswith("bnkit: ") else msg)
+        print(msg, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbnkit: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a vanished directory, ...: one line, not a traceback
+        print(f"bnkit: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug; one line unless asked for the traceback
+        if os.environ.get("BNKIT_DEBUG"):
+            raise
+        print(f"bnkit: error: unexpected {type(e).__name__}: {e} (BNKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

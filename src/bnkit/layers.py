@@ -10,51 +10,37 @@ parameters, buffers, state_dict keys and input checks. The math lives in
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .functional import NONFINITE_POLICIES, batch_norm_core, fold, fused_call, rank_mask
+from . import conventions
+from .engine import NONFINITE_POLICIES, CallSpec, batch_norm_module_call, call_spec, check_input, fold
+from .errors import ChannelMismatchError
+from .family import specialize
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SHARE_AFFINE_MODES", "check_feature_input"]
+__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input",
+           "check_per_channel_tensors"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
+TINY_BATCH_POLICIES = ("raise", "running")
+
+# The arguments of BatchNorm.__init__, which every subclass passes on unchanged.
+_BN_ARGUMENTS = (
+    "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
+    "share_affine", "nonfinite", "convention", "tiny_batch",
+)
 
 
-def batch_norm_module_call(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    nonfinite: str,
-    where: str,
-) -> Tensor:
-    """A BN layer's call as one function, so ``torch.fx.symbolic_trace`` records it as a single node."""
-    return batch_norm_core(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        axis=axis,
-        num_batches_tracked=num_batches_tracked,
-        nonfinite=nonfinite,
-        where=where,
-    )
+def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:
+    """:class:`BatchNorm`'s constructor arguments picked from a subclass constructor's ``locals()``."""
+    # Subclasses without convention/tiny_batch (Ghost, Shared, Sync) get BatchNorm's defaults.
+    return {name: namespace[name] for name in _BN_ARGUMENTS if name in namespace}
 
-
-# fx records calls of this function instead of tracing into its input checks.
+# fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
 
 
@@ -62,21 +48,22 @@ def check_feature_input(
     where: str, input: Tensor, expected_dims: tuple[int, ...] | None, axis: int, num_features: int
 ) -> None:
     """The checks every BN-family layer makes on its input, with torch's messages where torch has one."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
-    ndim = input.dim()
-    if expected_dims is not None and ndim not in expected_dims:
-        expected = " or ".join(f"{d}D" for d in expected_dims)
-        raise ValueError(f"expected {expected} input (got {ndim}D input)")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
-        )
-    if input.shape[axis] != num_features:
-        raise ValueError(
-            f"{where}: expected {num_features} features along axis {axis}, "
-            f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
-        )
+    check_input(call_spec(where, axis, num_features, expected_dims), input)
+
+
+def check_per_channel_tensors(layer: nn.Module) -> None:
+    """A layer's weight, bias and running buffers have one value per channel (weight/bias: or one shared value).
+
+    For layers that use them before the engine's own checks (Batch Renorm's correction): the same
+    ``ChannelMismatchError`` (a ``RuntimeError``, as torch's) and message as the engine.
+    """
+    c = layer.num_features
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(layer, name, None)
+        if isinstance(t, Tensor) and t.numel() != c and not (t.numel() == 1 and name in ("weight", "bias")):
+            raise ChannelMismatchError(
+                f"{layer._describe()}: {name} should have {c} elements (one per channel), got shape {tuple(t.shape)}"
+            )
 
 
 class BatchNorm(nn.Module):
@@ -100,12 +87,22 @@ class BatchNorm(nn.Module):
             (update them anyway, as torch does). On non-CPU devices and under
             ``torch.compile`` the skip happens without the warning (no host
             synchronisation).
+        convention: ``"torch"`` (default: ``running_var`` averages the
+            unbiased batch variance) or ``"keras"`` (it averages the biased
+            one, as Keras 3, tf-keras and Flax do; see :mod:`bnkit.conventions`).
+            Outputs are the same; only the moving statistics differ.
+        tiny_batch: a training batch with one value per channel (e.g. a last
+            batch of one sample on ``(N, C)`` data): ``"raise"`` (default, as
+            torch: ``ValueError``) or ``"running"`` (normalize it with the
+            running statistics, as in eval, without updating them or
+            ``num_batches_tracked``; one ``RuntimeWarning`` per such batch).
     """
 
     _version = 2
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
-    # Ranks accepted by the layer, or None for any rank that has the feature axis.
-    _expected_dims: tuple[int, ...] | None = None
+    #: Input ranks the layer accepts (``None``: any rank that has the feature axis); the
+    #: 1d/2d/3d classes set it, and an instance may override it (``convert_sync_batchnorm``).
+    expected_dims: tuple[int, ...] | None = None
 
     def __init__(
         self,
@@ -121,9 +118,16 @@ class BatchNorm(nn.Module):
         axis: int = 1,
         share_affine: str = "none",
         nonfinite: str = "skip",
+        convention: str = "torch",
+        tiny_batch: str = "raise",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        conventions.check_convention(name, convention)
+        if tiny_batch not in TINY_BATCH_POLICIES:
+            raise ValueError(f"{name}: tiny_batch must be one of {TINY_BATCH_POLICIES}, got {tiny_batch!r}")
+        if tiny_batch == "running" and not track_running_stats:
+            raise ValueError(f"{name}: tiny_batch='running' needs running statistics (track_running_stats=True)")
         if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if not isinstance(eps, (int, float)) or not eps > 0:
@@ -143,6 +147,8 @@ class BatchNorm(nn.Module):
         self.axis = axis
         self.share_affine = share_affine
         self.nonfinite = nonfinite
+        self.convention = convention
+        self.tiny_batch = tiny_batch
         if affine:
             weight_size = 1 if share_affine in ("weight", "all") else num_features
             bias_size = 1 if share_affine == "all" else num_features
@@ -183,13 +189,17 @@ class BatchNorm(nn.Module):
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
-        if self.axis != 1 or self._expected_dims is None:
+        if self.axis != 1 or self.expected_dims is None:
             s += f", axis={self.axis}"
         if self.share_affine != "none":
             n_params = sum(p.numel() for p in (self.weight, self.bias) if p is not None)
             s += f", share_affine={self.share_affine!r} ({n_params} affine parameters)"
         if self.nonfinite != "skip":
             s += f", nonfinite={self.nonfinite!r}"
+        if getattr(self, "convention", "torch") != "torch":
+            s += f", convention={self.convention!r}"
+        if getattr(self, "tiny_batch", "raise") != "raise":
+            s += f", tiny_batch={self.tiny_batch!r}"
         return s
 
     def _load_from_state_dict(
@@ -197,10 +207,13 @@ class BatchNorm(nn.Module):
     ) -> None:
         version = local_metadata.get("version", None)
         if (version is None or version < 2) and self.track_running_stats:
-            # Version 2 added num_batches_tracked; older checkpoints start it at 0.
+            # Version 2 added num_batches_tracked. A dict without it (an old checkpoint, or a
+            # plain dict without metadata) keeps the layer's current count, as torch does.
             key = prefix + "num_batches_tracked"
             if key not in state_dict:
-                state_dict[key] = torch.tensor(0, dtype=torch.long)
+                nbt = self.num_batches_tracked
+                keep = nbt is not None and nbt.device.type != "meta"
+                state_dict[key] = nbt if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -212,62 +225,109 @@ class BatchNorm(nn.Module):
         (``track_running_stats=False`` normalizes with batch statistics).
         """
         if self.running_mean is None or self.running_var is None:
-            raise RuntimeError(f"{self._describe()} has no running statistics, so no fixed inference form")
+            raise RuntimeError(f"{self.describe()} has no running statistics, so no fixed inference form")
         c = self.num_features
         weight = None if self.weight is None else self.weight.reshape(-1).expand(c)
         bias = None if self.bias is None else self.bias.reshape(-1).expand(c)
         return fold(self.running_mean, self.running_var, weight, bias, self.eps)
 
-    # -- forward ---------------------------------------------------------------------
-    def _describe(self) -> str:
+    # -- the engine's protocol ----------------------------------------------------------
+    _call_spec: CallSpec | None = None  # built by call_spec(), dropped by __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_call_spec"] = None  # made of plain attributes: rebuilt on the next call
+
+    @property
+    def _expected_dims(self) -> tuple[int, ...] | None:  # the former name of expected_dims
+        return self.expected_dims
+
+    @_expected_dims.setter
+    def _expected_dims(self, value: tuple[int, ...] | None) -> None:
+        self.expected_dims = value
+
+    def describe(self) -> str:
+        """The layer's name in messages, e.g. ``BatchNorm2d(64)``."""
         return f"{type(self).__name__}({self.num_features})"
 
-    def _check_input(self, input: Tensor) -> None:
-        check_feature_input(self._describe(), input, self._expected_dims, self.axis, self.num_features)
+    def _describe(self) -> str:  # the former name of describe
+        return self.describe()
+
+    def call_spec(self) -> CallSpec:
+        """The :class:`~bnkit.engine.CallSpec` of this layer's calls.
+
+        Built once and kept; setting any attribute (``bn.momentum = 0.01``
+        works as in torch) drops it, and the next call builds it again.
+        """
+        spec = self._call_spec
+        if spec is None:
+            spec = call_spec(
+                self.describe(), self.axis, self.num_features, self.expected_dims, self.eps, self.momentum,
+                self.nonfinite,
+            )
+            if not torch.compiler.is_compiling():
+                self.__dict__["_call_spec"] = spec
+        return spec
+
+    def call_buffers(
+        self, running_mean: Tensor | None = None, running_var: Tensor | None = None, num_batches_tracked: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+        """torch's rules for one call: ``(running_mean, running_var, num_batches_tracked, batch_stats)``.
+
+        Training updates the running buffers when they are tracked; eval uses
+        them, or the batch's statistics without them. The buffers default to
+        the layer's own (a variant may pass others, e.g. one site's).
+        """
+        if running_mean is None and running_var is None:
+            running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        if self.training:
+            if not self.track_running_stats:
+                return None, None, None, True
+            return running_mean, running_var, num_batches_tracked, True
+        return running_mean, running_var, None, running_mean is None
+
+    def check_input(self, input: Tensor) -> None:
+        """The layer's input checks (rank, feature axis and count), as the engine makes them."""
+        check_input(self.call_spec(), input)
+
+    def _check_input(self, input: Tensor) -> None:  # the former name of check_input
+        self.check_input(input)
+
+    def _tiny_batch_forward(self, input: Tensor) -> Tensor | None:
+        """The eval-mode output for a one-value-per-channel training batch under ``tiny_batch="running"``."""
+        if not (isinstance(input, Tensor) and input.dim() >= 1 and -input.dim() <= self.axis < input.dim()):
+            return None
+        if input.numel() == 0 or input.numel() != input.shape[self.axis]:
+            return None
+        self._check_input(input)
+        warnings.warn(
+            f"{self._describe()}: a training batch with one value per channel (input size {tuple(input.shape)}) "
+            "was normalized with the running statistics, which were not updated (tiny_batch='running')",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return batch_norm_module_call(
+            self.call_spec(), input, self.weight, self.bias, self.running_mean, self.running_var, None, False
+        )
 
     def forward(self, input: Tensor) -> Tensor:
-        track = self.training and self.track_running_stats
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        batch_stats = self.training or running_mean is None
-        num_batches_tracked = self.num_batches_tracked if track else None
-        call = (
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            batch_stats,
-            self.momentum,
-            self.eps,
-            self.axis,
-            self.nonfinite,
-            self._describe(),
-        )
-        if not torch.compiler.is_compiling():  # eager: the whole call in one C++ op where it applies
-            y = fused_call(*call, num_features=self.num_features, ranks=rank_mask(self._expected_dims))
+        if self.training and getattr(self, "tiny_batch", "raise") != "raise":
+            y = self._tiny_batch_forward(input)
             if y is not None:
                 return y
-        if not isinstance(input, torch.fx.Proxy):
-            self._check_input(input)
-        return batch_norm_module_call(*call)
+        if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
+            return conventions.keras_train_forward(self, input)  # another update rule: not the fused op
+        running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
+        return batch_norm_module_call(
+            self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked, batch_stats
+        )
 
 
-class BatchNorm1d(BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``."""
-
-    _expected_dims = (2, 3)
-
-
-class BatchNorm2d(BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format."""
-
-    _expected_dims = (4,)
-
-
-class BatchNorm3d(BatchNorm):
-    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``, any memory format."""
-
-    _expected_dims = (5,)
+BatchNorm1d, BatchNorm2d, BatchNorm3d = specialize(
+    BatchNorm,
+    {
+        "1d": "Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``.",
+        "2d": "Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format.",
+        "3d": "Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``, any memory format.",
+    },
+)

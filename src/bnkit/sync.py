@@ -39,8 +39,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import kernels, stats
-from .functional import _per_channel, _update_running, canonical_view
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .engine import canonical_view, per_channel, running_update
+from .family import ranked, torch_dims
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
+from .surgery import replace_modules, take_over_tensors
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
 
@@ -162,23 +164,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x3, weight, mean, var = ctx.saved_tensors
         comm: _Comm = ctx.comm
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = mean.dtype
         channels = x3.shape[1]
-        invstd = torch.rsqrt(var + ctx.eps)
-        mean3 = mean.view(1, -1, 1)
-        xc = None  # x - mean (global), kept for dx when computed here
-        if x3.numel() == 0:
-            sum_dy = torch.zeros(channels, dtype=acc, device=x3.device)
-            sum_dy_xhat = torch.zeros_like(sum_dy)
-        elif kernels.select(x3) == "cpp" and hasattr(torch.ops.bnkit, "batch_norm_backward"):
-            # One fused pass for this rank's sums, centred on the *global* mean:
-            # db = sum dy, dw = sum dy * xhat (its dx, which uses the local count, is discarded).
-            _, sum_dy_xhat, sum_dy = torch.ops.bnkit.batch_norm_backward(grad_y3, x3, mean, var, None, ctx.eps)
-        else:
-            g = grad_y3.to(acc)
-            xc = x3.to(acc) - mean3
-            sum_dy = g.sum(dim=(0, 2))
-            sum_dy_xhat = (g * xc).sum(dim=(0, 2)) * invstd
+        # The BN backward's phases: this rank's sums (centred on the global statistics),
+        # all-reduced, then applied with the global count.
+        sum_dy, sum_dy_xhat = kernels.backward_reduce(grad_y3, x3, mean, var, ctx.eps)
         dx = None
         if need_x:
             sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
@@ -186,23 +175,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=comm.group)
             except Exception as err:  # noqa: BLE001
                 raise comm.fail("backward all-reduce of the gradient sums", err) from err
-            if x3.numel() == 0:
-                dx = torch.zeros_like(x3)
-            else:
-                # dx = k1 * dy - k2 * (x - mean) - k3 with the global sums and count N:
-                # k1 = w * invstd, k2 = k1 * invstd * sum(dy * xhat) / N, k3 = k1 * sum(dy) / N.
-                total = ctx.total
-                k1 = invstd if weight is None else invstd * weight.to(acc)
-                k2 = k1 * invstd * (sums[channels:] / total).to(acc)
-                k3 = k1 * (sums[:channels] / total).to(acc)
-                # Two passes: dx = (-k2) * x + (k2 * mean - k3), then += k1 * dy. (Folding the mean into
-                # the shift costs no more than the rounding of x itself around its mean.)
-                if xc is None:
-                    dx = torch.addcmul((k2 * mean - k3).view(1, -1, 1), x3.to(acc), -k2.view(1, -1, 1))
-                else:
-                    dx = torch.addcmul(-k3.view(1, -1, 1), xc, -k2.view(1, -1, 1))
-                dx = dx.addcmul_(grad_y3.to(acc), k1.view(1, -1, 1))
-                dx = dx.to(x3.dtype)
+            dx = kernels.backward_apply(
+                grad_y3, x3, mean, var, weight, sums[:channels], sums[channels:], ctx.total, ctx.eps
+            )
         dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
         return dx, dw, db, None, None
@@ -227,34 +202,12 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        axis: int = 1,
-        share_affine: str = "none",
-        nonfinite: str = "skip",
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        track_running_stats: bool = True, process_group: Any = None, device: Any = None,
+        dtype: torch.dtype | None = None, *, bias: bool = True, axis: int = 1, share_affine: str = "none",
+        nonfinite: str = "skip"
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            axis=axis,
-            share_affine=share_affine,
-            nonfinite=nonfinite,
-        )
+        super().__init__(**bn_arguments(locals()))
         self.process_group = process_group
         # Name used in error messages (set by convert_sync_batchnorm, or by hand).
         self.layer_name: str | None = None
@@ -267,7 +220,7 @@ class SyncBatchNorm(BatchNorm):
         state["_checked_groups"] = set()
         return state
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         base = f"{type(self).__name__}({self.num_features})"
         return f"{base} at {self.layer_name!r}" if self.layer_name else base
 
@@ -287,7 +240,7 @@ class SyncBatchNorm(BatchNorm):
             return
         mine = torch.tensor([self.num_features], dtype=torch.long, device=device)
         out = torch.empty(world, dtype=torch.long, device=device)
-        comm = _Comm(group, world, self._describe(), 0)
+        comm = _Comm(group, world, self.describe(), 0)
         try:
             _all_gather_flat(out, mine, group)
         except Exception as err:  # noqa: BLE001
@@ -295,7 +248,7 @@ class SyncBatchNorm(BatchNorm):
         counts = [int(c) for c in out.cpu()]
         if any(c != self.num_features for c in counts):
             raise RuntimeError(
-                f"{self._describe()}: channel count mismatch across ranks: ranks have {counts} channels "
+                f"{self.describe()}: channel count mismatch across ranks: ranks have {counts} channels "
                 f"(this rank, {dist.get_rank(group)}, has {self.num_features})"
             )
         self._checked_groups.add(key)
@@ -305,59 +258,68 @@ class SyncBatchNorm(BatchNorm):
         if sync is None:
             return super().forward(input)
         group, world = sync
-        self._check_input(input)
+        self.check_input(input)
         if not input.dtype.is_floating_point:
-            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+            raise TypeError(f"{self.describe()}: expected a floating-point input, got {input.dtype}")
         self._handshake(group, world, input.device)
         axis = self.axis % input.dim()
         channels = input.shape[axis]
-        weight_c = _per_channel(self.weight, channels)
-        bias_c = _per_channel(self.bias, channels)
+        weight_c = per_channel(self.weight, channels)
+        bias_c = per_channel(self.bias, channels)
         if not self.eps > 0:
-            raise ValueError(f"{self._describe()}: eps must be positive during training, got {self.eps}")
+            raise ValueError(f"{self.describe()}: eps must be positive during training, got {self.eps}")
         tag = zlib.crc32(self.layer_name.encode()) if self.layer_name else 0
-        comm = _Comm(group, world, self._describe(), tag)
+        comm = _Comm(group, world, self.describe(), tag)
         x3, restore = canonical_view(input, axis)
         y3, mean, var, count = _SyncBatchNormFunction.apply(x3, weight_c, bias_c, self.eps, comm)
         if self.track_running_stats:
-            _update_running(
+            running_update(
+                self.call_spec(),
                 self.running_mean,
                 self.running_var,
                 self.num_batches_tracked,
                 mean,
                 var,
                 int(count),
-                self.momentum,
-                self.nonfinite,
-                self._describe(),
             )
         return restore(y3)
 
 
 # --------------------------------------------------------------------------- conversion
-_TORCH_DIMS = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-}
 _BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
     """Make ``dst`` use ``src``'s very parameter and buffer tensors and its training flag."""
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            p = getattr(src, name, None)
-            if p is not None:
-                setattr(dst, name, p)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            b = getattr(src, name, None)
-            if b is not None:
-                dst.register_buffer(name, b)
+    take_over_tensors(dst, src, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
     dst.train(src.training)
     if hasattr(src, "qconfig"):
         dst.qconfig = src.qconfig
     return dst
+
+
+def _convertible(module: nn.Module) -> bool:
+    return isinstance(module, (SyncBatchNorm, nn.modules.batchnorm._BatchNorm)) or type(module) in _BNKIT_CLASSES
+
+
+def _check_convertible(module: nn.Module, name: str) -> None:
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
+
+
+def _revert_class(module: SyncBatchNorm) -> type:
+    return getattr(module, "_sync_original", None) or ranked(BatchNorm, module.expected_dims)
+
+
+def _check_revertible(module: SyncBatchNorm, name: str) -> None:
+    cls = _revert_class(module)
+    if not issubclass(cls, BatchNorm) and (
+        module.share_affine != "none" or module.axis != 1 or (module.affine and module.bias is None)
+    ):
+        raise ValueError(
+            f"convert_sync_batchnorm(revert=True): {module.describe()} cannot become {cls.__name__} "
+            "(it has a feature axis other than 1, shared affine parameters, or no bias)"
+        )
 
 
 def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
@@ -366,15 +328,19 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
             module.process_group = process_group
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-            raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
         if process_group is None:
             process_group = getattr(module, "process_group", None)
         extra: dict[str, Any] = {}
-        dims = next((d for c, d in _TORCH_DIMS.items() if isinstance(module, c)), None)
+        dims = torch_dims(module)
     elif type(module) in _BNKIT_CLASSES:
+        if getattr(module, "convention", "torch") != "torch" or getattr(module, "tiny_batch", "raise") != "raise":
+            # SyncBatchNorm has torch's update rule and raises on tiny batches: not dropped silently.
+            raise ValueError(
+                f"convert_sync_batchnorm: {module._describe()} uses convention={module.convention!r}, "
+                f"tiny_batch={module.tiny_batch!r}; SyncBatchNorm supports convention='torch', tiny_batch='raise' only"
+            )
         extra = {"axis": module.axis, "share_affine": module.share_affine, "nonfinite": module.nonfinite}
-        dims = module._expected_dims
+        dims = module.expected_dims
     else:
         return None
     weight = module.weight
@@ -391,18 +357,13 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
         **extra,
     )
     if dims is not None:  # None: SyncBatchNorm's own default (any rank)
-        out._expected_dims = dims
+        out.expected_dims = dims
     out._sync_original = type(module)
     return _copy_state(out, module)
 
 
 def _from_sync(module: SyncBatchNorm) -> nn.Module:
-    cls = getattr(module, "_sync_original", None) or {
-        None: BatchNorm,
-        (2, 3): BatchNorm1d,
-        (4,): BatchNorm2d,
-        (5,): BatchNorm3d,
-    }.get(module._expected_dims, BatchNorm)
+    cls = _revert_class(module)
     weight = module.weight
     factory = {
         "device": weight.device if weight is not None else None,
@@ -422,11 +383,6 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
             **factory,
         )
     else:
-        if module.share_affine != "none" or module.axis != 1 or (module.affine and module.bias is None):
-            raise ValueError(
-                f"convert_sync_batchnorm(revert=True): {module._describe()} cannot become {cls.__name__} "
-                "(it has a feature axis other than 1, shared affine parameters, or no bias)"
-            )
         out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                   **factory)
         if cls is nn.SyncBatchNorm and module.process_group is not None:
@@ -445,20 +401,19 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert:
     ``module`` for error messages. ``revert=True`` turns every SyncBatchNorm
     back into the class it was converted from (a bnkit layer of matching rank
     when it was created directly). Returns the converted module (``module``
-    itself unless it is a BN layer).
+    itself unless it is a BN layer). Every layer is checked before any is
+    converted; shared layers stay shared, and hooks on a layer move to its
+    replacement.
     """
 
-    def convert(m: nn.Module, name: str) -> nn.Module:
-        if revert:
-            out = _from_sync(m) if isinstance(m, SyncBatchNorm) else m
-        else:
-            out = _to_sync(m, process_group) or m
-            if isinstance(out, SyncBatchNorm):
-                out.layer_name = name or type(m).__name__
-        for child_name, child in list(m.named_children()):
-            new = convert(child, f"{name}.{child_name}" if name else child_name)
-            if new is not child:
-                out.add_module(child_name, new)
+    if revert:
+        return replace_modules(
+            module, lambda m: isinstance(m, SyncBatchNorm), lambda m, _: _from_sync(m), _check_revertible
+        )
+
+    def build(m: nn.Module, name: str) -> SyncBatchNorm:
+        out = _to_sync(m, process_group)
+        out.layer_name = name or type(m).__name__
         return out
 
-    return convert(module, "")
+    return replace_modules(module, _convertible, build, _check_convertible)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .train import RunConfig
 
-__all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "VARIANTS"]
+__all__ = ["DEFAULTS", "OPTIONS", "make_runs", "summarize", "figure", "plot", "VARIANTS"]
 
 DEFAULTS: Dict[str, object] = {
     "data": "mnist5k",
@@ -39,6 +39,12 @@ DEFAULTS: Dict[str, object] = {
     "norm": "bn",            # the normalized variant compared with the baseline (any factory kind)
     "skip_evals": 3,         # "after the first few": evaluations ignored by the BN-ahead check (incl. step 0)
     "threads": 1,
+}
+
+# the settings' checks and help beyond the common ones (registry.common_options)
+OPTIONS: Dict[str, Dict[str, object]] = {
+    "norm": {"choices": ("bn", "bn-weight", "bn-all", "renorm", "ghost", "gn", "ln"),
+             "help": "the norm of the normalized MLP (compared with the un-normalized baseline)"},
 }
 
 VARIANTS = ("baseline", "bn")
@@ -118,13 +124,14 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     return summary
 
 
-def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
+def figure(cfg: Dict, results: Dict[str, Dict], summary: Dict):
+    """Figure 1 (a matplotlib Figure). The legends sit below the panels, so they never cover a curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seeds = list(cfg["seeds"])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8), dpi=110)
     ax = axes[0]
     for i, s in enumerate(seeds):
         lw, alpha = (2.0, 1.0) if i == 0 else (0.9, 0.45)
@@ -139,8 +146,9 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     ax.set_ylim(max(0.0, min(lo, thr) - 0.05), 1.0)
     ax.set_xlabel("training steps")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"(a) test accuracy, {cfg['data']} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
-    ax.legend(loc="lower right")
+    ax.set_title(f"(a) test accuracy, {cfg['data']} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})",
+                 fontsize=10)
+    ax.legend(**_LEGEND)
     ax.grid(alpha=0.3)
 
     s0 = seeds[0]
@@ -153,13 +161,12 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
                     label={"p15": "15th", "p50": "50th", "p85": "85th"}[key] + " percentile")
         ys += p["p15"] + p["p85"]
         d = r["summary"]["drift"]
-        ax.set_title(f"{title}: unit {r['typical_unit']}, last hidden layer")
-        ax.text(0.02, 0.03, f"50th pct range {d['range']:.2f} ({d['relative']:.2f} x 15-85 spread)",
-                transform=ax.transAxes, fontsize=8)
+        ax.set_title(f"{title}: unit {r['typical_unit']}, last hidden layer\n"
+                     f"50th pct range {d['range']:.2f} ({d['relative']:.2f} x its 15-85 spread)", fontsize=10)
         ax.set_xlabel("training steps")
         ax.set_ylabel("sigmoid input")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(**_LEGEND)
     pad = 0.05 * (max(ys) - min(ys) + 1e-9)
     for ax in axes[1:]:
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
@@ -170,6 +177,16 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     fig.suptitle(f"Batch Normalization, Figure 1: {cfg['data']}, lr {cfg['lr']}, batch {cfg['batch_size']}, "
                  f"{cfg['steps']} steps (seed {s0} in b, c)", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+# below the axes (under the x label), one row: outside the data area, so no curve is hidden
+_LEGEND = dict(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
+
+
+def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
+    import matplotlib.pyplot as plt
+    fig = figure(cfg, results, summary)
     fig.savefig(path)
     plt.close(fig)
 

@@ -1,8 +1,8 @@
 """Models for the experiments: the BN paper's MLP and a small CNN, both built from a norm factory.
 
 Norm kinds (``NORMS``): ``none | bn | bn-weight | bn-all | renorm | ghost | gn | ln | in``.
-``bn`` and its variants are bnkit's own layers (looked up on the ``bnkit`` package at build time, so a
-variant that has not landed yet gives a clear error instead of breaking the import); ``gn``, ``ln`` and
+``bn`` and its variants are bnkit's own layers (looked up on the ``bnkit`` package when a model is
+built; a missing class is a clear :class:`NormNotAvailable` error); ``gn``, ``ln`` and
 ``in`` are torch's GroupNorm / LayerNorm / InstanceNorm, used as comparison norms.
 """
 from __future__ import annotations
@@ -44,8 +44,7 @@ def _bnkit_class(kind: str, dim: int):
         raise NormNotAvailable(f"norm {kind!r} needs the bnkit package: {e}") from e
     cls = getattr(bnkit, name, None)
     if cls is None:
-        raise NormNotAvailable(f"norm {kind!r} is not available yet: bnkit.{name} does not exist in this "
-                               f"build of bnkit (it lands with the variants issue)")
+        raise NormNotAvailable(f"norm {kind!r} needs bnkit.{name}, which this bnkit does not provide")
     return cls, dict(kwargs)
 
 
@@ -77,7 +76,7 @@ def make_norm(kind: str, num_features: int, dim: int = 1, *, groups: int = 0, **
         try:
             return cls(num_features, **kw)
         except TypeError as e:
-            raise NormNotAvailable(f"norm {kind!r} is not available yet: {cls.__module__}.{cls.__name__}"
+            raise NormNotAvailable(f"norm {kind!r}: {cls.__module__}.{cls.__name__}"
                                    f"({num_features}, **{kw}) failed: {e}") from e
     if kind == "gn":
         if groups <= 0:

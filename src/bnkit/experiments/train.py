@@ -6,15 +6,19 @@ data order is a pure function of (seed, epoch) -- epoch ``e`` visits ``randperm(
 seeded by ``seed`` and ``e``, in batches of ``batch_size`` (the last partial batch is dropped) -- so
 the position in the data is a function of the step alone. A checkpoint holds the model, the optimizer,
 the step, the loss accumulators, the evaluation history and torch's global RNG state; it is written to
-a temporary file and moved into place with ``os.replace``, so a crash never leaves a half-written one.
+a temporary file, flushed to disk (``fsync``) and moved into place with ``os.replace`` (then the directory
+is synced), so a crash never leaves a half-written one; :func:`remove_stale_temp_files` deletes the
+temporary files of writes that a crash interrupted. An unreadable checkpoint or run result raises
+:class:`CheckpointError` (which names the file) instead of resuming from it.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field  # noqa: F401  (field: RunConfig defaults)
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -26,7 +30,9 @@ from .data import Dataset
 from .diagnostics import drift, all_unit_drifts, probe_percentiles, typical_unit
 from .models import build_model
 
-__all__ = ["RunConfig", "RunInterrupted", "StepBudget", "train_run", "atomic_save", "atomic_write_text",
+__all__ = ["RunConfig", "RunInterrupted", "CheckpointError", "StepBudget", "train_run", "atomic_save",
+           "atomic_write_text", "remove_stale_temp_files", "check_resumable", "make_optimizer", "make_model",
+           "check_run",
            "steps_to_threshold", "eval_steps"]
 
 
@@ -80,14 +86,51 @@ class StepBudget:
         return True
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+class CheckpointError(ValueError):
+    """A saved checkpoint or run result of an experiment directory cannot be used for ``--resume``."""
+
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # the temporary names of _tmp_path: .<name>.tmp<pid>
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(fileobj)`` into a temporary file, fsync it, rename it over ``path``, fsync the directory."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -95,10 +138,38 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` with the same crash safety as :func:`atomic_write_bytes`."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing anything yet when it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(out_dir: Path) -> List[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``out_dir`` (and its ``runs`` and
+    ``checkpoints``); files of a process that is still alive are kept. Returns the removed paths."""
+    removed = []
+    for d in (Path(out_dir), Path(out_dir) / "runs", Path(out_dir) / "checkpoints"):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            m = _TMP.match(p.name)
+            if m and p.is_file() and not _pid_alive(int(m.group(1))):
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 def eval_steps(steps: int, every: int) -> List[int]:
@@ -136,7 +207,7 @@ class _Batches:
         return self._perm[i * self.bs:(i + 1) * self.bs]
 
 
-def _make_optimizer(cfg: RunConfig, params):
+def make_optimizer(cfg: RunConfig, params):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "momentum":
@@ -144,6 +215,9 @@ def _make_optimizer(cfg: RunConfig, params):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (sgd|momentum|adam)")
+
+
+_make_optimizer = make_optimizer  # the former private name
 
 
 @torch.no_grad()
@@ -157,6 +231,50 @@ def evaluate(model, x, y, batch: int = 2000):
         correct += int((out.argmax(1) == y[i:i + batch]).sum())
     model.train(was)
     return correct / len(y), loss / len(y)
+
+
+def _damaged(path: Path, run: str, e: BaseException) -> str:
+    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return (f"cannot resume run {run}: {path} is damaged ({type(e).__name__}: {why}); delete it to retrain "
+            f"that run from step 0")
+
+
+_STATE_KEYS = {"step", "hist", "pct", "loss_sum", "loss_n", "ema", "train_seconds", "interval_ms"}
+
+
+def _read_checkpoint(cfg: RunConfig, path: Path) -> Dict:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(_damaged(path, cfg.name, e)) from None
+    if not (isinstance(ck, dict) and {"config", "model", "optimizer", "torch_rng", "state"} <= set(ck)
+            and isinstance(ck["state"], dict) and _STATE_KEYS <= set(ck["state"])):
+        raise CheckpointError(_damaged(path, cfg.name, ValueError("not a bnkit training checkpoint")))
+    if ck["config"] != asdict(cfg):
+        raise CheckpointError(f"cannot resume run {cfg.name}: {path} was written with different settings")
+    return ck
+
+
+def _read_result(cfg: RunConfig, path: Path) -> Dict:
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(_damaged(path, cfg.name, e)) from None
+    if not (isinstance(res, dict) and {"name", "steps", "test_acc", "summary", "timing"} <= set(res)):
+        raise CheckpointError(_damaged(path, cfg.name, ValueError("not a bnkit run result")))
+    return res
+
+
+def check_resumable(runs: Sequence[RunConfig], out_dir: Path) -> None:
+    """Read every run's saved result or checkpoint in ``out_dir`` (those that exist); raises
+    :class:`CheckpointError` for the first unusable one, before any run continues."""
+    for cfg in runs:
+        result_path = Path(out_dir) / "runs" / f"{cfg.name}.json"
+        ckpt_path = Path(out_dir) / "checkpoints" / f"{cfg.name}.pt"
+        if result_path.exists():
+            _read_result(cfg, result_path)
+        elif ckpt_path.exists():
+            _read_checkpoint(cfg, ckpt_path)
 
 
 def _filter_jsonl(path: Path, run: str, max_step: Optional[int]) -> None:
@@ -181,6 +299,30 @@ class NullProgress:
     def finish(self, name: str): ...
 
 
+def make_model(cfg: RunConfig, data: Dataset) -> torch.nn.Module:
+    """The run's initial model (seeded): the one place that maps a RunConfig to a network."""
+    return build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
+                       hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
+
+
+def _train_tensors(cfg: RunConfig, data: Dataset):
+    """The examples the run trains on."""
+    return data.x_train, data.y_train
+
+
+def check_run(cfg: RunConfig, data: Dataset) -> None:
+    """Everything a run needs, tried before anything is written: the model, the optimizer, the batch
+    schedule and one training-mode forward of one batch (on a throwaway model; no global state changes).
+    Raises what training would raise (``ValueError``, ``RuntimeError``, ...)."""
+    model = make_model(cfg, data)
+    make_optimizer(cfg, model.parameters())
+    x_tr, y_tr = _train_tensors(cfg, data)
+    batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
+    model.train()
+    with torch.no_grad():
+        model(x_tr[: batches.bs])
+
+
 def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = False, progress=None,
               budget: Optional[StepBudget] = None, jsonl: Optional[Path] = None) -> Dict:
     """Train one run; returns its result dict (also written to ``out_dir/runs/<name>.json``)."""
@@ -194,28 +336,28 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
     budget = budget or StepBudget(None)
 
     if resume and result_path.exists():
-        res = json.loads(result_path.read_text())
+        res = _read_result(cfg, result_path)
         progress.start(cfg.name, cfg.steps, cfg.steps)
         progress.finish(cfg.name)
         return res
 
-    model = build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
-                        hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
+    model = make_model(cfg, data)
     model.train()
-    opt = _make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, model.parameters())
     probe_x = data.x_test[: cfg.probe_size]
     probe_mod = [b for b in model.blocks if hasattr(b, "act")][cfg.probe_layer].act
     schedule = eval_steps(cfg.steps, cfg.eval_every)
 
     state = {"step": 0, "hist": {"steps": [], "test_acc": [], "test_loss": [], "train_loss": []},
              "pct": [], "loss_sum": 0.0, "loss_n": 0, "ema": None, "train_seconds": 0.0, "interval_ms": []}
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["config"] != asdict(cfg):
-            raise ValueError(f"checkpoint {ckpt_path} was written with a different configuration")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
+    ck = _read_checkpoint(cfg, ckpt_path) if resume and ckpt_path.exists() else None
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(_damaged(ckpt_path, cfg.name, e)) from None
         state = ck["state"]
         _filter_jsonl(jsonl, cfg.name, state["step"])
     else:
@@ -241,8 +383,8 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             f.write(json.dumps(rec) + "\n")
         progress.update(cfg.name, step, loss=state["ema"], acc=acc)
 
-    batches = _Batches(len(data.y_train), cfg.batch_size, cfg.seed)
-    x_tr, y_tr = data.x_train, data.y_train
+    x_tr, y_tr = _train_tensors(cfg, data)
+    batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
     next_eval = [s for s in schedule if s >= state["step"] and s not in state["hist"]["steps"]]
     progress.start(cfg.name, cfg.steps, state["step"])
     if state["step"] == 0 and not state["hist"]["steps"]:

@@ -10,6 +10,14 @@ Backends, all implementing the same contract on the canonical 3-D view
 ``reference``
     the NumPy float64 oracle (:mod:`bnkit.reference`), for debugging.
 
+Phases (the same set on every backend, chosen per tensor by :func:`select`;
+SyncBN, Ghost BN and Batch Renorm are compositions of them): :func:`moments`,
+:func:`affine` (normalize with a folded ``(scale, shift)``), :func:`infer`,
+:func:`train_forward` (whose backward is the backend's one BN training
+backward), :func:`backward_reduce` (``sum dy``, ``sum dy * xhat``),
+:func:`backward_apply`, and the running update
+(:func:`bnkit.engine.running_update`).
+
 By default CPU tensors use ``cpp`` when the extension is available, and every
 other device uses ``torch``. ``BNKIT_BACKEND=cpp|torch|reference`` (read at
 import) or :func:`set_backend` / :func:`use_backend` force one.
@@ -30,7 +38,22 @@ from .. import reference as _reference
 from ..stats import accumulation_dtype
 from . import torch_ops
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "select", "raw", "cpp_available", "moments", "affine"]
+__all__ = [
+    "BACKENDS",
+    "affine",
+    "backward_apply",
+    "backward_reduce",
+    "cpp_available",
+    "fold",
+    "get_backend",
+    "infer",
+    "moments",
+    "raw",
+    "select",
+    "set_backend",
+    "train_forward",
+    "use_backend",
+]
 
 BACKENDS = ("cpp", "torch", "reference")
 
@@ -112,6 +135,97 @@ def affine(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x3 * scale[c] + shift[c]``, differentiable in all three, on the selected backend."""
     if x3.numel() and select(x3) == "cpp":
         return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
+    return torch_ops.forward_eval(x3, scale, shift)
+
+
+def backward_reduce(grad3: Tensor, x3: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The backward's reduce phase: per-channel ``(sum dy, sum dy * xhat)`` for the given statistics."""
+    if select(x3) == "cpp":
+        # The fused backward's (dw, db) are exactly these sums (its dx, for this tensor's count, is not used).
+        _, sum_dy_xhat, sum_dy = torch.ops.bnkit.batch_norm_backward(grad3, x3, mean, var, None, eps)
+        return sum_dy, sum_dy_xhat
+    return torch_ops.backward_reduce(grad3, x3, mean, var, eps)
+
+
+def backward_apply(
+    grad3: Tensor, x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, sum_dy: Tensor,
+    sum_dy_xhat: Tensor, count: int, eps: float
+) -> Tensor:
+    """The backward's apply phase: ``dx3`` from sums over ``count`` values (e.g. all-reduced across ranks)."""
+    if select(x3) == "cpp":
+        return torch.ops.bnkit.batch_norm_backward_apply(grad3, x3, mean, var, weight, sum_dy, sum_dy_xhat, count, eps)
+    return torch_ops.backward_apply(grad3, x3, mean, var, weight, sum_dy, sum_dy_xhat, count, eps)
+
+
+def fold(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Inference BN as an affine map: ``(scale, shift)`` with ``y = x * scale + shift``.
+
+    ``scale = weight / sqrt(var + eps)`` and ``shift = bias - mean * scale``
+    (``weight`` = 1 and ``bias`` = 0 when absent). Differentiable in all inputs.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return scale, shift
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    """Training BN on the 3-D view with the analytic backward (torch/reference backends).
+
+    Outputs ``(y3, mean, biased_var)``; the statistics are not differentiable
+    (they feed the running averages only). The backward is computed by the
+    raw kernels; when a graph of the backward is requested (double backward),
+    it is computed by differentiable torch ops that recompute the statistics
+    from the saved input, so the second derivative is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str):
+        y3, mean, var = raw(backend).forward_train(x3, weight, bias, eps)
+        invstd = torch.rsqrt(var + eps)
+        ctx.eps = eps
+        ctx.backend = backend
+        ctx.save_for_backward(x3, weight, bias, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y3, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y3: Tensor, _grad_mean: Tensor, _grad_var: Tensor):
+        x3, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw, db = torch_ops.backward(grad_y3, x3, weight, ctx.eps)
+        else:
+            dx, dw, db = raw(ctx.backend).backward(grad_y3, x3, weight, ctx.eps, mean, invstd)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+def train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The training forward phase: ``(y3, mean, biased var)``, differentiable in ``x3``, weight and bias."""
+    backend = select(x3)
+    if backend == "cpp":
+        return torch.ops.bnkit.batch_norm_train(x3, weight, bias, eps)
+    return _BatchNormTrain.apply(x3, weight, bias, eps, backend)
+
+
+def infer(x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """The inference phase: ``x3`` normalized with given statistics, differentiable in all inputs."""
+    if select(x3) == "cpp":
+        # The fold into (scale, shift) happens inside the fused op (one call).
+        return torch.ops.bnkit.batch_norm_infer(x3, mean, var, weight, bias, eps)
+    # The affine map is differentiable as torch ops on every backend.
+    scale, shift = fold(mean, var, weight, bias, eps)
     return torch_ops.forward_eval(x3, scale, shift)
 
 

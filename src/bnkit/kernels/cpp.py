@@ -35,8 +35,9 @@ import os
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
+
+from .._warn import warn
 
 __all__ = ["available", "load", "build", "build_error", "library_path", "EXTENSION_NAME"]
 
@@ -47,12 +48,13 @@ SOURCES = (
     "autograd.cpp",
     "layer.cpp",
     "kernels.cpp",
+    "cpu_config.cpp",
     "rowkernels_default.cpp",
     "rowkernels_avx2.cpp",
     "rowkernels_avx512.cpp",
     "rowkernels_avx512bf16.cpp",
 )
-HEADERS = ("bnkit_kernels.h", "rowkernels.h", "rowkernels_impl.h")
+HEADERS = ("bnkit_kernels.h", "layout.h", "rowkernels.h", "rowkernels_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG")
 
 # torch's FileBaton in the build folder, and our own lock file beside it.
@@ -105,12 +107,9 @@ def _build_root() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         return Path(root).expanduser()
-    try:
-        from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import get_default_build_root
 
-        return Path(get_default_build_root())
-    except Exception:  # pragma: no cover - very old torch
-        return Path.home() / ".cache" / "torch_extensions"
+    return Path(get_default_build_root())
 
 
 def library_path() -> Path:
@@ -218,11 +217,11 @@ def _load(verbose: bool = False, force_build: bool = False) -> None:
         torch.ops.load_library(str(path))
     else:
         if not verbose:
-            print("bnkit: compiling the C++ kernels (once)...", file=sys.stderr, flush=True)
+            print("bnkit: compiling the C++ kernels (once per source version; a cold build takes "
+                  "minutes)...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         _compile(verbose)
-        if verbose:
-            print(f"bnkit: built {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(f"bnkit: built {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if not _ops_registered():
         raise RuntimeError(f"the library {path} loaded but registered no torch.ops.bnkit ops")
     _loaded = True
@@ -263,14 +262,13 @@ def load() -> bool:
         if _error is not None:
             if not _warned:
                 _warned = True
-                warnings.warn(
+                warn(
                     "bnkit: the C++ CPU kernels are unavailable, falling back to the portable torch "
                     f"backend (slower). Reason: {_error}. To fix: install a C++ compiler (g++ >= 9) "
                     "and ninja (`pip install ninja`), make $TORCH_EXTENSIONS_DIR (default "
                     "~/.cache/torch_extensions) writable, then run `bnkit build --verbose` to see the "
                     "full compiler output. Set BNKIT_BACKEND=torch to silence this warning.",
                     RuntimeWarning,
-                    stacklevel=2,
                 )
             return False
         return True
@@ -304,6 +302,5 @@ def build(verbose: bool = False) -> None:
             if not _ops_registered():
                 raise RuntimeError("bnkit: the kernels built but registered no torch.ops.bnkit ops")
             _loaded = True
-        dt = time.perf_counter() - t0
-        state = "cached" if cached else f"built in {dt:.1f} s"
-        print(f"bnkit: C++ kernels ready ({state}): {library_path()}", file=sys.stderr)
+        state = "cached" if cached else f"built in {time.perf_counter() - t0:.1f} s"
+        print(f"bnkit: C++ kernels ready ({state}): {library_path()}", file=sys.stderr, flush=True)

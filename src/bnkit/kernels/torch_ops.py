@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..stats import Moments, accumulation_dtype
 
-__all__ = ["moments", "forward_train", "forward_eval", "backward"]
+__all__ = ["moments", "forward_train", "forward_eval", "backward", "backward_reduce", "backward_apply"]
 
 _DIMS = (0, 2)
 
@@ -62,7 +62,7 @@ def backward(
     mean: Tensor | None = None,
     invstd: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx3, dweight, dbias)`` of the training forward.
+    """``(dx3, dweight, dbias)`` of the training forward: :func:`backward_reduce` then :func:`backward_apply`.
 
     ``mean``/``invstd`` saved by the forward may be passed to skip recomputing
     them; leave them out when the result must itself be differentiable with
@@ -75,12 +75,46 @@ def backward(
     if mean is None or invstd is None:
         mean, var = moments(xa)
         invstd = torch.rsqrt(var + eps)
-    count = x3.shape[0] * x3.shape[2]
     xhat = (xa - _per_channel(mean)) * _per_channel(invstd)
-    dbias = g.sum(dim=_DIMS)
-    dweight = (g * xhat).sum(dim=_DIMS)
-    if count == 0:
-        return torch.zeros_like(x3), dweight, dbias
-    scale = invstd if weight is None else invstd * weight.to(acc)
-    dx = _per_channel(scale) * (g - _per_channel(dbias / count) - xhat * _per_channel(dweight / count))
-    return dx.to(x3.dtype), dweight, dbias
+    dbias, dweight = _reduce(g, xhat)
+    count = x3.shape[0] * x3.shape[2]
+    return _apply(g, xhat, x3, invstd, weight, dbias, dweight, count), dweight, dbias
+
+
+def backward_reduce(grad3: Tensor, x3: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The backward's reduce phase: per-channel ``(sum dy, sum dy * xhat)`` with the given statistics."""
+    acc = accumulation_dtype(x3.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (x3.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd)
+    return _reduce(grad3.to(acc), xhat)
+
+
+def backward_apply(
+    grad3: Tensor,
+    x3: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count: int,
+    eps: float,
+) -> Tensor:
+    """The backward's apply phase: ``dx3`` from the (possibly all-reduced) sums over ``count`` values."""
+    acc = accumulation_dtype(x3.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (x3.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd)
+    return _apply(grad3.to(acc), xhat, x3, invstd, weight, sum_dy.to(acc), sum_dy_xhat.to(acc), count)
+
+
+def _reduce(g: Tensor, xhat: Tensor) -> tuple[Tensor, Tensor]:
+    return g.sum(dim=_DIMS), (g * xhat).sum(dim=_DIMS)
+
+
+def _apply(g, xhat, x3, invstd, weight, sum_dy, sum_dy_xhat, count: int) -> Tensor:
+    # dx = w * invstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)
+    if count == 0 or x3.numel() == 0:
+        return torch.zeros_like(x3)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    dx = _per_channel(scale) * (g - _per_channel(sum_dy / count) - xhat * _per_channel(sum_dy_xhat / count))
+    return dx.to(x3.dtype)

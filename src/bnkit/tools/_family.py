@@ -13,29 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import fold
+from ..engine import fold
+from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS
 
-__all__ = ["is_bn", "bn_axis", "bn_affine", "has_running_stats", "CALL_HOOK_DICTS", "STATE_HOOK_DICTS"]
-
-# nn.Module attributes holding the hooks registered on a module's calls ...
-CALL_HOOK_DICTS = (
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_is_full_backward_hook",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-)
-# ... and on its state_dict.
-STATE_HOOK_DICTS = (
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
+__all__ = ["CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "bn_affine", "bn_axis", "has_running_stats", "is_bn"]
 
 def is_bn(module: nn.Module) -> bool:
     """True for torch BN layers and any module exposing ``inference_affine``, ``axis`` and ``num_features``."""

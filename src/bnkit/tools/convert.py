@@ -20,18 +20,13 @@ import copy
 from torch import nn
 
 from .. import layers
-from ._family import CALL_HOOK_DICTS, STATE_HOOK_DICTS
+from ..family import TORCH_BATCHNORM, ranked
+from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, replace_modules, take_over_tensors
 
 __all__ = ["convert"]
 
-_TORCH_TO_BNKIT: dict[type, type] = {
-    nn.BatchNorm1d: layers.BatchNorm1d,
-    nn.BatchNorm2d: layers.BatchNorm2d,
-    nn.BatchNorm3d: layers.BatchNorm3d,
-}
+_TORCH_TO_BNKIT: dict[type, type] = {torch_cls: ranked(layers.BatchNorm, dims) for dims, (torch_cls, _) in TORCH_BATCHNORM.items()}
 _BNKIT_TO_TORCH: dict[type, type] = {v: k for k, v in _TORCH_TO_BNKIT.items()}
-
-_HOOK_DICTS = CALL_HOOK_DICTS + STATE_HOOK_DICTS
 
 
 def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
@@ -40,14 +35,16 @@ def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
         problems.append(f"axis={bn.axis} (torch normalizes along axis 1)")
     if bn.share_affine != "none":
         problems.append(f"share_affine={bn.share_affine!r} (torch has per-channel weight and bias)")
+    if getattr(bn, "convention", "torch") != "torch":
+        problems.append(f"convention={bn.convention!r} (torch averages the unbiased batch variance)")
     if bn.affine and bn.bias is None:
         problems.append("bias=False (torch's affine layers always have a bias)")
     if problems:
-        raise ValueError(f"convert(to='torch'): {name or 'the model'} ({bn._describe()}) has no torch equivalent: " + "; ".join(problems))
+        raise ValueError(f"convert(to='torch'): {name or 'the model'} ({bn.describe()}) has no torch equivalent: " + "; ".join(problems))
 
 
 def _swap(old: nn.Module, new_cls: type) -> nn.Module:
-    """A ``new_cls`` layer that takes over ``old``'s tensors, flags and hooks."""
+    """A ``new_cls`` layer that takes over ``old``'s tensors and flags (hooks: :func:`replace_modules`)."""
     c = old.num_features
     ref = old.running_mean if old.running_mean is not None else old.weight
     # Built on the meta device: the real tensors are taken over from ``old`` below.
@@ -60,18 +57,8 @@ def _swap(old: nn.Module, new_cls: type) -> nn.Module:
         device="meta",
         dtype=None if ref is None else ref.dtype,
     )
-    for pname in ("weight", "bias"):
-        p = getattr(old, pname)
-        if p is None:
-            new.register_parameter(pname, None)
-        else:
-            new._parameters[pname] = p
-    for bname in ("running_mean", "running_var", "num_batches_tracked"):
-        new._buffers[bname] = old._buffers.get(bname)
+    take_over_tensors(new, old, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
     new.train(old.training)
-    for attr in _HOOK_DICTS:
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
     return new
 
 
@@ -92,9 +79,11 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
     ``eps`` and ``momentum``, so outputs and ``state_dict`` are equal. bnkit
     layers get their default ``nonfinite="skip"`` policy (torch propagates
     NaN/Inf into the running statistics; on finite data both agree); going
-    back to torch drops that policy. A bnkit layer with no torch equivalent
-    (``axis != 1``, ``share_affine``, ``bias=False``) raises ``ValueError``
-    before anything is changed. Subclasses of either family are left alone.
+    back to torch drops that policy (and ``tiny_batch``). A bnkit layer with no torch equivalent
+    (``axis != 1``, ``share_affine``, ``bias=False``, ``convention="keras"``,
+    or the generic rank-free :class:`bnkit.BatchNorm` of any axis) raises
+    ``ValueError`` before anything is changed. Subclasses of either family
+    (variants, SyncBatchNorm) are left alone.
     """
     if to not in ("bnkit", "torch"):
         raise ValueError(f"convert: to must be 'bnkit' or 'torch', got {to!r}")
@@ -105,16 +94,19 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
         for name, m in model.named_modules():
             if type(m) in table:
                 _check_torch_compatible(m, name)
+            elif type(m) is layers.BatchNorm:
+                # Not skipped silently: the generic layer accepts any rank (and any axis),
+                # while each torch class accepts fixed ranks with channels on axis 1.
+                raise ValueError(
+                    f"convert(to='torch'): layer {name or '<root>'!r} ({m._describe()}, axis={m.axis}) is the generic "
+                    "bnkit.BatchNorm, which has no torch equivalent (torch's BatchNorm1d/2d/3d take fixed ranks with "
+                    "the features on axis 1); use bnkit.BatchNorm1d/2d/3d for layers that should convert"
+                )
     if not inplace:
         model = copy.deepcopy(model)
-    if type(model) in table:
-        return _swap(model, table[type(model)])
-    # Collect first, then edit: a layer shared by several parents is swapped once.
-    swapped: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        for cname, child in list(parent._modules.items()):
-            if child is not None and type(child) in table:
-                if id(child) not in swapped:
-                    swapped[id(child)] = _swap(child, table[type(child)])
-                setattr(parent, cname, swapped[id(child)])
-    return model
+    return replace_modules(
+        model,
+        lambda m: type(m) in table,
+        lambda m, name: _swap(m, table[type(m)]),
+        hook_dicts=CALL_HOOK_DICTS + STATE_HOOK_DICTS,
+    )

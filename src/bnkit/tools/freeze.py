@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import layers, variants
+from .. import layers
+from ..family import ranked, torch_dims
+from ..surgery import CALL_HOOK_DICTS, replace_modules
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
-from ._family import CALL_HOOK_DICTS
 
 __all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
 
@@ -43,26 +44,6 @@ __all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
 _HOOK_DICTS = CALL_HOOK_DICTS
 # Attributes of nn.Module's own machinery that are not part of the remembered layer.
 _TENSOR_DICTS = ("_parameters", "_buffers", "_modules")
-
-_FROZEN_BY_DIMS: dict[tuple[int, ...] | None, type[FrozenBatchNorm]] = {
-    (2, 3): variants.FrozenBatchNorm1d,
-    (4,): variants.FrozenBatchNorm2d,
-    (5,): variants.FrozenBatchNorm3d,
-}
-_TORCH_DIMS: dict[type, tuple[int, ...]] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-    nn.LazyBatchNorm1d: (2, 3),
-    nn.LazyBatchNorm2d: (4,),
-    nn.LazyBatchNorm3d: (5,),
-}
-_BNKIT_BY_DIMS: dict[tuple[int, ...] | None, type[layers.BatchNorm]] = {
-    None: layers.BatchNorm,
-    (2, 3): layers.BatchNorm1d,
-    (4,): layers.BatchNorm2d,
-    (5,): layers.BatchNorm3d,
-}
 
 _REMEMBERED = "_bnkit_unfrozen_form"
 
@@ -74,11 +55,8 @@ def is_freezable(module: nn.Module) -> bool:
 
 def _expected_dims(bn: nn.Module) -> tuple[int, ...] | None:
     if isinstance(bn, layers.BatchNorm):
-        return bn._expected_dims
-    for cls, dims in _TORCH_DIMS.items():
-        if isinstance(bn, cls):
-            return dims
-    return None  # SyncBatchNorm and other subclasses: any rank
+        return bn.expected_dims
+    return torch_dims(bn)  # SyncBatchNorm and other subclasses: None, any rank
 
 
 def _check_freezable(bn: nn.Module, name: str) -> None:
@@ -108,12 +86,6 @@ def _remember(bn: nn.Module) -> dict[str, Any]:
     }
 
 
-def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
-    for k in _HOOK_DICTS:
-        if k in src.__dict__:
-            dst.__dict__[k] = src.__dict__[k]
-
-
 @torch.no_grad()
 def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
     """The frozen form of one BN layer (values copied, hooks not moved)."""
@@ -128,7 +100,7 @@ def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
             c, bn.sites, bn.eps, device=device, dtype=dtype, share_stats=bn.share_stats, axis=axis
         )
     else:
-        cls = _FROZEN_BY_DIMS.get(_expected_dims(bn), FrozenBatchNorm)
+        cls = ranked(FrozenBatchNorm, _expected_dims(bn))
         frozen = cls(c, bn.eps, device=device, dtype=dtype, axis=axis)
     frozen._buffers["weight"] = None if weight is None else weight.detach().clone()
     frozen._buffers["bias"] = None if bias is None else bias.detach().clone()
@@ -159,7 +131,7 @@ def _default_form(frozen: FrozenBatchNorm) -> dict[str, Any]:
     )
     if isinstance(frozen, FrozenSharedBatchNorm):
         return {"cls": SharedBatchNorm, "args": (c, frozen.sites), "kwargs": dict(kwargs, share_stats=frozen.share_stats)}
-    return {"cls": _BNKIT_BY_DIMS.get(frozen._expected_dims, layers.BatchNorm), "args": (c,), "kwargs": kwargs}
+    return {"cls": ranked(layers.BatchNorm, frozen.expected_dims), "args": (c,), "kwargs": kwargs}
 
 
 @torch.no_grad()
@@ -203,27 +175,6 @@ def unfrozen_copy(frozen: FrozenBatchNorm) -> nn.Module:
     return bn
 
 
-def _replace(model: nn.Module, want, convert, check) -> nn.Module:
-    """Replace every module matching ``want`` (including ``model``) by ``convert(m)``; check all first."""
-    names: dict[int, str] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if want(m):
-            names.setdefault(id(m), name)
-    found = {id(m): m for m in model.modules() if want(m)}
-    for key, m in found.items():
-        check(m, names.get(key, ""))
-    new: dict[int, nn.Module] = {}
-    for key, m in found.items():
-        replacement = convert(m)
-        _move_hooks(m, replacement)
-        new[key] = replacement
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if child is not None and id(child) in new:
-                parent._modules[child_name] = new[id(child)]
-    return new.get(id(model), model)
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every torch/bnkit BN layer of ``model`` by a :class:`~bnkit.FrozenBatchNorm` with the same values.
 
@@ -234,7 +185,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: expected an nn.Module, got {type(model).__name__}")
-    return _replace(model, is_freezable, frozen_copy, _check_freezable)
+    return replace_modules(model, is_freezable, lambda m, _: frozen_copy(m), _check_freezable)
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
@@ -247,4 +198,4 @@ def unfreeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: expected an nn.Module, got {type(model).__name__}")
-    return _replace(model, lambda m: isinstance(m, FrozenBatchNorm), unfrozen_copy, lambda m, n: None)
+    return replace_modules(model, lambda m: isinstance(m, FrozenBatchNorm), lambda m, _: unfrozen_copy(m))

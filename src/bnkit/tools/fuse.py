@@ -27,7 +27,7 @@ own first), and a BN left over becomes an :class:`Affine`.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,228 +35,14 @@ import torch.fx
 from torch import Tensor, nn
 
 from ._family import bn_affine, bn_axis, is_bn
+from .affine import Affine
+from .fold import before_ok, fold_after, fold_before, foldable_layer, out_axis_ok
+from .fuse_report import FusedPair, FuseReport, UnfusedBN
 
 __all__ = ["Affine", "FuseReport", "FusedPair", "UnfusedBN", "fuse"]
 
 
-# --------------------------------------------------------------------------- Affine
-def affine_call(input: Tensor, scale: Tensor, shift: Tensor, axis: int) -> Tensor:
-    """``input * scale + shift`` with the per-channel ``scale``/``shift`` along ``axis``."""
-    shape = [1] * input.dim()
-    shape[axis] = -1
-    return torch.addcmul(shift.reshape(shape), input, scale.reshape(shape))
-
-
-torch.fx.wrap("affine_call")
-
-
-class Affine(nn.Module):
-    """A per-channel affine map ``y = x * scale + shift`` along ``axis``: a BN layer in inference form.
-
-    ``scale`` and ``shift`` are buffers (constants of the inference model).
-    It has ``inference_affine()``, ``axis`` and ``num_features``, so a later
-    :func:`fuse` can fold it like a BN layer.
-    """
-
-    def __init__(self, scale: Tensor, shift: Tensor, axis: int = 1) -> None:
-        super().__init__()
-        if scale.dim() != 1 or scale.shape != shift.shape:
-            raise ValueError("Affine: scale and shift must be 1-D tensors of the same length")
-        self.num_features = scale.numel()
-        self.axis = axis
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
-
-    @classmethod
-    def from_bn(cls, bn: nn.Module) -> "Affine":
-        """The inference form of a BN-family layer (``RuntimeError`` if it has none)."""
-        scale, shift = bn_affine(bn)
-        aff = cls(scale, shift, bn_axis(bn))
-        aff.training = bn.training
-        return aff
-
-    def inference_affine(self) -> tuple[Tensor, Tensor]:
-        return self.scale, self.shift
-
-    def forward(self, input: Tensor) -> Tensor:
-        return affine_call(input, self.scale, self.shift, self.axis)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, axis={self.axis}"
-
-
-# --------------------------------------------------------------------------- report
-@dataclass
-class FusedPair:
-    """One BN folded into a layer: ``position`` is ``"after"`` (layer -> BN) or ``"before"`` (BN -> layer)."""
-
-    bn: str
-    layer: str
-    position: str
-    note: str = ""
-
-    def __str__(self) -> str:
-        s = f"{self.layer} -> {self.bn}" if self.position == "after" else f"{self.bn} -> {self.layer}"
-        return s + (f" ({self.note})" if self.note else "")
-
-
-@dataclass
-class UnfusedBN:
-    """A BN that was not folded: ``replaced_by`` is ``"Affine"`` or ``None`` (kept as it is)."""
-
-    bn: str
-    reason: str
-    replaced_by: str | None
-
-    def __str__(self) -> str:
-        kept = f"replaced by {self.replaced_by}" if self.replaced_by else "kept"
-        return f"{self.bn}: {kept} ({self.reason})"
-
-
-@dataclass
-class FuseReport:
-    """What :func:`fuse` did: folded pairs, BN layers not folded (with reasons), how each part was walked."""
-
-    fused: list[FusedPair] = field(default_factory=list)
-    unfused: list[UnfusedBN] = field(default_factory=list)
-    #: (module name, "fx" | "sequential" | "children", note) for each part of the model.
-    methods: list[tuple[str, str, str]] = field(default_factory=list)
-
-    @property
-    def num_fused(self) -> int:
-        return len(self.fused)
-
-    def __str__(self) -> str:
-        lines = [f"fused {len(self.fused)} BN layer(s), {len(self.unfused)} not fused"]
-        lines += [f"  fused    {p}" for p in self.fused]
-        lines += [f"  unfused  {u}" for u in self.unfused]
-        for name, method, note in self.methods:
-            lines.append(f"  {name or '<root>'}: {method}" + (f" ({note})" if note else ""))
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- folding math
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _channels(layer: nn.Module, side: str) -> int:
-    if isinstance(layer, nn.Linear):
-        return layer.out_features if side == "out" else layer.in_features
-    return layer.out_channels if side == "out" else layer.in_channels
-
-
-def _axis_check(layer: nn.Module, axis: int, ranks: set[int] | None) -> tuple[str | None, str]:
-    """``(why not, note)``: whether the BN's feature ``axis`` is ``layer``'s channel axis.
-
-    ``ranks`` are the BN input ranks seen on ``example_inputs`` (None: unknown).
-    """
-    if isinstance(layer, nn.Linear):
-        # Linear's features are the last axis.
-        if ranks:
-            if all(axis % r == r - 1 for r in ranks):
-                return None, ""
-            return f"feature axis {axis} is not the Linear's (last) feature axis of the {sorted(ranks)}-D input", ""
-        if axis == -1:
-            return None, ""
-        if axis == 1:  # BatchNorm1d after/before a Linear on (N, C): the common case
-            return None, "assumes a 2-D (N, C) input; pass example_inputs to check"
-        return f"feature axis {axis} is not the Linear's feature axis", ""
-    nd = layer.weight.dim()  # conv rank + 2 = batched input rank
-    if ranks and any(r != nd for r in ranks):
-        return f"the convolution's input is not batched ({sorted(ranks)}-D)", ""
-    if axis % nd != 1:
-        return f"feature axis {axis} is not the convolution's channel axis", ""
-    return None, ""
-
-
-def _out_axis_ok(layer: nn.Module, axis: int, num_features: int, ranks: set[int] | None) -> tuple[str | None, str]:
-    """``(why not, note)``: whether a BN after ``layer`` normalizes the layer's output channels."""
-    if _channels(layer, "out") != num_features:
-        return f"{num_features} features but the layer has {_channels(layer, 'out')} output channels", ""
-    return _axis_check(layer, axis, ranks)
-
-
-def _fold_after(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """In place: ``layer`` followed by ``x * scale + shift`` along its output channels."""
-    w = layer.weight
-    s = scale.to(torch.float64)
-    t = shift.to(torch.float64)
-    w64 = w.detach().to(torch.float64)
-    if isinstance(layer, _CONV_TRANSPOSES):
-        g = layer.groups
-        shape = w64.shape  # [in, out/g, k...]
-        w_new = (w64.reshape(g, shape[0] // g, shape[1], *shape[2:]) * s.reshape(g, 1, shape[1], *([1] * (w64.dim() - 2)))).reshape(shape)
-    else:
-        w_new = w64 * s.reshape(-1, *([1] * (w64.dim() - 1)))
-    b64 = torch.zeros_like(s) if layer.bias is None else layer.bias.detach().to(torch.float64)
-    b_new = b64 * s + t
-    _set_params(layer, w_new, b_new)
-
-
-def _fold_before(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    """In place: ``x * scale + shift`` along ``layer``'s input channels, followed by ``layer``."""
-    w64 = layer.weight.detach().to(torch.float64)
-    s = scale.to(torch.float64)
-    t = shift.to(torch.float64)
-    spatial = [1] * (w64.dim() - 2)
-    if isinstance(layer, nn.Linear):
-        w_new = w64 * s
-        extra = w64 @ t
-    elif isinstance(layer, _CONV_TRANSPOSES):
-        # weight [in, out/g, k...]: rows are the input channels.
-        w_new = w64 * s.reshape(-1, 1, *spatial)
-        g = layer.groups
-        c_in, c_out_g = w64.shape[0], w64.shape[1]
-        # output channel (group j, o) gets sum_i W[j*cin_g + i, o] * t[j*cin_g + i] (k = 1).
-        per = (w64 * t.reshape(-1, 1, *spatial)).sum(dim=tuple(range(2, w64.dim())))  # [in, out/g]
-        extra = per.reshape(g, c_in // g, c_out_g).sum(dim=1).reshape(-1)
-    else:
-        # weight [out, in/g, k...]: output channel o of group j reads input channels j*cin_g .. j*cin_g+cin_g-1.
-        g = layer.groups
-        c_out, cin_g = w64.shape[0], w64.shape[1]
-        s_in = s.reshape(g, 1, cin_g).expand(g, c_out // g, cin_g).reshape(c_out, cin_g, *spatial)
-        t_in = t.reshape(g, 1, cin_g).expand(g, c_out // g, cin_g).reshape(c_out, cin_g, *spatial)
-        w_new = w64 * s_in
-        extra = (w64 * t_in).sum(dim=tuple(range(1, w64.dim())))
-    b64 = torch.zeros_like(extra) if layer.bias is None else layer.bias.detach().to(torch.float64)
-    _set_params(layer, w_new, b64 + extra)
-
-
-def _set_params(layer: nn.Module, w_new: Tensor, b_new: Tensor) -> None:
-    w = layer.weight
-    layer.weight = nn.Parameter(w_new.to(w.dtype), requires_grad=w.requires_grad)
-    layer.bias = nn.Parameter(b_new.to(device=w.device, dtype=w.dtype), requires_grad=w.requires_grad)
-
-
-def _before_ok(layer: nn.Module, axis: int, num_features: int, ranks: set[int] | None) -> tuple[str | None, str]:
-    """``(why not, note)``: whether a BN with feature ``axis`` folds into the following ``layer``."""
-    if _channels(layer, "in") != num_features:
-        return f"{num_features} features but the layer has {_channels(layer, 'in')} input channels", ""
-    why, note = _axis_check(layer, axis, ranks)
-    if why is not None or isinstance(layer, nn.Linear):
-        return why, note
-    if isinstance(layer, _CONV_TRANSPOSES):
-        if any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride):
-            return "a transposed convolution reads its input with varying multiplicity unless kernel=1 and stride=1", ""
-        return None, ""
-    pad = layer.padding
-    if isinstance(pad, str):
-        if pad == "valid" or all(d * (k - 1) == 0 for d, k in zip(layer.dilation, layer.kernel_size)):
-            return None, ""
-        return "padding='same' pads the BN output with values that are not shifted", ""
-    if any(p != 0 for p in pad):
-        return f"padding={tuple(pad)}: padded positions would not carry the BN shift", ""
-    return None, ""
-
-
-def _foldable_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear,) + _CONVS + _CONV_TRANSPOSES) and type(m).forward in (
-        nn.Linear.forward,
-        *(c.forward for c in _CONVS + _CONV_TRANSPOSES),
-    )
-
-
+# --------------------------------------------------------------------------- walking
 def _check_eval(model: nn.Module) -> None:
     # Layers that learn statistics (they have a momentum) compute something else in training mode;
     # frozen ones (FrozenBatchNorm, Affine) are the same in both modes.
@@ -278,6 +64,37 @@ def _try_affine(bn: nn.Module) -> tuple[Affine | None, str]:
         return Affine.from_bn(bn), ""
     except RuntimeError as e:
         return None, str(e)
+
+
+@dataclass
+class _Neighbour:
+    """A layer next to a BN, as the walker sees it: foldable (``layer``) or not (``why_not``)."""
+
+    layer: nn.Module | None
+    why_not: str = ""
+    #: a reason found by the walker that holds even when the fold algebra agrees (e.g. other users)
+    obstacle: str | None = None
+
+
+def _decide(bn: nn.Module, scale: Tensor, before: _Neighbour, after: _Neighbour, ctx: "_Ctx") -> tuple[str | None, str]:
+    """The one decision of both walkers: ``("after" | "before", note)`` or ``(None, why not)``.
+
+    Folding into the preceding layer (``layer -> BN``) is preferred; the
+    following layer (``BN -> layer``) is tried next.
+    """
+    axis, n, ranks = bn_axis(bn), scale.numel(), ctx.ranks.get(id(bn))
+    reasons = []
+    for side, nb, check in (("after", before, out_axis_ok), ("before", after, before_ok)):
+        if nb.layer is None:
+            reasons.append(nb.why_not)
+            continue
+        reason, note = check(nb.layer, axis, n, ranks)
+        if reason is None and nb.obstacle is not None:
+            reason = nb.obstacle
+        if reason is None:
+            return side, note
+        reasons.append(reason)
+    return None, _why(*reasons)
 
 
 # --------------------------------------------------------------------------- fx path
@@ -370,40 +187,30 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
             report.unfused.append(UnfusedBN(name, str(e), None))
             continue
-        axis = bn_axis(bn)
         # From here on the call is the per-channel map of its first argument.
         node.args, node.kwargs = node.args[:1], {}
-        # layer -> BN
         prev = node.args[0]
-        reason_prev = "the BN input is not the output of a Conv/ConvTranspose/Linear module"
-        if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and _foldable_layer(modules[prev.target]):
-            reason_prev, note = _out_axis_ok(modules[prev.target], axis, scale.numel(), ctx.ranks.get(id(bn)))
-            if reason_prev is None and len(prev.users) != 1:
-                reason_prev = f"the output of {_join(prefix, prev.target)} has other users"
-            if reason_prev is None:
-                layer_name = _join(prefix, prev.target)
-                _fold_after(own_layer(prev), scale, shift)
-                node.replace_all_uses_with(prev)
-                gm.graph.erase_node(node)
-                report.fused.append(FusedPair(name, layer_name, "after", note))
-                continue
-        # BN -> layer
+        before = _Neighbour(None, "the BN input is not the output of a Conv/ConvTranspose/Linear module")
+        if isinstance(prev, torch.fx.Node) and prev.op == "call_module" and foldable_layer(modules[prev.target]):
+            other_users = f"the output of {_join(prefix, prev.target)} has other users"
+            before = _Neighbour(modules[prev.target], obstacle=other_users if len(prev.users) != 1 else None)
         users = list(node.users)
-        reason_next = "the BN output does not go only to a Conv/ConvTranspose/Linear module"
-        if len(users) == 1:
-            nxt = users[0]
-            if nxt.op == "call_module" and _foldable_layer(modules[nxt.target]) and single_input_call(nxt, node):
-                reason_next, note = _before_ok(modules[nxt.target], axis, scale.numel(), ctx.ranks.get(id(bn)))
-                if reason_next is None:
-                    layer_name = _join(prefix, nxt.target)
-                    _fold_before(own_layer(nxt), scale, shift)
-                    node.replace_all_uses_with(prev)
-                    gm.graph.erase_node(node)
-                    report.fused.append(FusedPair(name, layer_name, "before", note))
-                    continue
-        elif len(users) > 1:
-            reason_next = "the BN output has several users"
-        unfused[node] = (_why(reason_prev, reason_next), scale, shift)
+        after = _Neighbour(None, "the BN output does not go only to a Conv/ConvTranspose/Linear module")
+        if len(users) > 1:
+            after = _Neighbour(None, "the BN output has several users")
+        elif users and users[0].op == "call_module" and foldable_layer(modules[users[0].target]):
+            if single_input_call(users[0], node):
+                after = _Neighbour(modules[users[0].target])
+        side, note = _decide(bn, scale, before, after, ctx)
+        if side is None:
+            unfused[node] = (note, scale, shift)
+            continue
+        other = prev if side == "after" else users[0]
+        layer_name = _join(prefix, other.target)  # before own_layer may rename a shared layer's copy
+        (fold_after if side == "after" else fold_before)(own_layer(other), scale, shift)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        report.fused.append(FusedPair(name, layer_name, side, note))
 
     # What is left becomes one Affine op per call site.
     for node, (reason, scale, shift) in unfused.items():
@@ -459,31 +266,26 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Ctx) -> None:
                 report.unfused.append(UnfusedBN(full, str(e), None))
                 i += 1
                 continue
-            axis = bn_axis(m)
             prev_name = next((n for n in reversed(names[:i]) if n not in removed), None)
             nxt_name = names[i + 1] if i + 1 < len(names) else None
-            reasons = []
-            # Fold into the previous layer's output channels, else into the next layer's inputs.
-            for side, other, check, fold_into, where in (
-                ("after", prev_name, _out_axis_ok, _fold_after, "previous"),
-                ("before", nxt_name, _before_ok, _fold_before, "next"),
-            ):
+
+            def neighbour(other: str | None, where: str) -> _Neighbour:
                 layer = seq._modules[other] if other is not None else None
-                if layer is None or not _foldable_layer(layer):
-                    reasons.append(f"the {where} child is not a Conv/ConvTranspose/Linear")
-                    continue
-                reason, note = check(layer, axis, scale.numel(), ctx.ranks.get(id(m)))
-                reasons.append(reason)
-                if reason is None:
-                    fold_into(own(other), scale, shift)
-                    del seq._modules[name]
-                    removed.add(name)
-                    report.fused.append(FusedPair(full, _join(prefix, other), side, note))
-                    break
-            else:
+                if layer is None or not foldable_layer(layer):
+                    return _Neighbour(None, f"the {where} child is not a Conv/ConvTranspose/Linear")
+                return _Neighbour(layer)
+
+            side, note = _decide(m, scale, neighbour(prev_name, "previous"), neighbour(nxt_name, "next"), ctx)
+            if side is None:
                 if not isinstance(m, Affine):
                     seq._modules[name] = Affine.from_bn(m)
-                report.unfused.append(UnfusedBN(full, _why(*reasons), "Affine"))
+                report.unfused.append(UnfusedBN(full, note, "Affine"))
+            else:
+                other = prev_name if side == "after" else nxt_name
+                (fold_after if side == "after" else fold_before)(own(other), scale, shift)
+                del seq._modules[name]
+                removed.add(name)
+                report.fused.append(FusedPair(full, _join(prefix, other), side, note))
         else:
             seq._modules[name] = _fuse_any(m, _join(prefix, name), ctx)
         i += 1

@@ -8,6 +8,7 @@
 // graph.  Kept apart from ops.cpp so the two heavy header sets compile in
 // parallel.
 #include "bnkit_kernels.h"
+#include "layout.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
@@ -38,25 +39,22 @@ c10::TypedOperatorHandle<Sig> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-const c10::TypedOperatorHandle<TrainSig>& train_op() {
-  static const auto op = find_op<TrainSig>("bnkit::batch_norm_train");
-  return op;
-}
-const c10::TypedOperatorHandle<EvalSig>& eval_op() {
-  static const auto op = find_op<EvalSig>("bnkit::batch_norm_eval");
-  return op;
-}
-const c10::TypedOperatorHandle<MomentsSig>& moments_op() {
-  static const auto op = find_op<MomentsSig>("bnkit::moments");
-  return op;
-}
-const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static const auto op = find_op<BackwardSig>("bnkit::batch_norm_backward");
-  return op;
-}
-const c10::TypedOperatorHandle<EvalBackwardSig>& eval_backward_op() {
-  static const auto op = find_op<EvalBackwardSig>("bnkit::batch_norm_eval_backward");
-  return op;
+// The typed handle of a registered op, looked up once.
+#define BNKIT_OP_HANDLE(fn, Sig, name)                      \
+  const c10::TypedOperatorHandle<Sig>& fn() {               \
+    static const auto op = find_op<Sig>("bnkit::" name);    \
+    return op;                                              \
+  }
+BNKIT_OP_HANDLE(train_op, TrainSig, "batch_norm_train")
+BNKIT_OP_HANDLE(eval_op, EvalSig, "batch_norm_eval")
+BNKIT_OP_HANDLE(infer_op, InferSig, "batch_norm_infer")
+BNKIT_OP_HANDLE(moments_op, MomentsSig, "moments")
+BNKIT_OP_HANDLE(backward_op, BackwardSig, "batch_norm_backward")
+BNKIT_OP_HANDLE(eval_backward_op, EvalBackwardSig, "batch_norm_eval_backward")
+#undef BNKIT_OP_HANDLE
+
+std::optional<Tensor> opt(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
 Tensor per_channel(const Tensor& t) {
@@ -65,22 +63,37 @@ Tensor per_channel(const Tensor& t) {
 
 // ------------------------------------------------------------ autograd fns --
 
+// The training forward, one graph node.  Two callers: the bnkit::batch_norm_train
+// op on x3 (`layer` false: the kernels are reached through the dispatcher, so
+// that torch.compile's fake tensors meet the Meta kernels), and the fused layer
+// call on the input in its own layout with feature dim `axis` (`layer` true:
+// outputs written in place, no intermediate tensors).  The backward is the
+// fused backward kernel, or, when a graph of the backward is requested,
+// train_backward_composite.
 class TrainFn : public torch::autograd::Function<TrainFn> {
  public:
   static variable_list forward(
       AutogradContext* ctx,
-      const Tensor& x3,
+      const Tensor& x,
       const std::optional<Tensor>& weight,
       const std::optional<Tensor>& bias,
-      double eps) {
+      double eps,
+      int64_t axis,
+      bool layer) {
+    const Layout layout = layer ? layout_of(x, axis) : kContiguous;
     Tensor y, mean, var;
-    {
+    if (layer) {
+      y = empty_in_layout(x, layout);
+      std::tie(mean, var) = batch_norm_train_into(view3(x, axis, layout), view3(y, axis, layout), weight, bias, eps);
+    } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, mean, var) = train_op().call(x3, weight, bias, eps);
+      std::tie(y, mean, var) = train_op().call(x, weight, bias, eps);
     }
-    const Tensor w = weight.has_value() ? *weight : Tensor();
-    ctx->save_for_backward({x3, w, mean, var});
+    ctx->save_for_backward({x, weight.has_value() ? *weight : Tensor(), mean, var});
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["layout"] = static_cast<int64_t>(layout);
+    ctx->saved_data["layer"] = layer;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false); // mean and var get no gradient: no zeros for them
@@ -92,20 +105,35 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     const Tensor& x = saved[0];
     const Tensor& w = saved[1];
     const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t axis = ctx->saved_data["axis"].toInt();
+    const Layout layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
+    const bool layer = ctx->saved_data["layer"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const Tensor& gy = grads[0];
-    if (!gy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!gy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) {
-      std::tie(dx, dw, db) = train_backward_composite(gy, x, w, eps);
+    if (at::GradMode::is_enabled()) { // double backward: differentiable views and composite
+      if (layer) {
+        Tensor dx3;
+        std::tie(dx3, dw, db) = train_backward_composite(view3(gy, axis, layout), view3(x, axis, layout), w, eps);
+        dx = unview3(dx3, x, axis, layout);
+      } else {
+        std::tie(dx, dw, db) = train_backward_composite(gy, x, w, eps);
+      }
+    } else if (layer) {
+      dx = empty_in_layout(x, layout);
+      std::tie(dw, db) = batch_norm_backward_into(
+          view3(gy, axis, layout), view3(x, axis, layout), saved[2], saved[3], opt(w), eps, view3(dx, axis, layout));
     } else {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dw, db) = backward_op().call(gy, x, saved[2], saved[3], w.defined() ? std::optional<Tensor>(w) : std::nullopt, eps);
+      std::tie(dx, dw, db) = backward_op().call(gy, x, saved[2], saved[3], opt(w), eps);
     }
     return {
         ctx->needs_input_grad(0) ? dx : Tensor(),
         (w.defined() && ctx->needs_input_grad(1)) ? cast_like(dw, w) : Tensor(),
         (has_bias && ctx->needs_input_grad(2)) ? db : Tensor(),
+        Tensor(),
+        Tensor(),
         Tensor()};
   }
 };
@@ -147,11 +175,6 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
         ctx->needs_input_grad(2) ? cast_like(dshift, shift) : Tensor()};
   }
 };
-
-const c10::TypedOperatorHandle<InferSig>& infer_op() {
-  static const auto op = find_op<InferSig>("bnkit::batch_norm_infer");
-  return op;
-}
 
 // Inference BN with given statistics.  The backward is a few ATen ops (dx =
 // g*scale is one broadcast multiply), differentiable, so double backward works.
@@ -284,7 +307,17 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return train_op().call(x3, weight, bias, eps);
   }
-  auto out = TrainFn::apply(x3, weight, bias, eps);
+  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> train_layer_autograd(
+    const Tensor& input,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps,
+    int64_t axis) {
+  auto out = TrainFn::apply(input, weight, bias, eps, axis, true);
   return {out[0], out[1], out[2]};
 }
 
@@ -313,7 +346,7 @@ std::tuple<Tensor, Tensor> moments_autograd(const Tensor& x3) {
   return {out[0], out[1]};
 }
 
-bool update_running_stats_autograd(
+bool update_running_stats_inplace(
     Tensor& running_mean,
     Tensor& running_var,
     const Tensor& mean,
@@ -324,19 +357,41 @@ bool update_running_stats_autograd(
   TORCH_CHECK(
       !running_mean.requires_grad() && !running_var.requires_grad(),
       "bnkit::update_running_stats_: the running statistics must not require grad");
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bnkit::update_running_stats_", "")
-                             .typed<bool(Tensor&, Tensor&, const Tensor&, const Tensor&, double, int64_t, bool)>();
-  bool ok;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ok = op.call(running_mean, running_var, mean, var, factor, count, check_finite);
-  }
+  const bool ok = update_running_stats_cpu(running_mean, running_var, mean, var, factor, count, check_finite);
   if (ok && count > 0) {
     torch::autograd::impl::bump_version(running_mean);
     torch::autograd::impl::bump_version(running_var);
   }
   return ok;
+}
+
+bool running_update(
+    Tensor& running_mean,
+    Tensor& running_var,
+    const std::optional<Tensor>& num_batches_tracked,
+    const Tensor& mean,
+    const Tensor& var,
+    double momentum,
+    int64_t count,
+    bool check_finite) {
+  const Tensor nbt = num_batches_tracked.has_value() ? *num_batches_tracked : Tensor();
+  TORCH_CHECK(
+      !nbt.defined() || (nbt.device().is_cpu() && nbt.scalar_type() == at::kLong && nbt.numel() == 1),
+      "bnkit::running_update_: num_batches_tracked must be a one-element int64 CPU tensor");
+  if (count > 0) { // an empty batch has no statistics; it is still counted
+    const bool cumulative = momentum < 0;
+    TORCH_CHECK(
+        !cumulative || nbt.defined(),
+        "bnkit::running_update_: the cumulative average (momentum < 0) needs num_batches_tracked");
+    const double factor = cumulative ? 1.0 / static_cast<double>(*nbt.const_data_ptr<int64_t>() + 1) : momentum;
+    if (!update_running_stats_inplace(running_mean, running_var, mean, var, factor, count, check_finite))
+      return false;
+  }
+  if (nbt.defined()) { // not part of any graph: incremented through its data
+    *nbt.mutable_data_ptr<int64_t>() += 1;
+    torch::autograd::impl::bump_version(nbt);
+  }
+  return true;
 }
 
 } // namespace bnkit

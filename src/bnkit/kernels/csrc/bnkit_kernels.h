@@ -112,6 +112,30 @@ bool update_running_stats_cpu(
     int64_t count,
     bool check_finite);
 
+// grad_x3 of the training forward from the backward's sums given by the
+// caller (sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) over `count` values,
+// e.g. all-reduced across ranks): the backward-apply phase.
+at::Tensor batch_norm_backward_apply_cpu(
+    const at::Tensor& grad_y3,
+    const at::Tensor& x3,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xhat,
+    int64_t count,
+    double eps);
+
+// ---- values shared with Python (read there once through bnkit::layer_constants) --
+// Status of bnkit::batch_norm_layer.
+constexpr int64_t kHandled = 0;
+constexpr int64_t kNonFinite = 1; // handled; the running statistics were left unchanged
+constexpr int64_t kNotHandled = 2; // nothing changed: the caller takes the general path
+// Rank mask with bits 2, 3, ... set: "at least (N, C)", the F-style API's rule.
+constexpr int64_t kRanksFrom2 = -4;
+// The momentum that asks for the cumulative average (momentum=None in Python).
+constexpr double kCumulativeMomentum = -1.0;
+
 // Autograd kernels of the forward ops (autograd.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(
     const at::Tensor& x3,
@@ -127,12 +151,41 @@ at::Tensor infer_autograd(
     const std::optional<at::Tensor>& bias,
     double eps);
 std::tuple<at::Tensor, at::Tensor> moments_autograd(const at::Tensor& x3);
-bool update_running_stats_autograd(
+
+// The training forward of a layer on `input` in its own layout (feature dim
+// `axis`), as one autograd node: the one training Function of the C++
+// backend (train_autograd is it on x3 with axis 1).  Returns (y, mean, var).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_layer_autograd(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps,
+    int64_t axis);
+
+// bnkit::update_running_stats_: update_running_stats_cpu plus the buffers'
+// version counters (the op has no autograd formula; the buffers must not
+// require grad).
+bool update_running_stats_inplace(
     at::Tensor& running_mean,
     at::Tensor& running_var,
     const at::Tensor& mean,
     const at::Tensor& var,
     double factor,
+    int64_t count,
+    bool check_finite);
+
+// bnkit::running_update_, the running-statistics phase of every layer call:
+// the factor (momentum, or 1 / (num_batches_tracked + 1) for the cumulative
+// average, momentum < 0), the update, and the num_batches_tracked increment
+// (also for an empty batch, count 0, which has no statistics to average).
+// Returns false, changing nothing, when check_finite finds NaN/Inf.
+bool running_update(
+    at::Tensor& running_mean,
+    at::Tensor& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    double momentum,
     int64_t count,
     bool check_finite);
 

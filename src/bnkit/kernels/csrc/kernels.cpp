@@ -35,7 +35,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <unistd.h>
 
 namespace bnkit {
 namespace {
@@ -87,7 +86,7 @@ inline void for_runs(int64_t r0, int64_t r1, int64_t C, const F& fn) {
 // normalizes the block (or applies the gradient) while it is still in the
 // core's cache, so the input is read from memory once instead of twice.
 // `budget` (tuning().block_bytes / block_bytes_grad) bounds a block's data;
-// 0 turns the schedule off (defaults and measurements: tuning()).
+// 0 turns the schedule off (defaults and measurements: cpu_config.cpp).
 struct Blocks {
   int64_t cb = 0, nb = 0, grain = 1;
 };
@@ -334,7 +333,7 @@ void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
 //           more than a core's L2);
 //   kGrad   backward input gradient, from tuning().nt_grad_bytes (3 MB);
 //   kEval   inference output, from tuning().nt_eval_bytes (by the L2 size:
-//           see the defaults at tuning()).
+//           see the defaults in cpu_config.cpp).
 // An output written through the cache is read back cheaply by the next layer,
 // but evicts the inputs.  Measured on the 2-core EPYC VM (32 MB L3), whole
 // benchmark runs: with 3 MB rather than 8 MB for training outputs the module
@@ -467,6 +466,14 @@ void train_kernel(
 
 // -------------------------------------------------------------- backward --
 
+// The backward's two per-channel sums, given (the backward-apply phase):
+// sum_g = sum(g), sum_gxc = sum(g * (x - mean)) over `count` values.
+struct Sums {
+  const double* sum_g;
+  const double* sum_gxc;
+  int64_t count;
+};
+
 template <typename T>
 void backward_kernel(
     const T* g,
@@ -478,12 +485,16 @@ void backward_kernel(
     const typename AccT<T>::type* w,
     double eps,
     typename AccT<T>::type* dw,
-    typename AccT<T>::type* db) {
+    typename AccT<T>::type* db,
+    const Sums* given = nullptr) {
   using A = typename AccT<T>::type;
   const RowKernels<T>& rk = row_kernels_for<T>();
-  const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
+  const int64_t N = s.N, C = s.C, S = s.S;
+  // The count the coefficients divide by: this tensor's, or (given sums) the
+  // whole batch's that the sums were reduced over.
+  const int64_t M = given ? given->count : s.M();
   if (C == 0) return;
-  if (M == 0) {
+  if (M == 0 || s.M() == 0) {
     for (int64_t c = 0; c < C; ++c) dw[c] = db[c] = A(0);
     return;
   }
@@ -492,7 +503,7 @@ void backward_kernel(
   };
   std::vector<A> mhi(C), mlo(C);
   split_mean(C, mean, mhi.data(), mlo.data());
-  const int64_t budget = tuning().block_bytes_grad.load(std::memory_order_relaxed);
+  const int64_t budget = given ? 0 : tuning().block_bytes_grad.load(std::memory_order_relaxed);
   // dx of NCHW-like layouts: streamed past the caches from nt_grad_bytes (on the
   // 2 MB-L2 Xeon VM this made the 6-25 MB NCHW backward 1.2-1.35x faster).
   const auto span_apply = use_nt_stores<T>(s, dx, Pass::kGrad) && rk.span_bwd_apply_nt != nullptr ? rk.span_bwd_apply_nt : rk.bwd_apply;
@@ -521,17 +532,22 @@ void backward_kernel(
     return;
   }
   std::vector<double> sg(C), sx(C);
-  reduce2<A>(
-      s,
-      sg.data(),
-      sx.data(),
-      [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
-        const int64_t off = (n * C + c0) * S;
-        rk.bwd_sums(g + off, x + off, c1 - c0, S, mhi.data() + c0, mlo.data() + c0, a, b);
-      },
-      [&](int64_t r0, int64_t r1, A* sa, A* sb) {
-        rk.cl_bwd_sums(g + r0 * C, x + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), sa, sb);
-      });
+  if (given) { // the backward-apply phase: sums reduced elsewhere (e.g. across ranks)
+    std::copy(given->sum_g, given->sum_g + C, sg.begin());
+    std::copy(given->sum_gxc, given->sum_gxc + C, sx.begin());
+  } else {
+    reduce2<A>(
+        s,
+        sg.data(),
+        sx.data(),
+        [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
+          const int64_t off = (n * C + c0) * S;
+          rk.bwd_sums(g + off, x + off, c1 - c0, S, mhi.data() + c0, mlo.data() + c0, a, b);
+        },
+        [&](int64_t r0, int64_t r1, A* sa, A* sb) {
+          rk.cl_bwd_sums(g + r0 * C, x + r0 * C, r1 - r0, C, mhi.data(), mlo.data(), sa, sb);
+        });
+  }
   std::vector<A> k1(C), k2(C), k3(C);
   coefs(0, C, sg.data(), sx.data(), k1.data(), k2.data(), k3.data());
   if (S > 1) {
@@ -851,6 +867,54 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {dx, dw, db};
 }
 
+Tensor batch_norm_backward_apply_cpu(
+    const Tensor& grad_y3_,
+    const Tensor& x3_,
+    const Tensor& mean_,
+    const Tensor& var_,
+    const std::optional<Tensor>& weight,
+    const Tensor& sum_dy,
+    const Tensor& sum_dy_xhat,
+    int64_t count,
+    double eps) {
+  const char* op = "batch_norm_backward_apply";
+  const Tensor x3 = check_x3(x3_, op);
+  const Tensor gx = check_grad(grad_y3_, x3, op);
+  TORCH_CHECK(count >= 0, "bnkit::", op, ": count must be >= 0, got ", count);
+  const Shape s = shape_of(x3);
+  const auto acc = acc_dtype(x3.scalar_type());
+  const Tensor mean = check_param(mean_, s.C, acc, op, "mean");
+  const Tensor var = check_param(var_, s.C, acc, op, "var");
+  Tensor w;
+  if (weight.has_value() && weight->defined()) w = check_param(*weight, s.C, acc, op, "weight");
+  std::vector<double> sg, sxhat;
+  param_as_double(sum_dy, s.C, op, "sum_dy", sg);
+  param_as_double(sum_dy_xhat, s.C, op, "sum_dy_xhat", sxhat);
+  Tensor dx = at::empty(x3.sizes(), x3.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<double> sx(s.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::batch_norm_backward_apply", [&] {
+    using A = typename AccT<scalar_t>::type;
+    const A* v = var.const_data_ptr<A>();
+    // sum(g * (x - mean)) = sum(g * xhat) * sqrt(var + eps)
+    for (int64_t c = 0; c < s.C; ++c) sx[c] = sxhat[c] * std::sqrt(static_cast<double>(v[c]) + eps);
+    const Sums given{sg.data(), sx.data(), count};
+    std::vector<A> dw(s.C), db(s.C); // the global dw, db: not this phase's result
+    backward_kernel<scalar_t>(
+        gx.const_data_ptr<scalar_t>(),
+        x3.const_data_ptr<scalar_t>(),
+        dx.mutable_data_ptr<scalar_t>(),
+        s,
+        mean.const_data_ptr<A>(),
+        v,
+        opt_ptr<A>(w),
+        eps,
+        dw.data(),
+        db.data(),
+        &given);
+  });
+  return dx;
+}
+
 bool update_running_stats_cpu(
     Tensor& running_mean,
     Tensor& running_var,
@@ -936,113 +1000,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_backward_cpu(
         dshift.mutable_data_ptr<double>());
   });
   return {dx, dscale.to(acc), dshift.to(acc)};
-}
-
-} // namespace bnkit
-
-// ------------------------------------------------------- ISA selection --
-
-namespace bnkit {
-
-namespace {
-RowKernelSet select_row_kernels() {
-  RowKernelSet set{};
-  fill_row_kernels_default(set);
-  const char* cap = std::getenv("BNKIT_CPU_ISA");
-  const std::string want = cap ? cap : "";
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  if (want == "default") return set;
-  if (avx512 && want != "avx2") {
-    RowKernelSet s512 = set;
-    if (fill_row_kernels_avx512(s512)) {
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-      if (want != "avx512" && __builtin_cpu_supports("avx512bf16")) fill_row_kernels_avx512bf16(s512);
-#endif
-      return s512;
-    }
-  }
-  if (avx2) {
-    RowKernelSet s2 = set;
-    if (fill_row_kernels_avx2(s2)) return s2;
-  }
-#endif
-  return set;
-}
-} // namespace
-
-const RowKernelSet& row_kernels() {
-  static const RowKernelSet set = select_row_kernels();
-  return set;
-}
-
-const char* cpu_isa() {
-  return row_kernels().isa;
-}
-
-namespace {
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* e = std::getenv(name);
-  return e != nullptr && e[0] != '\0' ? std::atoll(e) : fallback;
-}
-// Defaults that depend on the cache hierarchy, from two machines measured in
-// same-process shuffled A/B runs (benchmarks/kernels.py cases):
-//   2-core Xeon VM (Intel, 2 MB L2 per core, large shared L3): the blocked NCHW
-//     backward (use_channel_blocks, g and x of a block in half the L2) made the
-//     24.5 MB backward 1.15-1.2x faster and no case slower; streaming the 6 MB
-//     eval outputs made them 1.2-1.8x faster (through the cache they were
-//     0.83-1.04x ATen's), while 1 MB outputs were 1.3-2x slower streamed.
-//   2-core EPYC VM (AMD Zen 4, 1 MB L2, 32 MB L3): blocking was slower than two
-//     passes in memory order, and 6 MB eval outputs were up to 2x faster
-//     written through the cache (streamed from 16 MB, half the L3).
-// So the L2 size picks the class: 2 MB or more -> block the backward in half
-// the L2 and stream inference outputs from twice the L2; otherwise neither.
-// The blocked training forward was slower on both (its output goes through
-// the cache; the two-pass forward streams it), so block_bytes is 0.
-int64_t l2_bytes() {
-#ifdef _SC_LEVEL2_CACHE_SIZE
-  return std::max<int64_t>(0, static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE)));
-#else
-  return 0;
-#endif
-}
-bool large_l2() {
-  return l2_bytes() >= (int64_t(2) << 20);
-}
-} // namespace
-
-Tuning& tuning() {
-  static Tuning t{
-      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS", 8192))},
-      {std::max<int64_t>(16, env_int("BNKIT_SUB_FLOATS_GRAD", 65536))},
-      {env_int("BNKIT_NT_BYTES", int64_t(3) << 20)},
-      {env_int("BNKIT_NT_GRAD_BYTES", int64_t(3) << 20)},
-      {env_int("BNKIT_NT_EVAL_BYTES", large_l2() ? 2 * l2_bytes() : int64_t(16) << 20)},
-      {std::max<int64_t>(0, env_int("BNKIT_BLOCK_BYTES", 0))},
-      {std::max<int64_t>(0, env_int("BNKIT_BLOCK_BYTES_GRAD", large_l2() ? l2_bytes() / 2 : 0))}};
-  return t;
-}
-
-int64_t set_tuning(const std::string& name, int64_t value) {
-  Tuning& t = tuning();
-  std::atomic<int64_t>* knob = name == "sub_floats" ? &t.sub_floats
-      : name == "sub_floats_grad"                   ? &t.sub_floats_grad
-      : name == "nt_bytes"                          ? &t.nt_bytes
-      : name == "nt_grad_bytes"                     ? &t.nt_grad_bytes
-      : name == "nt_eval_bytes"                     ? &t.nt_eval_bytes
-      : name == "block_bytes"                       ? &t.block_bytes
-      : name == "block_bytes_grad"                  ? &t.block_bytes_grad
-                                                    : nullptr;
-  TORCH_CHECK(
-      knob != nullptr,
-      "bnkit::_tune: unknown knob '",
-      name,
-      "' (sub_floats, sub_floats_grad, nt_bytes, nt_grad_bytes, nt_eval_bytes, block_bytes, block_bytes_grad)");
-  if (knob == &t.sub_floats || knob == &t.sub_floats_grad) value = value < 0 ? value : std::max<int64_t>(16, value);
-  return value < 0 ? knob->load() : knob->exchange(value);
 }
 
 } // namespace bnkit

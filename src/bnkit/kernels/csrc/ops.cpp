@@ -11,8 +11,17 @@
 //       -> (grad_x3, grad_weight, grad_bias)
 //   bnkit::batch_norm_eval_backward(grad_y3, x3, scale)
 //       -> (grad_x3, grad_scale, grad_shift)
+//   bnkit::batch_norm_backward_apply(grad_y3, x3, mean, var, weight?, sum_dy,
+//       sum_dy_xhat, count, eps) -> grad_x3
+//       the backward's apply phase with sums reduced by the caller (SyncBN)
 //   bnkit::update_running_stats_(running_mean!, running_var!, mean, var, factor,
 //       count, check_finite) -> bool   (eager running-average update)
+//   bnkit::running_update_(running_mean!, running_var!, num_batches_tracked!?,
+//       mean, var, momentum, count, check_finite) -> bool
+//       the running-statistics phase of every layer call: factor (momentum < 0:
+//       cumulative average), update, num_batches_tracked increment
+//   bnkit::layer_constants() -> (handled, nonfinite, not_handled, ranks_from_2,
+//       cumulative_momentum)   (the values Python shares with layer.cpp)
 //   bnkit::cpu_isa() -> str   (instruction set of the inner loops in use)
 //   bnkit::_tune(name, value) -> int   (sets a tuning knob, returns the old
 //       value; value < 0 reads it: benchmarks A/B settings in one process)
@@ -102,6 +111,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_meta(
       at::empty_symint({C}, stat_options(x3))};
 }
 
+Tensor backward_apply_meta(
+    const Tensor&,
+    const Tensor& x3,
+    const Tensor&,
+    const Tensor&,
+    const std::optional<Tensor>&,
+    const Tensor&,
+    const Tensor&,
+    int64_t,
+    double) {
+  meta_check(x3, "batch_norm_backward_apply");
+  return at::empty_like(x3, at::MemoryFormat::Contiguous);
+}
+
 std::tuple<Tensor, Tensor, Tensor> eval_backward_meta(const Tensor&, const Tensor& x3, const Tensor&) {
   meta_check(x3, "batch_norm_eval_backward");
   auto C = x3.sym_size(1);
@@ -125,8 +148,18 @@ TORCH_LIBRARY(bnkit, m) {
       " -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_eval_backward(Tensor grad_y3, Tensor x3, Tensor scale) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "batch_norm_backward_apply(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight,"
+      " Tensor sum_dy, Tensor sum_dy_xhat, int count, float eps) -> Tensor");
+  m.def(
       "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
       " float factor, int count, bool check_finite) -> bool");
+  m.def(
+      "running_update_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
+      " Tensor mean, Tensor var, float momentum, int count, bool check_finite) -> bool");
+  m.def("layer_constants() -> (int, int, int, int, float)", [] {
+    return std::make_tuple(
+        bnkit::kHandled, bnkit::kNonFinite, bnkit::kNotHandled, bnkit::kRanksFrom2, bnkit::kCumulativeMomentum);
+  });
   m.def("cpu_isa() -> str", [] { return std::string(bnkit::cpu_isa()); });
   m.def("_tune(str name, int value) -> int", [](std::string name, int64_t value) {
     return bnkit::set_tuning(name, value);
@@ -139,6 +172,8 @@ TORCH_LIBRARY(bnkit, m) {
 
 TORCH_LIBRARY_IMPL(bnkit, CompositeImplicitAutograd, m) {
   m.impl("batch_norm_layer", TORCH_FN(bnkit::batch_norm_layer));
+  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_inplace));
+  m.impl("running_update_", TORCH_FN(bnkit::running_update));
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
@@ -148,7 +183,7 @@ TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("moments", TORCH_FN(bnkit::moments_cpu));
   m.impl("batch_norm_backward", TORCH_FN(bnkit::batch_norm_backward_cpu));
   m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::batch_norm_eval_backward_cpu));
-  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_cpu));
+  m.impl("batch_norm_backward_apply", TORCH_FN(bnkit::batch_norm_backward_apply_cpu));
 }
 
 TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
@@ -158,6 +193,7 @@ TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
   m.impl("moments", TORCH_FN(bnkit::moments_meta));
   m.impl("batch_norm_backward", TORCH_FN(bnkit::backward_meta));
   m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::eval_backward_meta));
+  m.impl("batch_norm_backward_apply", TORCH_FN(bnkit::backward_apply_meta));
 }
 
 TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
@@ -165,5 +201,4 @@ TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
   m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_autograd));
   m.impl("batch_norm_infer", TORCH_FN(bnkit::infer_autograd));
   m.impl("moments", TORCH_FN(bnkit::moments_autograd));
-  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_autograd));
 }

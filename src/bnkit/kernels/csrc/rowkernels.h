@@ -103,7 +103,7 @@ struct RowKernels {
 //                  0 = two passes in memory order (BNKIT_BLOCK_BYTES);
 //   block_bytes_grad  the same for the backward, over both inputs
 //                  (BNKIT_BLOCK_BYTES_GRAD).
-// Defaults: kernels.cpp (tuning()); measurements: there and at sub_rows.
+// Defaults: cpu_config.cpp (kKnobs); measurements: there and at sub_rows.
 struct Tuning {
   std::atomic<int64_t> sub_floats;
   std::atomic<int64_t> sub_floats_grad;

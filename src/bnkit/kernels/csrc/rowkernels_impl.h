@@ -24,6 +24,34 @@ inline float cv<float, c10::BFloat16>(c10::BFloat16 v) {
   return f;
 }
 
+// float16 is widened with branch-free bit operations too: c10's conversion
+// has branches (subnormals, Inf/NaN) that keep GCC from vectorizing the loops,
+// and a scalar loop sums each 1024-value block serially in float, which was
+// ~40x less accurate than the vectorized (8- or 16-way) sums of float32 data.
+// Exact for every half value (zero and subnormals renormalized by one
+// subtraction, Inf/NaN kept).
+template <>
+inline float cv<float, c10::Half>(c10::Half v) {
+  uint16_t bits;
+  __builtin_memcpy(&bits, &v, sizeof(bits));
+  const uint32_t h = bits;
+  const uint32_t normal = ((h & 0x7FFFu) << 13) + 0x38000000u; // exponent rebiased by 127 - 15
+  const uint32_t exponent = h & 0x7C00u;
+  const uint32_t inf_nan = 0u - static_cast<uint32_t>(exponent == 0x7C00u);
+  const uint32_t subnormal = 0u - static_cast<uint32_t>(exponent == 0u);
+  const uint32_t n_bits = normal + (inf_nan & 0x38000000u); // Inf/NaN: exponent 255
+  const uint32_t s_bits = normal + 0x00800000u;
+  float sub;
+  __builtin_memcpy(&sub, &s_bits, sizeof(sub));
+  sub -= 6.103515625e-05f; // 2^-14: exact renormalization of zero and subnormals
+  uint32_t sub_u;
+  __builtin_memcpy(&sub_u, &sub, sizeof(sub_u));
+  const uint32_t u = (n_bits & ~subnormal) | (sub_u & subnormal) | ((h & 0x8000u) << 16);
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 template <typename T, typename A>
 inline T st(A v) {
   return static_cast<T>(v);

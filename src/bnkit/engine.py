@@ -1,0 +1,405 @@
+"""The engine: the one door through which every BN layer and the F-style API run.
+
+A call is described by a :class:`CallSpec` (what the layer is: feature axis,
+feature count, accepted ranks, eps, momentum, non-finite policy, its name for
+messages), built once per layer, and the call's tensors. The route::
+
+    batch_norm_module_call(spec, input, weight, bias, running_mean, running_var,
+                           num_batches_tracked, batch_stats)
+      -> fused_call: the whole call as one C++ op (eager CPU; it declines,
+         changing nothing, whatever it does not handle)
+      -> otherwise the general path: check_input, then the phases on the
+         canonical (outer, C, inner) view (training forward or inference,
+         then running_update)
+
+:func:`running_update` is the one place that writes running statistics (both
+paths end in the same ``bnkit::running_update_`` op on eager CPU). A per-call
+mask would enter at the phases of the general path (and be declined by the
+fused op); a hook that redirects the running update (accumulate several
+micro-batches, update once under activation checkpointing) belongs in
+:func:`running_update` alone.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import kernels, stats
+from ._warn import warn
+from .errors import ChannelMismatchError, DtypeMismatchError
+from .kernels import fold
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "CallSpec",
+    "batch_norm_module_call",
+    "call_spec",
+    "canonical_view",
+    "check_input",
+    "fold",
+    "fused_call",
+    "per_channel",
+    "running_update",
+]
+
+NONFINITE_POLICIES = ("skip", "raise", "propagate")
+
+
+class CallSpec(NamedTuple):
+    """What a BN layer is, for the engine: immutable, built once per layer (:func:`call_spec`).
+
+    ``ranks``: the accepted input ranks (``None``: any rank with the feature
+    axis); ``min_rank``: the F-style API's "at least ``(N, C)``" (2) or 0;
+    ``num_features`` 0: any. ``rank_mask``, ``fused_momentum`` and
+    ``check_finite`` are the same facts as the fused op takes them (the
+    first two ``None`` without the C++ extension).
+    """
+
+    name: str
+    axis: int
+    num_features: int
+    ranks: tuple[int, ...] | None
+    min_rank: int
+    eps: float
+    momentum: float | None
+    nonfinite: str
+    rank_mask: int | None
+    fused_momentum: float | None
+    check_finite: bool
+
+
+def call_spec(
+    name: str,
+    axis: int,
+    num_features: int = 0,
+    ranks: tuple[int, ...] | None = None,
+    eps: float = 1e-5,
+    momentum: float | None = 0.1,
+    nonfinite: str = "propagate",
+    min_rank: int = 0,
+) -> CallSpec:
+    """A :class:`CallSpec`, with the fused op's encodings (rank bit mask, cumulative-momentum sentinel) derived."""
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    constants = _constants()
+    if constants is None:  # no fused op: the encodings are never sent anywhere
+        mask, fused_momentum = None, None
+    else:
+        if ranks is not None:
+            mask = sum(1 << d for d in ranks)  # bit d: a d-D input is accepted
+        elif min_rank not in (0, 2):
+            raise ValueError(f"{name}: min_rank must be 0 or 2, got {min_rank}")
+        else:
+            mask = constants.ranks_from_2 if min_rank else 0
+        fused_momentum = constants.cumulative_momentum if momentum is None else momentum
+    return CallSpec(
+        name, axis, num_features, ranks, min_rank, eps, momentum, nonfinite, mask, fused_momentum,
+        nonfinite != "propagate",
+    )
+
+
+cached_call_spec = lru_cache(maxsize=256)(call_spec)
+
+
+class _Constants(NamedTuple):
+    handled: int
+    nonfinite: int
+    not_handled: int
+    ranks_from_2: int
+    cumulative_momentum: float
+
+
+_CONSTANTS: _Constants | None = None
+
+
+def _constants() -> _Constants | None:
+    """The values shared with ``layer.cpp``, read once from the extension (defined there only; None without it)."""
+    global _CONSTANTS
+    if _CONSTANTS is None and kernels.cpp_available():
+        _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
+    return _CONSTANTS
+
+
+# --------------------------------------------------------------------------- views
+def canonical_view(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` as the kernels' contiguous ``(outer, C, inner)`` view, and the inverse map.
+
+    No copy is made when ``x`` is contiguous, or when the feature axis is its
+    innermost dense dimension (``torch.channels_last`` / ``channels_last_3d``
+    and any channels-last layout): the latter becomes ``(N*H*W, C, 1)``, and
+    the inverse restores the original memory format, so outputs and input
+    gradients keep it.
+    """
+    shape = x.shape
+    channels = shape[axis]
+    if x.is_contiguous():
+        outer = math.prod(shape[:axis])
+        inner = math.prod(shape[axis + 1 :])
+        return x.view(outer, channels, inner), lambda y3: y3.view(shape)
+    moved = x.movedim(axis, -1)
+    if moved.is_contiguous():
+        moved_shape = moved.shape
+        return moved.view(-1, channels, 1), lambda y3: y3.view(moved_shape).movedim(len(moved_shape) - 1, axis)
+    xc = x.contiguous()
+    outer = math.prod(shape[:axis])
+    inner = math.prod(shape[axis + 1 :])
+    return xc.view(outer, channels, inner), lambda y3: y3.view(shape)
+
+
+def per_channel(t: Tensor | None, channels: int) -> Tensor | None:
+    """A ``[C]`` view of a per-channel or shared (one-element) parameter."""
+    if t is None or (t.dim() == 1 and t.shape[0] == channels):
+        return t
+    t = t.reshape(-1)
+    return t.expand(channels) if t.numel() == 1 and channels != 1 else t
+
+
+# --------------------------------------------------------------------------- phases
+def _reject_nonfinite(where: str, nonfinite: str) -> None:
+    """Raise (``"raise"``) or warn (``"skip"``) about a batch whose statistics are not finite."""
+    message = f"{where}: the batch statistics are not finite (NaN/Inf in the input)"
+    if nonfinite == "raise":
+        raise FloatingPointError(message + "; the running statistics are unchanged (nonfinite='raise')")
+    warn(message + "; the running statistics were left unchanged", RuntimeWarning)
+
+
+def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor) -> bool:
+    """Whether ``bnkit::running_update_`` applies (eager CPU with the C++ kernels, plain buffers)."""
+    if not (
+        mean.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and kernels.select(mean) == "cpp"
+    ):
+        return False
+    if nbt is None:
+        return True
+    # torch's own error for an inference tensor updated outside inference mode comes from add_.
+    return (
+        nbt.device.type == "cpu"
+        and nbt.dtype == torch.long
+        and nbt.numel() == 1
+        and (not nbt.is_inference() or torch.is_inference_mode_enabled())
+    )
+
+
+def running_update(
+    spec: CallSpec,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+) -> None:
+    """The running-statistics phase: the rule of :mod:`bnkit.stats` under ``spec``'s non-finite policy.
+
+    ``mean``/``var`` are the batch's mean and *biased* variance over
+    ``count`` values. The cumulative average (``momentum=None``) and the
+    ``num_batches_tracked`` increment (also for an empty batch) happen here.
+    A batch's statistics are finite exactly when its variance is (any NaN or
+    Inf in the input makes it NaN). In eager CPU mode the check decides on the
+    host (so "skip" can warn and "raise" can raise); elsewhere (accelerators,
+    ``torch.compile``) a ``torch.where`` keeps the old values without a host
+    synchronisation.
+    """
+    nbt, momentum, nonfinite = num_batches_tracked, spec.momentum, spec.nonfinite
+    if count == 0:
+        # An empty batch has no statistics; torch still counts it.
+        if nbt is not None:
+            nbt.add_(1)
+        return
+    if momentum is None and nbt is None:
+        raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+    if _fused_update_ok(running_mean, running_var, nbt, mean):
+        if not torch.ops.bnkit.running_update_(
+            running_mean, running_var, nbt, mean, var, spec.fused_momentum, count, spec.check_finite
+        ):
+            _reject_nonfinite(spec.name, nonfinite)
+        return
+    check = spec.check_finite
+    tracing = torch.jit.is_tracing()
+    if tracing or (check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu")):
+        # A torch.jit.trace records tensor ops only: "raise" acts as "skip" there (no host check).
+        valid = torch.isfinite(var.max()) if check else None
+        if nbt is not None:
+            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
+        factor = momentum if momentum is not None else 1.0 / nbt.clamp_min(1).double()
+        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
+        return
+    if check and var.numel() and not math.isfinite(var.max().item()):
+        _reject_nonfinite(spec.name, nonfinite)
+        return
+    if nbt is not None:
+        nbt.add_(1)
+    n = int(nbt) if momentum is None else 0
+    stats.update_running_stats(running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, n))
+
+
+# --------------------------------------------------------------------------- checks
+def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.dtype != x.dtype and not (x.dtype in _HALF_DTYPES and t.dtype == torch.float32):
+        raise DtypeMismatchError(  # a TypeError, and a RuntimeError as torch's "mixed dtype"
+            f"batch_norm: {name} has dtype {t.dtype} but the input has {x.dtype}; parameters and buffers "
+            "must have the input's dtype (float16/bfloat16 inputs may also use float32 ones)"
+        )
+    if t.device != x.device:
+        raise RuntimeError(
+            f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
+        )
+    if t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias")):
+        # torch raises RuntimeError here; ChannelMismatchError is one (and a ValueError).
+        raise ChannelMismatchError(
+            f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"
+        )
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """torch's result for an input with no elements: a copy of it, joined to the graph of ``weight``/``bias``.
+
+    torch returns ``input.clone() * weight[0] + bias[0]`` without checking the
+    parameters' sizes or dtypes (nothing is computed from them), so an empty
+    batch of another float dtype or a 1-D empty input passes; bnkit does the same.
+    """
+    out = input.clone()
+    if isinstance(weight, Tensor) and weight.numel():
+        out = out * weight.reshape(-1)[0]
+    if isinstance(bias, Tensor) and bias.numel():
+        out = out + bias.reshape(-1)[0]
+    return out
+
+
+def check_input(spec: CallSpec, input: Tensor) -> None:
+    """The layer-level checks of ``input`` against ``spec`` (torch's messages where torch has one)."""
+    where = spec.name
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    ndim = input.dim()
+    if spec.min_rank and ndim < spec.min_rank:
+        raise ValueError(f"{where}: expected an input with at least 2 dimensions (N, C, ...), got {ndim}D")
+    if spec.ranks is not None and ndim not in spec.ranks:
+        expected = " or ".join(f"{d}D" for d in spec.ranks)
+        raise ValueError(f"expected {expected} input (got {ndim}D input)")
+    if spec.num_features <= 0:
+        return
+    axis = spec.axis
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
+        )
+    if input.shape[axis] != spec.num_features:
+        # torch raises RuntimeError for this; ChannelMismatchError is one (and a ValueError).
+        raise ChannelMismatchError(
+            f"{where}: expected {spec.num_features} features along axis {axis}, "
+            f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
+        )
+
+
+# --------------------------------------------------------------------------- the door
+def fused_call(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
+) -> Tensor | None:
+    """The whole call as one C++ op (``bnkit::batch_norm_layer``), or ``None`` where it does not apply.
+
+    It applies in eager mode to plain CPU tensors with the C++ kernels; it
+    declines (``None``, nothing changed) anything else, including bad input,
+    so that the general path raises the error. On a small input the general
+    path's separate steps cost as much as the kernels.
+    """
+    if (
+        type(input) is not Tensor
+        or not input.is_cpu
+        or kernels.select(input) != "cpp"
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return None
+    y, status = torch.ops.bnkit.batch_norm_layer(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
+        spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
+    )
+    constants = _CONSTANTS or _constants()  # not None: the op exists
+    if status == constants.not_handled:
+        return None
+    if status == constants.nonfinite:
+        _reject_nonfinite(spec.name, spec.nonfinite)
+    return y
+
+
+def batch_norm_module_call(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
+) -> Tensor:
+    """Batch normalization of ``input`` as ``spec`` describes: the engine's one entry.
+
+    ``batch_stats=True`` normalizes with the batch's mean and biased variance
+    over all axes but ``spec.axis`` and, when running buffers are given,
+    updates them (:func:`running_update`); otherwise the running statistics
+    are used. Layers decide which buffers a call gets (torch's rules);
+    ``torch.fx.symbolic_trace`` records this function as one node.
+    """
+    y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+    if y is not None:
+        return y
+    check_input(spec, input)
+    return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+
+
+def _general(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
+) -> Tensor:
+    """The general path: every check and error message, then the phases on the canonical view."""
+    where, eps = spec.name, spec.eps
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+    ndim = input.dim()
+    if ndim < 1 or not -ndim <= spec.axis < ndim:
+        raise ValueError(f"{where}: feature axis {spec.axis} is out of range for a {ndim}-D input")
+    axis = spec.axis % ndim
+    if input.numel() == 0:
+        # As torch: an empty batch is counted (training) and returns an empty output, whatever the buffers' dtype.
+        if batch_stats and running_mean is not None and isinstance(num_batches_tracked, Tensor):
+            num_batches_tracked.add_(1)
+        return _empty_output(input, weight, bias)
+    channels = input.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(name, t, input, channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{where}: running_mean and running_var must both be given or both be None")
+    weight_c = per_channel(weight, channels)
+    bias_c = per_channel(bias, channels)
+
+    x3, restore = canonical_view(input, axis)
+    if batch_stats:
+        if not eps > 0:
+            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
+        count = x3.shape[0] * x3.shape[2]
+        if count == 1:
+            raise ValueError(
+                f"{where}: Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
+        y3, mean, var = kernels.train_forward(x3, weight_c, bias_c, eps)
+        if running_mean is not None:
+            running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+        return restore(y3)
+    if running_mean is None:
+        raise ValueError(f"{where}: running_mean and running_var are required when training=False")
+    return restore(kernels.infer(x3, running_mean, running_var, weight_c, bias_c, eps))

@@ -1,0 +1,356 @@
+"""TorchScript for bnkit layers: ``torch.jit.script`` and pure-ATen tracing.
+
+``torch.jit.script`` cannot compile bnkit's layers (their forward dispatches
+between C++ ops and Python checks). Importing bnkit installs a
+``__prepare_scriptable__`` method on :class:`bnkit.BatchNorm` and
+:class:`bnkit.FrozenBatchNorm` (``torch.jit.script`` calls it on every
+submodule first) that returns a scriptable equivalent written with standard
+ATen ops only:
+
+* :class:`ScriptableBatchNorm` for ``BatchNorm`` / ``BatchNorm1d/2d/3d`` and
+  subclasses that keep their forward: same parameters and buffers (the very
+  tensors, so the scripted model's ``state_dict`` is the eager one's), the
+  feature ``axis``, ``share_affine``, ``momentum=None`` (cumulative average),
+  the ``nonfinite`` policy (``"skip"`` warns and leaves the buffers,
+  ``"raise"`` raises, ``"propagate"`` updates them), float32 statistics for
+  half inputs and the layer's input checks with its messages.
+* :class:`ScriptableFrozenBatchNorm` for ``FrozenBatchNorm`` / ``1d/2d/3d``.
+
+Layers with other semantics (``GhostBatchNorm``, ``BatchRenorm``,
+``SharedBatchNorm``, ``SyncBatchNorm``, ``FrozenSharedBatchNorm``) raise a
+``TypeError`` naming the layer instead of being scripted as something else.
+
+A scripted module needs no bnkit at load time (``torch.jit.load`` in a
+process or in C++ without bnkit works). Errors raised by scripted code
+surface as ``torch.jit.Error`` carrying the eager message, as for torch's
+own scripted layers.
+
+:func:`scriptable` applies the same replacement to a copy of a whole model,
+for ``torch.jit.trace`` graphs made of ATen ops only (tracing the bnkit
+model itself records bnkit's custom ops, which then need ``import bnkit``
+to run).
+"""
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import BatchNorm
+from ..variants import FrozenBatchNorm
+
+__all__ = ["ScriptableBatchNorm", "ScriptableFrozenBatchNorm", "install", "scriptable", "scriptable_layer"]
+
+
+def _dims_of(layer: nn.Module) -> list[int]:
+    dims = getattr(layer, "_expected_dims", None)
+    return [] if dims is None else list(dims)
+
+
+def _shape_for(input: Tensor, axis: int) -> list[int]:
+    shape = [1] * input.dim()
+    shape[axis] = input.shape[axis]
+    return shape
+
+
+def _tuple_str(shape: list[int]) -> str:
+    """``str(tuple(shape))`` in TorchScript (the eager messages print shapes as tuples)."""
+    if len(shape) == 1:
+        return "(" + str(shape[0]) + ",)"
+    return "(" + ", ".join([str(d) for d in shape]) + ")"
+
+
+def _check(where: str, input: Tensor, expected_dims: list[int], axis: int, num_features: int) -> int:
+    """``check_feature_input`` in TorchScript: same messages; returns the axis made non-negative."""
+    ndim = input.dim()
+    if len(expected_dims) > 0 and ndim not in expected_dims:
+        expected = " or ".join([str(d) + "D" for d in expected_dims])
+        raise ValueError("expected " + expected + " input (got " + str(ndim) + "D input)")
+    if axis < -ndim or axis >= ndim:
+        raise ValueError(
+            where + ": feature axis " + str(axis) + " does not exist in a " + str(ndim) + "-D input of shape "
+            + _tuple_str(input.shape)
+        )
+    if axis < 0:
+        axis = axis + ndim
+    if input.shape[axis] != num_features:
+        raise ValueError(
+            where + ": expected " + str(num_features) + " features along axis " + str(axis) + ", got "
+            + str(input.shape[axis]) + " (input shape " + _tuple_str(input.shape) + ")"
+        )
+    if not input.is_floating_point():
+        raise TypeError(where + ": expected a floating-point input, got " + str(input.dtype))
+    return axis
+
+
+def _expand(t: Tensor | None, c: int) -> Tensor | None:
+    if t is None:
+        return None
+    t = t.reshape(-1)
+    if t.numel() == 1 and c != 1:
+        t = t.expand(c)
+    return t
+
+
+def _affine_map(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> list[Tensor]:
+    """``bnkit.functional.fold`` in TorchScript: ``(scale, shift)`` with ``y = x * scale + shift``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    return [scale, shift]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # Half inputs are normalized with float32 statistics, as bnkit's kernels do.
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        return torch.float32
+    return x.dtype
+
+
+class ScriptableBatchNorm(nn.Module):
+    """TorchScript-compatible twin of a :class:`bnkit.BatchNorm` layer (ATen ops only).
+
+    Built by :meth:`from_layer`; it holds the layer's own parameter and
+    buffer tensors. Same math as the layer: training normalizes with the
+    batch mean and biased variance over every axis but ``axis`` and updates
+    the running averages with the unbiased variance (``momentum=None``:
+    cumulative average); eval uses the running statistics (or the batch's
+    with ``track_running_stats=False``).
+    """
+
+    __constants__ = ["num_features", "eps", "momentum", "axis", "nonfinite", "track_running_stats", "where"]
+    expected_dims: list[int]
+    momentum: float | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        axis: int,
+        nonfinite: str,
+        track_running_stats: bool,
+        expected_dims: list[int],
+        where: str,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.axis = axis
+        self.nonfinite = nonfinite
+        self.track_running_stats = track_running_stats
+        self.expected_dims = expected_dims
+        self.where = where
+
+    @classmethod
+    def from_layer(cls, layer: BatchNorm) -> "ScriptableBatchNorm":
+        out = cls(
+            layer.num_features,
+            float(layer.eps),
+            None if layer.momentum is None else float(layer.momentum),
+            int(layer.axis),
+            layer.nonfinite,
+            bool(layer.track_running_stats),
+            _dims_of(layer),
+            layer._describe(),
+        )
+        for name in ("weight", "bias"):
+            out.register_parameter(name, layer._parameters.get(name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            out.register_buffer(name, layer._buffers.get(name))
+        out.train(layer.training)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.where}, axis={self.axis}, nonfinite={self.nonfinite!r}"
+
+    def _update(self, x: Tensor, dims: list[int], mean: Tensor, var: Tensor, count: int) -> None:
+        running_mean = self.running_mean
+        running_var = self.running_var
+        nbt = self.num_batches_tracked
+        if running_mean is None or running_var is None or nbt is None:
+            return
+        if count == 0:  # an empty batch has no statistics; torch still counts it
+            nbt.add_(1)
+            return
+        if torch.jit.is_tracing():
+            # A trace records tensor ops only: the check becomes a torch.where ("raise" acts as "skip"),
+            # and the unbiased variance is reduced again (a Python count would be baked into the trace).
+            unbiased = torch.var(x.detach(), dims, correction=1)
+            self._update_traced(running_mean, running_var, nbt, mean.detach(), unbiased)
+            return
+        unbiased = var.detach() * (float(count) / float(count - 1))
+        if self.nonfinite != "propagate" and var.numel() > 0:
+            if not bool(torch.isfinite(var.max())):
+                message = self.where + ": the batch statistics are not finite (NaN/Inf in the input)"
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        message + "; the running statistics are unchanged (nonfinite='raise')"
+                    )
+                warnings.warn(message + "; the running statistics were left unchanged")
+                return
+        nbt.add_(1)
+        momentum = self.momentum
+        if momentum is None:
+            factor = 1.0 / float(nbt.item())
+        else:
+            factor = momentum
+        with torch.no_grad():
+            running_mean.lerp_(mean.detach().to(running_mean.dtype), factor)
+            running_var.lerp_(unbiased.to(running_var.dtype), factor)
+
+    def _update_traced(
+        self, running_mean: Tensor, running_var: Tensor, nbt: Tensor, mean: Tensor, unbiased: Tensor
+    ) -> None:
+        valid: Tensor | None = None
+        if self.nonfinite != "propagate":
+            valid = torch.isfinite(unbiased.max())
+            nbt.add_(valid.to(nbt.dtype))
+        else:
+            nbt.add_(1)
+        momentum = self.momentum
+        if momentum is None:
+            factor = 1.0 / nbt.clamp_min(1).double()
+        else:
+            factor = torch.full((), momentum, dtype=torch.float64)
+        with torch.no_grad():
+            for running, new in ((running_mean, mean), (running_var, unbiased)):
+                updated = torch.lerp(running, new.to(running.dtype), factor.to(running.dtype))
+                if valid is not None:
+                    updated = torch.where(valid, updated, running)
+                running.copy_(updated)
+
+    def forward(self, input: Tensor) -> Tensor:
+        axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
+        c = self.num_features
+        shape = _shape_for(input, axis)
+        weight = _expand(self.weight, c)
+        bias = _expand(self.bias, c)
+        running_mean = self.running_mean
+        running_var = self.running_var
+        x = input.to(_compute_dtype(input))
+        if not self.training and running_mean is not None and running_var is not None:
+            ab = _affine_map(running_mean.to(x.dtype), running_var.to(x.dtype), weight, bias, self.eps)
+            return (x * ab[0].reshape(shape) + ab[1].reshape(shape)).to(input.dtype)
+        count = input.numel() // c
+        if count == 1:  # batch statistics of one value (eager raises in eval without running stats too)
+            raise ValueError(
+                self.where + ": Expected more than 1 value per channel when training, got input size torch.Size("
+                + str(input.shape) + ")"
+            )
+        dims: list[int] = []
+        for d in range(input.dim()):
+            if d != axis:
+                dims.append(d)
+        var, mean = torch.var_mean(x, dims, correction=0)
+        scale = torch.rsqrt(var + self.eps)
+        if weight is not None:
+            scale = scale * weight.to(scale.dtype)
+        y = (x - mean.reshape(shape)) * scale.reshape(shape)
+        if bias is not None:
+            y = y + bias.to(y.dtype).reshape(shape)
+        if self.training and self.track_running_stats:
+            self._update(x, dims, mean, var, count)
+        return y.to(input.dtype)
+
+
+class ScriptableFrozenBatchNorm(nn.Module):
+    """TorchScript-compatible twin of a :class:`bnkit.FrozenBatchNorm` layer: the fixed affine map."""
+
+    __constants__ = ["num_features", "eps", "axis", "where"]
+    expected_dims: list[int]
+
+    def __init__(self, num_features: int, eps: float, axis: int, expected_dims: list[int], where: str) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.axis = axis
+        self.expected_dims = expected_dims
+        self.where = where
+
+    @classmethod
+    def from_layer(cls, layer: FrozenBatchNorm) -> "ScriptableFrozenBatchNorm":
+        out = cls(layer.num_features, float(layer.eps), int(layer.axis), _dims_of(layer), layer._describe())
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            out.register_buffer(name, layer._buffers.get(name))
+        out.train(layer.training)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.where}, axis={self.axis}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
+        c = self.num_features
+        shape = _shape_for(input, axis)
+        x = input.to(_compute_dtype(input))
+        ab = _affine_map(
+            self.running_mean.to(x.dtype), self.running_var.to(x.dtype), _expand(self.weight, c),
+            _expand(self.bias, c), self.eps,
+        )
+        return (x * ab[0].reshape(shape) + ab[1].reshape(shape)).to(input.dtype)
+
+
+def _unsupported(layer: nn.Module) -> TypeError:
+    return TypeError(
+        f"torch.jit.script: {layer._describe()} ({type(layer).__module__}.{type(layer).__qualname__}) has no "
+        "TorchScript form: only BatchNorm, BatchNorm1d/2d/3d, FrozenBatchNorm and FrozenBatchNorm1d/2d/3d "
+        "(and subclasses keeping their forward) can be scripted. For inference, bnkit.freeze(model) or "
+        "bnkit.fuse(model) first turns variants with an inference form into scriptable layers; a "
+        "SyncBatchNorm goes back with bnkit.convert_sync_batchnorm(model, revert=True)"
+    )
+
+
+def scriptable_layer(layer: nn.Module) -> nn.Module:
+    """The scriptable twin of one bnkit layer (``TypeError`` for layers without one)."""
+    if isinstance(layer, BatchNorm):
+        if type(layer).forward is not BatchNorm.forward:
+            raise _unsupported(layer)
+        return ScriptableBatchNorm.from_layer(layer)
+    if isinstance(layer, FrozenBatchNorm):
+        if type(layer).forward is not FrozenBatchNorm.forward or type(layer)._stats is not FrozenBatchNorm._stats:
+            raise _unsupported(layer)
+        return ScriptableFrozenBatchNorm.from_layer(layer)
+    raise TypeError(f"scriptable_layer: expected a bnkit BN layer, got {type(layer).__name__}")
+
+
+def scriptable(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every bnkit BN layer replaced by its scriptable twin.
+
+    Useful for ``torch.jit.trace`` graphs without bnkit ops (``torch.jit.script``
+    makes the replacement itself). Raises ``TypeError`` naming the first layer
+    that has no TorchScript form, before anything is built.
+    """
+    for m in model.modules():
+        if isinstance(m, (BatchNorm, FrozenBatchNorm)):
+            scriptable_layer(m)  # check every layer first
+    model = copy.deepcopy(model)
+    if isinstance(model, (BatchNorm, FrozenBatchNorm)):
+        return scriptable_layer(model)
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, (BatchNorm, FrozenBatchNorm)):
+                if id(child) not in done:
+                    done[id(child)] = scriptable_layer(child)
+                setattr(parent, name, done[id(child)])
+    return model
+
+
+def _prepare_scriptable(self: nn.Module) -> nn.Module:
+    """Called by ``torch.jit.script``: this layer as standard ATen ops (:mod:`bnkit.integrations.torchscript`)."""
+    return scriptable_layer(self)
+
+
+def install() -> None:
+    """Give bnkit's layer bases their ``__prepare_scriptable__`` (done on ``import bnkit``)."""
+    for cls in (BatchNorm, FrozenBatchNorm):
+        if "__prepare_scriptable__" not in cls.__dict__:
+            cls.__prepare_scriptable__ = _prepare_scriptable

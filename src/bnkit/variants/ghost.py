@@ -1,0 +1,163 @@
+"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import stats
+from ..engine import canonical_view, per_channel, running_update
+from ..family import specialize
+from ..functional import batch_norm_core
+from ..layers import BatchNorm, bn_arguments
+from ._common import is_int, no_training_trace
+
+__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm"]
+
+
+def ghost_batch_norm(
+    input: Tensor, virtual_batch_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, *, axis: int = 1, where: str = "ghost_batch_norm"
+) -> tuple[Tensor, stats.Moments]:
+    """Normalize contiguous chunks of ``virtual_batch_size`` samples (dim 0) with their own statistics.
+
+    Returns the output and the exactly merged :class:`~bnkit.stats.Moments`
+    of the whole batch (per feature, no graph), for the running averages.
+    A final chunk smaller than ``virtual_batch_size`` is normalized on its
+    own. The full chunks go through one call of the core, their chunk index
+    being folded into the feature axis.
+    """
+    if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
+        raise ValueError(f"{where}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+    ndim = input.dim()
+    if ndim < 2 or not -ndim <= axis < ndim or axis % ndim == 0:
+        raise ValueError(
+            f"{where}: Ghost BN splits the batch along dim 0, so it needs a feature axis other than 0 "
+            f"(got axis={axis} for a {ndim}-D input)"
+        )
+    axis = axis % ndim
+    n = input.shape[0]
+    c = input.shape[axis]
+    x3, restore = canonical_view(input, axis)
+    if n == 0 or x3.numel() == 0:
+        y = batch_norm_core(input, None, None, weight, bias, True, None, eps, axis=axis, where=where)
+        zeros = torch.zeros(c, dtype=stats.accumulation_dtype(input.dtype), device=input.device)
+        return y, stats.Moments(0, zeros, zeros.clone())
+    rows_per_sample = x3.shape[0] // n  # the batch dim is the outermost of the canonical view
+    inner = x3.shape[2]
+    v = min(virtual_batch_size, n)
+    k = n // v
+    rem = n - k * v
+    rows = v * rows_per_sample
+    if rem and rem * rows_per_sample * inner == 1:
+        raise ValueError(
+            f"{where}: the last virtual batch has a single value per channel ({n} samples split into "
+            f"chunks of {virtual_batch_size}); choose a virtual_batch_size that leaves a larger remainder"
+        )
+    weight_c = per_channel(weight, c)
+    bias_c = per_channel(bias, c)
+
+    main = x3[: k * rows]
+    if k == 1:
+        y_main = batch_norm_core(main, None, None, weight_c, bias_c, True, None, eps, axis=1, where=where)
+    else:
+        # (k*rows, C, I) -> (rows, k*C, I): feature (j, c) = channel c of chunk j.
+        xk = main.reshape(k, rows, c, inner).transpose(0, 1).reshape(rows, k * c, inner)
+        yk = batch_norm_core(
+            xk,
+            None,
+            None,
+            None if weight_c is None else weight_c.repeat(k),
+            None if bias_c is None else bias_c.repeat(k),
+            True,
+            None,
+            eps,
+            axis=1,
+            where=where,
+        )
+        y_main = yk.reshape(rows, k, c, inner).transpose(0, 1).reshape(k * rows, c, inner)
+    parts = [y_main]
+    if rem:
+        parts.append(
+            batch_norm_core(x3[k * rows :], None, None, weight_c, bias_c, True, None, eps, axis=1, where=where)
+        )
+    y3 = torch.cat(parts, dim=0) if rem else y_main.contiguous()
+
+    with torch.no_grad():
+        chunk = stats.Moments.of(main.reshape(k, rows, c, inner), (1, 3))  # means/m2s: [k, C]
+        counts = [rows * inner] * k
+        means, m2s = chunk.mean, chunk.m2
+        if rem:
+            last = stats.Moments.of(x3[k * rows :], (0, 2))
+            counts.append(rem * rows_per_sample * inner)
+            means = torch.cat([means, last.mean.unsqueeze(0)])
+            m2s = torch.cat([m2s, last.m2.unsqueeze(0)])
+        merged = stats.merge_stacked(torch.tensor(counts, device=means.device), means, m2s)
+        merged = stats.Moments(n * rows_per_sample * inner, merged.mean, merged.m2)
+    return restore(y3), merged
+
+
+class GhostBatchNorm(BatchNorm):
+    r"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017).
+
+    Training splits the batch (dim 0) into contiguous virtual batches of
+    ``virtual_batch_size`` samples (the last may be smaller) and normalizes
+    each with its own mean and biased variance::
+
+        y[j] = (x[j] - mu_j) / sqrt(var_j + eps) * gamma + beta   (chunk j)
+
+    The running statistics are updated once per call, from the statistics of
+    the whole batch obtained by exactly merging the chunks' moments (Chan's
+    formula, :func:`bnkit.stats.merge_stacked`; unbiased variance of the whole
+    batch, as BatchNorm). Eval uses the running statistics (or, with
+    ``track_running_stats=False``, ghost batches again). With
+    ``virtual_batch_size >= N`` it is exactly BatchNorm. ``virtual_batch_size``
+    defaults to 32.
+    """
+
+    def __init__(
+        self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None,
+        *, bias: bool = True, axis: int = 1, share_affine: str = "none", nonfinite: str = "skip"
+    ) -> None:
+        if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
+            raise ValueError(
+                f"{type(self).__name__}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}"
+            )
+        if is_int(axis) and axis == 0:
+            raise ValueError(f"{type(self).__name__}: the feature axis cannot be 0, the batch axis ghost batches split")
+        self.virtual_batch_size = virtual_batch_size
+        super().__init__(**bn_arguments(locals()))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training and self.running_mean is not None:
+            return super().forward(input)
+        no_training_trace(self, input)
+        self.check_input(input)
+        if input.dim() < 2 or self.axis % input.dim() == 0:
+            raise ValueError(
+                f"{self.describe()}: the feature axis {self.axis} is the batch axis of a {input.dim()}-D input"
+            )
+        y, merged = ghost_batch_norm(
+            input, self.virtual_batch_size, self.weight, self.bias, self.eps, axis=self.axis, where=self.describe()
+        )
+        if self.training and self.track_running_stats:
+            running_update(
+                self.call_spec(),
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                merged.mean,
+                merged.variance(0),
+                int(merged.count),
+            )
+        return y
+
+
+
+GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d = specialize(GhostBatchNorm)

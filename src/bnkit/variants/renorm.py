@@ -1,0 +1,165 @@
+"""Batch Renormalization (Ioffe 2017)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import conventions, kernels
+from ..engine import batch_norm_module_call, canonical_view, per_channel
+from ..family import specialize
+from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors
+from ._common import is_int, no_training_trace
+
+__all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
+
+
+_SCHEDULES = ("linear", "fixed")
+
+
+class BatchRenorm(BatchNorm):
+    r"""Batch Renormalization (Ioffe 2017).
+
+    Training, per feature, with batch statistics ``mu_B``,
+    ``sigma_B = sqrt(var_B + eps)`` (biased ``var_B``) and the moving ones
+    ``mu``, ``sigma = sqrt(running_var + eps)``::
+
+        r = clip(sigma_B / sigma, 1/r_max, r_max)      (no gradient)
+        d = clip((mu_B - mu) / sigma, -d_max, d_max)   (no gradient)
+        y = gamma * (((x - mu_B) / sigma_B) * r + d) + beta
+
+    then the moving averages are updated as in :class:`bnkit.BatchNorm`
+    (PyTorch's rule: ``running_var`` averages the *unbiased* batch variance;
+    the paper averages ``sigma`` itself, which differs by Bessel's factor and
+    Jensen's gap only). Eval is plain BN with the moving averages, so the
+    layer folds like BatchNorm (``inference_affine``).
+
+    Because ``r`` and ``d`` are constants, training is the core's BN with the
+    per-channel affine ``(gamma * r, gamma * d + beta)``.
+
+    Schedule (``schedule="linear"``, the paper's): ``r_max`` stays 1 and
+    ``d_max`` 0 (plain BN) for the first ``warmup_steps`` training steps, then
+    grow linearly to their final values, reached at step ``r_max_steps`` and
+    ``d_max_steps``. The step is ``num_batches_tracked`` (training batches
+    seen, so the schedule survives a state_dict round-trip). With
+    ``schedule="fixed"`` the final values are used from the first step.
+    ``momentum`` defaults to 0.01 (Keras' ``renorm_momentum=0.99``): ``r``
+    and ``d`` are only useful with moving averages that keep up.
+    """
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01, affine: bool = True,
+        track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *, r_max: float = 3.0,
+        d_max: float = 5.0, warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000,
+        schedule: str = "linear", bias: bool = True, axis: int = 1, share_affine: str = "none",
+        nonfinite: str = "skip", convention: str = "torch", tiny_batch: str = "raise"
+    ) -> None:
+        name = type(self).__name__
+        if not isinstance(r_max, (int, float)) or isinstance(r_max, bool) or not 1.0 <= r_max < math.inf:
+            raise ValueError(f"{name}: r_max must be a finite number >= 1, got {r_max!r}")
+        if not isinstance(d_max, (int, float)) or isinstance(d_max, bool) or not 0.0 <= d_max < math.inf:
+            raise ValueError(f"{name}: d_max must be a finite number >= 0, got {d_max!r}")
+        for arg, v in (("warmup_steps", warmup_steps), ("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+            if not is_int(v) or v < 0:
+                raise ValueError(f"{name}: {arg} must be a non-negative int, got {v!r}")
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"{name}: schedule must be one of {_SCHEDULES}, got {schedule!r}")
+        if schedule == "linear":
+            for arg, v in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
+                if v < warmup_steps:
+                    raise ValueError(f"{name}: {arg} ({v}) must be >= warmup_steps ({warmup_steps})")
+        if not track_running_stats:
+            raise ValueError(
+                f"{name}: Batch Renormalization needs running statistics (track_running_stats=True); "
+                "without them it is plain BatchNorm"
+            )
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup_steps = warmup_steps
+        self.r_max_steps = r_max_steps
+        self.d_max_steps = d_max_steps
+        self.schedule = schedule
+        super().__init__(**bn_arguments(locals()))
+        if convention == "keras":
+            # Keras' renorm=True averages the standard deviation; it starts at 1 (as Keras' moving_stddev).
+            self.register_buffer("running_std", torch.ones(num_features, device=device, dtype=dtype))
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if getattr(self, "running_std", None) is not None:
+            self.running_std.fill_(1)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, schedule={self.schedule!r}"
+        if self.schedule == "linear":
+            s += f", warmup_steps={self.warmup_steps}, r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
+        return s
+
+    def _ramp(self, step: Tensor, end: int) -> Tensor | float:
+        """Fraction of the way from (1, 0) to the final (r_max, d_max) at ``step`` (a float64 tensor)."""
+        if self.schedule == "fixed":
+            return 1.0
+        start = self.warmup_steps
+        if end <= start:
+            return (step >= start).to(step.dtype)
+        return ((step - start) / (end - start)).clamp(0.0, 1.0)
+
+    def _limit_tensors(self) -> tuple[Tensor | float, Tensor | float]:
+        step = self.num_batches_tracked.to(torch.float64)
+        r_max = 1.0 + (self.r_max - 1.0) * self._ramp(step, self.r_max_steps)
+        d_max = self.d_max * self._ramp(step, self.d_max_steps)
+        return r_max, d_max
+
+    def limits(self) -> tuple[float, float]:
+        """``(r_max, d_max)`` the next training step will use."""
+        r_max, d_max = self._limit_tensors()
+        return float(r_max), float(d_max)
+
+    @torch.no_grad()
+    def _correction(self, x3: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-channel ``(r, d)`` of the batch ``x3`` (constants: computed without a graph)."""
+        mean_b, var_b = kernels.moments(x3)
+        acc = mean_b.dtype
+        mu = self.running_mean.to(acc)
+        sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
+        sigma_b = torch.sqrt(var_b + self.eps)
+        r_max, d_max = self._limit_tensors()
+        r_max_t = torch.as_tensor(r_max, dtype=acc, device=x3.device)
+        d_max_t = torch.as_tensor(d_max, dtype=acc, device=x3.device)
+        r = torch.clamp(sigma_b / sigma, min=1.0 / r_max_t, max=r_max_t)
+        d = torch.clamp((mean_b - mu) / sigma, min=-d_max_t, max=d_max_t)
+        return r, d
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        if self.tiny_batch != "raise":
+            y = self._tiny_batch_forward(input)
+            if y is not None:
+                return y
+        if self.convention == "keras":
+            return conventions.keras_renorm_train_forward(self, input)
+        no_training_trace(self, input)
+        self.check_input(input)
+        if not input.dtype.is_floating_point:  # before the moments, with the other layers' error
+            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+        check_per_channel_tensors(self)  # the correction uses them before the engine checks them
+        x3, _ = canonical_view(input, self.axis % input.dim())
+        c = self.num_features
+        r, d = self._correction(x3)
+        weight = per_channel(self.weight, c)
+        bias = per_channel(self.bias, c)
+        # gamma * (xhat * r + d) + beta == xhat * (gamma * r) + (gamma * d + beta)
+        w_eff = r if weight is None else weight * r
+        b_eff = d if weight is None else weight * d
+        if bias is not None:
+            b_eff = b_eff + bias
+        return batch_norm_module_call(
+            self.call_spec(), input, w_eff, b_eff, self.running_mean, self.running_var, self.num_batches_tracked, True
+        )
+
+
+BatchRenorm1d, BatchRenorm2d, BatchRenorm3d = specialize(BatchRenorm)

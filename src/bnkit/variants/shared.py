@@ -1,0 +1,133 @@
+"""Shared BN: one layer used at several sites of a network (Recurrent BN, Cooijmans et al. 2016)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from ..engine import batch_norm_module_call, fold, per_channel
+from ..layers import BatchNorm, bn_arguments
+from ._common import is_int
+
+__all__ = ["SharedBatchNorm", "check_site"]
+
+# fx records calls of the engine's entry from this module too (as one node each).
+torch.fx.wrap("batch_norm_module_call")
+
+
+def check_site(layer: nn.Module, site: Any) -> int:
+    """The site index of a call of a shared layer (``layer.sites``, ``layer.share_stats``), checked."""
+    if site is None:
+        if layer.sites == 1 or layer.share_stats:
+            return 0
+        raise TypeError(
+            f"{layer.describe()}: call it as bn(x, site=i) with 0 <= i < {layer.sites} "
+            "(each site has its own running statistics)"
+        )
+    if isinstance(site, Tensor) and site.numel() == 1 and not site.dtype.is_floating_point:
+        site = int(site)
+    if not is_int(site):
+        raise TypeError(f"{layer.describe()}: site must be an int, got {type(site).__name__}")
+    if not 0 <= site < layer.sites:
+        raise IndexError(f"{layer.describe()}: site {site} is out of range [0, {layer.sites})")
+    return site
+
+
+class SharedBatchNorm(BatchNorm):
+    r"""One BN used at ``sites`` places of a network, called as ``bn(x, site=i)``.
+
+    gamma/beta (``weight``/``bias``, shaped by ``share_affine``) are shared by
+    all sites. With ``share_stats=False`` (default) each site keeps its own
+    running statistics: ``running_mean``/``running_var`` of shape
+    ``[sites, C]`` and ``num_batches_tracked`` of shape ``[sites]``, so that
+    in eval site ``i`` is normalized with the statistics seen at site ``i``
+    (the per-time-step statistics of Recurrent Batch Normalization, Cooijmans
+    et al. 2016; past the last site, reuse the last one:
+    ``site=min(t, sites - 1)``). With ``share_stats=True`` a single set of
+    shape ``[C]`` pools the statistics of every call, whatever its site.
+
+    Training always normalizes with the statistics of the batch at hand.
+    ``site`` may be omitted when ``sites == 1`` or ``share_stats=True``.
+    """
+
+    def __init__(
+        self, num_features: int, sites: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        track_running_stats: bool = True, device: Any = None, dtype: torch.dtype | None = None, *,
+        share_stats: bool = False, bias: bool = True, axis: int = 1, share_affine: str = "none",
+        nonfinite: str = "skip"
+    ) -> None:
+        if not is_int(sites) or sites <= 0:
+            raise ValueError(f"SharedBatchNorm: sites must be a positive int, got {sites!r}")
+        if not isinstance(share_stats, bool):
+            raise TypeError(f"SharedBatchNorm: share_stats must be a bool, got {share_stats!r}")
+        self.sites = sites
+        self.share_stats = share_stats
+        super().__init__(**bn_arguments(locals()))
+        if track_running_stats and not share_stats:
+            factory = {"device": device, "dtype": dtype}
+            self.running_mean = torch.zeros(sites, num_features, **factory)
+            self.running_var = torch.ones(sites, num_features, **factory)
+            self.num_batches_tracked = torch.zeros(sites, dtype=torch.long, device=device)
+
+    @property
+    def per_site_stats(self) -> bool:
+        return self.track_running_stats and not self.share_stats
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.num_features}, sites={self.sites})"
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sites={self.sites}, share_stats={self.share_stats}"
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        key = prefix + "num_batches_tracked"
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Keep the current per-site counts, as torch keeps its layer's count.
+            nbt = self.num_batches_tracked
+            state_dict[key] = nbt if nbt.device.type != "meta" else torch.zeros_like(nbt, device="cpu")
+        nn.Module._load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def check_site(self, site: Any) -> int:
+        """``site`` as a valid int index (``None`` allowed where there is one set of statistics)."""
+        return check_site(self, site)
+
+    def _check_site(self, site: Any) -> int:  # the former name of check_site
+        return check_site(self, site)
+
+    def _site_buffers(self, site: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not self.track_running_stats:
+            return None, None, None
+        if self.share_stats:
+            return self.running_mean, self.running_var, self.num_batches_tracked
+        return self.running_mean[site], self.running_var[site], self.num_batches_tracked[site]
+
+    def inference_affine(self, site: int | None = None) -> tuple[Tensor, Tensor]:
+        """The eval-mode map at ``site`` as per-channel ``(scale, shift)``.
+
+        Raises ``RuntimeError`` without running statistics, or when the sites
+        have separate statistics and no ``site`` is given.
+        """
+        if not self.track_running_stats:
+            raise RuntimeError(f"{self.describe()} has no running statistics, so no fixed inference form")
+        if site is None and self.per_site_stats and self.sites > 1:
+            raise RuntimeError(
+                f"{self.describe()} keeps running statistics per site, so it has one inference form per "
+                "site: call inference_affine(site=i)"
+            )
+        mean, var, _ = self._site_buffers(self.check_site(site))
+        c = self.num_features
+        return fold(mean, var, per_channel(self.weight, c), per_channel(self.bias, c), self.eps)
+
+    def forward(self, input: Tensor, site: int | None = None) -> Tensor:
+        running_mean, running_var, nbt, batch_stats = self.call_buffers(*self._site_buffers(self.check_site(site)))
+        return batch_norm_module_call(
+            self.call_spec(), input, self.weight, self.bias, running_mean, running_var, nbt, batch_stats
+        )

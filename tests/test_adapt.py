@@ -438,15 +438,3 @@ def test_tent_bad_input_changes_nothing():
     assert _same_state(model, state)
     assert all(p.requires_grad for p in model.parameters())
 
-
-# ------------------------------------------------------------------ docs
-def test_docs_examples_run(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parents[1] / "docs" / "adaptation.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 4
-    monkeypatch.chdir(tmp_path)
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"docs/adaptation.md[python block {i}]", "exec"), {"__name__": "__docs__"})

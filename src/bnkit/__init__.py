@@ -73,3 +73,9 @@ from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN i
 
 __all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
 from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)
+from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent  # noqa: E402  (test-time adaptation)
+
+__all__ += ["adapt", "tent", "bn_parameters", "AdaptHandle"]
+from .tools.doctor import BNReport, inspect  # noqa: E402  (the BN doctor)
+
+__all__ += ["inspect", "BNReport"]

@@ -256,6 +256,109 @@ def cmd_bench(args) -> int:
     return int(rc or 0)
 
 
+def _add_inspect_command(sub) -> None:
+    """``bnkit inspect MODEL.pt [--data ...]``: the BN doctor (:func:`bnkit.inspect`) on a pickled model."""
+
+    def positive_int(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            v = 0
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        return v
+
+    def load_data(spec: str, data_dir):
+        path = Path(spec).expanduser()
+        if path.suffix in (".pt", ".pth", ".npy") or path.exists():
+            if not path.is_file():
+                raise ValueError(f"--data: no such file: {path}")
+            if path.suffix == ".npy":
+                import numpy as np
+
+                obj = np.load(path)
+            else:
+                import torch
+
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, dict):
+                obj = next((obj[k] for k in ("x", "images", "inputs", "data") if k in obj), obj)
+            if isinstance(obj, (tuple, list)) and obj:
+                obj = obj[0]
+            import torch
+
+            if not isinstance(obj, torch.Tensor):
+                try:
+                    obj = torch.as_tensor(obj)
+                except (TypeError, ValueError, RuntimeError):
+                    raise ValueError(f"--data: {path} holds a {type(obj).__name__}, not a tensor of inputs") from None
+            return obj.float() if not obj.is_floating_point() else obj
+        from .experiments.data import load_dataset
+
+        return load_dataset(spec, data_dir).x_test
+
+    def cmd_inspect(args) -> int:
+        import pickle
+
+        import torch
+        from torch import nn
+
+        from .tools.doctor import inspect
+
+        path = Path(args.model).expanduser()
+        try:
+            if not path.is_file():
+                raise ValueError(f"no such file: {path}")
+            try:  # a pickled model runs code from the file: only load files you trust
+                model = torch.load(path, map_location="cpu", weights_only=False)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ImportError, ValueError) as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ValueError(f"cannot load {path} as a pickled model ({type(e).__name__}: {first})") from None
+            if not isinstance(model, nn.Module):
+                hint = " (a state_dict: save the model itself with torch.save(model, path))" if isinstance(model, dict) else ""
+                raise ValueError(f"{path} holds a {type(model).__name__}, not a pickled torch.nn.Module{hint}")  # noqa: TRY004
+            data = None
+            if args.data:
+                x = load_data(args.data, args.data_dir)
+                if x.dim() == 0 or len(x) == 0:
+                    raise ValueError(f"--data {args.data}: no samples")
+                data = [x[i:i + args.batch_size] for i in range(0, len(x), args.batch_size)]
+                if args.batches:
+                    data = data[: args.batches]
+            try:
+                report = inspect(model, data)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ValueError(f"the model failed on the data ({type(e).__name__}: {first})") from None
+        except ValueError as e:
+            print(f"bnkit: error: {e}", file=sys.stderr)
+            return 2
+        except Exception as e:  # noqa: BLE001 - the CLI answers in one line, never with a traceback
+            first = (str(e).strip().splitlines() or [""])[0]
+            print(f"bnkit: error: {type(e).__name__}: {first}", file=sys.stderr)
+            return 2
+        if args.json == "-":
+            print(report.to_json())
+        else:
+            report.print()
+            if args.json:
+                print(f"wrote {report.write_json(args.json)}")
+        if args.html:
+            print(f"wrote {report.write_html(args.html)}", file=sys.stderr if args.json == "-" else sys.stdout)
+        return 0
+
+    p = sub.add_parser("inspect", help="the BN doctor: diagnose the BN layers of a pickled model (torch.save(model))")
+    p.add_argument("model", help="a file written by torch.save(model) (unpickled: only open files you trust)")
+    p.add_argument("--data", help="inputs to compare statistics on: a .pt/.npy file (tensor, or (x, y)) or a dataset "
+                   "name (its test split, e.g. mnist5k)")
+    p.add_argument("--data-dir", help="directory with the dataset files (default: $BNKIT_DATA)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batches", type=positive_int, help="use at most this many batches")
+    p.add_argument("--json", help="write the report as JSON to this file ('-': stdout, without the table)")
+    p.add_argument("--html", help="write a self-contained HTML report to this file")
+    p.set_defaults(func=cmd_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (``bnkit --help``). ``run`` and ``demo`` get their experiment's own parser
     (:func:`experiment_parser`) in :func:`main`, so building this one imports no experiment code."""
@@ -275,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build)
 
     sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)", add_help=False)
+    _add_inspect_command(sub)
     return p
 
 

@@ -1,0 +1,618 @@
+"""Test-time adaptation of BN statistics and affine parameters: :func:`adapt`, :func:`tent`.
+
+A model trained on a source distribution normalizes with the source's
+statistics; under a distribution shift those are wrong for every later layer.
+Replacing them with the target's statistics (AdaBN, Li et al. 2016), or mixing
+both (Schneider et al. 2020), fixes much of the damage without labels:
+
+* ``mode="reestimate"``: each BN layer's ``running_mean``/``running_var``
+  become the mean and the unbiased variance of its input over all of ``data``
+  (as :func:`bnkit.recalibrate` computes them: one pass, every layer
+  normalizing each batch with that batch's statistics, Chan's exact merge in
+  float64).
+* ``mode="prior"``: Schneider et al.'s estimate with prior strength ``N``
+  (``prior``) and ``n`` target samples seen,
+
+  .. math::
+
+      \\mu = \\tfrac{N}{N+n}\\,\\mu_s + \\tfrac{n}{N+n}\\,\\mu_t, \\qquad
+      \\sigma^2 = \\tfrac{N}{N+n}\\,\\sigma_s^2 + \\tfrac{n}{N+n}\\,\\sigma_t^2,
+
+  where ``mu_s, sigma_s^2`` are the layer's (source) running statistics and
+  ``mu_t, sigma_t^2`` the mean and unbiased variance of its input over the
+  target samples seen so far. During the pass every layer normalizes with this
+  mixture (so later layers see what they will see at inference); on a single
+  batch this is exactly the authors' procedure.
+* ``mode="online"``: the statistics follow a stream. :func:`adapt` installs a
+  forward pre-hook on each layer: every eval-mode forward first updates the
+  layer's statistics with the batch and then normalizes with them. Cumulative
+  by default (the ``prior`` mixture over all samples seen), over the last
+  ``window`` batches (the mixture over those), or an exponential moving
+  average with ``momentum`` starting from the source statistics (``prior`` not
+  used).
+
+Every mode works for torch's BN layers and bnkit's (variants, per-site
+``SharedBatchNorm``, and frozen layers, whose statistics buffers are
+replaced). Parameters, ``num_batches_tracked``, momenta and every other module
+are left as they are; during a pass all modules are in eval mode (dropout off).
+The returned :class:`AdaptHandle` restores the source statistics bit for bit
+(``handle.restore()``, or leaving a ``with`` block).
+
+:func:`tent` (Wang et al. 2021) also adapts the BN affine parameters: it
+minimizes the mean entropy of the softmax predictions over the BN weights and
+biases only (:func:`bn_parameters`), with every BN layer normalizing with
+batch statistics.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..layers import BatchNorm
+from ..stats import Moments, merge, merge_all
+from ..variants import FrozenBatchNorm
+
+__all__ = ["MODES", "AdaptHandle", "adapt", "bn_parameters", "tent"]
+
+MODES = ("reestimate", "prior", "online")
+
+
+# ------------------------------------------------------------------ BN family
+def is_bn_layer(m: nn.Module) -> bool:
+    """Torch BN, bnkit BN/variants/frozen layers, or anything with ``inference_affine``, ``axis``, ``num_features``."""
+    if isinstance(m, (_BatchNorm, BatchNorm, FrozenBatchNorm)):
+        return True
+    return callable(getattr(m, "inference_affine", None)) and hasattr(m, "axis") and hasattr(m, "num_features")
+
+
+def feature_axis(m: nn.Module) -> int:
+    return 1 if isinstance(m, _BatchNorm) else int(m.axis)
+
+
+def has_stats(m: nn.Module) -> bool:
+    return isinstance(getattr(m, "running_mean", None), Tensor) and isinstance(getattr(m, "running_var", None), Tensor)
+
+
+def learns_stats(m: nn.Module) -> bool:
+    """Layers with a ``momentum`` learn statistics in training mode; frozen ones (no momentum) never do."""
+    return hasattr(m, "momentum")
+
+
+def bn_layers(model: nn.Module, *, with_stats: bool = True) -> list[tuple[str, nn.Module]]:
+    """The BN-family layers of ``model`` (each once, in registration order)."""
+    out, seen = [], set()
+    for name, m in model.named_modules():
+        if id(m) in seen or not is_bn_layer(m) or (with_stats and not has_stats(m)):
+            continue
+        seen.add(id(m))
+        out.append((name, m))
+    return out
+
+
+def bn_parameters(model: nn.Module, *, named: bool = False) -> list:
+    """The affine parameters (``weight``, ``bias``) of every BN-family layer of ``model``, each once.
+
+    These are what :func:`tent` trains, and what "train only BN" (Frankle et
+    al. 2020) trains: ``torch.optim.SGD(bnkit.bn_parameters(model), lr=0.1)``.
+    Frozen layers hold their affine as buffers, so they contribute nothing.
+
+    Args:
+        model: any module.
+        named: return ``(qualified name, parameter)`` pairs instead.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> [n for n, _ in bn_parameters(net, named=True)]
+        ['1.weight', '1.bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bn_parameters: expected an nn.Module, got {type(model).__name__}")
+    out, seen = [], set()
+    for name, m in bn_layers(model, with_stats=False):
+        for pname, p in m.named_parameters(recurse=False):
+            if pname in ("weight", "bias") and id(p) not in seen:
+                seen.add(id(p))
+                out.append((f"{name}.{pname}" if name else pname, p))
+    return out if named else [p for _, p in out]
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+def _input_of(batch: Any) -> Any:
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("got an empty tuple/list as a batch")
+        return batch[0]
+    return batch
+
+
+def _batches(data: Any, num_batches: int | None) -> Iterable[Any]:
+    if isinstance(data, Tensor):
+        data = [data]
+    it = iter(data)
+    return it if num_batches is None else itertools.islice(it, num_batches)
+
+
+def _check_num_batches(where: str, num_batches: Any) -> None:
+    if num_batches is not None and (not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1):
+        raise ValueError(f"{where}: num_batches must be a positive int or None, got {num_batches!r}")
+
+
+# ------------------------------------------------------------------ snapshot / restore
+class _Snapshot:
+    """Bit-exact copies of the BN layers' buffers (and optionally affine parameters) and every training flag."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]], params: bool = False) -> None:
+        self.buffers = [
+            (m, {k: b.detach().clone() for k, b in m._buffers.items() if isinstance(b, Tensor)}) for _, m in layers
+        ]
+        self.params = []
+        if params:
+            self.params = [
+                (m, {k: p.detach().clone() for k, p in m.named_parameters(recurse=False)}) for _, m in layers
+            ]
+        self.flags = [(m, m.training) for m in model.modules()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        # By name, not by object: a model moved with .to() after adapting gets its values back too.
+        for m, bufs in self.buffers:
+            for k, v in bufs.items():
+                cur = m._buffers.get(k)
+                if isinstance(cur, Tensor) and cur.shape == v.shape:
+                    cur.copy_(v)
+                else:
+                    m._buffers[k] = v.clone()
+        for m, ps in self.params:
+            for k, v in ps.items():
+                getattr(m, k).copy_(v)
+        for m, training in self.flags:
+            m.training = training
+
+
+class AdaptHandle:
+    """What :func:`adapt` / :func:`tent` changed, and the way back.
+
+    ``restore()`` puts back the source statistics (and, after :func:`tent`,
+    the affine parameters) bit for bit, the training flags, and removes the
+    hooks of ``mode="online"``; calling it again does nothing. As a context
+    manager the model is adapted inside the ``with`` block and restored when
+    it is left.
+
+    Attributes:
+        model: the adapted model.
+        mode: ``"reestimate"``, ``"prior"``, ``"online"`` or ``"tent"``.
+        layers: qualified names of the adapted BN layers.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, layers: list[str], snapshot: _Snapshot) -> None:
+        self.model = model
+        self.mode = mode
+        self.layers = layers
+        self._snapshot = snapshot
+        self._hooks: list[Any] = []
+        self._states: list[_LayerState] = []
+        self.active = True
+
+    @property
+    def samples(self) -> int:
+        """Target samples the first adapted layer has seen (``mode="online"``: so far)."""
+        return max((s.samples_total() for s in self._states[:1]), default=0)
+
+    def restore(self) -> nn.Module:
+        """Undo the adaptation; returns the model."""
+        if self.active:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self._snapshot.restore()
+            self.active = False
+        return self.model
+
+    def __enter__(self) -> AdaptHandle:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "restored"
+        return f"AdaptHandle(mode={self.mode!r}, layers={len(self.layers)}, {state})"
+
+
+# ------------------------------------------------------------------ per-layer statistics
+class _LayerState:
+    """Source statistics and the target statistics seen so far, per call site (``None`` for plain layers)."""
+
+    def __init__(self, m: nn.Module, mode: str, prior: float, momentum: float | None, window: int | None) -> None:
+        self.m = m
+        self.axis = feature_axis(m)
+        self.per_site = m.running_mean.dim() == 2
+        self.mode, self.prior, self.momentum, self.window = mode, float(prior), momentum, window
+        self.source = (m.running_mean.detach().to(torch.float64).clone(), m.running_var.detach().to(torch.float64).clone())
+        self.total: dict[Any, Moments] = {}
+        self.samples: dict[Any, int] = {}
+        self.recent: dict[Any, collections.deque] = {}
+        self.ema: dict[Any, tuple[Tensor, Tensor]] = {}
+
+    def samples_total(self) -> int:
+        return sum(self.samples.values())
+
+    def site_of(self, args: tuple, kwargs: dict) -> Any:
+        """The row of a per-site layer this call uses, or ``False`` when the call is not one to adapt."""
+        if not self.per_site:
+            return None
+        site = kwargs.get("site", args[1] if len(args) > 1 else None)
+        rows = self.m.running_mean.shape[0]
+        if site is None:
+            return 0 if rows == 1 else False  # the layer itself raises its own error
+        if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < rows:
+            return False
+        return site
+
+    def src(self, site: Any) -> tuple[Tensor, Tensor]:
+        mean, var = self.source
+        return (mean, var) if site is None else (mean[site], var[site])
+
+    def mix(self, site: Any, target: Moments, n: int) -> tuple[Tensor, Tensor]:
+        """Schneider et al.'s mixture of the source and the target's mean / unbiased variance."""
+        mean_s, var_s = self.src(site)
+        var_t = target.variance(1) if target.count > 1 else target.m2 * 0
+        w = n / (self.prior + n) if self.prior + n > 0 else 1.0
+        return (1 - w) * mean_s + w * target.mean, (1 - w) * var_s + w * var_t
+
+    def observe(self, x: Tensor, site: Any) -> tuple[Tensor, Tensor]:
+        """Add a batch; returns the (mean, var) this batch is normalized with."""
+        axis = self.axis % x.dim()
+        dims = [d for d in range(x.dim()) if d != axis]
+        b = Moments.of(x.detach().to(torch.float64), dims)
+        n = x.shape[0] if axis != 0 else 1
+        self.samples[site] = self.samples.get(site, 0) + n
+        if self.mode == "reestimate":
+            self.total[site] = b if site not in self.total else merge(self.total[site], b)
+            return b.mean, b.variance(0)  # training-mode normalization: the batch's biased variance
+        if self.momentum is not None:
+            mean_p, var_p = self.ema.get(site, self.src(site))
+            var_b = b.variance(1) if b.count > 1 else b.m2 * 0
+            self.ema[site] = ((1 - self.momentum) * mean_p + self.momentum * b.mean,
+                              (1 - self.momentum) * var_p + self.momentum * var_b)
+            return self.ema[site]
+        if self.window is not None:
+            q = self.recent.setdefault(site, collections.deque(maxlen=self.window))
+            q.append((b, n))
+            return self.mix(site, merge_all(p for p, _ in q), sum(k for _, k in q))
+        self.total[site] = b if site not in self.total else merge(self.total[site], b)
+        return self.mix(site, self.total[site], self.samples[site])
+
+    def final(self, site: Any) -> tuple[Tensor, Tensor]:
+        """The statistics after a reestimate / prior pass."""
+        t = self.total[site]
+        if self.mode == "reestimate":
+            return t.mean, (t.variance(1) if t.count > 1 else t.m2)
+        return self.mix(site, t, self.samples[site])
+
+    @torch.no_grad()
+    def write(self, site: Any, mean: Tensor, var: Tensor) -> None:
+        rm, rv = self.m.running_mean, self.m.running_var
+        if site is not None:
+            rm, rv = rm[site], rv[site]
+        rm.copy_(mean.to(rm.dtype))
+        rv.copy_(var.to(rv.dtype))
+
+
+def _make_hook(state: _LayerState, online: bool) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not args or not isinstance(args[0], Tensor):
+            return
+        if online and module.training and learns_stats(module):
+            return  # a training-mode layer normalizes with batch statistics and keeps its own averages
+        site = state.site_of(args, kwargs)
+        if site is False:
+            return
+        with torch.no_grad():
+            mean, var = state.observe(args[0], site)
+            state.write(site, mean, var)
+
+    return hook
+
+
+# ------------------------------------------------------------------ adapt
+def adapt(
+    model: nn.Module,
+    data: Iterable[Any] | Tensor | None = None,
+    *,
+    mode: str = "reestimate",
+    prior: float = 16,
+    momentum: float | None = None,
+    window: int | None = None,
+    num_batches: int | None = None,
+) -> AdaptHandle:
+    r"""Adapt the BN statistics of ``model`` to unlabelled target data; returns a restore handle.
+
+    ``reestimate`` sets ``mu = mean(x)``, ``var = M2 / (n - 1)`` over all of
+    ``data`` per layer; ``prior`` sets
+    ``mu = N/(N+n) mu_s + n/(N+n) mu_t`` and likewise the variance, with
+    ``N = prior`` and ``n`` the target samples seen; ``online`` keeps updating
+    the statistics on every later eval-mode forward (see the module docstring).
+
+    Args:
+        model: a module with torch or bnkit BN-family layers (edited in place).
+        data: an iterable of batches (tensors, or tuples/lists whose first
+            element is the input, as a ``DataLoader`` yields); a single tensor
+            is one batch. Required for ``reestimate`` and ``prior``; optional
+            for ``online`` (a warm-up stream fed through the model at once).
+        mode: ``"reestimate"``, ``"prior"`` or ``"online"``.
+        prior: Schneider et al.'s prior strength ``N >= 0`` (``prior`` and
+            ``online``; ``0``: the target statistics alone).
+        momentum: ``online`` only: exponential moving average with this factor
+            in ``(0, 1]`` instead of the cumulative mixture (``prior`` unused).
+        window: ``online`` only: the mixture over the last ``window`` batches.
+        num_batches: read at most this many batches of ``data``.
+
+    Returns:
+        An :class:`AdaptHandle`; ``handle.restore()`` (or leaving
+        ``with adapt(...):``) puts the source statistics back exactly.
+
+    Shape:
+        Any input the model takes; a layer's statistics are per channel along
+        its feature axis (per call site for per-site ``SharedBatchNorm``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> target = torch.randn(16, 1, 8, 8) * 3 + 1
+        >>> with adapt(net, target) as h:
+        ...     y = net(target)          # normalized with the target's statistics
+        >>> h.active
+        False
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt: expected an nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"adapt: mode must be one of {MODES}, got {mode!r}")
+    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not prior >= 0 or prior == float("inf"):
+        raise ValueError(f"adapt: prior must be a finite number >= 0, got {prior!r}")
+    if momentum is not None or window is not None:
+        if mode != "online":
+            raise ValueError(f"adapt: momentum and window apply to mode='online' only (got mode={mode!r})")
+        if momentum is not None and window is not None:
+            raise ValueError("adapt: give momentum or window, not both")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1):
+        raise ValueError(f"adapt: momentum must be in (0, 1], got {momentum!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"adapt: window must be a positive int, got {window!r}")
+    _check_num_batches("adapt", num_batches)
+    if data is None and mode != "online":
+        raise ValueError(f"adapt: mode={mode!r} needs data")
+    layers = bn_layers(model)
+    if not layers:
+        raise ValueError("adapt: the model has no BN layer with running statistics")
+
+    snapshot = _Snapshot(model, layers)
+    handle = AdaptHandle(model, mode, [n or "<root>" for n, _ in layers], snapshot)
+    states = [_LayerState(m, mode, prior, momentum, window) for _, m in layers]
+    handle._states = states
+    online = mode == "online"
+    for st in states:
+        handle._hooks.append(st.m.register_forward_pre_hook(_make_hook(st, online), with_kwargs=True))
+
+    if online:
+        for _, m in layers:
+            if learns_stats(m):
+                m.eval()  # eval mode: the layer normalizes with the statistics the hook just wrote
+        if data is None:
+            return handle
+    try:
+        seen = _run(model, data, num_batches)
+    except BaseException:
+        handle.restore()
+        raise
+    if seen == 0:
+        handle.restore()
+        raise ValueError("adapt: data yielded no batch; nothing changed")
+    if online:
+        return handle
+    for h in handle._hooks:
+        h.remove()
+    handle._hooks.clear()
+    unseen = []
+    for (name, _), st in zip(layers, states):
+        if not st.total:
+            unseen.append(name or "<root>")
+        for site in st.total:
+            st.write(site, *st.final(site))
+    for m, training in snapshot.flags:
+        m.training = training
+    if unseen:
+        warnings.warn(
+            f"adapt: {len(unseen)} BN layer(s) received no input and keep their statistics: " + ", ".join(unseen[:5]),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return handle
+
+
+@torch.no_grad()
+def _run(model: nn.Module, data: Any, num_batches: int | None) -> int:
+    """Feed the batches through the model in eval mode; returns how many there were."""
+    device = _device(model)
+    model.eval()
+    seen = 0
+    for batch in _batches(data, num_batches):
+        x = _input_of(batch)
+        if isinstance(x, Tensor) and device is not None and x.device != device:
+            x = x.to(device)
+        model(x)
+        seen += 1
+    return seen
+
+
+# ------------------------------------------------------------------ TENT
+def _entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy of ``softmax(logits)`` over the batch (classes along dim 1)."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+
+
+def _frozen_batch_stats_hook(module: nn.Module, args: tuple, output: Any) -> Tensor:
+    """A frozen layer normalizing with batch statistics (differentiable), keeping its fixed affine."""
+    x = args[0]
+    axis = feature_axis(module) % x.dim()
+    c = int(module.num_features)
+    w = None if module.weight is None else module.weight.reshape(-1).expand(c)
+    b = None if getattr(module, "bias", None) is None else module.bias.reshape(-1).expand(c)
+    y = F.batch_norm(x.movedim(axis, 1), None, None, w, b, True, 0.0, module.eps)
+    return y.movedim(1, axis)
+
+
+def _make_optimizer(optimizer: Any, params: list, lr: float) -> torch.optim.Optimizer:
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if callable(optimizer):
+        opt = optimizer(params, lr=lr)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"tent: optimizer(params, lr=lr) must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
+    raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
+
+
+def tent(
+    model: nn.Module,
+    data: Iterable[Any] | Tensor,
+    *,
+    steps: int = 1,
+    lr: float = 1e-3,
+    optimizer: Any = "adam",
+    stats: str = "reestimate",
+    num_batches: int | None = None,
+) -> tuple[nn.Module, AdaptHandle]:
+    r"""TENT: adapt the BN affine parameters by minimizing the prediction entropy on target batches.
+
+    For each batch ``x`` of ``data`` and each of ``steps`` steps, one
+    optimizer step on
+
+    .. math::  H(x) = -\frac{1}{B}\sum_{i}\sum_k p_{ik}\log p_{ik},\qquad p_i = \mathrm{softmax}(f(x_i))
+
+    over :func:`bn_parameters` only, with every BN layer normalizing with the
+    batch's statistics (gradients flow through them, as in training) and every
+    other module in eval mode (dropout off). Running statistics are not
+    updated during the steps; afterwards, with ``stats="reestimate"``, they
+    are re-estimated on ``data`` under the adapted parameters (as
+    :func:`adapt` does), so the eval-mode model is the adapted one; with
+    ``stats="source"`` they stay the source's.
+
+    Args:
+        model: a classifier whose output is ``(N, classes)`` logits (edited in place).
+        data: batches as for :func:`adapt`. A one-shot iterator is read once
+            (its batches are kept for the statistics pass).
+        steps: optimizer steps per batch.
+        lr: learning rate.
+        optimizer: ``"adam"`` (Adam, betas 0.9/0.999, as in the paper),
+            ``"sgd"`` (momentum 0.9), or a callable ``(params, lr=lr)``
+            returning an optimizer (e.g. ``torch.optim.AdamW``).
+        stats: ``"reestimate"`` or ``"source"``.
+        num_batches: use at most this many batches.
+
+    Returns:
+        ``(model, handle)``; ``handle.restore()`` puts back the source
+        parameters and statistics bit for bit. ``requires_grad`` flags,
+        momenta and training flags are as before.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).eval()
+        >>> net, h = tent(net, torch.randn(8, 1, 8, 8), steps=2)
+        >>> _ = h.restore()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tent: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"tent: steps must be a positive int, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"tent: lr must be a positive number, got {lr!r}")
+    if stats not in ("reestimate", "source"):
+        raise ValueError(f"tent: stats must be 'reestimate' or 'source', got {stats!r}")
+    if not (optimizer in ("adam", "sgd") or callable(optimizer)):
+        raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
+    _check_num_batches("tent", num_batches)
+    params = bn_parameters(model)
+    if not params:
+        raise ValueError("tent: the model has no BN affine parameters to adapt")
+    layers = bn_layers(model, with_stats=False)
+    if isinstance(data, Tensor):
+        data = [data]
+    elif iter(data) is data:  # a one-shot iterator: keep its batches for the statistics pass
+        data = list(_batches(data, num_batches))
+
+    snapshot = _Snapshot(model, layers, params=True)
+    handle = AdaptHandle(model, "tent", [n or "<root>" for n, _ in layers], snapshot)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    momenta = [(m, m.momentum) for _, m in layers if learns_stats(m)]
+    hooks = []
+    device = _device(model)
+    seen = 0
+    try:
+        opt = _make_optimizer(optimizer, params, lr)
+        model.eval()
+        for _, m in layers:
+            if learns_stats(m):
+                m.train()  # batch statistics, with their gradient ...
+                m.momentum = 0.0  # ... and the running averages kept as they are
+            else:
+                hooks.append(m.register_forward_hook(_frozen_batch_stats_hook))
+        for p, _ in grads:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for batch in _batches(data, num_batches):
+            x = _input_of(batch)
+            if isinstance(x, Tensor) and device is not None and x.device != device:
+                x = x.to(device)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                logits = model(x)
+                if not isinstance(logits, Tensor) or logits.dim() < 2:
+                    raise TypeError("tent: the model must return (N, classes) logits")
+                _entropy(logits).backward()
+                opt.step()
+            seen += 1
+    except BaseException:
+        for h in hooks:
+            h.remove()
+        for m, mom in momenta:
+            m.momentum = mom
+        for p, rg in grads:
+            p.requires_grad_(rg)
+        snapshot.restore()
+        raise
+    for h in hooks:
+        h.remove()
+    for m, mom in momenta:
+        m.momentum = mom
+    for p, rg in grads:
+        p.requires_grad_(rg)
+        p.grad = None
+    # The steps left the statistics as they were (momentum 0) but counted batches: put the buffers back.
+    adapted = [p.detach().clone() for p in params]
+    snapshot.restore()
+    with torch.no_grad():
+        for p, v in zip(params, adapted):
+            p.copy_(v)
+    if seen == 0:
+        snapshot.restore()
+        raise ValueError("tent: data yielded no batch; nothing changed")
+    if stats == "reestimate" and bn_layers(model):
+        adapt(model, data, mode="reestimate", num_batches=num_batches)
+    return model, handle

@@ -38,6 +38,18 @@ def _str_list(s: str) -> List[str]:
     return [x for x in s.replace(",", " ").split()]
 
 
+def _set_arg(s: str):
+    import json
+    key, eq, val = s.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {s!r}")
+    try:
+        v = json.loads(val)
+    except ValueError:
+        v = val
+    return key.strip().replace("-", "_"), v
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment settings (defaults: the experiment's own; see `bnkit list`)")
     g.add_argument("--data", help="dataset name (mnist5k, mnist, mnist+5k, digits, mnist1d, fashion-mnist, cifar10)")
@@ -58,6 +70,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norms", type=_str_list, help="norms: which norms to compare (comma-separated)")
     g.add_argument("--arch", choices=["mlp", "cnn"], help="norms: network (fig1 is always the MLP)")
     g.add_argument("--threads", type=_positive_int, help="torch threads (default 1)")
+    g.add_argument("--set", dest="set_", action="append", type=_set_arg, metavar="KEY=VALUE", default=None,
+                   help="any other setting of the experiment (VALUE is JSON, or a plain string), e.g. "
+                        "--set lrs=[0.1,1,10]; repeatable; see DEFAULTS in the experiment's module")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="output directory (default runs/<experiment>-<timestamp>)")
     o.add_argument("--resume", action="store_true",
@@ -74,6 +89,8 @@ def _overrides(args) -> dict:
     ov = {k: getattr(args, k, None) for k in _SETTINGS}
     if getattr(args, "seed", None) is not None:
         ov["seeds"] = [args.seed]
+    for k, v in getattr(args, "set_", None) or []:
+        ov[k] = v
     if ov.get("data_dir") is not None:
         ov["data_dir"] = str(Path(ov["data_dir"]).expanduser().resolve())
     return {k: v for k, v in ov.items() if v is not None}
@@ -86,8 +103,13 @@ def _run(experiment: str, args) -> int:
     from .experiments.models import NormNotAvailable
 
     try:
-        run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
-                       stop_after=args.stop_after)
+        if experiment == "all":
+            from .experiments.suite import run_all
+            run_all(_overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
+                    stop_after=args.stop_after)
+        else:
+            run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
+                           stop_after=args.stop_after)
     except RunInterrupted as e:
         print(f"\nbnkit: {e}. Continue with: bnkit run {experiment} --resume"
               f"{' --out ' + str(args.out) if args.out else ''}", file=sys.stderr)
@@ -156,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(d)
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("run", help="run an experiment (fig1, norms)")
-    r.add_argument("experiment", help="experiment name (see `bnkit list`)")
+    r = sub.add_parser("run", help="run an experiment (see `bnkit list`), or `all` of them")
+    r.add_argument("experiment", help="experiment name (see `bnkit list`), or `all`: every experiment and an index page")
     _add_run_options(r)
     r.set_defaults(func=cmd_run)
 

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,16 @@ class RunConfig:
     probe_size: int = 600           # the first probe_size test examples form the fixed probe batch
     probe_layer: int = -1           # index of the hidden block whose activation input is probed
     thresholds: Sequence[float] = (0.9,)
+    # model options for the experiments' extra nets (bnkit.experiments.nets: dropout, init gain, channels,
+    # norm keyword arguments, ...); empty: the plain MLP / SmallCNN of models.build_model
+    options: Dict[str, Any] = field(default_factory=dict)
+    # "raise": a non-finite loss is an error; "stop": the run ends there and records where it diverged
+    # (learning-rate and initialization sweeps expect some arms to diverge)
+    on_diverge: str = "raise"
+    # > 0: also evaluate (eval mode) on the first train_eval_size training examples at every evaluation
+    train_eval_size: int = 0
+    # > 0: train on the first train_subset training examples only (a small training set, to show overfitting)
+    train_subset: int = 0
 
     def __post_init__(self):
         self.variant = self.variant or self.norm
@@ -199,8 +209,12 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
         progress.finish(cfg.name)
         return res
 
-    model = build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
-                        hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
+    if cfg.options or cfg.arch not in ("mlp", "cnn"):
+        from .nets import build_net
+        model = build_net(cfg, data.input_shape, data.num_classes)
+    else:
+        model = build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
+                            hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
     model.train()
     opt = _make_optimizer(cfg, model.parameters())
     probe_x = data.x_test[: cfg.probe_size]
@@ -209,6 +223,8 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
 
     state = {"step": 0, "hist": {"steps": [], "test_acc": [], "test_loss": [], "train_loss": []},
              "pct": [], "loss_sum": 0.0, "loss_n": 0, "ema": None, "train_seconds": 0.0, "interval_ms": []}
+    if cfg.train_eval_size > 0:
+        state["hist"].update(train_acc=[], train_eval_loss=[])
     if resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["config"] != asdict(cfg):
@@ -232,6 +248,9 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
         tr = state["loss_sum"] / state["loss_n"] if state["loss_n"] else None
         h = state["hist"]
         h["steps"].append(step); h["test_acc"].append(acc); h["test_loss"].append(tloss); h["train_loss"].append(tr)
+        if cfg.train_eval_size > 0:
+            tr_acc, tr_loss = evaluate(model, data.x_train[:cfg.train_eval_size], data.y_train[:cfg.train_eval_size])
+            h["train_acc"].append(tr_acc); h["train_eval_loss"].append(tr_loss)
         state["pct"].append(pct)
         state["loss_sum"], state["loss_n"] = 0.0, 0
         rec = {"run": cfg.name, "variant": cfg.variant, "seed": cfg.seed, "step": step, "test_acc": acc,
@@ -241,8 +260,10 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             f.write(json.dumps(rec) + "\n")
         progress.update(cfg.name, step, loss=state["ema"], acc=acc)
 
-    batches = _Batches(len(data.y_train), cfg.batch_size, cfg.seed)
     x_tr, y_tr = data.x_train, data.y_train
+    if cfg.train_subset > 0:
+        x_tr, y_tr = x_tr[:cfg.train_subset], y_tr[:cfg.train_subset]
+    batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
     next_eval = [s for s in schedule if s >= state["step"] and s not in state["hist"]["steps"]]
     progress.start(cfg.name, cfg.steps, state["step"])
     if state["step"] == 0 and not state["hist"]["steps"]:
@@ -265,6 +286,16 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             opt.step()
             t_acc += time.perf_counter() - t0
             lv = loss.item()
+            if not math.isfinite(lv) and cfg.on_diverge == "stop":
+                # the step has already written non-finite weights: evaluate that model (it predicts
+                # garbage) and end the run here
+                step += 1
+                state["step"] = step
+                state["diverged_at"] = step
+                state["train_seconds"] += t_acc
+                t_acc = 0.0
+                do_eval(step)
+                break
             if not math.isfinite(lv):
                 raise FloatingPointError(f"run {cfg.name}: loss became {lv} at step {step}; lower --lr")
             step += 1
@@ -311,10 +342,12 @@ def _result(cfg: RunConfig, state: Dict) -> Dict:
     rel_all = unit_r / np.maximum(spreads, 1e-12)
     acc = h["test_acc"]
     n_last = max(1, len(acc) // 10)
+    extra = {k: h[k] for k in ("train_acc", "train_eval_loss") if k in h}
     return {
         "name": cfg.name, "variant": cfg.variant, "norm": cfg.norm, "seed": cfg.seed,
         "config": asdict(cfg),
         "steps": h["steps"], "test_acc": acc, "test_loss": h["test_loss"], "train_loss": h["train_loss"],
+        **extra, "diverged_at": state.get("diverged_at"),
         "typical_unit": u, "percentiles": {"p15": p15, "p50": p50, "p85": p85},
         "summary": {
             "final_acc": acc[-1], "best_acc": max(acc), "last10pct_mean_acc": float(np.mean(acc[-n_last:])),

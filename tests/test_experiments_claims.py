@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -388,3 +389,12 @@ def test_cli_set_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "lr", "--set", "novalue", "--out", str(tmp_path / "x"), "--quiet"])
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_docs_page_python_blocks_run():
+    import re
+    page = Path(__file__).resolve().parents[1] / "docs" / "experiments-claims.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert blocks
+    for i, b in enumerate(blocks):
+        exec(compile(b, f"experiments-claims.md[python block {i}]", "exec"), {"__name__": "__docs__"})

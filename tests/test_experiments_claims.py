@@ -146,7 +146,7 @@ def test_batchsize_checks_hold_and_fail():
     runs = {r.name: r for r in batchsize.make_runs(dict(batchsize.DEFAULTS, train_subset=128, epochs=2,
                                                          batch_sizes=[2, 64], seeds=[0]))}
     assert runs["bn-b2-s0"].steps == 128 and runs["bn-b64-s0"].steps == 4
-    assert runs["bn-b2-s0"].lr == pytest.approx(0.05 * 2 / 32) and runs["bn-b64-s0"].lr == pytest.approx(0.1)
+    assert runs["bn-b2-s0"].lr == pytest.approx(0.1 * 2 / 32) and runs["bn-b64-s0"].lr == pytest.approx(0.2)
     kw = runs["renorm-b2-s0"].options["norm_kw"]
     assert kw["warmup_steps"] == 12 and kw["r_max_steps"] == 64 and kw["momentum"] == 0.1
     assert "ghost-b2-s0" not in runs and runs["ghost-b64-s0"].options["norm_kw"] == {"virtual_batch_size": 16}

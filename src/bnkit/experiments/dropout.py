@@ -86,7 +86,7 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"dropout vs BN: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seeds (means)", fontsize=10)
+    fig.suptitle(f"dropout vs BN: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''} (means)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

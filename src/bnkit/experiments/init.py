@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
-
 from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style
 from .train import RunConfig
 
@@ -132,7 +131,7 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"init scale sweep: {len(cfg['hidden'])}-hidden-layer {cfg['activation']} MLP on {cfg['data']}, "
-                 f"lr {cfg['lr']}, {len(cfg['seeds'])} seeds", fontsize=10)
+                 f"lr {cfg['lr']}, {len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-
 from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, \
     series_mean
 from .train import RunConfig
@@ -127,7 +126,7 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=3, loc="lower right")
     fig.suptitle(f"lr sweep: {cfg['arch']} {cfg['activation']} on {cfg['data']}, batch {cfg['batch_size']}, "
-                 f"{len(cfg['seeds'])} seeds", fontsize=10)
+                 f"{len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -398,3 +398,18 @@ def test_docs_page_python_blocks_run():
     assert blocks
     for i, b in enumerate(blocks):
         exec(compile(b, f"experiments-claims.md[python block {i}]", "exec"), {"__name__": "__docs__"})
+
+
+def test_cli_run_all_dispatches(monkeypatch, tmp_path, capsys):
+    from bnkit.cli import main
+    from bnkit.experiments import suite
+    from bnkit.experiments.train import RunInterrupted
+    seen = {}
+
+    def fake(ov, **kw):
+        seen.update(ov=ov, **kw)
+        raise RunInterrupted("step budget exhausted in run x at step 3", "x", 3)
+    monkeypatch.setattr(suite, "run_all", fake)
+    assert main(["run", "all", "--seed", "1", "--set", "epochs=2", "--out", str(tmp_path), "--quiet"]) == 3
+    assert seen["ov"] == {"seeds": [1], "epochs": 2} and seen["out"] == tmp_path and seen["quiet"]
+    assert "bnkit run all --resume" in capsys.readouterr().err

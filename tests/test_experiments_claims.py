@@ -413,3 +413,11 @@ def test_cli_run_all_dispatches(monkeypatch, tmp_path, capsys):
     assert main(["run", "all", "--seed", "1", "--set", "epochs=2", "--out", str(tmp_path), "--quiet"]) == 3
     assert seen["ov"] == {"seeds": [1], "epochs": 2} and seen["out"] == tmp_path and seen["quiet"]
     assert "bnkit run all --resume" in capsys.readouterr().err
+
+
+def test_lenet_on_cifar_shapes_is_the_tutorial_net():
+    """On 3x32x32 inputs the LeNet is the PyTorch CIFAR-10 tutorial's: fc1 takes 16 * 5 * 5 features."""
+    m = build_net(RunConfig(name="x", arch="lenet", norm="bn", options={}), (3, 32, 32), 10)
+    fcs = [b.linear for b in m.blocks if hasattr(b, "linear") and isinstance(b.linear, torch.nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(400, 120), (120, 84)]
+    assert m(torch.rand(4, 3, 32, 32)).shape == (4, 10)

@@ -53,6 +53,14 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("fig1", "fig1", "fig1.png",
                "Batch Normalization, Figure 1: MLP on MNIST with and without BN"),
     Experiment("norms", "norms", "norms.png", "Norm comparison: one network, every norm of the factory"),
+    # the claim experiments (bnkit.experiments.claims)
+    Experiment("lr", "lr", "lr.png", "Learning rate: with and without BN over a learning-rate grid"),
+    Experiment("init", "init", "init.png", "Initialization: sensitivity to the weight-init scale, with and without BN"),
+    Experiment("dropout", "dropout", "dropout.png", "Regularization: BN and dropout on a small training set"),
+    Experiment("batchsize", "batchsize", "batchsize.png", "Small batches: BN, Batch Renorm, GroupNorm, LayerNorm vs batch size"),
+    Experiment("variants", "variants", "variants.png", "BN variants: standard, shared-weight, shared-parameter BN, LN, GN, none"),
+    Experiment("cnn", "cnn", "cnn.png", "CNNs from the sources: Keras-style conv net and LeNet, with and without BN"),
+    Experiment("cost", "cost", "cost.png", "Compute cost of BN in training and inference, and with BN folded"),
 ]}
 
 

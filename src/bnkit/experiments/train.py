@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field  # noqa: F401  (field: RunConfig defaults)
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,16 @@ class RunConfig:
     probe_size: int = 600           # the first probe_size test examples form the fixed probe batch
     probe_layer: int = -1           # index of the hidden block whose activation input is probed
     thresholds: Sequence[float] = (0.9,)
+    # model options for the experiments' extra nets (bnkit.experiments.nets: dropout, init gain, channels,
+    # norm keyword arguments, ...); empty: the plain MLP / SmallCNN of models.build_model
+    options: Dict[str, Any] = field(default_factory=dict)
+    # "raise": a non-finite loss is an error; "stop": the run ends there and records where it diverged
+    # (learning-rate and initialization sweeps expect some arms to diverge)
+    on_diverge: str = "raise"
+    # > 0: also evaluate (eval mode) on the first train_eval_size training examples at every evaluation
+    train_eval_size: int = 0
+    # > 0: train on the first train_subset training examples only (a small training set, to show overfitting)
+    train_subset: int = 0
 
     def __post_init__(self):
         self.variant = self.variant or self.norm
@@ -301,12 +311,17 @@ class NullProgress:
 
 def make_model(cfg: RunConfig, data: Dataset) -> torch.nn.Module:
     """The run's initial model (seeded): the one place that maps a RunConfig to a network."""
+    if cfg.options or cfg.arch not in ("mlp", "cnn"):
+        from .nets import build_net
+        return build_net(cfg, data.input_shape, data.num_classes)
     return build_model(cfg.arch, cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
                        hidden=cfg.hidden, activation=cfg.activation, init=cfg.init, seed=cfg.seed)
 
 
 def _train_tensors(cfg: RunConfig, data: Dataset):
     """The examples the run trains on."""
+    if cfg.train_subset > 0:
+        return data.x_train[:cfg.train_subset], data.y_train[:cfg.train_subset]
     return data.x_train, data.y_train
 
 
@@ -350,6 +365,8 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
 
     state = {"step": 0, "hist": {"steps": [], "test_acc": [], "test_loss": [], "train_loss": []},
              "pct": [], "loss_sum": 0.0, "loss_n": 0, "ema": None, "train_seconds": 0.0, "interval_ms": []}
+    if cfg.train_eval_size > 0:
+        state["hist"].update(train_acc=[], train_eval_loss=[])
     ck = _read_checkpoint(cfg, ckpt_path) if resume and ckpt_path.exists() else None
     if ck is not None:
         try:
@@ -374,6 +391,9 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
         tr = state["loss_sum"] / state["loss_n"] if state["loss_n"] else None
         h = state["hist"]
         h["steps"].append(step); h["test_acc"].append(acc); h["test_loss"].append(tloss); h["train_loss"].append(tr)
+        if cfg.train_eval_size > 0:
+            tr_acc, tr_loss = evaluate(model, data.x_train[:cfg.train_eval_size], data.y_train[:cfg.train_eval_size])
+            h["train_acc"].append(tr_acc); h["train_eval_loss"].append(tr_loss)
         state["pct"].append(pct)
         state["loss_sum"], state["loss_n"] = 0.0, 0
         rec = {"run": cfg.name, "variant": cfg.variant, "seed": cfg.seed, "step": step, "test_acc": acc,
@@ -407,6 +427,16 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             opt.step()
             t_acc += time.perf_counter() - t0
             lv = loss.item()
+            if not math.isfinite(lv) and cfg.on_diverge == "stop":
+                # the step has already written non-finite weights: evaluate that model (it predicts
+                # garbage) and end the run here
+                step += 1
+                state["step"] = step
+                state["diverged_at"] = step
+                state["train_seconds"] += t_acc
+                t_acc = 0.0
+                do_eval(step)
+                break
             if not math.isfinite(lv):
                 raise FloatingPointError(f"run {cfg.name}: loss became {lv} at step {step}; lower --lr")
             step += 1
@@ -453,10 +483,12 @@ def _result(cfg: RunConfig, state: Dict) -> Dict:
     rel_all = unit_r / np.maximum(spreads, 1e-12)
     acc = h["test_acc"]
     n_last = max(1, len(acc) // 10)
+    extra = {k: h[k] for k in ("train_acc", "train_eval_loss") if k in h}
     return {
         "name": cfg.name, "variant": cfg.variant, "norm": cfg.norm, "seed": cfg.seed,
         "config": asdict(cfg),
         "steps": h["steps"], "test_acc": acc, "test_loss": h["test_loss"], "train_loss": h["train_loss"],
+        **extra, "diverged_at": state.get("diverged_at"),
         "typical_unit": u, "percentiles": {"p15": p15, "p50": p50, "p85": p85},
         "summary": {
             "final_acc": acc[-1], "best_acc": max(acc), "last10pct_mean_acc": float(np.mean(acc[-n_last:])),

@@ -73,3 +73,6 @@ from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN i
 
 __all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
 from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)
+from .accelerate import accelerate, accelerate_counts, accelerated, is_accelerated
+
+__all__ += ["accelerate", "accelerate_counts", "accelerated", "is_accelerated"]

@@ -525,6 +525,10 @@ def test_torch_compile_with_it_on_equals_eager():
     with bnkit.accelerated():
         y1 = compiled(x)
         y1.square().sum().backward()
+    c = counts()
+    # aot_eager runs the traced aten ops eagerly: the backward graph calls native_batch_norm_backward
+    # (bnkit's kernel); most forwards are functionalized into _native_batch_norm_legit_functional (ATen's)
+    assert c["backward"] == 4 and c["forward"] >= 1, c
     y2 = ref(x)
     y2.square().sum().backward()
     assert_close(y1, y2, 1e-4, "compiled output")
@@ -549,7 +553,9 @@ def test_torch_export_with_it_on_equals_eager():
     x = make((2, 3, 8, 8))
     with bnkit.accelerated():
         ep = torch.export.export(net, (x,))
+        counts()
         y1 = ep.module()(x)
+        assert counts()["forward"] == 3  # the exported graph keeps aten.batch_norm: bnkit's kernel runs it
         y_eager_on = net(x)
     assert_close(y1, net(x), 1e-5, "exported output")
     assert_close(y_eager_on, net(x), 1e-5, "eager output")
@@ -595,3 +601,56 @@ def test_quantization_tooling_with_it_on():
     y2.sum().backward()
     assert_close(y1, y2, 1e-4, "QAT output")
     assert_close(ours[0].weight.grad, theirs[0].weight.grad, 1e-4, "QAT weight grad")
+
+
+def _onnx_matches_eager(dynamo: bool) -> None:
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+    net = _eval_net()
+    x = make((2, 3, 8, 8))
+    f = io.BytesIO()
+    with bnkit.accelerated(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation notes
+        torch.onnx.export(net, (x,), f, dynamo=dynamo)
+    sess = ort.InferenceSession(f.getvalue())
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    assert_close(torch.from_numpy(y), net(x), 1e-5, "ONNX Runtime output")
+
+
+def test_onnx_export_with_it_on_runs_like_eager():
+    _onnx_matches_eager(dynamo=False)
+
+
+@pytest.mark.slow
+def test_onnx_dynamo_export_with_it_on_runs_like_eager():
+    _onnx_matches_eager(dynamo=True)
+
+
+def test_functorch_vmap_and_grad_with_it_on():
+    xs = make((3, 4, 2, 5), torch.float64)  # vmap over dim 0: three (4, 2, 5) batches, C = 2
+    w = torch.rand(2, dtype=torch.float64) + 0.5
+
+    def loss(w, x):
+        return F.batch_norm(x, None, None, w, None, training=True).pow(3).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))
+    with bnkit.accelerated():
+        g1 = per_sample(w, xs)
+    assert counts()["forward"] >= 1
+    g2 = per_sample(w, xs)
+    assert_close(g1, g2, 1e-10, "per-batch weight gradients")
+
+
+def test_docs_page_examples_run(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "acceleration.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"acceleration.md[python block {i}]", "exec"), {"__name__": "__docs__"})  # noqa: S102
+    assert not bnkit.is_accelerated()

@@ -654,3 +654,16 @@ def test_docs_page_examples_run(tmp_path, monkeypatch):
     for i, code in enumerate(blocks):
         exec(compile(code, f"acceleration.md[python block {i}]", "exec"), {"__name__": "__docs__"})  # noqa: S102
     assert not bnkit.is_accelerated()
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_instance_norm_which_calls_batch_norm_matches_torch(track):
+    # F.instance_norm reshapes to (1, N*C, ...) and calls aten::batch_norm: it is served too
+    ours = randomize(nn.InstanceNorm2d(3, affine=True, track_running_stats=track))
+    theirs = copy.deepcopy(ours)
+    x = make((4, 3, 5, 6))
+    g = make((4, 3, 5, 6), seed=1, loc=0.0, scale=1.0)
+    r1 = step(ours, x, g, True)
+    assert counts()["forward"] == 1
+    r2 = step(theirs, x, g, False)
+    compare(r1, r2, 1e-5, "InstanceNorm2d", input_grad_scale(x, g, 1e-5), output_scale(x, 1e-5))

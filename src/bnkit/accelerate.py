@@ -36,9 +36,9 @@ parameters are bfloat16/float16 too), layouts other than contiguous and
 channels-last, ``eps <= 0``, the eval-mode backward, ... -- are handed to
 ATen's own kernel, so results never depend on coverage beyond float rounding.
 
-Module-level state is the process's dispatcher registration: the functions
-are thread-safe, and :func:`accelerated` restores the previous state on exit
-(also on an exception), so blocks nest.
+The state is the process's dispatcher registration (global, all threads;
+switching is serialized by a lock); :func:`accelerated` restores the previous
+state on exit (also on an exception), so blocks nest within a thread.
 """
 
 from __future__ import annotations

@@ -643,19 +643,6 @@ def test_functorch_vmap_and_grad_with_it_on():
     assert_close(g1, g2, 1e-10, "per-batch weight gradients")
 
 
-def test_docs_page_examples_run(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parents[1] / "docs" / "acceleration.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    for i, code in enumerate(blocks):
-        exec(compile(code, f"acceleration.md[python block {i}]", "exec"), {"__name__": "__docs__"})  # noqa: S102
-    assert not bnkit.is_accelerated()
-
-
 @pytest.mark.parametrize("track", [False, True])
 def test_instance_norm_which_calls_batch_norm_matches_torch(track):
     # F.instance_norm reshapes to (1, N*C, ...) and calls aten::batch_norm: it is served too

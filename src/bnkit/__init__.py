@@ -6,12 +6,19 @@ Layers flow one way: ``stats`` -> ``kernels`` -> ``engine`` / ``functional``
 
 from __future__ import annotations
 
-from . import engine, functional, kernels, reference, stats
+# integrations: importing it registers TorchScript and torch.ao quantization support.
+from . import engine, functional, integrations, kernels, reference, stats  # noqa: F401
+from .accelerate import accelerate, accelerate_counts, accelerated, is_accelerated
+from .errors import ChannelMismatchError, DtypeMismatchError
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .stats import momentum_from_keras, momentum_to_keras
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 from .tools import Affine, FuseReport, convert, fuse, recalibrate
+from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent
+from .tools.calibrate import NotEnoughBatchesError
+from .tools.doctor import BNReport, inspect
 from .tools.freeze import freeze, unfreeze
+from .tools.loops import preserve_stats, sync_running_stats
 from .variants import (
     BatchRenorm,
     BatchRenorm1d,
@@ -32,7 +39,9 @@ from .variants import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptHandle",
     "Affine",
+    "BNReport",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -41,6 +50,8 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "ChannelMismatchError",
+    "DtypeMismatchError",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -51,31 +62,30 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "NotEnoughBatchesError",
     "SharedBatchNorm",
     "SyncBatchNorm",
+    "accelerate",
+    "accelerate_counts",
+    "accelerated",
+    "adapt",
+    "bn_parameters",
     "convert",
     "convert_sync_batchnorm",
     "engine",
     "freeze",
     "functional",
     "fuse",
+    "inspect",
+    "is_accelerated",
     "kernels",
     "momentum_from_keras",
     "momentum_to_keras",
+    "preserve_stats",
     "recalibrate",
     "reference",
     "stats",
+    "sync_running_stats",
+    "tent",
     "unfreeze",
 ]
-from .errors import ChannelMismatchError, DtypeMismatchError  # noqa: E402  (drop-in exception types)
-from .tools.calibrate import NotEnoughBatchesError  # noqa: E402
-from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
-
-__all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
-from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)
-from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent  # noqa: E402  (test-time adaptation)
-
-__all__ += ["adapt", "tent", "bn_parameters", "AdaptHandle"]
-from .tools.doctor import BNReport, inspect  # noqa: E402  (the BN doctor)
-
-__all__ += ["inspect", "BNReport"]

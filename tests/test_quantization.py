@@ -184,9 +184,9 @@ def test_standalone_bn_ptq_matches_torch():
     # Calibration runs each float model in eval mode: bnkit's BN output is rounded differently from
     # ATen's (not bitwise, and depending on the thread count), so the BN output observers may pick
     # scales one rounding apart; the quantized outputs then agree within one quantization step.
+    # (When the scales differ, nearly every dequantized value differs by a fraction of a step.)
     step = float(outs[0][0][2].scale)
     assert (outs[1][1] - outs[0][1]).abs().max().item() <= step * 1.01
-    assert (outs[1][1] != outs[0][1]).float().mean().item() < 0.05
 
 
 def test_standalone_frozen_bn_ptq_matches_torch_within_one_step():

@@ -17,7 +17,7 @@ import torch
 
 from bnkit.experiments import data as D
 from bnkit.experiments.diagnostics import (InputRecorder, drift, percentiles, probe_percentiles, typical_unit)
-from bnkit.experiments.models import MLP, NormNotAvailable, SmallCNN, build_model, make_norm
+from bnkit.experiments.models import MLP, SmallCNN, build_model, make_norm
 from bnkit.experiments.train import RunConfig, train_run
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -186,11 +186,12 @@ def test_norm_factory_and_bias():
         assert isinstance(make_norm(kind, 8), bnkit.BatchNorm1d)
 
 
-def test_missing_variant_class_is_a_clear_error(monkeypatch):
+def test_norm_kinds_take_their_class_from_the_family_registry():
     import bnkit
-    monkeypatch.delattr(bnkit, "BatchRenorm1d", raising=False)
-    with pytest.raises(NormNotAvailable, match="needs bnkit.BatchRenorm1d"):
-        make_norm("renorm", 8)
+    for dim, cls in ((1, bnkit.BatchRenorm1d), (2, bnkit.BatchRenorm2d)):
+        assert type(make_norm("renorm", 8, dim)) is cls
+    assert type(make_norm("bn-weight", 8, 2)) is bnkit.BatchNorm2d
+    assert make_norm("bn-weight", 8, 2).weight.numel() == 1
 
 
 def test_same_seed_same_initial_weights():

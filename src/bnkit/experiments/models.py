@@ -22,30 +22,26 @@ NORMS = ("none", "bn", "bn-weight", "bn-all", "renorm", "ghost", "gn", "ln", "in
 _BIAS_FREE = {"bn", "bn-weight", "bn-all", "renorm", "ghost", "in"}
 
 # kind -> (bnkit class name pattern, extra kwargs); {d} is the dimensionality (1 or 2)
+# norm kind -> (bnkit family, constructor options); the rank's class comes from the family registry.
 _BNKIT = {
-    "bn": ("BatchNorm{d}d", {}),
-    "bn-weight": ("BatchNorm{d}d", {"share_affine": "weight"}),
-    "bn-all": ("BatchNorm{d}d", {"share_affine": "all"}),
-    "renorm": ("BatchRenorm{d}d", {}),
-    "ghost": ("GhostBatchNorm{d}d", {}),
+    "bn": ("BatchNorm", {}),
+    "bn-weight": ("BatchNorm", {"share_affine": "weight"}),
+    "bn-all": ("BatchNorm", {"share_affine": "all"}),
+    "renorm": ("BatchRenorm", {}),
+    "ghost": ("GhostBatchNorm", {}),
 }
 
 
 class NormNotAvailable(RuntimeError):
-    """The requested norm needs a bnkit class (or option) that is not available in this build."""
+    """The requested norm cannot be built with the given options (e.g. an option its class does not take)."""
 
 
 def _bnkit_class(kind: str, dim: int):
-    name_pat, kwargs = _BNKIT[kind]
-    name = name_pat.format(d=dim)
-    try:
-        import bnkit
-    except ImportError as e:  # pragma: no cover
-        raise NormNotAvailable(f"norm {kind!r} needs the bnkit package: {e}") from e
-    cls = getattr(bnkit, name, None)
-    if cls is None:
-        raise NormNotAvailable(f"norm {kind!r} needs bnkit.{name}, which this bnkit does not provide")
-    return cls, dict(kwargs)
+    import bnkit
+    from bnkit import family
+
+    base_name, kwargs = _BNKIT[kind]
+    return family.ranked(getattr(bnkit, base_name), family.RANKS[f"{dim}d"]), dict(kwargs)
 
 
 def norm_available(kind: str, dim: int = 1) -> bool:

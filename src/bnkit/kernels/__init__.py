@@ -127,15 +127,16 @@ def transform_active() -> bool:
     it does not touch takes the composite route too, which is correct, only
     slower. Under ``torch.compile`` the compiled path decides instead.
     """
-    return (_functorch.maybe_current_level() is not None or _fwad._current_level >= 0) and not (
-        torch.compiler.is_compiling()
-    )
+    return (_maybe_level() is not None or _fwad._current_level >= 0) and not torch.compiler.is_compiling()
+
+
+_maybe_level = _functorch.maybe_current_level  # (bound once: select() runs on every call)
 
 
 def select(x: Tensor) -> str:
     """The backend for a tensor: ``composite`` under transforms, else the forced one, else ``cpp`` on CPU when available, else ``torch``."""
-    if transform_active():
-        return "composite"
+    if (_maybe_level() is not None or _fwad._current_level >= 0) and not torch.compiler.is_compiling():
+        return "composite"  # transform_active(), inlined
     forced = _forced
     if forced == "reference" or forced == "torch":
         return forced

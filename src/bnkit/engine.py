@@ -22,12 +22,15 @@ micro-batches, update once under activation checkpointing) belongs in
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
+from torch._functorch import pyfunctorch as _pyfunctorch
 
 from . import kernels, stats
 from ._warn import warn
@@ -211,6 +214,9 @@ def running_update(
     synchronisation.
     """
     nbt, momentum, nonfinite = num_batches_tracked, spec.momentum, spec.nonfinite
+    if kernels.transform_active():
+        _transformed_running_update(spec, running_mean, running_var, nbt, mean, var, count)
+        return
     if count == 0:
         # An empty batch has no statistics; torch still counts it.
         if nbt is not None:
@@ -241,6 +247,75 @@ def running_update(
         nbt.add_(1)
     n = int(nbt) if momentum is None else 0
     stats.update_running_stats(running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, n))
+
+
+def _transformed_running_update(
+    spec: CallSpec,
+    running_mean: Tensor,
+    running_var: Tensor,
+    nbt: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+) -> None:
+    """:func:`running_update` under ``torch.func`` transforms or forward-mode AD.
+
+    Running statistics are state, not part of what is differentiated or
+    mapped: the update happens at the buffers' own transform level, with the
+    statistics' primal values.
+
+    - ``grad``/``jvp``/``jacfwd`` levels above the buffers (buffers captured
+      from outside, as a module's own are): the statistics are unwrapped to
+      their primal values and the level is left for the update (torch
+      refuses to mutate a captured tensor there; eager semantics are kept
+      instead: one update per call).
+    - ``vmap`` levels above the buffers: allowed where the statistics are the
+      same for every mapped sample (e.g. ``jacfwd``'s vmap over tangents);
+      batch statistics that differ per sample cannot go into one unbatched
+      buffer, so that raises (nothing changed) and names the ways out.
+    - Buffers batched at the statistics' vmap level (stacked per-model
+      buffers through ``torch.func.functional_call``, model ensembling):
+      updated in place per model, with tensor factors (no host
+      synchronisation: ``momentum=None`` divides by the count tensor,
+      ``nonfinite="skip"``/``"raise"`` keep the old values by ``torch.where``).
+
+    When no transform is left once at the buffers' level, the ordinary eager
+    update runs (the same op as outside transforms, so the same bits).
+    """
+    buffers = [t for t in (running_mean, running_var, nbt) if t is not None]
+    level = max(_functorch.maybe_get_level(t) for t in buffers)
+    with contextlib.ExitStack() as outer:
+        while (interpreter := _functorch.peek_interpreter_stack()) is not None and interpreter.level() > level:
+            top, key = interpreter.level(), interpreter.key()
+            if key not in (_functorch.TransformType.Vmap, _functorch.TransformType.Grad, _functorch.TransformType.Jvp):
+                break  # (functionalize: the mutation is its business)
+            if key == _functorch.TransformType.Vmap:
+                if any(_functorch.maybe_get_level(s) >= top for s in (mean, var)):
+                    raise RuntimeError(
+                        f"{spec.name}: under torch.func.vmap in training mode, the batch statistics differ per "
+                        "mapped sample but the running statistics are unbatched buffers updated in place. Use "
+                        "bnkit.functional.batch_norm_step (pure: returns the new state), stack per-model buffers "
+                        "with torch.func.stack_module_state + functional_call, set track_running_stats=False, "
+                        "or use eval mode; the running statistics are unchanged"
+                    )
+            else:  # a grad or jvp level: keep the primal values
+                mean, var = (_functorch._unwrap_for_grad(s, top) for s in (mean, var))
+            outer.enter_context(_pyfunctorch.temporarily_pop_interpreter_stack())
+        mean, var = mean.detach(), var.detach()  # (forward AD: detach drops the tangent)
+        if _functorch.peek_interpreter_stack() is None and not kernels.transform_active():
+            running_update(spec, running_mean, running_var, nbt, mean, var, count)
+            return
+        if count == 0:
+            if nbt is not None:
+                nbt.add_(1)
+            return
+        if spec.momentum is None and nbt is None:
+            raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+        valid = torch.isfinite(var.amax()) if spec.check_finite else None
+        if nbt is not None:
+            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
+        factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.clamp_min(1).double()
+        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
 
 
 # --------------------------------------------------------------------------- checks

@@ -10,29 +10,36 @@ through its one door, as every layer does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from . import stats
+from . import kernels, stats
 from .engine import (
     NONFINITE_POLICIES,
     CallSpec,
+    _check_param,
     _empty_output,
     batch_norm_module_call,
     cached_call_spec,
     call_spec,
     canonical_view,
+    check_input,
     fold,
+    per_channel,
 )
+from .kernels import torch_ops
 
 __all__ = [
     "NONFINITE_POLICIES",
     "batch_norm",
     "batch_norm_core",
+    "batch_norm_step",
+    "bn_state",
     "canonical_view",
     "fold",
+    "load_bn_state",
     "moments",
     "normalize",
 ]
@@ -126,3 +133,194 @@ def normalize(
     if offset is not None:
         shift = shift + offset
     return x * inv.to(x.dtype) + shift.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- pure step
+_STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _step_state(state: Mapping[str, Tensor | None] | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    if state is None:
+        return None, None, None
+    unknown = set(state) - set(_STATE_KEYS)
+    if unknown:
+        raise KeyError(f"batch_norm_step: unknown state keys {sorted(unknown)}; expected {list(_STATE_KEYS)}")
+    return state.get("running_mean"), state.get("running_var"), state.get("num_batches_tracked")
+
+
+def batch_norm_step(
+    x: Tensor, params: Mapping[str, Tensor | None] | None, state: Mapping[str, Tensor | None] | None, *,
+    training: bool, momentum: float | Tensor | None = 0.1, eps: float = 1e-5, axis: int = 1,
+    nonfinite: str = "propagate"
+) -> tuple[Tensor, dict[str, Tensor | None]]:
+    r"""One BN call as a pure function: ``(y, new_state)``; nothing is mutated.
+
+    The computation of a BN layer's forward, with the state passed in and out
+    instead of updated in place, so it composes with ``torch.func`` transforms
+    (``vmap`` over models or samples, ``grad``, ``jvp``), ``torch.compile``
+    and CUDA graphs. Training (or no running statistics) normalizes with the
+    batch's mean and biased variance over every axis but ``axis``::
+
+        y = (x - mean_B) / sqrt(var_B + eps) * weight + bias
+        running_mean' = (1 - f) * running_mean + f * mean_B
+        running_var'  = (1 - f) * running_var  + f * var_B * n / (n - 1)
+        num_batches_tracked' = num_batches_tracked + 1
+
+    with ``f = momentum``, or ``f = 1 / num_batches_tracked'`` (cumulative
+    average) when ``momentum`` is None; eval uses the running statistics and
+    returns the state unchanged. The state's new tensors carry no gradient
+    (running statistics are state, as in torch).
+
+    Args:
+        x: the input, features along ``axis``.
+        params: ``{"weight": ..., "bias": ...}``; either may be None or absent
+            (one shared value per tensor is accepted, as by the layers).
+        state: ``{"running_mean", "running_var", "num_batches_tracked"}``
+            (see :func:`bn_state`), or None / ``{}`` without running statistics.
+        training: use (and fold into the state) the batch statistics.
+        momentum: a float, a 0-d tensor (changes without recompiling), or None.
+        eps: added to the variance.
+        axis: the feature axis.
+        nonfinite: ``"propagate"`` (default, as torch), ``"skip"`` or
+            ``"raise"`` for a batch with NaN/Inf statistics (under transforms,
+            ``torch.compile`` or a tensor momentum ``"raise"`` acts as
+            ``"skip"``: no host synchronisation there).
+
+    In eager mode on plain tensors it runs the layers' own route on copies of
+    the state (so the results equal a layer's in-place update bit for bit);
+    otherwise (transforms, ``torch.compile``, tensor momentum) plain
+    differentiable torch ops without any ``.item()``.
+
+    Shape: ``x``: any shape with the feature axis, ``C`` features; ``y``: as ``x``.
+
+    Example::
+
+        >>> bn = bnkit.BatchNorm2d(3)
+        >>> y, new = batch_norm_step(x, {"weight": bn.weight, "bias": bn.bias}, bn_state(bn), training=True)
+    """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"batch_norm_step: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    params = {} if params is None else params
+    unknown = set(params) - {"weight", "bias"}
+    if unknown:
+        raise KeyError(f"batch_norm_step: unknown params keys {sorted(unknown)}; expected ['weight', 'bias']")
+    weight, bias = params.get("weight"), params.get("bias")
+    running_mean, running_var, nbt = _step_state(state)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm_step: running_mean and running_var must both be given or both be None")
+    if running_mean is not None and momentum is None and nbt is None:
+        raise ValueError("batch_norm_step: momentum=None (cumulative average) needs num_batches_tracked")
+    batch_stats = training or running_mean is None
+    update = training and running_mean is not None
+    tensor_momentum = isinstance(momentum, Tensor)
+    if not (tensor_momentum or kernels.transform_active() or torch.compiler.is_compiling()):
+        # The layers' route, on copies: the same kernels and the same update, bit for bit.
+        copies = [None if t is None else t.clone() for t in (running_mean, running_var, nbt)] if update else [None] * 3
+        spec = _spec("batch_norm_step", axis, eps, momentum, nonfinite)
+        if update:
+            y = batch_norm_module_call(spec, x, weight, bias, *copies, True)
+        else:
+            y = batch_norm_module_call(spec, x, weight, bias, running_mean, running_var, None, batch_stats)
+        return y, _new_state(state, running_mean, running_var, nbt, copies if update else None)
+    return _composite_step(x, weight, bias, running_mean, running_var, nbt, batch_stats, update, momentum, eps, axis,
+                           nonfinite, state)
+
+
+def _new_state(state, running_mean, running_var, nbt, new) -> dict[str, Tensor | None]:
+    if state is None:
+        return {}
+    out = dict(state)
+    if new is not None:
+        for key, old, t in zip(_STATE_KEYS, (running_mean, running_var, nbt), new):
+            if old is not None or key in out:
+                out[key] = t
+    return out
+
+
+def _composite_step(x, weight, bias, running_mean, running_var, nbt, batch_stats, update, momentum, eps, axis,
+                    nonfinite, state):
+    """:func:`batch_norm_step` as plain torch ops (no custom Function, no host synchronisation)."""
+    spec = call_spec("batch_norm_step", axis, 0, None, eps, None, nonfinite)
+    check_input(spec, x)
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"batch_norm_step: expected a floating-point tensor input, got {getattr(x, 'dtype', type(x))}")
+    ndim = x.dim()
+    if ndim < 1 or not -ndim <= axis < ndim:
+        raise ValueError(f"batch_norm_step: feature axis {axis} is out of range for a {ndim}-D input")
+    axis = axis % ndim
+    channels = x.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(name, t, x, channels)
+    if x.numel() == 0:
+        new = None
+        if update:
+            new = (running_mean, running_var, None if nbt is None else nbt + 1)  # counted, as torch
+        return _empty_output(x, weight, bias), _new_state(state, running_mean, running_var, nbt, new)
+    weight_c, bias_c = per_channel(weight, channels), per_channel(bias, channels)
+    x3, restore = canonical_view(x, axis)
+    if not batch_stats:
+        scale, shift = fold(running_mean, running_var, weight_c, bias_c, eps)
+        return restore(torch_ops.forward_eval(x3, scale, shift)), _new_state(state, running_mean, running_var, nbt, None)
+    if not eps > 0:
+        raise ValueError(f"batch_norm_step: eps must be positive during training, got {eps}")
+    count = x3.shape[0] * x3.shape[2]
+    if count == 1:
+        raise ValueError(
+            f"batch_norm_step: Expected more than 1 value per channel when training, got input size {x.size()}"
+        )
+    y3, mean, var = torch_ops.forward_train(x3, weight_c, bias_c, eps)
+    y = restore(y3)
+    if not update:
+        return y, _new_state(state, running_mean, running_var, nbt, None)
+    mean = mean.detach().to(running_mean.dtype)
+    var = stats.unbiased_variance(var.detach(), count).to(running_var.dtype)
+    valid = torch.isfinite(var.amax()) if nonfinite != "propagate" else None
+    new_nbt = None
+    if nbt is not None:
+        new_nbt = nbt + 1 if valid is None else nbt + valid.to(nbt.dtype)
+    if momentum is None:
+        factor = (1.0 / new_nbt.clamp_min(1).double()).to(running_mean.dtype)
+    elif isinstance(momentum, Tensor):
+        factor = momentum.to(running_mean.dtype)
+    else:
+        factor = float(momentum)
+    new_mean = torch.lerp(running_mean, mean, factor)
+    new_var = torch.lerp(running_var, var, factor)
+    if valid is not None:
+        new_mean = torch.where(valid, new_mean, running_mean)
+        new_var = torch.where(valid, new_var, running_var)
+    return y, _new_state(state, running_mean, running_var, nbt, (new_mean, new_var, new_nbt))
+
+
+def bn_state(module: torch.nn.Module) -> dict[str, Tensor | None]:
+    """A BN layer's running statistics as a :func:`batch_norm_step` state (the module's own tensors, not copies).
+
+    ``{"running_mean", "running_var", "num_batches_tracked"}``; the values are
+    None for a layer without running statistics.
+    """
+    return {key: getattr(module, key, None) for key in _STATE_KEYS}
+
+
+@torch.no_grad()
+def load_bn_state(module: torch.nn.Module, state: Mapping[str, Tensor | None]) -> None:
+    """Write a :func:`batch_norm_step` state into a BN layer's buffers (in place; checked before anything changes)."""
+    unknown = set(state) - set(_STATE_KEYS)
+    if unknown:
+        raise KeyError(f"load_bn_state: unknown state keys {sorted(unknown)}; expected {list(_STATE_KEYS)}")
+    pairs = []
+    for key in _STATE_KEYS:
+        target, value = getattr(module, key, None), state.get(key)
+        if target is None and value is None:
+            continue
+        if target is None or value is None:
+            raise ValueError(
+                f"load_bn_state: {key} is {'absent from the module' if target is None else 'missing from the state'}"
+            )
+        if not isinstance(value, Tensor) or value.shape != target.shape:
+            raise ValueError(
+                f"load_bn_state: {key} must be a tensor of shape {tuple(target.shape)}, "
+                f"got {tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}"
+            )
+        pairs.append((target, value))
+    for target, value in pairs:
+        target.copy_(value)

@@ -8,7 +8,13 @@ Backends, all implementing the same contract on the canonical 3-D view
 ``torch``
     portable torch tensor ops (:mod:`bnkit.kernels.torch_ops`), any device;
 ``reference``
-    the NumPy float64 oracle (:mod:`bnkit.reference`), for debugging.
+    the NumPy float64 oracle (:mod:`bnkit.reference`), for debugging;
+``composite``
+    not a choice but a state: while a ``torch.func`` transform (``vmap``,
+    ``grad``, ``jvp``, ``jacfwd``, ...) or forward-mode AD
+    (``torch.autograd.forward_ad``) is active, every phase is made of the
+    portable torch ops *without* a custom ``autograd.Function``, so torch's own
+    jvp and batching rules apply (:func:`transform_active`).
 
 Phases (the same set on every backend, chosen per tensor by :func:`select`;
 SyncBN, Ghost BN and Batch Renorm are compositions of them): :func:`moments`,
@@ -32,7 +38,9 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
+from torch._C import _functorch
 
 from .. import reference as _reference
 from ..stats import accumulation_dtype
@@ -52,6 +60,7 @@ __all__ = [
     "select",
     "set_backend",
     "train_forward",
+    "transform_active",
     "use_backend",
 ]
 
@@ -108,8 +117,26 @@ def cpp_available() -> bool:
     return _cpp_ok
 
 
+def transform_active() -> bool:
+    """Whether a ``torch.func`` transform or a forward-AD dual level is active (eager mode).
+
+    The C++ ops and the Python ``autograd.Function`` of the ``torch`` backend
+    have no forward-mode or batching rules, so the phases then run as plain
+    differentiable torch ops (the ``composite`` backend). A global check (two
+    reads, no per-tensor inspection): a call inside a transform on tensors
+    it does not touch takes the composite route too, which is correct, only
+    slower. Under ``torch.compile`` the compiled path decides instead.
+    """
+    return (_maybe_level() is not None or _fwad._current_level >= 0) and not torch.compiler.is_compiling()
+
+
+_maybe_level = _functorch.maybe_current_level  # (bound once: select() runs on every call)
+
+
 def select(x: Tensor) -> str:
-    """The backend for a tensor: forced one, else ``cpp`` on CPU when available, else ``torch``."""
+    """The backend for a tensor: ``composite`` under transforms, else the forced one, else ``cpp`` on CPU when available, else ``torch``."""
+    if (_maybe_level() is not None or _fwad._current_level >= 0) and not torch.compiler.is_compiling():
+        return "composite"  # transform_active(), inlined
     forced = _forced
     if forced == "reference" or forced == "torch":
         return forced
@@ -216,6 +243,8 @@ def train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     backend = select(x3)
     if backend == "cpp":
         return torch.ops.bnkit.batch_norm_train(x3, weight, bias, eps)
+    if backend == "composite":  # torch's own jvp/vmap rules apply to these ops
+        return torch_ops.forward_train(x3, weight, bias, eps)
     return _BatchNormTrain.apply(x3, weight, bias, eps, backend)
 
 
@@ -277,8 +306,8 @@ class _ReferenceKernels:
 
 
 def raw(name: str) -> ModuleType | type:
-    """The raw (non-autograd) kernels of the ``torch`` or ``reference`` backend."""
-    if name == "torch":
+    """The raw (non-autograd) kernels of the ``torch``, ``composite`` or ``reference`` backend."""
+    if name in ("torch", "composite"):
         return torch_ops
     if name == "reference":
         return _ReferenceKernels

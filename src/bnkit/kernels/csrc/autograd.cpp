@@ -112,7 +112,10 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     const Tensor& gy = grads[0];
     if (!gy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) { // double backward: differentiable views and composite
+    // Double backward, or a gradient without storage (torch.func: a vmapped backward such as
+    // jacrev / per-sample grads / gradcheck's batched check, or a tensor subclass): the
+    // kernels cannot read it, the differentiable ATen composite has every rule.
+    if (at::GradMode::is_enabled() || !gy.has_storage()) {
       if (layer) {
         Tensor dx3;
         std::tie(dx3, dw, db) = train_backward_composite(view3(gy, axis, layout), view3(x, axis, layout), w, eps);
@@ -159,7 +162,7 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
     if (!gy.defined()) return {Tensor(), Tensor(), Tensor()};
     Tensor dx, dscale, dshift;
     const bool need_params = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
-    if (at::GradMode::is_enabled() || !need_params) {
+    if (at::GradMode::is_enabled() || !need_params || !gy.has_storage()) { // (no storage: as TrainFn)
       const auto acc = acc_dtype(x.scalar_type());
       const Tensor g = gy.to(acc);
       if (ctx->needs_input_grad(0)) dx = (g * per_channel(scale.to(acc))).to(x.scalar_type());

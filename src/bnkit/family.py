@@ -115,14 +115,16 @@ class BNForm:
     kind: str
     tail: tuple[str, ...] = ()
     reason: str = ""
+    #: input ranks of a foreign class (None: unknown or any)
+    dims: tuple[int, ...] | None = None
 
 
 # Foreign classes known by their qualified name (so that nothing is imported to recognise them).
 _KNOWN: dict[str, BNForm] = {
     "timm.layers.norm_act.BatchNormAct2d": BNForm("bn", ("drop", "act")),
     "timm.layers.norm_act.SyncBatchNormAct": BNForm("bn", ("drop", "act")),
-    "timm.layers.norm_act.FrozenBatchNormAct2d": BNForm("frozen", ("drop", "act")),
-    "torchvision.ops.misc.FrozenBatchNorm2d": BNForm("frozen"),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": BNForm("frozen", ("drop", "act"), dims=(4,)),
+    "torchvision.ops.misc.FrozenBatchNorm2d": BNForm("frozen", dims=(4,)),
 }
 _REGISTERED: dict[type, BNForm] = {}
 _TORCH_FORWARDS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)

@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import layers
 from .._warn import warn
 from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
-from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, replace_modules, take_over_tensors
+from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, rebuild, replace_modules, snapshot, take_over_tensors
 from ..variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
 __all__ = ["ConvertReport", "convert"]
@@ -126,11 +126,6 @@ def _plan_bnkit(m: nn.Module, form: BNForm) -> tuple[type | None, str]:
     return ranked(BatchNormAct if form.tail else layers.BatchNorm, dims), ""
 
 
-def _remember(m: nn.Module) -> dict[str, Any]:
-    skip = set(CALL_HOOK_DICTS + STATE_HOOK_DICTS + ("_parameters", "_buffers", "_modules"))
-    return {"cls": type(m), "attrs": {k: copy.copy(v) for k, v in m.__dict__.items() if k not in skip}}
-
-
 def _to_bnkit(old: nn.Module, cls: type, form: BNForm) -> nn.Module:
     new = _swap(old, cls)
     if issubclass(cls, BatchNormAct):
@@ -138,7 +133,7 @@ def _to_bnkit(old: nn.Module, cls: type, form: BNForm) -> nn.Module:
         new._modules.update(bn_tail(old, form))  # the very modules: their parameters and hooks stay
         new.bn_tail = form.tail
     if type(old) not in _TORCH_TO_BNKIT:
-        new.__dict__[_ORIGIN] = _remember(old)
+        new.__dict__[_ORIGIN] = snapshot(old)
     return new
 
 
@@ -147,12 +142,7 @@ def _to_torch(old: nn.Module) -> nn.Module:
     if origin is None:
         return _swap(old, _BNKIT_TO_TORCH[type(old)])
     # Rebuilt as the subclass it came from: its own attributes, the current values and children.
-    cls = origin["cls"]
-    new = cls.__new__(cls)
-    new.__dict__.update(nn.Module().__dict__)
-    new.__dict__.update({k: copy.copy(v) for k, v in origin["attrs"].items()})
-    new.__dict__.update(_parameters={}, _buffers={}, _modules=dict(old._modules))
-    take_over_tensors(new, old, _TENSORS)
+    new = rebuild(origin, old, _TENSORS, old._modules)
     new.eps, new.momentum = old.eps, old.momentum
     new.train(old.training)
     return new

@@ -132,17 +132,31 @@ def test_hooks_and_inplace_identity():
     assert calls == ["block", "root"]
 
 
-def test_root_bn_and_untouched_subclasses():
+class MyBN(nn.BatchNorm2d):
+    """A subclass that keeps torch's forward (module level: deepcopy and pickle find it)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c, momentum=0.3)
+        self.tag = "mine"
+
+
+def test_root_bn_and_plain_subclasses():
     bn = nn.BatchNorm2d(3)
     out = bnkit.convert(bn)
     assert type(out) is bnkit.BatchNorm2d
 
-    class MyBN(nn.BatchNorm2d):
-        pass
-
+    # A subclass that keeps torch's forward computes what its base computes: converted, and restored on the way back.
     m = nn.Sequential(MyBN(3), bnkit.BatchNorm2d(3))
-    out = bnkit.convert(m, to="bnkit")
-    assert type(out[0]) is MyBN and type(out[1]) is bnkit.BatchNorm2d
+    out, rep = bnkit.convert(m, to="bnkit", report=True)
+    assert type(out[0]) is bnkit.BatchNorm2d and out[0].momentum == 0.3 and type(out[1]) is bnkit.BatchNorm2d
+    assert [r[0] for r in rep.converted] == ["0"] and rep.left == []
+    back = bnkit.convert(out, to="torch")
+    assert type(back[0]) is MyBN and back[0].tag == "mine" and back[0].momentum == 0.3
+    x = torch.randn(4, 3, 5, 5)
+    m.train(), out.train(), back.train()
+    torch.testing.assert_close(out(x), m(x))
+    torch.testing.assert_close(back(x), m(x))
+    assert list(back.state_dict()) == list(m.state_dict())
 
 
 def test_to_torch_rejects_layers_without_equivalent():

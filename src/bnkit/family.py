@@ -9,13 +9,25 @@ them (real module-level classes: importable, picklable, with their own
 ``__module__``/``__qualname__`` and docstring); :func:`ranked` finds the
 member of a family for a rank set; :func:`torch_dims` gives the ranks of
 torch's layers. The tools and SyncBN read these tables only.
+
+:func:`bn_form` says what a BN-like layer computes (torch's or bnkit's BN,
+a frozen map, either followed by child modules such as an activation, or
+unknown: a subclass overriding ``forward``), so that the tools never swap a
+subclass for a layer that computes something else;
+:func:`register_bn_subclass` declares more classes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
-__all__ = ["RANKS", "SHAPES", "TORCH_BATCHNORM", "specialize", "ranked", "torch_dims", "family_of"]
+__all__ = [
+    "RANKS", "SHAPES", "TORCH_BATCHNORM", "BNForm", "bn_form", "bn_tail", "family_of", "frozen_affine", "ranked",
+    "register_bn_subclass", "specialize", "torch_dims",
+]
 
 #: suffix -> accepted input ranks
 RANKS: dict[str, tuple[int, ...]] = {"1d": (2, 3), "2d": (4,), "3d": (5,)}
@@ -80,3 +92,146 @@ def torch_dims(module: nn.Module) -> tuple[int, ...] | None:
         if isinstance(module, classes):
             return dims
     return None
+
+
+# --------------------------------------------------------------------------- BN subclasses
+# What a BN-like class computes, for the tools that replace layers (convert, freeze, fuse, SyncBN).
+# A subclass that overrides ``forward`` may compute anything: the tools handle only the forms
+# declared here (or registered by the user) and refuse or leave the others, naming them.
+
+
+@dataclass(frozen=True)
+class BNForm:
+    """What a BN-like layer computes, in the terms bnkit's tools use.
+
+    ``kind``: ``"bn"`` (the computation of torch's or bnkit's BN layer it
+    derives from), ``"frozen"`` (the fixed map ``x * scale + shift`` from the
+    buffers ``weight``, ``bias``, ``running_mean``, ``running_var`` and
+    ``eps``, like torchvision's ``FrozenBatchNorm2d``) or ``"unknown"``
+    (``reason`` says why). ``tail``: names of children applied in this order
+    to the normalized output (missing or ``None`` children are skipped).
+    """
+
+    kind: str
+    tail: tuple[str, ...] = ()
+    reason: str = ""
+    #: input ranks of a foreign class (None: unknown or any)
+    dims: tuple[int, ...] | None = None
+
+
+# Foreign classes known by their qualified name (so that nothing is imported to recognise them).
+_KNOWN: dict[str, BNForm] = {
+    "timm.layers.norm_act.BatchNormAct2d": BNForm("bn", ("drop", "act")),
+    "timm.layers.norm_act.SyncBatchNormAct": BNForm("bn", ("drop", "act")),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": BNForm("frozen", ("drop", "act"), dims=(4,)),
+    "torchvision.ops.misc.FrozenBatchNorm2d": BNForm("frozen", dims=(4,)),
+}
+_REGISTERED: dict[type, BNForm] = {}
+_TORCH_FORWARDS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def register_bn_subclass(cls: type, tail: tuple[str, ...] | list[str] = (), *, frozen: bool = False) -> None:
+    """Declare what a BN subclass that overrides ``forward`` computes, so that the tools handle it exactly.
+
+    Args:
+        cls: a subclass of a torch BN class (``frozen=False``), or a module
+            class with buffers ``weight``, ``bias``, ``running_mean``,
+            ``running_var`` and an ``eps`` attribute computing the frozen map
+            (``frozen=True``).
+        tail: names of the children its ``forward`` applies, in order, to
+            the BN output (timm's ``BatchNormAct2d``: ``("drop", "act")``).
+
+    Example:
+        >>> class BNReLU(torch.nn.BatchNorm2d):
+        ...     def __init__(self, c):
+        ...         super().__init__(c)
+        ...         self.act = torch.nn.ReLU()
+        ...     def forward(self, x):
+        ...         return self.act(super().forward(x))
+        >>> register_bn_subclass(BNReLU, ("act",))
+    """
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_bn_subclass: expected an nn.Module class, got {cls!r}")
+    if not frozen and not issubclass(cls, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"register_bn_subclass: {cls.__qualname__} is not a torch BN subclass (use frozen=True "
+                        "for a module computing the frozen map)")
+    tail = tuple(tail)
+    if not all(isinstance(n, str) and n for n in tail):
+        raise TypeError(f"register_bn_subclass: tail must be child names, got {tail!r}")
+    _REGISTERED[cls] = BNForm("frozen" if frozen else "bn", tail)
+
+
+def _declared(c: type) -> BNForm | None:
+    form = _REGISTERED.get(c)
+    return form if form is not None else _KNOWN.get(f"{c.__module__}.{c.__qualname__}")
+
+
+def _is_bnkit_layer(module: nn.Module) -> bool:
+    return callable(getattr(module, "inference_affine", None)) and hasattr(module, "axis") and hasattr(
+        module, "num_features"
+    )
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "running_mean", None), torch.Tensor) and isinstance(
+        getattr(module, "running_var", None), torch.Tensor
+    )
+
+
+def bn_form(module: nn.Module) -> BNForm | None:
+    """What ``module`` computes as a BN layer (:class:`BNForm`), or ``None`` when it is not BN-like.
+
+    torch's BN classes and their subclasses that keep torch's ``forward`` and
+    ``_check_input_dim`` are ``"bn"``; subclasses that override them are
+    ``"bn"``/``"frozen"`` when declared (timm's ``BatchNormAct2d``,
+    ``SyncBatchNormAct``, ``FrozenBatchNormAct2d``, torchvision's
+    ``FrozenBatchNorm2d``, or :func:`register_bn_subclass`), ``"unknown"``
+    otherwise. bnkit's layers are ``"bn"`` with their ``bn_tail``. Other
+    modules holding ``running_mean``/``running_var`` tensors (e.g. one
+    calling ``F.batch_norm`` itself) are ``"unknown"``.
+    """
+    cls = type(module)
+    for c in cls.__mro__:
+        form = _declared(c)
+        if form is not None:
+            return form
+        if "forward" in c.__dict__:
+            break  # the forward that runs is c's, and c is not declared
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+        if owner not in _TORCH_FORWARDS:
+            return BNForm("unknown", reason=f"{name} overrides forward ({owner.__qualname__}.forward), so bnkit "
+                          "cannot tell what it computes; declare it with bnkit.register_bn_subclass(cls, tail=...) "
+                          "if it is BN followed by child modules")
+        check = next((c for c in cls.__mro__ if "_check_input_dim" in c.__dict__), None)
+        if check is not None and check.__module__ != nn.modules.batchnorm.__name__:
+            return BNForm("unknown", reason=f"{name} overrides _check_input_dim (accepts other input ranks than "
+                          "torch's class)")
+        return BNForm("bn")
+    if _is_bnkit_layer(module):
+        owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+        if not owner.__module__.startswith("bnkit."):
+            return BNForm("unknown", reason=f"{name} overrides forward ({owner.__qualname__}.forward) of a bnkit "
+                          "layer, so bnkit cannot tell what it computes")
+        return BNForm("bn", tuple(getattr(module, "bn_tail", ())))
+    if _has_running_stats(module):
+        return BNForm("unknown", reason=f"{name} is not a BN class bnkit knows but holds running statistics (a "
+                      "module calling F.batch_norm itself?)")
+    return None
+
+
+def bn_tail(module: nn.Module, form: BNForm | None = None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, child)`` pairs ``module`` applies after its normalization, in order."""
+    form = bn_form(module) if form is None else form
+    names = () if form is None else form.tail
+    return [(n, module._modules[n]) for n in names if module._modules.get(n) is not None]
+
+
+def frozen_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of a ``"frozen"`` layer: ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``."""
+    w, b = module.weight, module.bias
+    rm, rv = module.running_mean, module.running_var
+    scale = (rv + module.eps).rsqrt() if w is None else w * (rv + module.eps).rsqrt()
+    shift = -rm * scale if b is None else b - rm * scale
+    return scale.detach(), shift.detach()

@@ -15,16 +15,21 @@ guarantees:
 - the root itself may be selected: the function returns the new root.
 
 :func:`take_over_tensors` makes a new layer use an old one's very parameter
-and buffer objects (so optimizers keep working).
+and buffer objects (so optimizers keep working). :func:`snapshot` /
+:func:`rebuild` bring back a replaced layer of any class (a BN subclass with
+its own ``__init__``) with the current tensors.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable
 
 from torch import nn
 
-__all__ = ["CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "move_hooks", "replace_modules", "take_over_tensors"]
+__all__ = [
+    "CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "move_hooks", "rebuild", "replace_modules", "snapshot", "take_over_tensors",
+]
 
 # nn.Module attributes holding the hooks registered on a module's calls ...
 CALL_HOOK_DICTS = (
@@ -99,3 +104,25 @@ def replace_modules(
                 if child is not None and id(child) in new:
                     parent._modules[child_name] = new[id(child)]
     return new.get(id(model), model)
+
+
+def snapshot(module: nn.Module) -> dict:
+    """``module``'s class and non-tensor attributes (no hooks, tensors or children), for :func:`rebuild`."""
+    skip = set(CALL_HOOK_DICTS + STATE_HOOK_DICTS + ("_parameters", "_buffers", "_modules"))
+    return {"cls": type(module), "attrs": {k: copy.copy(v) for k, v in module.__dict__.items() if k not in skip}}
+
+
+def rebuild(snap: dict, src: nn.Module, tensor_names: Iterable[str], modules: dict[str, nn.Module]) -> nn.Module:
+    """A module of the snapshot's class and attributes, using ``src``'s tensors for ``tensor_names`` and ``modules``.
+
+    The class's ``__init__`` is not called (a subclass may take other
+    arguments): the instance is the snapshot's ``__dict__`` plus fresh hook
+    dictionaries (:func:`replace_modules` moves the hooks).
+    """
+    cls = snap["cls"]
+    new = cls.__new__(cls)
+    new.__dict__.update(nn.Module().__dict__)
+    new.__dict__.update({k: copy.copy(v) for k, v in snap["attrs"].items()})
+    new.__dict__.update(_parameters={}, _buffers={}, _modules=dict(modules))
+    take_over_tensors(new, src, tensor_names)
+    return new

@@ -40,9 +40,10 @@ from torch import Tensor, nn
 
 from . import kernels, stats
 from .engine import canonical_view, per_channel, running_update
-from .family import ranked, torch_dims
+from .family import bn_form, bn_tail, ranked, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
-from .surgery import replace_modules, take_over_tensors
+from .surgery import rebuild, replace_modules, snapshot, take_over_tensors
+from .variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _run_tail, _set_tail
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
 
@@ -286,7 +287,21 @@ class SyncBatchNorm(BatchNorm):
 
 
 # --------------------------------------------------------------------------- conversion
-_BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+class SyncBatchNormAct(SyncBatchNorm):
+    """:class:`SyncBatchNorm` followed by ``drop`` and ``act`` (what timm's ``BatchNormAct2d`` becomes)."""
+
+    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        _set_tail(self, act, drop)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _run_tail(self, super().forward(input))
+
+
+_BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
+_TORCH_EXACT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
@@ -305,6 +320,13 @@ def _convertible(module: nn.Module) -> bool:
 def _check_convertible(module: nn.Module, name: str) -> None:
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
+    form = bn_form(module)
+    if form is not None and form.kind == "unknown":
+        cls = type(module)
+        raise ValueError(
+            f"convert_sync_batchnorm: layer {name or '<root>'!r} ({cls.__module__}.{cls.__qualname__}) cannot be "
+            f"synchronized without changing what it computes: {form.reason}. Nothing was changed."
+        )
 
 
 def _revert_class(module: SyncBatchNorm) -> type:
@@ -323,6 +345,7 @@ def _check_revertible(module: SyncBatchNorm, name: str) -> None:
 
 
 def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
+    tail = bn_tail(module)
     if isinstance(module, SyncBatchNorm):
         if process_group is not None:
             module.process_group = process_group
@@ -344,7 +367,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
     else:
         return None
     weight = module.weight
-    out = SyncBatchNorm(
+    out = (SyncBatchNormAct if tail else SyncBatchNorm)(
         module.num_features,
         module.eps,
         module.momentum,
@@ -358,12 +381,26 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
     )
     if dims is not None:  # None: SyncBatchNorm's own default (any rank)
         out.expected_dims = dims
+    if tail:  # BN followed by children (timm's BatchNormAct2d): the very same children
+        out._modules.clear()
+        out._modules.update(tail)
+        out.bn_tail = tuple(n for n, _ in tail)
     out._sync_original = type(module)
+    if type(module) not in _TORCH_EXACT + _BNKIT_CLASSES:
+        out._sync_snapshot = snapshot(module)  # a subclass: revert rebuilds it without calling its __init__
     return _copy_state(out, module)
 
 
 def _from_sync(module: SyncBatchNorm) -> nn.Module:
     cls = _revert_class(module)
+    snap = getattr(module, "_sync_snapshot", None)
+    if snap is not None and snap["cls"] is cls:
+        out = rebuild(snap, module, _TENSORS, module._modules)
+        out.eps, out.momentum = module.eps, module.momentum
+        if module.process_group is not None and isinstance(out, nn.SyncBatchNorm):
+            out.process_group = module.process_group
+        out.train(module.training)
+        return out
     weight = module.weight
     factory = {
         "device": weight.device if weight is not None else None,
@@ -382,6 +419,10 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
             nonfinite=module.nonfinite,
             **factory,
         )
+        if issubclass(cls, BatchNormAct):
+            out._modules.clear()
+            out._modules.update(module._modules)
+            out.bn_tail = getattr(module, "bn_tail", ("drop", "act"))
     else:
         out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                   **factory)
@@ -394,8 +435,13 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert:
     """Convert every BN layer of ``module`` to :class:`SyncBatchNorm` (or back with ``revert=True``).
 
     Converted: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
-    bnkit's ``BatchNorm``/``BatchNorm1d/2d/3d`` (other subclasses, e.g. BN
-    variants with different semantics, are left alone). The new layers use the
+    bnkit's ``BatchNorm``/``BatchNorm1d/2d/3d`` (bnkit's variants with other
+    semantics are left alone). torch subclasses that keep torch's
+    ``forward`` are converted; timm's ``BatchNormAct2d``/``SyncBatchNormAct``
+    and bnkit's ``BatchNormAct`` become :class:`SyncBatchNormAct` holding the
+    same ``drop``/``act`` modules; ``revert=True`` rebuilds the original
+    class. A subclass that overrides ``forward`` in a way bnkit does not know
+    raises ``ValueError`` naming it (see :func:`bnkit.family.bn_form`). The new layers use the
     *same* parameter and buffer tensors (so an optimizer built before still
     works), keep the training flag, and are named after their path in
     ``module`` for error messages. ``revert=True`` turns every SyncBatchNorm

@@ -9,21 +9,38 @@ handles still remove them) and its ``momentum``/``eps``. Parent modules are
 edited with ``setattr``, so hooks on them are untouched. Outputs and
 ``state_dict`` (keys, values and the version metadata) are equal.
 
-Only the exact classes are converted: subclasses (SyncBatchNorm, bnkit's
-variants, user subclasses) are left as they are.
+Subclasses are converted only where the result computes the same
+(:func:`bnkit.family.bn_form`): a torch subclass that keeps torch's
+``forward`` becomes the bnkit class of its rank; timm's ``BatchNormAct2d``
+(BN, then ``drop``, then ``act``) becomes :class:`bnkit.variants.BatchNormAct2d`
+holding the same ``drop``/``act`` modules. Both remember the class they came
+from, so ``to="torch"`` gives it back. Everything else (SyncBatchNorm, frozen
+layers, subclasses that override ``forward``, bnkit's variants going to
+torch) is left as it is, and named with the reason in the
+:class:`ConvertReport` (and a warning unless ``report=True``).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers
-from ..family import TORCH_BATCHNORM, ranked
-from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, replace_modules, take_over_tensors
+from .._warn import warn
+from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
+from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, rebuild, replace_modules, snapshot, take_over_tensors
+from ..variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
-__all__ = ["convert"]
+__all__ = ["ConvertReport", "convert"]
+
+_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# Where a bnkit layer made by convert() keeps the torch subclass it came from (for to="torch").
+_ORIGIN = "_bnkit_torch_origin"
+_ACT_CLASSES = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
 
 _TORCH_TO_BNKIT: dict[type, type] = {torch_cls: ranked(layers.BatchNorm, dims) for dims, (torch_cls, _) in TORCH_BATCHNORM.items()}
 _BNKIT_TO_TORCH: dict[type, type] = {v: k for k, v in _TORCH_TO_BNKIT.items()}
@@ -57,12 +74,125 @@ def _swap(old: nn.Module, new_cls: type) -> nn.Module:
         device="meta",
         dtype=None if ref is None else ref.dtype,
     )
-    take_over_tensors(new, old, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    take_over_tensors(new, old, _TENSORS)
     new.train(old.training)
     return new
 
 
-def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Module:
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did: ``converted`` ``(name, old class, new class)`` and ``left`` ``(name, class, why)``."""
+
+    to: str
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    left: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def summary(self, limit: int | None = None) -> str:
+        n, k = len(self.converted), len(self.left)
+        text = f"convert(to={self.to!r}): converted {n} of {n + k} BN layers"
+        if k:
+            shown = self.left if limit is None else self.left[:limit]
+            text += f"; left {k}: " + "; ".join(f"{name or '<root>'!r} ({cls}): {why}" for name, cls, why in shown)
+            if len(shown) < k:
+                text += f"; ... ({k - len(shown)} more; pass report=True for the full list)"
+        return text
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _qualname(m: nn.Module) -> str:
+    cls = type(m)
+    return cls.__qualname__ if cls.__module__.startswith(("torch.", "bnkit.")) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_bnkit(m: nn.Module) -> bool:
+    return not isinstance(m, _BatchNorm) and callable(getattr(m, "inference_affine", None))
+
+
+def _plan_bnkit(m: nn.Module, form: BNForm) -> tuple[type | None, str]:
+    """``(bnkit class, "")`` for a torch-side layer that converts exactly, else ``(None, why not)``."""
+    if form.kind == "unknown":
+        return None, form.reason
+    if form.kind == "frozen":
+        return None, "a frozen layer (a fixed affine map): convert swaps trainable BN layers (bnkit.unfreeze makes it one)"
+    if isinstance(m, nn.SyncBatchNorm):
+        return None, "a SyncBatchNorm: use bnkit.convert_sync_batchnorm"
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        return None, "a lazy layer that has not seen an input yet"
+    dims = torch_dims(m)
+    if dims is None:
+        return None, "no fixed input rank (not a BatchNorm1d/2d/3d)"
+    return ranked(BatchNormAct if form.tail else layers.BatchNorm, dims), ""
+
+
+def _to_bnkit(old: nn.Module, cls: type, form: BNForm) -> nn.Module:
+    new = _swap(old, cls)
+    if issubclass(cls, BatchNormAct):
+        new._modules.clear()
+        new._modules.update(bn_tail(old, form))  # the very modules: their parameters and hooks stay
+        new.bn_tail = form.tail
+    if type(old) not in _TORCH_TO_BNKIT:
+        new.__dict__[_ORIGIN] = snapshot(old)
+    return new
+
+
+def _to_torch(old: nn.Module) -> nn.Module:
+    origin = old.__dict__.get(_ORIGIN)
+    if origin is None:
+        return _swap(old, _BNKIT_TO_TORCH[type(old)])
+    # Rebuilt as the subclass it came from: its own attributes, the current values and children.
+    new = rebuild(origin, old, _TENSORS, old._modules)
+    new.eps, new.momentum = old.eps, old.momentum
+    new.train(old.training)
+    return new
+
+
+def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
+    """``{id(layer): target}`` (a bnkit class, or ``"torch"``) and the report, raising on layers that cannot go to torch."""
+    targets: dict[int, Any] = {}
+    rep = ConvertReport(to)
+    for name, m in model.named_modules():
+        form = bn_form(m)
+        if form is None:
+            continue
+        if to == "bnkit":
+            if _is_bnkit(m):
+                continue
+            cls, why = _plan_bnkit(m, form)
+            if cls is None:
+                rep.left.append((name, _qualname(m), why))
+            else:
+                targets[id(m)] = cls
+                rep.converted.append((name, _qualname(m), cls.__name__))
+            continue
+        if not _is_bnkit(m):
+            continue
+        if type(m) in _BNKIT_TO_TORCH or type(m) in _ACT_CLASSES:
+            _check_torch_compatible(m, name)
+            origin = m.__dict__.get(_ORIGIN)
+            if origin is None and type(m) in _ACT_CLASSES:
+                raise ValueError(
+                    f"convert(to='torch'): layer {name or '<root>'!r} ({m.describe()}) has no torch equivalent: "
+                    "torch has no BN layer with an activation (it was not converted from one, e.g. timm's BatchNormAct2d)"
+                )
+            targets[id(m)] = "torch"
+            new_name = (_BNKIT_TO_TORCH[type(m)] if origin is None else origin["cls"]).__name__
+            rep.converted.append((name, _qualname(m), new_name))
+        elif type(m) is layers.BatchNorm:
+            # Not skipped silently: the generic layer accepts any rank (and any axis),
+            # while each torch class accepts fixed ranks with channels on axis 1.
+            raise ValueError(
+                f"convert(to='torch'): layer {name or '<root>'!r} ({m._describe()}, axis={m.axis}) is the generic "
+                "bnkit.BatchNorm, which has no torch equivalent (torch's BatchNorm1d/2d/3d take fixed ranks with "
+                "the features on axis 1); use bnkit.BatchNorm1d/2d/3d for layers that should convert"
+            )
+        else:
+            rep.left.append((name, _qualname(m), "a bnkit layer with no torch class (a variant, or frozen)"))
+    return targets, rep
+
+
+def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False, *, report: bool = False):
     """Replace every torch BN layer by its bnkit counterpart (``to="bnkit"``), or back (``to="torch"``).
 
     Args:
@@ -70,9 +200,13 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
         to: ``"bnkit"`` (``torch.nn.BatchNorm{1,2,3}d`` -> ``bnkit.BatchNorm{1,2,3}d``) or
             ``"torch"`` (the reverse).
         inplace: edit ``model`` itself; otherwise a deep copy is converted.
+        report: also return the :class:`ConvertReport` (converted and left
+            layers, with the reasons). Without it, layers that are left are
+            named in a ``UserWarning``.
 
     Returns:
-        The converted model (``model`` itself when ``inplace`` and the root is not a BN layer).
+        The converted model (``model`` itself when ``inplace`` and the root is
+        not a BN layer), or ``(model, report)`` with ``report=True``.
 
     The converted layers keep parameters (the same ``Parameter`` objects),
     buffers including ``num_batches_tracked``, ``training`` flags, hooks,
@@ -81,32 +215,40 @@ def convert(model: nn.Module, to: str = "bnkit", inplace: bool = False) -> nn.Mo
     NaN/Inf into the running statistics; on finite data both agree); going
     back to torch drops that policy (and ``tiny_batch``). A bnkit layer with no torch equivalent
     (``axis != 1``, ``share_affine``, ``bias=False``, ``convention="keras"``,
-    or the generic rank-free :class:`bnkit.BatchNorm` of any axis) raises
-    ``ValueError`` before anything is changed. Subclasses of either family
-    (variants, SyncBatchNorm) are left alone.
+    the generic rank-free :class:`bnkit.BatchNorm` of any axis, or a
+    ``BatchNormAct`` not converted from torch) raises ``ValueError`` before
+    anything is changed.
+
+    Subclasses: one that keeps torch's ``forward`` becomes the bnkit class of
+    its rank; timm's ``BatchNormAct2d`` becomes
+    :class:`bnkit.variants.BatchNormAct2d` with the same ``drop``/``act``
+    modules; ``to="torch"`` restores the original class. SyncBatchNorm,
+    frozen layers and subclasses that override ``forward`` (unless declared
+    with :func:`bnkit.family.register_bn_subclass`) are left as they are and
+    reported.
     """
     if to not in ("bnkit", "torch"):
         raise ValueError(f"convert: to must be 'bnkit' or 'torch', got {to!r}")
-    table = _TORCH_TO_BNKIT if to == "bnkit" else _BNKIT_TO_TORCH
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
-    if to == "torch":
-        for name, m in model.named_modules():
-            if type(m) in table:
-                _check_torch_compatible(m, name)
-            elif type(m) is layers.BatchNorm:
-                # Not skipped silently: the generic layer accepts any rank (and any axis),
-                # while each torch class accepts fixed ranks with channels on axis 1.
-                raise ValueError(
-                    f"convert(to='torch'): layer {name or '<root>'!r} ({m._describe()}, axis={m.axis}) is the generic "
-                    "bnkit.BatchNorm, which has no torch equivalent (torch's BatchNorm1d/2d/3d take fixed ranks with "
-                    "the features on axis 1); use bnkit.BatchNorm1d/2d/3d for layers that should convert"
-                )
+    _plan(model, to)  # raises before anything is copied or changed
     if not inplace:
         model = copy.deepcopy(model)
-    return replace_modules(
+    targets, rep = _plan(model, to)
+
+    def build(m: nn.Module, name: str) -> nn.Module:
+        if to == "torch":
+            return _to_torch(m)
+        return _to_bnkit(m, targets[id(m)], bn_form(m))
+
+    out = replace_modules(
         model,
-        lambda m: type(m) in table,
-        lambda m, name: _swap(m, table[type(m)]),
+        lambda m: id(m) in targets,
+        build,
         hook_dicts=CALL_HOOK_DICTS + STATE_HOOK_DICTS,
     )
+    if report:
+        return out, rep
+    if rep.left:
+        warn(rep.summary(limit=5))
+    return out

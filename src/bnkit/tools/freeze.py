@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers
-from ..family import ranked, torch_dims
+from ..family import bn_form, bn_tail, ranked, torch_dims
 from ..surgery import CALL_HOOK_DICTS, replace_modules
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
+from ..variants.act import BatchNormAct, FrozenBatchNormAct
 
 __all__ = ["freeze", "unfreeze", "frozen_copy", "unfrozen_copy", "is_freezable"]
 
@@ -59,8 +60,19 @@ def _expected_dims(bn: nn.Module) -> tuple[int, ...] | None:
     return torch_dims(bn)  # SyncBatchNorm and other subclasses: None, any rank
 
 
+def _qualname(m: nn.Module) -> str:
+    cls = type(m)
+    return cls.__qualname__ if cls.__module__.startswith(("torch.", "bnkit.")) else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _check_freezable(bn: nn.Module, name: str) -> None:
     where = f"freeze: {name or 'the model'} ({type(bn).__name__})"
+    form = bn_form(bn)
+    if form is not None and form.kind == "unknown":
+        raise ValueError(
+            f"freeze: layer {name or '<root>'!r} ({_qualname(bn)}) cannot be frozen without changing what it "
+            f"computes: {form.reason}. Nothing was changed."
+        )
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         raise ValueError(f"{where} is a lazy layer that has not seen an input yet, so it has no values to freeze")
     if not isinstance(getattr(bn, "running_mean", None), Tensor) or not isinstance(
@@ -95,7 +107,14 @@ def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
     weight = getattr(bn, "weight", None)
     bias = getattr(bn, "bias", None)
     device, dtype = bn.running_mean.device, bn.running_mean.dtype
-    if isinstance(bn, SharedBatchNorm):
+    tail = bn_tail(bn)
+    if tail:
+        # BN followed by children (timm's BatchNormAct2d): the frozen map, then the same children.
+        frozen = ranked(FrozenBatchNormAct, _expected_dims(bn))(c, bn.eps, device=device, dtype=dtype, axis=axis)
+        frozen._modules.clear()
+        frozen._modules.update(tail)
+        frozen.bn_tail = tuple(n for n, _ in tail)
+    elif isinstance(bn, SharedBatchNorm):
         frozen: FrozenBatchNorm = FrozenSharedBatchNorm(
             c, bn.sites, bn.eps, device=device, dtype=dtype, share_stats=bn.share_stats, axis=axis
         )
@@ -113,10 +132,10 @@ def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
     return frozen
 
 
-def _default_form(frozen: FrozenBatchNorm) -> dict[str, Any]:
-    """A bnkit layer matching a frozen layer that has no remembered original."""
+def _default_form(frozen: nn.Module) -> dict[str, Any]:
+    """A bnkit layer matching a frozen layer that has no remembered original (bnkit's, or timm's/torchvision's)."""
     weight, bias = frozen.weight, frozen.bias
-    c = frozen.num_features
+    c = int(getattr(frozen, "num_features", None) or frozen.running_mean.shape[-1])
     share = "none"
     if weight is not None and weight.numel() == 1 and c != 1:
         share = "all" if bias is not None and bias.numel() == 1 else "weight"
@@ -124,26 +143,32 @@ def _default_form(frozen: FrozenBatchNorm) -> dict[str, Any]:
         eps=frozen.eps,
         affine=weight is not None,
         bias=bias is not None or weight is None,
-        axis=frozen.axis,
+        axis=getattr(frozen, "axis", 1),
         share_affine=share,
         device=frozen.running_mean.device,
         dtype=frozen.running_mean.dtype,
     )
     if isinstance(frozen, FrozenSharedBatchNorm):
         return {"cls": SharedBatchNorm, "args": (c, frozen.sites), "kwargs": dict(kwargs, share_stats=frozen.share_stats)}
-    return {"cls": ranked(layers.BatchNorm, frozen.expected_dims), "args": (c,), "kwargs": kwargs}
+    if isinstance(frozen, FrozenBatchNorm):
+        dims = frozen.expected_dims
+    else:  # timm's FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d
+        dims = bn_form(frozen).dims
+    base = BatchNormAct if bn_tail(frozen) else layers.BatchNorm
+    return {"cls": ranked(base, dims), "args": (c,), "kwargs": kwargs}
 
 
 @torch.no_grad()
-def unfrozen_copy(frozen: FrozenBatchNorm) -> nn.Module:
+def unfrozen_copy(frozen: nn.Module) -> nn.Module:
     """The trainable layer a frozen one came from, holding the frozen values (hooks not moved)."""
     form = frozen.__dict__.get(_REMEMBERED)
+    tail = bn_tail(frozen)
     values = {
         "weight": frozen.weight,
         "bias": frozen.bias,
         "running_mean": frozen.running_mean,
         "running_var": frozen.running_var,
-        "num_batches_tracked": frozen.num_batches_tracked,
+        "num_batches_tracked": getattr(frozen, "num_batches_tracked", None),
     }
     if form is None:
         spec = _default_form(frozen)
@@ -154,12 +179,16 @@ def unfrozen_copy(frozen: FrozenBatchNorm) -> nn.Module:
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             if bn._buffers.get(name) is not None and values[name] is not None:
                 bn._buffers[name] = values[name].detach().clone()
+        if tail:
+            bn._modules.clear()
+            bn._modules.update(tail)
+            bn.bn_tail = tuple(n for n, _ in tail)
         bn.train(frozen.training)
         return bn
     cls = form["cls"]
     bn = cls.__new__(cls)
     bn.__dict__.update({k: copy.copy(v) for k, v in form["attrs"].items()})
-    bn.__dict__["_modules"] = dict(form["modules"])
+    bn.__dict__["_modules"] = dict(form["modules"], **dict(tail))  # the frozen layer's current children
     bn.__dict__["_parameters"] = {
         k: None if rg is None or values.get(k) is None else nn.Parameter(values[k].detach().clone(), requires_grad=rg)
         for k, rg in form["params"].items()
@@ -180,8 +209,12 @@ def freeze(model: nn.Module) -> nn.Module:
 
     The model is edited in place and returned (when ``model`` is itself a BN
     layer, its frozen form is returned). Raises ``ValueError``, changing
-    nothing, when a BN layer has no running statistics or is an uninitialized
-    lazy layer. Already frozen layers are left as they are.
+    nothing, when a BN layer has no running statistics, is an uninitialized
+    lazy layer, or is a subclass that overrides ``forward`` in a way bnkit
+    does not know (see :func:`bnkit.family.bn_form`). A layer followed by
+    children (timm's ``BatchNormAct2d``: ``drop``, ``act``) becomes a
+    :class:`bnkit.variants.FrozenBatchNormAct` holding the same children.
+    Already frozen layers are left as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: expected an nn.Module, got {type(model).__name__}")
@@ -193,9 +226,19 @@ def unfreeze(model: nn.Module) -> nn.Module:
 
     Layers made by :func:`freeze` get back their original class and
     attributes, with ``nn.Parameter`` gamma/beta holding the current frozen
-    values (and their original ``requires_grad``); others become the matching
-    :class:`bnkit.BatchNorm` class. Edited in place and returned.
+    values (and their original ``requires_grad``); others (including timm's
+    ``FrozenBatchNormAct2d`` and torchvision's ``FrozenBatchNorm2d``) become
+    the matching :class:`bnkit.BatchNorm` class (:class:`bnkit.variants.BatchNormAct2d`
+    with the same ``drop``/``act`` when there is a tail), equal in eval mode.
+    Edited in place and returned.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfreeze: expected an nn.Module, got {type(model).__name__}")
-    return replace_modules(model, lambda m: isinstance(m, FrozenBatchNorm), lambda m, _: unfrozen_copy(m))
+    return replace_modules(model, _is_unfreezable, lambda m, _: unfrozen_copy(m))
+
+
+def _is_unfreezable(module: nn.Module) -> bool:
+    if isinstance(module, FrozenBatchNorm):
+        return True
+    form = bn_form(module)  # timm's FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d, registered classes
+    return form is not None and form.kind == "frozen"

@@ -16,6 +16,15 @@ In eval mode a BN layer is the per-channel affine map ``y = x * s + t`` (see
   inference form becomes one :class:`Affine` op; BN without one (e.g.
   ``track_running_stats=False``) is left as it is.
 
+BN subclasses (:func:`bnkit.family.bn_form`): a layer followed by children
+(timm's ``BatchNormAct2d``: ``drop``, then ``act``) folds into the preceding
+layer only, and its place is taken by its children, so the activation stays
+after the fused conv (unfused: an :class:`Affine` followed by them). Frozen
+layers of other libraries (timm's ``FrozenBatchNormAct2d``, torchvision's
+``FrozenBatchNorm2d``) fold the same way. A subclass that overrides
+``forward`` in a way bnkit does not know is left as it is, named in the
+report and in a warning.
+
 The model is traced with :mod:`torch.fx` (BN-family layers and
 :class:`Affine` as leaf modules), so the result of a traced model is a
 ``torch.fx.GraphModule``. When tracing fails (data-dependent control flow,
@@ -27,6 +36,7 @@ own first), and a BN left over becomes an :class:`Affine`.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +44,61 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ._family import bn_affine, bn_axis, is_bn
+from .._warn import warn
+from ..family import bn_form, bn_tail, frozen_affine
+from ._family import bn_affine, bn_axis
+from ._family import is_bn as _is_bn_layer
 from .affine import Affine
 from .fold import before_ok, fold_after, fold_before, foldable_layer, out_axis_ok
 from .fuse_report import FusedPair, FuseReport, UnfusedBN
 
 __all__ = ["Affine", "FuseReport", "FusedPair", "UnfusedBN", "fuse"]
+
+
+# --------------------------------------------------------------------------- BN-like layers
+def _is_foreign_frozen(m: nn.Module) -> bool:
+    """timm's FrozenBatchNormAct2d, torchvision's FrozenBatchNorm2d and registered frozen classes."""
+    if _is_bn_layer(m):
+        return False
+    form = bn_form(m)
+    return form is not None and form.kind == "frozen"
+
+
+def is_bn(m: nn.Module) -> bool:
+    """The layers fuse folds (or leaves, naming them): bnkit's and torch's BN family and foreign frozen BN."""
+    return _is_bn_layer(m) or _is_foreign_frozen(m)
+
+
+def _axis(m: nn.Module) -> int:
+    return 1 if _is_foreign_frozen(m) else bn_axis(m)
+
+
+def _affine(m: nn.Module) -> tuple[Tensor, Tensor]:
+    """The inference map of the normalization part (a tail of children is not included)."""
+    if _is_foreign_frozen(m):
+        return frozen_affine(m)
+    form = bn_form(m)
+    if form is not None and form.kind == "unknown":
+        raise RuntimeError(form.reason)
+    return bn_affine(m)
+
+
+def _tail(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children applied after the normalization that do something (``nn.Identity`` dropped)."""
+    return [(n, c) for n, c in bn_tail(m) if not isinstance(c, nn.Identity)]
+
+
+def _then_tail(core: nn.Module | None, m: nn.Module) -> nn.Module | None:
+    """What replaces ``m``: ``core`` (an Affine, or None once folded) followed by ``m``'s tail, in one module."""
+    tail = _tail(m)
+    if not tail:
+        return core
+    return nn.Sequential(OrderedDict(([("bn", core)] if core is not None else []) + tail))
+
+
+def _unknown(m: nn.Module) -> str | None:
+    form = bn_form(m)
+    return form.reason if form is not None and form.kind == "unknown" else None
 
 
 # --------------------------------------------------------------------------- walking
@@ -57,13 +116,20 @@ def _check_eval(model: nn.Module) -> None:
         )
 
 
-def _try_affine(bn: nn.Module) -> tuple[Affine | None, str]:
+def _try_affine(bn: nn.Module) -> tuple[nn.Module | None, str]:
     if isinstance(bn, Affine):
         return bn, ""
     try:
-        return Affine.from_bn(bn), ""
+        aff = _as_affine(bn)
     except RuntimeError as e:
         return None, str(e)
+    return _then_tail(aff, bn), ""
+
+
+def _as_affine(bn: nn.Module) -> Affine:
+    aff = Affine(*_affine(bn), _axis(bn))
+    aff.training = bn.training
+    return aff
 
 
 @dataclass
@@ -82,7 +148,7 @@ def _decide(bn: nn.Module, scale: Tensor, before: _Neighbour, after: _Neighbour,
     Folding into the preceding layer (``layer -> BN``) is preferred; the
     following layer (``BN -> layer``) is tried next.
     """
-    axis, n, ranks = bn_axis(bn), scale.numel(), ctx.ranks.get(id(bn))
+    axis, n, ranks = _axis(bn), scale.numel(), ctx.ranks.get(id(bn))
     reasons = []
     for side, nb, check in (("after", before, out_axis_ok), ("before", after, before_ok)):
         if nb.layer is None:
@@ -104,7 +170,7 @@ def _node_affine(bn: nn.Module, node: torch.fx.Node) -> tuple[Tensor, Tensor]:
         raise RuntimeError("the BN call has no traced input")
     extra, kwargs = node.args[1:], dict(node.kwargs)
     if not extra and not kwargs:
-        return bn_affine(bn)
+        return _affine(bn)
     if any(isinstance(a, torch.fx.Node) for a in (*extra, *kwargs.values())):
         raise RuntimeError("the BN call has non-constant extra arguments")
     if not callable(getattr(bn, "inference_affine", None)):
@@ -182,6 +248,10 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
             continue
         bn = modules[node.target]
         name = _join(prefix, node.target)
+        why = _unknown(bn)
+        if why is not None:
+            report.unfused.append(UnfusedBN(name, why, None))
+            continue
         try:
             scale, shift = _node_affine(bn, node)
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
@@ -196,7 +266,10 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
             before = _Neighbour(modules[prev.target], obstacle=other_users if len(prev.users) != 1 else None)
         users = list(node.users)
         after = _Neighbour(None, "the BN output does not go only to a Conv/ConvTranspose/Linear module")
-        if len(users) > 1:
+        tail = _tail(bn)
+        if tail:
+            after = _Neighbour(None, f"the layer applies {'/'.join(n for n, _ in tail)} after the normalization")
+        elif len(users) > 1:
             after = _Neighbour(None, "the BN output has several users")
         elif users and users[0].op == "call_module" and foldable_layer(modules[users[0].target]):
             if single_input_call(users[0], node):
@@ -208,8 +281,20 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
         other = prev if side == "after" else users[0]
         layer_name = _join(prefix, other.target)  # before own_layer may rename a shared layer's copy
         (fold_after if side == "after" else fold_before)(own_layer(other), scale, shift)
-        node.replace_all_uses_with(prev)
-        gm.graph.erase_node(node)
+        rest = _then_tail(None, bn)
+        if rest is None:
+            node.replace_all_uses_with(prev)
+            gm.graph.erase_node(node)
+        else:  # the activation (and drop) stay, now right after the fused layer
+            target = node.target
+            if uses_of(target) != 1:
+                i = 0
+                while f"{target}_tail{i}" in modules:
+                    i += 1
+                target = f"{target}_tail{i}"
+                node.target = target
+            gm.add_submodule(target, rest)
+            modules[target] = rest
         report.fused.append(FusedPair(name, layer_name, side, note))
 
     # What is left becomes one Affine op per call site.
@@ -219,8 +304,9 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
         if isinstance(bn, Affine):
             report.unfused.append(UnfusedBN(name, reason, "Affine"))
             continue
-        aff = Affine(scale, shift, bn_axis(bn))
+        aff = Affine(scale, shift, _axis(bn))
         aff.training = bn.training
+        aff = _then_tail(aff, bn)
         target = node.target
         if uses_of(target) != 1:
             i = 0
@@ -260,8 +346,13 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Ctx) -> None:
             continue
         if is_bn(m):
             full = _join(prefix, name)
+            why = _unknown(m)
+            if why is not None:
+                report.unfused.append(UnfusedBN(full, why, None))
+                i += 1
+                continue
             try:
-                scale, shift = bn_affine(m)
+                scale, shift = _affine(m)
             except RuntimeError as e:
                 report.unfused.append(UnfusedBN(full, str(e), None))
                 i += 1
@@ -275,16 +366,24 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, ctx: _Ctx) -> None:
                     return _Neighbour(None, f"the {where} child is not a Conv/ConvTranspose/Linear")
                 return _Neighbour(layer)
 
-            side, note = _decide(m, scale, neighbour(prev_name, "previous"), neighbour(nxt_name, "next"), ctx)
+            tail = _tail(m)
+            nxt = neighbour(nxt_name, "next")
+            if tail:
+                nxt = _Neighbour(None, f"the layer applies {'/'.join(n for n, _ in tail)} after the normalization")
+            side, note = _decide(m, scale, neighbour(prev_name, "previous"), nxt, ctx)
             if side is None:
                 if not isinstance(m, Affine):
-                    seq._modules[name] = Affine.from_bn(m)
+                    seq._modules[name] = _then_tail(_as_affine(m), m)
                 report.unfused.append(UnfusedBN(full, note, "Affine"))
             else:
                 other = prev_name if side == "after" else nxt_name
                 (fold_after if side == "after" else fold_before)(own(other), scale, shift)
-                del seq._modules[name]
-                removed.add(name)
+                rest = _then_tail(None, m)
+                if rest is None:
+                    del seq._modules[name]
+                    removed.add(name)
+                else:  # the activation (and drop) stay, right after the fused layer
+                    seq._modules[name] = rest
                 report.fused.append(FusedPair(full, _join(prefix, other), side, note))
         else:
             seq._modules[name] = _fuse_any(m, _join(prefix, name), ctx)
@@ -295,6 +394,10 @@ def _fuse_any(module: nn.Module, prefix: str, ctx: _Ctx) -> nn.Module:
     """Fuse ``module``: fx when it traces, otherwise its children."""
     report = ctx.report
     if is_bn(module):
+        why_unknown = _unknown(module)
+        if why_unknown is not None:
+            report.unfused.append(UnfusedBN(prefix, why_unknown, None))
+            return module
         aff, why = _try_affine(module)
         reason = "a lone BN module (no adjacent layer visible)"
         report.unfused.append(UnfusedBN(prefix, reason if aff is not None else why, "Affine" if aff is not None else None))
@@ -363,6 +466,10 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: bool = False, examp
         do not carry over; leaf modules keep theirs). Otherwise the model's
         own class is kept and its children are fused.
 
+    BN subclasses: see the module docstring (an activation after the BN
+    stays after the fused layer; unknown subclasses are left and warned
+    about).
+
     The fused model computes the eval-mode original up to rounding (folds are
     computed in float64 and cast to each layer's dtype). It is an inference
     model: folded layers have no BN left, so ``train()`` does not bring batch
@@ -372,6 +479,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: bool = False, examp
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected an nn.Module, got {type(model).__name__}")
     _check_eval(model)
+    unknown = [(n, _unknown(m)) for n, m in model.named_modules() if is_bn(m) and _unknown(m) is not None]
     if not inplace:
         model = copy.deepcopy(model)
     counts: dict[int, int] = {}
@@ -384,4 +492,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: bool = False, examp
             ctx.ranks = _input_ranks(model, example_inputs)
         fused = _fuse_any(model, "", ctx)
     fused.fuse_report = ctx.report
+    if unknown:
+        shown = "; ".join(f"{n or '<root>'!r} ({why})" for n, why in unknown[:5])
+        warn(f"fuse: left {len(unknown)} BN subclass layer(s) as they are (not folded): {shown}")
     return (fused, ctx.report) if report else fused

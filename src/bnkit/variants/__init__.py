@@ -22,6 +22,9 @@ feature ``axis``, ``share_affine`` and every rank/memory format the core does.
     with their own statistics; the running statistics are updated once per
     call from the exactly merged statistics of the whole batch (Hoffer et al.
     2017).
+:class:`BatchNormAct`, :class:`FrozenBatchNormAct`
+    BN (or frozen BN) followed by a drop layer and an activation, the bnkit
+    form of timm's ``BatchNormAct2d`` / ``FrozenBatchNormAct2d``.
 :class:`FrozenBatchNorm`
     The inference affine map with buffers only (no parameters, no statistics
     updates); see :func:`bnkit.freeze` / :func:`bnkit.unfreeze`.
@@ -29,12 +32,24 @@ feature ``axis``, ``share_affine`` and every rank/memory format the core does.
 
 from __future__ import annotations
 
+from .act import (
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    FrozenBatchNormAct,
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+)
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSharedBatchNorm
 from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .shared import SharedBatchNorm
 
 __all__ = [
+    "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenSharedBatchNorm",
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",

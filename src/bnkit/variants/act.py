@@ -1,0 +1,87 @@
+"""BN followed by child modules (an activation, a drop layer): the bnkit form of timm's ``BatchNormAct2d``.
+
+``y = act(drop(BN(x)))``: the BN part is the layer's base class
+(:class:`bnkit.BatchNorm` or :class:`bnkit.FrozenBatchNorm`), the tail is
+the children named in ``bn_tail`` (``("drop", "act")``), applied in that
+order. The state_dict keys are those of timm's ``BatchNormAct2d``
+(``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``, ``act.*``, ``drop.*``), so checkpoints load both
+ways. :func:`bnkit.convert`, :func:`bnkit.freeze` and :func:`bnkit.fuse`
+make and read these layers; the tools find the tail through ``bn_tail``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..family import specialize
+from ..layers import BatchNorm
+from .frozen import FrozenBatchNorm
+
+__all__ = [
+    "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
+]
+
+
+def _set_tail(layer: nn.Module, act: nn.Module | None, drop: nn.Module | None) -> None:
+    layer.drop = nn.Identity() if drop is None else drop
+    layer.act = nn.Identity() if act is None else act
+    #: the children applied after the normalization, in order
+    layer.bn_tail = ("drop", "act")
+
+
+def _run_tail(layer: nn.Module, y: Tensor) -> Tensor:
+    for name in layer.bn_tail:
+        child = layer._modules.get(name)
+        if child is not None:
+            y = child(y)
+    return y
+
+
+class BatchNormAct(BatchNorm):
+    r""":class:`bnkit.BatchNorm` followed by ``drop`` and ``act``: ``y = act(drop(BN(x)))``.
+
+    Args:
+        num_features, *args, **kwargs: those of :class:`bnkit.BatchNorm`.
+        act: the activation module (``None``: ``nn.Identity``).
+        drop: the drop module applied before it (``None``: ``nn.Identity``).
+
+    Example:
+        >>> layer = BatchNormAct2d(8, act=nn.SiLU())
+        >>> layer(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        _set_tail(self, act, drop)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _run_tail(self, super().forward(input))
+
+
+BatchNormAct1d, BatchNormAct2d, BatchNormAct3d = specialize(BatchNormAct)
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    r""":class:`bnkit.FrozenBatchNorm` followed by ``drop`` and ``act`` (timm's ``FrozenBatchNormAct2d``).
+
+    Args:
+        num_features, *args, **kwargs: those of :class:`bnkit.FrozenBatchNorm`.
+        act, drop: as for :class:`BatchNormAct`.
+    """
+
+    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        _set_tail(self, act, drop)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _run_tail(self, super().forward(input))
+
+
+FrozenBatchNormAct1d, FrozenBatchNormAct2d, FrozenBatchNormAct3d = specialize(FrozenBatchNormAct)

@@ -272,9 +272,15 @@ def masked_backward_apply(
     return torch_ops.masked_backward_apply(grad3, x3, m2, mean, var, weight, sum_dy, sum_dy_xhat, count, eps)
 
 
+_masked_ok: bool | None = None
+
+
 def _masked_cpp() -> bool:
     """Whether the loaded extension has the masked kernels (``csrc/masked.cpp``)."""
-    return False
+    global _masked_ok
+    if _masked_ok is None:
+        _masked_ok = hasattr(torch.ops.bnkit, "masked_train")
+    return _masked_ok
 
 
 class _MaskedTrain(torch.autograd.Function):

@@ -47,6 +47,7 @@ SOURCES = (
     "ops.cpp",
     "autograd.cpp",
     "layer.cpp",
+    "masked.cpp",
     "kernels.cpp",
     "cpu_config.cpp",
     "rowkernels_default.cpp",

@@ -431,7 +431,9 @@ def check_mask(spec: CallSpec, input: Tensor, mask: object) -> None:
             f"{tuple(expected)} for an input of shape {tuple(input.shape)}; got {tuple(mask.shape)}"
         )
     if mask.device != input.device:
-        raise RuntimeError(f"{where}: mask is on {mask.device} but the input is on {input.device}")
+        raise RuntimeError(
+            f"{where}: mask is on device {mask.device} but the input is on device {input.device}; move it there"
+        )
 
 
 def canonical_mask(mask: Tensor, x3: Tensor) -> Tensor:

@@ -299,29 +299,16 @@ class _MaskedTrain(torch.autograd.Function):
         x3, m2, weight, bias, mean, var = ctx.saved_tensors
         need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # a graph of the backward: differentiate the torch ops
+            wrt = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
             with torch.enable_grad():
-                xs = [t.detach().requires_grad_() for t in (x3, weight, bias) if t is not None]
-                y3, _, _ = torch_ops.masked_forward_train(xs[0], m2, *_unpack(xs, weight, bias), ctx.eps, ctx.count)
-                grads = torch.autograd.grad(y3, xs, grad_y3, create_graph=True, allow_unused=True)
-            gx, gw, gb = _unpack_grads(grads, weight, bias)
+                y3, _, _ = torch_ops.masked_forward_train(x3, m2, weight, bias, ctx.eps, ctx.count)
+                grads = iter(torch.autograd.grad(y3, wrt, grad_y3, create_graph=True, allow_unused=True))
+            gx, gw, gb = ((next(grads) if t is not None and t.requires_grad else None) for t in (x3, weight, bias))
         else:
             gx, sum_dy_xhat, sum_dy = torch.ops.bnkit.masked_backward(grad_y3, x3, m2, mean, var, weight, ctx.eps)
             gw = None if weight is None else sum_dy_xhat.to(weight.dtype)
             gb = None if bias is None else sum_dy.to(bias.dtype)
         return (gx if need_x else None, None, gw if need_w else None, gb if need_b else None, None, None)
-
-
-def _unpack(xs, weight, bias):
-    it = iter(xs[1:])
-    return (None if weight is None else next(it)), (None if bias is None else next(it))
-
-
-def _unpack_grads(grads, weight, bias):
-    it = iter(grads)
-    gx = next(it)
-    gw = None if weight is None else next(it)
-    gb = None if bias is None else next(it)
-    return gx, gw, gb
 
 
 class _ReferenceKernels:

@@ -33,10 +33,15 @@ import bnkit  # noqa: E402
 
 
 def make_mask(n: int, length: int, pad: float, generator: torch.Generator) -> torch.Tensor:
-    """Valid prefixes whose lengths average ``(1 - pad) * length`` (uniform in ``[1 - 2 pad, 1]``)."""
+    """Valid prefixes of random lengths (roughly uniform in ``[1 - 2 pad, 1] * length``), ``pad`` padded overall."""
     lo = max(0.0, 1.0 - 2 * pad)
     frac = lo + (1.0 - lo) * torch.rand(n, generator=generator)
     lengths = (frac * length).round().long().clamp(2, length)
+    target = round((1.0 - pad) * n * length)
+    while int(lengths.sum()) != target:  # exact overall padding: move one sequence a step at a time
+        i = int(torch.randint(n, (1,), generator=generator))
+        step = 1 if int(lengths.sum()) < target else -1
+        lengths[i] = (lengths[i] + step).clamp(2, length)
     return torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
 
 

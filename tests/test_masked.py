@@ -193,6 +193,14 @@ def test_eval_ignores_mask(backend):
     _assert_close(ours(x, mask), ours(x), tol=0)
 
 
+def test_without_running_stats_eval_uses_masked_batch_statistics():
+    x, mask, axis, to_rows = _layout("ncl", 5, 3, seed=6)
+    bn = bnkit.BatchNorm1d(3, track_running_stats=False, affine=False, dtype=F64).eval()
+    y = bn(x, mask)
+    _assert_close(_rows(y, to_rows, mask), torch.nn.functional.batch_norm(_rows(x, to_rows, mask), None, None,
+                                                                         training=True))
+
+
 def test_all_padding_batch_is_an_empty_batch(backend):
     x, mask, axis, _ = _layout("nlc", 4, 3)
     ours, ref = _pair(3, axis=axis)

@@ -460,7 +460,8 @@ def masked_module_call(
     batch with no valid entry is an empty batch: no update (but
     ``num_batches_tracked`` counts it, as torch counts an empty batch), and
     the output is ``bias`` (0 without) with no gradient. Inference uses the
-    running statistics and ignores the mask (it is still checked).
+    running statistics and ignores the mask (it is still checked); a call
+    with batch statistics is masked whatever the mode.
     The fused op is not used (it declines masks by not being called).
     """
     check_input(spec, input)

@@ -42,10 +42,13 @@ __all__ = [
     "CallSpec",
     "batch_norm_module_call",
     "call_spec",
+    "canonical_mask",
     "canonical_view",
     "check_input",
+    "check_mask",
     "fold",
     "fused_call",
+    "masked_module_call",
     "per_channel",
     "running_update",
 ]
@@ -478,3 +481,98 @@ def _general(
     if running_mean is None:
         raise ValueError(f"{where}: running_mean and running_var are required when training=False")
     return restore(kernels.infer(x3, running_mean, running_var, weight_c, bias_c, eps))
+
+
+# --------------------------------------------------------------------------- masks
+def check_mask(spec: CallSpec, input: Tensor, mask: object) -> None:
+    """``mask`` fits ``input``: a bool tensor on its device with its shape minus the feature axis.
+
+    Raised before anything changes: ``TypeError`` (not a bool tensor),
+    ``ValueError`` (wrong shape), ``RuntimeError`` (another device).
+    """
+    where = spec.name
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{where}: mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{where}: mask must have dtype torch.bool (True = valid entry), got {mask.dtype}")
+    ndim = input.dim()
+    if ndim < 1 or not -ndim <= spec.axis < ndim:
+        raise ValueError(f"{where}: feature axis {spec.axis} is out of range for a {ndim}-D input")
+    axis = spec.axis % ndim
+    expected = input.shape[:axis] + input.shape[axis + 1 :]
+    if mask.shape != expected:
+        raise ValueError(
+            f"{where}: mask must have the input's shape without the feature axis {spec.axis}, "
+            f"{tuple(expected)} for an input of shape {tuple(input.shape)}; got {tuple(mask.shape)}"
+        )
+    if mask.device != input.device:
+        raise RuntimeError(
+            f"{where}: mask is on device {mask.device} but the input is on device {input.device}; move it there"
+        )
+
+
+def canonical_mask(mask: Tensor, x3: Tensor) -> Tensor:
+    """``mask`` as the ``(outer, inner)`` bool mask of :func:`canonical_view`'s ``x3``.
+
+    Both views list the non-feature positions in the input's own order (the
+    channels-last view's rows too), so this is a reshape.
+    """
+    return mask.reshape(x3.shape[0], x3.shape[2])
+
+
+def masked_module_call(
+    spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
+) -> Tensor:
+    r"""Batch normalization with a validity ``mask`` (True = valid): the engine's door for masked calls.
+
+    Training (``batch_stats``): per channel, over the ``n`` valid entries,
+    ``mean = sum(m x) / n`` and ``var = sum(m (x - mean)^2) / n`` (biased);
+    every entry, padded ones included, becomes ``(x - mean) / sqrt(var + eps)
+    * weight + bias``, but padded entries never influence anything else
+    (statistics, valid outputs, gradients of valid inputs and of weight and
+    bias). The running update uses ``n`` (unbiased variance ``n/(n-1)``). A
+    batch with no valid entry is an empty batch: no update (but
+    ``num_batches_tracked`` counts it, as torch counts an empty batch), and
+    the output is ``bias`` (0 without) with no gradient. Inference uses the
+    running statistics and ignores the mask (it is still checked); a call
+    with batch statistics is masked whatever the mode.
+    The fused op is not used (it declines masks by not being called).
+    """
+    check_input(spec, input)
+    check_mask(spec, input, mask)
+    if not batch_stats or input.numel() == 0:
+        return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+    return _masked_general(spec, input, mask, weight, bias, running_mean, running_var, num_batches_tracked)
+
+
+def _masked_general(
+    spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+) -> Tensor:
+    """The masked training path: the general path's checks, masked moments and forward, then running_update."""
+    where, eps = spec.name, spec.eps
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+    axis = spec.axis % input.dim()
+    channels = input.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(name, t, input, channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{where}: running_mean and running_var must both be given or both be None")
+    if not eps > 0:
+        raise ValueError(f"{where}: eps must be positive during training, got {eps}")
+    x3, restore = canonical_view(input, axis)
+    m2 = canonical_mask(mask, x3)
+    count = int(m2.sum())
+    if count == 1:
+        raise ValueError(
+            f"{where}: Expected more than 1 value per channel when training, got 1 valid entry "
+            f"(input size {input.size()})"
+        )
+    y3, mean, var = kernels.masked_train_forward(
+        x3, m2, per_channel(weight, channels), per_channel(bias, channels), eps, count
+    )
+    if running_mean is not None:
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return restore(y3)

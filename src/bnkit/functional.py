@@ -27,6 +27,7 @@ from .engine import (
     canonical_view,
     check_input,
     fold,
+    masked_module_call,
     per_channel,
 )
 from .kernels import torch_ops
@@ -58,7 +59,7 @@ def batch_norm_core(
     input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
     bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
     axis: int = 1, num_batches_tracked: Tensor | None = None, nonfinite: str = "propagate",
-    where: str = "batch_norm"
+    where: str = "batch_norm", mask: Tensor | None = None
 ) -> Tensor:
     """Batch normalization of ``input`` along feature ``axis``.
 
@@ -69,9 +70,15 @@ def batch_norm_core(
     statistics are used. ``nonfinite`` decides what a batch with NaN/Inf
     statistics does to the running buffers: ``"skip"`` (warn, leave them),
     ``"raise"`` (``FloatingPointError``), ``"propagate"`` (update, as torch).
-    ``where`` names the caller in error messages.
+    ``where`` names the caller in error messages. ``mask`` (bool,
+    ``input``'s shape without ``axis``, True = valid): training statistics
+    from the valid entries only (:func:`bnkit.engine.masked_module_call`).
     """
     spec = _spec(where, axis, eps, momentum, nonfinite)
+    if mask is not None:
+        return masked_module_call(
+            spec, input, mask, weight, bias, running_mean, running_var, num_batches_tracked, training
+        )
     return batch_norm_module_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, training)
 
 
@@ -84,13 +91,24 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Drop-in for ``torch.nn.functional.batch_norm`` (channels on dim 1), computed by bnkit.
 
     In training, normalizes with batch statistics and, if running buffers are
     given, updates them in place with ``running = (1-momentum)*running +
     momentum*batch`` (unbiased variance). In eval, uses the running buffers.
+
+    ``mask`` (bool, the input's shape without dim 1, True = valid; e.g.
+    ``(N, L)`` for ``(N, C, L)``): the training statistics are those of the
+    valid entries (count per channel = number of True entries, unbiased
+    running variance with ``n_valid - 1``); padded entries are normalized with
+    them and influence nothing else; eval ignores it. See
+    :func:`bnkit.engine.masked_module_call`.
     """
+    if mask is not None:
+        spec = _spec("batch_norm", 1, eps, momentum, "propagate", min_rank=2)
+        return masked_module_call(spec, input, mask, weight, bias, running_mean, running_var, None, training)
     if isinstance(input, Tensor) and input.numel() == 0 and input.dtype.is_floating_point:
         return _empty_output(input, weight, bias)  # as torch, 1-D included
     spec = _spec("batch_norm", 1, eps, momentum, "propagate", min_rank=2)

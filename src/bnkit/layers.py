@@ -18,7 +18,16 @@ import torch.fx
 from torch import Tensor, nn
 
 from . import conventions
-from .engine import NONFINITE_POLICIES, CallSpec, batch_norm_module_call, call_spec, check_input, fold
+from .engine import (
+    NONFINITE_POLICIES,
+    CallSpec,
+    batch_norm_module_call,
+    call_spec,
+    check_input,
+    check_mask,
+    fold,
+    masked_module_call,
+)
 from .errors import ChannelMismatchError
 from .family import specialize
 
@@ -310,7 +319,47 @@ class BatchNorm(nn.Module):
             self.call_spec(), input, self.weight, self.bias, self.running_mean, self.running_var, None, False
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _masked_tiny_batch(self, input: Tensor, mask: Tensor) -> Tensor | None:
+        """Under ``tiny_batch="running"``, the eval-mode output of a training batch with one valid entry."""
+        if not self.training or getattr(self, "tiny_batch", "raise") == "raise":
+            return None
+        spec = self.call_spec()
+        check_input(spec, input)
+        check_mask(spec, input, mask)
+        if int(mask.sum()) != 1:
+            return None
+        warnings.warn(
+            f"{self._describe()}: a training batch with one valid entry per channel was normalized with the "
+            "running statistics, which were not updated (tiny_batch='running')",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return masked_module_call(spec, input, mask, self.weight, self.bias, self.running_mean, self.running_var,
+                                  None, False)
+
+    def masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
+        """``forward(input, mask)``: BN whose training statistics use the entries where ``mask`` is True.
+
+        ``mask``: bool, ``input``'s shape without the feature axis (``(N, L)``
+        for ``(N, C, L)`` with ``axis=1`` or ``(N, L, C)`` with ``axis=-1``).
+        See :func:`bnkit.engine.masked_module_call` for the semantics.
+        """
+        y = self._masked_tiny_batch(input, mask)
+        if y is not None:
+            return y
+        if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
+            raise NotImplementedError(
+                f"{self._describe()}: mask= is not supported with convention='keras' yet (use convention='torch')"
+            )
+        running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
+        return masked_module_call(
+            self.call_spec(), input, mask, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
+            batch_stats,
+        )
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            return self.masked_forward(input, mask)
         if self.training and getattr(self, "tiny_batch", "raise") != "raise":
             y = self._tiny_batch_forward(input)
             if y is not None:

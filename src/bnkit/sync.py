@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import kernels, stats
-from .engine import canonical_view, per_channel, running_update
+from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .family import bn_form, bn_tail, ranked, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
 from .surgery import rebuild, replace_modules, snapshot, take_over_tensors
@@ -184,6 +184,101 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+class _SyncMaskedFunction(torch.autograd.Function):
+    """Masked training SyncBN on the canonical view: the valid entries' moments, all-gathered, merged.
+
+    ``m2`` is the canonical ``(outer, inner)`` bool mask and ``n_local`` its
+    number of valid entries; the payload is :class:`_SyncBatchNormFunction`'s
+    with the valid count. Returns ``(y3, mean, biased_var, count)`` of the
+    global valid entries. Padded entries are normalized with the global
+    statistics and never reach the sums of the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x3: Tensor, m2: Tensor, n_local: int, weight: Tensor | None, bias: Tensor | None, eps: float,
+                comm: _Comm):
+        acc = stats.accumulation_dtype(x3.dtype)
+        channels = x3.shape[1]
+        payload = torch.zeros(2 * channels + _HEADER, dtype=_COMM_DTYPE, device=x3.device)
+        payload[0] = n_local
+        payload[1] = channels
+        payload[2] = comm.tag
+        if n_local > 0:
+            mean_l, var_l = kernels.masked_moments(x3, m2, n_local)
+            payload[_HEADER : _HEADER + channels] = mean_l
+            payload[_HEADER + channels :] = var_l.to(_COMM_DTYPE) * n_local  # M2
+        gathered = torch.empty(comm.world_size * payload.numel(), dtype=_COMM_DTYPE, device=x3.device)
+        try:
+            _all_gather_flat(gathered, payload, comm.group)
+        except Exception as err:  # noqa: BLE001 - every backend error becomes one clear message
+            raise comm.fail("forward all-gather of the batch statistics", err) from err
+        gathered = gathered.view(comm.world_size, -1)
+        header = gathered[:, :_HEADER].cpu()
+        if bool((header[:, 1] != channels).any()):
+            raise RuntimeError(
+                f"{comm.describe}: channel count mismatch across ranks: ranks have "
+                f"{[int(c) for c in header[:, 1]]} channels"
+            )
+        if bool((header[:, 2] != comm.tag).any()):
+            raise RuntimeError(
+                f"{comm.describe}: ranks reached different SyncBatchNorm layers in the same collective "
+                "(layer tags differ); every rank must call the same layers in the same order"
+            )
+        total = int(header[:, 0].sum())
+        if total == 1:
+            raise ValueError(
+                f"{comm.describe}: Expected more than 1 value per channel when training, "
+                "got a global batch of 1 valid value per channel"
+            )
+        merged = stats.merge_stacked(
+            gathered[:, 0], gathered[:, _HEADER : _HEADER + channels], gathered[:, _HEADER + channels :]
+        )
+        mean = merged.mean.to(acc)
+        var = (merged.m2 / max(total, 1)).to(acc)
+        if total > 0:
+            invstd = torch.rsqrt(var + eps)
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            shift = -mean * scale
+        else:  # no valid entry on any rank: an empty batch, the output is the bias
+            scale = torch.zeros_like(mean)
+            shift = torch.zeros_like(mean)
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        y3 = kernels.affine(x3, scale, shift)
+        ctx.comm = comm
+        ctx.total = total
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.eps = eps
+        ctx.save_for_backward(x3, m2, weight, mean, var)
+        count_t = torch.tensor(total, dtype=torch.long)
+        ctx.mark_non_differentiable(mean, var, count_t)
+        return y3, mean, var, count_t
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y3: Tensor, _gm, _gv, _gc):
+        x3, m2, weight, mean, var = ctx.saved_tensors
+        comm: _Comm = ctx.comm
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        channels = x3.shape[1]
+        sum_dy, sum_dy_xhat = kernels.masked_backward_reduce(grad_y3, x3, m2, mean, var, ctx.eps)
+        if ctx.total == 0:
+            sum_dy, sum_dy_xhat = torch.zeros_like(sum_dy), torch.zeros_like(sum_dy_xhat)
+        dx = None
+        if need_x:
+            sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
+            try:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=comm.group)
+            except Exception as err:  # noqa: BLE001
+                raise comm.fail("backward all-reduce of the gradient sums", err) from err
+            dx = kernels.masked_backward_apply(
+                grad_y3, x3, m2, mean, var, weight, sums[:channels], sums[channels:], ctx.total, ctx.eps
+            )
+        dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
+        db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+        return dx, None, None, dw, db, None, None
+
+
 class SyncBatchNorm(BatchNorm):
     r"""Batch Normalization whose training statistics are those of the global batch of all ranks.
 
@@ -254,12 +349,14 @@ class SyncBatchNorm(BatchNorm):
             )
         self._checked_groups.add(key)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         sync = self._group() if self.training and not isinstance(input, torch.fx.Proxy) else None
         if sync is None:
-            return super().forward(input)
+            return super().forward(input, mask)
         group, world = sync
         self.check_input(input)
+        if mask is not None:
+            check_mask(self.call_spec(), input, mask)
         if not input.dtype.is_floating_point:
             raise TypeError(f"{self.describe()}: expected a floating-point input, got {input.dtype}")
         self._handshake(group, world, input.device)
@@ -272,7 +369,13 @@ class SyncBatchNorm(BatchNorm):
         tag = zlib.crc32(self.layer_name.encode()) if self.layer_name else 0
         comm = _Comm(group, world, self.describe(), tag)
         x3, restore = canonical_view(input, axis)
-        y3, mean, var, count = _SyncBatchNormFunction.apply(x3, weight_c, bias_c, self.eps, comm)
+        if mask is None:
+            y3, mean, var, count = _SyncBatchNormFunction.apply(x3, weight_c, bias_c, self.eps, comm)
+        else:
+            m2 = canonical_mask(mask, x3)
+            y3, mean, var, count = _SyncMaskedFunction.apply(
+                x3, m2, int(m2.sum()), weight_c, bias_c, self.eps, comm
+            )
         if self.track_running_stats:
             running_update(
                 self.call_spec(),

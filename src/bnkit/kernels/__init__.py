@@ -55,6 +55,10 @@ __all__ = [
     "fold",
     "get_backend",
     "infer",
+    "masked_backward_apply",
+    "masked_backward_reduce",
+    "masked_moments",
+    "masked_train_forward",
     "moments",
     "raw",
     "select",
@@ -256,6 +260,84 @@ def infer(x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
     # The affine map is differentiable as torch ops on every backend.
     scale, shift = fold(mean, var, weight, bias, eps)
     return torch_ops.forward_eval(x3, scale, shift)
+
+
+# --------------------------------------------------------------------------- masked phases
+# ``m2``: the bool ``(outer, inner)`` mask of the canonical view (True = valid),
+# ``count``: its number of True entries (the per-channel count of every channel).
+def masked_moments(x3: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance)`` over the valid entries of ``x3``."""
+    if select(x3) == "cpp" and _masked_cpp():
+        return torch.ops.bnkit.masked_moments(x3, m2)
+    return torch_ops.masked_moments(x3, m2, count)
+
+
+def masked_train_forward(
+    x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The masked training forward phase: ``(y3, mean, biased var)`` of the valid entries.
+
+    Padded entries are normalized with the same statistics and never reach
+    anything else (statistics, valid outputs, gradients of valid inputs and of
+    weight/bias); differentiable in ``x3``, weight and bias.
+    """
+    if count > 0 and select(x3) == "cpp" and _masked_cpp():
+        return _MaskedTrain.apply(x3, m2, weight, bias, eps, count)
+    return torch_ops.masked_forward_train(x3, m2, weight, bias, eps, count)
+
+
+def masked_backward_reduce(
+    grad3: Tensor, x3: Tensor, m2: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(sum dy, sum dy * xhat)`` over the valid entries."""
+    return torch_ops.masked_backward_reduce(grad3, x3, m2, mean, var, eps)
+
+
+def masked_backward_apply(
+    grad3: Tensor, x3: Tensor, m2: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, sum_dy: Tensor,
+    sum_dy_xhat: Tensor, count: int, eps: float
+) -> Tensor:
+    """``dx3`` of the masked forward from sums over ``count`` valid values (e.g. all-reduced across ranks)."""
+    return torch_ops.masked_backward_apply(grad3, x3, m2, mean, var, weight, sum_dy, sum_dy_xhat, count, eps)
+
+
+_masked_ok: bool | None = None
+
+
+def _masked_cpp() -> bool:
+    """Whether the loaded extension has the masked kernels (``csrc/masked.cpp``)."""
+    global _masked_ok
+    if _masked_ok is None:
+        _masked_ok = hasattr(torch.ops.bnkit, "masked_train")
+    return _masked_ok
+
+
+class _MaskedTrain(torch.autograd.Function):
+    """Masked training BN by the C++ kernels; the double backward goes through the torch ops."""
+
+    @staticmethod
+    def forward(ctx, x3, m2, weight, bias, eps, count):
+        y3, mean, var = torch.ops.bnkit.masked_train(x3, m2, weight, bias, eps)
+        ctx.eps, ctx.count = eps, count
+        ctx.save_for_backward(x3, m2, weight, bias, mean, var)
+        ctx.mark_non_differentiable(mean, var)
+        return y3, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y3, _gm, _gv):
+        x3, m2, weight, bias, mean, var = ctx.saved_tensors
+        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # a graph of the backward: differentiate the torch ops
+            wrt = [t for t in (x3, weight, bias) if t is not None and t.requires_grad]
+            with torch.enable_grad():
+                y3, _, _ = torch_ops.masked_forward_train(x3, m2, weight, bias, ctx.eps, ctx.count)
+                grads = iter(torch.autograd.grad(y3, wrt, grad_y3, create_graph=True, allow_unused=True))
+            gx, gw, gb = ((next(grads) if t is not None and t.requires_grad else None) for t in (x3, weight, bias))
+        else:
+            gx, sum_dy_xhat, sum_dy = torch.ops.bnkit.masked_backward(grad_y3, x3, m2, mean, var, weight, ctx.eps)
+            gw = None if weight is None else sum_dy_xhat.to(weight.dtype)
+            gb = None if bias is None else sum_dy.to(bias.dtype)
+        return (gx if need_x else None, None, gw if need_w else None, gb if need_b else None, None, None)
 
 
 class _ReferenceKernels:

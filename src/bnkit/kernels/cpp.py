@@ -48,6 +48,7 @@ SOURCES = (
     "autograd.cpp",
     "layer.cpp",
     "accelerate.cpp",
+    "masked.cpp",
     "kernels.cpp",
     "cpu_config.cpp",
     "rowkernels_default.cpp",

@@ -16,7 +16,10 @@ from torch import Tensor
 
 from ..stats import Moments, accumulation_dtype
 
-__all__ = ["moments", "forward_train", "forward_eval", "backward", "backward_reduce", "backward_apply"]
+__all__ = [
+    "moments", "forward_train", "forward_eval", "backward", "backward_reduce", "backward_apply", "masked_moments",
+    "masked_forward_train", "masked_backward_reduce", "masked_backward_apply",
+]
 
 _DIMS = (0, 2)
 
@@ -117,4 +120,85 @@ def _apply(g, xhat, x3, invstd, weight, sum_dy, sum_dy_xhat, count: int) -> Tens
         return torch.zeros_like(x3)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     dx = _per_channel(scale) * (g - _per_channel(sum_dy / count) - xhat * _per_channel(sum_dy_xhat / count))
+    return dx.to(x3.dtype)
+
+
+# --------------------------------------------------------------------------- masked phases
+# ``m2`` is a bool ``(outer, inner)`` mask of the canonical view (True = valid);
+# statistics are over the valid entries only, ``count`` = their number. Padded
+# entries are selected away (``where``), not multiplied by 0, so that NaN/Inf
+# in the padding cannot reach the statistics.
+def _valid(t: Tensor, m2: Tensor) -> Tensor:
+    return torch.where(m2.unsqueeze(1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def masked_moments(x3: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance)`` over the valid entries, two-pass (0 for ``count == 0``)."""
+    xa = x3.to(accumulation_dtype(x3.dtype))
+    denom = max(count, 1)
+    mean = _valid(xa, m2).sum(dim=_DIMS) / denom
+    return mean, _valid(xa - _per_channel(mean), m2).square().sum(dim=_DIMS) / denom
+
+
+def masked_forward_train(
+    x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Masked training BN as differentiable torch ops: ``(y3, mean, biased_var)``.
+
+    Valid entries: BN over the valid entries. Padded entries: the same affine
+    map with the statistics, weight and bias held constant, so their output
+    gradients reach their own input only (``dx = dy * weight * invstd``). An
+    all-padding batch (``count == 0``) gives ``bias`` (0 without) everywhere
+    and no gradient. Autograd through these ops is the exact (double) backward.
+    """
+    acc = accumulation_dtype(x3.dtype)
+    xa = x3.to(acc)
+    valid = m2.unsqueeze(1)
+    if count == 0:
+        zeros = torch.zeros(x3.shape[1], dtype=acc, device=x3.device)
+        fill = zeros if bias is None else bias.detach().to(acc)
+        # where() keeps the graph (a zero gradient) without computing anything from the padding.
+        y = torch.where(valid, xa, _per_channel(fill))
+        return y.to(x3.dtype), zeros, zeros.clone()
+    mean = _valid(xa, m2).sum(dim=_DIMS) / count
+    centred = xa - _per_channel(mean)
+    var = _valid(centred, m2).square().sum(dim=_DIMS) / count
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    y_valid = centred * _per_channel(scale)
+    y_pad = (xa - _per_channel(mean.detach())) * _per_channel(scale.detach())
+    if bias is not None:
+        b = _per_channel(bias.to(acc))
+        y_valid = y_valid + b
+        y_pad = y_pad + b.detach()
+    y = torch.where(valid, y_valid, y_pad)
+    return y.to(x3.dtype), mean.detach(), var.detach()
+
+
+def masked_backward_reduce(
+    grad3: Tensor, x3: Tensor, m2: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(sum dy, sum dy * xhat)`` over the valid entries."""
+    acc = accumulation_dtype(x3.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (x3.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd)
+    g = _valid(grad3.to(acc), m2)
+    return g.sum(dim=_DIMS), _valid(g * xhat, m2).sum(dim=_DIMS)
+
+
+def masked_backward_apply(
+    grad3: Tensor, x3: Tensor, m2: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, sum_dy: Tensor,
+    sum_dy_xhat: Tensor, count: int, eps: float
+) -> Tensor:
+    """``dx3``: valid entries as BN's backward from sums over ``count`` values, padded ones ``dy * scale``."""
+    if count == 0:
+        return torch.zeros_like(x3)
+    acc = accumulation_dtype(x3.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    xhat = (x3.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd)
+    correction = _per_channel(sum_dy.to(acc) / count) + xhat * _per_channel(sum_dy_xhat.to(acc) / count)
+    g = grad3.to(acc)
+    dx = _per_channel(scale) * torch.where(m2.unsqueeze(1), g - correction, g)
     return dx.to(x3.dtype)

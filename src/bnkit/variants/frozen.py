@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ..engine import CallSpec, batch_norm_module_call, call_spec, check_input, fold, per_channel
+from ..engine import CallSpec, batch_norm_module_call, call_spec, check_input, check_mask, fold, per_channel
 from ..family import specialize
 from ._common import is_int
 from .shared import check_site
@@ -134,7 +134,9 @@ class FrozenBatchNorm(nn.Module):
         mean, var = self._stats(site)
         return batch_norm_module_call(self.call_spec(), input, self.weight, self.bias, mean, var, None, False)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # frozen statistics: a mask is checked, then ignored (as in eval)
+            check_mask(self.call_spec(), input, mask)
         return self._forward(input, None)
 
 
@@ -191,5 +193,7 @@ class FrozenSharedBatchNorm(FrozenBatchNorm):
             )
         return self._affine(self.check_site(site))
 
-    def forward(self, input: Tensor, site: int | None = None) -> Tensor:
+    def forward(self, input: Tensor, site: int | None = None, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            check_mask(self.call_spec(), input, mask)
         return self._forward(input, self.check_site(site))

@@ -7,14 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import stats
-from ..engine import canonical_view, per_channel, running_update
+from .. import kernels, stats
+from ..engine import call_spec, canonical_mask, canonical_view, check_mask, per_channel, running_update
 from ..family import specialize
 from ..functional import batch_norm_core
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int, no_training_trace
 
-__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm"]
+__all__ = [
+    "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_batch_norm",
+    "masked_ghost_batch_norm",
+]
 
 
 def ghost_batch_norm(
@@ -99,6 +102,61 @@ def ghost_batch_norm(
     return restore(y3), merged
 
 
+def masked_ghost_batch_norm(
+    input: Tensor, mask: Tensor, virtual_batch_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
+    eps: float = 1e-5, *, axis: int = 1, where: str = "ghost_batch_norm"
+) -> tuple[Tensor, stats.Moments]:
+    """:func:`ghost_batch_norm` with a validity ``mask`` (bool, ``input``'s shape without the feature axis).
+
+    Each virtual batch is normalized with the statistics of its own valid
+    entries (a virtual batch with none gives ``bias``, as an all-padding
+    batch); the returned moments merge the valid entries of all of them.
+    """
+    if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
+        raise ValueError(f"{where}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+    ndim = input.dim()
+    if ndim < 2 or not -ndim <= axis < ndim or axis % ndim == 0:
+        raise ValueError(
+            f"{where}: Ghost BN splits the batch along dim 0, so it needs a feature axis other than 0 "
+            f"(got axis={axis} for a {ndim}-D input)"
+        )
+    axis = axis % ndim
+    check_mask(call_spec(where, axis), input, mask)
+    c = input.shape[axis]
+    acc = stats.accumulation_dtype(input.dtype)
+    weight_c = per_channel(weight, c)
+    bias_c = per_channel(bias, c)
+    n = input.shape[0]
+    v = max(1, min(virtual_batch_size, n))
+    bounds = [(i, min(i + v, n)) for i in range(0, n, v)]
+    views = []
+    for lo, hi in bounds:  # every chunk checked before any is computed
+        x3, restore = canonical_view(input[lo:hi], axis)
+        m2 = canonical_mask(mask[lo:hi], x3)
+        count = int(m2.sum())
+        if count == 1:
+            raise ValueError(
+                f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
+                "choose another virtual_batch_size or mask"
+            )
+        views.append((x3, restore, m2, count))
+    ys, counts, means, m2s = [], [], [], []
+    for x3, restore, m2, count in views:
+        y3, mean, var = kernels.masked_train_forward(x3, m2, weight_c, bias_c, eps, count)
+        ys.append(restore(y3))
+        counts.append(count)
+        means.append(mean.to(acc))
+        m2s.append(var.to(acc) * count)
+    if not ys:  # an empty batch
+        zeros = torch.zeros(c, dtype=acc, device=input.device)
+        return batch_norm_core(input, None, None, weight, bias, True, None, eps, axis=axis, where=where), \
+            stats.Moments(0, zeros, zeros.clone())
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
+    with torch.no_grad():
+        merged = stats.merge_stacked(torch.tensor(counts, device=input.device), torch.stack(means), torch.stack(m2s))
+    return y, stats.Moments(sum(counts), merged.mean, merged.m2)
+
+
 class GhostBatchNorm(BatchNorm):
     r"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017).
 
@@ -134,18 +192,25 @@ class GhostBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if not self.training and self.running_mean is not None:
-            return super().forward(input)
+            return super().forward(input, mask)
         no_training_trace(self, input)
         self.check_input(input)
         if input.dim() < 2 or self.axis % input.dim() == 0:
             raise ValueError(
                 f"{self.describe()}: the feature axis {self.axis} is the batch axis of a {input.dim()}-D input"
             )
-        y, merged = ghost_batch_norm(
-            input, self.virtual_batch_size, self.weight, self.bias, self.eps, axis=self.axis, where=self.describe()
-        )
+        if mask is not None:
+            y, merged = masked_ghost_batch_norm(
+                input, mask, self.virtual_batch_size, self.weight, self.bias, self.eps, axis=self.axis,
+                where=self.describe(),
+            )
+        else:
+            y, merged = ghost_batch_norm(
+                input, self.virtual_batch_size, self.weight, self.bias, self.eps, axis=self.axis,
+                where=self.describe(),
+            )
         if self.training and self.track_running_stats:
             running_update(
                 self.call_spec(),

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from .. import conventions, kernels
-from ..engine import batch_norm_module_call, canonical_view, per_channel
+from ..engine import (
+    batch_norm_module_call,
+    canonical_mask,
+    canonical_view,
+    check_mask,
+    masked_module_call,
+    per_channel,
+)
 from ..family import specialize
 from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors
 from ._common import is_int, no_training_trace
@@ -119,9 +126,12 @@ class BatchRenorm(BatchNorm):
         return float(r_max), float(d_max)
 
     @torch.no_grad()
-    def _correction(self, x3: Tensor) -> tuple[Tensor, Tensor]:
-        """The per-channel ``(r, d)`` of the batch ``x3`` (constants: computed without a graph)."""
-        mean_b, var_b = kernels.moments(x3)
+    def _correction(self, x3: Tensor, m2: Tensor | None = None, count: int = 0) -> tuple[Tensor, Tensor]:
+        """The per-channel ``(r, d)`` of the batch ``x3`` (constants: computed without a graph).
+
+        With a canonical mask ``m2``, of its ``count`` valid entries.
+        """
+        mean_b, var_b = kernels.moments(x3) if m2 is None else kernels.masked_moments(x3, m2, count)
         acc = mean_b.dtype
         mu = self.running_mean.to(acc)
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
@@ -133,9 +143,11 @@ class BatchRenorm(BatchNorm):
         d = torch.clamp((mean_b - mu) / sigma, min=-d_max_t, max=d_max_t)
         return r, d
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if not self.training:
-            return super().forward(input)
+            return super().forward(input, mask)
+        if mask is not None:
+            return self._masked_train_forward(input, mask)
         if self.tiny_batch != "raise":
             y = self._tiny_batch_forward(input)
             if y is not None:
@@ -159,6 +171,40 @@ class BatchRenorm(BatchNorm):
             b_eff = b_eff + bias
         return batch_norm_module_call(
             self.call_spec(), input, w_eff, b_eff, self.running_mean, self.running_var, self.num_batches_tracked, True
+        )
+
+    def _masked_train_forward(self, input: Tensor, mask: Tensor) -> Tensor:
+        """Training with a validity mask: ``r``, ``d`` and the batch statistics from the valid entries."""
+        y = self._masked_tiny_batch(input, mask)
+        if y is not None:
+            return y
+        if self.convention == "keras":
+            raise NotImplementedError(
+                f"{self._describe()}: mask= is not supported with convention='keras' yet (use convention='torch')"
+            )
+        no_training_trace(self, input)
+        spec = self.call_spec()
+        self.check_input(input)
+        check_mask(spec, input, mask)
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+        check_per_channel_tensors(self)
+        x3, _ = canonical_view(input, self.axis % input.dim())
+        m2 = canonical_mask(mask, x3)
+        count = int(m2.sum())
+        c = self.num_features
+        weight = per_channel(self.weight, c)
+        bias = per_channel(self.bias, c)
+        if count > 1:
+            r, d = self._correction(x3, m2, count)
+            w_eff = r if weight is None else weight * r
+            b_eff = d if weight is None else weight * d
+            if bias is not None:
+                b_eff = b_eff + bias
+        else:  # no statistics (the engine raises for one valid entry; none: an empty batch)
+            w_eff, b_eff = weight, bias
+        return masked_module_call(
+            spec, input, mask, w_eff, b_eff, self.running_mean, self.running_var, self.num_batches_tracked, True
         )
 
 

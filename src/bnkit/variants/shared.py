@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ..engine import batch_norm_module_call, fold, per_channel
+from ..engine import batch_norm_module_call, fold, masked_module_call, per_channel
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int
 
@@ -126,8 +126,13 @@ class SharedBatchNorm(BatchNorm):
         c = self.num_features
         return fold(mean, var, per_channel(self.weight, c), per_channel(self.bias, c), self.eps)
 
-    def forward(self, input: Tensor, site: int | None = None) -> Tensor:
+    def forward(self, input: Tensor, site: int | None = None, mask: Tensor | None = None) -> Tensor:
+        """``bn(x, site=i)``; ``mask`` (bool, ``x``'s shape without the feature axis) as :meth:`BatchNorm.masked_forward`."""
         running_mean, running_var, nbt, batch_stats = self.call_buffers(*self._site_buffers(self.check_site(site)))
+        if mask is not None:
+            return masked_module_call(
+                self.call_spec(), input, mask, self.weight, self.bias, running_mean, running_var, nbt, batch_stats
+            )
         return batch_norm_module_call(
             self.call_spec(), input, self.weight, self.bias, running_mean, running_var, nbt, batch_stats
         )

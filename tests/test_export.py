@@ -238,3 +238,14 @@ def test_decompositions_still_remove_bnkit_ops_from_a_trace_made_in_eager():
     decomposed = ep.run_decompositions(bx.decompositions())
     assert BN_EVAL in _targets(decomposed) and not any("bnkit" in t for t in _targets(decomposed))
     torch.testing.assert_close(decomposed.module()(x3, mean, var), Phase()(x3, mean, var))
+
+
+def test_onnx_torchscript_exporter_variants_channels_last(tmp_path):
+    model = _variants_model()
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    path = tmp_path / "variants.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+    assert "ReduceMean" not in _check_onnx_file(path)  # every variant in its inference form
+    np.testing.assert_allclose(_ort(path, x), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)

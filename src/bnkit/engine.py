@@ -87,9 +87,10 @@ def call_spec(
     """A :class:`CallSpec`, with the fused op's encodings (rank bit mask, cumulative-momentum sentinel) derived."""
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    # While a graph is captured the encodings are not needed (no fused op runs): the extension is
-    # never loaded inside the traced region (its loader's lock would break the graph).
-    constants = _CONSTANTS if aten_graph.capturing() else _constants()
+    # Under dynamo (compile, export) the encodings are not needed (no fused op runs, and such a spec
+    # is never cached): the extension is never loaded inside the traced region (its loader's lock
+    # would break the graph).
+    constants = _CONSTANTS if torch.compiler.is_compiling() else _constants()
     if constants is None:  # no fused op: the encodings are never sent anywhere
         mask, fused_momentum = None, None
     else:

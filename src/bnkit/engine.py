@@ -35,7 +35,7 @@ from torch._functorch import pyfunctorch as _pyfunctorch
 from . import kernels, stats
 from ._warn import warn
 from .errors import ChannelMismatchError, DtypeMismatchError
-from .kernels import fold
+from .kernels import aten_graph, fold
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -49,6 +49,7 @@ __all__ = [
     "fold",
     "fused_call",
     "masked_module_call",
+    "graph_path",
     "per_channel",
     "running_update",
 ]
@@ -92,7 +93,10 @@ def call_spec(
     """A :class:`CallSpec`, with the fused op's encodings (rank bit mask, cumulative-momentum sentinel) derived."""
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    constants = _constants()
+    # Under dynamo (compile, export) the encodings are not needed (no fused op runs, and such a spec
+    # is never cached): the extension is never loaded inside the traced region (its loader's lock
+    # would break the graph).
+    constants = _CONSTANTS if torch.compiler.is_compiling() else _constants()
     if constants is None:  # no fused op: the encodings are never sent anywhere
         mask, fused_momentum = None, None
     else:
@@ -234,9 +238,10 @@ def running_update(
             _reject_nonfinite(spec.name, nonfinite)
         return
     check = spec.check_finite
-    tracing = torch.jit.is_tracing()
-    if tracing or (check and nonfinite == "skip" and (torch.compiler.is_compiling() or mean.device.type != "cpu")):
-        # A torch.jit.trace records tensor ops only: "raise" acts as "skip" there (no host check).
+    tracing = torch.jit.is_tracing() or aten_graph.capturing()
+    if tracing or (check and nonfinite == "skip" and mean.device.type != "cpu"):
+        # A trace or a captured graph records tensor ops only: "raise" acts as "skip" there (no host check),
+        # and the cumulative-average factor is a tensor (no .item(): compile(fullgraph=True) works).
         valid = torch.isfinite(var.max()) if check else None
         if nbt is not None:
             nbt.add_(1 if valid is None else valid.to(nbt.dtype))
@@ -401,10 +406,10 @@ def fused_call(
     """
     if (
         type(input) is not Tensor
-        or not input.is_cpu
-        or kernels.select(input) != "cpp"
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
+        or not input.is_cpu
+        or kernels.select(input) != "cpp"
     ):
         return None
     y, status = torch.ops.bnkit.batch_norm_layer(
@@ -465,21 +470,25 @@ def _general(
     weight_c = per_channel(weight, channels)
     bias_c = per_channel(bias, channels)
 
-    x3, restore = canonical_view(input, axis)
+    count = input.numel() // channels
     if batch_stats:
         if not eps > 0:
             raise ValueError(f"{where}: eps must be positive during training, got {eps}")
-        count = x3.shape[0] * x3.shape[2]
         if count == 1:
             raise ValueError(
                 f"{where}: Expected more than 1 value per channel when training, got input size {input.size()}"
             )
+    elif running_mean is None:
+        raise ValueError(f"{where}: running_mean and running_var are required when training=False")
+    if aten_graph.capturing():
+        return graph_path(spec, input, weight_c, bias_c, running_mean, running_var, num_batches_tracked, batch_stats,
+                          axis, count)
+    x3, restore = canonical_view(input, axis)
+    if batch_stats:
         y3, mean, var = kernels.train_forward(x3, weight_c, bias_c, eps)
         if running_mean is not None:
             running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
         return restore(y3)
-    if running_mean is None:
-        raise ValueError(f"{where}: running_mean and running_var are required when training=False")
     return restore(kernels.infer(x3, running_mean, running_var, weight_c, bias_c, eps))
 
 
@@ -576,3 +585,23 @@ def _masked_general(
     if running_mean is not None:
         running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
     return restore(y3)
+def graph_path(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool, axis: int, count: int
+) -> Tensor:
+    """The general path while a graph is captured (``torch.export``, ``torch.compile``, ONNX export).
+
+    A checked call (``weight``/``bias`` already ``[C]``, ``axis`` non-negative)
+    in standard ATen ops (:mod:`bnkit.kernels.aten_graph`), so that exported
+    programs hold no bnkit op and inductor fuses BN with its neighbours:
+    eval is torch's own eval BN (``F.batch_norm``); batch statistics are
+    ``var_mean`` + elementwise ops, and :func:`running_update` writes the
+    running statistics with tensor ops (non-finite policy by ``torch.where``;
+    ``"raise"`` acts as ``"skip"``, as no host check is possible).
+    """
+    if not batch_stats:
+        return aten_graph.infer_nd(input, running_mean, running_var, weight, bias, spec.eps, axis)
+    y, mean, var = aten_graph.train_nd(input, weight, bias, spec.eps, axis)
+    if running_mean is not None:
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return y

@@ -1,28 +1,26 @@
-"""Export without bnkit's library: ATen decompositions of bnkit's ops and ONNX (prototype).
+"""Export helpers: ATen decompositions of bnkit's ops, and ONNX export in one call.
 
-bnkit's layers call its C++ ops (``torch.ops.bnkit.*``). ``torch.export``
-keeps them as they are, so programs for runtimes without bnkit (ONNX,
-ExecuTorch, AOTInductor without the library) need them decomposed into
-standard ATen ops. This module provides that without touching the engine:
+Since the engine expresses every call in standard ATen ops while a graph is
+captured (:mod:`bnkit.kernels.aten_graph`), ``torch.export.export(model,
+...).run_decompositions()`` holds no bnkit op and both ONNX exporters work
+on bnkit models directly, with no helper. What remains here serves programs
+or traces that already contain bnkit's C++ ops (for example a
+``torch.jit.trace`` recorded in eager mode):
 
 * :func:`decompositions` - ``torch.export.default_decompositions()`` plus one
-  entry per bnkit op: the eval op becomes
-  ``aten._native_batch_norm_legit_no_training`` (ONNX: ``BatchNormalization``,
-  which ONNX optimizers may fold into a preceding ``Conv``), the training op
-  ``aten.var_mean`` and elementwise ops (the running-statistics update of
-  training mode is already made of ATen ops under ``torch.export``)::
+  entry per bnkit op (eval op -> ``aten._native_batch_norm_legit_no_training``,
+  training op -> ``aten.var_mean`` and elementwise ops)::
 
-      ep = torch.export.export(model, (x,)).run_decompositions(decompositions())
+      ep = program_with_bnkit_ops.run_decompositions(decompositions())
 
-* :func:`export_onnx` - the dynamo ONNX exporter on that program.
-* :func:`register_onnx_symbolics` - symbolic functions for the TorchScript-based
-  exporter (``torch.onnx.export(..., dynamo=False)``): ``BatchNormalization``
-  for the eval op, reductions for the training op.
+* :func:`export_onnx` - ``torch.export`` then the dynamo ONNX exporter, with
+  those decompositions applied (a no-op for a freshly exported bnkit model).
+* :func:`register_onnx_symbolics` - symbolic functions of the C++ ops for the
+  TorchScript-based exporter (``BatchNormalization`` for the eval op).
 
 The decompositions are explicit (passed to ``run_decompositions``) rather
 than ``CompositeImplicitAutograd`` kernels on the ops, because such a kernel
-would also be used by ``torch.compile``'s tracing and replace the C++
-kernels there.
+would also replace the C++ kernels in eager autograd.
 """
 
 from __future__ import annotations

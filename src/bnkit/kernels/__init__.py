@@ -44,7 +44,7 @@ from torch._C import _functorch
 
 from .. import reference as _reference
 from ..stats import accumulation_dtype
-from . import torch_ops
+from . import aten_graph, torch_ops
 
 __all__ = [
     "BACKENDS",
@@ -156,6 +156,8 @@ def select(x: Tensor) -> str:
 
 def moments(x3: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, biased variance)`` of ``x3`` on the selected backend."""
+    if aten_graph.capturing():  # standard ATen ops while a graph is captured (export, compile, ONNX)
+        return aten_graph.moments(x3)
     backend = select(x3)
     if backend == "cpp":
         return torch.ops.bnkit.moments(x3)
@@ -164,6 +166,8 @@ def moments(x3: Tensor) -> tuple[Tensor, Tensor]:
 
 def affine(x3: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x3 * scale[c] + shift[c]``, differentiable in all three, on the selected backend."""
+    if aten_graph.capturing():
+        return aten_graph.affine(x3, scale, shift)
     if x3.numel() and select(x3) == "cpp":
         return torch.ops.bnkit.batch_norm_eval(x3, scale, shift)
     return torch_ops.forward_eval(x3, scale, shift)
@@ -244,6 +248,8 @@ class _BatchNormTrain(torch.autograd.Function):
 
 def train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """The training forward phase: ``(y3, mean, biased var)``, differentiable in ``x3``, weight and bias."""
+    if aten_graph.capturing():
+        return aten_graph.train_forward(x3, weight, bias, eps)
     backend = select(x3)
     if backend == "cpp":
         return torch.ops.bnkit.batch_norm_train(x3, weight, bias, eps)
@@ -254,6 +260,8 @@ def train_forward(x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
 
 def infer(x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """The inference phase: ``x3`` normalized with given statistics, differentiable in all inputs."""
+    if aten_graph.capturing():
+        return aten_graph.infer(x3, mean, var, weight, bias, eps)
     if select(x3) == "cpp":
         # The fold into (scale, shift) happens inside the fused op (one call).
         return torch.ops.bnkit.batch_norm_infer(x3, mean, var, weight, bias, eps)

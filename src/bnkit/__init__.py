@@ -69,7 +69,7 @@ __all__ = [
 ]
 from .errors import ChannelMismatchError, DtypeMismatchError  # noqa: E402  (drop-in exception types)
 from .tools.calibrate import NotEnoughBatchesError  # noqa: E402
-from .tools.loops import preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
+from .tools.loops import accumulate_stats, checkpoint_safe, preserve_stats, sync_running_stats  # noqa: E402  (BN inside training loops)
 
-__all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "preserve_stats", "sync_running_stats"]
+__all__ += ["ChannelMismatchError", "DtypeMismatchError", "NotEnoughBatchesError", "accumulate_stats", "checkpoint_safe", "preserve_stats", "sync_running_stats"]
 from . import integrations  # noqa: E402,F401  (registers TorchScript and quantization support)

@@ -4,7 +4,7 @@ from .calibrate import recalibrate
 from .convert import convert
 from .freeze import freeze, unfreeze
 from .fuse import Affine, FuseReport, fuse
-from .loops import preserve_stats, sync_running_stats
+from .loops import accumulate_stats, checkpoint_safe, preserve_stats, sync_running_stats
 
-__all__ = ["Affine", "FuseReport", "convert", "freeze", "fuse", "preserve_stats", "recalibrate", "sync_running_stats",
+__all__ = ["Affine", "FuseReport", "convert", "freeze", "fuse", "accumulate_stats", "checkpoint_safe", "preserve_stats", "recalibrate", "sync_running_stats",
            "unfreeze"]

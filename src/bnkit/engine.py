@@ -391,7 +391,9 @@ def batch_norm_module_call(
     if batch_stats and running_mean is not None:
         if in_recompute():  # checkpointing's recompute: the same batch statistics, no second update
             running_mean = running_var = num_batches_tracked = None
-        elif _UPDATE_HOOK is not None:  # the hook needs the batch moments: the general path reports them
+        if _UPDATE_HOOK is not None:
+            # The hook needs the batch moments, which the general path reports; a recompute takes the
+            # same path as its forward (non-reentrant checkpointing compares the saved tensors).
             check_input(spec, input)
             return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
     y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)

@@ -157,3 +157,17 @@ def test_eval_forward_in_backward_untouched():
     y = checkpoint(bn, x, use_reentrant=False)
     y.sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 1 / (1 + 1e-5) ** 0.5))
+
+
+def test_torch_layer_last_in_the_region():
+    # Non-reentrant checkpointing stops its recompute inside the last layer that saved tensors.
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 6, dtype=D), nn.BatchNorm1d(6, dtype=D))
+    ref = copy.deepcopy(body)
+    bnkit.checkpoint_safe(body)
+    x = torch.randn(10, 4, dtype=D, requires_grad=True)
+    for _ in range(2):
+        checkpoint(body, x, use_reentrant=False).sum().backward()
+        ref(x).sum().backward()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(body.state_dict()[k], v), k

@@ -278,7 +278,8 @@ def checkpoint_safe(model: nn.Module) -> _HookHandles:
     handles = []
     for m in _torch_bn_layers(model):
         handles.append(m.register_forward_pre_hook(_restore_after_recompute_pre))
-        handles.append(m.register_forward_hook(_restore_after_recompute_post))
+        # always_call: early-stopping recompute raises inside the layer, after it saved its tensors.
+        handles.append(m.register_forward_hook(_restore_after_recompute_post, always_call=True))
     return _HookHandles(handles)
 
 

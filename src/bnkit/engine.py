@@ -391,16 +391,38 @@ def batch_norm_module_call(
     if batch_stats and running_mean is not None:
         if in_recompute():  # checkpointing's recompute: the same batch statistics, no second update
             running_mean = running_var = num_batches_tracked = None
-        if _UPDATE_HOOK is not None:
-            # The hook needs the batch moments, which the general path reports; a recompute takes the
-            # same path as its forward (non-reentrant checkpointing compares the saved tensors).
-            check_input(spec, input)
-            return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+        elif _UPDATE_HOOK is not None:
+            return _hooked_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked)
     y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
     if y is not None:
         return y
     check_input(spec, input)
     return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+
+
+def _hooked_call(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+    running_var: Tensor, num_batches_tracked: Tensor | None
+) -> Tensor:
+    """A training call while a running-update hook is installed: the hook gets the batch moments.
+
+    The fused op runs with scratch buffers and momentum 1, so that they hold
+    the batch mean and unbiased variance (its update is ``m * batch + (1 - m)
+    * old``, exact at ``m = 1``), which then go to :func:`running_update`
+    (and so to the hook); the kernel path, and what autograd saves, is the
+    one of the same call without the hook. Where the fused op declines, the
+    general path reports them itself.
+    """
+    scratch_mean, scratch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+    once = spec._replace(momentum=1.0, fused_momentum=1.0, nonfinite="propagate", check_finite=False)
+    y = fused_call(once, input, weight, bias, scratch_mean, scratch_var, None, True)
+    if y is None:
+        check_input(spec, input)
+        return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, True)
+    count = input.numel() // input.shape[spec.axis] if input.numel() else 0
+    var = scratch_var * ((count - 1) / count) if count > 1 else scratch_var  # back to the biased variance
+    running_update(spec, running_mean, running_var, num_batches_tracked, scratch_mean, var, count)
+    return y
 
 
 def _general(

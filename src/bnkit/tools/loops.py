@@ -432,8 +432,8 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     batch (noisier batch statistics than one large batch; the running
     statistics are those of the large batch).
 
-    bnkit layers are covered through the engine's running-update hook (and
-    take the general path there, which reports the batch moments). torch's
+    bnkit layers are covered through the engine's running-update hook (the
+    same kernels as outside the block, which report the batch moments). torch's
     BN layers run with momentum 1 inside the block, so that their buffers
     hold each forward's batch statistics, which a forward hook collects; their
     buffers and momentum are restored at exit. Nested blocks merge into the

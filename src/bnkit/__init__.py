@@ -18,7 +18,7 @@ from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent
 from .tools.calibrate import NotEnoughBatchesError
 from .tools.doctor import BNReport, inspect
 from .tools.freeze import freeze, unfreeze
-from .tools.loops import preserve_stats, sync_running_stats
+from .tools.loops import accumulate_stats, checkpoint_safe, preserve_stats, sync_running_stats
 from .variants import (
     BatchRenorm,
     BatchRenorm1d,
@@ -68,8 +68,10 @@ __all__ = [
     "accelerate",
     "accelerate_counts",
     "accelerated",
+    "accumulate_stats",
     "adapt",
     "bn_parameters",
+    "checkpoint_safe",
     "convert",
     "convert_sync_batchnorm",
     "engine",

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from .engine import in_recompute
 from .errors import ChannelMismatchError
 from .functional import batch_norm_core, canonical_view
 
@@ -137,7 +138,7 @@ def keras_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
         update = _finite(layer, mean_b, var_b)
     c = layer.num_features
     y = _normalize(layer, input, _per_channel(layer.weight, c), _per_channel(layer.bias, c))
-    if update:
+    if update and not in_recompute():  # checkpointing's recompute: updated once already
         with torch.no_grad():
             factor = _factor(layer)
             _keras_average_(layer.running_mean, mean_b, factor)
@@ -173,7 +174,7 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
     if bias is not None:
         b_eff = b_eff + bias
     y = _normalize(layer, input, w_eff, b_eff)
-    if update:
+    if update and not in_recompute():  # checkpointing's recompute: updated once already
         with torch.no_grad():
             factor = _factor(layer)
             _keras_average_(layer.running_mean, mean_b, factor)

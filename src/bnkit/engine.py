@@ -50,8 +50,10 @@ __all__ = [
     "fused_call",
     "masked_module_call",
     "graph_path",
+    "in_recompute",
     "per_channel",
     "running_update",
+    "set_running_update_hook",
 ]
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
@@ -200,6 +202,33 @@ def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | No
     )
 
 
+# --------------------------------------------------------------------------- update hook
+# The running update's one redirect (bnkit.accumulate_stats installs it): called as
+# ``hook(spec, running_mean, running_var, num_batches_tracked, mean, var, count)``; a true
+# result means it took the update over (nothing is written here).
+_UPDATE_HOOK: Callable[..., bool] | None = None
+
+
+def set_running_update_hook(hook: Callable[..., bool] | None) -> Callable[..., bool] | None:
+    """Install ``hook`` as the running update's redirect (``None``: none); returns the previous one."""
+    global _UPDATE_HOOK
+    previous, _UPDATE_HOOK = _UPDATE_HOOK, hook
+    return previous
+
+
+def in_recompute() -> bool:
+    """Whether this forward runs inside a backward: activation checkpointing's recompute.
+
+    ``torch.utils.checkpoint`` runs the checkpointed forward again during the
+    backward (reentrant: in ``CheckpointFunction.backward``; non-reentrant: in
+    the unpack hook of a saved tensor), where the autograd engine has a
+    current graph task; an ordinary forward never does. The recompute must
+    not update the running statistics a second time (its batch statistics
+    are those of the original forward: same input, same kernels).
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def running_update(
     spec: CallSpec,
     running_mean: Tensor,
@@ -218,8 +247,14 @@ def running_update(
     Inf in the input makes it NaN). In eager CPU mode the check decides on the
     host (so "skip" can warn and "raise" can raise); elsewhere (accelerators,
     ``torch.compile``) a ``torch.where`` keeps the old values without a host
-    synchronisation.
+    synchronisation. A checkpointing recompute (:func:`in_recompute`) writes
+    nothing; an installed hook (:func:`set_running_update_hook`) may take the
+    update over.
     """
+    if in_recompute() or (_UPDATE_HOOK is not None and _UPDATE_HOOK(
+        spec, running_mean, running_var, num_batches_tracked, mean, var, count
+    )):
+        return
     nbt, momentum, nonfinite = num_batches_tracked, spec.momentum, spec.nonfinite
     if kernels.transform_active():
         _transformed_running_update(spec, running_mean, running_var, nbt, mean, var, count)
@@ -436,11 +471,41 @@ def batch_norm_module_call(
     are used. Layers decide which buffers a call gets (torch's rules);
     ``torch.fx.symbolic_trace`` records this function as one node.
     """
+    if batch_stats and running_mean is not None:
+        if in_recompute():  # checkpointing's recompute: the same batch statistics, no second update
+            running_mean = running_var = num_batches_tracked = None
+        elif _UPDATE_HOOK is not None:
+            return _hooked_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked)
     y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
     if y is not None:
         return y
     check_input(spec, input)
     return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+
+
+def _hooked_call(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+    running_var: Tensor, num_batches_tracked: Tensor | None
+) -> Tensor:
+    """A training call while a running-update hook is installed: the hook gets the batch moments.
+
+    The fused op runs with scratch buffers and momentum 1, so that they hold
+    the batch mean and unbiased variance (its update is ``m * batch + (1 - m)
+    * old``, exact at ``m = 1``), which then go to :func:`running_update`
+    (and so to the hook); the kernel path, and what autograd saves, is the
+    one of the same call without the hook. Where the fused op declines, the
+    general path reports them itself.
+    """
+    scratch_mean, scratch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+    once = spec._replace(momentum=1.0, fused_momentum=1.0, nonfinite="propagate", check_finite=False)
+    y = fused_call(once, input, weight, bias, scratch_mean, scratch_var, None, True)
+    if y is None:
+        check_input(spec, input)
+        return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, True)
+    count = input.numel() // input.shape[spec.axis] if input.numel() else 0
+    var = scratch_var * ((count - 1) / count) if count > 1 else scratch_var  # back to the biased variance
+    running_update(spec, running_mean, running_var, num_batches_tracked, scratch_mean, var, count)
+    return y
 
 
 def _general(
@@ -460,7 +525,7 @@ def _general(
     if input.numel() == 0:
         # As torch: an empty batch is counted (training) and returns an empty output, whatever the buffers' dtype.
         if batch_stats and running_mean is not None and isinstance(num_batches_tracked, Tensor):
-            num_batches_tracked.add_(1)
+            running_update(spec, running_mean, running_var, num_batches_tracked, input, input, 0)
         return _empty_output(input, weight, bias)
     channels = input.shape[axis]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from ..engine import (
     canonical_mask,
     canonical_view,
     check_mask,
+    in_recompute,
     masked_module_call,
     per_channel,
 )
@@ -25,6 +27,21 @@ __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 
 _SCHEDULES = ("linear", "fixed")
+
+# How many corrections of forwards that may be recomputed a layer remembers (see _correction).
+_RECOMPUTE_MEMORY = 64
+
+
+def _may_be_recomputed() -> bool:
+    """Whether this training forward runs inside ``torch.utils.checkpoint`` (it will run again in backward).
+
+    Reentrant checkpointing runs its forward without gradients; the
+    non-reentrant one under its own saved-tensors hook.
+    """
+    if not torch.is_grad_enabled():
+        return True
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 class BatchRenorm(BatchNorm):
@@ -126,12 +143,32 @@ class BatchRenorm(BatchNorm):
         return float(r_max), float(d_max)
 
     @torch.no_grad()
-    def _correction(self, x3: Tensor, m2: Tensor | None = None, count: int = 0) -> tuple[Tensor, Tensor]:
+    def _correction(
+        self, x3: Tensor, remember: bool = False, m2: Tensor | None = None, count: int = 0
+    ) -> tuple[Tensor, Tensor]:
         """The per-channel ``(r, d)`` of the batch ``x3`` (constants: computed without a graph).
 
-        With a canonical mask ``m2``, of its ``count`` valid entries.
+        With a canonical mask ``m2``, of its ``count`` valid entries. Under
+        activation checkpointing the recompute must use the ``(r, d)`` of the
+        original forward, whose running statistics (and schedule step) the
+        original forward's update has since moved: a checkpointed forward
+        remembers its correction under its batch moments, and the recompute
+        (same input, bitwise the same moments) takes it back.
         """
         mean_b, var_b = kernels.moments(x3) if m2 is None else kernels.masked_moments(x3, m2, count)
+        if in_recompute():
+            memory = self.__dict__.get("_recompute_memory") or ()
+            for entry in memory:
+                if torch.equal(entry[0], mean_b) and torch.equal(entry[1], var_b):
+                    memory.remove(entry)
+                    return entry[2], entry[3]
+        r, d = self._correction_of(mean_b, var_b, x3)
+        if remember and not in_recompute():
+            memory = self.__dict__.setdefault("_recompute_memory", deque(maxlen=_RECOMPUTE_MEMORY))
+            memory.append((mean_b, var_b, r, d))
+        return r, d
+
+    def _correction_of(self, mean_b: Tensor, var_b: Tensor, x3: Tensor) -> tuple[Tensor, Tensor]:
         acc = mean_b.dtype
         mu = self.running_mean.to(acc)
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
@@ -161,7 +198,7 @@ class BatchRenorm(BatchNorm):
         check_per_channel_tensors(self)  # the correction uses them before the engine checks them
         x3, _ = canonical_view(input, self.axis % input.dim())
         c = self.num_features
-        r, d = self._correction(x3)
+        r, d = self._correction(x3, not torch.compiler.is_compiling() and _may_be_recomputed())
         weight = per_channel(self.weight, c)
         bias = per_channel(self.bias, c)
         # gamma * (xhat * r + d) + beta == xhat * (gamma * r) + (gamma * d + beta)
@@ -196,7 +233,7 @@ class BatchRenorm(BatchNorm):
         weight = per_channel(self.weight, c)
         bias = per_channel(self.bias, c)
         if count > 1:
-            r, d = self._correction(x3, m2, count)
+            r, d = self._correction(x3, False, m2, count)
             w_eff = r if weight is None else weight * r
             b_eff = d if weight is None else weight * d
             if bias is not None:

@@ -1,0 +1,222 @@
+"""Gradient accumulation: ``bnkit.accumulate_stats`` updates the running statistics once per step.
+
+Oracles: torch's BN run once on the concatenated micro-batches (same
+momentum), hand formulas for the cumulative average, and the same forwards
+without the block (outputs and gradients).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import bnkit
+from bnkit import engine
+
+D = torch.float64
+
+
+def micro_batches(sizes, c=4, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, c, dtype=D, generator=g) * (1 + i) + shift + i for i, n in enumerate(sizes)]
+
+
+def assert_buffers(layer, ref, rtol=1e-12, atol=1e-12):
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=rtol, atol=atol)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=rtol, atol=atol)
+    assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked)
+
+
+LAYERS = {
+    "bnkit": lambda m: bnkit.BatchNorm1d(4, momentum=m, dtype=D),
+    "torch": lambda m: nn.BatchNorm1d(4, momentum=m, dtype=D),
+    "ghost": lambda m: bnkit.GhostBatchNorm1d(4, virtual_batch_size=3, momentum=m, dtype=D),
+    "sync": lambda m: bnkit.SyncBatchNorm(4, momentum=m, dtype=D),
+    "renorm": lambda m: bnkit.BatchRenorm1d(4, momentum=m, dtype=D),
+}
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_one_update_from_the_merged_batch(kind, momentum):
+    layer = LAYERS[kind](momentum)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    ref = nn.BatchNorm1d(4, momentum=momentum, dtype=D)
+    ref.load_state_dict(layer.state_dict(), strict=False)
+    plain = copy.deepcopy(layer)
+    for step in range(2):
+        parts = micro_batches([5, 3, 8], seed=step, shift=10.0 * step)
+        with bnkit.accumulate_stats(layer):
+            for x in parts:
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                ya, yb = layer(xa), plain(xb)
+                assert torch.equal(ya, yb)  # each micro-batch normalized with its own statistics
+                (ya * yb.detach()).sum().backward()
+                (yb * yb.detach()).sum().backward()
+                assert torch.equal(xa.grad, xb.grad)
+        ref(torch.cat(parts))  # oracle: one forward over the whole step
+        assert_buffers(layer, ref)
+    assert int(layer.num_batches_tracked) == 2
+
+
+def test_cumulative_average_by_hand():
+    bn = bnkit.BatchNorm1d(4, momentum=None, dtype=D)
+    steps = [micro_batches([4, 6], seed=s) for s in range(3)]
+    for parts in steps:
+        with bnkit.accumulate_stats(bn):
+            for x in parts:
+                bn(x)
+    # momentum=None: the plain average over the 3 steps of each step's mean and unbiased variance.
+    means = torch.stack([torch.cat(p).mean(0) for p in steps])
+    variances = torch.stack([torch.cat(p).var(0) for p in steps])
+    torch.testing.assert_close(bn.running_mean, means.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, variances.mean(0), rtol=1e-12, atol=1e-12)  # the first step's factor is 1
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_float32_and_2d_layers():
+    bn, ref = bnkit.BatchNorm2d(3), nn.BatchNorm2d(3)
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 3, 5, 4, generator=g) + 3 for n in (2, 5, 1)]
+    with bnkit.accumulate_stats(bn):
+        for x in parts:
+            bn(x)
+    ref(torch.cat(parts))
+    assert_buffers(bn, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_per_site_buffers():
+    bn = bnkit.SharedBatchNorm(4, sites=2, dtype=D)
+    refs = [nn.BatchNorm1d(4, dtype=D) for _ in range(2)]
+    a, b = micro_batches([5, 7], seed=3), micro_batches([4, 6], seed=4)
+    with bnkit.accumulate_stats(bn):
+        for xa, xb in zip(a, b):
+            bn(xa, site=0)
+            bn(xb, site=1)
+    refs[0](torch.cat(a))
+    refs[1](torch.cat(b))
+    for site, ref in enumerate(refs):
+        torch.testing.assert_close(bn.running_mean[site], ref.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bn.running_var[site], ref.running_var, rtol=1e-12, atol=1e-12)
+        assert int(bn.num_batches_tracked[site]) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 9).filter(lambda n: n != 1), min_size=1, max_size=5), seed=st.integers(0, 99))
+def test_property_merged_equals_concatenated(sizes, seed):
+    model = nn.Sequential(bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D))
+    ref = nn.BatchNorm1d(4, dtype=D)
+    parts = micro_batches(sizes, seed=seed)
+    with bnkit.accumulate_stats(model):
+        for x in parts:
+            model[0](x)
+            model[1](x)
+    whole = torch.cat(parts)
+    if whole.shape[0] > 1:
+        ref(whole)
+    else:  # nothing (or one value) seen: the statistics stay; each layer counts one step
+        ref.num_batches_tracked.add_(1)
+    for layer in model:
+        assert_buffers(layer, ref)
+
+
+def test_exception_leaves_everything_as_before():
+    model = nn.Sequential(bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, momentum=None, dtype=D))
+    model(micro_batches([6])[0])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(KeyError):
+        with bnkit.accumulate_stats(model):
+            model(micro_batches([6])[0])
+            model(micro_batches([5])[0])
+            raise KeyError("out of memory in the middle of a step")
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert model[1].momentum is None and not model[1]._forward_hooks
+    assert engine._UPDATE_HOOK is None
+    model(micro_batches([6])[0])  # and updates normally again
+    assert int(model[0].num_batches_tracked) == 2
+
+
+def test_nested_blocks_merge_into_the_outer_one():
+    model = nn.Sequential(bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D))
+    ref = nn.BatchNorm1d(4, dtype=D)
+    a, b, c = micro_batches([5, 6, 7], seed=5)
+
+    def run(x):  # both layers on the same micro-batch
+        model[0](x)
+        model[1](x)
+
+    with bnkit.accumulate_stats(model):
+        run(a)
+        with bnkit.accumulate_stats(model):
+            run(b)
+        assert int(model[0].num_batches_tracked) == 0  # the outer block applies
+        with pytest.raises(RuntimeError):
+            with bnkit.accumulate_stats(model):
+                run(c)  # dropped: its block failed
+                raise RuntimeError
+    ref(torch.cat([a, b]))
+    for layer in model:
+        assert_buffers(layer, ref)
+
+
+def test_other_models_update_as_usual():
+    model, other = bnkit.BatchNorm1d(4, dtype=D), bnkit.BatchNorm1d(4, dtype=D)
+    with bnkit.accumulate_stats(model):
+        other(micro_batches([5])[0])
+        other(micro_batches([5], seed=1)[0])
+        model(micro_batches([5])[0])
+    assert int(other.num_batches_tracked) == 2 and int(model.num_batches_tracked) == 1
+
+
+def test_eval_forwards_and_checkpoint_recompute_not_counted():
+    model = nn.Sequential(nn.Linear(4, 4, dtype=D), bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D))
+    bnkit.checkpoint_safe(model)
+    ref = nn.BatchNorm1d(4, dtype=D)
+    parts = micro_batches([6, 8], seed=7)
+    with bnkit.accumulate_stats(model):
+        for x in parts:
+            checkpoint(model, x.requires_grad_(), use_reentrant=False).sum().backward()
+        model.eval()
+        model(parts[0])
+        model.train()
+    with torch.no_grad():
+        ref(torch.cat([model[0](x) for x in parts]))
+    assert_buffers(model[1], ref)
+
+
+def test_nonfinite_micro_batch_follows_the_policy():
+    bn = bnkit.BatchNorm1d(4, dtype=D)  # nonfinite="skip"
+    ref = nn.BatchNorm1d(4, dtype=D)
+    good, bad = micro_batches([5, 6], seed=8)
+    bad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        with bnkit.accumulate_stats(bn):
+            bn(good)
+            bn(bad)
+    ref(good)
+    assert_buffers(bn, ref)
+    strict = bnkit.BatchNorm1d(4, nonfinite="raise", dtype=D)
+    with pytest.raises(FloatingPointError):
+        with bnkit.accumulate_stats(strict):
+            strict(bad)
+    assert int(strict.num_batches_tracked) == 0
+
+
+def test_bad_input_is_refused_before_any_change():
+    keras = nn.Sequential(nn.BatchNorm1d(4), bnkit.BatchNorm1d(4, convention="keras"))
+    with pytest.raises(NotImplementedError, match="keras"):
+        with bnkit.accumulate_stats(keras):
+            pass
+    assert keras[0].momentum == 0.1 and not keras[0]._forward_hooks and engine._UPDATE_HOOK is None
+    with pytest.raises(TypeError, match="nn.Module"):
+        with bnkit.accumulate_stats([keras]):
+            pass

@@ -1,0 +1,173 @@
+"""Activation checkpointing: one running update per training forward, the same step as without it.
+
+Oracle: the same model and step without checkpointing, compared bitwise in
+float64 (outputs, input and parameter gradients, every buffer), for
+``checkpoint(use_reentrant=True/False)`` and ``checkpoint_sequential``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+import bnkit
+
+D = torch.float64
+
+
+def _layers():
+    return {
+        "BatchNorm1d": lambda: bnkit.BatchNorm1d(6, dtype=D),
+        "BatchNorm1d-cumulative": lambda: bnkit.BatchNorm1d(6, momentum=None, dtype=D),
+        "BatchRenorm1d": lambda: bnkit.BatchRenorm1d(6, r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=3,
+                                                     d_max_steps=3, dtype=D),
+        "GhostBatchNorm1d": lambda: bnkit.GhostBatchNorm1d(6, virtual_batch_size=4, dtype=D),
+        "SyncBatchNorm": lambda: bnkit.SyncBatchNorm(6, dtype=D),
+        "keras": lambda: bnkit.BatchNorm1d(6, convention="keras", dtype=D),
+    }
+
+
+def make_model(name):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 6, dtype=D), _layers()[name](), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(6, 6, dtype=D), _layers()[name](), nn.Tanh(), nn.Linear(6, 2, dtype=D),
+    )
+
+
+def run_step(model, x, mode):
+    """One forward and backward of ``model`` on ``x`` (``mode``: how the middle of the model is checkpointed)."""
+    head, body, tail = model[:1], model[1:6], model[6:]
+    torch.manual_seed(1)  # dropout: checkpoint replays this RNG state in the recompute
+    h = head(x)
+    if mode == "none":
+        h = body(h)
+    elif mode == "sequential":
+        h = checkpoint_sequential(body, 2, h, use_reentrant=False)
+    else:
+        h = checkpoint(body, h, use_reentrant=(mode == "reentrant"))
+    y = tail(h)
+    y.square().sum().backward()
+    return y.detach()
+
+
+def assert_same_step(a, b, xa, xb, ya, yb):
+    assert torch.equal(ya, yb)
+    assert torch.equal(xa.grad, xb.grad)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa.grad, pb.grad), name
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant", "sequential"])
+@pytest.mark.parametrize("layer", sorted(_layers()))
+def test_checkpointed_step_equals_plain_step(layer, mode):
+    plain, ckpt = make_model(layer), make_model(layer)
+    for step in range(3):  # num_batches_tracked moves Batch Renorm's limits and the cumulative average
+        x = torch.randn(12, 5, dtype=D, generator=torch.Generator().manual_seed(step))
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = run_step(plain, xa, "none")
+        yb = run_step(ckpt, xb, mode)
+        assert_same_step(plain, ckpt, xa, xb, ya, yb)
+    assert int(ckpt[1].num_batches_tracked) == 3
+
+
+def test_keras_renorm_updates_once():
+    # Keras-convention Batch Renorm: the update happens once (its recomputed correction is not remembered).
+    torch.manual_seed(0)
+    bn = bnkit.BatchRenorm1d(4, convention="keras", dtype=D)
+    x = torch.randn(10, 4, dtype=D, requires_grad=True)
+    checkpoint(bn, x, use_reentrant=False).sum().backward()
+    ref = bnkit.BatchRenorm1d(4, convention="keras", dtype=D)
+    ref(x.detach())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_renorm_memory_is_consumed():
+    model = make_model("BatchRenorm1d")
+    x = torch.randn(12, 5, dtype=D, requires_grad=True)
+    run_step(model, x, "non-reentrant")
+    assert not model[1].__dict__.get("_recompute_memory")
+    with torch.no_grad():  # a training forward without gradients (as reentrant checkpointing runs it)
+        model(torch.randn(12, 5, dtype=D))
+    assert len(model[1].__dict__["_recompute_memory"]) == 1  # remembered, bounded, harmless
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant", "sequential"])
+def test_torch_layers_with_checkpoint_safe(mode):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 6, dtype=D), nn.BatchNorm1d(6, dtype=D), nn.ReLU(), nn.Linear(6, 6, dtype=D),
+                             nn.BatchNorm1d(6, momentum=None, dtype=D), nn.Tanh(), nn.Linear(6, 2, dtype=D))
+
+    plain, ckpt, unsafe = model(), model(), model()
+    handle = bnkit.checkpoint_safe(ckpt)
+    for step in range(2):
+        x = torch.randn(12, 5, dtype=D, generator=torch.Generator().manual_seed(step))
+        xa, xb, xc = (x.clone().requires_grad_() for _ in range(3))
+        ya = run_step(plain, xa, "none")
+        yb = run_step(ckpt, xb, mode)
+        run_step(unsafe, xc, mode)
+        assert_same_step(plain, ckpt, xa, xb, ya, yb)
+    # Without the helper torch's layers update twice per step (what the helper is for).
+    assert int(unsafe[1].num_batches_tracked) == 4
+    handle.remove()
+    assert not ckpt[1]._forward_hooks and not ckpt[1]._forward_pre_hooks
+
+
+def test_checkpoint_safe_as_context_manager():
+    bn = nn.BatchNorm1d(3, dtype=D)
+    x = torch.randn(6, 3, dtype=D, requires_grad=True)
+    with bnkit.checkpoint_safe(bn):
+        checkpoint(bn, x, use_reentrant=True).sum().backward()
+    assert int(bn.num_batches_tracked) == 1 and not bn._forward_hooks
+    with pytest.raises(TypeError, match="nn.Module"):
+        bnkit.checkpoint_safe("model")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_fused_and_general_path_and_shared(use_reentrant, backend):
+    # A bnkit layer (both backends) under checkpoint, per-site statistics of SharedBatchNorm too.
+    torch.manual_seed(0)
+    bn = bnkit.SharedBatchNorm(4, sites=2, dtype=D)
+    ref = copy.deepcopy(bn)
+    x = torch.randn(8, 4, 3, dtype=D)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = ref(xa, site=1)
+    ya.sum().backward()
+    yb = checkpoint(functools.partial(bn, site=1), xb, use_reentrant=use_reentrant)
+    yb.sum().backward()
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(bn.state_dict()[k], v), k
+
+
+def test_eval_forward_in_backward_untouched():
+    # in_recompute is only about training forwards: eval-mode layers are unaffected.
+    bn = bnkit.BatchNorm1d(3, dtype=D).eval()
+    x = torch.randn(6, 3, dtype=D, requires_grad=True)
+    y = checkpoint(bn, x, use_reentrant=False)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 1 / (1 + 1e-5) ** 0.5))
+
+
+def test_torch_layer_last_in_the_region():
+    # Non-reentrant checkpointing stops its recompute inside the last layer that saved tensors.
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(4, 6, dtype=D), nn.BatchNorm1d(6, dtype=D))
+    ref = copy.deepcopy(body)
+    bnkit.checkpoint_safe(body)
+    x = torch.randn(10, 4, dtype=D, requires_grad=True)
+    for _ in range(2):
+        checkpoint(body, x, use_reentrant=False).sum().backward()
+        ref(x).sum().backward()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(body.state_dict()[k], v), k

@@ -1,4 +1,4 @@
-"""accumulate_stats with bnkit.SyncBatchNorm and DDP's no_sync() on a 2-rank gloo group.
+"""accumulate_stats with bnkit.SyncBatchNorm and DDP's no_sync() on 2- and 3-rank gloo groups.
 
 Oracle: torch's BatchNorm1d run once, in the parent, on the concatenation of
 every rank's micro-batches (the layer's input, rebuilt from the same
@@ -20,8 +20,7 @@ from torch import nn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(150)]
 
-WORLD = 2
-SIZES = {0: [5, 3, 6], 1: [4, 7, 2]}  # uneven micro-batches; the same number on every rank
+SIZES = {0: [5, 3, 6], 1: [4, 7, 2], 2: [2, 6, 3]}  # uneven micro-batches; the same number on every rank
 D = torch.float64
 
 
@@ -58,14 +57,14 @@ def _scenario(rank):
     return out | {"grads": grads.numpy().copy(), "same_outputs": bool(same_outputs)}
 
 
-def _worker(rank, store_path, q):
+def _worker(rank, world, store_path, q):
     os.environ["BNKIT_NO_BUILD"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD,
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
         q.put((rank, "ok", _scenario(rank)))
     except Exception:  # noqa: BLE001 - reported to the parent
@@ -75,12 +74,18 @@ def _worker(rank, store_path, q):
     os._exit(0)
 
 
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def world(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, world):
+    WORLD = world
     store = tmp_path_factory.mktemp("accumulate") / f"store_{time.time_ns()}"
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, str(store), q), daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, WORLD, str(store), q), daemon=True) for r in range(WORLD)]
     out = {}
     try:
         for p in procs:
@@ -105,7 +110,8 @@ def results(tmp_path_factory):
         q.close()
 
 
-def test_sync_bn_one_update_from_every_rank_and_micro_batch(results):
+def test_sync_bn_one_update_from_every_rank_and_micro_batch(results, world):
+    WORLD = world
     model = make_model()
     with torch.no_grad():
         seen = torch.cat([model[0](x) for r in range(WORLD) for x in micro_batches(r)])
@@ -118,4 +124,5 @@ def test_sync_bn_one_update_from_every_rank_and_micro_batch(results):
         assert int(results[r]["4.num_batches_tracked"]) == 1  # the local layer: one step too
         assert results[r]["same_outputs"]
     for k in ("1.running_mean", "1.running_var", "grads"):
-        assert (results[0][k] == results[1][k]).all(), k  # identical on every rank (grads: DDP's all-reduce)
+        for r in range(1, WORLD):  # identical on every rank (grads: DDP's all-reduce)
+            assert (results[0][k] == results[r][k]).all(), k

@@ -372,6 +372,10 @@ def _sync_case():
     return x, mask, gy
 
 
+# rows of the global batch per rank; with 3 ranks, rank 2 (rows 4-5) is all padding in step 0
+SYNC_PARTS = {2: (slice(0, 4), slice(4, 6)), 3: (slice(0, 2), slice(2, 4), slice(4, 6))}
+
+
 def _sync_worker(rank, world, store, q):
     os.environ["BNKIT_NO_BUILD"] = "1"
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -382,7 +386,7 @@ def _sync_worker(rank, world, store, q):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
         x, mask, gy = _sync_case()
-        part = slice(0, 4) if rank == 0 else slice(4, 6)
+        part = SYNC_PARTS[world][rank]
         bn = bnkit.SyncBatchNorm(3, axis=-1, dtype=F64)
         out = []
         for step in range(2):
@@ -404,17 +408,18 @@ def _sync_worker(rank, world, store, q):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(150)
-def test_sync_batch_norm_two_ranks_gloo(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_sync_batch_norm_gloo(tmp_path, world):
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     store = tmp_path / f"store_{time.time_ns()}"
-    procs = [ctx.Process(target=_sync_worker, args=(r, 2, str(store), q), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_sync_worker, args=(r, world, str(store), q), daemon=True) for r in range(world)]
     results = {}
     try:
         for p in procs:
             p.start()
         end = time.monotonic() + 120
-        while len(results) < 2 and time.monotonic() < end:
+        while len(results) < world and time.monotonic() < end:
             try:
                 rank, status, payload = q.get(timeout=1.0)
             except queue_mod.Empty:
@@ -428,7 +433,7 @@ def test_sync_batch_norm_two_ranks_gloo(tmp_path):
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    assert sorted(results) == [0, 1]
+    assert sorted(results) == list(range(world))
     # The oracle: one process, the whole global batch, the same masks.
     x, mask, gy = _sync_case()
     bn = bnkit.BatchNorm(3, axis=-1, dtype=F64)
@@ -441,14 +446,14 @@ def test_sync_batch_norm_two_ranks_gloo(tmp_path):
         y = bn(xs, m)
         y.backward(gy)
         ref(xs.detach()[m])
-        for rank, part in ((0, slice(0, 4)), (1, slice(4, 6))):
+        for rank, part in enumerate(SYNC_PARTS[world]):
             y_r, dx_r, _ = results[rank][0][step]
             np.testing.assert_allclose(y_r, y.detach()[part].numpy(), rtol=1e-10, atol=1e-10)
             np.testing.assert_allclose(dx_r, xs.grad[part].numpy(), rtol=1e-10, atol=1e-10)
-        dw = results[0][0][step][2] + results[1][0][step][2]  # per-rank weight gradients sum to the global one
+        dw = sum(results[r][0][step][2] for r in range(world))  # per-rank weight gradients sum to the global one
         np.testing.assert_allclose(dw, bn.weight.grad.numpy(), rtol=1e-10, atol=1e-10)
         bn.weight.grad = bn.bias.grad = None
-    for rank in (0, 1):
+    for rank in range(world):
         _, rm, rv, nbt = results[rank]
         np.testing.assert_allclose(rm, ref.running_mean.numpy(), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(rv, ref.running_var.numpy(), rtol=1e-10, atol=1e-12)

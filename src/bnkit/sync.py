@@ -186,7 +186,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 class SyncBatchNorm(BatchNorm):
     r"""Batch Normalization whose training statistics are those of the global batch of all ranks.
 
-    Same arguments, parameters, buffers and state_dict as :class:`bnkit.BatchNorm`
+    Same arguments, parameters, buffers and state_dict as `bnkit.BatchNorm`
     (generic feature ``axis``, ``share_affine``, ``nonfinite``), plus
     ``process_group`` (None: the default group, resolved at each call).
 
@@ -195,10 +195,44 @@ class SyncBatchNorm(BatchNorm):
     (Chan), and one all-reduce of ``(sum dy, sum dy*xhat)`` per backward. Every
     rank must call the layer the same number of times, in the same order, even
     with an empty local batch. Eval mode, a world of one, and no initialized
-    process group use the local path of :class:`bnkit.BatchNorm` (no
-    communication).
+    process group use the local path of `bnkit.BatchNorm` (no communication).
 
     Double backward is not supported in the synchronized path.
+
+    Args:
+        num_features: ``C``, the number of features along ``axis``.
+        eps: added to the variance before the square root (``> 0``).
+        momentum: the weight of the batch statistics in the running averages
+            (``None``: the cumulative average).
+        affine: learn a per-feature ``weight`` and ``bias``.
+        track_running_stats: keep running statistics and use them in eval.
+        process_group: the group to synchronize over (``None``: the default
+            group, resolved at each call).
+        device: where the parameters and buffers are created.
+        dtype: the dtype of the parameters and buffers.
+        bias: with ``affine``, also learn ``bias``.
+        axis: the feature axis (``-1`` for channels-last data).
+        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+
+    Shape:
+        - Input: any rank with ``C`` features along ``axis`` (the local batch
+          may differ between ranks, and may be empty).
+        - Output: the shape and memory format of the input.
+
+    Example:
+        Without an initialized process group it is `bnkit.BatchNorm`:
+
+        >>> import torch, bnkit
+        >>> bn = bnkit.SyncBatchNorm(8)
+        >>> bn(torch.randn(4, 8, 3, 3)).shape
+        torch.Size([4, 8, 3, 3])
+
+        In a script started by ``torchrun`` (see the SyncBatchNorm page):
+
+            torch.distributed.init_process_group("gloo")
+            model = bnkit.convert_sync_batchnorm(model)   # every BN layer
+            loss = model(local_batch).sum()               # statistics of the global batch
     """
 
     def __init__(

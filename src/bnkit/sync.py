@@ -425,7 +425,7 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert: bool = False) -> nn.Module:
-    """Convert every BN layer of ``module`` to :class:`SyncBatchNorm` (or back with ``revert=True``).
+    """Convert every BN layer of ``module`` to `SyncBatchNorm` (or back with ``revert=True``).
 
     Converted: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
     bnkit's ``BatchNorm``/``BatchNorm1d/2d/3d`` (other subclasses, e.g. BN
@@ -438,6 +438,24 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert:
     itself unless it is a BN layer). Every layer is checked before any is
     converted; shared layers stay shared, and hooks on a layer move to its
     replacement.
+
+    Args:
+        module: the model (or a single BN layer).
+        process_group: the group the new layers synchronize over (``None``:
+            the default group, resolved at each call).
+        revert: turn `SyncBatchNorm` layers back instead.
+
+    Returns:
+        The converted module.
+
+    Example:
+        >>> import torch, bnkit
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> synced = bnkit.convert_sync_batchnorm(model)
+        >>> type(synced[1]).__name__, synced[1].weight is model[1].weight
+        ('SyncBatchNorm', True)
+        >>> type(bnkit.convert_sync_batchnorm(synced, revert=True)[1]).__name__
+        'BatchNorm2d'
     """
 
     if revert:

@@ -169,7 +169,7 @@ FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d = specialize(FrozenBatch
 
 
 class FrozenSharedBatchNorm(FrozenBatchNorm):
-    """The frozen form of :class:`SharedBatchNorm`: called as ``bn(x, site=i)``.
+    """The frozen form of `SharedBatchNorm`: called as ``bn(x, site=i)``.
 
     With per-site statistics (``share_stats=False``) ``running_mean`` and
     ``running_var`` have shape ``[sites, C]`` and site ``i`` uses row ``i``.

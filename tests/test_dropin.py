@@ -1,7 +1,7 @@
 """Drop-in fidelity: bnkit does what torch.nn.BatchNorm* / F.batch_norm do on identical calls.
 
 Oracle: torch itself, called the same way on a twin layer. Where bnkit
-deliberately differs (docs/differences-from-torch.md), the test states both
+deliberately differs (docs/differences.md), the test states both
 behaviours so that the difference cannot change unnoticed.
 """
 

@@ -626,7 +626,7 @@ def test_one_collective_per_layer_forward_and_backward_with_o_c_bytes(group2):
 
 @pytest.mark.slow
 def test_readme_torchrun_example(tmp_path):
-    """``torchrun --nproc_per_node=2 examples/sync_torchrun.py`` (as in the README), on a free port."""
+    """``torchrun --nproc_per_node=2 examples/sync_torchrun.py`` (as in docs/sync.md), on a free port."""
     import subprocess
     import sys
     from pathlib import Path

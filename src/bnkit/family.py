@@ -52,8 +52,8 @@ def specialize(base: type, docs: dict[str, str] | None = None) -> tuple[type, ty
     """The ``1d``, ``2d`` and ``3d`` classes of the family of ``base``, registered.
 
     Each is ``class <base>Nd(base)`` with ``expected_dims`` set and, unless
-    ``docs`` gives one for its suffix, the docstring
-    ":class:`base` for <inputs>." Assign the result to module-level names
+    ``docs`` gives one for its suffix, a docstring made from ``SHAPES`` (what
+    it takes, its Shape and an Example). Assign the result to module-level names
     of the same spelling (``BatchRenorm1d, BatchRenorm2d, BatchRenorm3d =
     specialize(BatchRenorm)``) so that pickle finds them.
     """
@@ -61,7 +61,15 @@ def specialize(base: type, docs: dict[str, str] | None = None) -> tuple[type, ty
     made = []
     for suffix, dims in RANKS.items():
         name = base.__name__ + suffix
-        doc = (docs or {}).get(suffix) or f":class:`{base.__name__}` for {SHAPES[suffix]}."
+        # The default docstring (markdown for mkdocstrings): what the class is, its Shape and an Example.
+        example = ", ".join(["8", "3"] + ["4"] * (dims[0] - 2))
+        doc = (docs or {}).get(suffix) or (
+            f"`{base.__name__}` for {SHAPES[suffix]}: ``axis=1`` and these ranks only.\n\n"
+            f"It takes `{base.__name__}`'s arguments.\n\n"
+            f"Shape:\n    - Input: {SHAPES[suffix]}.\n    - Output: the shape and memory format of the input.\n\n"
+            f"Example:\n    >>> import torch, bnkit\n    >>> bn = bnkit.{name}(3)\n"
+            f"    >>> bn(torch.randn({example})).shape\n    torch.Size([{example}])\n"
+        )
         cls = type(base)(
             name,
             (base,),

@@ -80,13 +80,31 @@ class BatchNorm(nn.Module):
 
     Training: ``y = (x - mean_B) / sqrt(var_B + eps) * weight + bias`` with the
     batch mean and biased variance of each feature; the running averages are
-    updated with the unbiased variance (``momentum=None``: cumulative
-    average). Eval: the running statistics replace the batch's (or the batch's
-    are used when ``track_running_stats=False``).
+    updated with the unbiased variance,
+    ``running = (1 - momentum) * running + momentum * batch`` (``momentum=None``:
+    the cumulative average over ``num_batches_tracked`` batches). Eval: the
+    running statistics replace the batch's (or the batch's are used when
+    ``track_running_stats=False``).
 
-    Args beyond torch's:
+    The arguments up to ``dtype`` are torch's (``torch.nn.BatchNorm2d``), with
+    the same meaning and defaults; the keyword-only ones are bnkit's, and their
+    defaults behave like torch.
+
+    Args:
+        num_features: ``C``, the number of features (channels) along ``axis``.
+        eps: added to the variance before the square root; must be ``> 0``.
+        momentum: the weight of the batch statistics in the running averages,
+            in ``[0, 1]``; ``None`` gives the cumulative average.
+        affine: learn a per-feature ``weight`` (gamma) and ``bias`` (beta).
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` and use them in eval; ``False`` uses the
+            batch statistics in eval too.
+        device: where the parameters and buffers are created.
+        dtype: the dtype of the parameters and buffers.
+        bias: with ``affine``, also learn ``bias``; ``False`` keeps ``weight``
+            only.
         axis: the feature axis (``1`` for NCHW, ``-1`` for channels-last data
-            such as ``(N, H, W, C)``).
+            such as ``(N, H, W, C)``); negative values count from the end.
         share_affine: ``"none"`` (per-channel weight and bias), ``"weight"``
             (one scalar weight for all channels, per-channel bias) or ``"all"``
             (scalar weight and bias). Statistics stay per channel.
@@ -98,13 +116,33 @@ class BatchNorm(nn.Module):
             synchronisation).
         convention: ``"torch"`` (default: ``running_var`` averages the
             unbiased batch variance) or ``"keras"`` (it averages the biased
-            one, as Keras 3, tf-keras and Flax do; see :mod:`bnkit.conventions`).
+            one, as Keras 3, tf-keras and Flax do; see `bnkit.conventions`).
             Outputs are the same; only the moving statistics differ.
         tiny_batch: a training batch with one value per channel (e.g. a last
             batch of one sample on ``(N, C)`` data): ``"raise"`` (default, as
             torch: ``ValueError``) or ``"running"`` (normalize it with the
             running statistics, as in eval, without updating them or
             ``num_batches_tracked``; one ``RuntimeWarning`` per such batch).
+
+    Raises:
+        ValueError: an argument out of range or an unknown option name.
+
+    Shape:
+        - Input: any rank with ``C`` features along ``axis``, e.g. ``(N, C, *)``
+          or ``(N, *, C)``; `BatchNorm1d`, `BatchNorm2d` and `BatchNorm3d`
+          fix ``axis=1`` and torch's ranks.
+        - Output: the shape and memory format of the input.
+
+    Example:
+        >>> import torch, bnkit
+        >>> bn = bnkit.BatchNorm(16, axis=-1)            # channels-last features
+        >>> bn(torch.randn(8, 32, 32, 16)).shape
+        torch.Size([8, 32, 32, 16])
+        >>> bn.running_mean.shape, int(bn.num_batches_tracked)
+        (torch.Size([16]), 1)
+        >>> shared = bnkit.BatchNorm(16, share_affine="weight", momentum=None)
+        >>> shared.weight.shape, shared.bias.shape
+        (torch.Size([1]), torch.Size([16]))
     """
 
     _version = 2
@@ -375,8 +413,51 @@ class BatchNorm(nn.Module):
 BatchNorm1d, BatchNorm2d, BatchNorm3d = specialize(
     BatchNorm,
     {
-        "1d": "Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``.",
-        "2d": "Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, any memory format.",
-        "3d": "Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``, any memory format.",
+        "1d": """Drop-in for ``torch.nn.BatchNorm1d``: `BatchNorm` with ``axis=1`` over ``(N, C)`` or ``(N, C, L)``.
+
+        It takes `BatchNorm`'s arguments (torch's, then bnkit's keyword-only ones).
+
+        Shape:
+            - Input: ``(N, C)`` or ``(N, C, L)``.
+            - Output: the shape of the input.
+
+        Example:
+            >>> import torch, bnkit
+            >>> bn = bnkit.BatchNorm1d(100)
+            >>> bn(torch.randn(20, 100)).shape
+            torch.Size([20, 100])
+            >>> bnkit.BatchNorm1d(100, affine=False)(torch.randn(20, 100, 7)).shape
+            torch.Size([20, 100, 7])
+        """,
+        "2d": """Drop-in for ``torch.nn.BatchNorm2d``: `BatchNorm` with ``axis=1`` over ``(N, C, H, W)``.
+
+        It takes `BatchNorm`'s arguments (torch's, then bnkit's keyword-only ones).
+
+        Shape:
+            - Input: ``(N, C, H, W)``, any memory format (``channels_last`` too).
+            - Output: the shape and memory format of the input.
+
+        Example:
+            >>> import torch, bnkit
+            >>> bn = bnkit.BatchNorm2d(16)
+            >>> x = torch.randn(8, 16, 32, 32).to(memory_format=torch.channels_last)
+            >>> y = bn(x)
+            >>> y.shape, y.is_contiguous(memory_format=torch.channels_last)
+            (torch.Size([8, 16, 32, 32]), True)
+        """,
+        "3d": """Drop-in for ``torch.nn.BatchNorm3d``: `BatchNorm` with ``axis=1`` over ``(N, C, D, H, W)``.
+
+        It takes `BatchNorm`'s arguments (torch's, then bnkit's keyword-only ones).
+
+        Shape:
+            - Input: ``(N, C, D, H, W)``, any memory format.
+            - Output: the shape and memory format of the input.
+
+        Example:
+            >>> import torch, bnkit
+            >>> bn = bnkit.BatchNorm3d(4, momentum=None)     # cumulative average
+            >>> bn(torch.randn(2, 4, 3, 5, 5)).shape
+            torch.Size([2, 4, 3, 5, 5])
+        """,
     },
 )

@@ -282,7 +282,7 @@ class _SyncMaskedFunction(torch.autograd.Function):
 class SyncBatchNorm(BatchNorm):
     r"""Batch Normalization whose training statistics are those of the global batch of all ranks.
 
-    Same arguments, parameters, buffers and state_dict as :class:`bnkit.BatchNorm`
+    Same arguments, parameters, buffers and state_dict as `bnkit.BatchNorm`
     (generic feature ``axis``, ``share_affine``, ``nonfinite``), plus
     ``process_group`` (None: the default group, resolved at each call).
 
@@ -291,10 +291,44 @@ class SyncBatchNorm(BatchNorm):
     (Chan), and one all-reduce of ``(sum dy, sum dy*xhat)`` per backward. Every
     rank must call the layer the same number of times, in the same order, even
     with an empty local batch. Eval mode, a world of one, and no initialized
-    process group use the local path of :class:`bnkit.BatchNorm` (no
-    communication).
+    process group use the local path of `bnkit.BatchNorm` (no communication).
 
     Double backward is not supported in the synchronized path.
+
+    Args:
+        num_features: ``C``, the number of features along ``axis``.
+        eps: added to the variance before the square root (``> 0``).
+        momentum: the weight of the batch statistics in the running averages
+            (``None``: the cumulative average).
+        affine: learn a per-feature ``weight`` and ``bias``.
+        track_running_stats: keep running statistics and use them in eval.
+        process_group: the group to synchronize over (``None``: the default
+            group, resolved at each call).
+        device: where the parameters and buffers are created.
+        dtype: the dtype of the parameters and buffers.
+        bias: with ``affine``, also learn ``bias``.
+        axis: the feature axis (``-1`` for channels-last data).
+        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+
+    Shape:
+        - Input: any rank with ``C`` features along ``axis`` (the local batch
+          may differ between ranks, and may be empty).
+        - Output: the shape and memory format of the input.
+
+    Example:
+        Without an initialized process group it is `bnkit.BatchNorm`:
+
+        >>> import torch, bnkit
+        >>> bn = bnkit.SyncBatchNorm(8)
+        >>> bn(torch.randn(4, 8, 3, 3)).shape
+        torch.Size([4, 8, 3, 3])
+
+        In a script started by ``torchrun`` (see the SyncBatchNorm page):
+
+            torch.distributed.init_process_group("gloo")
+            model = bnkit.convert_sync_batchnorm(model)   # every BN layer
+            loss = model(local_batch).sum()               # statistics of the global batch
     """
 
     def __init__(
@@ -535,7 +569,7 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert: bool = False) -> nn.Module:
-    """Convert every BN layer of ``module`` to :class:`SyncBatchNorm` (or back with ``revert=True``).
+    """Convert every BN layer of ``module`` to `SyncBatchNorm` (or back with ``revert=True``).
 
     Converted: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
     bnkit's ``BatchNorm``/``BatchNorm1d/2d/3d`` (bnkit's variants with other
@@ -553,6 +587,24 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None, revert:
     itself unless it is a BN layer). Every layer is checked before any is
     converted; shared layers stay shared, and hooks on a layer move to its
     replacement.
+
+    Args:
+        module: the model (or a single BN layer).
+        process_group: the group the new layers synchronize over (``None``:
+            the default group, resolved at each call).
+        revert: turn `SyncBatchNorm` layers back instead.
+
+    Returns:
+        The converted module.
+
+    Example:
+        >>> import torch, bnkit
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> synced = bnkit.convert_sync_batchnorm(model)
+        >>> type(synced[1]).__name__, synced[1].weight is model[1].weight
+        ('SyncBatchNorm', True)
+        >>> type(bnkit.convert_sync_batchnorm(synced, revert=True)[1]).__name__
+        'BatchNorm2d'
     """
 
     if revert:

@@ -7,7 +7,7 @@ plain SGD, lr 0.5, batch 60, torch's default init, raw pixels in [0, 1] (no bina
 (45 epochs), evaluation every 50 steps, threshold 90 %, seeds 0, 1, 2. On 4,000 training digits both
 nets end at the same data-limited plateau (about 92-93 %): the baseline catches up with BN after
 about 3,700-4,000 steps at lr 0.5, so the demo shows the training-speed effect, as the paper's Figure 1
-does, and stops before that point. See the README's Experiments section for measured numbers.
+does, and stops before that point. See docs/experiments.md for measured numbers.
 """
 from __future__ import annotations
 

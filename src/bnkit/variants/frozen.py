@@ -28,8 +28,35 @@ class FrozenBatchNorm(nn.Module):
     them, and training mode is ignored. The input still gets its gradient.
     ``weight``/``bias`` may be one-element (a layer with ``share_affine``) or
     ``None`` (``affine=False``). This is the usual recipe for fine-tuning with
-    small batches (detection backbones); :func:`bnkit.freeze` converts a whole
-    model and :func:`bnkit.unfreeze` converts it back.
+    small batches (detection backbones); `bnkit.freeze` converts a whole
+    model and `bnkit.unfreeze` converts it back.
+
+    Args:
+        num_features: ``C``, the number of features along ``axis``.
+        eps: added to the variance before the square root (``>= 0``: the
+            statistics are stored, so 0 is allowed).
+        device: where the buffers are created.
+        dtype: the dtype of the buffers.
+        axis: the feature axis.
+        affine: keep ``weight`` and ``bias`` buffers (initially 1 and 0).
+        bias: with ``affine``, keep the ``bias`` buffer too.
+
+    Shape:
+        - Input: any rank with ``C`` features along ``axis``;
+          `FrozenBatchNorm1d`, `FrozenBatchNorm2d` and `FrozenBatchNorm3d` fix
+          torch's ranks.
+        - Output: the shape of the input.
+
+    Example:
+        >>> import torch, bnkit
+        >>> bn = bnkit.FrozenBatchNorm2d(3)
+        >>> bn.running_var.fill_(4.0)
+        tensor([4., 4., 4.])
+        >>> x = torch.randn(2, 3, 5, 5)
+        >>> torch.allclose(bn(x), x / (4.0 + bn.eps) ** 0.5)   # training mode is ignored
+        True
+        >>> list(bn.parameters())
+        []
     """
 
     #: Input ranks accepted (``None``: any rank that has the feature axis); set by the 1d/2d/3d classes.
@@ -144,7 +171,7 @@ FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d = specialize(FrozenBatch
 
 
 class FrozenSharedBatchNorm(FrozenBatchNorm):
-    """The frozen form of :class:`SharedBatchNorm`: called as ``bn(x, site=i)``.
+    """The frozen form of `SharedBatchNorm`: called as ``bn(x, site=i)``.
 
     With per-site statistics (``share_stats=False``) ``running_mean`` and
     ``running_var`` have shape ``[sites, C]`` and site ``i`` uses row ``i``.

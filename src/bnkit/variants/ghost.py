@@ -162,17 +162,48 @@ class GhostBatchNorm(BatchNorm):
 
     Training splits the batch (dim 0) into contiguous virtual batches of
     ``virtual_batch_size`` samples (the last may be smaller) and normalizes
-    each with its own mean and biased variance::
+    each with its own mean and biased variance:
 
         y[j] = (x[j] - mu_j) / sqrt(var_j + eps) * gamma + beta   (chunk j)
 
     The running statistics are updated once per call, from the statistics of
     the whole batch obtained by exactly merging the chunks' moments (Chan's
-    formula, :func:`bnkit.stats.merge_stacked`; unbiased variance of the whole
+    formula, `bnkit.stats.merge_stacked`; unbiased variance of the whole
     batch, as BatchNorm). Eval uses the running statistics (or, with
     ``track_running_stats=False``, ghost batches again). With
-    ``virtual_batch_size >= N`` it is exactly BatchNorm. ``virtual_batch_size``
-    defaults to 32.
+    ``virtual_batch_size >= N`` it is exactly BatchNorm.
+
+    Args:
+        num_features: ``C``, the number of features along ``axis``.
+        virtual_batch_size: the samples per virtual batch (a positive int,
+            default 32).
+        eps: added to the variance before the square root (``> 0``).
+        momentum: the weight of the batch statistics in the running averages
+            (``None``: the cumulative average).
+        affine: learn a per-feature ``weight`` and ``bias``.
+        track_running_stats: keep running statistics and use them in eval.
+        device: where the parameters and buffers are created.
+        dtype: the dtype of the parameters and buffers.
+        bias: with ``affine``, also learn ``bias``.
+        axis: the feature axis (``-1`` for channels-last data).
+        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+
+    Shape:
+        - Input: any rank with the batch on dim 0 and ``C`` features along
+          ``axis``; `GhostBatchNorm1d`, `GhostBatchNorm2d` and
+          `GhostBatchNorm3d` fix torch's ranks.
+        - Output: the shape and memory format of the input.
+
+    Example:
+        >>> import torch, bnkit
+        >>> bn = bnkit.GhostBatchNorm1d(4, virtual_batch_size=8)
+        >>> x = torch.randn(32, 4)
+        >>> y = bn(x)                                     # four virtual batches of 8
+        >>> torch.allclose(y[:8].mean(0), torch.zeros(4), atol=1e-5)
+        True
+        >>> torch.allclose(bn.running_mean, 0.1 * x.mean(0), atol=1e-6)   # the whole batch's mean
+        True
     """
 
     def __init__(

@@ -49,17 +49,21 @@ class BatchRenorm(BatchNorm):
 
     Training, per feature, with batch statistics ``mu_B``,
     ``sigma_B = sqrt(var_B + eps)`` (biased ``var_B``) and the moving ones
-    ``mu``, ``sigma = sqrt(running_var + eps)``::
+    ``mu``, ``sigma = sqrt(running_var + eps)``:
 
         r = clip(sigma_B / sigma, 1/r_max, r_max)      (no gradient)
         d = clip((mu_B - mu) / sigma, -d_max, d_max)   (no gradient)
         y = gamma * (((x - mu_B) / sigma_B) * r + d) + beta
 
-    then the moving averages are updated as in :class:`bnkit.BatchNorm`
-    (PyTorch's rule: ``running_var`` averages the *unbiased* batch variance;
-    the paper averages ``sigma`` itself, which differs by Bessel's factor and
-    Jensen's gap only). Eval is plain BN with the moving averages, so the
-    layer folds like BatchNorm (``inference_affine``).
+    then the moving averages are updated as in `bnkit.BatchNorm` (PyTorch's
+    rule: ``running_var`` averages the *unbiased* batch variance). The paper
+    and Keras' ``renorm=True`` average ``sigma`` itself (``convention="keras"``,
+    with a ``running_std`` buffer). That is more than Bessel's factor: an
+    average of sigmas is not the square root of an average of variances
+    whenever the batch statistics drift (Jensen's gap), as early in training,
+    so ``r``, ``d`` and the moving statistics differ between the conventions.
+    Eval is plain BN with the moving averages, so the layer folds like
+    BatchNorm (``inference_affine``).
 
     Because ``r`` and ``d`` are constants, training is the core's BN with the
     per-channel affine ``(gamma * r, gamma * d + beta)``.
@@ -72,6 +76,47 @@ class BatchRenorm(BatchNorm):
     ``schedule="fixed"`` the final values are used from the first step.
     ``momentum`` defaults to 0.01 (Keras' ``renorm_momentum=0.99``): ``r``
     and ``d`` are only useful with moving averages that keep up.
+
+    Args:
+        num_features: ``C``, the number of features along ``axis``.
+        eps: added to the variance before the square root (``> 0``).
+        momentum: the weight of the batch statistics in the moving averages
+            (default 0.01; ``None``: the cumulative average).
+        affine: learn a per-feature ``weight`` and ``bias``.
+        track_running_stats: must be ``True`` (without moving statistics the
+            layer would be plain BatchNorm).
+        device: where the parameters and buffers are created.
+        dtype: the dtype of the parameters and buffers.
+        r_max: the final bound of ``r`` (``>= 1``).
+        d_max: the final bound of ``d`` (``>= 0``).
+        warmup_steps: training steps of plain BN before the bounds grow.
+        r_max_steps: the step at which ``r_max`` is reached (``>= warmup_steps``).
+        d_max_steps: the step at which ``d_max`` is reached (``>= warmup_steps``).
+        schedule: ``"linear"`` (the paper's warm-up) or ``"fixed"`` (the final
+            bounds from the first step, as Keras).
+        bias: with ``affine``, also learn ``bias``.
+        axis: the feature axis (``-1`` for channels-last data).
+        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+        convention: ``"torch"`` (default) or ``"keras"`` (average ``sigma``
+            itself, in a ``running_std`` buffer; see `bnkit.conventions`).
+        tiny_batch: ``"raise"`` or ``"running"``, as in `bnkit.BatchNorm`.
+
+    Shape:
+        - Input: any rank with ``C`` features along ``axis``, as `bnkit.BatchNorm`;
+          `BatchRenorm1d`, `BatchRenorm2d` and `BatchRenorm3d` fix torch's ranks.
+        - Output: the shape and memory format of the input.
+
+    Example:
+        >>> import torch, bnkit
+        >>> bn = bnkit.BatchRenorm2d(8, schedule="fixed", r_max=3.0, d_max=5.0)
+        >>> bn(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+        >>> bn.limits()
+        (3.0, 5.0)
+        >>> warm = bnkit.BatchRenorm1d(8, warmup_steps=10, r_max_steps=20, d_max_steps=20)
+        >>> warm.limits()                                 # plain BN while warming up
+        (1.0, 0.0)
     """
 
     def __init__(

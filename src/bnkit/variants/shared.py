@@ -51,6 +51,37 @@ class SharedBatchNorm(BatchNorm):
 
     Training always normalizes with the statistics of the batch at hand.
     ``site`` may be omitted when ``sites == 1`` or ``share_stats=True``.
+
+    Args:
+        num_features: ``C``, the number of features along ``axis``.
+        sites: the number of places the layer is used at (``>= 1``).
+        eps: added to the variance before the square root (``> 0``).
+        momentum: the weight of the batch statistics in the running averages
+            (``None``: the cumulative average).
+        affine: learn a per-feature ``weight`` and ``bias``.
+        track_running_stats: keep running statistics and use them in eval.
+        device: where the parameters and buffers are created.
+        dtype: the dtype of the parameters and buffers.
+        share_stats: one set of running statistics for all sites instead of
+            one per site.
+        bias: with ``affine``, also learn ``bias``.
+        axis: the feature axis (``-1`` for channels-last data).
+        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
+        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+
+    Shape:
+        - Input: any rank with ``C`` features along ``axis``, as `bnkit.BatchNorm`;
+          ``site`` an int in ``[0, sites)``.
+        - Output: the shape of the input.
+
+    Example:
+        >>> import torch, bnkit
+        >>> bn = bnkit.SharedBatchNorm(8, sites=3)
+        >>> ys = [bn(torch.randn(16, 8), site=t) for t in range(3)]
+        >>> bn.running_mean.shape, bn.num_batches_tracked.tolist()
+        (torch.Size([3, 8]), [1, 1, 1])
+        >>> bn.eval()(torch.randn(4, 8), site=2).shape
+        torch.Size([4, 8])
     """
 
     def __init__(

@@ -444,6 +444,16 @@ def _run(model: nn.Module, data: Any, num_batches: int | None) -> int:
 
 
 # ------------------------------------------------------------------ TENT
+def _undo_tent_setup(hooks: list, momenta: list, grads: list) -> None:
+    """Remove TENT's hooks, put back the layers' momenta and the parameters' ``requires_grad`` flags."""
+    for h in hooks:
+        h.remove()
+    for m, mom in momenta:
+        m.momentum = mom
+    for p, rg in grads:
+        p.requires_grad_(rg)
+
+
 def _entropy(logits: Tensor) -> Tensor:
     """Mean Shannon entropy of ``softmax(logits)`` over the batch (classes along dim 1)."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
@@ -571,20 +581,11 @@ def tent(
                 opt.step()
             seen += 1
     except BaseException:
-        for h in hooks:
-            h.remove()
-        for m, mom in momenta:
-            m.momentum = mom
-        for p, rg in grads:
-            p.requires_grad_(rg)
+        _undo_tent_setup(hooks, momenta, grads)
         snapshot.restore()
         raise
-    for h in hooks:
-        h.remove()
-    for m, mom in momenta:
-        m.momentum = mom
-    for p, rg in grads:
-        p.requires_grad_(rg)
+    _undo_tent_setup(hooks, momenta, grads)
+    for p, _ in grads:
         p.grad = None
     # The steps left the statistics as they were (momentum 0) but counted batches: put the buffers back.
     adapted = [p.detach().clone() for p in params]

@@ -182,7 +182,7 @@ class ScriptableBatchNorm(_Twin):
                     raise FloatingPointError(
                         message + "; the running statistics are unchanged (nonfinite='raise')"
                     )
-                warnings.warn(message + "; the running statistics were left unchanged")
+                warnings.warn(message + "; the running statistics were left unchanged", stacklevel=2)
                 return
         nbt.add_(1)
         momentum = self.momentum

@@ -133,8 +133,8 @@ class _Twin(nn.Module):
 class ScriptableBatchNorm(_Twin):
     """TorchScript-compatible twin of a :class:`bnkit.BatchNorm` layer (ATen ops only).
 
-    Built by :meth:`from_layer`; it holds the layer's own parameter and
-    buffer tensors. Same math as the layer: training normalizes with the
+    Built from the layer (``ScriptableBatchNorm(layer)``, or :meth:`from_layer`);
+    it holds the layer's own parameter and buffer tensors. Same math as the layer: training normalizes with the
     batch mean and biased variance over every axis but ``axis`` and updates
     the running averages with the unbiased variance (``momentum=None``:
     cumulative average); eval uses the running statistics (or the batch's
@@ -249,7 +249,10 @@ class ScriptableBatchNorm(_Twin):
 
 
 class ScriptableFrozenBatchNorm(_Twin):
-    """TorchScript-compatible twin of a :class:`bnkit.FrozenBatchNorm` layer: the fixed affine map."""
+    """TorchScript-compatible twin of a :class:`bnkit.FrozenBatchNorm` layer: the fixed affine map.
+
+    Built from the layer (``ScriptableFrozenBatchNorm(layer)``, or :meth:`from_layer`).
+    """
 
     __constants__ = ["num_features", "eps", "axis", "where"]
     expected_dims: list[int]

@@ -99,7 +99,7 @@ def _act(name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-    """linear (or conv) -> norm -> activation; the activation module is where diagnostics hook in."""
+    """layer (linear or conv) -> norm -> activation; diagnostics and the training loop's probe hook ``act``."""
 
     def __init__(self, lin: nn.Module, norm: nn.Module, act: nn.Module):
         super().__init__()

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch import nn
 
-from .models import NORMS, init_weights, make_norm
+from .models import NORMS, Block, _act, init_weights, make_norm
 
 __all__ = ["SeqNet", "build_net", "norm_modules", "norm_param_count", "expected_norm_params", "normalized_widths", "NET_ARCHS",
            "NET_NORMS"]
@@ -38,27 +38,6 @@ NET_ARCHS = ("mlp", "cnn", "tinycnn", "keras", "lenet")
 NET_NORMS = tuple(NORMS) + ("torch-bn",)
 # the layer before a per-channel batch (or instance) norm drops its bias: the norm's shift cancels it
 _BIAS_FREE = {"bn", "bn-weight", "bn-all", "renorm", "ghost", "in", "torch-bn"}
-
-
-_ACTS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-
-
-def _act(name: str) -> nn.Module:
-    try:
-        return _ACTS[name]()
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(_ACTS)}") from None
-
-
-class Block(nn.Module):
-    """layer (linear or conv) -> norm -> activation; the training loop's probe hooks ``act``."""
-
-    def __init__(self, lin: nn.Module, norm: nn.Module, act: nn.Module):
-        super().__init__()
-        self.linear, self.norm, self.act = lin, norm, act
-
-    def forward(self, x):
-        return self.act(self.norm(self.linear(x)))
 
 
 def _norm(kind: str, c: int, dim: int, kw: Dict[str, Any]) -> nn.Module:

@@ -37,15 +37,11 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ..engine import fold
 from ..layers import BatchNorm
 from ..variants import FrozenBatchNorm
 
 __all__ = ["ScriptableBatchNorm", "ScriptableFrozenBatchNorm", "install", "scriptable", "scriptable_layer"]
-
-
-def _dims_of(layer: nn.Module) -> list[int]:
-    dims = getattr(layer, "_expected_dims", None)
-    return [] if dims is None else list(dims)
 
 
 def _shape_for(input: Tensor, axis: int) -> list[int]:
@@ -93,19 +89,6 @@ def _expand(t: Tensor | None, c: int) -> Tensor | None:
     return t
 
 
-def _affine_map(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> list[Tensor]:
-    """``bnkit.functional.fold`` in TorchScript: ``(scale, shift)`` with ``y = x * scale + shift``."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(shift.dtype)
-    return [scale, shift]
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     # Half inputs are normalized with float32 statistics, as bnkit's kernels do.
     if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
@@ -113,11 +96,45 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-class ScriptableBatchNorm(nn.Module):
+def _affine_forward(
+    input: Tensor, axis: int, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Inference BN along ``axis``: the engine's own ``fold`` (TorchScript compiles it as it is)."""
+    shape = _shape_for(input, axis)
+    x = input.to(_compute_dtype(input))
+    scale, shift = fold(mean.to(x.dtype), var.to(x.dtype), weight, bias, eps)
+    return (x * scale.reshape(shape) + shift.reshape(shape)).to(input.dtype)
+
+
+class _Twin(nn.Module):
+    """What both twins take from their layer: its :class:`~bnkit.engine.CallSpec` and its very tensors.
+
+    The spec (name for messages, axis, feature count, accepted ranks, eps) is
+    the one the engine checks the layer's calls with, so the twin's checks
+    and messages follow the layer's. ``__init__`` is plain Python (TorchScript
+    compiles ``forward`` and what it calls only).
+    """
+
+    def __init__(self, layer: nn.Module, parameters: tuple[str, ...], buffers: tuple[str, ...]) -> None:
+        super().__init__()
+        spec = layer.call_spec()
+        self.where = spec.name
+        self.axis = int(spec.axis)
+        self.num_features = int(spec.num_features)
+        self.eps = float(spec.eps)
+        self.expected_dims = [] if spec.ranks is None else list(spec.ranks)
+        for name in parameters:
+            self.register_parameter(name, layer._parameters.get(name))
+        for name in buffers:
+            self.register_buffer(name, layer._buffers.get(name))
+        self.train(layer.training)
+
+
+class ScriptableBatchNorm(_Twin):
     """TorchScript-compatible twin of a :class:`bnkit.BatchNorm` layer (ATen ops only).
 
-    Built by :meth:`from_layer`; it holds the layer's own parameter and
-    buffer tensors. Same math as the layer: training normalizes with the
+    Built from the layer (``ScriptableBatchNorm(layer)``, or :meth:`from_layer`);
+    it holds the layer's own parameter and buffer tensors. Same math as the layer: training normalizes with the
     batch mean and biased variance over every axis but ``axis`` and updates
     the running averages with the unbiased variance (``momentum=None``:
     cumulative average); eval uses the running statistics (or the batch's
@@ -128,45 +145,16 @@ class ScriptableBatchNorm(nn.Module):
     expected_dims: list[int]
     momentum: float | None
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float,
-        momentum: float | None,
-        axis: int,
-        nonfinite: str,
-        track_running_stats: bool,
-        expected_dims: list[int],
-        where: str,
-    ) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.axis = axis
-        self.nonfinite = nonfinite
-        self.track_running_stats = track_running_stats
-        self.expected_dims = expected_dims
-        self.where = where
+    def __init__(self, layer: BatchNorm) -> None:
+        super().__init__(layer, ("weight", "bias"), ("running_mean", "running_var", "num_batches_tracked"))
+        spec = layer.call_spec()
+        self.momentum = None if spec.momentum is None else float(spec.momentum)
+        self.nonfinite = spec.nonfinite
+        self.track_running_stats = bool(layer.track_running_stats)
 
     @classmethod
     def from_layer(cls, layer: BatchNorm) -> "ScriptableBatchNorm":
-        out = cls(
-            layer.num_features,
-            float(layer.eps),
-            None if layer.momentum is None else float(layer.momentum),
-            int(layer.axis),
-            layer.nonfinite,
-            bool(layer.track_running_stats),
-            _dims_of(layer),
-            layer._describe(),
-        )
-        for name in ("weight", "bias"):
-            out.register_parameter(name, layer._parameters.get(name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            out.register_buffer(name, layer._buffers.get(name))
-        out.train(layer.training)
-        return out
+        return cls(layer)
 
     def extra_repr(self) -> str:
         return f"{self.where}, axis={self.axis}, nonfinite={self.nonfinite!r}"
@@ -194,7 +182,7 @@ class ScriptableBatchNorm(nn.Module):
                     raise FloatingPointError(
                         message + "; the running statistics are unchanged (nonfinite='raise')"
                     )
-                warnings.warn(message + "; the running statistics were left unchanged")
+                warnings.warn(message + "; the running statistics were left unchanged", stacklevel=2)
                 return
         nbt.add_(1)
         momentum = self.momentum
@@ -230,15 +218,14 @@ class ScriptableBatchNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
         c = self.num_features
-        shape = _shape_for(input, axis)
         weight = _expand(self.weight, c)
         bias = _expand(self.bias, c)
         running_mean = self.running_mean
         running_var = self.running_var
-        x = input.to(_compute_dtype(input))
         if not self.training and running_mean is not None and running_var is not None:
-            ab = _affine_map(running_mean.to(x.dtype), running_var.to(x.dtype), weight, bias, self.eps)
-            return (x * ab[0].reshape(shape) + ab[1].reshape(shape)).to(input.dtype)
+            return _affine_forward(input, axis, running_mean, running_var, weight, bias, self.eps)
+        shape = _shape_for(input, axis)
+        x = input.to(_compute_dtype(input))
         count = input.numel() // c
         if count == 1:  # batch statistics of one value (eager raises in eval without running stats too)
             raise ValueError(
@@ -261,27 +248,21 @@ class ScriptableBatchNorm(nn.Module):
         return y.to(input.dtype)
 
 
-class ScriptableFrozenBatchNorm(nn.Module):
-    """TorchScript-compatible twin of a :class:`bnkit.FrozenBatchNorm` layer: the fixed affine map."""
+class ScriptableFrozenBatchNorm(_Twin):
+    """TorchScript-compatible twin of a :class:`bnkit.FrozenBatchNorm` layer: the fixed affine map.
+
+    Built from the layer (``ScriptableFrozenBatchNorm(layer)``, or :meth:`from_layer`).
+    """
 
     __constants__ = ["num_features", "eps", "axis", "where"]
     expected_dims: list[int]
 
-    def __init__(self, num_features: int, eps: float, axis: int, expected_dims: list[int], where: str) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.axis = axis
-        self.expected_dims = expected_dims
-        self.where = where
+    def __init__(self, layer: FrozenBatchNorm) -> None:
+        super().__init__(layer, (), ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
 
     @classmethod
     def from_layer(cls, layer: FrozenBatchNorm) -> "ScriptableFrozenBatchNorm":
-        out = cls(layer.num_features, float(layer.eps), int(layer.axis), _dims_of(layer), layer._describe())
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            out.register_buffer(name, layer._buffers.get(name))
-        out.train(layer.training)
-        return out
+        return cls(layer)
 
     def extra_repr(self) -> str:
         return f"{self.where}, axis={self.axis}"
@@ -289,13 +270,9 @@ class ScriptableFrozenBatchNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
         c = self.num_features
-        shape = _shape_for(input, axis)
-        x = input.to(_compute_dtype(input))
-        ab = _affine_map(
-            self.running_mean.to(x.dtype), self.running_var.to(x.dtype), _expand(self.weight, c),
-            _expand(self.bias, c), self.eps,
+        return _affine_forward(
+            input, axis, self.running_mean, self.running_var, _expand(self.weight, c), _expand(self.bias, c), self.eps
         )
-        return (x * ab[0].reshape(shape) + ab[1].reshape(shape)).to(input.dtype)
 
 
 def _unsupported(layer: nn.Module) -> TypeError:

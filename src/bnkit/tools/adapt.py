@@ -60,6 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..layers import BatchNorm
 from ..stats import Moments, merge, merge_all
 from ..variants import FrozenBatchNorm
+from .calibrate import _model_device, _model_input
 
 __all__ = ["MODES", "AdaptHandle", "adapt", "bn_parameters", "tent"]
 
@@ -123,20 +124,6 @@ def bn_parameters(model: nn.Module, *, named: bool = False) -> list:
                 seen.add(id(p))
                 out.append((f"{name}.{pname}" if name else pname, p))
     return out if named else [p for _, p in out]
-
-
-def _device(model: nn.Module) -> torch.device | None:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return None
-
-
-def _input_of(batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("got an empty tuple/list as a batch")
-        return batch[0]
-    return batch
 
 
 def _batches(data: Any, num_batches: int | None) -> Iterable[Any]:
@@ -447,19 +434,26 @@ def adapt(
 @torch.no_grad()
 def _run(model: nn.Module, data: Any, num_batches: int | None) -> int:
     """Feed the batches through the model in eval mode; returns how many there were."""
-    device = _device(model)
+    device = _model_device(model)
     model.eval()
     seen = 0
     for batch in _batches(data, num_batches):
-        x = _input_of(batch)
-        if isinstance(x, Tensor) and device is not None and x.device != device:
-            x = x.to(device)
-        model(x)
+        model(_model_input(batch, device))
         seen += 1
     return seen
 
 
 # ------------------------------------------------------------------ TENT
+def _undo_tent_setup(hooks: list, momenta: list, grads: list) -> None:
+    """Remove TENT's hooks, put back the layers' momenta and the parameters' ``requires_grad`` flags."""
+    for h in hooks:
+        h.remove()
+    for m, mom in momenta:
+        m.momentum = mom
+    for p, rg in grads:
+        p.requires_grad_(rg)
+
+
 def _entropy(logits: Tensor) -> Tensor:
     """Mean Shannon entropy of ``softmax(logits)`` over the batch (classes along dim 1)."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
@@ -561,7 +555,7 @@ def tent(
     grads = [(p, p.requires_grad) for p in model.parameters()]
     momenta = [(m, m.momentum) for _, m in layers if learns_stats(m)]
     hooks = []
-    device = _device(model)
+    device = _model_device(model)
     seen = 0
     try:
         opt = _make_optimizer(optimizer, params, lr)
@@ -577,9 +571,7 @@ def tent(
         for p in params:
             p.requires_grad_(True)
         for batch in _batches(data, num_batches):
-            x = _input_of(batch)
-            if isinstance(x, Tensor) and device is not None and x.device != device:
-                x = x.to(device)
+            x = _model_input(batch, device)
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 logits = model(x)
@@ -589,20 +581,11 @@ def tent(
                 opt.step()
             seen += 1
     except BaseException:
-        for h in hooks:
-            h.remove()
-        for m, mom in momenta:
-            m.momentum = mom
-        for p, rg in grads:
-            p.requires_grad_(rg)
+        _undo_tent_setup(hooks, momenta, grads)
         snapshot.restore()
         raise
-    for h in hooks:
-        h.remove()
-    for m, mom in momenta:
-        m.momentum = mom
-    for p, rg in grads:
-        p.requires_grad_(rg)
+    _undo_tent_setup(hooks, momenta, grads)
+    for p, _ in grads:
         p.grad = None
     # The steps left the statistics as they were (momentum 0) but counted batches: put the buffers back.
     adapted = [p.detach().clone() for p in params]

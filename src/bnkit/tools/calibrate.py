@@ -159,17 +159,30 @@ class _Accumulator:
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (None for a model without tensors)."""
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return None
 
 
-def _input_of(batch: Any) -> Any:
+def _input_of(batch: Any, who: str = "") -> Any:
+    """The model input of a batch: its first item when it is a tuple/list (e.g. ``(x, y)``), else the batch.
+
+    ``who`` prefixes the error message (e.g. ``"recalibrate: "``).
+    """
     if isinstance(batch, (tuple, list)):
         if not batch:
-            raise ValueError("recalibrate: got an empty tuple/list as a batch")
+            raise ValueError(f"{who}got an empty tuple/list as a batch")
         return batch[0]
     return batch
+
+
+def _model_input(batch: Any, device: torch.device | None, who: str = "") -> Any:
+    """:func:`_input_of`, moved to ``device`` when it is a tensor elsewhere (the tools' forward passes)."""
+    x = _input_of(batch, who)
+    if isinstance(x, Tensor) and device is not None and x.device != device:
+        x = x.to(device)
+    return x
 
 
 def _exchange_status(group: Any, device: torch.device, failed: bool, batches: int) -> tuple[list[int], list[int]]:
@@ -312,10 +325,7 @@ def recalibrate(
             warnings.filterwarnings("ignore", message=r".*batch statistics are not finite", category=RuntimeWarning)
             for batch in iterator:
                 batch_index[0] = batches
-                x = _input_of(batch)
-                if isinstance(x, Tensor) and device is not None and x.device != device:
-                    x = x.to(device)
-                model(x)
+                model(_model_input(batch, device, "recalibrate: "))
                 batches += 1
         if num_batches is not None and batches < num_batches:
             raise NotEnoughBatchesError(

@@ -52,13 +52,12 @@ from ..stats import Moments, merge
 from .adapt import (
     _batches,
     _check_num_batches,
-    _device,
-    _input_of,
     bn_layers,
     feature_axis,
     has_stats,
     learns_stats,
 )
+from .calibrate import _input_of, _model_device, _model_input
 
 __all__ = ["SEVERITIES", "BNReport", "Finding", "LayerReport", "inspect"]
 
@@ -342,16 +341,14 @@ def _data_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any
 
     flags = [(m, m.training) for m in model.modules()]
     saved = [(m, {k: b.clone() for k, b in m._buffers.items() if isinstance(b, Tensor)}) for _, m in layers]
-    device = _device(model)
+    device = _model_device(model)
     batches = samples = 0
     try:
         for _, m in layers:
             hooks.append(m.register_forward_pre_hook(make(m), with_kwargs=True))
         model.eval()
         for batch in _batches(data, num_batches):
-            x = _input_of(batch)
-            if isinstance(x, Tensor) and device is not None and x.device != device:
-                x = x.to(device)
+            x = _model_input(batch, device)
             model(x)
             batches += 1
             samples += int(x.shape[0]) if isinstance(x, Tensor) and x.dim() > 0 else 1

@@ -50,7 +50,7 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-import bnkit
+import bnkit  # noqa: E402  (after the source checkout is put on the path)
 
 ALLOCATOR_LIBS = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
@@ -166,7 +166,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 def without_bn(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every torch BN layer replaced by ``nn.Identity``."""
     model = copy.deepcopy(model)
-    for name, m in list(model.named_modules()):
+    for m in list(model.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 setattr(m, child_name, nn.Identity())

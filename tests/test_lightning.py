@@ -23,7 +23,7 @@ from torch import nn
 import bnkit
 
 pl = pytest.importorskip("pytorch_lightning")
-from bnkit.integrations.lightning import BnkitSyncBatchNorm
+from bnkit.integrations.lightning import BnkitSyncBatchNorm  # noqa: E402  (after the importorskip)
 
 TOL = 1e-5
 

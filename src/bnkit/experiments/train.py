@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, field  # noqa: F401  (field: RunConfig defaults)
 from pathlib import Path
@@ -26,6 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import (_STATE_KEYS, _TMP, CheckpointError, _atomic_write, _damaged,  # noqa: F401  (re-exported)
+                          _filter_jsonl, _fsync_dir, _pid_alive, _read_checkpoint, _read_result, _tmp_path,
+                          atomic_save, atomic_write_bytes, atomic_write_text, check_resumable,
+                          remove_stale_temp_files)
 from .data import Dataset
 from .diagnostics import drift, all_unit_drifts, probe_percentiles, typical_unit
 from .models import build_model
@@ -96,92 +98,6 @@ class StepBudget:
         return True
 
 
-class CheckpointError(ValueError):
-    """A saved checkpoint or run result of an experiment directory cannot be used for ``--resume``."""
-
-
-_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # the temporary names of _tmp_path: .<name>.tmp<pid>
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(fileobj)`` into a temporary file, fsync it, rename it over ``path``, fsync the directory."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` with the same crash safety as :func:`atomic_write_bytes`."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process is not writing anything yet when it cleans up
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temp_files(out_dir: Path) -> List[Path]:
-    """Delete the temporary files that interrupted atomic writes left in ``out_dir`` (and its ``runs`` and
-    ``checkpoints``); files of a process that is still alive are kept. Returns the removed paths."""
-    removed = []
-    for d in (Path(out_dir), Path(out_dir) / "runs", Path(out_dir) / "checkpoints"):
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            m = _TMP.match(p.name)
-            if m and p.is_file() and not _pid_alive(int(m.group(1))):
-                try:
-                    p.unlink()
-                    removed.append(p)
-                except OSError:
-                    pass
-    return removed
-
-
 def eval_steps(steps: int, every: int) -> List[int]:
     every = max(1, int(every))
     s = list(range(0, steps + 1, every))
@@ -241,66 +157,6 @@ def evaluate(model, x, y, batch: int = 2000):
         correct += int((out.argmax(1) == y[i:i + batch]).sum())
     model.train(was)
     return correct / len(y), loss / len(y)
-
-
-def _damaged(path: Path, run: str, e: BaseException) -> str:
-    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return (f"cannot resume run {run}: {path} is damaged ({type(e).__name__}: {why}); delete it to retrain "
-            f"that run from step 0")
-
-
-_STATE_KEYS = {"step", "hist", "pct", "loss_sum", "loss_n", "ema", "train_seconds", "interval_ms"}
-
-
-def _read_checkpoint(cfg: RunConfig, path: Path) -> Dict:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(_damaged(path, cfg.name, e)) from None
-    if not (isinstance(ck, dict) and {"config", "model", "optimizer", "torch_rng", "state"} <= set(ck)
-            and isinstance(ck["state"], dict) and _STATE_KEYS <= set(ck["state"])):
-        raise CheckpointError(_damaged(path, cfg.name, ValueError("not a bnkit training checkpoint")))
-    if ck["config"] != asdict(cfg):
-        raise CheckpointError(f"cannot resume run {cfg.name}: {path} was written with different settings")
-    return ck
-
-
-def _read_result(cfg: RunConfig, path: Path) -> Dict:
-    try:
-        res = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(_damaged(path, cfg.name, e)) from None
-    if not (isinstance(res, dict) and {"name", "steps", "test_acc", "summary", "timing"} <= set(res)):
-        raise CheckpointError(_damaged(path, cfg.name, ValueError("not a bnkit run result")))
-    return res
-
-
-def check_resumable(runs: Sequence[RunConfig], out_dir: Path) -> None:
-    """Read every run's saved result or checkpoint in ``out_dir`` (those that exist); raises
-    :class:`CheckpointError` for the first unusable one, before any run continues."""
-    for cfg in runs:
-        result_path = Path(out_dir) / "runs" / f"{cfg.name}.json"
-        ckpt_path = Path(out_dir) / "checkpoints" / f"{cfg.name}.pt"
-        if result_path.exists():
-            _read_result(cfg, result_path)
-        elif ckpt_path.exists():
-            _read_checkpoint(cfg, ckpt_path)
-
-
-def _filter_jsonl(path: Path, run: str, max_step: Optional[int]) -> None:
-    """Drop this run's lines after ``max_step`` (all of them when None): they are re-emitted on resume."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a hard kill
-        if rec.get("run") == run and (max_step is None or rec.get("step", 0) > max_step):
-            continue
-        keep.append(line)
-    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 class NullProgress:

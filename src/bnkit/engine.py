@@ -22,19 +22,17 @@ micro-batches, update once under activation checkpointing) belongs in
 
 from __future__ import annotations
 
-import contextlib
 import math
 from functools import lru_cache
 from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
-from torch._C import _functorch
-from torch._functorch import pyfunctorch as _pyfunctorch
 
 from . import kernels, stats
+from ._engine_checks import _check_param, _empty_output, check_input, check_mask
+from ._engine_views import canonical_mask, canonical_view, per_channel
 from ._warn import warn
-from .errors import ChannelMismatchError, DtypeMismatchError
 from .kernels import aten_graph, fold
 
 __all__ = [
@@ -135,40 +133,6 @@ def _constants() -> _Constants | None:
     if _CONSTANTS is None and kernels.cpp_available():
         _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
     return _CONSTANTS
-
-
-# --------------------------------------------------------------------------- views
-def canonical_view(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``x`` as the kernels' contiguous ``(outer, C, inner)`` view, and the inverse map.
-
-    No copy is made when ``x`` is contiguous, or when the feature axis is its
-    innermost dense dimension (``torch.channels_last`` / ``channels_last_3d``
-    and any channels-last layout): the latter becomes ``(N*H*W, C, 1)``, and
-    the inverse restores the original memory format, so outputs and input
-    gradients keep it.
-    """
-    shape = x.shape
-    channels = shape[axis]
-    if x.is_contiguous():
-        outer = math.prod(shape[:axis])
-        inner = math.prod(shape[axis + 1 :])
-        return x.view(outer, channels, inner), lambda y3: y3.view(shape)
-    moved = x.movedim(axis, -1)
-    if moved.is_contiguous():
-        moved_shape = moved.shape
-        return moved.view(-1, channels, 1), lambda y3: y3.view(moved_shape).movedim(len(moved_shape) - 1, axis)
-    xc = x.contiguous()
-    outer = math.prod(shape[:axis])
-    inner = math.prod(shape[axis + 1 :])
-    return xc.view(outer, channels, inner), lambda y3: y3.view(shape)
-
-
-def per_channel(t: Tensor | None, channels: int) -> Tensor | None:
-    """A ``[C]`` view of a per-channel or shared (one-element) parameter."""
-    if t is None or (t.dim() == 1 and t.shape[0] == channels):
-        return t
-    t = t.reshape(-1)
-    return t.expand(channels) if t.numel() == 1 and channels != 1 else t
 
 
 # --------------------------------------------------------------------------- phases
@@ -290,141 +254,6 @@ def running_update(
         nbt.add_(1)
     n = int(nbt) if momentum is None else 0
     stats.update_running_stats(running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, n))
-
-
-def _transformed_running_update(
-    spec: CallSpec,
-    running_mean: Tensor,
-    running_var: Tensor,
-    nbt: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-) -> None:
-    """:func:`running_update` under ``torch.func`` transforms or forward-mode AD.
-
-    Running statistics are state, not part of what is differentiated or
-    mapped: the update happens at the buffers' own transform level, with the
-    statistics' primal values.
-
-    - ``grad``/``jvp``/``jacfwd`` levels above the buffers (buffers captured
-      from outside, as a module's own are): the statistics are unwrapped to
-      their primal values and the level is left for the update (torch
-      refuses to mutate a captured tensor there; eager semantics are kept
-      instead: one update per call).
-    - ``vmap`` levels above the buffers: allowed where the statistics are the
-      same for every mapped sample (e.g. ``jacfwd``'s vmap over tangents);
-      batch statistics that differ per sample cannot go into one unbatched
-      buffer, so that raises (nothing changed) and names the ways out.
-    - Buffers batched at the statistics' vmap level (stacked per-model
-      buffers through ``torch.func.functional_call``, model ensembling):
-      updated in place per model, with tensor factors (no host
-      synchronisation: ``momentum=None`` divides by the count tensor,
-      ``nonfinite="skip"``/``"raise"`` keep the old values by ``torch.where``).
-
-    When no transform is left once at the buffers' level, the ordinary eager
-    update runs (the same op as outside transforms, so the same bits).
-    """
-    buffers = [t for t in (running_mean, running_var, nbt) if t is not None]
-    level = max(_functorch.maybe_get_level(t) for t in buffers)
-    with contextlib.ExitStack() as outer:
-        while (interpreter := _functorch.peek_interpreter_stack()) is not None and interpreter.level() > level:
-            top, key = interpreter.level(), interpreter.key()
-            if key not in (_functorch.TransformType.Vmap, _functorch.TransformType.Grad, _functorch.TransformType.Jvp):
-                break  # (functionalize: the mutation is its business)
-            if key == _functorch.TransformType.Vmap:
-                if any(_functorch.maybe_get_level(s) >= top for s in (mean, var)):
-                    raise RuntimeError(
-                        f"{spec.name}: under torch.func.vmap in training mode, the batch statistics differ per "
-                        "mapped sample but the running statistics are unbatched buffers updated in place. Use "
-                        "bnkit.functional.batch_norm_step (pure: returns the new state), stack per-model buffers "
-                        "with torch.func.stack_module_state + functional_call, set track_running_stats=False, "
-                        "or use eval mode; the running statistics are unchanged"
-                    )
-            else:  # a grad or jvp level: keep the primal values
-                mean, var = (_functorch._unwrap_for_grad(s, top) for s in (mean, var))
-            outer.enter_context(_pyfunctorch.temporarily_pop_interpreter_stack())
-        mean, var = mean.detach(), var.detach()  # (forward AD: detach drops the tangent)
-        if _functorch.peek_interpreter_stack() is None and not kernels.transform_active():
-            running_update(spec, running_mean, running_var, nbt, mean, var, count)
-            return
-        if count == 0:
-            if nbt is not None:
-                nbt.add_(1)
-            return
-        if spec.momentum is None and nbt is None:
-            raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
-        valid = torch.isfinite(var.amax()) if spec.check_finite else None
-        if nbt is not None:
-            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
-        factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.clamp_min(1).double()
-        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
-
-
-# --------------------------------------------------------------------------- checks
-def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
-    if t is None:
-        return
-    if not isinstance(t, Tensor):
-        raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
-    if t.dtype != x.dtype and not (x.dtype in _HALF_DTYPES and t.dtype == torch.float32):
-        raise DtypeMismatchError(  # a TypeError, and a RuntimeError as torch's "mixed dtype"
-            f"batch_norm: {name} has dtype {t.dtype} but the input has {x.dtype}; parameters and buffers "
-            "must have the input's dtype (float16/bfloat16 inputs may also use float32 ones)"
-        )
-    if t.device != x.device:
-        raise RuntimeError(
-            f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
-        )
-    if t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias")):
-        # torch raises RuntimeError here; ChannelMismatchError is one (and a ValueError).
-        raise ChannelMismatchError(
-            f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"
-        )
-
-
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """torch's result for an input with no elements: a copy of it, joined to the graph of ``weight``/``bias``.
-
-    torch returns ``input.clone() * weight[0] + bias[0]`` without checking the
-    parameters' sizes or dtypes (nothing is computed from them), so an empty
-    batch of another float dtype or a 1-D empty input passes; bnkit does the same.
-    """
-    out = input.clone()
-    if isinstance(weight, Tensor) and weight.numel():
-        out = out * weight.reshape(-1)[0]
-    if isinstance(bias, Tensor) and bias.numel():
-        out = out + bias.reshape(-1)[0]
-    return out
-
-
-def check_input(spec: CallSpec, input: Tensor) -> None:
-    """The layer-level checks of ``input`` against ``spec`` (torch's messages where torch has one)."""
-    where = spec.name
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
-    ndim = input.dim()
-    if spec.min_rank and ndim < spec.min_rank:
-        raise ValueError(f"{where}: expected an input with at least 2 dimensions (N, C, ...), got {ndim}D")
-    if spec.ranks is not None and ndim not in spec.ranks:
-        expected = " or ".join(f"{d}D" for d in spec.ranks)
-        raise ValueError(f"expected {expected} input (got {ndim}D input)")
-    if spec.num_features <= 0:
-        return
-    axis = spec.axis
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"{where}: feature axis {axis} does not exist in a {ndim}-D input of shape {tuple(input.shape)}"
-        )
-    if input.shape[axis] != spec.num_features:
-        # torch raises RuntimeError for this; ChannelMismatchError is one (and a ValueError).
-        raise ChannelMismatchError(
-            f"{where}: expected {spec.num_features} features along axis {axis}, "
-            f"got {input.shape[axis]} (input shape {tuple(input.shape)})"
-        )
 
 
 # --------------------------------------------------------------------------- the door
@@ -557,116 +386,7 @@ def _general(
     return restore(kernels.infer(x3, running_mean, running_var, weight_c, bias_c, eps))
 
 
-# --------------------------------------------------------------------------- masks
-def check_mask(spec: CallSpec, input: Tensor, mask: object) -> None:
-    """``mask`` fits ``input``: a bool tensor on its device with its shape minus the feature axis.
-
-    Raised before anything changes: ``TypeError`` (not a bool tensor),
-    ``ValueError`` (wrong shape), ``RuntimeError`` (another device).
-    """
-    where = spec.name
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{where}: mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{where}: mask must have dtype torch.bool (True = valid entry), got {mask.dtype}")
-    ndim = input.dim()
-    if ndim < 1 or not -ndim <= spec.axis < ndim:
-        raise ValueError(f"{where}: feature axis {spec.axis} is out of range for a {ndim}-D input")
-    axis = spec.axis % ndim
-    expected = input.shape[:axis] + input.shape[axis + 1 :]
-    if mask.shape != expected:
-        raise ValueError(
-            f"{where}: mask must have the input's shape without the feature axis {spec.axis}, "
-            f"{tuple(expected)} for an input of shape {tuple(input.shape)}; got {tuple(mask.shape)}"
-        )
-    if mask.device != input.device:
-        raise RuntimeError(
-            f"{where}: mask is on device {mask.device} but the input is on device {input.device}; move it there"
-        )
-
-
-def canonical_mask(mask: Tensor, x3: Tensor) -> Tensor:
-    """``mask`` as the ``(outer, inner)`` bool mask of :func:`canonical_view`'s ``x3``.
-
-    Both views list the non-feature positions in the input's own order (the
-    channels-last view's rows too), so this is a reshape.
-    """
-    return mask.reshape(x3.shape[0], x3.shape[2])
-
-
-def masked_module_call(
-    spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
-) -> Tensor:
-    r"""Batch normalization with a validity ``mask`` (True = valid): the engine's door for masked calls.
-
-    Training (``batch_stats``): per channel, over the ``n`` valid entries,
-    ``mean = sum(m x) / n`` and ``var = sum(m (x - mean)^2) / n`` (biased);
-    every entry, padded ones included, becomes ``(x - mean) / sqrt(var + eps)
-    * weight + bias``, but padded entries never influence anything else
-    (statistics, valid outputs, gradients of valid inputs and of weight and
-    bias). The running update uses ``n`` (unbiased variance ``n/(n-1)``). A
-    batch with no valid entry is an empty batch: no update (but
-    ``num_batches_tracked`` counts it, as torch counts an empty batch), and
-    the output is ``bias`` (0 without) with no gradient. Inference uses the
-    running statistics and ignores the mask (it is still checked); a call
-    with batch statistics is masked whatever the mode.
-    The fused op is not used (it declines masks by not being called).
-    """
-    check_input(spec, input)
-    check_mask(spec, input, mask)
-    if not batch_stats or input.numel() == 0:
-        return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
-    return _masked_general(spec, input, mask, weight, bias, running_mean, running_var, num_batches_tracked)
-
-
-def _masked_general(
-    spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
-) -> Tensor:
-    """The masked training path: the general path's checks, masked moments and forward, then running_update."""
-    where, eps = spec.name, spec.eps
-    if not input.dtype.is_floating_point:
-        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
-    axis = spec.axis % input.dim()
-    channels = input.shape[axis]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_param(name, t, input, channels)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{where}: running_mean and running_var must both be given or both be None")
-    if not eps > 0:
-        raise ValueError(f"{where}: eps must be positive during training, got {eps}")
-    x3, restore = canonical_view(input, axis)
-    m2 = canonical_mask(mask, x3)
-    count = int(m2.sum())
-    if count == 1:
-        raise ValueError(
-            f"{where}: Expected more than 1 value per channel when training, got 1 valid entry "
-            f"(input size {input.size()})"
-        )
-    y3, mean, var = kernels.masked_train_forward(
-        x3, m2, per_channel(weight, channels), per_channel(bias, channels), eps, count
-    )
-    if running_mean is not None:
-        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
-    return restore(y3)
-def graph_path(
-    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool, axis: int, count: int
-) -> Tensor:
-    """The general path while a graph is captured (``torch.export``, ``torch.compile``, ONNX export).
-
-    A checked call (``weight``/``bias`` already ``[C]``, ``axis`` non-negative)
-    in standard ATen ops (:mod:`bnkit.kernels.aten_graph`), so that exported
-    programs hold no bnkit op and inductor fuses BN with its neighbours:
-    eval is torch's own eval BN (``F.batch_norm``); batch statistics are
-    ``var_mean`` + elementwise ops, and :func:`running_update` writes the
-    running statistics with tensor ops (non-finite policy by ``torch.where``;
-    ``"raise"`` acts as ``"skip"``, as no host check is possible).
-    """
-    if not batch_stats:
-        return aten_graph.infer_nd(input, running_mean, running_var, weight, bias, spec.eps, axis)
-    y, mean, var = aten_graph.train_nd(input, weight, bias, spec.eps, axis)
-    if running_mean is not None:
-        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
-    return y
+# The masked door and the capture/transform paths call back into this module (running_update, _general):
+# imported last, once everything they take from here is defined.
+from ._engine_graph import _transformed_running_update, graph_path  # noqa: E402
+from ._engine_masked import masked_module_call  # noqa: E402

@@ -1,0 +1,107 @@
+"""The engine's capture and transform paths: graph_path (export, compile, ONNX) and the running update under torch.func transforms."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+from torch._C import _functorch
+from torch._functorch import pyfunctorch as _pyfunctorch
+
+from . import kernels, stats
+from .engine import CallSpec, running_update
+from .kernels import aten_graph
+
+__all__ = ["graph_path"]
+
+
+def graph_path(
+    spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool, axis: int, count: int
+) -> Tensor:
+    """The general path while a graph is captured (``torch.export``, ``torch.compile``, ONNX export).
+
+    A checked call (``weight``/``bias`` already ``[C]``, ``axis`` non-negative)
+    in standard ATen ops (:mod:`bnkit.kernels.aten_graph`), so that exported
+    programs hold no bnkit op and inductor fuses BN with its neighbours:
+    eval is torch's own eval BN (``F.batch_norm``); batch statistics are
+    ``var_mean`` + elementwise ops, and :func:`running_update` writes the
+    running statistics with tensor ops (non-finite policy by ``torch.where``;
+    ``"raise"`` acts as ``"skip"``, as no host check is possible).
+    """
+    if not batch_stats:
+        return aten_graph.infer_nd(input, running_mean, running_var, weight, bias, spec.eps, axis)
+    y, mean, var = aten_graph.train_nd(input, weight, bias, spec.eps, axis)
+    if running_mean is not None:
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return y
+
+
+def _transformed_running_update(
+    spec: CallSpec,
+    running_mean: Tensor,
+    running_var: Tensor,
+    nbt: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+) -> None:
+    """:func:`running_update` under ``torch.func`` transforms or forward-mode AD.
+
+    Running statistics are state, not part of what is differentiated or
+    mapped: the update happens at the buffers' own transform level, with the
+    statistics' primal values.
+
+    - ``grad``/``jvp``/``jacfwd`` levels above the buffers (buffers captured
+      from outside, as a module's own are): the statistics are unwrapped to
+      their primal values and the level is left for the update (torch
+      refuses to mutate a captured tensor there; eager semantics are kept
+      instead: one update per call).
+    - ``vmap`` levels above the buffers: allowed where the statistics are the
+      same for every mapped sample (e.g. ``jacfwd``'s vmap over tangents);
+      batch statistics that differ per sample cannot go into one unbatched
+      buffer, so that raises (nothing changed) and names the ways out.
+    - Buffers batched at the statistics' vmap level (stacked per-model
+      buffers through ``torch.func.functional_call``, model ensembling):
+      updated in place per model, with tensor factors (no host
+      synchronisation: ``momentum=None`` divides by the count tensor,
+      ``nonfinite="skip"``/``"raise"`` keep the old values by ``torch.where``).
+
+    When no transform is left once at the buffers' level, the ordinary eager
+    update runs (the same op as outside transforms, so the same bits).
+    """
+    buffers = [t for t in (running_mean, running_var, nbt) if t is not None]
+    level = max(_functorch.maybe_get_level(t) for t in buffers)
+    with contextlib.ExitStack() as outer:
+        while (interpreter := _functorch.peek_interpreter_stack()) is not None and interpreter.level() > level:
+            top, key = interpreter.level(), interpreter.key()
+            if key not in (_functorch.TransformType.Vmap, _functorch.TransformType.Grad, _functorch.TransformType.Jvp):
+                break  # (functionalize: the mutation is its business)
+            if key == _functorch.TransformType.Vmap:
+                if any(_functorch.maybe_get_level(s) >= top for s in (mean, var)):
+                    raise RuntimeError(
+                        f"{spec.name}: under torch.func.vmap in training mode, the batch statistics differ per "
+                        "mapped sample but the running statistics are unbatched buffers updated in place. Use "
+                        "bnkit.functional.batch_norm_step (pure: returns the new state), stack per-model buffers "
+                        "with torch.func.stack_module_state + functional_call, set track_running_stats=False, "
+                        "or use eval mode; the running statistics are unchanged"
+                    )
+            else:  # a grad or jvp level: keep the primal values
+                mean, var = (_functorch._unwrap_for_grad(s, top) for s in (mean, var))
+            outer.enter_context(_pyfunctorch.temporarily_pop_interpreter_stack())
+        mean, var = mean.detach(), var.detach()  # (forward AD: detach drops the tangent)
+        if _functorch.peek_interpreter_stack() is None and not kernels.transform_active():
+            running_update(spec, running_mean, running_var, nbt, mean, var, count)
+            return
+        if count == 0:
+            if nbt is not None:
+                nbt.add_(1)
+            return
+        if spec.momentum is None and nbt is None:
+            raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+        valid = torch.isfinite(var.amax()) if spec.check_finite else None
+        if nbt is not None:
+            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
+        factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.clamp_min(1).double()
+        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)

@@ -1,0 +1,70 @@
+"""The engine's masked door: masked_module_call and its training path (statistics over the valid entries only)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import kernels
+from ._engine_checks import _check_param, check_input, check_mask
+from ._engine_views import canonical_mask, canonical_view, per_channel
+from .engine import CallSpec, _general, running_update
+
+__all__ = ["masked_module_call"]
+
+
+def masked_module_call(
+    spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
+) -> Tensor:
+    r"""Batch normalization with a validity ``mask`` (True = valid): the engine's door for masked calls.
+
+    Training (``batch_stats``): per channel, over the ``n`` valid entries,
+    ``mean = sum(m x) / n`` and ``var = sum(m (x - mean)^2) / n`` (biased);
+    every entry, padded ones included, becomes ``(x - mean) / sqrt(var + eps)
+    * weight + bias``, but padded entries never influence anything else
+    (statistics, valid outputs, gradients of valid inputs and of weight and
+    bias). The running update uses ``n`` (unbiased variance ``n/(n-1)``). A
+    batch with no valid entry is an empty batch: no update (but
+    ``num_batches_tracked`` counts it, as torch counts an empty batch), and
+    the output is ``bias`` (0 without) with no gradient. Inference uses the
+    running statistics and ignores the mask (it is still checked); a call
+    with batch statistics is masked whatever the mode.
+    The fused op is not used (it declines masks by not being called).
+    """
+    check_input(spec, input)
+    check_mask(spec, input, mask)
+    if not batch_stats or input.numel() == 0:
+        return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+    return _masked_general(spec, input, mask, weight, bias, running_mean, running_var, num_batches_tracked)
+
+
+def _masked_general(
+    spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+) -> Tensor:
+    """The masked training path: the general path's checks, masked moments and forward, then running_update."""
+    where, eps = spec.name, spec.eps
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+    axis = spec.axis % input.dim()
+    channels = input.shape[axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_param(name, t, input, channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{where}: running_mean and running_var must both be given or both be None")
+    if not eps > 0:
+        raise ValueError(f"{where}: eps must be positive during training, got {eps}")
+    x3, restore = canonical_view(input, axis)
+    m2 = canonical_mask(mask, x3)
+    count = int(m2.sum())
+    if count == 1:
+        raise ValueError(
+            f"{where}: Expected more than 1 value per channel when training, got 1 valid entry "
+            f"(input size {input.size()})"
+        )
+    y3, mean, var = kernels.masked_train_forward(
+        x3, m2, per_channel(weight, channels), per_channel(bias, channels), eps, count
+    )
+    if running_mean is not None:
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return restore(y3)

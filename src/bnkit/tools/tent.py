@@ -1,0 +1,201 @@
+"""TENT (Wang et al. 2021): entropy minimization over the BN affine parameters, :func:`tent`, :func:`bn_parameters`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, learns_stats
+from .adapt import AdaptHandle, _Snapshot, adapt
+from .calibrate import _model_device, _model_input
+
+__all__ = ["bn_parameters", "tent"]
+
+
+def bn_parameters(model: nn.Module, *, named: bool = False) -> list:
+    """The affine parameters (``weight``, ``bias``) of every BN-family layer of ``model``, each once.
+
+    These are what :func:`tent` trains, and what "train only BN" (Frankle et
+    al. 2020) trains: ``torch.optim.SGD(bnkit.bn_parameters(model), lr=0.1)``.
+    Frozen layers hold their affine as buffers, so they contribute nothing.
+
+    Args:
+        model: any module.
+        named: return ``(qualified name, parameter)`` pairs instead.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        >>> [n for n, _ in bn_parameters(net, named=True)]
+        ['1.weight', '1.bias']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bn_parameters: expected an nn.Module, got {type(model).__name__}")
+    out, seen = [], set()
+    for name, m in bn_layers(model, with_stats=False):
+        for pname, p in m.named_parameters(recurse=False):
+            if pname in ("weight", "bias") and id(p) not in seen:
+                seen.add(id(p))
+                out.append((f"{name}.{pname}" if name else pname, p))
+    return out if named else [p for _, p in out]
+
+
+# ------------------------------------------------------------------ TENT
+def _undo_tent_setup(hooks: list, momenta: list, grads: list) -> None:
+    """Remove TENT's hooks, put back the layers' momenta and the parameters' ``requires_grad`` flags."""
+    for h in hooks:
+        h.remove()
+    for m, mom in momenta:
+        m.momentum = mom
+    for p, rg in grads:
+        p.requires_grad_(rg)
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy of ``softmax(logits)`` over the batch (classes along dim 1)."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+
+
+def _frozen_batch_stats_hook(module: nn.Module, args: tuple, output: Any) -> Tensor:
+    """A frozen layer normalizing with batch statistics (differentiable), keeping its fixed affine."""
+    x = args[0]
+    axis = feature_axis(module) % x.dim()
+    c = int(module.num_features)
+    w = None if module.weight is None else module.weight.reshape(-1).expand(c)
+    b = None if getattr(module, "bias", None) is None else module.bias.reshape(-1).expand(c)
+    y = F.batch_norm(x.movedim(axis, 1), None, None, w, b, True, 0.0, module.eps)
+    return y.movedim(1, axis)
+
+
+def _make_optimizer(optimizer: Any, params: list, lr: float) -> torch.optim.Optimizer:
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if callable(optimizer):
+        opt = optimizer(params, lr=lr)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"tent: optimizer(params, lr=lr) must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
+    raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
+
+
+def tent(
+    model: nn.Module,
+    data: Iterable[Any] | Tensor,
+    *,
+    steps: int = 1,
+    lr: float = 1e-3,
+    optimizer: Any = "adam",
+    stats: str = "reestimate",
+    num_batches: int | None = None,
+) -> tuple[nn.Module, AdaptHandle]:
+    r"""TENT: adapt the BN affine parameters by minimizing the prediction entropy on target batches.
+
+    For each batch ``x`` of ``data`` and each of ``steps`` steps, one
+    optimizer step on
+
+    .. math::  H(x) = -\frac{1}{B}\sum_{i}\sum_k p_{ik}\log p_{ik},\qquad p_i = \mathrm{softmax}(f(x_i))
+
+    over :func:`bn_parameters` only, with every BN layer normalizing with the
+    batch's statistics (gradients flow through them, as in training) and every
+    other module in eval mode (dropout off). Running statistics are not
+    updated during the steps; afterwards, with ``stats="reestimate"``, they
+    are re-estimated on ``data`` under the adapted parameters (as
+    :func:`adapt` does), so the eval-mode model is the adapted one; with
+    ``stats="source"`` they stay the source's.
+
+    Args:
+        model: a classifier whose output is ``(N, classes)`` logits (edited in place).
+        data: batches as for :func:`adapt`. A one-shot iterator is read once
+            (its batches are kept for the statistics pass).
+        steps: optimizer steps per batch.
+        lr: learning rate.
+        optimizer: ``"adam"`` (Adam, betas 0.9/0.999, as in the paper),
+            ``"sgd"`` (momentum 0.9), or a callable ``(params, lr=lr)``
+            returning an optimizer (e.g. ``torch.optim.AdamW``).
+        stats: ``"reestimate"`` or ``"source"``.
+        num_batches: use at most this many batches.
+
+    Returns:
+        ``(model, handle)``; ``handle.restore()`` puts back the source
+        parameters and statistics bit for bit. ``requires_grad`` flags,
+        momenta and training flags are as before.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).eval()
+        >>> net, h = tent(net, torch.randn(8, 1, 8, 8), steps=2)
+        >>> _ = h.restore()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tent: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"tent: steps must be a positive int, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"tent: lr must be a positive number, got {lr!r}")
+    if stats not in ("reestimate", "source"):
+        raise ValueError(f"tent: stats must be 'reestimate' or 'source', got {stats!r}")
+    if not (optimizer in ("adam", "sgd") or callable(optimizer)):
+        raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
+    _check_num_batches("tent", num_batches)
+    params = bn_parameters(model)
+    if not params:
+        raise ValueError("tent: the model has no BN affine parameters to adapt")
+    layers = bn_layers(model, with_stats=False)
+    if isinstance(data, Tensor):
+        data = [data]
+    elif iter(data) is data:  # a one-shot iterator: keep its batches for the statistics pass
+        data = list(_batches(data, num_batches))
+
+    snapshot = _Snapshot(model, layers, params=True)
+    handle = AdaptHandle(model, "tent", [n or "<root>" for n, _ in layers], snapshot)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    momenta = [(m, m.momentum) for _, m in layers if learns_stats(m)]
+    hooks = []
+    device = _model_device(model)
+    seen = 0
+    try:
+        opt = _make_optimizer(optimizer, params, lr)
+        model.eval()
+        for _, m in layers:
+            if learns_stats(m):
+                m.train()  # batch statistics, with their gradient ...
+                m.momentum = 0.0  # ... and the running averages kept as they are
+            else:
+                hooks.append(m.register_forward_hook(_frozen_batch_stats_hook))
+        for p, _ in grads:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for batch in _batches(data, num_batches):
+            x = _model_input(batch, device)
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                logits = model(x)
+                if not isinstance(logits, Tensor) or logits.dim() < 2:
+                    raise TypeError("tent: the model must return (N, classes) logits")
+                _entropy(logits).backward()
+                opt.step()
+            seen += 1
+    except BaseException:
+        _undo_tent_setup(hooks, momenta, grads)
+        snapshot.restore()
+        raise
+    _undo_tent_setup(hooks, momenta, grads)
+    for p, _ in grads:
+        p.grad = None
+    # The steps left the statistics as they were (momentum 0) but counted batches: put the buffers back.
+    adapted = [p.detach().clone() for p in params]
+    snapshot.restore()
+    with torch.no_grad():
+        for p, v in zip(params, adapted):
+            p.copy_(v)
+    if seen == 0:
+        snapshot.restore()
+        raise ValueError("tent: data yielded no batch; nothing changed")
+    if stats == "reestimate" and bn_layers(model):
+        adapt(model, data, mode="reestimate", num_batches=num_batches)
+    return model, handle

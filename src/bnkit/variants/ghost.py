@@ -20,6 +20,19 @@ __all__ = [
 ]
 
 
+def _ghost_axis(where: str, virtual_batch_size: int, input: Tensor, axis: int) -> int:
+    """The non-negative feature axis, after checking the arguments both Ghost BN forms share."""
+    if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
+        raise ValueError(f"{where}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
+    ndim = input.dim()
+    if ndim < 2 or not -ndim <= axis < ndim or axis % ndim == 0:
+        raise ValueError(
+            f"{where}: Ghost BN splits the batch along dim 0, so it needs a feature axis other than 0 "
+            f"(got axis={axis} for a {ndim}-D input)"
+        )
+    return axis % ndim
+
+
 def ghost_batch_norm(
     input: Tensor, virtual_batch_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
     eps: float = 1e-5, *, axis: int = 1, where: str = "ghost_batch_norm"
@@ -32,15 +45,7 @@ def ghost_batch_norm(
     own. The full chunks go through one call of the core, their chunk index
     being folded into the feature axis.
     """
-    if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
-        raise ValueError(f"{where}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-    ndim = input.dim()
-    if ndim < 2 or not -ndim <= axis < ndim or axis % ndim == 0:
-        raise ValueError(
-            f"{where}: Ghost BN splits the batch along dim 0, so it needs a feature axis other than 0 "
-            f"(got axis={axis} for a {ndim}-D input)"
-        )
-    axis = axis % ndim
+    axis = _ghost_axis(where, virtual_batch_size, input, axis)
     n = input.shape[0]
     c = input.shape[axis]
     x3, restore = canonical_view(input, axis)
@@ -112,15 +117,7 @@ def masked_ghost_batch_norm(
     entries (a virtual batch with none gives ``bias``, as an all-padding
     batch); the returned moments merge the valid entries of all of them.
     """
-    if not is_int(virtual_batch_size) or virtual_batch_size <= 0:
-        raise ValueError(f"{where}: virtual_batch_size must be a positive int, got {virtual_batch_size!r}")
-    ndim = input.dim()
-    if ndim < 2 or not -ndim <= axis < ndim or axis % ndim == 0:
-        raise ValueError(
-            f"{where}: Ghost BN splits the batch along dim 0, so it needs a feature axis other than 0 "
-            f"(got axis={axis} for a {ndim}-D input)"
-        )
-    axis = axis % ndim
+    axis = _ghost_axis(where, virtual_batch_size, input, axis)
     check_mask(call_spec(where, axis), input, mask)
     c = input.shape[axis]
     acc = stats.accumulation_dtype(input.dtype)

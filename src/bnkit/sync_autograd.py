@@ -33,6 +33,43 @@ def _all_gather_flat(out: Tensor, inp: Tensor, group) -> None:
     gather(out, inp, group=group)
 
 
+def _gather_moments(
+    comm: "_Comm", x3: Tensor, n_local: int, local: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """All-gather every rank's ``(count, channels, tag, mean, M2)`` and check the header agrees.
+
+    ``local`` is this rank's ``(mean, biased var)`` over ``n_local`` values (``None`` when it has none).
+    Returns the gathered ``[world, 2C + header]`` payloads and their headers (on the CPU).
+    """
+    channels = x3.shape[1]
+    payload = torch.zeros(2 * channels + _HEADER, dtype=_COMM_DTYPE, device=x3.device)
+    payload[0] = n_local
+    payload[1] = channels
+    payload[2] = comm.tag
+    if local is not None:
+        mean_l, var_l = local
+        payload[_HEADER : _HEADER + channels] = mean_l
+        payload[_HEADER + channels :] = var_l.to(_COMM_DTYPE) * n_local  # M2
+    gathered = torch.empty(comm.world_size * payload.numel(), dtype=_COMM_DTYPE, device=x3.device)
+    try:
+        _all_gather_flat(gathered, payload, comm.group)
+    except Exception as err:  # noqa: BLE001 - every backend error becomes one clear message
+        raise comm.fail("forward all-gather of the batch statistics", err) from err
+    gathered = gathered.view(comm.world_size, -1)
+    header = gathered[:, :_HEADER].cpu()
+    if bool((header[:, 1] != channels).any()):
+        raise RuntimeError(
+            f"{comm.describe}: channel count mismatch across ranks: ranks have "
+            f"{[int(c) for c in header[:, 1]]} channels"
+        )
+    if bool((header[:, 2] != comm.tag).any()):
+        raise RuntimeError(
+            f"{comm.describe}: ranks reached different SyncBatchNorm layers in the same collective "
+            "(layer tags differ); every rank must call the same layers in the same order"
+        )
+    return gathered, header
+
+
 class _Comm:
     """What the autograd function needs to communicate and to name its layer in errors."""
 
@@ -65,31 +102,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         acc = stats.accumulation_dtype(x3.dtype)
         channels = x3.shape[1]
         n_local = x3.shape[0] * x3.shape[2]
-        payload = torch.zeros(2 * channels + _HEADER, dtype=_COMM_DTYPE, device=x3.device)
-        payload[0] = n_local
-        payload[1] = channels
-        payload[2] = comm.tag
-        if n_local > 0:
-            mean_l, var_l = kernels.moments(x3)
-            payload[_HEADER : _HEADER + channels] = mean_l
-            payload[_HEADER + channels :] = var_l.to(_COMM_DTYPE) * n_local  # M2
-        gathered = torch.empty(comm.world_size * payload.numel(), dtype=_COMM_DTYPE, device=x3.device)
-        try:
-            _all_gather_flat(gathered, payload, comm.group)
-        except Exception as err:  # noqa: BLE001 - every backend error becomes one clear message
-            raise comm.fail("forward all-gather of the batch statistics", err) from err
-        gathered = gathered.view(comm.world_size, -1)
-        header = gathered[:, :_HEADER].cpu()
-        if bool((header[:, 1] != channels).any()):
-            raise RuntimeError(
-                f"{comm.describe}: channel count mismatch across ranks: ranks have "
-                f"{[int(c) for c in header[:, 1]]} channels"
-            )
-        if bool((header[:, 2] != comm.tag).any()):
-            raise RuntimeError(
-                f"{comm.describe}: ranks reached different SyncBatchNorm layers in the same collective "
-                "(layer tags differ); every rank must call the same layers in the same order"
-            )
+        local = kernels.moments(x3) if n_local > 0 else None
+        gathered, header = _gather_moments(comm, x3, n_local, local)
         counts = header[:, 0]
         total = int(counts.sum())
         if total == 1:
@@ -160,31 +174,8 @@ class _SyncMaskedFunction(torch.autograd.Function):
                 comm: _Comm):
         acc = stats.accumulation_dtype(x3.dtype)
         channels = x3.shape[1]
-        payload = torch.zeros(2 * channels + _HEADER, dtype=_COMM_DTYPE, device=x3.device)
-        payload[0] = n_local
-        payload[1] = channels
-        payload[2] = comm.tag
-        if n_local > 0:
-            mean_l, var_l = kernels.masked_moments(x3, m2, n_local)
-            payload[_HEADER : _HEADER + channels] = mean_l
-            payload[_HEADER + channels :] = var_l.to(_COMM_DTYPE) * n_local  # M2
-        gathered = torch.empty(comm.world_size * payload.numel(), dtype=_COMM_DTYPE, device=x3.device)
-        try:
-            _all_gather_flat(gathered, payload, comm.group)
-        except Exception as err:  # noqa: BLE001 - every backend error becomes one clear message
-            raise comm.fail("forward all-gather of the batch statistics", err) from err
-        gathered = gathered.view(comm.world_size, -1)
-        header = gathered[:, :_HEADER].cpu()
-        if bool((header[:, 1] != channels).any()):
-            raise RuntimeError(
-                f"{comm.describe}: channel count mismatch across ranks: ranks have "
-                f"{[int(c) for c in header[:, 1]]} channels"
-            )
-        if bool((header[:, 2] != comm.tag).any()):
-            raise RuntimeError(
-                f"{comm.describe}: ranks reached different SyncBatchNorm layers in the same collective "
-                "(layer tags differ); every rank must call the same layers in the same order"
-            )
+        local = kernels.masked_moments(x3, m2, n_local) if n_local > 0 else None
+        gathered, header = _gather_moments(comm, x3, n_local, local)
         total = int(header[:, 0].sum())
         if total == 1:
             raise ValueError(

@@ -394,3 +394,75 @@ def test_norms_experiment_skips_unavailable(tmp_path):
     assert set(m["runs"]) == {"none-s0", "bn-s0", "gn-s0", "ln-s0"}
     assert "spatial" in m["summary"]["skipped"]["in"]
     assert (tmp_path / "n" / "norms.png").is_file() and (tmp_path / "n" / "report.html").is_file()
+
+
+# ------------------------------------------------------------------------------------------ run extensions
+
+class LastLayerOnly:
+    """A test extension: trains only the output layer, visits one class per batch, records a counter kept
+    in its own state and the output layer's weight norm."""
+
+    def __init__(self, tag: float = 1.0):
+        from bnkit.experiments.train import RunExtension
+        self._base = RunExtension()
+        self.tag, self.calls = tag, 0
+
+    def prepare(self, model, cfg, data):
+        return model
+
+    def parameters(self, model):
+        return list(model.parameters())[-2:]
+
+    def batch_indices(self, step, default, y_train):
+        return torch.nonzero(y_train == step % 10).flatten()[:len(default)]
+
+    def train_step(self, model, x, y, opt):
+        return self._base.train_step(model, x, y, opt)
+
+    def after_step(self, model, step, x, y, opt):
+        self.calls += 1
+        return {"calls": self.calls, "classes": len(torch.unique(y))}
+
+    def on_eval(self, model, step, data):
+        return {"out_norm": list(model.parameters())[-2].norm().item() * self.tag}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_run_extension_controls_the_loop_and_resumes(mnist5k, tmp_path):
+    from bnkit.experiments.train import RunInterrupted, StepBudget
+
+    ds = _tiny(mnist5k)
+    cfg = RunConfig(name="ext", norm="bn", steps=20, eval_every=5, batch_size=20, probe_size=50, lr=0.1,
+                    extension=f"{__name__}:LastLayerOnly", extension_options={"tag": 2.0})
+    torch.manual_seed(0)
+    before = [p.detach().clone() for p in make_model_of(cfg, ds).parameters()]
+    full = train_run(cfg, ds, tmp_path / "a")
+    # only the output layer trained; every batch held one class; the counter survived to the end
+    assert [r["classes"] for r in full["step_records"]] == [1] * 20
+    assert [r["calls"] for r in full["step_records"]] == list(range(1, 21))
+    assert len(full["extra"]["out_norm"]) == len(full["steps"]) == 5
+    ck = torch.load(tmp_path / "a" / "checkpoints" / "ext.pt", weights_only=False)
+    params_after = [t for k, t in ck["model"].items() if "running" not in k and "num_batches" not in k]
+    assert len(params_after) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(params_after[:-2], before[:-2]))
+    assert not torch.equal(params_after[-2], before[-2])
+    with pytest.raises(RunInterrupted):
+        train_run(cfg, ds, tmp_path / "b", budget=StepBudget(12))
+    resumed = train_run(cfg, ds, tmp_path / "b", resume=True)
+    assert _strip_timing(resumed) == _strip_timing(full)
+
+
+def make_model_of(cfg, ds):
+    from bnkit.experiments.train import make_model
+    return make_model(cfg, ds)
+
+
+def test_unknown_extension_is_a_value_error(mnist5k, tmp_path):
+    from bnkit.experiments.train import check_run
+    with pytest.raises(ValueError, match="unknown extension"):
+        check_run(RunConfig(name="x", extension="bnkit.nothing:Here"), _tiny(mnist5k))

@@ -32,7 +32,7 @@ from .data import Dataset
 from .diagnostics import drift, all_unit_drifts, probe_percentiles, typical_unit
 from .models import build_model
 
-__all__ = ["RunConfig", "RunInterrupted", "CheckpointError", "StepBudget", "train_run", "atomic_save",
+__all__ = ["RunConfig", "RunExtension", "make_extension", "RunInterrupted", "CheckpointError", "StepBudget", "train_run", "atomic_save",
            "atomic_write_text", "remove_stale_temp_files", "check_resumable", "make_optimizer", "make_model",
            "check_run",
            "steps_to_threshold", "eval_steps"]
@@ -68,6 +68,10 @@ class RunConfig:
     train_eval_size: int = 0
     # > 0: train on the first train_subset training examples only (a small training set, to show overfitting)
     train_subset: int = 0
+    # "package.module:Class" of a RunExtension that customises this run (batch order, trainable parameters,
+    # the training step, extra measurements), built as Class(**extension_options); "" for plain training
+    extension: str = ""
+    extension_options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         self.variant = self.variant or self.norm
@@ -133,6 +137,63 @@ class _Batches:
         return self._perm[i * self.bs:(i + 1) * self.bs]
 
 
+class RunExtension:
+    """What an experiment changes in :func:`train_run`, one method per point of the loop; the defaults are
+    plain training. A run names its extension in ``RunConfig.extension`` (``"module:Class"``), so a run
+    stays a plain, picklable config (the parallel executors send configs, not objects).
+
+    Resume: ``state_dict``/``load_state_dict`` hold whatever the extension keeps between steps (it is saved
+    in every checkpoint); the measurements it returns are saved by the loop.
+    """
+
+    def prepare(self, model: torch.nn.Module, cfg: RunConfig, data: Dataset) -> torch.nn.Module:
+        """The model to train (called once on the freshly initialised model, before the optimizer)."""
+        return model
+
+    def parameters(self, model: torch.nn.Module):
+        """The parameters the optimizer updates."""
+        return model.parameters()
+
+    def batch_indices(self, step: int, default: torch.Tensor, y_train: torch.Tensor) -> torch.Tensor:
+        """The training examples of this step (default: the seeded i.i.d. order of :class:`_Batches`)."""
+        return default
+
+    def train_step(self, model, x, y, opt) -> torch.Tensor:
+        """One optimizer step on the batch; returns the (detached or not) training loss."""
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def after_step(self, model, step: int, x, y, opt) -> Optional[Dict[str, float]]:
+        """Measurements after training step ``step`` (1-based); recorded with the step in ``step_records``."""
+        return None
+
+    def on_eval(self, model, step: int, data: Dataset) -> Dict[str, float]:
+        """Extra scalars at every evaluation; each key becomes a series in the run's ``extra``."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def make_extension(cfg: RunConfig) -> RunExtension:
+    """The run's extension (a plain :class:`RunExtension` when ``cfg.extension`` is empty)."""
+    if not cfg.extension:
+        return RunExtension()
+    import importlib
+    mod_name, _, cls_name = cfg.extension.partition(":")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"run {cfg.name}: unknown extension {cfg.extension!r} ({e})") from None
+    return cls(**dict(cfg.extension_options or {}))
+
+
 def make_optimizer(cfg: RunConfig, params):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -185,13 +246,14 @@ def check_run(cfg: RunConfig, data: Dataset) -> None:
     """Everything a run needs, tried before anything is written: the model, the optimizer, the batch
     schedule and one training-mode forward of one batch (on a throwaway model; no global state changes).
     Raises what training would raise (``ValueError``, ``RuntimeError``, ...)."""
-    model = make_model(cfg, data)
-    make_optimizer(cfg, model.parameters())
+    ext = make_extension(cfg)
+    model = ext.prepare(make_model(cfg, data), cfg, data)
+    make_optimizer(cfg, ext.parameters(model))
     x_tr, y_tr = _train_tensors(cfg, data)
     batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
     model.train()
     with torch.no_grad():
-        model(x_tr[: batches.bs])
+        model(x_tr[ext.batch_indices(0, batches.indices(0), y_tr)])
 
 
 def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = False, progress=None,
@@ -212,15 +274,17 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
         progress.finish(cfg.name)
         return res
 
-    model = make_model(cfg, data)
+    ext = make_extension(cfg)
+    model = ext.prepare(make_model(cfg, data), cfg, data)
     model.train()
-    opt = make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, ext.parameters(model))
     probe_x = data.x_test[: cfg.probe_size]
     probe_mod = [b for b in model.blocks if hasattr(b, "act")][cfg.probe_layer].act
     schedule = eval_steps(cfg.steps, cfg.eval_every)
 
     state = {"step": 0, "hist": {"steps": [], "test_acc": [], "test_loss": [], "train_loss": []},
-             "pct": [], "loss_sum": 0.0, "loss_n": 0, "ema": None, "train_seconds": 0.0, "interval_ms": []}
+             "pct": [], "loss_sum": 0.0, "loss_n": 0, "ema": None, "train_seconds": 0.0, "interval_ms": [],
+             "extra": {}, "step_records": []}
     if cfg.train_eval_size > 0:
         state["hist"].update(train_acc=[], train_eval_loss=[])
     ck = _read_checkpoint(cfg, ckpt_path) if resume and ckpt_path.exists() else None
@@ -229,9 +293,12 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
             torch.set_rng_state(ck["torch_rng"])
+            ext.load_state_dict(ck.get("extension", {}))
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(_damaged(ckpt_path, cfg.name, e)) from None
         state = ck["state"]
+        state.setdefault("extra", {})
+        state.setdefault("step_records", [])
         _filter_jsonl(jsonl, cfg.name, state["step"])
     else:
         torch.manual_seed(cfg.seed)
@@ -239,7 +306,7 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
 
     def checkpoint():
         atomic_save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "state": state}, ckpt_path)
+                     "torch_rng": torch.get_rng_state(), "state": state, "extension": ext.state_dict()}, ckpt_path)
 
     def do_eval(step):
         acc, tloss = evaluate(model, data.x_test, data.y_test)
@@ -251,10 +318,14 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             tr_acc, tr_loss = evaluate(model, data.x_train[:cfg.train_eval_size], data.y_train[:cfg.train_eval_size])
             h["train_acc"].append(tr_acc); h["train_eval_loss"].append(tr_loss)
         state["pct"].append(pct)
+        extra = {k: float(v) for k, v in ext.on_eval(model, step, data).items()}
+        for k, v in extra.items():
+            state["extra"].setdefault(k, []).append(v)
         state["loss_sum"], state["loss_n"] = 0.0, 0
         rec = {"run": cfg.name, "variant": cfg.variant, "seed": cfg.seed, "step": step, "test_acc": acc,
                "test_loss": tloss, "train_loss": tr,
-               "p50_units_median": float(np.median(pct[1])), "p15_85_spread_mean": float(np.mean(pct[2] - pct[0]))}
+               "p50_units_median": float(np.median(pct[1])), "p15_85_spread_mean": float(np.mean(pct[2] - pct[0])),
+               **extra}
         with open(jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")
         progress.update(cfg.name, step, loss=state["ema"], acc=acc)
@@ -275,14 +346,10 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
             if not budget.take():
                 raise RunInterrupted(f"step budget exhausted in run {cfg.name} at step {step}", cfg.name, step)
             t0 = time.perf_counter()
-            idx = batches.indices(step)
-            out = model(x_tr[idx])
-            loss = F.cross_entropy(out, y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            idx = ext.batch_indices(step, batches.indices(step), y_tr)
+            loss = ext.train_step(model, x_tr[idx], y_tr[idx], opt)
             t_acc += time.perf_counter() - t0
-            lv = loss.item()
+            lv = loss.item() if torch.is_tensor(loss) else float(loss)
             if not math.isfinite(lv) and cfg.on_diverge == "stop":
                 # the step has already written non-finite weights: evaluate that model (it predicts
                 # garbage) and end the run here
@@ -297,6 +364,9 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
                 raise FloatingPointError(f"run {cfg.name}: loss became {lv} at step {step}; lower --lr")
             step += 1
             state["step"] = step
+            rec = ext.after_step(model, step, x_tr[idx], y_tr[idx], opt)
+            if rec:
+                state["step_records"].append({"step": step, **{k: float(v) for k, v in rec.items()}})
             state["loss_sum"] += lv
             state["loss_n"] += 1
             state["ema"] = lv if state["ema"] is None else 0.98 * state["ema"] + 0.02 * lv
@@ -345,6 +415,7 @@ def _result(cfg: RunConfig, state: Dict) -> Dict:
         "config": asdict(cfg),
         "steps": h["steps"], "test_acc": acc, "test_loss": h["test_loss"], "train_loss": h["train_loss"],
         **extra, "diverged_at": state.get("diverged_at"),
+        "extra": state.get("extra", {}), "step_records": state.get("step_records", []),
         "typical_unit": u, "percentiles": {"p15": p15, "p50": p50, "p85": p85},
         "summary": {
             "final_acc": acc[-1], "best_acc": max(acc), "last10pct_mean_acc": float(np.mean(acc[-n_last:])),

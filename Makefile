@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bnkit-installed
 # (their other requirements are in the dev extra).
 TORCH_PACKAGES := timm==1.0.31 pytorch-lightning==2.6.6 torchmetrics==1.9.0
 
-.PHONY: setup demo test test-all build bench docs clean
+.PHONY: setup demo test test-cuda test-all build bench docs clean
 
 # Progress: each step says what it does; pip shows its downloads (no -q), `bnkit build` a heartbeat.
 $(STAMP): pyproject.toml Makefile
@@ -37,6 +37,10 @@ test: setup
 	$(PY) -m ruff check src tests benchmarks examples
 	@echo "==> the fast test suite (pytest -m 'not slow'; minutes; one character per test, percent at line ends)"
 	$(PY) -m pytest -q -m "not slow" --timeout=900
+
+# The GPU tests (tests/test_cuda.py; skipped on a machine without CUDA).
+test-cuda: setup
+	$(PY) -m pytest -q -m cuda tests/test_cuda.py
 
 test-all: setup
 	$(PY) -m pytest -q --timeout=1800

@@ -10,7 +10,8 @@ messages), built once per layer, and the call's tensors. The route::
          changing nothing, whatever it does not handle)
       -> otherwise the general path: check_input, then the phases on the
          canonical (outer, C, inner) view (training forward or inference,
-         then running_update)
+         then running_update); on a GPU, ATen's own batch norm
+         (``_engine_device``) computes the normalization and the batch moments
 
 :func:`running_update` is the one place that writes running statistics (both
 paths end in the same ``bnkit::running_update_`` op on eager CPU). A per-call
@@ -377,6 +378,9 @@ def _general(
     if aten_graph.capturing():
         return graph_path(spec, input, weight_c, bias_c, running_mean, running_var, num_batches_tracked, batch_stats,
                           axis, count)
+    if _engine_device.applies(spec, input, weight_c, bias_c, running_mean, running_var, axis):
+        return _engine_device.call(spec, input, weight_c, bias_c, running_mean, running_var, num_batches_tracked,
+                                   batch_stats, count)
     x3, restore = canonical_view(input, axis)
     if batch_stats:
         y3, mean, var = kernels.train_forward(x3, weight_c, bias_c, eps)
@@ -388,5 +392,6 @@ def _general(
 
 # The masked door and the capture/transform paths call back into this module (running_update, _general):
 # imported last, once everything they take from here is defined.
+from . import _engine_device  # noqa: E402
 from ._engine_graph import _transformed_running_update, graph_path  # noqa: E402
 from ._engine_masked import masked_module_call  # noqa: E402

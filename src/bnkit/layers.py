@@ -5,12 +5,12 @@
 layout. :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`
 are thin specializations with ``torch.nn.BatchNormNd``'s arguments,
 parameters, buffers, state_dict keys and input checks. The math lives in
-:mod:`bnkit.functional` / :mod:`bnkit.reference`.
+:mod:`bnkit.functional` / :mod:`bnkit.reference`; the protocol the variants share (constructor
+arguments, checks, the tiny-batch policy) in :mod:`bnkit._layer_support`.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,61 +18,31 @@ import torch.fx
 from torch import Tensor, nn
 
 from . import conventions
+from ._layer_support import (
+    SHARE_AFFINE_MODES,
+    TINY_BATCH_POLICIES,
+    bn_arguments,
+    check_feature_input,
+    check_per_channel_tensors,
+    masked_tiny_batch,
+    tiny_batch_forward,
+)
 from .engine import (
     NONFINITE_POLICIES,
     CallSpec,
     batch_norm_module_call,
     call_spec,
     check_input,
-    check_mask,
     fold,
     masked_module_call,
 )
-from .errors import ChannelMismatchError
 from .family import specialize
 
-__all__ = ["SHARE_AFFINE_MODES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "bn_arguments", "check_feature_input",
-           "check_per_channel_tensors"]
-
-SHARE_AFFINE_MODES = ("none", "weight", "all")
-TINY_BATCH_POLICIES = ("raise", "running")
-
-# The arguments of BatchNorm.__init__, which every subclass passes on unchanged.
-_BN_ARGUMENTS = (
-    "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
-    "share_affine", "nonfinite", "convention", "tiny_batch",
-)
-
-
-def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:
-    """:class:`BatchNorm`'s constructor arguments picked from a subclass constructor's ``locals()``."""
-    # Subclasses without convention/tiny_batch (Ghost, Shared, Sync) get BatchNorm's defaults.
-    return {name: namespace[name] for name in _BN_ARGUMENTS if name in namespace}
+__all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "bn_arguments", "check_feature_input", "check_per_channel_tensors", "masked_tiny_batch", "tiny_batch_forward"]
 
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
-
-
-def check_feature_input(
-    where: str, input: Tensor, expected_dims: tuple[int, ...] | None, axis: int, num_features: int
-) -> None:
-    """The checks every BN-family layer makes on its input, with torch's messages where torch has one."""
-    check_input(call_spec(where, axis, num_features, expected_dims), input)
-
-
-def check_per_channel_tensors(layer: nn.Module) -> None:
-    """A layer's weight, bias and running buffers have one value per channel (weight/bias: or one shared value).
-
-    For layers that use them before the engine's own checks (Batch Renorm's correction): the same
-    ``ChannelMismatchError`` (a ``RuntimeError``, as torch's) and message as the engine.
-    """
-    c = layer.num_features
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(layer, name, None)
-        if isinstance(t, Tensor) and t.numel() != c and not (t.numel() == 1 and name in ("weight", "bias")):
-            raise ChannelMismatchError(
-                f"{layer._describe()}: {name} should have {c} elements (one per channel), got shape {tuple(t.shape)}"
-            )
 
 
 class BatchNorm(nn.Module):
@@ -340,41 +310,6 @@ class BatchNorm(nn.Module):
     def _check_input(self, input: Tensor) -> None:  # the former name of check_input
         self.check_input(input)
 
-    def _tiny_batch_forward(self, input: Tensor) -> Tensor | None:
-        """The eval-mode output for a one-value-per-channel training batch under ``tiny_batch="running"``."""
-        if not (isinstance(input, Tensor) and input.dim() >= 1 and -input.dim() <= self.axis < input.dim()):
-            return None
-        if input.numel() == 0 or input.numel() != input.shape[self.axis]:
-            return None
-        self._check_input(input)
-        warnings.warn(
-            f"{self._describe()}: a training batch with one value per channel (input size {tuple(input.shape)}) "
-            "was normalized with the running statistics, which were not updated (tiny_batch='running')",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return batch_norm_module_call(
-            self.call_spec(), input, self.weight, self.bias, self.running_mean, self.running_var, None, False
-        )
-
-    def _masked_tiny_batch(self, input: Tensor, mask: Tensor) -> Tensor | None:
-        """Under ``tiny_batch="running"``, the eval-mode output of a training batch with one valid entry."""
-        if not self.training or getattr(self, "tiny_batch", "raise") == "raise":
-            return None
-        spec = self.call_spec()
-        check_input(spec, input)
-        check_mask(spec, input, mask)
-        if int(mask.sum()) != 1:
-            return None
-        warnings.warn(
-            f"{self._describe()}: a training batch with one valid entry per channel was normalized with the "
-            "running statistics, which were not updated (tiny_batch='running')",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return masked_module_call(spec, input, mask, self.weight, self.bias, self.running_mean, self.running_var,
-                                  None, False)
-
     def masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
         """``forward(input, mask)``: BN whose training statistics use the entries where ``mask`` is True.
 
@@ -382,7 +317,7 @@ class BatchNorm(nn.Module):
         for ``(N, C, L)`` with ``axis=1`` or ``(N, L, C)`` with ``axis=-1``).
         See :func:`bnkit.engine.masked_module_call` for the semantics.
         """
-        y = self._masked_tiny_batch(input, mask)
+        y = masked_tiny_batch(self, input, mask)
         if y is not None:
             return y
         if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
@@ -399,7 +334,7 @@ class BatchNorm(nn.Module):
         if mask is not None:
             return self.masked_forward(input, mask)
         if self.training and getattr(self, "tiny_batch", "raise") != "raise":
-            y = self._tiny_batch_forward(input)
+            y = tiny_batch_forward(self, input)
             if y is not None:
                 return y
         if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":

@@ -20,7 +20,7 @@ from ..engine import (
     per_channel,
 )
 from ..family import specialize
-from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors
+from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors, masked_tiny_batch, tiny_batch_forward
 from ._common import is_int, no_training_trace
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -231,7 +231,7 @@ class BatchRenorm(BatchNorm):
         if mask is not None:
             return self._masked_train_forward(input, mask)
         if self.tiny_batch != "raise":
-            y = self._tiny_batch_forward(input)
+            y = tiny_batch_forward(self, input)
             if y is not None:
                 return y
         if self.convention == "keras":
@@ -257,7 +257,7 @@ class BatchRenorm(BatchNorm):
 
     def _masked_train_forward(self, input: Tensor, mask: Tensor) -> Tensor:
         """Training with a validity mask: ``r``, ``d`` and the batch statistics from the valid entries."""
-        y = self._masked_tiny_batch(input, mask)
+        y = masked_tiny_batch(self, input, mask)
         if y is not None:
             return y
         if self.convention == "keras":

@@ -224,6 +224,18 @@ def test_damaged_and_unfinished_are_listed_with_a_reason(tmp_path, capfd):
     assert len(page.imgs) == 1
 
 
+def test_linked_run_directories_are_followed(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    _fake_run(tmp_path / "elsewhere" / "fig1-far", "fig1")
+    (root / "fig1-linked").symlink_to(tmp_path / "elsewhere" / "fig1-far", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)  # a cycle: bounded by the depth limit
+    out, entries = atlas.write_atlas(root)
+    assert [(e.path, e.status) for e in entries] == [(root / "fig1-linked", "finished")]  # once, not per loop
+    page = _Page(out.read_text())
+    assert all((out.parent / unquote(h)).is_file() for c in page.cards for h in c["links"])
+
+
 def test_out_elsewhere_links_stay_relative(tmp_path):
     root = _tree(tmp_path)
     (tmp_path / "site" / "deep").mkdir(parents=True)

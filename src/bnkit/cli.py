@@ -2,7 +2,8 @@
 
 Subcommands: ``demo`` (Figure 1 on the embedded data; exits 1 when one of its checks fails),
 ``run EXPERIMENT`` (each experiment has its own options: ``bnkit run NAME --help``), ``list``, ``build``
-(the C++ kernels) and ``bench`` (kernel benchmarks). Imports are lazy: ``bnkit build`` loads no
+(the C++ kernels), ``bench`` (kernel benchmarks), ``inspect`` (the BN doctor) and ``report`` (the atlas of
+the finished experiments). Imports are lazy: ``bnkit build`` loads no
 plotting code.
 
 Exit codes: 0 success, 1 a demo check failed (or an unexpected error), 2 a usage error (bad option

@@ -122,8 +122,16 @@ def scan_runs(runs_dir: Path, max_depth: int = MAX_DEPTH) -> List[AtlasEntry]:
         found.append(AtlasEntry(Path(err.filename or root), "?", "skipped",
                                 f"cannot list the directory ({err.strerror or err})"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+    # symbolic links are followed (a run linked in from elsewhere), each real directory visited once
+    # (no loops, no run listed twice)
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         d = Path(dirpath)
+        real = os.path.realpath(d)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         if "config.json" in filenames or "metrics.json" in filenames:
             found.append(_entry(d))
             dirnames[:] = []  # its runs/ and checkpoints/ belong to it

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.bnkit-installed
 # (their other requirements are in the dev extra).
 TORCH_PACKAGES := timm==1.0.31 pytorch-lightning==2.6.6 torchmetrics==1.9.0
 
-.PHONY: setup demo test test-cuda test-all build bench docs clean
+.PHONY: setup browser demo test test-cuda test-all build bench docs clean
 
 # Progress: each step says what it does; pip shows its downloads (no -q), `bnkit build` a heartbeat.
 $(STAMP): pyproject.toml Makefile
@@ -31,8 +31,25 @@ demo: setup
 	@echo "==> bnkit demo: Figure 1 on the embedded MNIST digits (6 runs with a progress bar; exit 1 if a check fails)"
 	$(PY) -m bnkit.cli demo
 
+# The browser tests (tests/test_browser.py) drive Debian's chromium through chromium-driver; installed
+# when missing (as root, or with sudo). Elsewhere the tests skip, except under CI, where they fail.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  echo "==> browser tests: using $$(command -v chromium) and $$(command -v chromedriver)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "==> installing Debian's chromium and chromium-driver for the browser tests (apt-get; a large download the first time)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "==> not root and no sudo: cannot install chromium; the browser tests will skip (fail under CI)"; \
+	  [ -z "$$CI" ] || exit 1; exit 0; fi; \
+	  { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; } || \
+	  { echo "==> installing chromium failed: the browser tests will skip (fail under CI)"; [ -z "$$CI" ] || exit 1; }; \
+	else \
+	  echo "==> no chromium/chromedriver and no apt-get: the browser tests will skip (fail under CI)"; \
+	  [ -z "$$CI" ] || exit 1; \
+	fi
+
 # Runs the whole fast suite; fails when a test fails or when no test ran.
-test: setup
+test: setup browser
 	@echo "==> ruff (lint)"
 	$(PY) -m ruff check src tests benchmarks examples
 	@echo "==> the fast test suite (pytest -m 'not slow'; minutes; one character per test, percent at line ends)"
@@ -42,7 +59,7 @@ test: setup
 test-cuda: setup
 	$(PY) -m pytest -q -m cuda tests/test_cuda.py
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest -q --timeout=1800
 
 bench: setup

@@ -2,7 +2,8 @@
 
 Subcommands: ``demo`` (Figure 1 on the embedded data; exits 1 when one of its checks fails),
 ``run EXPERIMENT`` (each experiment has its own options: ``bnkit run NAME --help``), ``list``, ``build``
-(the C++ kernels) and ``bench`` (kernel benchmarks). Imports are lazy: ``bnkit build`` loads no
+(the C++ kernels), ``bench`` (kernel benchmarks), ``inspect`` (the BN doctor) and ``report`` (the atlas of
+the finished experiments). Imports are lazy: ``bnkit build`` loads no
 plotting code.
 
 Exit codes: 0 success, 1 a demo check failed (or an unexpected error), 2 a usage error (bad option
@@ -271,6 +272,31 @@ def _add_inspect_command(sub) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
+def cmd_report(args) -> int:
+    """``bnkit report [RUNS_DIR] [--out FILE]``: the atlas of the finished experiments (experiments/atlas.py)."""
+    from .experiments.atlas import AtlasError, write_atlas
+
+    try:
+        out, entries = write_atlas(Path(args.runs_dir), Path(args.out) if args.out else None)
+    except AtlasError as e:
+        return _error(str(e), "bnkit report")
+    n_fin = sum(e.status == "finished" for e in entries)
+    print(f"wrote {out}: {n_fin} finished experiment run{'s' * (n_fin != 1)} of "
+          f"{len({e.experiment for e in entries if e.status == 'finished'})} experiment(s)")
+    for e in sorted((e for e in entries if e.status != "finished"), key=lambda e: str(e.path)):
+        print(f"  {e.status} {e.path}: {e.reason}")
+    return 0
+
+
+def _add_report_command(sub) -> None:
+    p = sub.add_parser("report", help="the atlas: one self-contained RUNS_DIR/index.html of every finished "
+                                      "experiment (figure, checks, link to its report)")
+    p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR",
+                   help="the directory searched for experiment runs (default: runs)")
+    p.add_argument("--out", metavar="FILE", help="write the page here (default: RUNS_DIR/index.html)")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (``bnkit --help``). ``run`` and ``demo`` get their experiment's own parser
     (:func:`experiment_parser`) in :func:`main`, so building this one imports no experiment code."""
@@ -291,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)", add_help=False)
     _add_inspect_command(sub)
+    _add_report_command(sub)
     return p
 
 

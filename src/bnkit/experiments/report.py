@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["render_report", "write_report", "fmt", "doc_html"]
+__all__ = ["render_report", "write_report", "fmt", "doc_html", "page_head", "checks_table"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
@@ -111,18 +111,45 @@ def _table(header: Sequence[str], rows: List[Sequence]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def _img(path, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a data URI (``path``: a file, or the PNG's bytes)."""
+    raw = path if isinstance(path, (bytes, bytearray)) else Path(path).read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+# The page may load nothing but itself: inline CSS and data: images. The browser enforces it, and reports a
+# violation on the console, so a stray external resource cannot slip in unnoticed.
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def page_head(title: str, css: str = "") -> str:
+    """The start of a self-contained page, up to and including ``<body>``: charset, viewport, the
+    content-security policy above, the title and the shared CSS (plus ``css``)."""
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}{css}</style></head><body>")
+
+
+def checks_table(checks: Dict) -> str:
+    """``summary.checks`` as a table: one row per check, PASS/FAIL and the numbers it used."""
+    body = ""
+    for name, c in checks.items():
+        c = c if isinstance(c, dict) else {"pass": False, "value": c}
+        ok = bool(c.get("pass"))
+        detail = {k: v for k, v in c.items() if k != "pass"}
+        body += (f"<tr><td>{html.escape(str(name))}</td><td class=\"{'pass' if ok else 'fail'}\">"
+                 f"{'PASS' if ok else 'FAIL'}</td><td>{html.escape(_brief(detail))}</td></tr>")
+    return ("<table class=\"checks\"><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
 
 
 def render_report(metrics: Dict, images: Sequence[Path], *, title: str, intro: str = "",
                   notes: Optional[str] = None) -> str:
     cfg = metrics.get("config", {})
     summary = metrics.get("summary", {})
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    parts = [page_head(title),
              f"<h1>{html.escape(title)}</h1>",
              f"<p class=\"muted\">experiment <code>{html.escape(str(metrics.get('experiment')))}</code>, "
              f"output directory <code>{html.escape(str(metrics.get('out_dir', '')))}</code>, "
@@ -134,16 +161,7 @@ def render_report(metrics: Dict, images: Sequence[Path], *, title: str, intro: s
 
     checks = summary.get("checks")
     if checks:
-        rows = []
-        for name, c in checks.items():
-            ok = c.get("pass")
-            detail = {k: v for k, v in c.items() if k != "pass"}
-            rows.append((name, ok, detail))
-        body = "".join(
-            f"<tr><td>{html.escape(n)}</td><td class=\"{'pass' if ok else 'fail'}\">{'PASS' if ok else 'FAIL'}</td>"
-            f"<td>{html.escape(_brief(d))}</td></tr>" for n, ok, d in rows)
-        parts.append(f"<h2>Checks</h2><table><thead><tr><th>check</th><th>result</th><th>detail</th></tr></thead>"
-                     f"<tbody>{body}</tbody></table>")
+        parts.append("<h2>Checks</h2>" + checks_table(checks))
 
     variants = [k for k, v in summary.items() if isinstance(v, dict) and "final_acc" in v]
     if variants:

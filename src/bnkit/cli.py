@@ -28,6 +28,7 @@ from .cli_options import (  # noqa: F401 - re-exported
     _set_arg,
     _suite_parser,
     _UsageError,
+    execution_kwargs,
     experiment_parser,
 )
 
@@ -44,16 +45,17 @@ def _run(experiment: str, args, prog: str):
     from .experiments.data import DatasetError
     from .experiments.models import NormNotAvailable
     from .experiments.registry import ConfigError, run_experiment
+    from .experiments.executors import RunFailed
     from .experiments.train import CheckpointError, RunInterrupted
 
     try:
         if experiment == "all":
             from .experiments.suite import run_all
             metrics = run_all(_overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
-                              stop_after=args.stop_after)
+                              stop_after=args.stop_after, **execution_kwargs(args))
         else:
             metrics = run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume,
-                                     quiet=args.quiet, stop_after=args.stop_after)
+                                     quiet=args.quiet, stop_after=args.stop_after, **execution_kwargs(args))
     except _UsageError as e:
         return _error(str(e), prog), None
     except RunInterrupted as e:
@@ -62,6 +64,9 @@ def _run(experiment: str, args, prog: str):
         return 3, None
     except (ConfigError, CheckpointError, DatasetError, NormNotAvailable, FloatingPointError) as e:
         return _error(str(e), prog), None
+    except RunFailed as e:  # a run failed in a worker process (--jobs, --executor ray)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1, None
     return 0, metrics
 
 

@@ -1,0 +1,233 @@
+"""Parallel and Ray executors (bnkit.experiments.executors), TensorBoard event files (bnkit.experiments.tblog)
+and strict JSON outputs: the oracle is always the sequential run of the same experiment, whose runs,
+summary and metrics.jsonl the other executors must reproduce exactly (timing fields aside)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnkit.experiments import executors, registry
+from bnkit.experiments.registry import run_experiment
+
+HERE = Path(__file__).resolve().parent
+TINY = dict(steps=20, eval_every=10, seeds=[0], probe_size=100)
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items()
+                if not k.startswith("ms_per_step") and k not in (
+                    "timing", "time_per_step_ratio", "wall_seconds_this_call", "finished", "out_dir", "environment")}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _no_constants(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def _strict(path: Path):
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line, parse_constant=_no_constants) for line in text.splitlines()]
+    return json.loads(text, parse_constant=_no_constants)
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """The oracle: Figure 1 (2 runs, 20 steps) trained one run after the other."""
+    out = tmp_path_factory.mktemp("seq") / "fig1"
+    m = run_experiment("fig1", TINY, out=out, quiet=True)
+    return m, out
+
+
+def _same_as(m, out, ref):
+    m_ref, out_ref = ref
+    assert list(m["runs"]) == list(m_ref["runs"])
+    assert _strip(m["runs"]) == _strip(m_ref["runs"])
+    assert _strip(m["summary"]) == _strip(m_ref["summary"])
+    assert (out / "metrics.jsonl").read_text() == (out_ref / "metrics.jsonl").read_text()
+    for name in m["runs"]:
+        np.testing.assert_array_equal(np.load(out / "runs" / f"{name}-percentiles.npy"),
+                                      np.load(out_ref / "runs" / f"{name}-percentiles.npy"))
+        assert (out / "checkpoints" / f"{name}.pt").is_file()
+    assert not (out / ".metrics.jsonl.lock").exists()
+
+
+# ----------------------------------------------------------------------------------------- process pool
+
+def test_jobs_match_sequential_and_tensorboard_reads_back(sequential, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, tb = tmp_path / "par", tmp_path / "tb"
+    m = run_experiment("fig1", TINY, out=out, quiet=True, jobs=2, tensorboard=tb)
+    _same_as(m, out, sequential)
+
+    for name, r in m["runs"].items():
+        ea = EventAccumulator(str(tb / "fig1" / name), size_guidance={"scalars": 0, "histograms": 0})
+        ea.Reload()
+        tags = ea.Tags()["scalars"]
+
+        def series(tag, ea=ea):
+            return [e.step for e in ea.Scalars(tag)], [e.value for e in ea.Scalars(tag)]
+
+        f32 = lambda xs: [float(np.float32(x)) for x in xs]
+        assert series("test/acc") == (r["steps"], f32(r["test_acc"]))
+        assert series("test/loss") == (r["steps"], f32(r["test_loss"]))
+        assert series("train/loss") == (r["steps"][1:], f32(r["train_loss"][1:]))  # none at step 0
+        for q in ("p15", "p50", "p85"):
+            assert series(f"percentiles/{q}") == (r["steps"], f32(r["percentiles"][q]))
+        lines = [x for x in _strict(out / "metrics.jsonl") if x["run"] == name]
+        assert series("probe/p50_units_median") == (r["steps"], f32([x["p50_units_median"] for x in lines]))
+        bn_tags = sorted(t for t in tags if t.startswith("bn/"))
+        ck = torch.load(out / "checkpoints" / f"{name}.pt", weights_only=False)  # the model at the last evaluation
+        means = {k[:-len(".running_mean")]: v for k, v in ck["model"].items() if k.endswith(".running_mean")}
+        if r["variant"] == "baseline":
+            assert not bn_tags and not means
+            continue
+        assert len(means) == 3 and len(bn_tags) == 2 * len(means)
+        for layer, rm in means.items():
+            rv = ck["model"][f"{layer}.running_var"]
+            steps, vals = series(f"bn/{layer}/mean_abs_running_mean")
+            assert steps == r["steps"]
+            assert vals[-1] == pytest.approx(float(rm.abs().mean()), rel=1e-6)
+            assert series(f"bn/{layer}/mean_running_var")[1][-1] == pytest.approx(float(rv.mean()), rel=1e-6)
+            assert [e.step for e in ea.Histograms(f"bn/{layer}/running_mean")] == r["steps"]
+
+
+def test_failing_run_then_resume_with_jobs(sequential, tmp_path, monkeypatch, capsys):
+    """A run that raises in a worker: a one-line error naming it, the other run stops or finishes with
+    valid files, and `--resume --jobs 2` then ends with exactly the sequential results."""
+    import _executor_helpers as helper
+    from bnkit.cli import main
+
+    monkeypatch.syspath_prepend(str(HERE))  # the workers import the helper's extension too
+    monkeypatch.setitem(sys.modules, "bnkit.experiments._executor_helpers", helper)
+    monkeypatch.setitem(registry.EXPERIMENTS, "failonce",
+                        registry.Experiment("failonce", "_executor_helpers", "fig1.png", "fig1, one run fails once"))
+    marker, out = tmp_path / "failed-once", tmp_path / "exp"
+    argv = ["run", "failonce", "--steps", "20", "--eval-every", "10", "--seed", "0", "--probe-size", "100",
+            "--set", f"fail_marker={marker}", "--out", str(out), "--quiet", "--jobs", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run bn-s0 failed in a worker: RuntimeError: injected failure at step 7" in err[0], err
+    assert marker.exists() and not (out / "metrics.json").exists() and not (out / "runs" / "bn-s0.json").exists()
+    from bnkit.experiments.train import check_resumable
+    check_resumable(helper.make_runs(json.loads((out / "config.json").read_text())), out)  # every file readable
+
+    resumed = run_experiment("failonce", {}, out=out, resume=True, quiet=True, jobs=2)
+    ref = run_experiment("failonce", json.loads((out / "config.json").read_text()), out=tmp_path / "ref", quiet=True)
+    _same_as(resumed, out, (ref, tmp_path / "ref"))
+    # and the extension changed nothing else: the plain Figure 1 runs, up to the config's extension fields
+    plain = {n: {k: v for k, v in r.items() if k != "config"} for n, r in _strip(sequential[0]["runs"]).items()}
+    assert {n: {k: v for k, v in r.items() if k != "config"} for n, r in _strip(resumed["runs"]).items()} == plain
+
+
+def test_stop_after_counts_per_run_with_jobs_and_resume(sequential, tmp_path):
+    from bnkit.experiments.train import RunInterrupted
+
+    out = tmp_path / "cut"
+    with pytest.raises(RunInterrupted, match=r"baseline-s0 at step 13, bn-s0 at step 13"):
+        run_experiment("fig1", TINY, out=out, quiet=True, jobs=2, stop_after=13)
+    assert not (out / "metrics.json").exists()
+    m = run_experiment("fig1", {}, out=out, resume=True, quiet=True)  # sequentially this time
+    _same_as(m, out, sequential)
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    import os
+    src = str(Path(registry.__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])  # the workers import bnkit
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_matches_sequential(sequential, ray_local, tmp_path, monkeypatch):
+    out = tmp_path / "ray"
+    m = run_experiment("fig1", TINY, out=out, quiet=True, executor="ray")
+    _same_as(m, out, sequential)
+    assert ray_local.is_initialized()  # a session the caller started is left running
+    # a cluster without shared storage: the workers train in their own temporary directories and the
+    # driver writes every file, TensorBoard's too
+    monkeypatch.setattr(executors, "make_executor", lambda *a, **k: executors.RayExecutor(private=True))
+    out2, tb = tmp_path / "ray-private", tmp_path / "tb"
+    m2 = run_experiment("fig1", TINY, out=out2, quiet=True, executor="ray", tensorboard=tb)
+    _same_as(m2, out2, sequential)
+    assert sorted(p.parent.name for p in tb.glob("fig1/*/events.out.tfevents.*")) == ["baseline-s0", "bn-s0"]
+
+
+# ------------------------------------------------------------------------------------- strict JSON
+
+def test_diverged_runs_write_strict_json_and_resume_reads_it(tmp_path):
+    ov = dict(steps=10, eval_every=5, lrs=[0.1, 1000.0], seeds=[0], probe_size=50)
+    out = tmp_path / "lr"
+    m = run_experiment("lr", ov, out=out, quiet=True)
+    diverged = m["runs"]["baseline-lr1000-s0"]
+    assert diverged["diverged_at"] is not None
+    assert diverged["test_loss"][-1] is None and diverged["summary"]["drift"]["range"] is None  # was NaN
+    files = [out / "metrics.json", out / "metrics.jsonl"] + sorted((out / "runs").glob("*.json"))
+    for f in files:
+        _strict(f)  # raises on NaN / Infinity
+    assert _strict(out / "metrics.json")["runs"] == json.loads(json.dumps(m["runs"]))
+    assert (out / "report.html").is_file() and (out / "lr.png").is_file()
+    again = run_experiment("lr", {}, out=out, resume=True, quiet=True)  # every run read back from its file
+    assert _strip(again["runs"]) == _strip(m["runs"]) and _strip(again["summary"]) == _strip(m["summary"])
+
+
+def test_strict_json_helper():
+    from bnkit.experiments.checkpoints import finite_or_none, strict_json
+    obj = {"a": [1.0, float("nan"), float("inf"), -float("inf")], "b": (2, {"c": float("nan")}), "d": "NaN", "e": None}
+    assert json.loads(strict_json(obj), parse_constant=_no_constants) == {
+        "a": [1.0, None, None, None], "b": [2, {"c": None}], "d": "NaN", "e": None}
+    assert finite_or_none(3) == 3 and finite_or_none(True) is True
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+@pytest.mark.parametrize("args, msg", [
+    (["--jobs", "0"], "--jobs: expected a positive integer, got '0'"),
+    (["--jobs", "x"], "--jobs: expected a positive integer, got 'x'"),
+    (["--executor", "dask"], "--executor: invalid choice: 'dask'"),
+    (["--address", "auto"], "--address needs --executor ray"),
+])
+def test_cli_bad_execution_options(tmp_path, capsys, args, msg):
+    from bnkit.cli import main
+    out = tmp_path / "o"
+    assert main(["run", "fig1", "--steps", "5", "--out", str(out), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert msg in err[0] and "Traceback" not in "".join(err)
+    assert not out.exists()
+
+
+def test_cli_missing_ray_and_tensorboard_on_a_file(tmp_path, capsys, monkeypatch):
+    from bnkit.cli import main
+    from bnkit.experiments import tblog
+    out = tmp_path / "o"
+    monkeypatch.setattr(executors, "_have", lambda name: False)
+    assert main(["run", "fig1", "--steps", "5", "--out", str(out), "--quiet", "--executor", "ray"]) == 2
+    assert capsys.readouterr().err.strip() == "bnkit run fig1: error: ray is not installed; pip install 'bnkit[ray]'"
+    monkeypatch.undo()
+    f = tmp_path / "file"
+    f.write_text("x")
+    for tb, msg in ((f, "a file is in the way"), (f / "sub", "is a file, not a directory")):
+        assert main(["run", "fig1", "--steps", "5", "--out", str(out), "--quiet", "--tensorboard", str(tb)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0]
+    monkeypatch.setattr(tblog, "tensorboard_available", lambda: False)
+    assert main(["run", "fig1", "--steps", "5", "--out", str(out), "--quiet", "--tensorboard", str(tmp_path / "tb")]) == 2
+    assert "tensorboard is not installed; pip install 'bnkit[tensorboard]'" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "tb").exists()
+    # `bnkit run all` checks them before it creates its directory
+    assert main(["run", "all", "--out", str(tmp_path / "all"), "--quiet", "--tensorboard", str(f)]) == 2
+    assert not (tmp_path / "all").exists()

@@ -57,7 +57,7 @@ def _same_as(m, out, ref):
         np.testing.assert_array_equal(np.load(out / "runs" / f"{name}-percentiles.npy"),
                                       np.load(out_ref / "runs" / f"{name}-percentiles.npy"))
         assert (out / "checkpoints" / f"{name}.pt").is_file()
-    assert not (out / ".metrics.jsonl.lock").exists()
+    assert not list(out.rglob(".*"))  # no temporary or lock files left
 
 
 # ----------------------------------------------------------------------------------------- process pool
@@ -122,11 +122,12 @@ def test_failing_run_then_resume_with_jobs(sequential, tmp_path, monkeypatch, ca
     check_resumable(helper.make_runs(json.loads((out / "config.json").read_text())), out)  # every file readable
 
     resumed = run_experiment("failonce", {}, out=out, resume=True, quiet=True, jobs=2)
-    ref = run_experiment("failonce", json.loads((out / "config.json").read_text()), out=tmp_path / "ref", quiet=True)
-    _same_as(resumed, out, (ref, tmp_path / "ref"))
-    # and the extension changed nothing else: the plain Figure 1 runs, up to the config's extension fields
-    plain = {n: {k: v for k, v in r.items() if k != "config"} for n, r in _strip(sequential[0]["runs"]).items()}
-    assert {n: {k: v for k, v in r.items() if k != "config"} for n, r in _strip(resumed["runs"]).items()} == plain
+    # the extension trains like plain training: the results are the sequential Figure 1's, except for the
+    # extension fields in each run's config
+    no_ext = lambda m: {n: {**r, "config": {k: v for k, v in r["config"].items() if not k.startswith("extension")}}
+                        for n, r in _strip(m["runs"]).items()}
+    assert no_ext(resumed) == no_ext(sequential[0])
+    _same_as({**resumed, "runs": sequential[0]["runs"]}, out, sequential)  # summary, metrics.jsonl, files
 
 
 def test_stop_after_counts_per_run_with_jobs_and_resume(sequential, tmp_path):
@@ -231,3 +232,66 @@ def test_cli_missing_ray_and_tensorboard_on_a_file(tmp_path, capsys, monkeypatch
     # `bnkit run all` checks them before it creates its directory
     assert main(["run", "all", "--out", str(tmp_path / "all"), "--quiet", "--tensorboard", str(f)]) == 2
     assert not (tmp_path / "all").exists()
+
+
+# ------------------------------------------------------------------------------------------- jsonl lock
+
+def _append_and_rewrite(path, run, n):
+    from bnkit.experiments.checkpoints import _filter_jsonl, append_jsonl
+    for i in range(n):
+        append_jsonl(Path(path), {"run": run, "step": i})
+        if i % 10 == 9:
+            _filter_jsonl(Path(path), run, 10 ** 9)  # rewrites the file (keeping every line)
+
+
+def test_jsonl_appends_and_rewrites_from_many_processes_lose_nothing(tmp_path):
+    import multiprocessing as mp
+    from bnkit.experiments.checkpoints import order_jsonl
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    ctx = mp.get_context("fork")
+    path = tmp_path / "metrics.jsonl"
+    runs = [f"r{i}" for i in range(4)]
+    procs = [ctx.Process(target=_append_and_rewrite, args=(str(path), r, 60)) for r in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    recs = _strict(path)
+    assert sorted((r["run"], r["step"]) for r in recs) == [(r, i) for r in runs for i in range(60)]
+    order_jsonl(path, runs[::-1])
+    assert [(r["run"], r["step"]) for r in _strict(path)] == [(r, i) for r in runs[::-1] for i in range(60)]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------- TensorBoard
+
+def test_tensorboard_monitor_purges_what_a_resumed_run_rewrites(tmp_path):
+    """An attempt that wrote evaluations past its last checkpoint (step 10) and then died: the resumed
+    attempt starts at step 10, and TensorBoard shows each step once, with the resumed values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from bnkit.experiments.tblog import TensorBoardMonitor, bn_statistics
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([1.0, -2.0, 3.0, -4.0]))
+        model[1].running_var.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    first = TensorBoardMonitor(tmp_path)
+    first.start(None, 0)
+    for step, acc in ((0, 0.1), (10, 0.2), (20, 0.3)):
+        first.on_eval(step, model, {"run": "r", "step": step, "test_acc": acc, "train_loss": None, "gain": 2.0})
+    first.close()
+    again = TensorBoardMonitor(tmp_path)
+    again.start(None, 10)
+    again.on_eval(20, model, {"run": "r", "step": 20, "test_acc": 0.4, "train_loss": 1.5, "gain": 3.0})
+    again.finish({"steps": [0, 10, 20], "percentiles": {"p50": [0.0, None, 1.0]}, "step_records": [{"step": 3, "g": 7.0}]})
+    again.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    sc = lambda tag: [(e.step, e.value) for e in ea.Scalars(tag)]
+    assert sc("test/acc") == [(0, pytest.approx(0.1)), (10, pytest.approx(0.2)), (20, pytest.approx(0.4))]
+    assert sc("train/loss") == [(20, 1.5)] and sc("extra/gain") == [(0, 2.0), (10, 2.0), (20, 3.0)]
+    assert sc("percentiles/p50") == [(0, 0.0), (20, 1.0)] and sc("step/g") == [(3, 7.0)]
+    assert sc("bn/1/mean_abs_running_mean")[-1] == (20, 2.5) and sc("bn/1/mean_running_var")[-1] == (20, 1.25)
+    assert list(bn_statistics(model)) == ["1"]

@@ -46,20 +46,30 @@ def strict_json(o, **kw) -> str:
 
 @contextlib.contextmanager
 def jsonl_lock(path: Path):
-    """An exclusive lock (``flock`` on ``.<name>.lock`` next to ``path``) held while a run appends to or
-    rewrites a JSON-lines file that runs in other processes share; a no-op where ``fcntl`` is missing."""
+    """An exclusive lock on the JSON-lines file ``path`` (created if missing), held while a run appends to
+    it or rewrites it, so that runs in other processes sharing the file never lose a line; a no-op where
+    ``fcntl`` is missing. The lock is ``flock`` on the file itself; a rewrite replaces the file (a new
+    inode), so a waiter that wakes up on the replaced one tries again on the current file."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: runs of one process only
         yield
         return
-    lock = Path(path).with_name(f".{Path(path).name}.lock")
-    with open(lock, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # releases the lock on the replaced file
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def append_jsonl(path: Path, rec: Dict) -> None:

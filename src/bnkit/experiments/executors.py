@@ -225,8 +225,6 @@ def _write_private(oc: Outcome, out: Path, tb: Optional[str]) -> None:
         if rel == "metrics.jsonl":
             jsonl_lines = blob
             continue
-        if Path(rel).name.startswith("."):  # lock files
-            continue
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, blob)
@@ -303,22 +301,34 @@ class _Pump(threading.Thread):
                 pass
 
 
+def _mp_context():
+    """``forkserver`` where there is one (Linux, macOS): a server process imports torch and bnkit once and
+    every worker, of this pool and of later ones, is a fork of it (fast starts, nothing of the driver's
+    state inherited); ``spawn`` elsewhere."""
+    import multiprocessing as mp
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["bnkit.experiments.executors", "bnkit.experiments.train"])  # no effect once started
+        return ctx
+    return mp.get_context("spawn")
+
+
 class ProcessExecutor:
     """The runs in ``jobs`` worker processes of this machine (``concurrent.futures.ProcessPoolExecutor``
-    with the ``spawn`` start method: no state of the driver is inherited, the same on every platform)."""
+    with the ``forkserver`` start method, or ``spawn`` where there is none: the workers inherit no state
+    of the driver)."""
 
     def __init__(self, jobs: int):
         self.jobs = int(jobs)
 
     def run(self, tasks: Sequence[RunTask], data, progress, stop_after: Optional[int] = None) -> Dict[str, Dict]:
-        import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool
 
         coll = _Collector(tasks)
         if not tasks:
             return {}
-        ctx = mp.get_context("spawn")
+        ctx = _mp_context()
         q, stop = ctx.Queue(), ctx.Event()
         pump = _Pump(q.get, progress)
         pump.start()

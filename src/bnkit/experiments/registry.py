@@ -270,7 +270,6 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         if prog_cm:
             prog_cm.__exit__(None, None, None)
     order_jsonl(out / "metrics.jsonl", [rc.name for rc in runs])  # parallel runs appended in any order
-    (out / ".metrics.jsonl.lock").unlink(missing_ok=True)
 
     summary = mod.summarize(cfg, results)
     metrics = {

@@ -130,6 +130,7 @@ def test_failing_run_then_resume_with_jobs(sequential, tmp_path, monkeypatch, ca
     _same_as({**resumed, "runs": sequential[0]["runs"]}, out, sequential)  # summary, metrics.jsonl, files
 
 
+@pytest.mark.slow
 def test_stop_after_counts_per_run_with_jobs_and_resume(sequential, tmp_path):
     from bnkit.experiments.train import RunInterrupted
 

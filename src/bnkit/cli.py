@@ -5,7 +5,8 @@ Subcommands: ``demo`` (Figure 1 on the embedded data; exits 1 when one of its ch
 (the C++ kernels) and ``bench`` (kernel benchmarks). Imports are lazy: ``bnkit build`` loads no
 plotting code.
 
-Exit codes: 0 success, 1 a demo check failed (or an unexpected error), 2 a usage error (bad option
+Exit codes: 0 success, 1 a demo check failed, a run failed in a worker process (``--jobs``,
+``--executor ray``) or an unexpected error, 2 a usage error (bad option
 value, unknown name, unusable ``--out``, damaged experiment directory: one ``error:`` line on stderr,
 nothing written), 3 interrupted (continue with ``--resume``), 130 Ctrl-C outside training.
 """

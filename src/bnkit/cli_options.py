@@ -33,7 +33,8 @@ def experiment_parser(name: str, prog: str) -> argparse.ArgumentParser:
     doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
     p = _Parser(prog=prog, description=f"{exp.title}. {doc}",
                 epilog="List values are comma-separated (e.g. --seeds 0,1,2). "
-                       "Exit codes: 0 done, 2 bad usage (nothing written), 3 interrupted (--resume continues).")
+                       "Exit codes: 0 done, 1 a run failed in a worker (--jobs, --executor ray), 2 bad usage (nothing "
+                       "written), 3 interrupted (--resume continues).")
     g = p.add_argument_group(f"settings of {name} (with its defaults)")
     for key, opt in opts.items():
         default = mod.DEFAULTS[key]

@@ -244,6 +244,9 @@ class SequentialExecutor:
 
     jobs = 1
 
+    def prepare(self) -> None:
+        """Nothing to start."""
+
     def run(self, tasks: Sequence[RunTask], data, progress, stop_after: Optional[int] = None) -> Dict[str, Dict]:
         from .tblog import TensorBoardMonitor
         from .train import StepBudget, train_run
@@ -321,6 +324,9 @@ class ProcessExecutor:
     def __init__(self, jobs: int):
         self.jobs = int(jobs)
 
+    def prepare(self) -> None:
+        """Nothing to start: the workers start with the first run."""
+
     def run(self, tasks: Sequence[RunTask], data, progress, stop_after: Optional[int] = None) -> Dict[str, Dict]:
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool
@@ -392,6 +398,21 @@ class RayExecutor:
 
     def __init__(self, address: Optional[str] = None, jobs: Optional[int] = None, private: bool = False):
         self.address, self.jobs, self.private = address, jobs, private  # private: never use the driver's directory
+        self._started = False
+
+    def prepare(self) -> None:
+        """Join (or start) Ray, before the experiment directory is made; ``ValueError`` when that fails."""
+        import ray
+        if ray.is_initialized():
+            return
+        local = self.address is None and not os.environ.get("RAY_ADDRESS")
+        try:  # a local instance without the dashboard (faster start); a cluster keeps its own settings
+            ray.init(address=self.address, logging_level="WARNING", **({"include_dashboard": False} if local else {}))
+        except Exception as e:  # noqa: BLE001 - ConnectionError, ValueError, RuntimeError, ... from ray.init
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            where = f"the Ray cluster at {self.address}" if self.address else "Ray"
+            raise ValueError(f"--executor ray: cannot start or join {where} ({type(e).__name__}: {first})") from None
+        self._started = True
 
     def run(self, tasks: Sequence[RunTask], data, progress, stop_after: Optional[int] = None) -> Dict[str, Dict]:
         import ray
@@ -399,12 +420,12 @@ class RayExecutor:
 
         coll = _Collector(tasks)
         if not tasks:
+            if self._started:
+                ray.shutdown()
+                self._started = False
             return {}
-        started = not ray.is_initialized()
-        if started:
-            local = self.address is None and not os.environ.get("RAY_ADDRESS")
-            # a local instance without the dashboard (faster start); a cluster keeps its own settings
-            ray.init(address=self.address, logging_level="WARNING", **({"include_dashboard": False} if local else {}))
+        self.prepare()
+        started, self._started = self._started, False
         cancelled = False
         q = None
         try:

@@ -192,7 +192,8 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
     write TensorBoard event files to ``tensorboard/<name>/<run>`` (:mod:`.tblog`).
 
     Raises :class:`ConfigError` (a bad setting, output directory or saved experiment; nothing written),
-    ``DatasetError``, ``train.CheckpointError``, ``train.RunInterrupted`` (a checkpoint was written).
+    ``DatasetError``, ``train.CheckpointError``, ``train.RunInterrupted`` (a checkpoint was written),
+    ``executors.RunFailed`` (a run failed in a worker; the other runs stopped at a checkpoint).
     """
     import torch
 
@@ -242,6 +243,11 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         _check_with_data(exp, mod, cfg, data, runs)
         if resume:
             check_resumable(runs, out)
+        try:
+            ex.prepare()  # e.g. join the Ray cluster: a failure leaves nothing behind
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if resume:
             removed = remove_stale_temp_files(out)
             if removed:
                 notes.append(f"removed {len(removed)} temporary file(s) left by an interrupted write")

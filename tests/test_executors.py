@@ -296,3 +296,18 @@ def test_tensorboard_monitor_purges_what_a_resumed_run_rewrites(tmp_path):
     assert sc("percentiles/p50") == [(0, 0.0), (20, 1.0)] and sc("step/g") == [(3, 7.0)]
     assert sc("bn/1/mean_abs_running_mean")[-1] == (20, 2.5) and sc("bn/1/mean_running_var")[-1] == (20, 1.25)
     assert list(bn_statistics(model)) == ["1"]
+
+
+def test_run_all_passes_the_execution_options_to_every_experiment(tmp_path, monkeypatch, capsys):
+    from bnkit.cli import main
+    seen = []
+
+    def fake(name, overrides=None, **kw):
+        seen.append((name, kw["jobs"], kw["executor"], kw["address"], kw["tensorboard"]))
+        return {"summary": {"checks": {}}, "wall_seconds_this_call": 0.0, "finished": "now"}
+
+    monkeypatch.setattr(registry, "run_experiment", fake)
+    tb = tmp_path / "tb"
+    assert main(["run", "all", "--out", str(tmp_path / "all"), "--quiet", "--jobs", "3", "--tensorboard", str(tb)]) == 0
+    from bnkit.experiments.suite import SUITE
+    assert seen == [(n, 3, "local", None, tb) for n in SUITE]

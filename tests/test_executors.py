@@ -212,6 +212,21 @@ def test_cli_bad_execution_options(tmp_path, capsys, args, msg):
     assert not out.exists()
 
 
+def test_cli_ray_address_where_no_cluster_answers(tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+    from bnkit.cli import main
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "o"
+    assert main(["run", "fig1", "--steps", "5", "--out", str(out), "--quiet", "--executor", "ray",
+                 "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in err[0], err
+    assert not out.exists()
+
+
 def test_cli_missing_ray_and_tensorboard_on_a_file(tmp_path, capsys, monkeypatch):
     from bnkit.cli import main
     from bnkit.experiments import tblog

@@ -390,6 +390,19 @@ def _ray_task(task: RunTask, data, qactor) -> Outcome:
     return execute(task, data, _QueueProgress(put))
 
 
+def _check_reachable(address: Optional[str], timeout: float = 10.0) -> None:
+    """A HOST:PORT address must accept a connection (``ray.init`` would retry for minutes otherwise);
+    ``auto``, ``ray://`` and ``local`` addresses are left to Ray."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    import socket
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--executor ray: no Ray cluster answers at {address} ({e.strerror or e})") from None
+
+
 class RayExecutor:
     """The runs as Ray tasks (``ray.init(address=address)``; a local Ray instance when ``address`` is
     None and ``RAY_ADDRESS`` is unset); at most ``jobs`` at a time (None: as many as the cluster
@@ -405,6 +418,7 @@ class RayExecutor:
         import ray
         if ray.is_initialized():
             return
+        _check_reachable(self.address)
         local = self.address is None and not os.environ.get("RAY_ADDRESS")
         try:  # a local instance without the dashboard (faster start); a cluster keeps its own settings
             ray.init(address=self.address, logging_level="WARNING", **({"include_dashboard": False} if local else {}))

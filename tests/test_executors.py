@@ -149,8 +149,15 @@ def ray_local():
     ray = pytest.importorskip("ray")
     import os
     src = str(Path(registry.__file__).resolve().parents[2])
-    os.environ["PYTHONPATH"] = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])  # the workers import bnkit
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([src, before or ""])  # Ray's workers import this bnkit
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    finally:  # the workers got the environment when Ray started
+        if before is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = before
     yield ray
     ray.shutdown()
 

@@ -416,9 +416,9 @@ class RayExecutor:
     def prepare(self) -> None:
         """Join (or start) Ray, before the experiment directory is made; ``ValueError`` when that fails."""
         import ray
-        if ray.is_initialized():
-            return
         _check_reachable(self.address)
+        if ray.is_initialized():  # a session of the caller's: used as it is
+            return
         local = self.address is None and not os.environ.get("RAY_ADDRESS")
         try:  # a local instance without the dashboard (faster start); a cluster keeps its own settings
             ray.init(address=self.address, logging_level="WARNING", **({"include_dashboard": False} if local else {}))

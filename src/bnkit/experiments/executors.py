@@ -199,8 +199,9 @@ class _Collector:
             oc = self.failed
             e = oc.error
             if os.environ.get("BNKIT_DEBUG") and oc.traceback:
-                print(oc.traceback)
-            others = "; the other runs stopped at a checkpoint (--resume continues)"
+                import sys
+                print(oc.traceback, file=sys.stderr)  # the worker's traceback
+            others = "; the other runs finished or stopped at a checkpoint (--resume continues)"
             if isinstance(e, (FloatingPointError, CheckpointError)) or type(e).__name__ in ("DatasetError",
                                                                                               "NormNotAvailable"):
                 raise e

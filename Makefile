@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	@echo "==> [setup 2/4] installing the pinned CPU torch ($(TORCH_PIN); a large download the first time)"
 	@# The pinned CPU build first, so the range in pyproject.toml pulls nothing larger.
 	$(PY) -m pip install --progress-bar on $(TORCH_PIN)
-	@echo "==> [setup 3/4] installing bnkit (editable) with its experiments, dev and docs extras"
-	$(PY) -m pip install --progress-bar on -e '.[experiments,dev,docs]'
+	@echo "==> [setup 3/4] installing bnkit (editable) with its experiments, dev, docs, ray and tensorboard extras"
+	$(PY) -m pip install --progress-bar on -e '.[experiments,dev,docs,ray,tensorboard]'
 	@echo "==> [setup 4/4] integrations tested against (they depend on torch: installed without their deps)"
 	$(PY) -m pip install --progress-bar on --no-deps $(TORCH_PACKAGES)
 	touch $(STAMP)

@@ -6,7 +6,8 @@ Subcommands: ``demo`` (Figure 1 on the embedded data; exits 1 when one of its ch
 the finished experiments). Imports are lazy: ``bnkit build`` loads no
 plotting code.
 
-Exit codes: 0 success, 1 a demo check failed (or an unexpected error), 2 a usage error (bad option
+Exit codes: 0 success, 1 a demo check failed, a run failed in a worker process (``--jobs``,
+``--executor ray``) or an unexpected error, 2 a usage error (bad option
 value, unknown name, unusable ``--out``, damaged experiment directory: one ``error:`` line on stderr,
 nothing written), 3 interrupted (continue with ``--resume``), 130 Ctrl-C outside training.
 """
@@ -29,6 +30,7 @@ from .cli_options import (  # noqa: F401 - re-exported
     _set_arg,
     _suite_parser,
     _UsageError,
+    execution_kwargs,
     experiment_parser,
 )
 
@@ -45,16 +47,17 @@ def _run(experiment: str, args, prog: str):
     from .experiments.data import DatasetError
     from .experiments.models import NormNotAvailable
     from .experiments.registry import ConfigError, run_experiment
+    from .experiments.executors import RunFailed
     from .experiments.train import CheckpointError, RunInterrupted
 
     try:
         if experiment == "all":
             from .experiments.suite import run_all
             metrics = run_all(_overrides(args), out=args.out, resume=args.resume, quiet=args.quiet,
-                              stop_after=args.stop_after)
+                              stop_after=args.stop_after, **execution_kwargs(args))
         else:
             metrics = run_experiment(experiment, _overrides(args), out=args.out, resume=args.resume,
-                                     quiet=args.quiet, stop_after=args.stop_after)
+                                     quiet=args.quiet, stop_after=args.stop_after, **execution_kwargs(args))
     except _UsageError as e:
         return _error(str(e), prog), None
     except RunInterrupted as e:
@@ -63,6 +66,9 @@ def _run(experiment: str, args, prog: str):
         return 3, None
     except (ConfigError, CheckpointError, DatasetError, NormNotAvailable, FloatingPointError) as e:
         return _error(str(e), prog), None
+    except RunFailed as e:  # a run failed in a worker process (--jobs, --executor ray)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1, None
     return 0, metrics
 
 

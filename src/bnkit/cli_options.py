@@ -33,7 +33,8 @@ def experiment_parser(name: str, prog: str) -> argparse.ArgumentParser:
     doc = (mod.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
     p = _Parser(prog=prog, description=f"{exp.title}. {doc}",
                 epilog="List values are comma-separated (e.g. --seeds 0,1,2). "
-                       "Exit codes: 0 done, 2 bad usage (nothing written), 3 interrupted (--resume continues).")
+                       "Exit codes: 0 done, 1 a run failed in a worker (--jobs, --executor ray), 2 bad usage (nothing "
+                       "written), 3 interrupted (--resume continues).")
     g = p.add_argument_group(f"settings of {name} (with its defaults)")
     for key, opt in opts.items():
         default = mod.DEFAULTS[key]
@@ -77,6 +78,38 @@ def _add_output_options(p: argparse.ArgumentParser, name: str) -> None:
                         f"its saved settings are used")
     o.add_argument("--quiet", action="store_true", help="no progress bar or tables")
     o.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: interrupt after N steps
+    _add_execution_options(p)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _add_execution_options(p: argparse.ArgumentParser) -> None:
+    """Where the runs train (bnkit.experiments.executors) and the TensorBoard event files."""
+    x = p.add_argument_group("execution (the results are the same however the runs are executed)")
+    x.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="train up to N runs at once, each in a worker process (default: 1, one after the other); "
+                        "with --executor ray: at most N Ray tasks at a time")
+    x.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: this machine (default); ray: tasks on a Ray cluster (pip install 'bnkit[ray]')")
+    x.add_argument("--address", metavar="ADDR", default=None,
+                   help="with --executor ray: the cluster to join (auto: the one `ray start` set up on this node; "
+                        "default: $RAY_ADDRESS, else a local Ray instance)")
+    x.add_argument("--tensorboard", type=Path, metavar="DIR", default=None,
+                   help="also write TensorBoard event files to DIR/<experiment>/<run> (pip install 'bnkit[tensorboard]')")
+
+
+def execution_kwargs(args) -> dict:
+    """The executor and TensorBoard keyword arguments of ``run_experiment``/``run_all`` from parsed ``args``."""
+    return {"jobs": getattr(args, "jobs", None), "executor": getattr(args, "executor", None) or "local",
+            "address": getattr(args, "address", None), "tensorboard": getattr(args, "tensorboard", None)}
 
 
 class _UsageError(Exception):

@@ -1,7 +1,9 @@
 """Crash-safe files of an experiment: atomic writes, checkpoint and run-result reading, resume checks."""
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
     from .train import RunConfig
 
 __all__ = ["CheckpointError", "atomic_write_bytes", "atomic_write_text", "atomic_save", "remove_stale_temp_files",
-           "check_resumable"]
+           "check_resumable", "finite_or_none", "strict_json", "append_jsonl", "jsonl_lock", "order_jsonl"]
 
 
 class CheckpointError(ValueError):
@@ -22,6 +24,59 @@ class CheckpointError(ValueError):
 
 
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")  # the temporary names of _tmp_path: .<name>.tmp<pid>
+
+
+def finite_or_none(o):
+    """``o`` with every non-finite float (NaN, +-Infinity) replaced by ``None``, recursively (dicts,
+    lists, tuples): the values a diverged run records are not representable in strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite_or_none(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite_or_none(v) for v in o]
+    return o
+
+
+def strict_json(o, **kw) -> str:
+    """``json.dumps`` of ``o`` as strict JSON (RFC 8259): non-finite floats are written as ``null``, so
+    every JSON reader accepts the files; a reader sees ``None`` where a diverged run had NaN or Infinity."""
+    return json.dumps(finite_or_none(o), allow_nan=False, **kw)
+
+
+@contextlib.contextmanager
+def jsonl_lock(path: Path):
+    """An exclusive lock on the JSON-lines file ``path`` (created if missing), held while a run appends to
+    it or rewrites it, so that runs in other processes sharing the file never lose a line; a no-op where
+    ``fcntl`` is missing. The lock is ``flock`` on the file itself; a rewrite replaces the file (a new
+    inode), so a waiter that wakes up on the replaced one tries again on the current file."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: runs of one process only
+        yield
+        return
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # releases the lock on the replaced file
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def append_jsonl(path: Path, rec: Dict) -> None:
+    """Append one record (strict JSON, one line) to ``path`` under :func:`jsonl_lock`."""
+    line = strict_json(rec) + "\n"
+    with jsonl_lock(path), open(path, "a") as f:
+        f.write(line)
 
 
 def _tmp_path(path: Path) -> Path:
@@ -151,6 +206,11 @@ def _filter_jsonl(path: Path, run: str, max_step: Optional[int]) -> None:
     """Drop this run's lines after ``max_step`` (all of them when None): they are re-emitted on resume."""
     if not path.exists():
         return
+    with jsonl_lock(path):
+        _filter_jsonl_locked(path, run, max_step)
+
+
+def _filter_jsonl_locked(path: Path, run: str, max_step: Optional[int]) -> None:
     keep = []
     for line in path.read_text().splitlines():
         try:
@@ -161,3 +221,24 @@ def _filter_jsonl(path: Path, run: str, max_step: Optional[int]) -> None:
             continue
         keep.append(line)
     atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+def order_jsonl(path: Path, runs: Sequence[str]) -> None:
+    """Rewrite ``path`` with its lines grouped by run in the order of ``runs`` (stable within a run; lines
+    of other runs last): runs that trained in parallel appended in any order, and this makes the file
+    what a sequential run writes."""
+    if not path.exists():
+        return
+    rank = {r: i for i, r in enumerate(runs)}
+    with jsonl_lock(path):
+        lines = path.read_text().splitlines()
+        keyed = []
+        for i, line in enumerate(lines):
+            try:
+                run = json.loads(line).get("run")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a torn line from a hard kill
+            keyed.append((rank.get(run, len(rank)), i, line))
+        text = "".join(l + "\n" for _, _, l in sorted(keyed))
+        if text != "".join(l + "\n" for l in lines):
+            atomic_write_text(path, text)

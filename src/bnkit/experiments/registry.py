@@ -183,20 +183,29 @@ def _jsonable(o):
 
 def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional[Path] = None,
                    resume: bool = False, quiet: bool = False, stop_after: Optional[int] = None,
-                   console=None) -> Dict:
+                   console=None, jobs: Optional[int] = None, executor: str = "local", address: Optional[str] = None,
+                   tensorboard: Optional[Path] = None) -> Dict:
     """Run (or resume) an experiment; returns the metrics dict (also in ``<out>/metrics.json``).
 
+    ``jobs``, ``executor``, ``address``: where the runs train (:mod:`.executors`: one after the other,
+    in ``jobs`` processes, or on a Ray cluster at ``address``; the same results). ``tensorboard``: also
+    write TensorBoard event files to ``tensorboard/<name>/<run>`` (:mod:`.tblog`).
+
     Raises :class:`ConfigError` (a bad setting, output directory or saved experiment; nothing written),
-    ``DatasetError``, ``train.CheckpointError``, ``train.RunInterrupted`` (a checkpoint was written).
+    ``DatasetError``, ``train.CheckpointError``, ``train.RunInterrupted`` (a checkpoint was written),
+    ``executors.RunFailed`` (a run failed in a worker; the other runs stopped at a checkpoint).
     """
     import torch
 
     from .data import load_dataset
     from .report import environment, write_report
-    from .train import StepBudget, atomic_write_text, check_resumable, remove_stale_temp_files, train_run
+    from .checkpoints import order_jsonl, strict_json
+    from .executors import run_runs
+    from .train import atomic_write_text, check_resumable, remove_stale_temp_files
 
     exp = get_experiment(name)
     mod = exp.load()
+    ex, tb_dir = _check_run_options(name, jobs, executor, address, tensorboard)
     if console is None:
         from rich.console import Console
         console = Console(stderr=False, quiet=quiet)
@@ -234,6 +243,11 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         _check_with_data(exp, mod, cfg, data, runs)
         if resume:
             check_resumable(runs, out)
+        try:
+            ex.prepare()  # e.g. join the Ray cluster: a failure leaves nothing behind
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if resume:
             removed = remove_stale_temp_files(out)
             if removed:
                 notes.append(f"removed {len(removed)} temporary file(s) left by an interrupted write")
@@ -249,21 +263,19 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
     if resume:
         console.print(f"resuming [bold]{out}[/]")
     console.print(f"[bold]{exp.title}[/]\n{data.describe()}; output: {out}")
-    budget = StepBudget(stop_after)
-    results: Dict[str, Dict] = {}
     from .train import NullProgress
     prog_cm = RichProgress(console) if not quiet else None
     progress = prog_cm or NullProgress()
     try:
         if prog_cm:
             prog_cm.__enter__()
-        for rc in runs:
-            results[rc.name] = train_run(rc, data, out, resume=resume, progress=progress, budget=budget,
-                                         jsonl=out / "metrics.jsonl")
-            resume = True  # later runs in the same call may also have partial state (never with fresh dirs)
+        # later runs of a fresh directory resume too: harmless, nothing of theirs exists yet
+        results = run_runs(runs, data, out, ex, resume=resume, progress=progress, stop_after=stop_after,
+                           threads=int(cfg.get("threads") or 1), tensorboard=tb_dir)
     finally:
         if prog_cm:
             prog_cm.__exit__(None, None, None)
+    order_jsonl(out / "metrics.jsonl", [rc.name for rc in runs])  # parallel runs appended in any order
 
     summary = mod.summarize(cfg, results)
     metrics = {
@@ -273,7 +285,7 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "wall_seconds_this_call": time.perf_counter() - t0,
     }
-    atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
+    atomic_write_text(out / "metrics.json", strict_json(_jsonable(metrics), indent=1))  # non-finite: null
     fig = out / exp.figure
     mod.plot(cfg, results, summary, fig)
     from . import diagnostics
@@ -284,6 +296,31 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         console.print(f"wrote {out / 'metrics.json'}, {fig}, {out / 'report.html'} "
                       f"({time.perf_counter() - t0:.0f} s)")
     return metrics
+
+
+def _check_run_options(name: str, jobs, executor: str, address, tensorboard):
+    """The executor and the TensorBoard directory of a run, checked before anything is written."""
+    from .executors import make_executor
+    try:
+        ex = make_executor(executor or "local", jobs, address)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if tensorboard is None:
+        return ex, None
+    from .tblog import tensorboard_available
+    tb = Path(tensorboard).expanduser()
+    if tb.exists() and not tb.is_dir():
+        raise ConfigError(f"--tensorboard {tb}: a file is in the way (not a directory)")
+    anc = tb
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"--tensorboard {tb}: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(f"--tensorboard {tb}: {anc} is not writable")
+    if not tensorboard_available():
+        raise ConfigError("tensorboard is not installed; pip install 'bnkit[tensorboard]'")
+    return ex, tb.resolve() / name
 
 
 def list_text() -> List[str]:

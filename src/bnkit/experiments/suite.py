@@ -23,14 +23,20 @@ def latest_suite_dir(root: Path = Path("runs")) -> Optional[Path]:
 
 def run_all(overrides: Optional[Dict] = None, *, out: Optional[Path] = None, resume: bool = False,
             quiet: bool = False, stop_after: Optional[int] = None, names: Sequence[str] = SUITE,
-            console=None) -> Dict:
-    """Run (or resume) every experiment in ``names``; returns the index dict (also ``out/index.json``)."""
+            console=None, **execution) -> Dict:
+    """Run (or resume) every experiment in ``names``; returns the index dict (also ``out/index.json``).
+    ``execution``: ``jobs``, ``executor``, ``address``, ``tensorboard`` of every experiment's
+    :func:`.registry.run_experiment`."""
     from .registry import get_experiment, run_experiment
     from .train import atomic_write_text
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     for n in names:
         get_experiment(n)
+    if execution:  # a bad --executor/--tensorboard is reported before the suite's directory is made
+        from .registry import _check_run_options
+        _check_run_options("all", execution.get("jobs"), execution.get("executor") or "local",
+                           execution.get("address"), execution.get("tensorboard"))
     if out is None:
         if resume:
             out = latest_suite_dir()
@@ -47,11 +53,12 @@ def run_all(overrides: Optional[Dict] = None, *, out: Optional[Path] = None, res
         if resume and (d / "metrics.json").exists():
             m = json.loads((d / "metrics.json").read_text())
         elif resume and (d / "config.json").exists():
-            m = run_experiment(n, {}, out=d, resume=True, quiet=quiet, stop_after=stop_after, console=console)
+            m = run_experiment(n, {}, out=d, resume=True, quiet=quiet, stop_after=stop_after, console=console,
+                               **execution)
         else:
             defaults = exp.load().DEFAULTS
             ov = {k: v for k, v in overrides.items() if k in defaults}
-            m = run_experiment(n, ov, out=d, quiet=quiet, stop_after=stop_after, console=console)
+            m = run_experiment(n, ov, out=d, quiet=quiet, stop_after=stop_after, console=console, **execution)
         checks = (m.get("summary") or {}).get("checks") or {}
         entries.append({"experiment": n, "title": exp.title, "report": f"{n}/report.html",
                         "figure": f"{n}/{exp.figure}", "metrics": f"{n}/metrics.json",

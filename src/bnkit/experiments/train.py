@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .checkpoints import (_STATE_KEYS, _TMP, CheckpointError, _atomic_write, _damaged,  # noqa: F401  (re-exported)
                           _filter_jsonl, _fsync_dir, _pid_alive, _read_checkpoint, _read_result, _tmp_path,
-                          atomic_save, atomic_write_bytes, atomic_write_text, check_resumable,
+                          append_jsonl, atomic_save, strict_json, atomic_write_bytes, atomic_write_text, check_resumable,
                           remove_stale_temp_files)
 from .data import Dataset
 from .diagnostics import drift, all_unit_drifts, probe_percentiles, typical_unit
@@ -201,8 +201,12 @@ def check_run(cfg: RunConfig, data: Dataset) -> None:
 
 
 def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = False, progress=None,
-              budget: Optional[StepBudget] = None, jsonl: Optional[Path] = None) -> Dict:
-    """Train one run; returns its result dict (also written to ``out_dir/runs/<name>.json``)."""
+              budget: Optional[StepBudget] = None, jsonl: Optional[Path] = None, monitor=None) -> Dict:
+    """Train one run; returns its result dict (also written to ``out_dir/runs/<name>.json``).
+
+    ``monitor`` (optional, e.g. :class:`.tblog.TensorBoardMonitor`) is called as ``start(cfg, step)``,
+    ``on_eval(step, model, record)`` after every evaluation and ``finish(result)`` at the end.
+    """
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -270,14 +274,17 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
                "test_loss": tloss, "train_loss": tr,
                "p50_units_median": float(np.median(pct[1])), "p15_85_spread_mean": float(np.mean(pct[2] - pct[0])),
                **extra}
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(jsonl, rec)
+        if monitor is not None:
+            monitor.on_eval(step, model, rec)
         progress.update(cfg.name, step, loss=state["ema"], acc=acc)
 
     x_tr, y_tr = _train_tensors(cfg, data)
     batches = _Batches(len(y_tr), cfg.batch_size, cfg.seed)
     next_eval = [s for s in schedule if s >= state["step"] and s not in state["hist"]["steps"]]
     progress.start(cfg.name, cfg.steps, state["step"])
+    if monitor is not None:
+        monitor.start(cfg, state["step"])
     if state["step"] == 0 and not state["hist"]["steps"]:
         do_eval(0)
         checkpoint()
@@ -336,8 +343,10 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
                              f"the last evaluation", cfg.name, step) from None
     progress.finish(cfg.name)
 
-    text = json.dumps(_result(cfg, state), indent=1)
+    text = strict_json(_result(cfg, state), indent=1)  # NaN/Infinity of a diverged run: null
     res = json.loads(text)  # the same plain-JSON form whether a run was just trained or read back on resume
+    if monitor is not None:
+        monitor.finish(res)
     atomic_write_text(result_path, text)
     np.save(out_dir / "runs" / f"{cfg.name}-percentiles.npy", np.stack(state["pct"]))
     return res

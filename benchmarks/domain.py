@@ -9,14 +9,20 @@ DomainBN / torch BN and DomainBN / bnkit BN.
 
 Usage::
 
-    python benchmarks/domain.py [--domains 4] [--reps 15] [--threads N] [--quick]
+    python benchmarks/domain.py [--domains 4] [--reps 15] [--threads N] [--allocator default|tuned] [--quick]
+
+Fresh multi-MB outputs page-fault with glibc's default settings, which costs every candidate
+alike but adds noise; ``--allocator tuned`` re-runs the script with the settings of
+``benchmarks/kernels.py`` that keep freed blocks mapped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +32,8 @@ import torch
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
+
+from kernels import TUNED_MALLOC, allocator  # noqa: E402  (benchmarks/kernels.py, this script's folder)
 
 import bnkit  # noqa: E402
 
@@ -78,14 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smaller shapes")
+    p.add_argument("--allocator", choices=("default", "tuned"), default="default")
     args = p.parse_args(argv)
+    if args.allocator == "tuned" and not all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
+        rest = sys.argv[1:] if argv is None else argv
+        script = str(Path(__file__).resolve())
+        return subprocess.run([sys.executable, script, *rest], env={**os.environ, **TUNED_MALLOC}).returncode
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(0)
     print(
         f"DomainBatchNorm2d ({args.domains} domains, mixed batch) vs plain BN, training fwd+bwd, float32, "
         f"{torch.get_num_threads()} threads, per-domain C++ kernel: {bnkit.kernels.domain.domain_cpp_available()}, "
-        f"{args.reps} reps (median ms; shared machine: read the ratios)"
+        f"{args.reps} reps (median ms; shared machine: read the ratios); allocator: {allocator()}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print("| shape | layout | torch BN | bnkit BN | DomainBN | Domain/torch | Domain/bnkit |")
     print("|---|---|---|---|---|---|---|")

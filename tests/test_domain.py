@@ -392,3 +392,36 @@ def test_nonfinite_skip_is_per_domain():
         layer(x, domain=dom)
     assert_close(layer.running_mean[0], 0.1 * x[:3].mean(0), 1e-6, "domain 0 updated")
     assert torch.equal(layer.running_mean[1], torch.zeros(3)) and layer.num_batches_tracked.tolist() == [1, 0]
+
+
+def test_update_hook_sees_one_call_per_present_domain():
+    """With a running-update hook installed, each present domain's row goes through engine.running_update."""
+    torch.manual_seed(11)
+    x, dom = torch.randn(8, 3, 2), torch.tensor([0, 2, 0, 2, 2, 0, 0, 2])
+    plain = bnkit.DomainBatchNorm1d(3, num_domains=3, momentum=None)
+    hooked = copy.deepcopy(plain)
+    plain(x, domain=dom)
+    seen = []
+    previous = bnkit.engine.set_running_update_hook(lambda spec, rm, rv, nbt, mean, var, count: seen.append(count))
+    try:
+        hooked(x, domain=dom)
+    finally:
+        bnkit.engine.set_running_update_hook(previous)
+    assert seen == [8, 8]  # domains 0 and 2, 4 samples of 2 values each
+    for k, v in plain.state_dict().items():
+        assert_close(hooked.state_dict()[k], v, 1e-6, k)
+
+
+def test_forward_mode_ad_uses_the_portable_ops():
+    """Under torch.func transforms the per-domain forward is made of torch ops, so jvp works (vs finite differences)."""
+    torch.manual_seed(12)
+    layer = bnkit.DomainBatchNorm1d(3, num_domains=2, track_running_stats=False).double()
+    x, v = torch.randn(6, 3, 2, dtype=torch.float64), torch.randn(6, 3, 2, dtype=torch.float64)
+    dom = torch.tensor([0, 1, 1, 0, 1, 0])
+
+    def f(t):
+        return layer(t, domain=dom)
+
+    _, tangent = torch.func.jvp(f, (x,), (v,))
+    h = 1e-6
+    assert_close(tangent, (f(x + h * v) - f(x - h * v)) / (2 * h), 1e-6, "jvp")

@@ -9,24 +9,27 @@ to one domain *does* go through the one door unchanged (with that domain's
 rows of the buffers and parameters: exactly a plain BN layer), and only a
 mixed batch takes this path, which uses the same pieces: the engine's
 checks, the canonical view, the per-domain kernels of
-:mod:`bnkit.kernels.domain`, and :func:`~bnkit.engine.running_update` once
-per present domain (the one writer of running statistics, with its
-cumulative average, non-finite policy, recompute rule and update hook).
+:mod:`bnkit.kernels.domain`, and :func:`domain_running_update`: the rule of
+:func:`~bnkit.engine.running_update` (the one writer of running statistics,
+with its cumulative average, non-finite policy, recompute rule and update
+hook) applied to the present domains' rows, vectorized over the rows in
+plain eager mode and running_update itself per row everywhere else (so a
+hook, a transform or a trace sees exactly the one writer's calls).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from . import engine, kernels
 from ._engine_checks import _empty_output, check_input
 from ._engine_views import canonical_view
-from .engine import CallSpec, _reject_nonfinite, batch_norm_module_call, running_update
+from .engine import CallSpec, _reject_nonfinite, batch_norm_module_call, in_recompute, running_update
+from .kernels import aten_graph
 from .kernels import domain as kdomain
 
-__all__ = ["check_domain", "domain_module_call"]
+__all__ = ["check_domain", "domain_module_call", "domain_running_update"]
 
 
 def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int) -> int | Tensor:
@@ -38,6 +41,11 @@ def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int
     domain out of range) or ``RuntimeError`` (another device), before
     anything changes.
     """
+    return _checked_domain(spec, input, domain, num_domains)[0]
+
+
+def _checked_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int) -> tuple[int | Tensor, list[int]]:
+    """:func:`check_domain`, and for a tensor the number of samples of each domain (one host read)."""
     where = spec.name
     if isinstance(domain, Tensor):
         if domain.dtype == torch.bool or domain.dtype.is_floating_point or domain.dtype.is_complex:
@@ -55,19 +63,22 @@ def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int
                 raise RuntimeError(
                     f"{where}: domain is on device {domain.device} but the input is on {input.device}; move it there"
                 )
-            if n:
-                lo, hi = int(domain.min()), int(domain.max())
-                if lo < 0 or hi >= num_domains:
-                    bad = lo if lo < 0 else hi
-                    raise IndexError(f"{where}: domain {bad} is out of range [0, {num_domains})")
-            return domain.long()
+            domain = domain.long()
+            try:  # the range check and the counts in one op: bincount refuses negatives, lengthens for big ones
+                samples = torch.bincount(domain, minlength=num_domains).tolist() if n else [0] * num_domains
+            except RuntimeError:
+                samples = None
+            if samples is None or len(samples) > num_domains:
+                bad = int(domain.min()) if samples is None else len(samples) - 1
+                raise IndexError(f"{where}: domain {bad} is out of range [0, {num_domains})") from None
+            return domain, samples
     if not isinstance(domain, int) or isinstance(domain, bool):
         raise TypeError(
             f"{where}: domain must be an int or an int64 tensor of shape (N,), got {type(domain).__name__}"
         )
     if not 0 <= domain < num_domains:
         raise IndexError(f"{where}: domain {domain} is out of range [0, {num_domains})")
-    return domain
+    return domain, []
 
 
 def _row(t: Tensor | None, d: int) -> Tensor | None:
@@ -110,9 +121,11 @@ def domain_module_call(
             f"{where}: per-domain BN takes the samples along dim 0, so it needs a feature axis other than 0 "
             f"(got axis={spec.axis} for a {ndim}-D input)"
         )
-    dom = check_domain(spec, input, domain, num_domains)
-    if isinstance(dom, Tensor) and dom.numel() and bool((dom == dom[0]).all()):
-        dom = int(dom[0])  # one domain after all: the plain path (and its fused op)
+    dom, samples = _checked_domain(spec, input, domain, num_domains)
+    present = [d for d, k in enumerate(samples) if k]
+    if isinstance(dom, Tensor):
+        if len(present) == 1:
+            dom = present[0]  # one domain after all: the plain path (and its fused op)
     if isinstance(dom, int):
         nbt = None if num_batches_tracked is None else num_batches_tracked[dom]
         return batch_norm_module_call(
@@ -126,8 +139,6 @@ def domain_module_call(
     axis = spec.axis % ndim
     n, channels = input.shape[0], input.shape[axis]
     per_value = input.numel() // (n * channels)  # values per channel of one sample
-    samples = torch.bincount(dom, minlength=num_domains).tolist()
-    present = [d for d, k in enumerate(samples) if k]
     if batch_stats:
         if not spec.eps > 0:
             raise ValueError(f"{where}: eps must be positive during training, got {spec.eps}")
@@ -147,11 +158,84 @@ def domain_module_call(
         return restore(kdomain.domain_infer(x3, dom, rows, running_mean, running_var, w2, b2, spec.eps))
     y3, mean, var, _ = kdomain.domain_train_forward(x3, dom, rows, num_domains, w2, b2, spec.eps)
     if running_mean is not None:
-        if spec.nonfinite == "raise" and not torch.compiler.is_compiling():
-            # Checked for every domain before any is written: a "raise" leaves all of them unchanged.
-            if not all(math.isfinite(v) for v in var[present].amax(1).tolist()):
-                _reject_nonfinite(where, "raise")
-        for d in present:
-            nbt = None if num_batches_tracked is None else num_batches_tracked[d]
-            running_update(spec, running_mean[d], running_var[d], nbt, mean[d], var[d], samples[d] * per_value)
+        counts = {d: samples[d] * per_value for d in present}
+        domain_running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, counts)
     return restore(y3)
+
+
+def _rows_fast_ok(num_batches_tracked: Tensor | None, mean: Tensor) -> bool:
+    """Whether the rows can be written in one step here (plain eager mode: nothing redirects the update)."""
+    return (
+        engine._UPDATE_HOOK is None
+        and not kernels.transform_active()
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not aten_graph.capturing()
+        and (num_batches_tracked is None or num_batches_tracked.dtype == torch.long)
+        and mean.device.type == "cpu"
+    )
+
+
+def domain_running_update(
+    spec: CallSpec, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, mean: Tensor,
+    var: Tensor, counts: dict[int, int]
+) -> None:
+    """The running update of the rows ``counts`` names (domain -> values per channel), from ``[D, C]`` batch moments.
+
+    Each row gets exactly :func:`~bnkit.engine.running_update`'s rule (the
+    unbiased variance, ``momentum`` or the cumulative ``1/num_batches_tracked[d]``,
+    the non-finite policy per domain, nothing during a checkpointing
+    recompute); other rows are not touched. In plain eager CPU mode the rows
+    are written in one vectorized step (``"raise"``: checked for every domain
+    before any is written); wherever something may redirect or trace the
+    update (an update hook, transforms, compile, tracing, other devices) it
+    is :func:`~bnkit.engine.running_update` on each row, the one writer's
+    own path.
+    """
+    if not counts or in_recompute():
+        return
+    if not _rows_fast_ok(num_batches_tracked, mean):
+        for d, count in counts.items():
+            nbt = None if num_batches_tracked is None else num_batches_tracked[d]
+            running_update(spec, running_mean[d], running_var[d], nbt, mean[d], var[d], count)
+        return
+    if spec.momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+    if (
+        kernels.select(mean) == "cpp" and kdomain.domain_update_op()
+        and running_mean.is_contiguous() and running_var.is_contiguous()
+        and (num_batches_tracked is None or not num_batches_tracked.is_inference() or torch.is_inference_mode_enabled())
+    ):
+        # One call of bnkit::running_update_'s C++ rule on every present row (csrc/domain.cpp).
+        mode = {"propagate": 0, "skip": 1, "raise": 2}[spec.nonfinite]
+        per_domain = [counts.get(d, 0) for d in range(running_mean.shape[0])]
+        if torch.ops.bnkit.domain_running_update_(
+            running_mean, running_var, num_batches_tracked, mean, var, per_domain, spec.fused_momentum, mode
+        ):
+            _reject_nonfinite(spec.name, spec.nonfinite)
+        return
+    update = list(counts)
+    rows = torch.tensor(update, device=mean.device)
+    batch_var = var.index_select(0, rows)
+    if spec.check_finite:
+        finite = torch.isfinite(batch_var).all(1).tolist()
+        if not all(finite):
+            _reject_nonfinite(spec.name, spec.nonfinite)  # "raise" raises here, before any change
+            update = [d for d, ok in zip(update, finite) if ok]
+            if not update:
+                return
+            rows = torch.tensor(update, device=mean.device)
+            batch_var = var.index_select(0, rows)
+    n = torch.tensor([counts[d] for d in update], dtype=torch.float64, device=mean.device)
+    bessel = torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n)).unsqueeze(1)
+    new_mean = mean.index_select(0, rows).detach().to(running_mean.dtype)
+    new_var = (batch_var.detach().double() * bessel).to(running_var.dtype)
+    if num_batches_tracked is not None:
+        num_batches_tracked.index_add_(0, rows, torch.ones_like(rows, dtype=num_batches_tracked.dtype))
+    if spec.momentum is None:
+        factor = (1.0 / num_batches_tracked.index_select(0, rows).double()).unsqueeze(1)
+        factor_m, factor_v = factor.to(running_mean.dtype), factor.to(running_var.dtype)
+    else:
+        factor_m = factor_v = float(spec.momentum)
+    running_mean.index_copy_(0, rows, torch.lerp(running_mean.index_select(0, rows), new_mean, factor_m))
+    running_var.index_copy_(0, rows, torch.lerp(running_var.index_select(0, rows), new_var, factor_v))

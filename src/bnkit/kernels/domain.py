@@ -23,19 +23,30 @@ import torch
 from torch import Tensor
 
 from ..stats import accumulation_dtype
-from . import aten_graph, select
+from . import aten_graph, cpp_available, select
 
-__all__ = ["domain_cpp_available", "domain_infer", "domain_train_forward", "torch_domain_train_forward"]
+__all__ = [
+    "domain_cpp_available", "domain_infer", "domain_train_forward", "domain_update_op", "torch_domain_train_forward",
+]
 
 _ok: bool | None = None
+_update_ok: bool | None = None
 
 
 def domain_cpp_available() -> bool:
     """Whether the loaded extension has the per-domain kernels (``csrc/domain.cpp``)."""
     global _ok
     if _ok is None:
-        _ok = hasattr(torch.ops.bnkit, "domain_train")
+        _ok = cpp_available() and hasattr(torch.ops.bnkit, "domain_train")  # loaded first: never a stale False
     return _ok
+
+
+def domain_update_op() -> bool:
+    """Whether the extension has ``bnkit::domain_running_update_`` (the running update of all present domains)."""
+    global _update_ok
+    if _update_ok is None:
+        _update_ok = domain_cpp_available() and hasattr(torch.ops.bnkit, "domain_running_update_")
+    return _update_ok
 
 
 def _rows(t: Tensor, domains: Tensor) -> Tensor:

@@ -12,6 +12,12 @@
 //       -> (grad_x3, sum dy * xhat [D, C], sum dy [D, C])   (the last two: weight and bias gradients)
 //       per domain, BN's backward over its n_d values:
 //       dx = w invstd (dy - sum(dy)/n_d - xhat sum(dy xhat)/n_d).
+//   bnkit::domain_running_update_(running_mean!, running_var!, num_batches_tracked!?, mean, var, counts,
+//                                 momentum, mode) -> int
+//       bnkit::running_update_ (the one running-statistics rule) on the rows d with counts[d] > 0,
+//       in one call; mode 0: no finiteness check, 1: a non-finite domain is skipped (the others are
+//       updated), 2: nothing is written when any present domain is non-finite.  Returns the number
+//       of domains left for non-finite statistics (mode 2: all present ones, or 0).
 //
 // The innermost loops are the row kernels of rowkernels.h (picked per instruction set); only
 // the per-row choice of the (domain, channel) arrays is new.  Sums are taken per (row, channel)
@@ -336,6 +342,45 @@ std::tuple<Tensor, Tensor, Tensor> domain_backward_cpu(const Tensor& grad_in, co
   return {dx3, sum_dy_xhat, sum_dy};
 }
 
+int64_t domain_running_update_cpu(Tensor& running_mean, Tensor& running_var,
+                                  const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
+                                  const Tensor& var, at::IntArrayRef counts, double momentum, int64_t mode) {
+  const char* op = "bnkit::domain_running_update_";
+  const int64_t D = static_cast<int64_t>(counts.size());
+  TORCH_CHECK(running_mean.dim() == 2 && running_mean.size(0) == D && running_var.sizes() == running_mean.sizes() &&
+                  mean.sizes() == running_mean.sizes() && var.sizes() == running_mean.sizes(),
+              op, ": the buffers and statistics must have shape (num_domains, C) with one count per domain");
+  TORCH_CHECK(!num_batches_tracked.has_value() || !num_batches_tracked->defined() ||
+                  (num_batches_tracked->dim() == 1 && num_batches_tracked->size(0) == D),
+              op, ": num_batches_tracked must have shape (num_domains,)");
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  int64_t present = 0, nonfinite = 0;
+  if (mode == 2) {  // all-or-nothing: every present domain checked before any is written
+    const Tensor v = var.to(at::kDouble).contiguous();
+    const double* pv = v.data_ptr<double>();
+    const int64_t C = var.size(1);
+    for (int64_t d = 0; d < D; ++d) {
+      if (counts[d] <= 0) continue;
+      ++present;
+      for (int64_t c = 0; c < C; ++c)
+        if (!std::isfinite(pv[d * C + c])) {
+          ++nonfinite;
+          break;
+        }
+    }
+    if (nonfinite) return present;
+  }
+  int64_t skipped = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    if (counts[d] <= 0) continue;
+    Tensor rm = running_mean.select(0, d), rv = running_var.select(0, d);
+    c10::optional<Tensor> nbt;
+    if (has_nbt) nbt = num_batches_tracked->select(0, d);
+    if (!running_update(rm, rv, nbt, mean.select(0, d), var.select(0, d), momentum, counts[d], mode != 0)) ++skipped;
+  }
+  return skipped;
+}
+
 // ------------------------------------------------------------ meta kernels --
 std::tuple<Tensor, Tensor, Tensor, Tensor> domain_train_meta(const Tensor& x3, const Tensor& dom, int64_t R,
                                                              int64_t D, const c10::optional<Tensor>&,
@@ -365,11 +410,15 @@ TORCH_LIBRARY_FRAGMENT(bnkit, m) {
   m.def(
       "domain_backward(Tensor grad_y3, Tensor x3, Tensor domains, int rows_per_sample, Tensor mean, Tensor var, "
       "Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "domain_running_update_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+      "Tensor mean, Tensor var, int[] counts, float momentum, int mode) -> int");
 }
 
 TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
   m.impl("domain_train", TORCH_FN(bnkit::domain_train_cpu));
   m.impl("domain_backward", TORCH_FN(bnkit::domain_backward_cpu));
+  m.impl("domain_running_update_", TORCH_FN(bnkit::domain_running_update_cpu));
 }
 
 TORCH_LIBRARY_IMPL(bnkit, Meta, m) {

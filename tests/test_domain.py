@@ -425,3 +425,12 @@ def test_forward_mode_ad_uses_the_portable_ops():
     _, tangent = torch.func.jvp(f, (x,), (v,))
     h = 1e-6
     assert_close(tangent, (f(x + h * v) - f(x - h * v)) / (2 * h), 1e-6, "jvp")
+
+
+def test_dtype_mismatch_is_the_engines_error():
+    layer = bnkit.DomainBatchNorm1d(3, num_domains=2)
+    with pytest.raises(bnkit.DtypeMismatchError):
+        layer(torch.randn(4, 3, dtype=torch.float64), domain=torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(bnkit.DtypeMismatchError):
+        layer(torch.randn(4, 3, dtype=torch.float64), domain=1)  # the one door's own check
+    assert layer.num_batches_tracked.tolist() == [0, 0]

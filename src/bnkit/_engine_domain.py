@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from . import engine, kernels
-from ._engine_checks import _empty_output, check_input
+from ._engine_checks import _check_param, _empty_output, check_input
 from ._engine_views import canonical_view
 from .engine import CallSpec, _reject_nonfinite, batch_norm_module_call, in_recompute, running_update
+from .errors import ChannelMismatchError
 from .kernels import aten_graph
 from .kernels import domain as kdomain
 
@@ -81,6 +82,29 @@ def _checked_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: 
     return domain, []
 
 
+def _check_tables(
+    spec: CallSpec, input: Tensor, num_domains: int, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+) -> None:
+    """The per-domain tables fit the input: ``[D, C]`` (weight/bias also ``[C]``), the engine's dtype/device rules."""
+    channels = input.shape[spec.axis]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            continue
+        shared = name in ("weight", "bias") and t.dim() == 1
+        if not isinstance(t, Tensor) or (not shared and tuple(t.shape) != (num_domains, channels)):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ChannelMismatchError(
+                f"{spec.name}: {name} should have shape (num_domains, C) = ({num_domains}, {channels}), got {shape}"
+            )
+        _check_param(name, t if shared else t[0], input, channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{spec.name}: running_mean and running_var must both be given or both be None")
+    if num_batches_tracked is not None and tuple(num_batches_tracked.shape) != (num_domains,):
+        raise ValueError(f"{spec.name}: num_batches_tracked should have shape ({num_domains},), "
+                         f"got {tuple(num_batches_tracked.shape)}")
+
+
 def _row(t: Tensor | None, d: int) -> Tensor | None:
     """Domain ``d``'s row of a ``[D, C]`` table (a ``[C]`` shared one as it is)."""
     return t if t is None or t.dim() == 1 else t[d]
@@ -134,6 +158,7 @@ def domain_module_call(
         )
     if not input.dtype.is_floating_point:
         raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+    _check_tables(spec, input, num_domains, weight, bias, running_mean, running_var, num_batches_tracked)
     if input.numel() == 0:  # no sample: no domain is present, nothing is counted
         return _empty_output(input, weight, bias)
     axis = spec.axis % ndim

@@ -434,3 +434,17 @@ def test_dtype_mismatch_is_the_engines_error():
     with pytest.raises(bnkit.DtypeMismatchError):
         layer(torch.randn(4, 3, dtype=torch.float64), domain=1)  # the one door's own check
     assert layer.num_batches_tracked.tolist() == [0, 0]
+
+
+def test_recalibrate_reestimates_the_current_domain_only():
+    torch.manual_seed(13)
+    dmodel = bnkit.convert_domain_bn(nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), 3).eval()
+    data = [torch.randn(8, 2, 5, 5) * 2 + 1 for _ in range(3)]
+    before = dmodel[1].running_mean.clone(), dmodel[1].running_var.clone()
+    want = bnkit.recalibrate(bnkit.select_domain(dmodel, 1), data)  # the oracle: a plain model of domain 1
+    with bnkit.domain(dmodel, 1):
+        bnkit.recalibrate(dmodel, data)
+    assert_close(dmodel[1].running_mean[1], want[1].running_mean, 1e-6, "running_mean[1]")
+    assert_close(dmodel[1].running_var[1], want[1].running_var, 1e-6, "running_var[1]")
+    for d in (0, 2):  # other domains exactly unchanged
+        assert torch.equal(dmodel[1].running_mean[d], before[0][d]) and torch.equal(dmodel[1].running_var[d], before[1][d])

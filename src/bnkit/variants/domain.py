@@ -143,6 +143,21 @@ class DomainBatchNorm(BatchNorm):
             )
         return domain
 
+    def _check_site(self, domain: Any) -> int:
+        """The int domain of one call (``None``: the current domain), for tools that collect statistics per site.
+
+        ``bnkit.recalibrate`` duck-types per-site layers by this method (as
+        `SharedBatchNorm`'s ``site``), so it re-estimates the rows of the
+        domains it sees; a per-sample domain tensor cannot be split there.
+        """
+        d = self._domain(domain)
+        if isinstance(d, Tensor) and d.dim() == 1:
+            raise TypeError(
+                f"{self.describe()}: statistics per domain are collected for one int domain per call (use "
+                "`with bnkit.domain(model, d):` for each domain's data), not a per-sample domain tensor"
+            )
+        return int(check_domain(self.call_spec(), torch.empty(0), d, self.num_domains))
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:

@@ -17,6 +17,7 @@ from .tools import Affine, FuseReport, convert, fuse, recalibrate
 from .tools.adapt import AdaptHandle, adapt, bn_parameters, tent
 from .tools.calibrate import NotEnoughBatchesError
 from .tools.doctor import BNReport, inspect
+from .tools.domain_bn import convert_domain_bn, domain, select_domain, set_domain
 from .tools.freeze import freeze, unfreeze
 from .tools.loops import accumulate_stats, checkpoint_safe, preserve_stats, sync_running_stats
 from .variants import (
@@ -24,6 +25,10 @@ from .variants import (
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
+    DomainBatchNorm,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
     FrozenBatchNorm,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -51,6 +56,10 @@ __all__ = [
     "BatchRenorm2d",
     "BatchRenorm3d",
     "ChannelMismatchError",
+    "DomainBatchNorm",
+    "DomainBatchNorm1d",
+    "DomainBatchNorm2d",
+    "DomainBatchNorm3d",
     "DtypeMismatchError",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
@@ -73,7 +82,9 @@ __all__ = [
     "bn_parameters",
     "checkpoint_safe",
     "convert",
+    "convert_domain_bn",
     "convert_sync_batchnorm",
+    "domain",
     "engine",
     "freeze",
     "functional",
@@ -86,6 +97,8 @@ __all__ = [
     "preserve_stats",
     "recalibrate",
     "reference",
+    "select_domain",
+    "set_domain",
     "stats",
     "sync_running_stats",
     "tent",

@@ -44,7 +44,9 @@ __all__ = [
     "canonical_mask",
     "canonical_view",
     "check_input",
+    "check_domain",
     "check_mask",
+    "domain_module_call",
     "fold",
     "fused_call",
     "masked_module_call",
@@ -390,8 +392,9 @@ def _general(
     return restore(kernels.infer(x3, running_mean, running_var, weight_c, bias_c, eps))
 
 
-# The masked door and the capture/transform paths call back into this module (running_update, _general):
+# The masked and per-domain doors and the capture/transform paths call back into this module (running_update, _general):
 # imported last, once everything they take from here is defined.
 from . import _engine_device  # noqa: E402
+from ._engine_domain import check_domain, domain_module_call  # noqa: E402
 from ._engine_graph import _transformed_running_update, graph_path  # noqa: E402
 from ._engine_masked import masked_module_call  # noqa: E402

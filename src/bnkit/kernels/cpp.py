@@ -49,6 +49,7 @@ SOURCES = (
     "layer.cpp",
     "accelerate.cpp",
     "masked.cpp",
+    "domain.cpp",
     "kernels.cpp",
     "cpu_config.cpp",
     "rowkernels_default.cpp",

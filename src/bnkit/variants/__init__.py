@@ -25,6 +25,11 @@ feature ``axis``, ``share_affine`` and every rank/memory format the core does.
 :class:`BatchNormAct`, :class:`FrozenBatchNormAct`
     BN (or frozen BN) followed by a drop layer and an activation, the bnkit
     form of timm's ``BatchNormAct2d`` / ``FrozenBatchNormAct2d``.
+:class:`DomainBatchNorm`
+    Statistics (and affine parameters) per domain, called as
+    ``bn(x, domain=d)`` with an int or a per-sample int64 tensor (mixed
+    batches): each domain normalized with its own batch statistics, running
+    statistics per domain (Domain-Specific BN, Chang et al. 2019).
 :class:`FrozenBatchNorm`
     The inference affine map with buffers only (no parameters, no statistics
     updates); see :func:`bnkit.freeze` / :func:`bnkit.unfreeze`.
@@ -42,6 +47,7 @@ from .act import (
     FrozenBatchNormAct2d,
     FrozenBatchNormAct3d,
 )
+from .domain import DomainBatchNorm, DomainBatchNorm1d, DomainBatchNorm2d, DomainBatchNorm3d
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenSharedBatchNorm
 from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -51,6 +57,7 @@ __all__ = [
     "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
     "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "DomainBatchNorm", "DomainBatchNorm1d", "DomainBatchNorm2d", "DomainBatchNorm3d",
     "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenSharedBatchNorm",
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "SharedBatchNorm", "ghost_batch_norm",

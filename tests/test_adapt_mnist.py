@@ -1,4 +1,9 @@
-"""The test-time adaptation targets on real MNIST (benchmarks/adapt_mnist.py); slow, skipped without the data."""
+"""The test-time adaptation targets on real MNIST (benchmarks/adapt_mnist.py); slow, skipped without the data.
+
+One model (the benchmark's: seed 0, 3 epochs, standardized inputs) is trained once for the module, then
+evaluated at severity 5 on both corruptions (prior with n = 8 only, 3 draws, to stay within a few
+minutes); docs/adaptation.md has the full table.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,64 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from bnkit.experiments.data import shared_mnist_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-def test_adaptation_targets_on_corrupted_mnist():
-    if not any(shared_mnist_dir().glob("t10k-images-idx3-ubyte*")):
-        pytest.skip(f"MNIST IDX files not found in {shared_mnist_dir()}")
+
+def _benchmark():
     spec = importlib.util.spec_from_file_location("adapt_mnist", ROOT / "benchmarks" / "adapt_mnist.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.measure(log=lambda *a: None)
-    print(mod.table(res))
+    return mod
+
+
+@pytest.fixture(scope="module")
+def res():
+    if not any(shared_mnist_dir().glob("t10k-images-idx3-ubyte*")):
+        pytest.skip(f"MNIST IDX files not found in {shared_mnist_dir()}")
+    mod = _benchmark()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the benchmark's main(): the same numbers
+    try:
+        out = mod.measure(severities=(5,), prior_n=(8,), draws=3, log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    print(mod.table(out))
+    return out
+
+
+def test_clean_accuracy_and_exact_restore(res):
     assert res["clean"] > 95
     assert res["restored_exact"]  # clean logits after every restore() bit-identical to the original
-    c = res["corruptions"]
-    noise = c["gaussian_noise (sev. 5)"]
-    assert noise["reestimate"] >= noise["source"] + 10
-    assert noise["prior_n8_mean"] - noise["source"] >= 0.5 * (noise["reestimate"] - noise["source"])
-    assert noise["prior_n8_min"] - noise["source"] >= 5
-    assert noise["tent"] >= noise["reestimate"]
-    assert c["contrast (sev. 4)"]["reestimate"] >= c["contrast (sev. 4)"]["source"] + 10
-    # Known gaps, measured and documented (docs/adaptation.md), not targets met: at contrast severity 5
-    # re-estimation gains ~8 points, and TENT stays slightly below re-estimation on contrast.
-    assert c["contrast (sev. 5)"]["reestimate"] > c["contrast (sev. 5)"]["source"] + 5
-    for name in ("contrast (sev. 5)", "contrast (sev. 4)"):
-        assert c[name]["tent"] > c[name]["source"] + 5, name
+
+
+def test_gaussian_noise_targets(res):
+    r = res["corruptions"]["gaussian_noise 5"]
+    gain = r["reestimate"] - r["source"]
+    assert gain >= 10
+    assert r["prior_n8_mean"] - r["source"] >= 0.5 * gain  # n = 8 digits, prior strength 8
+    assert r["prior_n8_min"] - r["source"] >= 5  # and no draw of 8 is useless
+    assert r["online"] >= r["source"] + 10
+    assert r["tent"] >= r["reestimate"]
+
+
+def test_contrast_reestimate_target(res):
+    r = res["corruptions"]["contrast 5"]
+    assert r["reestimate"] >= r["source"] + 10
+    assert r["online"] >= r["source"] + 5
+    # The prior is reported, not a target: mixing source variances back in cannot undo a ~400x shrinkage.
+    assert r["prior_n8_mean"] > r["source"]
+    assert r["tent"] > r["source"] + 5
+
+
+@pytest.mark.xfail(strict=True, reason="measured gap (docs/adaptation.md): on contrast severity 5 entropy "
+                                       "minimization drifts towards the classes the adapted model already "
+                                       "over-predicts, so TENT ends below re-estimation")
+def test_contrast_tent_at_least_reestimate(res):
+    r = res["corruptions"]["contrast 5"]
+    assert r["tent"] >= r["reestimate"]

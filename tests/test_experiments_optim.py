@@ -266,10 +266,11 @@ def test_bnonly_checks_hold_and_fail():
 def test_ghost_runs_scale_the_lr_and_keep_the_updates():
     runs = {r.name: r for r in ghost.make_runs(dict(ghost.DEFAULTS, seeds=[0]))}
     assert set(runs) == {"small-s0", "large-s0", "large+ghost-s0"}
-    assert runs["large-s0"].lr == pytest.approx(0.1 * math.sqrt(8)) and runs["small-s0"].lr == pytest.approx(0.1)
+    assert runs["large-s0"].lr == pytest.approx(0.1 * math.sqrt(2048 / 128)) and runs["small-s0"].lr == pytest.approx(0.1)
+    assert runs["large-s0"].batch_size == 2048 and runs["small-s0"].batch_size == 128
     assert len({r.steps for r in runs.values()}) == 1
     assert runs["large+ghost-s0"].norm == "ghost" and runs["large+ghost-s0"].options["norm_kw"] == {"virtual_batch_size": 128}
-    assert ghost.large_lr(dict(ghost.DEFAULTS, lr_scaling="linear")) == pytest.approx(0.8)
+    assert ghost.large_lr(dict(ghost.DEFAULTS, lr_scaling="linear")) == pytest.approx(1.6)
     assert ghost.large_lr(dict(ghost.DEFAULTS, lr_scaling="none")) == pytest.approx(0.1)
 
 
@@ -282,6 +283,7 @@ def test_ghost_checks_hold_and_fail():
     c = s["checks"]
     assert c["large_batch_error_gt_small_batch"]["pass"] and c["ghost_bn_closes_ge_0.2_of_the_gap"]["pass"]
     assert c["ghost_bn_closes_ge_0.2_of_the_gap"]["closed_fraction"] == pytest.approx(0.75)
+    assert c["ghost_bn_closes_ge_0.2_of_the_gap"]["seeds_ghost_better"] == 2
     c = ghost.summarize(cfg, res({"small": 0.04, "large": 0.08, "large+ghost": 0.075}))["checks"]
     assert not c["ghost_bn_closes_ge_0.2_of_the_gap"]["pass"] and c["large_batch_error_gt_small_batch"]["pass"]
     c = ghost.summarize(cfg, res({"small": 0.05, "large": 0.04, "large+ghost": 0.03}))["checks"]

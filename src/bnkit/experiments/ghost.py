@@ -20,9 +20,11 @@ Arms: ``small`` (batch ``small_batch``, lr ``lr``, BN), ``large`` (batch ``large
 the running statistics in every arm (Ghost BN's are the whole-batch statistics, merged exactly from the
 virtual batches).
 
-Defaults: 784-(256 x 3)-10 ReLU MLP, He init, SGD with momentum 0.9, lr 0.1 at batch 128, batch 1,024
-with lr 0.283 (= 0.1 x sqrt 8), virtual batch 128, 600 updates each (19 epochs of mnist5k's 4,000
-training digits at batch 128, 154 at batch 1,024), seeds 0, 1, 2.
+Defaults: 784-(256 x 3)-10 ReLU MLP, He init, SGD with momentum 0.9, lr 0.1 at batch 128, batch 2,048
+with lr 0.4 (= 0.1 x sqrt 16), virtual batch 128, 400 updates each (13 epochs of mnist5k's 4,000
+training digits at batch 128, 205 at batch 2,048), seeds 0, 1, 2. On 1,000 test digits one run's error
+has a sampling error of about 0.7 points at 95 % accuracy, so gaps below a point are at the noise level:
+``seeds_ghost_better`` counts the seeds where Ghost BN beat plain BN at the large batch.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ DEFAULTS: Dict[str, object] = {
     **COMMON_DEFAULTS,
     "arch": "mlp", "hidden": [256] * 3, "activation": "relu", "init_gain": math.sqrt(2.0),
     "channels": [8, 16, 32],
-    "steps": 600, "small_batch": 128, "large_batch": 1024, "ghost_virtual_batch": 128, "lr": 0.1,
+    "steps": 400, "small_batch": 128, "large_batch": 2048, "ghost_virtual_batch": 128, "lr": 0.1,
     "lr_scaling": "sqrt", "optimizer": "momentum", "momentum": 0.9, "eval_every": 50,
     "threshold": 0.9, "thresholds": [0.9], "seeds": [0, 1, 2], "min_closed_frac": 0.2,
     "batch_size": 128,  # not used by the runs (each arm has its own), kept for the shared checks
@@ -112,7 +114,10 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
         "large_batch_error_gt_small_batch": check(gap > 0, large=err["large"], small=err["small"], gap=gap),
         f"ghost_bn_closes_ge_{mcf:g}_of_the_gap": check(
             closed is not None and closed >= mcf, closed_fraction=closed, large=err["large"],
-            large_ghost=err["large+ghost"], small=err["small"], gap=gap),
+            large_ghost=err["large+ghost"], small=err["small"], gap=gap,
+            seeds_ghost_better=sum(g < lg for g, lg in zip(summary["test_error_per_seed"]["large+ghost"],
+                                                           summary["test_error_per_seed"]["large"])),
+            seeds=len(groups["large"])),
     }
     summary["threshold"] = float(cfg["threshold"])
     return summary

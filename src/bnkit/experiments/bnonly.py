@@ -52,10 +52,12 @@ DEFAULTS: Dict[str, object] = {
 }
 
 OPTIONS = {
+    "momentum": {"help": "the momentum of --optimizer momentum"},
     "arch": {"choices": ("mlp", "tinycnn"), "help": "network (mlp: `hidden` widths; tinycnn: `channels`)"},
     "norm": {"choices": ("bn", "ghost", "renorm"), "help": "the BN layers' kind"},
     "channels": {"low": 1, "help": "tinycnn's channels per stage"},
     "gamma_tol": {"low": 0, "low_open": True, "help": "a channel counts as switched off when |gamma| < tol"},
+    "min_margin": {"help": "the check: BN-only's final accuracy must exceed the other arms' by this much"},
     "min_dead_frac": {"high": 1, "help": "the check's required fraction of switched-off BN channels"},
     "init_gain": {"nullable": True, "help": "weights N(0, gain^2/fan_in) (none: torch's default init)"},
 }

@@ -51,6 +51,7 @@ DEFAULTS: Dict[str, object] = {
 }
 
 OPTIONS = {
+    "momentum": {"help": "the momentum of --optimizer momentum"},
     "arch": {"choices": ("mlp", "tinycnn"), "help": "network (mlp: `hidden` widths; tinycnn: `channels`)"},
     "channels": {"low": 1, "help": "tinycnn's channels per stage"},
     "small_batch": {"low": 2, "help": "batch size of the small-batch arm"},

@@ -65,6 +65,8 @@ DEFAULTS: Dict[str, object] = {
 OPTIONS = {
     "arch": {"choices": ("mlp", "tinycnn"), "help": "network (mlp: `hidden` widths; tinycnn: 8/16/32 channels)"},
     "norm": {"choices": ("bn", "ghost", "renorm"), "help": "the batch norm of the BN and noisy-BN arms"},
+    "noise_shift": {"help": "noise shifts lie in [-noise_shift, noise_shift] (0: no shift)"},
+    "noisy_tol": {"help": "the check: noisy BN's final accuracy may be this much below BN's"},
     "noise_scale": {"low": 1.0, "help": "noise scales lie in [1/noise_scale, noise_scale] (1: no scaling)"},
     "landscape_every": {"low": 1, "help": "measure the landscape along the gradient every K steps"},
     "eta_mults": {"low": 0, "low_open": True, "unique": True, "help": "step sizes of the landscape, in units of lr"},

@@ -8,8 +8,9 @@ internal covariate shift far larger than the plain network's -- leaves BN's trai
 (VGG on CIFAR-10: "Standard + Noisy BatchNorm" trains about as fast as "Standard + BatchNorm", both far
 faster than "Standard"), while the activation distributions of the noisy network drift far more.
 (b) Figure 4: along the gradient direction BN's loss varies less (loss landscape) and its gradient
-changes less (gradient predictiveness). Checks: the noisy-BN net's final test accuracy is within
-``noisy_tol`` of BN's and above the plain net's, and it reaches ``threshold`` before the plain net; its
+changes less (gradient predictiveness). Checks: the noisy-BN net's mean test accuracy over the
+evaluations after step 0 (the area under its learning curve: a measure of speed) is within ``noisy_tol``
+of BN's and above the plain net's, and it reaches ``threshold`` before the plain net; its
 probed 50th-percentile drift exceeds BN's; the mean (over measurements and seeds) of the loss range and of
 the gradient-change range along ``-g`` is smaller with BN than without.
 
@@ -266,13 +267,18 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     k = fmt_key(cfg["threshold"])
     st_n, st_s = noisy["steps_to"][k], std["steps_to"][k]
     tol = float(cfg["noisy_tol"])
+    # training speed: the mean test accuracy over the evaluations after step 0 (the area under the curve
+    # per step); the final accuracies are reported too, but all arms end on the same data-limited plateau
+    auc = {arm: mean(mean(r["test_acc"][1:]) for r in rs) for arm, rs in groups.items()}
+    summary["mean_test_acc"] = auc
     lr_, gr_ = land["bn"]["loss_range"], land["standard"]["loss_range"]
     lc, gc = land["bn"]["grad_change_range"], land["standard"]["grad_change_range"]
     summary["checks"] = {
-        f"noisy_bn_final_acc_within_{tol:g}_of_bn_and_above_standard": check(
-            noisy["final_acc"] >= bn["final_acc"] - tol and noisy["final_acc"] > std["final_acc"],
-            noisy_bn=noisy["final_acc"], bn=bn["final_acc"], standard=std["final_acc"],
-            noisy_minus_bn=noisy["final_acc"] - bn["final_acc"]),
+        f"noisy_bn_mean_acc_within_{tol:g}_of_bn_and_above_standard": check(
+            auc["noisy-bn"] >= auc["bn"] - tol and auc["noisy-bn"] > auc["standard"],
+            noisy_bn=auc["noisy-bn"], bn=auc["bn"], standard=auc["standard"],
+            noisy_minus_bn=auc["noisy-bn"] - auc["bn"], final_noisy_bn=noisy["final_acc"], final_bn=bn["final_acc"],
+            final_standard=std["final_acc"]),
         f"noisy_bn_reaches_{k}_before_standard": check(
             st_n is not None and (st_s is None or st_n < st_s), noisy_bn_steps=st_n, standard_steps=st_s,
             bn_steps=bn["steps_to"][k]),

@@ -163,6 +163,10 @@ def test_ics_checks_hold_and_fail():
     assert c[k]["final_noisy_bn"] == pytest.approx(0.94)
     assert c["bn_loss_range_lt_standard"]["ratio"] == pytest.approx(20.0)
     assert s["landscape"]["noisy-bn"]["grad_change_range"] == pytest.approx(1.0)
+    assert c["bn_loss_range_lt_standard"]["bn_smaller_in_frac_of_measurements"] == 1.0
+    a = [{"seed": 0, "step_records": [{"step": 1, "x": 1.0}, {"step": 2, "x": 5.0}, {"step": 3, "x": 0.0}]}]
+    b = [{"seed": 0, "step_records": [{"step": 1, "x": 2.0}, {"step": 2, "x": 4.0}]}, {"seed": 1, "step_records": []}]
+    assert ics.paired_fraction(a, b, "x") == 0.5 and ics.paired_fraction(a, [], "x") is None
     land_bad = dict(land_ok, bn=dict(land_ok["bn"], loss_range=3.0, grad_change_range=6.0))
     bad = _ics_results({"standard": [0.1, 0.91, 0.92, 0.93], "bn": [0.1, 0.92, 0.94, 0.95], "noisy-bn": [0.1, 0.5, 0.85, 0.9]},
                        {"standard": 0.5, "bn": 0.1, "noisy-bn": 0.05}, land_bad)

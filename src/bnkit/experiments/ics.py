@@ -12,7 +12,9 @@ changes less (gradient predictiveness). Checks: the noisy-BN net's mean test acc
 evaluations after step 0 (the area under its learning curve: a measure of speed) is within ``noisy_tol``
 of BN's and above the plain net's, and it reaches ``threshold`` before the plain net; its
 probed 50th-percentile drift exceeds BN's; the mean (over measurements and seeds) of the loss range and of
-the gradient-change range along ``-g`` is smaller with BN than without.
+the gradient-change range along ``-g`` is smaller with BN than without (the fraction of measurements,
+paired by seed and step, where BN's is smaller, and the means over the second half of training, are
+reported with them).
 
 Landscape measurement (every ``landscape_every`` steps, on the batch of that step, on a deep copy so
 training is untouched, in training mode with that batch's statistics and that step's noise): the loss
@@ -51,7 +53,7 @@ from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_r
 from .train import RunConfig, RunExtension
 
 __all__ = ["DEFAULTS", "OPTIONS", "ARMS", "make_runs", "summarize", "plot", "NoisyNorm", "NoisyBNExtension",
-           "landscape", "draw_noise"]
+           "landscape", "draw_noise", "paired_fraction"]
 
 ARMS = ("standard", "bn", "noisy-bn")
 
@@ -258,6 +260,18 @@ def landscape_means(rs: Sequence[Dict]) -> Dict[str, Optional[float]]:
     return {k: mean(rec[k] for r in rs for rec in r.get("step_records", [])) for k in keys}
 
 
+def paired_fraction(a: Sequence[Dict], b: Sequence[Dict], key: str) -> Optional[float]:
+    """The fraction of measurements (paired by seed and step) where arm ``a``'s ``key`` is below ``b``'s."""
+    bb = {(r["seed"], rec["step"]): rec[key] for r in b for rec in r.get("step_records", [])}
+    pairs = [(rec[key], bb[(r["seed"], rec["step"])]) for r in a for rec in r.get("step_records", [])
+             if (r["seed"], rec["step"]) in bb]
+    return sum(x < y for x, y in pairs) / len(pairs) if pairs else None
+
+
+def _late_mean(rs: Sequence[Dict], key: str, steps: int) -> Optional[float]:
+    return mean(rec[key] for r in rs for rec in r.get("step_records", []) if rec["step"] > steps / 2)
+
+
 def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     groups = by_arm(results)
     summary: Dict[str, object] = {arm: arm_summary(rs) for arm, rs in groups.items()}
@@ -287,10 +301,16 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             bn=bn["drift"]["range"], standard=std["drift"]["range"]),
         "bn_loss_range_lt_standard": check(
             lr_ is not None and gr_ is not None and lr_ < gr_, bn=lr_, standard=gr_,
-            noisy_bn=land["noisy-bn"]["loss_range"], ratio=(gr_ / lr_ if lr_ else None)),
+            noisy_bn=land["noisy-bn"]["loss_range"], ratio=(gr_ / lr_ if lr_ else None),
+            bn_smaller_in_frac_of_measurements=paired_fraction(groups["bn"], groups["standard"], "loss_range"),
+            bn_second_half=_late_mean(groups["bn"], "loss_range", int(cfg["steps"])),
+            standard_second_half=_late_mean(groups["standard"], "loss_range", int(cfg["steps"]))),
         "bn_grad_change_range_lt_standard": check(
             lc is not None and gc is not None and lc < gc, bn=lc, standard=gc,
-            noisy_bn=land["noisy-bn"]["grad_change_range"], ratio=(gc / lc if lc else None)),
+            noisy_bn=land["noisy-bn"]["grad_change_range"], ratio=(gc / lc if lc else None),
+            bn_smaller_in_frac_of_measurements=paired_fraction(groups["bn"], groups["standard"], "grad_change_range"),
+            bn_second_half=_late_mean(groups["bn"], "grad_change_range", int(cfg["steps"])),
+            standard_second_half=_late_mean(groups["standard"], "grad_change_range", int(cfg["steps"]))),
     }
     summary["threshold"] = float(cfg["threshold"])
     return summary

@@ -202,8 +202,8 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     axes[2].set_yscale("log")
     axes[0].set_title("(a) test accuracy, other weights frozen at init")
     axes[0].set_ylim(0, 1)
-    axes[1].set_title(f"(b) fraction of BN channels with |gamma| < {cfg['gamma_tol']:g} (first seed)")
-    axes[2].set_title("(c) BN-only: percentiles of |gamma| over the BN channels")
+    axes[1].set_title(f"(b) share of BN channels with |gamma| < {cfg['gamma_tol']:g}, first seed")
+    axes[2].set_title("(c) BN-only: percentiles of |gamma| (all seeds)")
     for ax in axes:
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)

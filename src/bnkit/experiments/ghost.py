@@ -149,7 +149,7 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
         axes[2].bar(i, 100 * summary["test_error"][arm], color=_COLORS[arm], alpha=0.7)
         axes[2].scatter([i] * len(per), [100 * e for e in per], color="k", s=12, zorder=3)
     axes[0].set_title("(a) test error (%), mean over seeds")
-    axes[0].set_ylim(0, 20)
+    axes[0].set_ylim(0, 12)
     axes[1].set_title("(b) training loss (mean over each interval)")
     axes[1].set_yscale("log")
     axes[2].set_xticks(range(len(ARMS)))

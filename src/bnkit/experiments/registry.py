@@ -60,6 +60,10 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("variants", "variants", "variants.png", "BN variants: standard, shared-weight, shared-parameter BN, LN, GN, none"),
     Experiment("cnn", "cnn", "cnn.png", "CNNs from the sources: Keras-style conv net and LeNet, with and without BN"),
     Experiment("cost", "cost", "cost.png", "Compute cost of BN in training and inference, and with BN folded"),
+    # optimization (docs/research-optimization.md)
+    Experiment("ics", "ics", "ics.png", "Internal covariate shift: noisy BN, and the loss landscape along the gradient"),
+    Experiment("bnonly", "bnonly", "bnonly.png", "Training only BN: gamma and beta vs as many random parameters vs the output layer"),
+    Experiment("ghost", "ghost", "ghost.png", "Large batches: Ghost BN, sqrt lr scaling and equal updates vs small batches"),
 ]}
 
 

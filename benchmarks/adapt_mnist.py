@@ -7,7 +7,9 @@ severity 5:
 
 * Gaussian noise: ``clip(x + N(0, 0.38^2), 0, 1)``;
 * contrast: ``clip((x - mean_image) * c + mean_image, 0, 1)`` (mean over each image's pixels), ``c = 0.05``
-  (severity 5) and ``c = 0.1`` (severity 4).
+  (severity 5) and ``c = 0.1`` (severity 4)
+
+(the builders are ``bnkit.experiments.corruptions``, shared with ``bnkit run corruption``).
 
 Rows: the source statistics; ``adapt(mode="reestimate")`` on the corrupted test set; ``adapt(mode="prior",
 prior=8)`` on ``n = 8`` corrupted digits (mean and minimum over ``--draws`` random draws of 8, each
@@ -30,25 +32,12 @@ import torch
 from torch import nn
 
 import bnkit
+from bnkit.experiments.corruptions import contrast, gaussian_noise  # the builders, shared with `bnkit run corruption`
 from bnkit.experiments.data import load_dataset, shared_mnist_dir
 
-NOISE_STD = 0.38  # ImageNet-C gaussian_noise, severity 5
-CONTRAST = {5: 0.05, 4: 0.1}  # ImageNet-C contrast, severities 5 and 4
-
-
-def gaussian_noise(x: torch.Tensor, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (x + torch.randn(x.shape, generator=g) * NOISE_STD).clamp(0, 1)
-
-
-def contrast(x: torch.Tensor, severity: int = 5) -> torch.Tensor:
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * CONTRAST[severity] + mean).clamp(0, 1)
-
-
 CORRUPTIONS = {
-    "gaussian_noise (sev. 5)": gaussian_noise,
-    "contrast (sev. 5)": contrast,
+    "gaussian_noise (sev. 5)": lambda x: gaussian_noise(x, 5),
+    "contrast (sev. 5)": lambda x: contrast(x, 5),
     "contrast (sev. 4)": lambda x: contrast(x, 4),
 }
 

@@ -47,6 +47,7 @@ def test_class_batch_draws_k_classes_deterministically():
 
 def _noniid_results(acc, bstats=0.9, seeds=(0, 1)):
     out = {}
+    acc = {"none non-iid": 0.9, **acc}
     for arm, _, sampling in noniid.ARMS:
         for s in seeds:
             n = noniid._name(arm, s)

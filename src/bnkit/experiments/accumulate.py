@@ -60,6 +60,7 @@ OPTIONS = {
     "bn_momentum": {"low": 0, "low_open": True, "high": 1, "help": "the BN layers' momentum"},
     "exact_tol": {"help": "distance counted as equal (rounding)"},
     "max_ratio": {"help": "the accumulating arm's distance at most this times the plain arm's, per layer"},
+    "batch_size": {"help": "not used: every arm's batch is k x micro_batch"},
 }
 
 

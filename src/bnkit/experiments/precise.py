@@ -50,6 +50,8 @@ OPTIONS = {
     "skip_epochs": {"help": "first epochs left out of the checks"},
     "acc_tol": {"help": "how far below the EMA's mean accuracy PreciseBN's may be"},
     "suffice_tol": {"help": "how far from the largest count's accuracy 1,000 samples may be"},
+    "steps": {"help": "not used: the runs train --epochs epochs"},
+    "eval_every": {"help": "not used: one evaluation per epoch"},
 }
 
 

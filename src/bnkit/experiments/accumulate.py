@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 from typing import Dict, List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -216,11 +217,11 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     for arm in ("plain", "accumulate"):
         for i in layers:
             st, y = series_mean(_as_series(groups[arm], f"mean_dist/{i}"))
-            ax.plot(st[1:], y[1:], color=_COLORS[arm], lw=1.6 - 0.3 * i, ls=["-", "--", ":", "-."][i % 4],
+            ax.plot(st[1:], np.maximum(y[1:], 1e-12), color=_COLORS[arm], lw=1.6 - 0.3 * i, ls=["-", "--", ":", "-."][i % 4],
                     label=f"{arm}, layer {i + 1}")
     ax.set_yscale("log")
     ax.set_xlabel("training steps")
-    ax.set_title("(a) |mean - mean_ref| / std_ref (mean over channels)")
+    ax.set_title("(a) |mean - mean_ref| / std_ref (mean over channels; 0 drawn at 1e-12)")
     ax.legend(fontsize=7)
     ax = axes[1]
     d = summary["distance_to_large_batch_statistics"]

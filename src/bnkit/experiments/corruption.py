@@ -244,6 +244,7 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     ax.axvline(float(cfg["min_shift"]), color="k", lw=0.6, ls=":")
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=0)  # a KL divergence is >= 0
     ax.set_xlabel("statistics shift (mean KL over the BN layers)")
     ax.set_ylabel("re-estimation gain (points)")
     ax.set_title("gain vs shift (severity 1 -> 5)")

@@ -10,6 +10,8 @@ evaluated on its 3,000 test digits corrupted as in ImageNet-C (Hendrycks & Diett
 * contrast: ``clip((x - mean_image) * c + mean_image, 0, 1)`` (mean over each image's pixels),
   ``c = 0.2, 0.1, 0.05`` (severities 3, 4, 5).
 
+(the builders are ``bnkit.experiments.corruptions``, shared with ``bnkit run corruption``).
+
 Columns: the source statistics; ``adapt(mode="reestimate")`` on the whole corrupted test set;
 ``adapt(mode="prior", prior=8)`` on ``n = 1, 8, 32`` corrupted digits (mean and minimum over ``--draws``
 random draws, each evaluated on the whole corrupted set); ``adapt(mode="online", prior=8)`` over the test
@@ -35,24 +37,12 @@ import torch
 from torch import nn
 
 import bnkit
+from bnkit.experiments.corruptions import contrast, gaussian_noise  # the builders, shared with `bnkit run corruption`
 from bnkit.experiments.data import load_dataset, shared_mnist_dir
 
-NOISE_STD = {3: 0.18, 4: 0.26, 5: 0.38}  # ImageNet-C gaussian_noise
-CONTRAST = {3: 0.2, 4: 0.1, 5: 0.05}  # ImageNet-C contrast
 PRIOR = 8  # Schneider et al.'s prior strength N
 PRIOR_N = (1, 8, 32)  # target samples for mode="prior"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the usual MNIST input normalization (training-set pixel mean, std)
-
-
-def gaussian_noise(x: torch.Tensor, severity: int = 5, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (x + torch.randn(x.shape, generator=g) * NOISE_STD[severity]).clamp(0, 1)
-
-
-def contrast(x: torch.Tensor, severity: int = 5) -> torch.Tensor:
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * CONTRAST[severity] + mean).clamp(0, 1)
-
 
 CORRUPTIONS = {"gaussian_noise": gaussian_noise, "contrast": contrast}
 

@@ -60,6 +60,11 @@ EXPERIMENTS: Dict[str, Experiment] = {e.name: e for e in [
     Experiment("variants", "variants", "variants.png", "BN variants: standard, shared-weight, shared-parameter BN, LN, GN, none"),
     Experiment("cnn", "cnn", "cnn.png", "CNNs from the sources: Keras-style conv net and LeNet, with and without BN"),
     Experiment("cost", "cost", "cost.png", "Compute cost of BN in training and inference, and with BN folded"),
+    # the statistics experiments (docs/research-statistics.md)
+    Experiment("noniid", "noniid", "noniid.png", "Non-i.i.d. batches: BN and Batch Renorm on few-class mini-batches"),
+    Experiment("precise", "precise", "precise.png", "PreciseBN: EMA statistics against recalibrated ones, every epoch"),
+    Experiment("corruption", "corruption", "corruption.png", "Corrupted digits: source statistics, adapt, prior, TENT"),
+    Experiment("accumulate", "accumulate", "accumulate.png", "Accumulated micro-batches: running statistics with and without accumulate_stats"),
     # optimization (docs/research-optimization.md)
     Experiment("ics", "ics", "ics.png", "Internal covariate shift: noisy BN, and the loss landscape along the gradient"),
     Experiment("bnonly", "bnonly", "bnonly.png", "Training only BN: gamma and beta vs as many random parameters vs the output layer"),

@@ -175,8 +175,8 @@ def test_benchmark_uses_the_shared_builders():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     x = torch.rand(5, 1, 28, 28)
-    assert torch.equal(mod.CORRUPTIONS["gaussian_noise (sev. 5)"](x), gaussian_noise(x, 5, seed=1))
-    assert torch.equal(mod.CORRUPTIONS["contrast (sev. 4)"](x), contrast(x, 4))
+    assert torch.equal(mod.CORRUPTIONS["gaussian_noise"](x, 5), gaussian_noise(x, 5, seed=1))
+    assert torch.equal(mod.CORRUPTIONS["contrast"](x, 4), contrast(x, 4))
 
 
 def test_statistics_shift_is_zero_on_the_source_statistics():

@@ -1,11 +1,14 @@
-"""Per-forward cost of ``accumulate_stats`` and ``preserve_stats`` (a ratio, same process, interleaved).
+"""Per-forward cost of ``accumulate_stats``, ``preserve_stats`` and ``checkpoint_safe`` (ratios, same process, interleaved).
 
 A training forward of one BN layer (the contexts change nothing in the backward) on a 1 MB float32 input
 ``(16, 64, 16, 16)``, plain vs. inside each context (entered once, as in a
 step of many micro-batches), the candidates interleaved in an order shuffled
 every repetition; prints the median time of each and its ratio to plain.
+On a loaded machine (more runnable threads than cores) wall-clock blocks
+mostly measure preemption; ``--threads 1 --cpu-time`` times the one thread's
+CPU time instead (``time.thread_time``: what the calls themselves cost).
 
-    PYTHONPATH=src python benchmarks/loops.py [--reps 200]
+    PYTHONPATH=src python benchmarks/loops.py [--reps 200] [--block 10] [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -25,25 +28,34 @@ import bnkit
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--block", type=int, default=10, help="forwards per entry of a context (one sample)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="time this thread's CPU time (needs --threads 1)")
     args = parser.parse_args()
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time needs --threads 1 (it times the calling thread only)")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
     x = torch.randn(16, 64, 16, 16, requires_grad=True)  # 1 MB of float32
     for label, layer in (("bnkit.BatchNorm2d", bnkit.BatchNorm2d(64)), ("torch.nn.BatchNorm2d", nn.BatchNorm2d(64))):
         cases = {"plain": lambda m: contextlib.nullcontext(), "preserve_stats": bnkit.preserve_stats,
-                 "accumulate_stats": bnkit.accumulate_stats}
+                 "checkpoint_safe": bnkit.checkpoint_safe, "accumulate_stats": bnkit.accumulate_stats}
         times: dict[str, list[float]] = {name: [] for name in cases}
-        # Each context is entered around a block of forwards: measure a block of 10 per sample.
+        # Each context is entered around a block of forwards: measure a block of --block per sample.
         for _ in range(args.reps):
             order = list(cases)
             random.shuffle(order)
             for name in order:
                 with cases[name](layer):
-                    t0 = time.perf_counter()
-                    for _ in range(10):
+                    t0 = clock()
+                    for _ in range(args.block):
                         layer(x)
-                    times[name].append((time.perf_counter() - t0) / 10)
+                    times[name].append((clock() - t0) / args.block)
         base = statistics.median(times["plain"])
-        print(f"{label}: per training forward, median of {args.reps} blocks of 10")
+        print(f"{label}: per training forward, median of {args.reps} blocks of {args.block} "
+              f"({torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time)")
         for name, ts in times.items():
             med = statistics.median(ts)
             print(f"  {name:18s} {med * 1e6:9.1f} us   ratio {med / base:.3f}")

@@ -7,6 +7,7 @@ without the block (outputs and gradients).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -220,3 +221,125 @@ def test_bad_input_is_refused_before_any_change():
     with pytest.raises(TypeError, match="nn.Module"):
         with bnkit.accumulate_stats([keras]):
             pass
+
+
+# --------------------------------------------------------------------------- the fused op's moments form
+@pytest.mark.parametrize(
+    "dtype, fmt, tol",
+    [(torch.float64, None, 1e-12), (torch.float32, torch.channels_last, 1e-5), (torch.bfloat16, None, 1e-2)],
+    ids=["float64", "float32-channels_last", "bfloat16"],
+)
+def test_every_backend_one_update_from_the_merged_batch(backend, dtype, fmt, tol, monkeypatch):
+    """Each backend (the fused C++ op's moments form, or the general path) against torch on the concatenation."""
+    general = []
+    real = engine._general
+
+    def spy(*args):
+        general.append(args[0].name)
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_general", spy)
+    g = torch.Generator().manual_seed(1)
+    parts = [(torch.randn(n, 3, 4, 5, generator=g, dtype=D) * (1 + n) + n).to(dtype) for n in (2, 5, 3)]
+    parts = [p.contiguous(memory_format=fmt) if fmt is not None else p for p in parts]
+    bn = bnkit.BatchNorm2d(3, momentum=0.3, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    plain = copy.deepcopy(bn)
+    with bnkit.accumulate_stats(bn):
+        for x in parts:
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = bn(xa), plain(xb)
+            assert torch.equal(ya, yb)  # the same kernels as outside the block
+            ya.sum().backward()
+            yb.sum().backward()
+            assert torch.equal(xa.grad, xb.grad)
+    ref = nn.BatchNorm2d(3, momentum=0.3, dtype=D)
+    ref(torch.cat([p.double() for p in parts]))
+    assert_buffers(bn, ref.to(bn.running_mean.dtype), rtol=tol, atol=tol)
+    assert (general == []) == (backend == "cpp")  # cpp: every call fused (no general path)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise", "propagate"])
+def test_nonfinite_policy_on_every_backend(backend, nonfinite):
+    bn = bnkit.BatchNorm2d(4, nonfinite=nonfinite, dtype=D)
+    good, bad = (x.reshape(-1, 4, 1, 1).expand(-1, 4, 2, 3).contiguous() for x in micro_batches([5, 6], seed=8))
+    bad[0, 0, 1, 1] = float("inf")
+    before = copy.deepcopy(bn.state_dict())
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            with bnkit.accumulate_stats(bn):
+                bn(good)
+                bn(bad)
+        for k, v in before.items():
+            assert torch.equal(bn.state_dict()[k], v), k
+        return
+    with contextlib.ExitStack() as stack:
+        if nonfinite == "skip":
+            stack.enter_context(pytest.warns(RuntimeWarning, match="not finite"))
+        with bnkit.accumulate_stats(bn):
+            bn(good)
+            bn(bad)
+    if nonfinite == "propagate":  # the bad part poisons the merged statistics, as one big batch would
+        assert torch.isnan(bn.running_var[0]) and int(bn.num_batches_tracked) == 1
+        return
+    ref = nn.BatchNorm2d(4, dtype=D)
+    ref(good)
+    assert_buffers(bn, ref)
+
+
+def test_layers_outside_the_model_update_exactly_as_without_the_block(backend):
+    model, other = bnkit.BatchNorm2d(3, dtype=D), bnkit.BatchNorm2d(3, momentum=None, dtype=D)
+    twin = copy.deepcopy(other)
+    xs = [torch.randn(4, 3, 2, 2, dtype=D, generator=torch.Generator().manual_seed(s)) + s for s in range(3)]
+    with bnkit.accumulate_stats(model):
+        for x in xs:
+            other(x)
+            model(x)
+    for x in xs:
+        twin(x)
+    for k, v in twin.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
+    assert int(model.num_batches_tracked) == 1
+
+
+cpp_only = pytest.mark.skipif(not bnkit.kernels.cpp_available(), reason="the C++ extension is not available")
+
+
+@cpp_only
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 12), min_size=1, max_size=5),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    unbiased=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_merge_moments_op_is_chans_merge(sizes, dtype, unbiased, seed):
+    """bnkit::merge_moments_ folded over the parts: stats.merge of the same inputs, and (float64) the concatenation."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, 5, generator=g, dtype=D) * 3 + 2 for n in sizes if n > 1 or not unbiased]
+    mean, m2, count = torch.zeros(5, dtype=D), torch.zeros(5, dtype=D), 0
+    oracle = bnkit.stats.Moments(0, torch.zeros(5, dtype=D), torch.zeros(5, dtype=D))
+    for x in parts:
+        n = x.shape[0]
+        batch_mean = x.mean(0).to(dtype) if n else torch.zeros(5, dtype=dtype)
+        batch_var = x.var(0, correction=int(unbiased)).to(dtype) if n else torch.zeros(5, dtype=dtype)
+        torch.ops.bnkit.merge_moments_(mean, m2, count, batch_mean, batch_var, n, unbiased)
+        count += n
+        part_m2 = batch_var.double() * (n - 1 if unbiased else n)
+        oracle = bnkit.stats.merge(oracle, bnkit.stats.Moments(n, batch_mean.double(), part_m2))
+    assert count == oracle.count
+    torch.testing.assert_close(mean, oracle.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m2, oracle.m2, rtol=1e-12, atol=1e-10)
+    if dtype == D and count:
+        whole = torch.cat(parts)
+        torch.testing.assert_close(mean, whole.mean(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m2, whole.var(0, correction=0) * count, rtol=1e-12, atol=1e-10)
+
+
+@cpp_only
+def test_merge_moments_op_refuses_bad_totals():
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.bnkit.merge_moments_(torch.zeros(3), torch.zeros(3), 0, torch.zeros(3), torch.ones(3), 4, False)
+    with pytest.raises(RuntimeError, match="size"):
+        torch.ops.bnkit.merge_moments_(
+            torch.zeros(3, dtype=D), torch.zeros(3, dtype=D), 0, torch.zeros(2), torch.ones(2), 4, False
+        )

@@ -171,8 +171,10 @@ def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | No
 
 # --------------------------------------------------------------------------- update hook
 # The running update's one redirect (bnkit.accumulate_stats installs it): called as
-# ``hook(spec, running_mean, running_var, num_batches_tracked, mean, var, count)``; a true
-# result means it took the update over (nothing is written here).
+# ``hook(spec, running_mean, running_var, num_batches_tracked, mean, var, count)`` with the
+# batch's mean and biased variance, only for a batch that passed the layer's non-finite
+# policy (running_update rejects the others first); a true result means it took the update
+# over (nothing is written here).
 _UPDATE_HOOK: Callable[..., bool] | None = None
 
 
@@ -204,6 +206,8 @@ def running_update(
     mean: Tensor,
     var: Tensor,
     count: int,
+    *,
+    checked: bool = False,
 ) -> None:
     """The running-statistics phase: the rule of :mod:`bnkit.stats` under ``spec``'s non-finite policy.
 
@@ -216,10 +220,11 @@ def running_update(
     ``torch.compile``) a ``torch.where`` keeps the old values without a host
     synchronisation. A checkpointing recompute (:func:`in_recompute`) writes
     nothing; an installed hook (:func:`set_running_update_hook`) may take the
-    update over.
+    update over. ``checked``: the caller (the fused op) has applied the
+    non-finite policy to these statistics already.
     """
-    if in_recompute() or (_UPDATE_HOOK is not None and _UPDATE_HOOK(
-        spec, running_mean, running_var, num_batches_tracked, mean, var, count
+    if in_recompute() or (_UPDATE_HOOK is not None and _offer_to_hook(
+        spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked
     )):
         return
     nbt, momentum, nonfinite = num_batches_tracked, spec.momentum, spec.nonfinite
@@ -259,7 +264,29 @@ def running_update(
     stats.update_running_stats(running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, n))
 
 
+def _offer_to_hook(
+    spec: CallSpec, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, mean: Tensor,
+    var: Tensor, count: int, checked: bool
+) -> bool:
+    """The hook's turn; a batch the non-finite policy rejects is rejected here (raise or warn) and never reaches it."""
+    if not checked and count and spec.check_finite and var.numel() and not math.isfinite(var.max().item()):
+        _reject_nonfinite(spec.name, spec.nonfinite)
+        return True
+    return _UPDATE_HOOK(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+
+
 # --------------------------------------------------------------------------- the door
+def _fusable(input: Tensor) -> bool:
+    """Whether the fused op may see ``input``: a plain CPU tensor in eager mode, with the C++ kernels selected."""
+    return (
+        type(input) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and input.is_cpu
+        and kernels.select(input) == "cpp"
+    )
+
+
 def fused_call(
     spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
     running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
@@ -271,13 +298,7 @@ def fused_call(
     so that the general path raises the error. On a small input the general
     path's separate steps cost as much as the kernels.
     """
-    if (
-        type(input) is not Tensor
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or not input.is_cpu
-        or kernels.select(input) != "cpp"
-    ):
+    if not _fusable(input):
         return None
     y, status = torch.ops.bnkit.batch_norm_layer(
         input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
@@ -321,23 +342,28 @@ def _hooked_call(
 ) -> Tensor:
     """A training call while a running-update hook is installed: the hook gets the batch moments.
 
-    The fused op runs with scratch buffers and momentum 1, so that they hold
-    the batch mean and unbiased variance (its update is ``m * batch + (1 - m)
-    * old``, exact at ``m = 1``), which then go to :func:`running_update`
-    (and so to the hook); the kernel path, and what autograd saves, is the
-    one of the same call without the hook. Where the fused op declines, the
+    The fused op's moments form (``bnkit::batch_norm_layer_moments``: the
+    same accept predicate, kernels and autograd node as the call without
+    the hook) returns the batch mean and biased variance it computed,
+    applying no update and the non-finite check in C++; they go to
+    :func:`running_update` (and so to the hook). Where it declines, the
     general path reports them itself.
     """
-    scratch_mean, scratch_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
-    once = spec._replace(momentum=1.0, fused_momentum=1.0, nonfinite="propagate", check_finite=False)
-    y = fused_call(once, input, weight, bias, scratch_mean, scratch_var, None, True)
-    if y is None:
-        check_input(spec, input)
-        return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, True)
-    count = input.numel() // input.shape[spec.axis] if input.numel() else 0
-    var = scratch_var * ((count - 1) / count) if count > 1 else scratch_var  # back to the biased variance
-    running_update(spec, running_mean, running_var, num_batches_tracked, scratch_mean, var, count)
-    return y
+    if _fusable(input):
+        y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
+            spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
+        )
+        constants = _CONSTANTS or _constants()  # not None: the op exists
+        if status == constants.nonfinite:  # the batch is left out, as the running update would leave it
+            _reject_nonfinite(spec.name, spec.nonfinite)
+            return y
+        if status != constants.not_handled:
+            count = input.numel() // input.shape[spec.axis]  # > 1: the op declines empty and one-value batches
+            running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked=True)
+            return y
+    check_input(spec, input)
+    return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, True)
 
 
 def _general(

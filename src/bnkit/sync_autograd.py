@@ -89,6 +89,88 @@ class _Comm:
         )
 
 
+def _global_statistics(
+    comm: _Comm, x3: Tensor, n_local: int, local: tuple[Tensor, Tensor] | None, what: str, empty_var: float
+) -> tuple[Tensor, Tensor, int]:
+    """The global batch's ``(mean, biased var, count)`` from every rank's moments.
+
+    A global batch of one value per channel raises torch's error (``what``
+    names the values counted); an empty one (none on any rank) has ``var``
+    filled with ``empty_var``.
+    """
+    acc = stats.accumulation_dtype(x3.dtype)
+    channels = x3.shape[1]
+    gathered, header = _gather_moments(comm, x3, n_local, local)
+    total = int(header[:, 0].sum())
+    if total == 1:
+        raise ValueError(
+            f"{comm.describe}: Expected more than 1 value per channel when training, "
+            f"got a global batch of 1 {what} per channel"
+        )
+    merged = stats.merge_stacked(
+        gathered[:, 0], gathered[:, _HEADER : _HEADER + channels], gathered[:, _HEADER + channels :]
+    )
+    mean = merged.mean.to(acc)
+    if total > 0:
+        var = (merged.m2 / total).to(acc)
+    else:
+        var = torch.full_like(mean, empty_var)
+    return mean, var, total
+
+
+def _normalize(
+    ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, comm: _Comm, mean: Tensor, var: Tensor,
+    total: int, saved: tuple
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``y3 = (x3 - mean) / sqrt(var + eps) * weight + bias`` with the global statistics, and ``ctx`` for the backward.
+
+    An empty global batch normalizes to the bias (scale 0). ``saved`` goes to
+    ``ctx.save_for_backward``. Returns ``(y3, mean, var, count)``.
+    """
+    acc = mean.dtype
+    if total > 0:
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale
+    else:
+        scale = torch.zeros_like(mean)
+        shift = torch.zeros_like(mean)
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    y3 = kernels.affine(x3, scale, shift)
+    ctx.comm = comm
+    ctx.total = total
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.eps = eps
+    ctx.save_for_backward(*saved)
+    count_t = torch.tensor(total, dtype=torch.long)
+    ctx.mark_non_differentiable(mean, var, count_t)
+    return y3, mean, var, count_t
+
+
+def _sync_gradients(
+    ctx, weight: Tensor | None, sum_dy: Tensor, sum_dy_xhat: Tensor, need: tuple[bool, bool, bool], apply
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The backward after this rank's sums: all-reduce them, ``dx = apply(sum_dy, sum_dy_xhat)``, ``dweight``, ``dbias``.
+
+    ``need``: whether the input, weight and bias need their gradient; the
+    parameter gradients are this rank's own sums (DDP reduces them).
+    """
+    need_x, need_w, need_b = need
+    channels = sum_dy.shape[0]
+    dx = None
+    if need_x:
+        sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
+        try:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.comm.group)
+        except Exception as err:  # noqa: BLE001
+            raise ctx.comm.fail("backward all-reduce of the gradient sums", err) from err
+        dx = apply(sums[:channels], sums[channels:])
+    dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
+    db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+    return dx, dw, db
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Training SyncBN on the canonical ``(outer, C, inner)`` view.
 
@@ -99,63 +181,24 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, comm: _Comm):
-        acc = stats.accumulation_dtype(x3.dtype)
-        channels = x3.shape[1]
         n_local = x3.shape[0] * x3.shape[2]
         local = kernels.moments(x3) if n_local > 0 else None
-        gathered, header = _gather_moments(comm, x3, n_local, local)
-        counts = header[:, 0]
-        total = int(counts.sum())
-        if total == 1:
-            raise ValueError(
-                f"{comm.describe}: Expected more than 1 value per channel when training, "
-                "got a global batch of 1 value per channel"
-            )
-        merged = stats.merge_stacked(
-            gathered[:, 0], gathered[:, _HEADER : _HEADER + channels], gathered[:, _HEADER + channels :]
-        )
-        mean = merged.mean.to(acc)
-        if total > 0:
-            var = (merged.m2 / total).to(acc)
-        else:
-            var = torch.full_like(mean, float("nan"))
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(acc)
-        y3 = kernels.affine(x3, scale, shift)
-        ctx.comm = comm
-        ctx.total = total
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.eps = eps
-        ctx.save_for_backward(x3, weight, mean, var)
-        count_t = torch.tensor(total, dtype=torch.long)
-        ctx.mark_non_differentiable(mean, var, count_t)
-        return y3, mean, var, count_t
+        mean, var, total = _global_statistics(comm, x3, n_local, local, "value", float("nan"))
+        return _normalize(ctx, x3, weight, bias, eps, comm, mean, var, total, (x3, weight, mean, var))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y3: Tensor, _gm, _gv, _gc):
         x3, weight, mean, var = ctx.saved_tensors
-        comm: _Comm = ctx.comm
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        channels = x3.shape[1]
         # The BN backward's phases: this rank's sums (centred on the global statistics),
         # all-reduced, then applied with the global count.
         sum_dy, sum_dy_xhat = kernels.backward_reduce(grad_y3, x3, mean, var, ctx.eps)
-        dx = None
-        if need_x:
-            sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
-            try:
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=comm.group)
-            except Exception as err:  # noqa: BLE001
-                raise comm.fail("backward all-reduce of the gradient sums", err) from err
-            dx = kernels.backward_apply(
-                grad_y3, x3, mean, var, weight, sums[:channels], sums[channels:], ctx.total, ctx.eps
-            )
-        dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
-        db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+        dx, dw, db = _sync_gradients(
+            ctx, weight, sum_dy, sum_dy_xhat, ctx.needs_input_grad[:3],
+            lambda s_dy, s_dy_xhat: kernels.backward_apply(
+                grad_y3, x3, mean, var, weight, s_dy, s_dy_xhat, ctx.total, ctx.eps
+            ),
+        )
         return dx, dw, db, None, None
 
 
@@ -172,60 +215,22 @@ class _SyncMaskedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3: Tensor, m2: Tensor, n_local: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                 comm: _Comm):
-        acc = stats.accumulation_dtype(x3.dtype)
-        channels = x3.shape[1]
         local = kernels.masked_moments(x3, m2, n_local) if n_local > 0 else None
-        gathered, header = _gather_moments(comm, x3, n_local, local)
-        total = int(header[:, 0].sum())
-        if total == 1:
-            raise ValueError(
-                f"{comm.describe}: Expected more than 1 value per channel when training, "
-                "got a global batch of 1 valid value per channel"
-            )
-        merged = stats.merge_stacked(
-            gathered[:, 0], gathered[:, _HEADER : _HEADER + channels], gathered[:, _HEADER + channels :]
-        )
-        mean = merged.mean.to(acc)
-        var = (merged.m2 / max(total, 1)).to(acc)
-        if total > 0:
-            invstd = torch.rsqrt(var + eps)
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            shift = -mean * scale
-        else:  # no valid entry on any rank: an empty batch, the output is the bias
-            scale = torch.zeros_like(mean)
-            shift = torch.zeros_like(mean)
-        if bias is not None:
-            shift = shift + bias.to(acc)
-        y3 = kernels.affine(x3, scale, shift)
-        ctx.comm = comm
-        ctx.total = total
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.eps = eps
-        ctx.save_for_backward(x3, m2, weight, mean, var)
-        count_t = torch.tensor(total, dtype=torch.long)
-        ctx.mark_non_differentiable(mean, var, count_t)
-        return y3, mean, var, count_t
+        mean, var, total = _global_statistics(comm, x3, n_local, local, "valid value", 0.0)
+        return _normalize(ctx, x3, weight, bias, eps, comm, mean, var, total, (x3, m2, weight, mean, var))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y3: Tensor, _gm, _gv, _gc):
         x3, m2, weight, mean, var = ctx.saved_tensors
-        comm: _Comm = ctx.comm
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        channels = x3.shape[1]
         sum_dy, sum_dy_xhat = kernels.masked_backward_reduce(grad_y3, x3, m2, mean, var, ctx.eps)
         if ctx.total == 0:
             sum_dy, sum_dy_xhat = torch.zeros_like(sum_dy), torch.zeros_like(sum_dy_xhat)
-        dx = None
-        if need_x:
-            sums = torch.cat([sum_dy, sum_dy_xhat]).to(_COMM_DTYPE)
-            try:
-                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=comm.group)
-            except Exception as err:  # noqa: BLE001
-                raise comm.fail("backward all-reduce of the gradient sums", err) from err
-            dx = kernels.masked_backward_apply(
-                grad_y3, x3, m2, mean, var, weight, sums[:channels], sums[channels:], ctx.total, ctx.eps
-            )
-        dw = sum_dy_xhat.to(weight.dtype) if (need_w and weight is not None) else None
-        db = sum_dy.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+        needs = ctx.needs_input_grad
+        dx, dw, db = _sync_gradients(
+            ctx, weight, sum_dy, sum_dy_xhat, (needs[0], needs[3], needs[4]),
+            lambda s_dy, s_dy_xhat: kernels.masked_backward_apply(
+                grad_y3, x3, m2, mean, var, weight, s_dy, s_dy_xhat, ctx.total, ctx.eps
+            ),
+        )
         return dx, None, None, dw, db, None, None

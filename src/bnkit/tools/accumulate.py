@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..engine import _reject_nonfinite, in_recompute, running_update, set_running_update_hook
+from .. import kernels
+from ..engine import in_recompute, running_update, set_running_update_hook
 from ..stats import Moments, merge, update_running_stats
 from ._family import has_running_stats
 from .checkpointing import _bn_layers, _torch_bn_layers
@@ -19,25 +19,39 @@ __all__ = ["accumulate_stats"]
 
 
 class _Layer:
-    """What one layer saw inside an :func:`accumulate_stats` block: its buffers and the micro-batches' moments."""
+    """What one layer saw inside an :func:`accumulate_stats` block: its buffers and the merged moments so far.
 
-    __slots__ = ("spec", "module", "running_mean", "running_var", "nbt", "parts", "seen")
+    The totals ``(count, mean, m2)`` are float64 tensors of the layer's own;
+    each batch is merged into them at once (:meth:`add`), and the batch's
+    tensors are not kept.
+    """
+
+    __slots__ = ("spec", "module", "running_mean", "running_var", "nbt", "count", "mean", "m2", "seen")
 
     def __init__(self, spec: Any, module: nn.Module | None, running_mean: Tensor, running_var: Tensor,
                  nbt: Tensor | None) -> None:
         self.spec, self.module = spec, module
         self.running_mean, self.running_var, self.nbt = running_mean, running_var, nbt
-        self.parts: list[tuple[int, Tensor, Tensor]] = []  # (count, mean, M2 or biased var), see _kind
+        self.count = 0
+        self.mean = torch.zeros(running_mean.shape, dtype=torch.float64, device=running_mean.device)
+        self.m2 = torch.zeros_like(self.mean)
         self.seen = False  # a counted training call (an empty batch counts, a skipped non-finite one not)
 
-    def merged(self) -> Moments:
-        """Chan's merge, in float64, of every part (bnkit parts: ``(n, mean, biased var)``)."""
-        total = Moments(0, torch.zeros_like(self.running_mean, dtype=torch.float64),
-                        torch.zeros_like(self.running_var, dtype=torch.float64))
-        for n, mean, second in self.parts:
-            m2 = second.double() * n if self.module is None else second.double()
-            total = merge(total, Moments(n, mean.double(), m2))
-        return total
+    def add(self, count: int, mean: Tensor, var: Tensor, unbiased: bool = False) -> None:
+        """Chan's merge, in float64, of a batch of ``count`` values (``var`` biased, or unbiased: torch's buffers)."""
+        if not count:
+            return
+        if mean.is_cpu and kernels.cpp_available() and not torch.jit.is_tracing():
+            torch.ops.bnkit.merge_moments_(self.mean, self.m2, self.count, mean, var, count, unbiased)
+        else:
+            m2 = var.detach().double() * (count - 1 if unbiased else count)
+            total = merge(self.total(), Moments(count, mean.detach().double(), m2))
+            self.mean.copy_(total.mean)
+            self.m2.copy_(total.m2)
+        self.count += count
+
+    def total(self) -> Moments:
+        return Moments(self.count, self.mean, self.m2)
 
 
 class _Accumulator:
@@ -58,12 +72,8 @@ class _Accumulator:
         layer = self.layers.get(key)
         if layer is None:
             layer = self.layers[key] = _Layer(spec, None, running_mean, running_var, nbt)
-        if count and spec.check_finite and var.numel() and not math.isfinite(var.max().item()):
-            _reject_nonfinite(spec.name, spec.nonfinite)  # raises ("raise") or warns ("skip"): the part is left out
-            return True
-        layer.seen = True
-        if count:
-            layer.parts.append((count, mean.detach(), var.detach()))
+        layer.seen = True  # the engine has applied the non-finite policy: a skipped batch never gets here
+        layer.add(count, mean, var)
         return True
 
     def take_torch(self, module: nn.Module, input: Tensor) -> None:
@@ -75,8 +85,8 @@ class _Accumulator:
             )
         layer.seen = True
         n = input.numel() // input.shape[1] if input.dim() > 1 else 0
-        if n > 1:  # torch raises for one value per channel; running_var is unbiased: M2 = var * (n - 1)
-            layer.parts.append((n, module.running_mean.detach().clone(), module.running_var.detach() * (n - 1)))
+        if n > 1:  # torch raises for one value per channel
+            layer.add(n, module.running_mean, module.running_var, unbiased=True)
 
     def merge_into(self, other: "_Accumulator") -> None:
         for key, layer in self.layers.items():
@@ -84,7 +94,8 @@ class _Accumulator:
             if mine is None:
                 other.layers[key] = layer
             else:
-                mine.parts.extend(layer.parts)
+                total = merge(mine.total(), layer.total())
+                mine.count, mine.mean, mine.m2 = total.count, total.mean, total.m2
                 mine.seen = mine.seen or layer.seen
 
     @torch.no_grad()
@@ -93,8 +104,8 @@ class _Accumulator:
         for layer in self.layers.values():
             if not layer.seen:
                 continue
-            total = layer.merged()
-            n = int(total.count)
+            total = layer.total()
+            n = total.count
             if layer.module is None:
                 rm = layer.running_mean
                 mean = total.mean.to(rm.dtype if rm.dtype.is_floating_point else torch.float64)
@@ -167,7 +178,9 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     statistics are those of the large batch).
 
     bnkit layers are covered through the engine's running-update hook (the
-    same kernels as outside the block, which report the batch moments). torch's
+    same kernels as outside the block, in one pass, which report the batch
+    moments; each is merged at once into float64 totals, nothing per
+    micro-batch is kept). torch's
     BN layers run with momentum 1 inside the block, so that their buffers
     hold each forward's batch statistics, which a forward hook collects; their
     buffers and momentum are restored at exit. Nested blocks merge into the

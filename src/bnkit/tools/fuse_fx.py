@@ -56,19 +56,27 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
     def uses_of(target: str) -> int:
         return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
 
+    def install(node: torch.fx.Node, module: nn.Module, suffix: str, rename: bool = False) -> None:
+        """Make ``node`` call ``module``: at its target, or under a fresh ``{target}_{suffix}{i}``.
+
+        A fresh name when ``rename`` or when other nodes call the target too (they keep the old module).
+        """
+        target = node.target
+        if rename or uses_of(target) != 1:
+            i = 0
+            while f"{target}_{suffix}{i}" in modules:
+                i += 1
+            target = node.target = f"{target}_{suffix}{i}"
+        gm.add_submodule(target, module)
+        modules[target] = module
+
     def own_layer(node: torch.fx.Node) -> nn.Module:
         """The layer called by ``node``, copied under a new name when other nodes call it too."""
         target = node.target
         if uses_of(target) == 1 and id(modules[target]) not in ctx.shared:
             return modules[target]
         layer = copy.deepcopy(modules[target])
-        i = 0
-        while f"{target}_fused{i}" in modules:
-            i += 1
-        new_target = f"{target}_fused{i}"
-        gm.add_submodule(new_target, layer)
-        modules[new_target] = layer
-        node.target = new_target
+        install(node, layer, "fused", rename=True)
         return layer
 
     def is_bn_node(n: torch.fx.Node) -> bool:
@@ -121,15 +129,7 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
             node.replace_all_uses_with(prev)
             gm.graph.erase_node(node)
         else:  # the activation (and drop) stay, now right after the fused layer
-            target = node.target
-            if uses_of(target) != 1:
-                i = 0
-                while f"{target}_tail{i}" in modules:
-                    i += 1
-                target = f"{target}_tail{i}"
-                node.target = target
-            gm.add_submodule(target, rest)
-            modules[target] = rest
+            install(node, rest, "tail")
         report.fused.append(FusedPair(name, layer_name, side, note))
 
     # What is left becomes one Affine op per call site.
@@ -141,16 +141,7 @@ def _fuse_fx(gm: torch.fx.GraphModule, prefix: str, ctx: _Ctx) -> nn.Module:
             continue
         aff = Affine(scale, shift, _axis(bn))
         aff.training = bn.training
-        aff = _then_tail(aff, bn)
-        target = node.target
-        if uses_of(target) != 1:
-            i = 0
-            while f"{target}_affine{i}" in modules:
-                i += 1
-            target = f"{target}_affine{i}"
-            node.target = target
-        gm.add_submodule(target, aff)
-        modules[target] = aff
+        install(node, _then_tail(aff, bn), "affine")
         report.unfused.append(UnfusedBN(name, reason, "Affine"))
     gm.graph.lint()
     gm.delete_all_unused_submodules()

@@ -30,3 +30,17 @@ def output_scale(x: torch.Tensor, eps: float) -> float:
     reaches the output amplified by 1/std. Two float32 values 0.01 apart near 2.8 give
     outputs that torch itself gets only to ~2e-5 of the exact value."""
     return input_grad_scale(x, x, eps)
+
+
+def twin_layers(cls_torch, cls_bnkit, num_features: int, *, device="cpu", dtype=torch.float32, **kwargs):
+    """A torch BN layer and a bnkit one with the same (non-trivial) affine parameters, for parity tests."""
+    torch.manual_seed(0)
+    t = cls_torch(num_features, **kwargs).to(device)
+    b = cls_bnkit(num_features, **kwargs).to(device)
+    with torch.no_grad():
+        if t.weight is not None:
+            t.weight.uniform_(0.5, 1.5)
+            t.bias.uniform_(-0.5, 0.5)
+            b.weight.copy_(t.weight)
+            b.bias.copy_(t.bias)
+    return t.to(dtype), b.to(dtype)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import bnkit
+from _compare import twin_layers
 from bnkit import _engine_device
 
 pytestmark = [
@@ -28,16 +29,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2,
 
 
 def _pair(cls_t, cls_b, c, dtype=torch.float32, **kw):
-    torch.manual_seed(0)
-    t = cls_t(c, **kw).to(DEV)
-    b = cls_b(c, **kw).to(DEV)
-    with torch.no_grad():
-        if t.weight is not None:
-            t.weight.uniform_(0.5, 1.5)
-            t.bias.uniform_(-0.5, 0.5)
-            b.weight.copy_(t.weight)
-            b.bias.copy_(t.bias)
-    return t.to(dtype), b.to(dtype)
+    return twin_layers(cls_t, cls_b, c, device=DEV, dtype=dtype, **kw)
 
 
 @pytest.mark.parametrize("cls_t,cls_b,shape", [

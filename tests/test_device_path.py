@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnkit
+from _compare import twin_layers
 from bnkit import _engine_device, kernels
 
 
@@ -36,16 +37,7 @@ def routed(monkeypatch):
 
 
 def _pair(cls_t, cls_b, *args, **kw):
-    torch.manual_seed(0)
-    t = cls_t(*args, **kw)
-    b = cls_b(*args, **kw)
-    with torch.no_grad():
-        if t.weight is not None:
-            t.weight.uniform_(0.5, 1.5)
-            t.bias.uniform_(-0.5, 0.5)
-            b.weight.copy_(t.weight)
-            b.bias.copy_(t.bias)
-    return t, b
+    return twin_layers(cls_t, cls_b, *args, **kw)
 
 
 CASES = [

@@ -78,23 +78,6 @@ class Outcome:
 
 # ------------------------------------------------------------------------------------------- the worker side
 
-class _Budget:
-    """A run's step budget in a worker: its own ``stop_after`` and the executor's stop signal."""
-
-    def __init__(self, n: Optional[int], stop: Optional[Callable[[], bool]] = None):
-        self.left, self.stop = n, stop
-
-    def take(self) -> bool:
-        if self.stop is not None and self.stop():
-            return False
-        if self.left is None:
-            return True
-        if self.left <= 0:
-            return False
-        self.left -= 1
-        return True
-
-
 def _picklable(e: BaseException) -> Optional[BaseException]:
     try:
         e2 = pickle.loads(pickle.dumps(e))
@@ -114,7 +97,7 @@ def execute(task: RunTask, data, progress=None, stop: Optional[Callable[[], bool
     import torch
 
     from .tblog import TensorBoardMonitor
-    from .train import RunInterrupted, train_run
+    from .train import RunInterrupted, StepBudget, train_run
 
     torch.set_num_threads(int(task.threads or 1))
     out = Path(task.out_dir)
@@ -130,7 +113,7 @@ def execute(task: RunTask, data, progress=None, stop: Optional[Callable[[], bool
     try:
         try:
             oc.result = train_run(task.cfg, data, out, resume=task.resume and not task.private, progress=progress,
-                                  budget=_Budget(task.stop_after, stop), jsonl=out / "metrics.jsonl",
+                                  budget=StepBudget(task.stop_after, stop), jsonl=out / "metrics.jsonl",
                                   monitor=monitor)
         finally:
             if monitor is not None:

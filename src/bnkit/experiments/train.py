@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field  # noqa: F401  (field: RunConfig defaults)
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -89,12 +89,15 @@ class RunInterrupted(Exception):
 
 
 class StepBudget:
-    """Stop after ``n`` training steps in this process (shared across runs); used to test ``--resume``."""
+    """Stop after ``n`` training steps in this process (shared across runs; used to test ``--resume``), or
+    as soon as ``stop()`` says so (a parallel executor's stop signal)."""
 
-    def __init__(self, n: Optional[int]):
-        self.left = n
+    def __init__(self, n: Optional[int], stop: Optional[Callable[[], bool]] = None):
+        self.left, self.stop = n, stop
 
     def take(self) -> bool:
+        if self.stop is not None and self.stop():
+            return False
         if self.left is None:
             return True
         if self.left <= 0:

@@ -438,3 +438,36 @@ def test_tent_bad_input_changes_nothing():
     assert _same_state(model, state)
     assert all(p.requires_grad for p in model.parameters())
 
+
+
+def test_reestimate_adapts_the_current_domain_of_domain_batchnorm():
+    """DomainBatchNorm: adapt writes the row of the domain the calls use, exactly as a plain BN layer's
+    re-estimate on the same data (oracle: the mean and unbiased variance of the data), and no other row."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), bnkit.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4))
+    for _ in range(3):
+        net(torch.randn(16, 1, 8, 8))
+    dom = bnkit.convert_domain_bn(net, 3).eval()
+    layer = dom[1]
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    data = [torch.randn(20, 1, 8, 8) * 2 + 1 for _ in range(3)]
+    with torch.no_grad():
+        h = torch.cat([dom[0](x) for x in data])
+    want_mean = h.mean(dim=(0, 2, 3))
+    want_var = h.var(dim=(0, 2, 3), unbiased=True)
+    with bnkit.domain(dom, 2):
+        handle = bnkit.adapt(dom, data, mode="reestimate")
+    torch.testing.assert_close(layer.running_mean[2], want_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var[2], want_var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.running_mean[:2], before[0][:2]) and torch.equal(layer.running_var[:2], before[1][:2])
+    handle.restore()
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+
+
+def test_adapt_refuses_mixed_domain_batches():
+    dom = bnkit.convert_domain_bn(nn.Sequential(nn.Linear(4, 3), bnkit.BatchNorm1d(3)), 2).eval()
+    before = dom[1].running_mean.clone()
+    with bnkit.domain(dom, torch.tensor([0, 1, 0, 1])):
+        with pytest.raises(ValueError, match="several domains"):
+            bnkit.adapt(dom, [torch.randn(4, 4)])
+    assert torch.equal(dom[1].running_mean, before)

@@ -32,8 +32,9 @@ both (Schneider et al. 2020), fixes much of the damage without labels:
   used).
 
 Every mode works for torch's BN layers and bnkit's (variants, per-site
-``SharedBatchNorm``, and frozen layers, whose statistics buffers are
-replaced). Parameters, ``num_batches_tracked``, momenta and every other module
+``SharedBatchNorm``, per-domain ``DomainBatchNorm``, whose row is the calls'
+domain, e.g. inside ``with bnkit.domain(model, d):``, and frozen layers, whose
+statistics buffers are replaced). Parameters, ``num_batches_tracked``, momenta and every other module
 are left as they are; during a pass all modules are in eval mode (dropout off).
 The returned :class:`AdaptHandle` restores the source statistics bit for bit
 (``handle.restore()``, or leaving a ``with`` block).
@@ -175,13 +176,33 @@ class _LayerState:
         """The row of a per-site layer this call uses, or ``False`` when the call is not one to adapt."""
         if not self.per_site:
             return None
-        site = kwargs.get("site", args[1] if len(args) > 1 else None)
         rows = self.m.running_mean.shape[0]
+        if hasattr(self.m, "num_domains"):  # DomainBatchNorm: the row is the call's domain
+            return self._domain_row(args, kwargs, rows)
+        site = kwargs.get("site", args[1] if len(args) > 1 else None)
         if site is None:
             return 0 if rows == 1 else False  # the layer itself raises its own error
         if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < rows:
             return False
         return site
+
+    def _domain_row(self, args: tuple, kwargs: dict, rows: int) -> Any:
+        domain = kwargs.get("domain", args[1] if len(args) > 1 else None)
+        if domain is None:
+            domain = self.m.__dict__.get("current_domain")
+        if isinstance(domain, Tensor) and domain.numel() > 0:
+            present = torch.unique(domain)
+            if present.numel() > 1:
+                raise ValueError(
+                    "adapt: a DomainBatchNorm call with samples of several domains; adapt one domain at a time "
+                    "(with bnkit.domain(model, d): bnkit.adapt(model, data_of_d))"
+                )
+            domain = int(present)
+        if domain is None:
+            return 0 if rows == 1 else False  # the layer itself raises its own error
+        if isinstance(domain, bool) or not isinstance(domain, int) or not 0 <= domain < rows:
+            return False
+        return domain
 
     def src(self, site: Any) -> tuple[Tensor, Tensor]:
         mean, var = self.source

@@ -116,6 +116,7 @@ def test_dropout_checks_hold_and_fail():
     c = dropout.summarize(cfg, ok)["checks"]
     assert c["bn_test_acc_ge_dropout"]["pass"] and c["bn_gap_lt_none_gap"]["pass"]
     assert c["bn_gap_lt_none_gap"]["bn_gap"] == pytest.approx(0.07)
+    assert c["bn_test_acc_ge_dropout"]["difference_per_seed"] == [pytest.approx(0.01)]
     bad = res({"none": 0.90, "dropout": 0.94, "bn": 0.89, "bn+dropout": 0.935},
               {"none": 1.0, "dropout": 0.99, "bn": 1.0, "bn+dropout": 0.99})
     c = dropout.summarize(cfg, bad)["checks"]

@@ -139,6 +139,7 @@ def test_batchsize_checks_hold_and_fail():
     c = s["checks"]
     assert c["bn_error_b2_minus_b32_ge_0.02"]["pass"] and c["bn_error_b2_minus_b32_ge_0.02"]["gap"] == pytest.approx(0.15)
     assert c["gn_range_le_half_bn_range"]["pass"] and c["renorm_better_than_bn_at_smallest_batches"]["pass"]
+    assert c["gn_range_le_half_bn_range"]["bn_worst_batch"] == 2 and c["gn_range_le_half_bn_range"]["gn_worst_batch"] == 2
     assert s["test_error"]["gn"]["4"] == pytest.approx(0.06)
     bad = _bs_results(cfg, {"bn": [0.06, 0.06, 0.05], "renorm": [0.07, 0.05, 0.05], "gn": [0.10, 0.06, 0.05]})
     c = batchsize.summarize(cfg, bad)["checks"]

@@ -35,7 +35,10 @@ __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "measure"]
 DEFAULTS: Dict[str, object] = {
     **COMMON_DEFAULTS,
     "archs": ["mlp", "tinycnn"], "train_batch": {"mlp": 60, "tinycnn": 32}, "infer_batch": 256,
-    "rounds": 25, "train_inner": 10, "infer_inner": 5, "tol": 0.05, "max_fused_diff": 1e-4,
+    # inner repetitions per timing: a number, or one per net; the MLP's inference batch takes ~1 ms, so 25
+    # of them make a timing long enough (~25 ms) that a scheduler time slice of another process hits the
+    # variants of a round about alike
+    "rounds": 25, "train_inner": 10, "infer_inner": {"mlp": 25, "tinycnn": 5}, "tol": 0.05, "max_fused_diff": 1e-4,
     "seeds": [0], "steps": 0, "lr": 0.05, "batch_size": 0, "eval_every": 0, "threshold": None,
 }
 
@@ -56,6 +59,16 @@ def _nets(cfg, arch, input_shape, num_classes):
     return {v: build_net(RunConfig(name=v, arch=arch, norm={"none": "none", "bnkit": "bn", "torch": "torch-bn"}[v],
                                    hidden=hidden, activation=act, seed=int(cfg["seeds"][0]), options=opts),
                          input_shape, num_classes) for v in TRAIN_VARIANTS}
+
+
+def _inner(cfg: Dict, key: str, arch: str) -> int:
+    """``cfg[key]``: one count for every net, or a dict with one per net."""
+    v = cfg[key]
+    if isinstance(v, dict):
+        if arch not in v:
+            raise ValueError(f"{key} gives no count for {arch!r}: {v}")
+        v = v[arch]
+    return max(1, int(v))
 
 
 def _timer(fn: Callable[[], None], inner: int) -> float:
@@ -124,10 +137,10 @@ def measure(cfg: Dict, arch: str, x_train, y_train, x_infer) -> Dict:
         # rotate the order every round: no variant always runs first after a pause
         order_t = TRAIN_VARIANTS[r % 3:] + TRAIN_VARIANTS[:r % 3]
         for v in order_t:
-            tr[v].append(_timer(train_step(v), int(cfg["train_inner"])))
+            tr[v].append(_timer(train_step(v), _inner(cfg, "train_inner", arch)))
         k = r % len(INFER_VARIANTS)
         for v in INFER_VARIANTS[k:] + INFER_VARIANTS[:k]:
-            inf[v].append(_timer(infer(v), int(cfg["infer_inner"])))
+            inf[v].append(_timer(infer(v), _inner(cfg, "infer_inner", arch)))
     return {"train_ms": tr, "infer_ms": inf, "fused": diffs, "train_batch": bs, "infer_batch": int(len(x_infer))}
 
 

@@ -18,7 +18,8 @@ machine hits every variant of a round alike. Each variant's time is divided by t
 of the same round, which cancels the load of that moment (the raw medians of a loaded machine swing by
 tens of percent from round to round); the median of these paired ratios is compared, with a
 distribution-free 95 % interval from its order statistics. Defaults: the Figure 1 MLP
-(batch 60) and ``tinycnn`` (batch 32) for training, inference batches of 256, 25 rounds, one thread.
+(batch 60) and ``tinycnn`` (batch 32) for training, inference batches of 256, 25 rounds of 10 training
+steps and 25 (MLP) or 5 (``tinycnn``) inference batches per variant, one thread.
 Nothing is trained for accuracy, so ``runs`` is empty: the raw per-round times are in ``summary.measurements``.
 """
 from __future__ import annotations

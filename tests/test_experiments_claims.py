@@ -116,6 +116,7 @@ def test_dropout_checks_hold_and_fail():
     c = dropout.summarize(cfg, ok)["checks"]
     assert c["bn_test_acc_ge_dropout"]["pass"] and c["bn_gap_lt_none_gap"]["pass"]
     assert c["bn_gap_lt_none_gap"]["bn_gap"] == pytest.approx(0.07)
+    assert c["bn_test_acc_ge_dropout"]["difference_per_seed"] == [pytest.approx(0.01)]
     bad = res({"none": 0.90, "dropout": 0.94, "bn": 0.89, "bn+dropout": 0.935},
               {"none": 1.0, "dropout": 0.99, "bn": 1.0, "bn+dropout": 0.99})
     c = dropout.summarize(cfg, bad)["checks"]
@@ -138,6 +139,7 @@ def test_batchsize_checks_hold_and_fail():
     c = s["checks"]
     assert c["bn_error_b2_minus_b32_ge_0.02"]["pass"] and c["bn_error_b2_minus_b32_ge_0.02"]["gap"] == pytest.approx(0.15)
     assert c["gn_range_le_half_bn_range"]["pass"] and c["renorm_better_than_bn_at_smallest_batches"]["pass"]
+    assert c["gn_range_le_half_bn_range"]["bn_worst_batch"] == 2 and c["gn_range_le_half_bn_range"]["gn_worst_batch"] == 2
     assert s["test_error"]["gn"]["4"] == pytest.approx(0.06)
     bad = _bs_results(cfg, {"bn": [0.06, 0.06, 0.05], "renorm": [0.07, 0.05, 0.05], "gn": [0.10, 0.06, 0.05]})
     c = batchsize.summarize(cfg, bad)["checks"]
@@ -210,6 +212,33 @@ def test_cost_checks_hold_and_fail():
     assert not cost.evaluate_cost(cfg, {"mlp": meas(12.0)})["checks"]["mlp_bnkit_fused_inference_within_noise_of_none"]["pass"]
     assert not cost.evaluate_cost(cfg, {"mlp": meas(10.0, diff=1e-2)})["checks"]["mlp_torch_fused_inference_within_noise_of_none"]["pass"]
     assert not cost.evaluate_cost(cfg, {"mlp": meas(10.0, left=1)})["checks"]["mlp_torch_fused_inference_within_noise_of_none"]["pass"]
+
+
+def test_cost_paired_ratios_cancel_the_load_of_each_round():
+    # a load that multiplies every variant's time of a round by 1 to 5 (a shared machine): the raw times'
+    # spread is huge, but the paired ratios fused / none see the 20 % difference and the check fails
+    cfg = dict(cost.DEFAULTS)
+    load = np.random.default_rng(1).uniform(1, 5, 25)
+    rng = np.random.default_rng(2)
+
+    def meas(fused):
+        base = {"none": 10, "bnkit": 13, "torch": 12, "bnkit-fused": fused, "torch-fused": 10}
+        i = {v: list(b * load * (1 + rng.normal(0, 0.01, 25))) for v, b in base.items()}
+        t = {v: list(10 * load) for v in cost.TRAIN_VARIANTS}
+        return {"train_ms": t, "infer_ms": i, "train_batch": 60, "infer_batch": 256,
+                "fused": {"bnkit": 1e-7, "torch": 1e-7, "bnkit_bn_layers_left": 0, "torch_bn_layers_left": 0}}
+    ev = cost.evaluate_cost(cfg, {"mlp": meas(12.0)})
+    c = ev["checks"]["mlp_bnkit_fused_inference_within_noise_of_none"]
+    assert not c["pass"] and c["fused_over_none"] == pytest.approx(1.2, abs=0.01) and c["tolerance"] < 0.06
+    assert c["fused_over_none_ci95"][0] > 1.15 and c["unfused_cost_resolved"]
+    assert ev["checks"]["mlp_torch_fused_inference_within_noise_of_none"]["pass"]
+    assert ev["ratios"]["mlp"]["train_bnkit_over_none"] == pytest.approx(1.0)
+    # the raw times' interquartile range is far above 20 %: a tolerance from it would have passed
+    q1, q3 = np.percentile(meas(12.0)["infer_ms"]["none"], [25, 75])
+    assert (q3 - q1) / np.median(meas(12.0)["infer_ms"]["none"]) > 0.3
+    # the interval of the median: order statistics of ranks 7 and 19 of 25 (hand-derived: 12.5 -+ 4.9)
+    assert cost.median_ci(list(range(1, 26))) == (13.0, 7.0, 19.0)
+    assert cost.paired_ratios([2, 6], [1, 3]) == [2.0, 2.0]
 
 
 # ------------------------------------------------------------------------------------------ networks

@@ -11,7 +11,8 @@ and Batch Renorm beats BN at the two smallest batch sizes.
 Defaults: ``tinycnn`` (conv3x3-norm-ReLU x 3 stages of 8/16/32 channels, max-pools, global average
 pool) on mnist5k (4,000 training digits), 3 epochs at every batch size 2, 4, 8, 16, 32, 64 (6,000 steps
 at batch 2, 186 at batch 64), SGD with momentum 0.9, lr 0.1 x batch / 32 (the GroupNorm paper's 0.1 for
-32 images), seeds 0 and 1. Batch Renorm: plain BN for the first 10 % of the steps, then r_max 1 -> 3 and
+32 images), seed 0 (one seed keeps the default run within about 5 minutes on two idle cores; every
+batch size of every norm starts from the same weights; ``--seeds 0,1`` doubles the time). Batch Renorm: plain BN for the first 10 % of the steps, then r_max 1 -> 3 and
 d_max 0 -> 5 linearly until 50 % of the steps (the paper's schedule, compressed to the run); its moving
 averages use momentum 0.1, as BN's do, since the large-batch runs have too few steps for 0.01 to settle.
 Ghost BN: virtual batches of 16, at batch sizes of at least 32. Test error is 1 - the final test
@@ -38,7 +39,7 @@ DEFAULTS: Dict[str, object] = {
     "reference_batch": 32, "min_gap": 0.02, "gn_max_range_frac": 0.5,
     # not used by the runs (each batch size has its own steps and lr), kept for the shared tools
     "steps": 0, "lr": 0.1, "batch_size": 32, "eval_every": 1, "threshold": 0.9, "thresholds": [0.9],
-    "seeds": [0, 1],
+    "seeds": [0],
 }
 
 
@@ -126,7 +127,10 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     if "gn" in err and "bn" in err:
         checks["gn_range_le_half_bn_range"] = check(
             rng["gn"] <= float(cfg["gn_max_range_frac"]) * rng["bn"], gn_range=rng["gn"], bn_range=rng["bn"],
-            ratio=rng["gn"] / rng["bn"] if rng["bn"] > 0 else None)
+            ratio=rng["gn"] / rng["bn"] if rng["bn"] > 0 else None,
+            # reported: where each norm is worst (the claim expects BN's worst at the small end)
+            bn_worst_batch=int(max(err["bn"], key=err["bn"].get)),
+            gn_worst_batch=int(max(err["gn"], key=err["gn"].get)))
     if "renorm" in err and "bn" in err:
         two = [str(b) for b in bss[:2]]
         checks["renorm_better_than_bn_at_smallest_batches"] = check(
@@ -163,14 +167,17 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax = axes[1]
-    small = min(int(b) for b in cfg["batch_sizes"])
-    for norm in err:
-        rs = [results[_name(norm, small, s)] for s in cfg["seeds"] if _name(norm, small, s) in results]
-        for j, r in enumerate(rs):
-            ax.plot(r["steps"], r["test_acc"], color=_COLORS.get(norm), lw=1.4 if j == 0 else 0.7,
-                    label=norm if j == 0 else None)
-    ax.set_title(f"(b) test accuracy during training at batch {small}")
-    ax.set_xlabel("training steps")
+    # how far training got at the two ends of the sweep, on one axis: epochs (equal for every batch size)
+    small, large = min(int(b) for b in cfg["batch_sizes"]), max(int(b) for b in cfg["batch_sizes"])
+    for bs, ls in ((small, "-"), (large, "--")):
+        for norm in err:
+            rs = [results[_name(norm, bs, s)] for s in cfg["seeds"] if _name(norm, bs, s) in results]
+            for j, r in enumerate(rs):
+                ep = [float(cfg["epochs"]) * st / max(1, r["config"]["steps"]) for st in r["steps"]]
+                ax.plot(ep, r["test_acc"], ls, color=_COLORS.get(norm), lw=1.4 if j == 0 else 0.7,
+                        label=f"{norm} b{bs}" if j == 0 else None)
+    ax.set_title(f"(b) test accuracy during training: batch {small} solid, batch {large} dashed")
+    ax.set_xlabel("epochs")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -70,6 +70,10 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     return summary
 
 
+def _steps(v) -> str:
+    return "never" if v is None else f"{v:g}"
+
+
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     plt = plot_style()
     nets = list(cfg["nets"])
@@ -86,8 +90,8 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
                 ax.plot(st, y, ls, color=color, lw=2, label=("with BN" if lab == "bn" else "without BN") + " (mean)")
         ax.axhline(thr, color="k", lw=0.6, ls=":")
         c = summary["checks"][f"{net}_bn_reaches_{fmt_key(thr)}_2x_faster"]
-        ax.set_title(f"{net} on {cfg['data']}: steps to {thr:.0%}: BN {c['bn_steps']}, baseline {c['baseline_steps']}",
-                     fontsize=9)
+        ax.set_title(f"{net} on {cfg['data']}: steps to {thr:.0%} (mean over seeds): BN {_steps(c['bn_steps'])}, "
+                     f"without BN {_steps(c['baseline_steps'])}", fontsize=9)
         lo = min(min(r["test_acc"][1:] or [0.5]) for r in results.values() if r["config"]["arch"] == net)
         ax.set_ylim(max(0.0, min(lo, thr) - 0.05), 1.0)
         ax.set_xlabel("training steps")

@@ -51,9 +51,13 @@ def make_runs(cfg: Dict) -> List[RunConfig]:
 def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     summary: Dict[str, object] = {arm: arm_summary(rs) for arm, rs in by_arm(results).items()}
     bn, do, base = summary["bn"], summary["dropout"], summary["none"]
+    # reported next to the verdict: the difference seed by seed (same initial weights and data order), so a
+    # tie within the seeds' spread is visible as one
+    per_seed = [x - y for x, y in zip(bn["final_acc_per_seed"], do["final_acc_per_seed"])]
     summary["checks"] = {
         "bn_test_acc_ge_dropout": check(bn["final_acc"] >= do["final_acc"], bn=bn["final_acc"],
                                         dropout=do["final_acc"], difference=bn["final_acc"] - do["final_acc"],
+                                        difference_per_seed=per_seed,
                                         bn_plus_dropout=summary["bn+dropout"]["final_acc"], none=base["final_acc"]),
         "bn_gap_lt_none_gap": check(bn["final_gap"] < base["final_gap"], bn_gap=bn["final_gap"],
                                     none_gap=base["final_gap"], dropout_gap=do["final_gap"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, plot_style
+from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, plot_style, series_mean
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "BN_VARIANTS"]
@@ -109,12 +109,15 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     groups = by_arm(results)
     for ax, arch in zip(axes, archs):
         for n in cfg["norms"]:
-            for j, r in enumerate(groups.get(f"{arch} {n}", [])):
-                ax.plot(r["steps"], r["test_acc"], color=_COLORS.get(n), lw=1.4 if j == 0 else 0.6,
-                        label=n if j == 0 else None)
+            rs = groups.get(f"{arch} {n}", [])
+            for r in rs:  # every seed thin, their mean bold
+                ax.plot(r["steps"], r["test_acc"], color=_COLORS.get(n), lw=0.5, alpha=0.35)
+            if rs:
+                st, y = series_mean(rs)
+                ax.plot(st, y, color=_COLORS.get(n), lw=1.8, label=n)
         ax.axhline(float(cfg["threshold"]), color="k", lw=0.6, ls=":")
         ax.set_ylim(0.5, 1.0)
-        ax.set_title(f"test accuracy, {arch} on {cfg['data']}")
+        ax.set_title(f"test accuracy, {arch} on {cfg['data']} (mean of {len(cfg['seeds'])} seeds bold)")
         ax.set_xlabel("training steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -49,6 +49,25 @@ def _print_summary(console, exp: Experiment, metrics: Dict) -> None:
     from rich.table import Table
 
     runs = metrics["runs"]
+    if runs:
+        _print_runs(console, exp, metrics, runs)
+    checks = metrics["summary"].get("checks")
+    if checks:
+        ct = Table(title=f"checks ({exp.name})")
+        ct.add_column("check")
+        ct.add_column("result")
+        ct.add_column("detail", overflow="fold")
+        for name, c in checks.items():
+            detail = {k: v for k, v in c.items() if k != "pass"}
+            txt = escape("; ".join(f"{k}={_short(v)}" for k, v in detail.items()))
+            ct.add_row(name, "[green]PASS[/]" if c.get("pass") else "[red]FAIL[/]", txt)
+        console.print(ct)
+
+
+def _print_runs(console, exp: Experiment, metrics: Dict, runs: Dict) -> None:
+    """The table of training runs (an experiment such as ``cost`` has none)."""
+    from rich.table import Table
+
     thr = metrics["config"].get("threshold")
     key = f"{float(thr):.2f}" if thr is not None else None
     from rich import box
@@ -65,17 +84,6 @@ def _print_summary(console, exp: Experiment, metrics: Dict) -> None:
                   str(r["typical_unit"]), f(s["drift"]["range"]), f(s["drift"]["relative"], 2),
                   f(r["timing"]["ms_per_step"], 2))
     console.print(t)
-    checks = metrics["summary"].get("checks")
-    if checks:
-        ct = Table(title="checks (Figure 1 targets)")
-        ct.add_column("check")
-        ct.add_column("result")
-        ct.add_column("detail", overflow="fold")
-        for name, c in checks.items():
-            detail = {k: v for k, v in c.items() if k != "pass"}
-            txt = escape("; ".join(f"{k}={_short(v)}" for k, v in detail.items()))
-            ct.add_row(name, "[green]PASS[/]" if c.get("pass") else "[red]FAIL[/]", txt)
-        console.print(ct)
 
 
 def _short(v) -> str:

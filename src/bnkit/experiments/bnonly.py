@@ -34,7 +34,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, series_mean
+from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, present_arms, series_mean
 from .train import RunConfig, RunExtension
 
 __all__ = ["DEFAULTS", "OPTIONS", "ARMS", "make_runs", "summarize", "plot", "TrainOnly", "random_masks",
@@ -185,10 +185,7 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     plt = plot_style()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
     groups = by_arm(results)
-    for arm in ARMS:
-        rs = groups.get(arm, [])
-        if not rs:
-            continue
+    for arm, rs in present_arms(results, ARMS):
         st, acc = series_mean(rs, "test_acc")
         axes[0].plot(st, acc, color=_COLORS[arm], lw=1.8,
                      label=f"{arm} ({summary[arm]['trained_entries'][0]:,} trained)")

@@ -11,13 +11,13 @@ of (seed, epoch)), so the arms differ only in what is compared.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .train import RunConfig
 
-__all__ = ["check", "make_run", "thresholds", "by_arm", "mean", "arm_summary", "final_acc", "reaches",
+__all__ = ["check", "make_run", "thresholds", "by_arm", "present_arms", "mean", "arm_summary", "final_acc", "reaches",
            "fmt_key", "series_mean", "plot_style", "COMMON_DEFAULTS"]
 
 # settings every claim experiment has (each module adds its own and may change these)
@@ -60,6 +60,12 @@ def by_arm(results: Dict[str, Dict], key: Callable[[Dict], Any] = lambda r: r["v
     for r in results.values():
         out.setdefault(key(r), []).append(r)
     return {k: sorted(v, key=lambda r: r["seed"]) for k, v in out.items()}
+
+
+def present_arms(results: Dict[str, Dict], arms: Iterable[Any]) -> List[Tuple[Any, List[Dict]]]:
+    """``(arm, runs)`` for each of ``arms`` that has runs, in that order (each group sorted by seed)."""
+    groups = by_arm(results)
+    return [(arm, groups[arm]) for arm in arms if groups.get(arm)]
 
 
 def mean(xs: Iterable[Optional[float]]) -> Optional[float]:

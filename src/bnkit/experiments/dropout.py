@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, plot_style, series_mean
+from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, plot_style, present_arms, series_mean
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "ARMS"]
@@ -73,11 +73,7 @@ _COLORS = {"none": "tab:gray", "dropout": "tab:orange", "bn": "tab:blue", "bn+dr
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     plt = plot_style()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
-    groups = by_arm(results)
-    for arm in ARMS:
-        rs = groups.get(arm, [])
-        if not rs:
-            continue
+    for arm, rs in present_arms(results, ARMS):
         st, te = series_mean(rs, "test_acc")
         _, tr = series_mean(rs, "train_acc")
         axes[0].plot(st, te, "-", color=_COLORS[arm], lw=1.8, label=f"{arm} test")

@@ -33,7 +33,9 @@ from typing import Dict, List
 
 import numpy as np
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, present_arms, series_mean,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "OPTIONS", "ARMS", "make_runs", "summarize", "plot", "validate", "large_lr"]
@@ -130,14 +132,10 @@ _COLORS = {"small": "tab:green", "large": "tab:red", "large+ghost": "tab:blue"}
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     plt = plot_style()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
-    groups = by_arm(results)
     labels = {"small": f"batch {cfg['small_batch']}, lr {float(cfg['lr']):g}",
               "large": f"batch {cfg['large_batch']}, lr {large_lr(cfg):.3g}",
               "large+ghost": f"batch {cfg['large_batch']} + Ghost BN {cfg['ghost_virtual_batch']}"}
-    for arm in ARMS:
-        rs = groups.get(arm, [])
-        if not rs:
-            continue
+    for arm, rs in present_arms(results, ARMS):
         st, acc = series_mean(rs, "test_acc")
         axes[0].plot(st, 100 * (1 - acc), color=_COLORS[arm], lw=1.8, label=labels[arm])
         # the training loss of an interval (none at step 0), mean over seeds

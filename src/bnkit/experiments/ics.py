@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, mean, plot_style, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, mean, plot_style, present_arms, series_mean,
+)
 from .train import RunConfig, RunExtension
 
 __all__ = ["DEFAULTS", "OPTIONS", "ARMS", "make_runs", "summarize", "plot", "NoisyNorm", "NoisyBNExtension",
@@ -322,11 +324,7 @@ _COLORS = {"standard": "tab:gray", "bn": "tab:blue", "noisy-bn": "tab:red"}
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     plt = plot_style()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), dpi=100)
-    groups = by_arm(results)
-    for arm in ARMS:
-        rs = groups.get(arm, [])
-        if not rs:
-            continue
+    for arm, rs in present_arms(results, ARMS):
         st, acc = series_mean(rs, "test_acc")
         axes[0].plot(st, acc, color=_COLORS[arm], lw=1.8, label=arm)
         r = rs[0]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _artifacts import run_and_check_artifacts
 from bnkit.experiments import batchsize, cnn, cost, dropout, init, lr, variants
 from bnkit.experiments.claims import arm_summary, by_arm, check, series_mean
 from bnkit.experiments.nets import build_net, expected_norm_params, norm_param_count, normalized_widths
@@ -341,20 +342,10 @@ def _strip(obj):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_experiment_artifacts(name, tmp_path):
-    from bnkit.experiments.registry import EXPERIMENTS, run_experiment
-    m = run_experiment(name, TINY[name], out=tmp_path / name, quiet=True)
-    d = tmp_path / name
-    saved = json.loads((d / "metrics.json").read_text())
-    assert saved["experiment"] == name and set(saved["runs"]) == set(m["runs"])
-    checks = saved["summary"]["checks"]
-    assert checks and all(isinstance(c["pass"], bool) and len(c) > 1 for c in checks.values())
+    _, saved = run_and_check_artifacts(name, TINY[name], tmp_path / name)
     for r in saved["runs"].values():  # every arm's full configuration and raw series
         assert {"config", "steps", "test_acc", "train_loss"} <= set(r)
         assert r["config"]["name"] == r["name"] and len(r["steps"]) == len(r["test_acc"]) == len(r["train_loss"])
-    png = (d / EXPERIMENTS[name].figure).read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    page = (d / "report.html").read_text()
-    assert "<h2>Checks</h2>" in page and all(k in page for k in checks)
     if name == "cost":
         meas = saved["summary"]["measurements"]
         assert set(meas) == {"mlp", "tinycnn"} and len(meas["mlp"]["infer_ms"]["bnkit-fused"]) == 2

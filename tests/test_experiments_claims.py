@@ -13,7 +13,8 @@ import torch
 
 from _artifacts import run_and_check_artifacts
 from bnkit.experiments import batchsize, cnn, cost, dropout, init, lr, variants
-from bnkit.experiments.claims import arm_summary, by_arm, check, series_mean
+from bnkit.experiments.claims import (arm_summary, by_arm, check, saved_figure, seeds_text, series_mean, style_axes,
+                                      with_checks)
 from bnkit.experiments.nets import build_net, expected_norm_params, norm_param_count, normalized_widths
 from bnkit.experiments.train import RunConfig, steps_to_threshold, train_run
 
@@ -53,6 +54,34 @@ def test_check_and_grouping():
     # a diverged (shorter) run is padded with its last value in the mean curve
     st, y = series_mean([fake_run("x", "x", 0, [0.1, 0.5, 0.9]), fake_run("y", "x", 1, [0.1, 0.1])])
     assert st == [0, 100, 200] and y.tolist() == pytest.approx([0.1, 0.3, 0.5])
+
+
+def test_summary_checks_and_threshold():
+    s = {"a": 1}
+    assert with_checks(s, {"c": check(True)}, np.float32(0.5)) is s
+    assert list(s) == ["a", "checks", "threshold"] and type(s["threshold"]) is float and s["threshold"] == 0.5
+    assert with_checks({}, {"c": check(False)}) == {"checks": {"c": {"pass": False}}}  # no threshold: none set
+    assert seeds_text({"seeds": [0]}) == "1 seed" and seeds_text({"seeds": [0, 1, 2]}) == "3 seeds"
+
+
+def test_saved_figure_writes_and_closes_and_style_axes(tmp_path):
+    import matplotlib.pyplot as plt
+    from _artifacts import PNG_SIGNATURE
+    open_before = plt.get_fignums()
+    with saved_figure(tmp_path / "f.png", 2, figsize=(4, 2), dpi=50, title="T") as (fig, axes):
+        axes[0].plot([0, 1], [0, 1], label="line")
+        style_axes(axes[:1], "steps", legend={"fontsize": 7})
+        style_axes(axes[1:])
+        assert axes[0].get_xlabel() == "steps" and axes[0].get_legend() is not None
+        assert axes[1].get_xlabel() == "" and axes[1].get_legend() is None
+        assert all(line.get_visible() for ax in axes for line in ax.get_xgridlines())
+        assert fig.get_size_inches().tolist() == [4, 2]
+    assert fig._suptitle.get_text() == "T" and fig._suptitle.get_fontsize() == 10
+    assert (tmp_path / "f.png").read_bytes()[:8] == PNG_SIGNATURE and plt.get_fignums() == open_before
+    with pytest.raises(RuntimeError, match="plotting"):  # nothing written, the figure closed all the same
+        with saved_figure(tmp_path / "g.png", 1, figsize=(2, 2)):
+            raise RuntimeError("plotting failed")
+    assert not (tmp_path / "g.png").exists() and plt.get_fignums() == open_before
 
 
 def _lr_results(cfg, curves):

@@ -668,3 +668,36 @@ def test_fx_symbolic_trace_records_each_variant_as_one_node():
     torch.testing.assert_close(gm(x), net(x))
     with pytest.raises(RuntimeError, match="eval mode"):
         torch.fx.symbolic_trace(BatchRenorm(3))
+
+
+def test_shared_argument_docs_expand_to_an_entry_per_constructor_argument():
+    import inspect
+    import re
+
+    from bnkit._layer_support import document_bn_arguments
+    from bnkit.sync import SyncBatchNorm
+
+    @document_bn_arguments
+    class Doc:
+        """Text.
+
+        Args:
+            {BatchNorm: eps, momentum}
+            own: not from BatchNorm.
+        """
+
+    # hand-written: what the table says, a continuation line four spaces deeper
+    assert Doc.__doc__ == (
+        "Text.\n\n        Args:\n"
+        "            eps: added to the variance before the square root (``> 0``).\n"
+        "            momentum: the weight of the batch statistics in the running averages\n"
+        "                (``None``: the cumulative average).\n"
+        "            own: not from BatchNorm.\n        ")
+    with pytest.raises(KeyError, match="epsilon"):
+        document_bn_arguments(type("Bad", (), {"__doc__": "    {BatchNorm: epsilon}"}))
+    # every documented layer: one Args entry per constructor argument, in the signature's order
+    for cls in (GhostBatchNorm, SharedBatchNorm, SyncBatchNorm):
+        args = cls.__doc__.split("Args:\n")[1].split("\n\n")[0]
+        assert "{BatchNorm" not in cls.__doc__
+        names = re.findall(r"^        (\w+):", args, re.MULTILINE)
+        assert names == list(inspect.signature(cls).parameters), cls

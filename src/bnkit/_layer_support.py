@@ -1,11 +1,14 @@
 """What the BN-family layers share besides `bnkit.BatchNorm` itself: the constructor-argument protocol, the
-input and per-channel checks made before the engine's, and the ``tiny_batch="running"`` policy.
+input and per-channel checks made before the engine's, the ``tiny_batch="running"`` policy, and the wording of
+the BatchNorm arguments in their docstrings (:func:`document_bn_arguments`).
 
-Variants (Batch Renorm, Ghost, Shared, Sync) import these from :mod:`bnkit.layers`, which re-exports them.
+Variants (Batch Renorm, Ghost, Shared, Sync) import these from :mod:`bnkit.layers`, which re-exports them
+(``document_bn_arguments``, which layers.py does not use, they import from here).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import Tensor, nn
@@ -15,7 +18,7 @@ from .engine import batch_norm_module_call, call_spec, check_input, check_mask, 
 from .errors import ChannelMismatchError
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "bn_arguments", "check_feature_input",
-           "check_per_channel_tensors", "masked_tiny_batch", "tiny_batch_forward"]
+           "check_per_channel_tensors", "document_bn_arguments", "masked_tiny_batch", "tiny_batch_forward"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
 TINY_BATCH_POLICIES = ("raise", "running")
@@ -32,6 +35,39 @@ def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:
     # Subclasses without convention/tiny_batch (Ghost, Shared, Sync) get BatchNorm's defaults.
     return {name: namespace[name] for name in _BN_ARGUMENTS if name in namespace}
 
+
+
+# How the subclasses describe the BatchNorm arguments they take unchanged (BatchNorm's own docstring says more);
+# a continuation line is indented by four more spaces in the docstring.
+_BN_ARGUMENT_DOCS = {
+    "num_features": "``C``, the number of features along ``axis``.",
+    "eps": "added to the variance before the square root (``> 0``).",
+    "momentum": "the weight of the batch statistics in the running averages\n(``None``: the cumulative average).",
+    "affine": "learn a per-feature ``weight`` and ``bias``.",
+    "track_running_stats": "keep running statistics and use them in eval.",
+    "device": "where the parameters and buffers are created.",
+    "dtype": "the dtype of the parameters and buffers.",
+    "bias": "with ``affine``, also learn ``bias``.",
+    "axis": "the feature axis (``-1`` for channels-last data).",
+    "share_affine": "``\"none\"``, ``\"weight\"`` or ``\"all\"``, as in `bnkit.BatchNorm`.",
+    "nonfinite": "``\"skip\"``, ``\"raise\"`` or ``\"propagate\"``, as in `bnkit.BatchNorm`.",
+}
+_BN_ARGUMENTS_LINE = re.compile(r"^( *)\{BatchNorm: ([a-z_, ]+)\}$", re.MULTILINE)
+
+
+def document_bn_arguments(cls: type) -> type:
+    """Class decorator: each docstring line ``{BatchNorm: eps, momentum, ...}`` becomes the ``Args:`` entries
+    of those arguments, worded as every subclass words them (an unknown name raises ``KeyError``)."""
+
+    def entries(line: re.Match) -> str:
+        indent, out = line.group(1), []
+        for name in (n.strip() for n in line.group(2).split(",")):
+            first, *more = _BN_ARGUMENT_DOCS[name].split("\n")
+            out += [f"{indent}{name}: {first}"] + [f"{indent}    {text}" for text in more]
+        return "\n".join(out)
+
+    cls.__doc__ = _BN_ARGUMENTS_LINE.sub(entries, cls.__doc__ or "")
+    return cls
 
 
 def check_feature_input(

@@ -38,16 +38,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._layer_support import document_bn_arguments
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .family import bn_form, bn_tail, ranked, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
 from .surgery import rebuild, replace_modules, snapshot, take_over_tensors
 from .sync_autograd import _all_gather_flat, _Comm, _SyncBatchNormFunction, _SyncMaskedFunction, sync_payload_bytes
-from .variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _run_tail, _set_tail
+from .variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _WithTail
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_payload_bytes"]
 
 
+@document_bn_arguments
 class SyncBatchNorm(BatchNorm):
     r"""Batch Normalization whose training statistics are those of the global batch of all ranks.
 
@@ -65,20 +67,10 @@ class SyncBatchNorm(BatchNorm):
     Double backward is not supported in the synchronized path.
 
     Args:
-        num_features: ``C``, the number of features along ``axis``.
-        eps: added to the variance before the square root (``> 0``).
-        momentum: the weight of the batch statistics in the running averages
-            (``None``: the cumulative average).
-        affine: learn a per-feature ``weight`` and ``bias``.
-        track_running_stats: keep running statistics and use them in eval.
+        {BatchNorm: num_features, eps, momentum, affine, track_running_stats}
         process_group: the group to synchronize over (``None``: the default
             group, resolved at each call).
-        device: where the parameters and buffers are created.
-        dtype: the dtype of the parameters and buffers.
-        bias: with ``affine``, also learn ``bias``.
-        axis: the feature axis (``-1`` for channels-last data).
-        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+        {BatchNorm: device, dtype, bias, axis, share_affine, nonfinite}
 
     Shape:
         - Input: any rank with ``C`` features along ``axis`` (the local batch
@@ -193,16 +185,8 @@ class SyncBatchNorm(BatchNorm):
 
 
 # --------------------------------------------------------------------------- conversion
-class SyncBatchNormAct(SyncBatchNorm):
+class SyncBatchNormAct(_WithTail, SyncBatchNorm):
     """:class:`SyncBatchNorm` followed by ``drop`` and ``act`` (what timm's ``BatchNormAct2d`` becomes)."""
-
-    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        _set_tail(self, act, drop)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return _run_tail(self, super().forward(input))
 
 
 _BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)

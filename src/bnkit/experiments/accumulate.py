@@ -38,7 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, saved_figure, series_mean, style_axes, with_checks,
+)
 from .train import RunConfig, RunExtension
 
 __all__ = ["DEFAULTS", "OPTIONS", "make_runs", "summarize", "plot", "Accumulate", "ARMS", "stat_distance"]
@@ -189,7 +191,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
                  for i in range(len(acc["mean"]))]
     same_w = all(p["extra"]["weight_checksum"] == a["extra"]["weight_checksum"]
                  for p, a in zip(groups["plain"], groups["accumulate"]))
-    summary["checks"] = {
+    return with_checks(summary, {
         "large_batch_arm_equals_its_reference": check(
             max(large["max_over_evaluations"]) <= tol, max_distance=max(large["max_over_evaluations"]), tolerance=tol),
         "accumulate_first_layer_matches_large_batch": check(
@@ -200,56 +202,48 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             plain_mean=plain["mean"], accumulate_logvar=acc["logvar"], plain_logvar=plain["logvar"]),
         "plain_and_accumulate_train_identical_weights": check(
             same_w, num_batches_tracked=summary["num_batches_tracked_final"]),
-    }
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    }, cfg["threshold"])
 
 
 _COLORS = {"large": "tab:gray", "plain": "tab:red", "accumulate": "tab:blue"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-    groups = by_arm(results)
-    layers = _layers(next(iter(results.values())))
-    ax = axes[0]
-    for arm in ("plain", "accumulate"):
-        for i in layers:
-            st, y = series_mean(_as_series(groups[arm], f"mean_dist/{i}"))
-            ax.plot(st[1:], np.maximum(y[1:], 1e-12), color=_COLORS[arm], lw=1.6 - 0.3 * i, ls=["-", "--", ":", "-."][i % 4],
-                    label=f"{arm}, layer {i + 1}")
-    ax.set_yscale("log")
-    ax.set_xlabel("training steps")
-    ax.set_title("(a) |mean - mean_ref| / std_ref (mean over channels; 0 drawn at 1e-12)")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    d = summary["distance_to_large_batch_statistics"]
-    w = 0.38
-    for j, arm in enumerate(("plain", "accumulate")):
-        ax.bar([i + (j - 0.5) * w for i in layers], [max(v, 1e-12) for v in d[arm]["logvar"]], width=w,
-               color=_COLORS[arm], label=arm)
-    ax.set_yscale("log")
-    ax.set_xticks(layers)
-    ax.set_xticklabels([f"layer {i + 1}" for i in layers])
-    ax.set_title("(b) |log var / var_ref| (mean over evaluations)")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    for arm in ARMS:
-        st, y = series_mean(groups[arm])
-        ax.plot(st, y, color=_COLORS[arm], label=f"{arm} (eval mode)")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("training steps")
-    ax.set_title("(c) test accuracy")
-    ax.legend(fontsize=8)
-    for a in axes:
-        a.grid(alpha=0.3)
-    fig.suptitle(f"k = {cfg['k']} micro-batches of {cfg['micro_batch']} vs one batch of "
-                 f"{int(cfg['k']) * int(cfg['micro_batch'])}: {cfg['arch']} on {cfg['data']}, "
-                 f"{len(cfg['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"k = {cfg['k']} micro-batches of {cfg['micro_batch']} vs one batch of "
+             f"{int(cfg['k']) * int(cfg['micro_batch'])}: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed(s)")
+    with saved_figure(path, 3, figsize=(15, 4.2), title=title) as (fig, axes):
+        groups = by_arm(results)
+        layers = _layers(next(iter(results.values())))
+        ax = axes[0]
+        for arm in ("plain", "accumulate"):
+            for i in layers:
+                st, y = series_mean(_as_series(groups[arm], f"mean_dist/{i}"))
+                ax.plot(st[1:], np.maximum(y[1:], 1e-12), color=_COLORS[arm], lw=1.6 - 0.3 * i,
+                        ls=["-", "--", ":", "-."][i % 4], label=f"{arm}, layer {i + 1}")
+        ax.set_yscale("log")
+        ax.set_xlabel("training steps")
+        ax.set_title("(a) |mean - mean_ref| / std_ref (mean over channels; 0 drawn at 1e-12)")
+        ax.legend(fontsize=7)
+        ax = axes[1]
+        d = summary["distance_to_large_batch_statistics"]
+        w = 0.38
+        for j, arm in enumerate(("plain", "accumulate")):
+            ax.bar([i + (j - 0.5) * w for i in layers], [max(v, 1e-12) for v in d[arm]["logvar"]], width=w,
+                   color=_COLORS[arm], label=arm)
+        ax.set_yscale("log")
+        ax.set_xticks(layers)
+        ax.set_xticklabels([f"layer {i + 1}" for i in layers])
+        ax.set_title("(b) |log var / var_ref| (mean over evaluations)")
+        ax.legend(fontsize=8)
+        ax = axes[2]
+        for arm in ARMS:
+            st, y = series_mean(groups[arm])
+            ax.plot(st, y, color=_COLORS[arm], label=f"{arm} (eval mode)")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("training steps")
+        ax.set_title("(c) test accuracy")
+        ax.legend(fontsize=8)
+        style_axes(axes)
 
 
 def _as_series(rs, key):

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, saved_figure, seeds_text, style_axes,
+    with_checks,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "arm_steps"]
@@ -137,8 +140,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             all(err["renorm"][b] < err["bn"][b] for b in two),
             batch_sizes=[int(b) for b in two], renorm_error=[err["renorm"][b] for b in two],
             bn_error=[err["bn"][b] for b in two])
-    summary["checks"] = checks
-    return summary
+    return with_checks(summary, checks)
 
 
 _COLORS = {"bn": "tab:blue", "renorm": "tab:orange", "gn": "tab:green", "ln": "tab:purple", "ghost": "tab:red",
@@ -146,42 +148,34 @@ _COLORS = {"bn": "tab:blue", "renorm": "tab:orange", "gn": "tab:green", "ln": "t
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
-    err = summary["test_error"]
-    ax = axes[0]
-    for norm, row in err.items():
-        bss = sorted(int(b) for b in row)
-        ax.plot(bss, [100 * row[str(b)] for b in bss], "-o", color=_COLORS.get(norm), label=norm)
-        for b in bss:
-            per = [100 * (1 - final_acc(results[_name(norm, b, s)])) for s in cfg["seeds"]
-                   if _name(norm, b, s) in results]
-            ax.scatter([b] * len(per), per, s=9, color=_COLORS.get(norm), alpha=0.4)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([int(b) for b in cfg["batch_sizes"]])
-    ax.set_xticklabels([str(b) for b in cfg["batch_sizes"]])
-    ax.invert_xaxis()
-    ax.set_xlabel("batch size (as in the GroupNorm paper's Figure 1)")
-    ax.set_ylabel("test error (%)")
-    ax.set_title(f"(a) test error vs batch size ({cfg['epochs']} epochs each, lr ~ batch)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax = axes[1]
-    # how far training got at the two ends of the sweep, on one axis: epochs (equal for every batch size)
-    small, large = min(int(b) for b in cfg["batch_sizes"]), max(int(b) for b in cfg["batch_sizes"])
-    for bs, ls in ((small, "-"), (large, "--")):
-        for norm in err:
-            rs = [results[_name(norm, bs, s)] for s in cfg["seeds"] if _name(norm, bs, s) in results]
-            for j, r in enumerate(rs):
-                ep = [float(cfg["epochs"]) * st / max(1, r["config"]["steps"]) for st in r["steps"]]
-                ax.plot(ep, r["test_acc"], ls, color=_COLORS.get(norm), lw=1.4 if j == 0 else 0.7,
-                        label=f"{norm} b{bs}" if j == 0 else None)
-    ax.set_title(f"(b) test accuracy during training: batch {small} solid, batch {large} dashed")
-    ax.set_xlabel("epochs")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(f"batch-size sweep: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = f"batch-size sweep: {cfg['arch']} on {cfg['data']}, {seeds_text(cfg)}"
+    with saved_figure(path, 2, figsize=(12, 4.2), title=title) as (fig, axes):
+        err = summary["test_error"]
+        ax = axes[0]
+        for norm, row in err.items():
+            bss = sorted(int(b) for b in row)
+            ax.plot(bss, [100 * row[str(b)] for b in bss], "-o", color=_COLORS.get(norm), label=norm)
+            for b in bss:
+                per = [100 * (1 - final_acc(results[_name(norm, b, s)])) for s in cfg["seeds"]
+                       if _name(norm, b, s) in results]
+                ax.scatter([b] * len(per), per, s=9, color=_COLORS.get(norm), alpha=0.4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(b) for b in cfg["batch_sizes"]])
+        ax.set_xticklabels([str(b) for b in cfg["batch_sizes"]])
+        ax.invert_xaxis()
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"(a) test error vs batch size ({cfg['epochs']} epochs each, lr ~ batch)")
+        style_axes([ax], "batch size (as in the GroupNorm paper's Figure 1)", legend={})
+        ax = axes[1]
+        # how far training got at the two ends of the sweep, on one axis: epochs (equal for every batch size)
+        small, large = min(int(b) for b in cfg["batch_sizes"]), max(int(b) for b in cfg["batch_sizes"])
+        for bs, ls in ((small, "-"), (large, "--")):
+            for norm in err:
+                rs = [results[_name(norm, bs, s)] for s in cfg["seeds"] if _name(norm, bs, s) in results]
+                for j, r in enumerate(rs):
+                    ep = [float(cfg["epochs"]) * st / max(1, r["config"]["steps"]) for st in r["steps"]]
+                    ax.plot(ep, r["test_acc"], ls, color=_COLORS.get(norm), lw=1.4 if j == 0 else 0.7,
+                            label=f"{norm} b{bs}" if j == 0 else None)
+        ax.set_title(f"(b) test accuracy during training: batch {small} solid, batch {large} dashed")
+        ax.set_ylabel("test accuracy")
+        style_axes([ax], "epochs", legend={"fontsize": 8})

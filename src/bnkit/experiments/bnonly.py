@@ -34,7 +34,10 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, present_arms, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, present_arms, saved_figure, series_mean, style_axes,
+    with_checks,
+)
 from .train import RunConfig, RunExtension
 
 __all__ = ["DEFAULTS", "OPTIONS", "ARMS", "make_runs", "summarize", "plot", "TrainOnly", "random_masks",
@@ -161,7 +164,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
         summary[arm]["trained_entries"] = [int(r["extra"]["trained_entries"][-1]) for r in rs]
     bn, rnd, out = summary["bn-only"], summary["random"], summary["output"]
     m = float(cfg["min_margin"])
-    summary["checks"] = {
+    return with_checks(summary, {
         f"bn_only_beats_random_and_output_by_{m:g}": check(
             bn["final_acc"] >= rnd["final_acc"] + m and bn["final_acc"] >= out["final_acc"] + m,
             bn_only=bn["final_acc"], random=rnd["final_acc"], output=out["final_acc"],
@@ -173,40 +176,30 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             bn["dead_frac"] >= float(cfg["min_dead_frac"]), dead_frac=bn["dead_frac"], gamma_tol=float(cfg["gamma_tol"]),
             dead_frac_at_0_01=bn["dead_frac_0.01"], dead_frac_at_0_1=bn["dead_frac_0.1"],
             paper_fraction="about one third (deep ResNets)"),
-    }
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    }, cfg["threshold"])
 
 
 _COLORS = {"bn-only": "tab:blue", "random": "tab:orange", "output": "tab:green"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
-    groups = by_arm(results)
-    for arm, rs in present_arms(results, ARMS):
-        st, acc = series_mean(rs, "test_acc")
-        axes[0].plot(st, acc, color=_COLORS[arm], lw=1.8,
-                     label=f"{arm} ({summary[arm]['trained_entries'][0]:,} trained)")
-        axes[1].plot(rs[0]["steps"], rs[0]["extra"]["dead_frac"], color=_COLORS[arm], lw=1.6, label=arm)
-    rs = groups.get("bn-only", [])
-    for q, ls in (("q10", ":"), ("q25", "--"), ("q50", "-")):
-        for j, r in enumerate(rs):
-            axes[2].plot(r["steps"], r["extra"][f"gamma_abs_{q}"], ls, color=_COLORS["bn-only"], lw=1.4 if j == 0 else 0.7,
-                         label=f"{q[1:]}th pct of |gamma|" if j == 0 else None)
-    axes[2].axhline(float(cfg["gamma_tol"]), color="k", lw=0.8, label=f"tol {cfg['gamma_tol']:g}")
-    axes[2].set_yscale("log")
-    axes[0].set_title("(a) test accuracy, other weights frozen at init")
-    axes[0].set_ylim(0, 1)
-    axes[1].set_title(f"(b) share of BN channels with |gamma| < {cfg['gamma_tol']:g}, first seed")
-    axes[2].set_title("(c) BN-only: percentiles of |gamma| (all seeds)")
-    for ax in axes:
-        ax.set_xlabel("training steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"training only BN: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = f"training only BN: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed(s)"
+    with saved_figure(path, 3, figsize=(15, 4.2), dpi=100, title=title) as (fig, axes):
+        for arm, rs in present_arms(results, ARMS):
+            st, acc = series_mean(rs, "test_acc")
+            axes[0].plot(st, acc, color=_COLORS[arm], lw=1.8,
+                         label=f"{arm} ({summary[arm]['trained_entries'][0]:,} trained)")
+            axes[1].plot(rs[0]["steps"], rs[0]["extra"]["dead_frac"], color=_COLORS[arm], lw=1.6, label=arm)
+        bn_only = by_arm(results).get("bn-only", [])
+        for q, ls in (("q10", ":"), ("q25", "--"), ("q50", "-")):
+            for j, r in enumerate(bn_only):
+                axes[2].plot(r["steps"], r["extra"][f"gamma_abs_{q}"], ls, color=_COLORS["bn-only"],
+                             lw=1.4 if j == 0 else 0.7, label=f"{q[1:]}th pct of |gamma|" if j == 0 else None)
+        axes[2].axhline(float(cfg["gamma_tol"]), color="k", lw=0.8, label=f"tol {cfg['gamma_tol']:g}")
+        axes[2].set_yscale("log")
+        axes[0].set_title("(a) test accuracy, other weights frozen at init")
+        axes[0].set_ylim(0, 1)
+        axes[1].set_title(f"(b) share of BN channels with |gamma| < {cfg['gamma_tol']:g}, first seed")
+        axes[2].set_title("(c) BN-only: percentiles of |gamma| (all seeds)")
+        style_axes(axes, "training steps", legend={"fontsize": 8})
 

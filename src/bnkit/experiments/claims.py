@@ -1,6 +1,7 @@
 """Shared pieces of the claim experiments (``lr``, ``init``, ``dropout``, ``batchsize``, ``variants``,
 ``cnn``, ``cost``): building the runs of an arm from the experiment settings, grouping the raw runs
-by arm, per-arm summaries, and the PASS/FAIL checks.
+by arm, per-arm summaries, the PASS/FAIL checks (:func:`with_checks` puts them in the summary), and the
+frame every figure shares (:func:`saved_figure`: the panels, title, layout, file; :func:`style_axes`).
 
 A *check* is a dict ``{"pass": bool, ...the numbers it was computed from...}``, computed only from the
 raw runs in ``metrics.json`` (``runs``), so anyone can recompute it from that file. Every arm of an
@@ -11,14 +12,16 @@ of (seed, epoch)), so the arms differ only in what is compared.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .train import RunConfig
 
-__all__ = ["check", "make_run", "thresholds", "by_arm", "present_arms", "mean", "arm_summary", "final_acc", "reaches",
-           "fmt_key", "series_mean", "plot_style", "COMMON_DEFAULTS"]
+__all__ = ["check", "with_checks", "make_run", "thresholds", "by_arm", "present_arms", "mean", "arm_summary",
+           "final_acc", "reaches", "fmt_key", "series_mean", "plot_style", "saved_figure", "style_axes", "seeds_text",
+           "COMMON_DEFAULTS"]
 
 # settings every claim experiment has (each module adds its own and may change these)
 COMMON_DEFAULTS: Dict[str, Any] = {
@@ -30,6 +33,15 @@ COMMON_DEFAULTS: Dict[str, Any] = {
 def check(passed: bool, **numbers) -> Dict[str, Any]:
     """A check result: ``pass`` plus the numbers it was computed from."""
     return {"pass": bool(passed), **numbers}
+
+
+def with_checks(summary: Dict, checks: Dict[str, Dict], threshold: Optional[float] = None) -> Dict:
+    """``summary`` with the experiment's ``checks`` (name -> :func:`check`) and, when given, the accuracy
+    ``threshold`` its runs were measured against: the keys the report and the terminal summary read."""
+    summary["checks"] = checks
+    if threshold is not None:
+        summary["threshold"] = float(threshold)
+    return summary
 
 
 def fmt_key(t: float) -> str:
@@ -123,3 +135,38 @@ def plot_style():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+@contextmanager
+def saved_figure(path, ncols: int, *, figsize: Tuple[float, float], dpi: int = 110, title: Optional[str] = None,
+                 **subplots: Any) -> Iterator[Tuple[Any, Any]]:
+    """``(fig, axes)``: a figure of ``ncols`` panels in a row (``subplots``: more arguments of
+    ``plt.subplots``), written to ``path`` when the block ends, after its ``title`` (font size 10) and a
+    tight layout. The figure is closed also when plotting raises (and then nothing is written)."""
+    plt = plot_style()
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, dpi=dpi, **subplots)
+    try:
+        yield fig, axes
+        if title is not None:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def style_axes(axes: Iterable[Any], xlabel: Optional[str] = None, legend: Optional[Dict[str, Any]] = None) -> None:
+    """Each of ``axes``: the x label ``xlabel`` (when given), a light grid, and a legend made with the
+    arguments ``legend`` (when given; ``{}``: matplotlib's defaults)."""
+    for ax in axes:
+        if xlabel is not None:
+            ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if legend is not None:
+            ax.legend(**legend)
+
+
+def seeds_text(cfg: Dict) -> str:
+    """``"1 seed"`` or ``"<n> seeds"``: how many seeds the figure titles say an experiment ran."""
+    n = len(cfg["seeds"])
+    return f"{n} seed{'s' if n > 1 else ''}"

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, plot_style, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, saved_figure, series_mean, style_axes, with_checks,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "NETS"]
@@ -65,9 +67,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
         checks[f"{net}_bn_final_ge_baseline"] = check(
             b["final_acc"] >= n["final_acc"], bn_final=b["final_acc"], baseline_final=n["final_acc"],
             difference=b["final_acc"] - n["final_acc"])
-    summary["checks"] = checks
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    return with_checks(summary, checks, cfg["threshold"])
 
 
 def _steps(v) -> str:
@@ -75,29 +75,24 @@ def _steps(v) -> str:
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
     nets = list(cfg["nets"])
-    fig, axes = plt.subplots(1, len(nets), figsize=(6 * len(nets), 4.2), dpi=110, squeeze=False)
-    groups = by_arm(results)
-    thr = float(cfg["threshold"])
-    for ax, net in zip(axes[0], nets):
-        for lab, color, ls in (("baseline", "tab:gray", "--"), ("bn", "tab:blue", "-")):
-            rs = groups.get(f"{net} {lab}", [])
-            for r in rs:
-                ax.plot(r["steps"], r["test_acc"], ls, color=color, lw=0.6, alpha=0.5)
-            if rs:
-                st, y = series_mean(rs)
-                ax.plot(st, y, ls, color=color, lw=2, label=("with BN" if lab == "bn" else "without BN") + " (mean)")
-        ax.axhline(thr, color="k", lw=0.6, ls=":")
-        c = summary["checks"][f"{net}_bn_reaches_{fmt_key(thr)}_2x_faster"]
-        ax.set_title(f"{net} on {cfg['data']}: steps to {thr:.0%} (mean over seeds): BN {_steps(c['bn_steps'])}, "
-                     f"without BN {_steps(c['baseline_steps'])}", fontsize=9)
-        lo = min(min(r["test_acc"][1:] or [0.5]) for r in results.values() if r["config"]["arch"] == net)
-        ax.set_ylim(max(0.0, min(lo, thr) - 0.05), 1.0)
-        ax.set_xlabel("training steps")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with saved_figure(path, len(nets), figsize=(6 * len(nets), 4.2), squeeze=False) as (fig, axes):
+        groups = by_arm(results)
+        thr = float(cfg["threshold"])
+        for ax, net in zip(axes[0], nets):
+            for lab, color, ls in (("baseline", "tab:gray", "--"), ("bn", "tab:blue", "-")):
+                rs = groups.get(f"{net} {lab}", [])
+                for r in rs:
+                    ax.plot(r["steps"], r["test_acc"], ls, color=color, lw=0.6, alpha=0.5)
+                if rs:
+                    st, y = series_mean(rs)
+                    ax.plot(st, y, ls, color=color, lw=2,
+                            label=("with BN" if lab == "bn" else "without BN") + " (mean)")
+            ax.axhline(thr, color="k", lw=0.6, ls=":")
+            c = summary["checks"][f"{net}_bn_reaches_{fmt_key(thr)}_2x_faster"]
+            ax.set_title(f"{net} on {cfg['data']}: steps to {thr:.0%} (mean over seeds): BN {_steps(c['bn_steps'])}, "
+                         f"without BN {_steps(c['baseline_steps'])}", fontsize=9)
+            lo = min(min(r["test_acc"][1:] or [0.5]) for r in results.values() if r["config"]["arch"] == net)
+            ax.set_ylim(max(0.0, min(lo, thr) - 0.05), 1.0)
+            ax.set_ylabel("test accuracy")
+            style_axes([ax], "training steps", legend={"loc": "lower right"})

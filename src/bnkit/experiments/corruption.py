@@ -32,7 +32,9 @@ from typing import Dict, List
 
 import torch
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, saved_figure, style_axes, with_checks,
+)
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from .train import RunConfig, RunExtension, evaluate
 
@@ -202,59 +204,50 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             all(gain[n][hi] > gain[n][lo] for n in cfg["corruptions"]),
             lowest_severity=int(lo), highest_severity=int(hi),
             **{f"{n}_gain": [gain[n][lo], gain[n][hi]] for n in cfg["corruptions"]})
-    summary["checks"] = checks
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    return with_checks(summary, checks, cfg["threshold"])
 
 
 _COLORS = {"source": "tab:gray", "reestimate": "tab:blue", "tent": "tab:green"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
     names = list(cfg["corruptions"])
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4.0), dpi=110, squeeze=False)
-    axes = axes[0]
-    acc = summary["accuracy"]
-    sevs = [str(int(s)) for s in sorted(cfg["severities"])]
-    priors = [m for m in methods(cfg) if m.startswith("prior")]
-    cmap = plt.get_cmap("Oranges")
-    for ax, n in zip(axes, names):
-        for mth in methods(cfg):
-            if mth.startswith("prior"):
-                c = cmap(0.4 + 0.5 * priors.index(mth) / max(1, len(priors) - 1))
-                ls = "--"
-            else:
-                c, ls = _COLORS[mth], "-"
-            ax.plot([int(s) for s in sevs], [100 * acc[mth][n][s] for s in sevs], ls, marker="o", ms=3, color=c,
-                    label=mth.replace("prior_n", f"prior N={cfg['prior']:g}, n="))
-        ax.axhline(100 * summary["clean_acc"], color="k", lw=0.6, ls=":")
-        ax.set_title(n)
-        ax.set_xlabel("severity")
-        ax.set_xticks([int(s) for s in sevs])
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%) (dotted: clean)")
-    axes[0].legend(fontsize=7, loc="lower left")
-    ax = axes[-1]
-    for n in names:
-        xs = [summary["statistics_shift"][n][s] for s in sevs]
-        ys = [100 * summary["reestimate_gain"][n][s] for s in sevs]
-        ax.plot(xs, ys, "-o", ms=3, label=n)
-    ax.axvline(float(cfg["min_shift"]), color="k", lw=0.6, ls=":")
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlim(left=0)  # a KL divergence is >= 0
-    ax.set_xlabel("statistics shift (mean KL over the BN layers)")
-    ax.set_ylabel("re-estimation gain (points)")
-    ax.set_title("gain vs shift (severity 1 -> 5)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.suptitle(f"corrupted {cfg['data']} test digits: {cfg['arch']} trained clean, {len(results)} seed(s)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = f"corrupted {cfg['data']} test digits: {cfg['arch']} trained clean, {len(results)} seed(s)"
+    with saved_figure(path, len(names) + 1, figsize=(4.2 * (len(names) + 1), 4.0), title=title,
+                      squeeze=False) as (fig, axes):
+        axes = axes[0]
+        acc = summary["accuracy"]
+        sevs = [str(int(s)) for s in sorted(cfg["severities"])]
+        priors = [m for m in methods(cfg) if m.startswith("prior")]
+        cmap = plot_style().get_cmap("Oranges")
+        for ax, n in zip(axes, names):
+            for mth in methods(cfg):
+                if mth.startswith("prior"):
+                    c = cmap(0.4 + 0.5 * priors.index(mth) / max(1, len(priors) - 1))
+                    ls = "--"
+                else:
+                    c, ls = _COLORS[mth], "-"
+                ax.plot([int(s) for s in sevs], [100 * acc[mth][n][s] for s in sevs], ls, marker="o", ms=3, color=c,
+                        label=mth.replace("prior_n", f"prior N={cfg['prior']:g}, n="))
+            ax.axhline(100 * summary["clean_acc"], color="k", lw=0.6, ls=":")
+            ax.set_title(n)
+            ax.set_xticks([int(s) for s in sevs])
+            ax.set_ylim(0, 100)
+        style_axes(axes[:-1], "severity")
+        axes[0].set_ylabel("test accuracy (%) (dotted: clean)")
+        axes[0].legend(fontsize=7, loc="lower left")
+        ax = axes[-1]
+        for n in names:
+            xs = [summary["statistics_shift"][n][s] for s in sevs]
+            ys = [100 * summary["reestimate_gain"][n][s] for s in sevs]
+            ax.plot(xs, ys, "-o", ms=3, label=n)
+        ax.axvline(float(cfg["min_shift"]), color="k", lw=0.6, ls=":")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(left=0)  # a KL divergence is >= 0
+        ax.set_ylabel("re-estimation gain (points)")
+        ax.set_title("gain vs shift (severity 1 -> 5)")
+        style_axes([ax], "statistics shift (mean KL over the BN layers)", legend={"fontsize": 7})
 
 
 def make_runs(cfg: Dict) -> List[RunConfig]:

@@ -29,7 +29,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
-from .claims import COMMON_DEFAULTS, check, plot_style
+from .claims import COMMON_DEFAULTS, check, saved_figure
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "measure"]
 
@@ -223,39 +223,35 @@ def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     """Per net: the per-round paired ratios to the BN-free net (box plots; the load of the moment cancels
     in them), training and inference, with the median's 95 % interval and the tolerance band around 1;
     the raw medians in ms are in the tick labels."""
-    plt = plot_style()
     archs = list(cfg["archs"])
-    fig, axes = plt.subplots(1, 2 * len(archs), figsize=(5 * len(archs) * 2 / 1.4, 4.2), dpi=110, squeeze=False)
-    meas = summary["measurements"]
-    colors = {"bnkit": "tab:blue", "torch": "tab:orange", "bnkit-fused": "tab:cyan", "torch-fused": "tab:olive"}
-    for i, arch in enumerate(archs):
-        for j, (phase, variants, what) in enumerate((("train_ms", TRAIN_VARIANTS[1:], "training step"),
-                                                     ("infer_ms", INFER_VARIANTS[1:], "inference batch"))):
-            ax = axes[0][2 * i + j]
-            raw = meas[arch][phase]
-            data = [paired_ratios(raw[v], raw["none"]) for v in variants]
-            bp = ax.boxplot(data, patch_artist=True, widths=0.6)
-            for k, (patch, v) in enumerate(zip(bp["boxes"], variants), start=1):
-                patch.set_facecolor(colors[v])
-                patch.set_alpha(0.5)
-                med, lo, hi = median_ci(data[k - 1])
-                ax.errorbar([k + 0.38], [med], yerr=[[med - lo], [hi - med]], fmt="o", color="tab:red", ms=3,
-                            capsize=3, lw=1.4)
-            tol = float(cfg["tol"])
-            ax.axhspan(1 - tol, 1 + tol, color="tab:green", alpha=0.12, lw=0)
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_xticks(range(1, len(variants) + 1))
-            ax.set_xticklabels([f"{v}\n{float(np.median(raw[v])):.3g} ms" for v in variants], fontsize=7)
-            bsz = meas[arch]["train_batch"] if phase == "train_ms" else meas[arch]["infer_batch"]
-            ax.set_title(f"{arch}: {what} (batch {bsz}) / BN-free\n(BN-free median {float(np.median(raw['none'])):.3g} ms)",
-                         fontsize=9)
-            hi = max(max(d) for d in data)
-            ax.set_ylim(max(0.0, min(min(d) for d in data) - 0.05), min(hi, 3.0) + 0.05)
-            ax.grid(alpha=0.3, axis="y")
-    axes[0][0].set_ylabel("time / BN-free net's time in the same round")
-    fig.suptitle(f"BN cost: per-round paired ratios, {cfg['rounds']} interleaved rounds, torch threads "
-                 f"{cfg.get('threads', 1)} (red: median and its 95 % interval; green: +-{float(cfg['tol']):.0%})",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"BN cost: per-round paired ratios, {cfg['rounds']} interleaved rounds, torch threads "
+             f"{cfg.get('threads', 1)} (red: median and its 95 % interval; green: +-{float(cfg['tol']):.0%})")
+    with saved_figure(path, 2 * len(archs), figsize=(5 * len(archs) * 2 / 1.4, 4.2), title=title,
+                      squeeze=False) as (fig, axes):
+        meas = summary["measurements"]
+        colors = {"bnkit": "tab:blue", "torch": "tab:orange", "bnkit-fused": "tab:cyan", "torch-fused": "tab:olive"}
+        for i, arch in enumerate(archs):
+            for j, (phase, variants, what) in enumerate((("train_ms", TRAIN_VARIANTS[1:], "training step"),
+                                                         ("infer_ms", INFER_VARIANTS[1:], "inference batch"))):
+                ax = axes[0][2 * i + j]
+                raw = meas[arch][phase]
+                data = [paired_ratios(raw[v], raw["none"]) for v in variants]
+                bp = ax.boxplot(data, patch_artist=True, widths=0.6)
+                for k, (patch, v) in enumerate(zip(bp["boxes"], variants), start=1):
+                    patch.set_facecolor(colors[v])
+                    patch.set_alpha(0.5)
+                    med, lo, hi = median_ci(data[k - 1])
+                    ax.errorbar([k + 0.38], [med], yerr=[[med - lo], [hi - med]], fmt="o", color="tab:red", ms=3,
+                                capsize=3, lw=1.4)
+                tol = float(cfg["tol"])
+                ax.axhspan(1 - tol, 1 + tol, color="tab:green", alpha=0.12, lw=0)
+                ax.axhline(1.0, color="k", lw=0.8)
+                ax.set_xticks(range(1, len(variants) + 1))
+                ax.set_xticklabels([f"{v}\n{float(np.median(raw[v])):.3g} ms" for v in variants], fontsize=7)
+                bsz = meas[arch]["train_batch"] if phase == "train_ms" else meas[arch]["infer_batch"]
+                ax.set_title(f"{arch}: {what} (batch {bsz}) / BN-free\n"
+                             f"(BN-free median {float(np.median(raw['none'])):.3g} ms)", fontsize=9)
+                hi = max(max(d) for d in data)
+                ax.set_ylim(max(0.0, min(min(d) for d in data) - 0.05), min(hi, 3.0) + 0.05)
+                ax.grid(alpha=0.3, axis="y")
+        axes[0][0].set_ylabel("time / BN-free net's time in the same round")

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, plot_style, present_arms, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, present_arms, saved_figure, seeds_text, series_mean,
+    style_axes, with_checks,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "ARMS"]
@@ -54,7 +57,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     # reported next to the verdict: the difference seed by seed (same initial weights and data order), so a
     # tie within the seeds' spread is visible as one
     per_seed = [x - y for x, y in zip(bn["final_acc_per_seed"], do["final_acc_per_seed"])]
-    summary["checks"] = {
+    return with_checks(summary, {
         "bn_test_acc_ge_dropout": check(bn["final_acc"] >= do["final_acc"], bn=bn["final_acc"],
                                         dropout=do["final_acc"], difference=bn["final_acc"] - do["final_acc"],
                                         difference_per_seed=per_seed,
@@ -62,31 +65,22 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
         "bn_gap_lt_none_gap": check(bn["final_gap"] < base["final_gap"], bn_gap=bn["final_gap"],
                                     none_gap=base["final_gap"], dropout_gap=do["final_gap"],
                                     bn_plus_dropout_gap=summary["bn+dropout"]["final_gap"]),
-    }
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    }, cfg["threshold"])
 
 
 _COLORS = {"none": "tab:gray", "dropout": "tab:orange", "bn": "tab:blue", "bn+dropout": "tab:green"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
-    for arm, rs in present_arms(results, ARMS):
-        st, te = series_mean(rs, "test_acc")
-        _, tr = series_mean(rs, "train_acc")
-        axes[0].plot(st, te, "-", color=_COLORS[arm], lw=1.8, label=f"{arm} test")
-        axes[0].plot(st, tr, ":", color=_COLORS[arm], lw=1.4, label=f"{arm} train")
-        axes[1].plot(st, tr - te, "-", color=_COLORS[arm], lw=1.8, label=arm)
-    axes[0].set_ylim(0.8, 1.005)
-    axes[0].set_title(f"(a) train (dotted) and test (solid) accuracy, {cfg['train_subset']} training digits")
-    axes[1].set_title("(b) train - test accuracy gap")
-    for ax in axes:
-        ax.set_xlabel("training steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"dropout vs BN: {cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''} (means)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = f"dropout vs BN: {cfg['arch']} on {cfg['data']}, {seeds_text(cfg)} (means)"
+    with saved_figure(path, 2, figsize=(12, 4.2), title=title) as (fig, axes):
+        for arm, rs in present_arms(results, ARMS):
+            st, te = series_mean(rs, "test_acc")
+            _, tr = series_mean(rs, "train_acc")
+            axes[0].plot(st, te, "-", color=_COLORS[arm], lw=1.8, label=f"{arm} test")
+            axes[0].plot(st, tr, ":", color=_COLORS[arm], lw=1.4, label=f"{arm} train")
+            axes[1].plot(st, tr - te, "-", color=_COLORS[arm], lw=1.8, label=arm)
+        axes[0].set_ylim(0.8, 1.005)
+        axes[0].set_title(f"(a) train (dotted) and test (solid) accuracy, {cfg['train_subset']} training digits")
+        axes[1].set_title("(b) train - test accuracy gap")
+        style_axes(axes, "training steps", legend={"fontsize": 7, "ncol": 2})

@@ -34,7 +34,8 @@ from typing import Dict, List
 import numpy as np
 
 from .claims import (
-    COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, present_arms, series_mean,
+    COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, present_arms, saved_figure, series_mean,
+    style_axes, with_checks,
 )
 from .train import RunConfig
 
@@ -113,7 +114,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     closed = (err["large"] - err["large+ghost"]) / gap if gap > 0 else None
     summary["lr"] = {"small": float(cfg["lr"]), "large": large_lr(cfg)}
     mcf = float(cfg["min_closed_frac"])
-    summary["checks"] = {
+    return with_checks(summary, {
         "large_batch_error_gt_small_batch": check(gap > 0, large=err["large"], small=err["small"], gap=gap),
         f"ghost_bn_closes_ge_{mcf:g}_of_the_gap": check(
             closed is not None and closed >= mcf, closed_fraction=closed, large=err["large"],
@@ -121,45 +122,36 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             seeds_ghost_better=sum(g < lg for g, lg in zip(summary["test_error_per_seed"]["large+ghost"],
                                                            summary["test_error_per_seed"]["large"])),
             seeds=len(groups["large"])),
-    }
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    }, cfg["threshold"])
 
 
 _COLORS = {"small": "tab:green", "large": "tab:red", "large+ghost": "tab:blue"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
     labels = {"small": f"batch {cfg['small_batch']}, lr {float(cfg['lr']):g}",
               "large": f"batch {cfg['large_batch']}, lr {large_lr(cfg):.3g}",
               "large+ghost": f"batch {cfg['large_batch']} + Ghost BN {cfg['ghost_virtual_batch']}"}
-    for arm, rs in present_arms(results, ARMS):
-        st, acc = series_mean(rs, "test_acc")
-        axes[0].plot(st, 100 * (1 - acc), color=_COLORS[arm], lw=1.8, label=labels[arm])
-        # the training loss of an interval (none at step 0), mean over seeds
-        n = min(len(r["train_loss"]) for r in rs)
-        axes[1].plot(rs[0]["steps"][1:n], np.mean([r["train_loss"][1:n] for r in rs], axis=0), color=_COLORS[arm],
-                     lw=1.8, label=labels[arm])
-        per = summary["test_error_per_seed"][arm]
-        i = ARMS.index(arm)
-        axes[2].bar(i, 100 * summary["test_error"][arm], color=_COLORS[arm], alpha=0.7)
-        axes[2].scatter([i] * len(per), [100 * e for e in per], color="k", s=12, zorder=3)
-    axes[0].set_title("(a) test error (%), mean over seeds")
-    axes[0].set_ylim(0, 12)
-    axes[1].set_title("(b) training loss (mean over each interval)")
-    axes[1].set_yscale("log")
-    axes[2].set_xticks(range(len(ARMS)))
-    axes[2].set_xticklabels(ARMS)
-    axes[2].set_title("(c) final test error (%), bars: mean, dots: seeds")
-    for ax in axes[:2]:
-        ax.set_xlabel("updates (the same number in every arm)")
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"large batches and Ghost BN: {cfg['arch']} on {cfg['data']}, {cfg['lr_scaling']} lr scaling, "
-                 f"{len(cfg['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"large batches and Ghost BN: {cfg['arch']} on {cfg['data']}, {cfg['lr_scaling']} lr scaling, "
+             f"{len(cfg['seeds'])} seed(s)")
+    with saved_figure(path, 3, figsize=(15, 4.2), dpi=100, title=title) as (fig, axes):
+        for arm, rs in present_arms(results, ARMS):
+            st, acc = series_mean(rs, "test_acc")
+            axes[0].plot(st, 100 * (1 - acc), color=_COLORS[arm], lw=1.8, label=labels[arm])
+            # the training loss of an interval (none at step 0), mean over seeds
+            n = min(len(r["train_loss"]) for r in rs)
+            axes[1].plot(rs[0]["steps"][1:n], np.mean([r["train_loss"][1:n] for r in rs], axis=0),
+                         color=_COLORS[arm], lw=1.8, label=labels[arm])
+            per = summary["test_error_per_seed"][arm]
+            i = ARMS.index(arm)
+            axes[2].bar(i, 100 * summary["test_error"][arm], color=_COLORS[arm], alpha=0.7)
+            axes[2].scatter([i] * len(per), [100 * e for e in per], color="k", s=12, zorder=3)
+        axes[0].set_title("(a) test error (%), mean over seeds")
+        axes[0].set_ylim(0, 12)
+        axes[1].set_title("(b) training loss (mean over each interval)")
+        axes[1].set_yscale("log")
+        axes[2].set_xticks(range(len(ARMS)))
+        axes[2].set_xticklabels(ARMS)
+        axes[2].set_title("(c) final test error (%), bars: mean, dots: seeds")
+        style_axes(axes[:2], "updates (the same number in every arm)", legend={"fontsize": 8})
+        style_axes(axes[2:])

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .claims import (
-    COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, mean, plot_style, present_arms, series_mean,
+    COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, mean, present_arms, saved_figure, series_mean,
+    style_axes, with_checks,
 )
 from .train import RunConfig, RunExtension
 
@@ -287,9 +288,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     # per step); the final accuracies are reported too, but all arms end on the same data-limited plateau
     auc = {arm: mean(mean(r["test_acc"][1:]) for r in rs) for arm, rs in groups.items()}
     summary["mean_test_acc"] = auc
-    lr_, gr_ = land["bn"]["loss_range"], land["standard"]["loss_range"]
-    lc, gc = land["bn"]["grad_change_range"], land["standard"]["grad_change_range"]
-    summary["checks"] = {
+    return with_checks(summary, {
         f"noisy_bn_mean_acc_within_{tol:g}_of_bn_and_above_standard": check(
             auc["noisy-bn"] >= auc["bn"] - tol and auc["noisy-bn"] > auc["standard"],
             noisy_bn=auc["noisy-bn"], bn=auc["bn"], standard=auc["standard"],
@@ -301,56 +300,46 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
         "noisy_bn_drift_gt_bn_drift": check(
             (noisy["drift"]["range"] or 0) > (bn["drift"]["range"] or 0), noisy_bn=noisy["drift"]["range"],
             bn=bn["drift"]["range"], standard=std["drift"]["range"]),
-        "bn_loss_range_lt_standard": check(
-            lr_ is not None and gr_ is not None and lr_ < gr_, bn=lr_, standard=gr_,
-            noisy_bn=land["noisy-bn"]["loss_range"], ratio=(gr_ / lr_ if lr_ else None),
-            bn_smaller_in_frac_of_measurements=paired_fraction(groups["bn"], groups["standard"], "loss_range"),
-            bn_second_half=_late_mean(groups["bn"], "loss_range", int(cfg["steps"])),
-            standard_second_half=_late_mean(groups["standard"], "loss_range", int(cfg["steps"]))),
-        "bn_grad_change_range_lt_standard": check(
-            lc is not None and gc is not None and lc < gc, bn=lc, standard=gc,
-            noisy_bn=land["noisy-bn"]["grad_change_range"], ratio=(gc / lc if lc else None),
-            bn_smaller_in_frac_of_measurements=paired_fraction(groups["bn"], groups["standard"], "grad_change_range"),
-            bn_second_half=_late_mean(groups["bn"], "grad_change_range", int(cfg["steps"])),
-            standard_second_half=_late_mean(groups["standard"], "grad_change_range", int(cfg["steps"]))),
-    }
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+        **{f"bn_{key}_lt_standard": _smaller_landscape_check(cfg, groups, land, key)
+           for key in ("loss_range", "grad_change_range")},
+    }, cfg["threshold"])
+
+
+def _smaller_landscape_check(cfg: Dict, groups: Dict[str, List[Dict]], land: Dict, key: str) -> Dict:
+    """BN's landscape measure ``key`` (the mean over the measurements) is below the standard net's."""
+    b, s = land["bn"][key], land["standard"][key]
+    return check(b is not None and s is not None and b < s, bn=b, standard=s, noisy_bn=land["noisy-bn"][key],
+                 ratio=(s / b if b else None),
+                 bn_smaller_in_frac_of_measurements=paired_fraction(groups["bn"], groups["standard"], key),
+                 bn_second_half=_late_mean(groups["bn"], key, int(cfg["steps"])),
+                 standard_second_half=_late_mean(groups["standard"], key, int(cfg["steps"])))
 
 
 _COLORS = {"standard": "tab:gray", "bn": "tab:blue", "noisy-bn": "tab:red"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), dpi=100)
-    for arm, rs in present_arms(results, ARMS):
-        st, acc = series_mean(rs, "test_acc")
-        axes[0].plot(st, acc, color=_COLORS[arm], lw=1.8, label=arm)
-        r = rs[0]
-        axes[1].plot(r["steps"], r["percentiles"]["p50"], color=_COLORS[arm], lw=1.4, label=f"{arm} p50")
-        axes[1].fill_between(r["steps"], r["percentiles"]["p15"], r["percentiles"]["p85"], color=_COLORS[arm],
-                             alpha=0.15)
-        recs = r.get("step_records", [])
-        if recs:
-            s = [x["step"] for x in recs]
-            for ax, lo, hi in ((axes[2], "loss_min", "loss_max"), (axes[3], "grad_change_min", "grad_change_max")):
-                ax.fill_between(s, [x[lo] for x in recs], [x[hi] for x in recs], color=_COLORS[arm], alpha=0.35,
-                                label=arm)
-    axes[0].set_title("(a) test accuracy (mean over seeds)")
-    axes[0].set_ylim(0, 1)
-    axes[1].set_title("(b) last hidden layer's activation input, seed 0\n(typical unit: 15/50/85th pct)")
-    axes[2].set_title(f"(c) loss at w - eta g, eta = {cfg['eta_mults']} x lr\n(min-max band, seed 0)")
-    axes[2].set_yscale("log")
-    axes[3].set_title("(d) ||g(w - eta g) - g(w)|| (min-max band, seed 0)")
-    axes[3].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("training steps")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"ICS and the landscape: {cfg['arch']} {cfg['hidden'] if cfg['arch'] == 'mlp' else ''} on "
-                 f"{cfg['data']}, lr {cfg['lr']:g}, noise shift {cfg['noise_shift']:g} scale x{cfg['noise_scale']:g}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"ICS and the landscape: {cfg['arch']} {cfg['hidden'] if cfg['arch'] == 'mlp' else ''} on "
+             f"{cfg['data']}, lr {cfg['lr']:g}, noise shift {cfg['noise_shift']:g} scale x{cfg['noise_scale']:g}")
+    with saved_figure(path, 4, figsize=(18, 4.2), dpi=100, title=title) as (fig, axes):
+        for arm, rs in present_arms(results, ARMS):
+            st, acc = series_mean(rs, "test_acc")
+            axes[0].plot(st, acc, color=_COLORS[arm], lw=1.8, label=arm)
+            r = rs[0]
+            axes[1].plot(r["steps"], r["percentiles"]["p50"], color=_COLORS[arm], lw=1.4, label=f"{arm} p50")
+            axes[1].fill_between(r["steps"], r["percentiles"]["p15"], r["percentiles"]["p85"], color=_COLORS[arm],
+                                 alpha=0.15)
+            recs = r.get("step_records", [])
+            if recs:
+                s = [x["step"] for x in recs]
+                for ax, lo, hi in ((axes[2], "loss_min", "loss_max"), (axes[3], "grad_change_min", "grad_change_max")):
+                    ax.fill_between(s, [x[lo] for x in recs], [x[hi] for x in recs], color=_COLORS[arm],
+                                    alpha=0.35, label=arm)
+        axes[0].set_title("(a) test accuracy (mean over seeds)")
+        axes[0].set_ylim(0, 1)
+        axes[1].set_title("(b) last hidden layer's activation input, seed 0\n(typical unit: 15/50/85th pct)")
+        axes[2].set_title(f"(c) loss at w - eta g, eta = {cfg['eta_mults']} x lr\n(min-max band, seed 0)")
+        axes[2].set_yscale("log")
+        axes[3].set_title("(d) ||g(w - eta g) - g(w)|| (min-max band, seed 0)")
+        axes[3].set_yscale("log")
+        style_axes(axes, "training steps", legend={"fontsize": 7})

@@ -17,7 +17,10 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, saved_figure, seeds_text,
+    style_axes, with_checks,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "activation_scales"]
@@ -85,53 +88,45 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     data = load_dataset(cfg["data"], cfg.get("data_dir"), binarize=bool(cfg.get("binarize")),
                         normalize=cfg.get("normalize", "none"))
     summary["activation_std_at_init"] = activation_scales(cfg, data.x_train[: int(cfg["act_probe"])])
-    summary["checks"] = {
+    return with_checks(summary, {
         f"bn_range_le_{cfg['bn_max_range']:g}": check(rng["bn"] <= float(cfg["bn_max_range"]), range=rng["bn"],
                                                      final_acc_per_scale=acc["bn"]),
         f"baseline_range_ge_{cfg['baseline_min_range']:g}": check(
             rng["baseline"] >= float(cfg["baseline_min_range"]), range=rng["baseline"],
             final_acc_per_scale=acc["baseline"], scales_below_50pct=failed["baseline"]),
-    }
-    return summary
+    })
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
     colors = {"baseline": "tab:gray", "bn": "tab:blue"}
     labels = {"baseline": "without BN", "bn": f"with {cfg['norm']}"}
-    ax = axes[0]
-    scales = [float(s) for s in cfg["scales"]]
-    for net, _ in NETS:
-        ys = [summary["final_acc_vs_scale"][net][f"{s:g}"] for s in scales]
-        ax.plot(scales, ys, "-o", color=colors[net], label=labels[net])
-        for s in scales:
-            per = [final_acc(results[_name(net, s, sd)]) for sd in cfg["seeds"]]
-            ax.scatter([s] * len(per), per, s=9, color=colors[net], alpha=0.4)
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("init scale (x He init)")
-    ax.set_ylabel(f"final test accuracy after {cfg['steps']} steps")
-    ck = summary["checks"]
-    r = [c["range"] for c in ck.values()]
-    ax.set_title(f"(a) accuracy range over scales: BN {r[0]:.3f}, baseline {r[1]:.3f}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower center")
-    ax = axes[1]
-    cmap = plt.get_cmap("viridis")
-    for i, s in enumerate(scales):
-        for net, ls in (("baseline", "--"), ("bn", "-")):
-            stds = summary["activation_std_at_init"][net][f"{s:g}"]
-            ax.plot(range(1, len(stds) + 1), stds, ls, marker="o", ms=3, color=cmap(i / max(1, len(scales) - 1)),
-                    label=f"x{s:g}" if net == "baseline" else None)
-    ax.set_yscale("log")
-    ax.set_xlabel("hidden layer")
-    ax.set_ylabel("std of the pre-activation at init")
-    ax.set_title("(b) activation scale at initialization: baseline dashed, BN solid")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(f"init scale sweep: {len(cfg['hidden'])}-hidden-layer {cfg['activation']} MLP on {cfg['data']}, "
-                 f"lr {cfg['lr']}, {len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"init scale sweep: {len(cfg['hidden'])}-hidden-layer {cfg['activation']} MLP on {cfg['data']}, "
+             f"lr {cfg['lr']}, {seeds_text(cfg)}")
+    with saved_figure(path, 2, figsize=(12, 4.2), title=title) as (fig, axes):
+        ax = axes[0]
+        scales = [float(s) for s in cfg["scales"]]
+        for net, _ in NETS:
+            ys = [summary["final_acc_vs_scale"][net][f"{s:g}"] for s in scales]
+            ax.plot(scales, ys, "-o", color=colors[net], label=labels[net])
+            for s in scales:
+                per = [final_acc(results[_name(net, s, sd)]) for sd in cfg["seeds"]]
+                ax.scatter([s] * len(per), per, s=9, color=colors[net], alpha=0.4)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("init scale (x He init)")
+        ax.set_ylabel(f"final test accuracy after {cfg['steps']} steps")
+        r = [c["range"] for c in summary["checks"].values()]
+        ax.set_title(f"(a) accuracy range over scales: BN {r[0]:.3f}, baseline {r[1]:.3f}")
+        style_axes([ax], legend={"loc": "lower center"})
+        ax = axes[1]
+        cmap = plot_style().get_cmap("viridis")
+        for i, s in enumerate(scales):
+            for net, ls in (("baseline", "--"), ("bn", "-")):
+                stds = summary["activation_std_at_init"][net][f"{s:g}"]
+                ax.plot(range(1, len(stds) + 1), stds, ls, marker="o", ms=3, color=cmap(i / max(1, len(scales) - 1)),
+                        label=f"x{s:g}" if net == "baseline" else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("hidden layer")
+        ax.set_ylabel("std of the pre-activation at init")
+        ax.set_title("(b) activation scale at initialization: baseline dashed, BN solid")
+        style_axes([ax], legend={"fontsize": 8})

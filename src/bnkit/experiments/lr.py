@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, \
-    series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, final_acc, make_run, mean, plot_style, saved_figure, seeds_text,
+    series_mean, style_axes, with_checks,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "largest_reaching"]
@@ -73,7 +75,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
                       if (results.get(_name(net, float(lr), s)) or {}).get("diverged_at") is not None]
                 for net, _ in NETS}
     summary["final_acc_vs_lr"] = {net: {f"{lr:g}": a for lr, (a, _) in c.items()} for net, c in curves.items()}
-    summary["checks"] = {
+    return with_checks(summary, {
         f"largest_lr_reaching_{thr:.2f}_ratio_ge_{cfg['min_ratio']:g}": check(
             mx["bn"] is not None and (mx["baseline"] is None or ratio >= float(cfg["min_ratio"])),
             bn_largest_lr=mx["bn"], baseline_largest_lr=mx["baseline"], ratio=ratio, threshold=thr,
@@ -83,50 +85,41 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
             bn_best=best["bn"], bn_best_lr=best_lr["bn"], baseline_best=best["baseline"],
             baseline_best_lr=best_lr["baseline"], difference=(best["bn"] - best["baseline"])
             if best["bn"] is not None and best["baseline"] is not None else None),
-    }
-    summary["threshold"] = thr
-    return summary
+    }, thr)
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
-    ax = axes[0]
-    colors = {"baseline": "tab:gray", "bn": "tab:blue"}
-    labels = {"baseline": "without BN", "bn": f"with {cfg['norm']}"}
-    thr = float(cfg["threshold"])
-    for net, _ in NETS:
-        c = _curve(results, cfg, net)
-        lrs = sorted(c)
-        ax.plot(lrs, [c[lr][0] for lr in lrs], "-o", color=colors[net], label=labels[net])
-        for lr in lrs:
-            ax.scatter([lr] * len(c[lr][1]), c[lr][1], s=9, color=colors[net], alpha=0.4)
-    ax.axhline(thr, color="k", lw=0.6, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log)")
-    ax.set_ylabel(f"final test accuracy after {cfg['steps']} steps")
-    ck = next(iter(summary["checks"].values()))
-    ax.set_title(f"(a) largest lr reaching {thr:.0%}: BN {ck['bn_largest_lr']}, baseline {ck['baseline_largest_lr']}")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
-    ax = axes[1]
-    cmap = plt.get_cmap("viridis")
-    lrs = [float(x) for x in cfg["lrs"]]
-    for i, lr in enumerate(lrs):
-        for net, ls in (("baseline", "--"), ("bn", "-")):
-            rs = [results[_name(net, lr, s)] for s in cfg["seeds"] if _name(net, lr, s) in results]
-            if rs:
-                st, y = series_mean(rs)
-                ax.plot(st, y, ls, color=cmap(i / max(1, len(lrs) - 1)), lw=1.2,
-                        label=f"lr {lr:g}" if net == "bn" else None)
-    ax.set_title("(b) test accuracy (mean over seeds): BN solid, baseline dashed")
-    ax.set_xlabel("training steps")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
-    fig.suptitle(f"lr sweep: {cfg['arch']} {cfg['activation']} on {cfg['data']}, batch {cfg['batch_size']}, "
-                 f"{len(cfg['seeds'])} seed{'s' if len(cfg['seeds']) > 1 else ''}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"lr sweep: {cfg['arch']} {cfg['activation']} on {cfg['data']}, batch {cfg['batch_size']}, "
+             f"{seeds_text(cfg)}")
+    with saved_figure(path, 2, figsize=(12, 4.2), title=title) as (fig, axes):
+        ax = axes[0]
+        colors = {"baseline": "tab:gray", "bn": "tab:blue"}
+        labels = {"baseline": "without BN", "bn": f"with {cfg['norm']}"}
+        thr = float(cfg["threshold"])
+        for net, _ in NETS:
+            c = _curve(results, cfg, net)
+            lrs = sorted(c)
+            ax.plot(lrs, [c[lr][0] for lr in lrs], "-o", color=colors[net], label=labels[net])
+            for lr in lrs:
+                ax.scatter([lr] * len(c[lr][1]), c[lr][1], s=9, color=colors[net], alpha=0.4)
+        ax.axhline(thr, color="k", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_ylabel(f"final test accuracy after {cfg['steps']} steps")
+        ck = next(iter(summary["checks"].values()))
+        ax.set_title(f"(a) largest lr reaching {thr:.0%}: BN {ck['bn_largest_lr']}, "
+                     f"baseline {ck['baseline_largest_lr']}")
+        ax.set_ylim(0, 1)
+        style_axes([ax], "learning rate (log)", legend={"loc": "lower left"})
+        ax = axes[1]
+        cmap = plot_style().get_cmap("viridis")
+        lrs = [float(x) for x in cfg["lrs"]]
+        for i, lr in enumerate(lrs):
+            for net, ls in (("baseline", "--"), ("bn", "-")):
+                rs = [results[_name(net, lr, s)] for s in cfg["seeds"] if _name(net, lr, s) in results]
+                if rs:
+                    st, y = series_mean(rs)
+                    ax.plot(st, y, ls, color=cmap(i / max(1, len(lrs) - 1)), lw=1.2,
+                            label=f"lr {lr:g}" if net == "bn" else None)
+        ax.set_title("(b) test accuracy (mean over seeds): BN solid, baseline dashed")
+        ax.set_ylim(0, 1)
+        style_axes([ax], "training steps", legend={"fontsize": 7, "ncol": 3, "loc": "lower right"})

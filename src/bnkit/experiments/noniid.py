@@ -30,7 +30,10 @@ from typing import Dict, List
 
 import torch
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, present_arms, saved_figure, series_mean, style_axes,
+    with_checks,
+)
 from .train import RunConfig, RunExtension
 
 __all__ = ["DEFAULTS", "OPTIONS", "make_runs", "summarize", "plot", "validate", "ClassBatches", "class_batch",
@@ -171,56 +174,45 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
     control = acc.get("none non-iid")
     iid, bn, rn = acc["bn iid"], acc["bn non-iid"], acc["renorm non-iid"]
     drop = iid - bn
-    summary["checks"] = {
+    return with_checks(summary, {
         f"bn_noniid_drop_ge_{float(cfg['min_drop']):g}": check(
             drop >= float(cfg["min_drop"]), bn_iid=iid, bn_noniid=bn, drop=drop,
             bn_noniid_with_batch_statistics=bstat.get("bn non-iid"), no_norm_noniid=control, final_window=w),
         f"renorm_noniid_within_{float(cfg['max_gap']):g}_of_iid": check(
             iid - rn <= float(cfg["max_gap"]), bn_iid=iid, renorm_noniid=rn, gap=iid - rn,
             fraction_of_bn_drop_recovered=(rn - bn) / drop if drop > 0 else None),
-    }
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    }, cfg["threshold"])
 
 
 _COLORS = {"bn iid": "tab:blue", "bn non-iid": "tab:red", "renorm non-iid": "tab:orange", "none non-iid": "tab:gray"}
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
-    groups = by_arm(results)
-    ax = axes[0]
-    for arm, _, _ in ARMS:
-        rs = groups.get(arm, [])
-        if not rs:
-            continue
-        for r in rs:
-            ax.plot(r["steps"], r["test_acc"], color=_COLORS[arm], lw=0.6, alpha=0.5)
-        st, y = series_mean(rs)
-        ax.plot(st, y, color=_COLORS[arm], lw=1.8, label=arm)
-    ax.set_title("(a) test accuracy, eval mode (moving averages)")
-    ax.set_xlabel("training steps")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax = axes[1]
-    arms = [a for a, _, _ in ARMS if a in summary["accuracy"]]
-    xs = range(len(arms))
-    ax.bar(xs, [100 * summary["accuracy"][a] for a in arms], color=[_COLORS[a] for a in arms],
-           label="eval mode (moving averages)")
-    bs = summary["accuracy_with_noniid_batch_statistics"]
-    ax.scatter([i for i, a in enumerate(arms) if a in bs], [100 * bs[a] for a in arms if a in bs], marker="D",
-               color="k", zorder=3, label="train mode on non-i.i.d. test batches")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(arms)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"(b) final accuracy (mean of the last {cfg['final_window']} evaluations)")
-    ax.legend(fontsize=8, loc="lower right")
-    for a in axes:
-        a.grid(alpha=0.3)
-    fig.suptitle(f"non-i.i.d. batches ({cfg['classes_per_batch']} classes per batch of {cfg['batch_size']}): "
-                 f"{cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"non-i.i.d. batches ({cfg['classes_per_batch']} classes per batch of {cfg['batch_size']}): "
+             f"{cfg['arch']} on {cfg['data']}, {len(cfg['seeds'])} seed(s)")
+    with saved_figure(path, 2, figsize=(12, 4.2), title=title) as (fig, axes):
+        ax = axes[0]
+        for arm, rs in present_arms(results, [a for a, _, _ in ARMS]):
+            for r in rs:
+                ax.plot(r["steps"], r["test_acc"], color=_COLORS[arm], lw=0.6, alpha=0.5)
+            st, y = series_mean(rs)
+            ax.plot(st, y, color=_COLORS[arm], lw=1.8, label=arm)
+        ax.set_title("(a) test accuracy, eval mode (moving averages)")
+        ax.set_xlabel("training steps")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax = axes[1]
+        arms = [a for a, _, _ in ARMS if a in summary["accuracy"]]
+        xs = range(len(arms))
+        ax.bar(xs, [100 * summary["accuracy"][a] for a in arms], color=[_COLORS[a] for a in arms],
+               label="eval mode (moving averages)")
+        bs = summary["accuracy_with_noniid_batch_statistics"]
+        ax.scatter([i for i, a in enumerate(arms) if a in bs], [100 * bs[a] for a in arms if a in bs], marker="D",
+                   color="k", zorder=3, label="train mode on non-i.i.d. test batches")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(arms)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"(b) final accuracy (mean of the last {cfg['final_window']} evaluations)")
+        ax.legend(fontsize=8, loc="lower right")
+        style_axes(axes)

@@ -28,7 +28,9 @@ from typing import Dict, List
 
 import torch
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, make_run, mean, plot_style, saved_figure, style_axes, with_checks,
+)
 from .train import RunConfig, RunExtension, evaluate
 
 __all__ = ["DEFAULTS", "OPTIONS", "make_runs", "summarize", "plot", "PreciseEval", "instability"]
@@ -150,56 +152,49 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
         checks[f"precise_1000_within_{float(cfg['suffice_tol']):g}_of_{largest}"] = check(
             gap <= float(cfg["suffice_tol"]), mean_abs_difference=gap, precise_1000=acc["1000"],
             **{f"precise_{largest}": acc[largest]}, **({"precise_100": acc["100"]} if "100" in acc else {}))
-    summary["checks"] = checks
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    return with_checks(summary, checks, cfg["threshold"])
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
-    rs = by_arm(results)["bn"]
-    sizes = sorted((str(int(n)) for n in cfg["samples"]), key=int)
-    cmap = plt.get_cmap("viridis")
-    used = summary["samples_used"]
-    ax = axes[0]
-    for j, r in enumerate(rs):
-        ep = list(range(len(r["steps"])))
-        ax.plot(ep, r["test_acc"], "-", color="tab:red", lw=1.6 if j == 0 else 0.8,
-                label="EMA statistics" if j == 0 else None)
-        for i, k in enumerate(sizes):
-            ax.plot(ep, r["extra"][f"test_acc_precise_{k}"], "-", color=cmap(0.15 + 0.7 * i / max(1, len(sizes) - 1)),
-                    lw=1.4 if j == 0 else 0.7, label=f"PreciseBN, {used[k]} samples" if j == 0 else None)
-    ax.axvline(int(cfg["skip_epochs"]) + 0.5, color="k", lw=0.6, ls=":")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    lo = min(min(r["test_acc"][int(cfg["skip_epochs"]) + 1:]) for r in rs)
-    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.set_title("(a) test accuracy at every epoch (all seeds; checks right of the dotted line)")
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    keys = ["ema"] + sizes
-    labels = ["EMA"] + [f"{used[k]}" for k in sizes]
-    acc, unst = summary["mean_acc_after_skip"], summary["instability_after_skip"]
-    xs = range(len(keys))
-    ax.bar([x - 0.2 for x in xs], [100 * acc[k] for k in keys], width=0.4, color="tab:blue", label="mean accuracy (%)")
-    ax2 = ax.twinx()
-    ax2.bar([x + 0.2 for x in xs], [100 * unst[k] for k in keys], width=0.4, color="tab:orange",
-            label="mean |change| per epoch (points)")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels)
-    ax.set_xlabel("statistics: EMA, or PreciseBN from N samples")
-    ax.set_ylim(max(0, 100 * min(acc.values()) - 5), 100)
-    ax.set_ylabel("mean test accuracy (%)")
-    ax2.set_ylabel("mean |change| between epochs (points)")
-    ax.set_title("(b) accuracy and epoch-to-epoch instability")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
-    axes[0].grid(alpha=0.3)
-    fig.suptitle(f"PreciseBN vs EMA: {cfg['arch']} on {cfg['data']}, lr {cfg['lr']:g}, BN momentum "
-                 f"{cfg['bn_momentum']:g}, {len(cfg['seeds'])} seed(s)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    title = (f"PreciseBN vs EMA: {cfg['arch']} on {cfg['data']}, lr {cfg['lr']:g}, BN momentum "
+             f"{cfg['bn_momentum']:g}, {len(cfg['seeds'])} seed(s)")
+    with saved_figure(path, 2, figsize=(12, 4.2), title=title) as (fig, axes):
+        rs = by_arm(results)["bn"]
+        sizes = sorted((str(int(n)) for n in cfg["samples"]), key=int)
+        cmap = plot_style().get_cmap("viridis")
+        used = summary["samples_used"]
+        ax = axes[0]
+        for j, r in enumerate(rs):
+            ep = list(range(len(r["steps"])))
+            ax.plot(ep, r["test_acc"], "-", color="tab:red", lw=1.6 if j == 0 else 0.8,
+                    label="EMA statistics" if j == 0 else None)
+            for i, k in enumerate(sizes):
+                ax.plot(ep, r["extra"][f"test_acc_precise_{k}"], "-",
+                        color=cmap(0.15 + 0.7 * i / max(1, len(sizes) - 1)), lw=1.4 if j == 0 else 0.7,
+                        label=f"PreciseBN, {used[k]} samples" if j == 0 else None)
+        ax.axvline(int(cfg["skip_epochs"]) + 0.5, color="k", lw=0.6, ls=":")
+        ax.set_ylabel("test accuracy")
+        lo = min(min(r["test_acc"][int(cfg["skip_epochs"]) + 1:]) for r in rs)
+        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+        ax.set_title("(a) test accuracy at every epoch (all seeds; checks right of the dotted line)")
+        style_axes([ax], "epoch", legend={"fontsize": 7})
+        ax = axes[1]
+        keys = ["ema"] + sizes
+        labels = ["EMA"] + [f"{used[k]}" for k in sizes]
+        acc, unst = summary["mean_acc_after_skip"], summary["instability_after_skip"]
+        xs = range(len(keys))
+        ax.bar([x - 0.2 for x in xs], [100 * acc[k] for k in keys], width=0.4, color="tab:blue",
+               label="mean accuracy (%)")
+        ax2 = ax.twinx()
+        ax2.bar([x + 0.2 for x in xs], [100 * unst[k] for k in keys], width=0.4, color="tab:orange",
+                label="mean |change| per epoch (points)")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels)
+        ax.set_ylim(max(0, 100 * min(acc.values()) - 5), 100)
+        ax.set_ylabel("mean test accuracy (%)")
+        ax2.set_ylabel("mean |change| between epochs (points)")
+        ax.set_title("(b) accuracy and epoch-to-epoch instability")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        style_axes([ax], "statistics: EMA, or PreciseBN from N samples", legend={
+            "handles": h1 + h2, "labels": l1 + l2, "fontsize": 7, "loc": "lower right"})

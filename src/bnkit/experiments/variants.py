@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .claims import COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, plot_style, series_mean
+from .claims import (
+    COMMON_DEFAULTS, arm_summary, by_arm, check, fmt_key, make_run, saved_figure, series_mean, style_axes, with_checks,
+)
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "make_runs", "summarize", "plot", "BN_VARIANTS"]
@@ -93,9 +95,7 @@ def summarize(cfg: Dict, results: Dict[str, Dict]) -> Dict:
                 bool(per) and all(v is not None and (base is None or v < base) for v in per.values()),
                 none_steps=base, **{f"{n}_steps": v for n, v in per.items()})
     summary["ranking"] = ranking
-    summary["checks"] = checks
-    summary["threshold"] = float(cfg["threshold"])
-    return summary
+    return with_checks(summary, checks, cfg["threshold"])
 
 
 _COLORS = {"none": "tab:gray", "bn": "tab:blue", "bn-weight": "tab:cyan", "bn-all": "tab:olive",
@@ -103,37 +103,31 @@ _COLORS = {"none": "tab:gray", "bn": "tab:blue", "bn-weight": "tab:cyan", "bn-al
 
 
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
-    plt = plot_style()
     archs = list(cfg["archs"])
-    fig, axes = plt.subplots(1, len(archs) + 1, figsize=(5.2 * (len(archs) + 1), 4.2), dpi=110)
-    groups = by_arm(results)
-    for ax, arch in zip(axes, archs):
-        for n in cfg["norms"]:
-            rs = groups.get(f"{arch} {n}", [])
-            for r in rs:  # every seed thin, their mean bold
-                ax.plot(r["steps"], r["test_acc"], color=_COLORS.get(n), lw=0.5, alpha=0.35)
-            if rs:
-                st, y = series_mean(rs)
-                ax.plot(st, y, color=_COLORS.get(n), lw=1.8, label=n)
-        ax.axhline(float(cfg["threshold"]), color="k", lw=0.6, ls=":")
-        ax.set_ylim(0.5, 1.0)
-        ax.set_title(f"test accuracy, {arch} on {cfg['data']} (mean of {len(cfg['seeds'])} seeds bold)")
-        ax.set_xlabel("training steps")
-        ax.grid(alpha=0.3)
+    with saved_figure(path, len(archs) + 1, figsize=(5.2 * (len(archs) + 1), 4.2)) as (fig, axes):
+        groups = by_arm(results)
+        for ax, arch in zip(axes, archs):
+            for n in cfg["norms"]:
+                rs = groups.get(f"{arch} {n}", [])
+                for r in rs:  # every seed thin, their mean bold
+                    ax.plot(r["steps"], r["test_acc"], color=_COLORS.get(n), lw=0.5, alpha=0.35)
+                if rs:
+                    st, y = series_mean(rs)
+                    ax.plot(st, y, color=_COLORS.get(n), lw=1.8, label=n)
+            ax.axhline(float(cfg["threshold"]), color="k", lw=0.6, ls=":")
+            ax.set_ylim(0.5, 1.0)
+            ax.set_title(f"test accuracy, {arch} on {cfg['data']} (mean of {len(cfg['seeds'])} seeds bold)")
+            style_axes([ax], "training steps", legend={"fontsize": 8})
+        ax = axes[-1]
+        width = 0.8 / max(1, len(archs))
+        for i, arch in enumerate(archs):
+            vals = [summary["norm_params"][arch][n]["actual"] for n in cfg["norms"]]
+            xs = [k + i * width for k in range(len(cfg["norms"]))]
+            ax.bar(xs, [max(v, 0.5) for v in vals], width, label=arch)
+            for x, v in zip(xs, vals):
+                ax.text(x, max(v, 0.5), str(v), ha="center", va="bottom", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks([k + width * (len(archs) - 1) / 2 for k in range(len(cfg["norms"]))])
+        ax.set_xticklabels(cfg["norms"])
+        ax.set_title("normalization parameters")
         ax.legend(fontsize=8)
-    ax = axes[-1]
-    width = 0.8 / max(1, len(archs))
-    for i, arch in enumerate(archs):
-        vals = [summary["norm_params"][arch][n]["actual"] for n in cfg["norms"]]
-        xs = [k + i * width for k in range(len(cfg["norms"]))]
-        ax.bar(xs, [max(v, 0.5) for v in vals], width, label=arch)
-        for x, v in zip(xs, vals):
-            ax.text(x, max(v, 0.5), str(v), ha="center", va="bottom", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xticks([k + width * (len(archs) - 1) / 2 for k in range(len(cfg["norms"]))])
-    ax.set_xticklabels(cfg["norms"])
-    ax.set_title("normalization parameters")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

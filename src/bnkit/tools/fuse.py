@@ -46,26 +46,9 @@ from torch import Tensor, nn
 
 from .._warn import warn
 from .affine import Affine
-from .fuse_common import (  # noqa: F401 - re-exported
-    _affine,
-    _as_affine,
-    _axis,
-    _check_eval,
-    _Ctx,
-    _decide,
-    _is_foreign_frozen,
-    _join,
-    _Neighbour,
-    _tail,
-    _then_tail,
-    _try_affine,
-    _unknown,
-    _why,
-    is_bn,
-)
-from .fuse_fx import _fuse_fx, _LeafBNTracer, _node_affine, _trace  # noqa: F401 - re-exported
+from .fuse_common import _check_eval, _Ctx, _unknown, is_bn
 from .fuse_report import FusedPair, FuseReport, UnfusedBN
-from .fuse_sequential import _fuse_any, _fuse_sequential  # noqa: F401 - re-exported
+from .fuse_sequential import _fuse_any
 
 __all__ = ["Affine", "FuseReport", "FusedPair", "UnfusedBN", "fuse"]
 

@@ -26,22 +26,29 @@ __all__ = [
 ]
 
 
-def _set_tail(layer: nn.Module, act: nn.Module | None, drop: nn.Module | None) -> None:
-    layer.drop = nn.Identity() if drop is None else drop
-    layer.act = nn.Identity() if act is None else act
-    #: the children applied after the normalization, in order
-    layer.bn_tail = ("drop", "act")
+class _WithTail:
+    """Mixed in before a BN class: its ``drop`` and ``act`` children applied, in that order, after the
+    normalization (``y = act(drop(BN(x)))``; ``None``: ``nn.Identity``). The tools find them through
+    ``bn_tail``."""
+
+    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+        #: the children applied after the normalization, in order
+        self.bn_tail = ("drop", "act")
+
+    def forward(self, input: Tensor) -> Tensor:
+        y = super().forward(input)
+        for name in self.bn_tail:
+            child = self._modules.get(name)
+            if child is not None:
+                y = child(y)
+        return y
 
 
-def _run_tail(layer: nn.Module, y: Tensor) -> Tensor:
-    for name in layer.bn_tail:
-        child = layer._modules.get(name)
-        if child is not None:
-            y = child(y)
-    return y
-
-
-class BatchNormAct(BatchNorm):
+class BatchNormAct(_WithTail, BatchNorm):
     r""":class:`bnkit.BatchNorm` followed by ``drop`` and ``act``: ``y = act(drop(BN(x)))``.
 
     Args:
@@ -55,33 +62,17 @@ class BatchNormAct(BatchNorm):
         torch.Size([4, 8, 5, 5])
     """
 
-    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        _set_tail(self, act, drop)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return _run_tail(self, super().forward(input))
-
 
 BatchNormAct1d, BatchNormAct2d, BatchNormAct3d = specialize(BatchNormAct)
 
 
-class FrozenBatchNormAct(FrozenBatchNorm):
+class FrozenBatchNormAct(_WithTail, FrozenBatchNorm):
     r""":class:`bnkit.FrozenBatchNorm` followed by ``drop`` and ``act`` (timm's ``FrozenBatchNormAct2d``).
 
     Args:
         num_features, *args, **kwargs: those of :class:`bnkit.FrozenBatchNorm`.
         act, drop: as for :class:`BatchNormAct`.
     """
-
-    def __init__(self, num_features: int, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        _set_tail(self, act, drop)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return _run_tail(self, super().forward(input))
 
 
 FrozenBatchNormAct1d, FrozenBatchNormAct2d, FrozenBatchNormAct3d = specialize(FrozenBatchNormAct)

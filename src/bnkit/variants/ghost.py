@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels, stats
+from .._layer_support import document_bn_arguments
 from ..engine import call_spec, canonical_mask, canonical_view, check_mask, per_channel, running_update
 from ..family import specialize
 from ..functional import batch_norm_core
@@ -154,6 +155,7 @@ def masked_ghost_batch_norm(
     return y, stats.Moments(sum(counts), merged.mean, merged.m2)
 
 
+@document_bn_arguments
 class GhostBatchNorm(BatchNorm):
     r"""Ghost Batch Normalization (Hoffer, Hubara & Soudry 2017).
 
@@ -171,20 +173,10 @@ class GhostBatchNorm(BatchNorm):
     ``virtual_batch_size >= N`` it is exactly BatchNorm.
 
     Args:
-        num_features: ``C``, the number of features along ``axis``.
+        {BatchNorm: num_features}
         virtual_batch_size: the samples per virtual batch (a positive int,
             default 32).
-        eps: added to the variance before the square root (``> 0``).
-        momentum: the weight of the batch statistics in the running averages
-            (``None``: the cumulative average).
-        affine: learn a per-feature ``weight`` and ``bias``.
-        track_running_stats: keep running statistics and use them in eval.
-        device: where the parameters and buffers are created.
-        dtype: the dtype of the parameters and buffers.
-        bias: with ``affine``, also learn ``bias``.
-        axis: the feature axis (``-1`` for channels-last data).
-        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+        {BatchNorm: eps, momentum, affine, track_running_stats, device, dtype, bias, axis, share_affine, nonfinite}
 
     Shape:
         - Input: any rank with the batch on dim 0 and ``C`` features along

@@ -8,6 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .._layer_support import document_bn_arguments
 from ..engine import batch_norm_module_call, fold, masked_module_call, per_channel
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int
@@ -36,6 +37,7 @@ def check_site(layer: nn.Module, site: Any) -> int:
     return site
 
 
+@document_bn_arguments
 class SharedBatchNorm(BatchNorm):
     r"""One BN used at ``sites`` places of a network, called as ``bn(x, site=i)``.
 
@@ -53,21 +55,12 @@ class SharedBatchNorm(BatchNorm):
     ``site`` may be omitted when ``sites == 1`` or ``share_stats=True``.
 
     Args:
-        num_features: ``C``, the number of features along ``axis``.
+        {BatchNorm: num_features}
         sites: the number of places the layer is used at (``>= 1``).
-        eps: added to the variance before the square root (``> 0``).
-        momentum: the weight of the batch statistics in the running averages
-            (``None``: the cumulative average).
-        affine: learn a per-feature ``weight`` and ``bias``.
-        track_running_stats: keep running statistics and use them in eval.
-        device: where the parameters and buffers are created.
-        dtype: the dtype of the parameters and buffers.
+        {BatchNorm: eps, momentum, affine, track_running_stats, device, dtype}
         share_stats: one set of running statistics for all sites instead of
             one per site.
-        bias: with ``affine``, also learn ``bias``.
-        axis: the feature axis (``-1`` for channels-last data).
-        share_affine: ``"none"``, ``"weight"`` or ``"all"``, as in `bnkit.BatchNorm`.
-        nonfinite: ``"skip"``, ``"raise"`` or ``"propagate"``, as in `bnkit.BatchNorm`.
+        {BatchNorm: bias, axis, share_affine, nonfinite}
 
     Shape:
         - Input: any rank with ``C`` features along ``axis``, as `bnkit.BatchNorm`;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -10,10 +11,10 @@ from torch._C import _functorch
 from torch._functorch import pyfunctorch as _pyfunctorch
 
 from . import kernels, stats
-from .engine import CallSpec, running_update
-from .kernels import aten_graph
+from .engine import CallSpec, _empty_batch, running_update
+from .kernels import aten_graph, torch_ops
 
-__all__ = ["graph_path"]
+__all__ = ["graph_path", "masked_graph_path", "tensor_running_update"]
 
 
 def graph_path(
@@ -94,14 +95,67 @@ def _transformed_running_update(
         if _functorch.peek_interpreter_stack() is None and not kernels.transform_active():
             running_update(spec, running_mean, running_var, nbt, mean, var, count)
             return
-        if count == 0:
-            if nbt is not None:
-                nbt.add_(1)
-            return
-        if spec.momentum is None and nbt is None:
-            raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
-        valid = torch.isfinite(var.amax()) if spec.check_finite else None
-        if nbt is not None:
-            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
-        factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.clamp_min(1).double()
-        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
+        if not _empty_batch(spec, nbt, count):
+            tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count)
+
+
+def tensor_running_update(
+    spec: CallSpec, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor, var: Tensor,
+    count: int | Tensor
+) -> None:
+    """:func:`running_update`'s tensor-op form: no host synchronisation, so no graph break.
+
+    Used by traces, captured graphs, ``"skip"`` on accelerators and
+    ``torch.func`` transforms, after :func:`bnkit.engine._empty_batch` (an
+    ``int`` count is not 0 here). The non-finite policy is one flag computed
+    once, ``finite = max(var) < inf`` (a batch's statistics are finite exactly
+    when its variance is, and a variance is never ``-inf``, so this is
+    ``isfinite`` in two ops): it gates the ``num_batches_tracked`` increment
+    and, by one ``torch.where`` per buffer, the update (``"raise"`` acts as
+    ``"skip"``). ``momentum=None``: the factor is ``1 / num_batches_tracked``
+    on the tensor, after the increment (where the increment was skipped, the
+    where discards whatever it gives).
+
+    A 0-d ``count`` tensor (a masked batch's valid count): a batch of 0 or 1
+    valid entries writes no statistics (0 is counted, as an empty batch;
+    eager mode raises for 1), and Bessel's factor ``n / (n - 1)`` is computed
+    on the tensor, in float64 then cast, as :func:`bnkit.stats.unbiased_variance`'s.
+    """
+    finite = var.amax() < math.inf if spec.check_finite else None
+    if nbt is not None:
+        nbt.add_(1 if finite is None else finite)
+    keep = finite
+    if isinstance(count, Tensor):
+        several = count > 1
+        keep = several if keep is None else keep & several
+        var = var.detach() * (count.double() / (count - 1).double()).to(var.dtype)
+        count = 1  # the variance is unbiased already (Bessel's factor for one value is 1)
+    factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.double()
+    stats.update_running_stats(running_mean, running_var, mean, var, count, factor, keep)
+
+
+def masked_graph_path(
+    spec: CallSpec, x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+) -> Tensor:
+    """The masked training phases while a graph is captured, on the canonical view: ``y3``.
+
+    The valid count stays a 0-d tensor (``int(mask.sum())`` would be a host
+    synchronisation, a graph break under ``torch.compile``): the portable
+    masked forward (:func:`bnkit.kernels.torch_ops.masked_forward_train`,
+    the same arithmetic as eager) and :func:`running_update`'s tensor form
+    take it as it is. An all-padding batch is an empty batch (``bias``
+    everywhere, counted, no update). One valid entry raises a
+    ``RuntimeError`` on CPU (``torch._assert_async``, before anything is
+    written); on an accelerator, where a device-side assert would end the
+    process's device context, it writes no statistics instead.
+    """
+    count = m2.sum()
+    if x3.is_cpu:
+        torch._assert_async(
+            count != 1, f"{spec.name}: Expected more than 1 value per channel when training, got 1 valid entry"
+        )
+    y3, mean, var = torch_ops.masked_forward_train(x3, m2, weight, bias, spec.eps, count)
+    if running_mean is not None:
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return y3

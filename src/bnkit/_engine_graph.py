@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from . import kernels, stats
 from .engine import CallSpec, _empty_batch, running_update
 from .kernels import aten_graph, torch_ops
 
-__all__ = ["graph_path", "masked_graph_path", "tensor_running_update"]
+__all__ = ["at_buffer_level", "graph_path", "masked_graph_path", "tensor_running_update", "transform_left"]
 
 
 def graph_path(
@@ -73,6 +74,31 @@ def _transformed_running_update(
     update runs (the same op as outside transforms, so the same bits).
     """
     buffers = [t for t in (running_mean, running_var, nbt) if t is not None]
+    with at_buffer_level(spec.name, buffers, (mean, var)) as (mean, var):
+        if not transform_left():
+            running_update(spec, running_mean, running_var, nbt, mean, var, count)
+        elif not _empty_batch(spec, nbt, count):
+            tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count)
+
+
+def transform_left() -> bool:
+    """Whether a ``torch.func`` transform or a forward-AD level is still active (inside :func:`at_buffer_level`)."""
+    return _functorch.peek_interpreter_stack() is not None or kernels.transform_active()
+
+
+@contextlib.contextmanager
+def at_buffer_level(where: str, buffers: list[Tensor], values: tuple[Tensor, ...]) -> Iterator[tuple[Tensor, ...]]:
+    """Leave the ``torch.func`` levels above ``buffers``' own for their in-place update; yields ``values``' primal values.
+
+    ``grad``/``jvp`` levels: ``values`` are unwrapped to their primal values
+    (detached: forward AD's tangent is dropped too). ``vmap`` levels: allowed
+    only where no value is batched there (the same for every mapped sample);
+    otherwise a ``RuntimeError`` names the ways out, before anything is
+    written. The levels are re-entered on exit. Inside, :func:`transform_left`
+    says whether the ordinary eager update may run (nothing left) or a
+    tensor form is needed (buffers batched at their own vmap level: stacked
+    per-model buffers).
+    """
     level = max(_functorch.maybe_get_level(t) for t in buffers)
     with contextlib.ExitStack() as outer:
         while (interpreter := _functorch.peek_interpreter_stack()) is not None and interpreter.level() > level:
@@ -80,23 +106,18 @@ def _transformed_running_update(
             if key not in (_functorch.TransformType.Vmap, _functorch.TransformType.Grad, _functorch.TransformType.Jvp):
                 break  # (functionalize: the mutation is its business)
             if key == _functorch.TransformType.Vmap:
-                if any(_functorch.maybe_get_level(s) >= top for s in (mean, var)):
+                if any(_functorch.maybe_get_level(v) >= top for v in values):
                     raise RuntimeError(
-                        f"{spec.name}: under torch.func.vmap in training mode, the batch statistics differ per "
+                        f"{where}: under torch.func.vmap in training mode, the batch statistics differ per "
                         "mapped sample but the running statistics are unbatched buffers updated in place. Use "
                         "bnkit.functional.batch_norm_step (pure: returns the new state), stack per-model buffers "
                         "with torch.func.stack_module_state + functional_call, set track_running_stats=False, "
                         "or use eval mode; the running statistics are unchanged"
                     )
             else:  # a grad or jvp level: keep the primal values
-                mean, var = (_functorch._unwrap_for_grad(s, top) for s in (mean, var))
+                values = tuple(_functorch._unwrap_for_grad(v, top) for v in values)
             outer.enter_context(_pyfunctorch.temporarily_pop_interpreter_stack())
-        mean, var = mean.detach(), var.detach()  # (forward AD: detach drops the tangent)
-        if _functorch.peek_interpreter_stack() is None and not kernels.transform_active():
-            running_update(spec, running_mean, running_var, nbt, mean, var, count)
-            return
-        if not _empty_batch(spec, nbt, count):
-            tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count)
+        yield tuple(v.detach() for v in values)  # (forward AD: detach drops the tangent)
 
 
 def tensor_running_update(

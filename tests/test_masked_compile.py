@@ -205,6 +205,23 @@ def test_compiled_masked_eval_and_channels_last_equal_eager():
         torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)
 
 
+def test_compiled_masked_shared_batch_norm_equals_eager():
+    # Per-site statistics: the update writes into a row of the [sites, C] buffers, in the graph.
+    torch.manual_seed(0)
+    layer = bnkit.SharedBatchNorm(4, sites=2, momentum=None)
+    eager = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    for step, (x, mask) in enumerate(_masked_batches()):
+        torch.testing.assert_close(
+            compiled(x, site=step % 2, mask=mask), eager(x, site=step % 2, mask=mask), rtol=1e-5, atol=1e-4,
+            equal_nan=True,
+        )
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)
+    assert layer.num_batches_tracked.tolist() == [2, 2]
+
+
 def test_portable_masked_gradients_ignore_nonfinite_padding():
     # The portable masked forward (the compiled path's, and the "torch" backend's) against the C++ kernels:
     # NaN/Inf in the padding reaches neither the statistics nor any gradient but the padding's own.

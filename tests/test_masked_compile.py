@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import bnkit
@@ -125,6 +127,30 @@ def test_compiled_masked_training_equals_eager(backend, momentum):
     for k, v in layer.state_dict().items():
         torch.testing.assert_close(v, eager_state[k], rtol=1e-6, atol=1e-6, msg=k)
     assert int(layer.num_batches_tracked) == 4  # the all-padding batch is counted, as an empty batch
+
+
+_PROPERTY = {}
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.lists(st.booleans(), min_size=15, max_size=15), seed=st.integers(0, 2**16))
+def test_compiled_masked_step_equals_eager_for_any_mask(bits, seed):
+    # One compiled graph (same shapes) for every mask: any number of valid entries, decided in the graph.
+    if not _PROPERTY:
+        torch._dynamo.reset()
+        _PROPERTY["layer"] = layer = _layer(None)
+        _PROPERTY["compiled"] = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    layer, compiled = _PROPERTY["layer"], _PROPERTY["compiled"]
+    eager = copy.deepcopy(layer)
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed)) * 2
+    mask = torch.tensor(bits).view(3, 5)
+    if int(mask.sum()) == 1:
+        with pytest.raises(RuntimeError, match="more than 1 value"):
+            compiled(x, mask=mask)
+        return
+    torch.testing.assert_close(compiled(x, mask=mask), eager(x, mask=mask), rtol=1e-5, atol=1e-4)
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)
 
 
 def test_compiled_masked_training_equals_torch_bn_on_the_valid_entries():

@@ -142,7 +142,7 @@ def tensor_running_update(
     eager mode raises for 1), and Bessel's factor ``n / (n - 1)`` is computed
     on the tensor, in float64 then cast, as :func:`bnkit.stats.unbiased_variance`'s.
     """
-    finite = var.amax() < math.inf if spec.check_finite else None
+    finite = var.max() < math.inf if spec.check_finite else None
     if nbt is not None:
         nbt.add_(1 if finite is None else finite)
     keep = finite

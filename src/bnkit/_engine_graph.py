@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -10,10 +12,10 @@ from torch._C import _functorch
 from torch._functorch import pyfunctorch as _pyfunctorch
 
 from . import kernels, stats
-from .engine import CallSpec, running_update
-from .kernels import aten_graph
+from .engine import CallSpec, _empty_batch, running_update
+from .kernels import aten_graph, torch_ops
 
-__all__ = ["graph_path"]
+__all__ = ["at_buffer_level", "graph_path", "masked_graph_path", "tensor_running_update", "transform_left"]
 
 
 def graph_path(
@@ -72,6 +74,31 @@ def _transformed_running_update(
     update runs (the same op as outside transforms, so the same bits).
     """
     buffers = [t for t in (running_mean, running_var, nbt) if t is not None]
+    with at_buffer_level(spec.name, buffers, (mean, var)) as (mean, var):
+        if not transform_left():
+            running_update(spec, running_mean, running_var, nbt, mean, var, count)
+        elif not _empty_batch(spec, nbt, count):
+            tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count)
+
+
+def transform_left() -> bool:
+    """Whether a ``torch.func`` transform or a forward-AD level is still active (inside :func:`at_buffer_level`)."""
+    return _functorch.peek_interpreter_stack() is not None or kernels.transform_active()
+
+
+@contextlib.contextmanager
+def at_buffer_level(where: str, buffers: list[Tensor], values: tuple[Tensor, ...]) -> Iterator[tuple[Tensor, ...]]:
+    """Leave the ``torch.func`` levels above ``buffers``' own for their in-place update; yields ``values``' primal values.
+
+    ``grad``/``jvp`` levels: ``values`` are unwrapped to their primal values
+    (detached: forward AD's tangent is dropped too). ``vmap`` levels: allowed
+    only where no value is batched there (the same for every mapped sample);
+    otherwise a ``RuntimeError`` names the ways out, before anything is
+    written. The levels are re-entered on exit. Inside, :func:`transform_left`
+    says whether the ordinary eager update may run (nothing left) or a
+    tensor form is needed (buffers batched at their own vmap level: stacked
+    per-model buffers).
+    """
     level = max(_functorch.maybe_get_level(t) for t in buffers)
     with contextlib.ExitStack() as outer:
         while (interpreter := _functorch.peek_interpreter_stack()) is not None and interpreter.level() > level:
@@ -79,29 +106,77 @@ def _transformed_running_update(
             if key not in (_functorch.TransformType.Vmap, _functorch.TransformType.Grad, _functorch.TransformType.Jvp):
                 break  # (functionalize: the mutation is its business)
             if key == _functorch.TransformType.Vmap:
-                if any(_functorch.maybe_get_level(s) >= top for s in (mean, var)):
+                if any(_functorch.maybe_get_level(v) >= top for v in values):
                     raise RuntimeError(
-                        f"{spec.name}: under torch.func.vmap in training mode, the batch statistics differ per "
+                        f"{where}: under torch.func.vmap in training mode, the batch statistics differ per "
                         "mapped sample but the running statistics are unbatched buffers updated in place. Use "
                         "bnkit.functional.batch_norm_step (pure: returns the new state), stack per-model buffers "
                         "with torch.func.stack_module_state + functional_call, set track_running_stats=False, "
                         "or use eval mode; the running statistics are unchanged"
                     )
             else:  # a grad or jvp level: keep the primal values
-                mean, var = (_functorch._unwrap_for_grad(s, top) for s in (mean, var))
+                values = tuple(_functorch._unwrap_for_grad(v, top) for v in values)
             outer.enter_context(_pyfunctorch.temporarily_pop_interpreter_stack())
-        mean, var = mean.detach(), var.detach()  # (forward AD: detach drops the tangent)
-        if _functorch.peek_interpreter_stack() is None and not kernels.transform_active():
-            running_update(spec, running_mean, running_var, nbt, mean, var, count)
-            return
-        if count == 0:
-            if nbt is not None:
-                nbt.add_(1)
-            return
-        if spec.momentum is None and nbt is None:
-            raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
-        valid = torch.isfinite(var.amax()) if spec.check_finite else None
-        if nbt is not None:
-            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
-        factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.clamp_min(1).double()
-        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
+        yield tuple(v.detach() for v in values)  # (forward AD: detach drops the tangent)
+
+
+def tensor_running_update(
+    spec: CallSpec, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor, var: Tensor,
+    count: int | Tensor
+) -> None:
+    """:func:`running_update`'s tensor-op form: no host synchronisation, so no graph break.
+
+    Used by traces, captured graphs, ``"skip"`` on accelerators and
+    ``torch.func`` transforms, after :func:`bnkit.engine._empty_batch` (an
+    ``int`` count is not 0 here). The non-finite policy is one flag computed
+    once, ``finite = max(var) < inf`` (a batch's statistics are finite exactly
+    when its variance is, and a variance is never ``-inf``, so this is
+    ``isfinite`` in two ops): it gates the ``num_batches_tracked`` increment
+    and, by one ``torch.where`` per buffer, the update (``"raise"`` acts as
+    ``"skip"``). ``momentum=None``: the factor is ``1 / num_batches_tracked``
+    on the tensor, after the increment (where the increment was skipped, the
+    where discards whatever it gives).
+
+    A 0-d ``count`` tensor (a masked batch's valid count): a batch of 0 or 1
+    valid entries writes no statistics (0 is counted, as an empty batch;
+    eager mode raises for 1), and Bessel's factor ``n / (n - 1)`` is computed
+    on the tensor, in float64 then cast, as :func:`bnkit.stats.unbiased_variance`'s.
+    """
+    finite = var.max() < math.inf if spec.check_finite else None
+    if nbt is not None:
+        nbt.add_(1 if finite is None else finite)
+    keep = finite
+    if isinstance(count, Tensor):
+        several = count > 1
+        keep = several if keep is None else keep & several
+        var = var.detach() * (count.double() / (count - 1).double()).to(var.dtype)
+        count = 1  # the variance is unbiased already (Bessel's factor for one value is 1)
+    factor = spec.momentum if spec.momentum is not None else 1.0 / nbt.double()
+    stats.update_running_stats(running_mean, running_var, mean, var, count, factor, keep)
+
+
+def masked_graph_path(
+    spec: CallSpec, x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+) -> Tensor:
+    """The masked training phases while a graph is captured, on the canonical view: ``y3``.
+
+    The valid count stays a 0-d tensor (``int(mask.sum())`` would be a host
+    synchronisation, a graph break under ``torch.compile``): the portable
+    masked forward (:func:`bnkit.kernels.torch_ops.masked_forward_train`,
+    the same arithmetic as eager) and :func:`running_update`'s tensor form
+    take it as it is. An all-padding batch is an empty batch (``bias``
+    everywhere, counted, no update). One valid entry raises a
+    ``RuntimeError`` on CPU (``torch._assert_async``, before anything is
+    written); on an accelerator, where a device-side assert would end the
+    process's device context, it writes no statistics instead.
+    """
+    count = m2.sum()
+    if x3.is_cpu:
+        torch._assert_async(
+            count != 1, f"{spec.name}: Expected more than 1 value per channel when training, got 1 valid entry"
+        )
+    y3, mean, var = torch_ops.masked_forward_train(x3, m2, weight, bias, spec.eps, count)
+    if running_mean is not None:
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return y3

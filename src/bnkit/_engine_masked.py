@@ -6,8 +6,10 @@ from torch import Tensor
 
 from . import kernels
 from ._engine_checks import _check_param, check_input, check_mask
+from ._engine_graph import masked_graph_path
 from ._engine_views import canonical_mask, canonical_view, per_channel
 from .engine import CallSpec, _general, running_update
+from .kernels import aten_graph
 
 __all__ = ["masked_module_call"]
 
@@ -56,15 +58,18 @@ def _masked_general(
         raise ValueError(f"{where}: eps must be positive during training, got {eps}")
     x3, restore = canonical_view(input, axis)
     m2 = canonical_mask(mask, x3)
+    weight_c, bias_c = per_channel(weight, channels), per_channel(bias, channels)
+    if aten_graph.capturing():  # the valid count stays a tensor: no host synchronisation
+        return restore(masked_graph_path(
+            spec, x3, m2, weight_c, bias_c, running_mean, running_var, num_batches_tracked
+        ))
     count = int(m2.sum())
     if count == 1:
         raise ValueError(
             f"{where}: Expected more than 1 value per channel when training, got 1 valid entry "
             f"(input size {input.size()})"
         )
-    y3, mean, var = kernels.masked_train_forward(
-        x3, m2, per_channel(weight, channels), per_channel(bias, channels), eps, count
-    )
+    y3, mean, var = kernels.masked_train_forward(x3, m2, weight_c, bias_c, eps, count)
     if running_mean is not None:
         running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
     return restore(y3)

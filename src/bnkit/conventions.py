@@ -36,6 +36,16 @@ A batch with non-finite statistics follows the layer's ``nonfinite`` policy
 as in the torch convention (checked before anything changes). The Keras
 convention runs the general (not the fused C++) training path with one extra
 moments pass over the input.
+
+Under ``torch.func`` transforms (``grad``, ``jvp``, ``vmap``, through
+``functional_call``) and forward-mode AD the moving averages are updated as
+the torch convention's running statistics are: once per call, at the
+buffers' own level with the statistics' primal values (a ``vmap`` over
+samples with unbatched buffers raises, nothing changed; stacked per-model
+buffers are updated per model). Under ``torch.compile`` and for stacked
+buffers the update is in tensor ops (``torch.where`` for the non-finite
+policy, where ``"raise"`` acts as ``"skip"``; ``1 / num_batches_tracked`` on
+the tensor for ``momentum=None``).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
+from ._engine_graph import at_buffer_level, transform_left
 from .engine import in_recompute
 from .errors import ChannelMismatchError
 from .functional import batch_norm_core, canonical_view
@@ -119,6 +130,67 @@ def _keras_average_(moving: Tensor, value: Tensor, factor: float) -> None:
     moving.sub_((moving - value.to(moving.dtype)) * factor)
 
 
+def _deferred(layer: nn.Module) -> bool:
+    """Whether the non-finite decision waits for the update (transforms, graph capture: no host check here)."""
+    return kernels.transform_active() or torch.compiler.is_compiling()
+
+
+def _update(layer: nn.Module, averages: dict[str, Tensor], finite: bool | None) -> None:
+    """The moving averages ``buffer <- buffer - (buffer - value) * factor`` for each ``buffer name: batch value``.
+
+    ``finite``: the eager non-finite decision, or ``None`` where it was
+    deferred (:func:`_deferred`), to be taken on the values here. After them,
+    a renorm layer's ``running_var`` is derived from its ``running_std``.
+    """
+    if finite is False or in_recompute():  # (checkpointing's recompute: updated once already)
+        return
+    if finite is None and kernels.transform_active():
+        buffers = [layer.num_batches_tracked, layer.running_var, *(getattr(layer, n) for n in averages)]
+        with at_buffer_level(layer._describe(), buffers, tuple(averages.values())) as values:
+            values = dict(zip(averages, values))
+            if transform_left():  # stacked per-model buffers: per model, in tensor ops
+                _tensor_update(layer, values)
+            elif _finite(layer, *values.values()):
+                _update(layer, values, True)
+        return
+    if finite is None:  # a captured graph
+        _tensor_update(layer, averages)
+        return
+    with torch.no_grad():
+        factor = _factor(layer)
+        for name, value in averages.items():
+            _keras_average_(getattr(layer, name), value, factor)
+        if "running_std" in averages:
+            layer.running_var.copy_(_renorm_variance(layer))
+
+
+def _renorm_variance(layer: nn.Module) -> Tensor:
+    """The variance a Keras renorm layer evaluates with: ``max(running_std**2 - eps, 0)``."""
+    std = layer.running_std
+    return torch.relu(std * std - layer.eps)
+
+
+def _tensor_update(layer: nn.Module, averages: dict[str, Tensor]) -> None:
+    """:func:`_update` without a host synchronisation: the policy by one ``torch.where`` per buffer, a tensor factor."""
+    with torch.no_grad():
+        finite = None
+        if layer.nonfinite != "propagate":  # ("raise" acts as "skip": no host check)
+            finite = torch.stack([torch.isfinite(v).all() for v in averages.values()]).all()
+        nbt = layer.num_batches_tracked
+        nbt.add_(1 if finite is None else finite)
+        factor = layer.momentum if layer.momentum is not None else 1.0 / nbt.double()
+        targets = [(getattr(layer, name), value) for name, value in averages.items()]
+        if "running_std" in averages:
+            targets.append((layer.running_var, None))
+        for moving, value in targets:
+            if value is None:  # (after running_std's update)
+                new = _renorm_variance(layer)
+            else:
+                f = factor.to(moving.dtype) if isinstance(factor, Tensor) else factor
+                new = moving - (moving - value.to(moving.dtype)) * f
+            moving.copy_(new if finite is None else torch.where(finite, new, moving))
+
+
 def _normalize(layer: nn.Module, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     # Batch statistics only (no buffers): the core's normalization, autograd and kernels.
     return batch_norm_core(input, None, None, weight, bias, True, layer.momentum, layer.eps, axis=layer.axis,
@@ -134,15 +206,11 @@ def keras_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
                                num_batches_tracked=layer.num_batches_tracked, where=layer._describe())
     x3, _ = prepared
     with torch.no_grad():
-        mean_b, var_b = kernels.moments(x3)  # biased variance
-        update = _finite(layer, mean_b, var_b)
+        mean_b, var_b = (t.detach() for t in kernels.moments(x3))  # biased variance; (detach: no forward-AD tangent)
+        finite = None if _deferred(layer) else _finite(layer, mean_b, var_b)
     c = layer.num_features
     y = _normalize(layer, input, _per_channel(layer.weight, c), _per_channel(layer.bias, c))
-    if update and not in_recompute():  # checkpointing's recompute: updated once already
-        with torch.no_grad():
-            factor = _factor(layer)
-            _keras_average_(layer.running_mean, mean_b, factor)
-            _keras_average_(layer.running_var, var_b, factor)
+    _update(layer, {"running_mean": mean_b, "running_var": var_b}, finite)
     return y
 
 
@@ -154,8 +222,8 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
     x3, _ = prepared
     if layer.running_std is None:  # e.g. rebuilt by unfreeze, which keeps mean and variance only
         layer.running_std = torch.sqrt(layer.running_var + layer.eps)
-    with torch.no_grad():
-        mean_b, var_b = kernels.moments(x3)
+    with torch.no_grad():  # r and d are constants (Keras' stop_gradient), for forward-mode AD too: detach
+        mean_b, var_b = (t.detach() for t in kernels.moments(x3))
         acc = mean_b.dtype
         sigma_b = torch.sqrt(var_b + layer.eps)
         sigma = torch.clamp_min(layer.running_std.to(acc), math.sqrt(layer.eps))
@@ -165,7 +233,7 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
         d_max_t = torch.as_tensor(d_max, dtype=acc, device=x3.device)
         r = torch.clamp(sigma_b / sigma, min=1.0 / r_max_t, max=r_max_t)
         d = torch.clamp((mean_b - mu) / sigma, min=-d_max_t, max=d_max_t)
-        update = _finite(layer, mean_b, var_b)
+        finite = None if _deferred(layer) else _finite(layer, mean_b, var_b)
     c = layer.num_features
     weight, bias = _per_channel(layer.weight, c), _per_channel(layer.bias, c)
     # gamma * (xhat * r + d) + beta == xhat * (gamma * r) + (gamma * d + beta)
@@ -174,11 +242,6 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
     if bias is not None:
         b_eff = b_eff + bias
     y = _normalize(layer, input, w_eff, b_eff)
-    if update and not in_recompute():  # checkpointing's recompute: updated once already
-        with torch.no_grad():
-            factor = _factor(layer)
-            _keras_average_(layer.running_mean, mean_b, factor)
-            _keras_average_(layer.running_std, sigma_b, factor)
-            std = layer.running_std
-            layer.running_var.copy_(torch.relu(std * std - layer.eps))
+    # (sigma_B is finite exactly when var_B is: the same decision on the averaged values)
+    _update(layer, {"running_mean": mean_b, "running_std": sigma_b}, finite)
     return y

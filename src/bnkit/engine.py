@@ -205,7 +205,7 @@ def running_update(
     num_batches_tracked: Tensor | None,
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: int | Tensor,
     *,
     checked: bool = False,
 ) -> None:
@@ -221,7 +221,8 @@ def running_update(
     synchronisation. A checkpointing recompute (:func:`in_recompute`) writes
     nothing; an installed hook (:func:`set_running_update_hook`) may take the
     update over. ``checked``: the caller (the fused op) has applied the
-    non-finite policy to these statistics already.
+    non-finite policy to these statistics already. A 0-d ``count`` tensor
+    (a masked batch's valid count in a captured graph) takes the tensor form.
     """
     if in_recompute() or (_UPDATE_HOOK is not None and _offer_to_hook(
         spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked
@@ -231,13 +232,8 @@ def running_update(
     if kernels.transform_active():
         _transformed_running_update(spec, running_mean, running_var, nbt, mean, var, count)
         return
-    if count == 0:
-        # An empty batch has no statistics; torch still counts it.
-        if nbt is not None:
-            nbt.add_(1)
+    if _empty_batch(spec, nbt, count):
         return
-    if momentum is None and nbt is None:
-        raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
     if _fused_update_ok(running_mean, running_var, nbt, mean):
         if not torch.ops.bnkit.running_update_(
             running_mean, running_var, nbt, mean, var, spec.fused_momentum, count, spec.check_finite
@@ -246,14 +242,9 @@ def running_update(
         return
     check = spec.check_finite
     tracing = torch.jit.is_tracing() or aten_graph.capturing()
-    if tracing or (check and nonfinite == "skip" and mean.device.type != "cpu"):
-        # A trace or a captured graph records tensor ops only: "raise" acts as "skip" there (no host check),
-        # and the cumulative-average factor is a tensor (no .item(): compile(fullgraph=True) works).
-        valid = torch.isfinite(var.max()) if check else None
-        if nbt is not None:
-            nbt.add_(1 if valid is None else valid.to(nbt.dtype))
-        factor = momentum if momentum is not None else 1.0 / nbt.clamp_min(1).double()
-        stats.update_running_stats(running_mean, running_var, mean, var, count, factor, valid)
+    if tracing or (check and nonfinite == "skip" and mean.device.type != "cpu") or isinstance(count, Tensor):
+        # A trace or a captured graph records tensor ops only: "raise" acts as "skip" there (no host check).
+        tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count)
         return
     if check and var.numel() and not math.isfinite(var.max().item()):
         _reject_nonfinite(spec.name, nonfinite)
@@ -262,6 +253,23 @@ def running_update(
         nbt.add_(1)
     n = int(nbt) if momentum is None else 0
     stats.update_running_stats(running_mean, running_var, mean, var, count, stats.running_average_factor(momentum, n))
+
+
+def _empty_batch(spec: CallSpec, nbt: Tensor | None, count: int | Tensor) -> bool:
+    """The running update's start: whether the batch is empty (``count == 0``), which torch still counts.
+
+    An empty batch has no statistics (nothing else happens); otherwise a
+    cumulative average (``momentum=None``) needs ``num_batches_tracked``. A
+    count tensor (a masked batch in a captured graph) is never taken as
+    empty here: the tensor form leaves its update out by ``torch.where``.
+    """
+    if not isinstance(count, Tensor) and count == 0:
+        if nbt is not None:
+            nbt.add_(1)
+        return True
+    if spec.momentum is None and nbt is None:
+        raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+    return False
 
 
 def _offer_to_hook(
@@ -422,5 +430,5 @@ def _general(
 # imported last, once everything they take from here is defined.
 from . import _engine_device  # noqa: E402
 from ._engine_domain import check_domain, domain_module_call  # noqa: E402
-from ._engine_graph import _transformed_running_update, graph_path  # noqa: E402
+from ._engine_graph import _transformed_running_update, graph_path, tensor_running_update  # noqa: E402
 from ._engine_masked import masked_module_call  # noqa: E402

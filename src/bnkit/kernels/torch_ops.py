@@ -140,29 +140,43 @@ def masked_moments(x3: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return mean, _valid(xa - _per_channel(mean), m2).square().sum(dim=_DIMS) / denom
 
 
+def _fill(bias: Tensor | None, channels: int, acc: torch.dtype, device: torch.device) -> Tensor:
+    """An all-padding batch's output per channel: ``bias`` (0 without), held constant."""
+    return torch.zeros(channels, dtype=acc, device=device) if bias is None else bias.detach().to(acc)
+
+
 def masked_forward_train(
-    x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, count: int
+    x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, count: int | Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Masked training BN as differentiable torch ops: ``(y3, mean, biased_var)``.
 
     Valid entries: BN over the valid entries. Padded entries: the same affine
     map with the statistics, weight and bias held constant, so their output
     gradients reach their own input only (``dx = dy * weight * invstd``). An
-    all-padding batch (``count == 0``) gives ``bias`` (0 without) everywhere
-    and no gradient. Autograd through these ops is the exact (double) backward.
+    all-padding batch (``count == 0``) gives ``bias`` (0 without) everywhere,
+    zero statistics and a zero gradient. Autograd through these ops is the
+    exact (double) backward.
+
+    ``count`` may be a 0-d integer tensor (the valid count kept on the device,
+    as in a captured graph, which cannot branch on it): the same arithmetic,
+    the empty batch chosen by ``torch.where`` instead of a branch.
     """
     acc = accumulation_dtype(x3.dtype)
     xa = x3.to(acc)
     valid = m2.unsqueeze(1)
-    if count == 0:
+    empty = None
+    if isinstance(count, Tensor):
+        empty, count = count == 0, count.clamp_min(1)  # (an empty batch: sums of nothing over 1, i.e. 0)
+    elif count == 0:
         zeros = torch.zeros(x3.shape[1], dtype=acc, device=x3.device)
-        fill = zeros if bias is None else bias.detach().to(acc)
         # where() keeps the graph (a zero gradient) without computing anything from the padding.
-        y = torch.where(valid, xa, _per_channel(fill))
+        y = torch.where(valid, xa, _per_channel(_fill(bias, x3.shape[1], acc, x3.device)))
         return y.to(x3.dtype), zeros, zeros.clone()
     mean = _valid(xa, m2).sum(dim=_DIMS) / count
-    centred = xa - _per_channel(mean)
-    var = _valid(centred, m2).square().sum(dim=_DIMS) / count
+    # The padding is selected away before it meets the statistics' graph: a NaN/Inf there times a zero
+    # gradient would otherwise reach the gradients of the statistics, weight and every valid input.
+    centred = _valid(xa - _per_channel(mean), m2)
+    var = centred.square().sum(dim=_DIMS) / count
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(acc)
@@ -172,6 +186,8 @@ def masked_forward_train(
         b = _per_channel(bias.to(acc))
         y_valid = y_valid + b
         y_pad = y_pad + b.detach()
+    if empty is not None:  # every entry is padding: bias, held constant (no gradient to the input)
+        y_pad = torch.where(empty, _per_channel(_fill(bias, x3.shape[1], acc, x3.device)), y_pad)
     y = torch.where(valid, y_valid, y_pad)
     return y.to(x3.dtype), mean.detach(), var.detach()
 

@@ -58,12 +58,12 @@ using OptT = std::optional<Tensor>;
 // kernels check it in kernels.cpp / kernels_backward.cpp).  Symbolic sizes:
 // the Meta kernels also serve dynamic shapes.
 
-// A fresh contiguous tensor of x3's shape and dtype (an x3-shaped output).
+// A fresh contiguous tensor of x3's shape and dtype (an x3-shaped output;
+// on CPU without empty_like's extra dispatch, which small inputs notice).
 Tensor like_x3(const Tensor& x3, bool meta, const char* op) {
-  if (meta) {
-    TORCH_CHECK(
-        x3.dim() == 3, "bnkit::", op, ": expected x3 to be the 3-D view (outer, C, inner), got ", x3.dim(), " dims");
-  }
+  if (!meta) return at::empty(x3.sizes(), x3.options().memory_format(at::MemoryFormat::Contiguous));
+  TORCH_CHECK(
+      x3.dim() == 3, "bnkit::", op, ": expected x3 to be the 3-D view (outer, C, inner), got ", x3.dim(), " dims");
   return at::empty_like(x3, at::MemoryFormat::Contiguous);
 }
 

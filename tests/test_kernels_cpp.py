@@ -490,3 +490,58 @@ def test_cache_dependent_defaults_follow_the_l2_size():
     assert block == 0
     with pytest.raises(RuntimeError, match="unknown knob"):
         ops._tune("no_such_knob", 1)
+
+
+def _meta_and_cpu_calls(dtype):
+    """(name, call) for every op with a Meta kernel; call(to) runs it on inputs moved by `to`."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 4, generator=g, dtype=torch.float64).to(dtype)
+    gy = torch.randn(6, 5, 4, generator=g, dtype=torch.float64).to(dtype)
+    w, b = torch.rand(5, generator=g, dtype=acc) + 0.5, torch.randn(5, generator=g, dtype=acc)
+    mean, var = torch.randn(5, generator=g, dtype=acc), torch.rand(5, generator=g, dtype=acc) + 0.5
+    m2 = torch.rand(6, 4, generator=g) > 0.3
+    dom = torch.tensor([0, 2, 1])
+    dmean, dvar = torch.randn(3, 5, generator=g, dtype=acc), torch.rand(3, 5, generator=g, dtype=acc) + 0.5
+    return [
+        ("batch_norm_train", lambda t: ops.batch_norm_train(t(x), t(w), t(b), 1e-5)),
+        ("batch_norm_eval", lambda t: ops.batch_norm_eval(t(x), t(w), t(b))),
+        ("batch_norm_infer", lambda t: ops.batch_norm_infer(t(x), t(mean), t(var), t(w), None, 1e-5)),
+        ("moments", lambda t: ops.moments(t(x))),
+        ("batch_norm_backward", lambda t: ops.batch_norm_backward(t(gy), t(x), t(mean), t(var), t(w), 1e-5)),
+        ("batch_norm_eval_backward", lambda t: ops.batch_norm_eval_backward(t(gy), t(x), t(w))),
+        ("batch_norm_backward_apply",
+         lambda t: ops.batch_norm_backward_apply(t(gy), t(x), t(mean), t(var), None, t(b), t(w), 24, 1e-5)),
+        ("masked_moments", lambda t: ops.masked_moments(t(x), t(m2))),
+        ("masked_train", lambda t: ops.masked_train(t(x), t(m2), t(w), None, 1e-5)),
+        ("masked_backward", lambda t: ops.masked_backward(t(gy), t(x), t(m2), t(mean), t(var), t(w), 1e-5)),
+        ("domain_train", lambda t: ops.domain_train(t(x), t(dom), 2, 3, None, None, 1e-5)),
+        ("domain_backward", lambda t: ops.domain_backward(t(gy), t(x), t(dom), 2, t(dmean), t(dvar), None, 1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_meta_kernels_describe_the_cpu_outputs(dtype):
+    """Every op's Meta kernel (what torch.compile / torch.export trace) gives the CPU kernel's
+    output shapes, dtypes and strides, for a non-contiguous input too."""
+    for name, call in _meta_and_cpu_calls(dtype):
+        for to_cpu in (lambda a: a, lambda a: a.transpose(0, -1).contiguous().transpose(0, -1) if a.dim() == 3 else a):
+            cpu = call(to_cpu)
+            meta = call(lambda a, to_cpu=to_cpu: to_cpu(a).to("meta"))
+            cpu, meta = (cpu, meta) if isinstance(cpu, tuple) else ((cpu,), (meta,))
+            assert len(meta) == len(cpu), name
+            for c, m in zip(cpu, meta):
+                assert m.device.type == "meta", name
+                assert (m.shape, m.dtype, m.stride()) == (c.shape, c.dtype, c.stride()), name
+
+
+def test_meta_kernels_check_the_view():
+    """A Meta kernel rejects what the CPU kernel rejects for the 3-D view, with the op's name."""
+    x2 = torch.randn(4, 3)
+    for to in ("cpu", "meta"):
+        with pytest.raises(RuntimeError, match="bnkit::batch_norm_train: expected x3 to be the 3-D view"):
+            ops.batch_norm_train(x2.to(to), None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="bnkit::batch_norm_backward: .*3-D view"):
+            ops.batch_norm_backward(x2.to(to), x2.to(to), torch.ones(3).to(to), torch.ones(3).to(to), None, 1e-5)
+        with pytest.raises(RuntimeError, match="bnkit::masked_train: expected the canonical 3-D view"):
+            ops.masked_train(x2.to(to), torch.ones(4, 3, dtype=torch.bool).to(to), None, None, 1e-5)

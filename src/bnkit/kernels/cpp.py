@@ -51,13 +51,14 @@ SOURCES = (
     "masked.cpp",
     "domain.cpp",
     "kernels.cpp",
+    "kernels_backward.cpp",
     "cpu_config.cpp",
     "rowkernels_default.cpp",
     "rowkernels_avx2.cpp",
     "rowkernels_avx512.cpp",
     "rowkernels_avx512bf16.cpp",
 )
-HEADERS = ("bnkit_kernels.h", "layout.h", "rowkernels.h", "rowkernels_impl.h")
+HEADERS = ("bnkit_kernels.h", "drivers.h", "layout.h", "op_def.h", "rowkernels.h", "rowkernels_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG")
 
 # torch's FileBaton in the build folder, and our own lock file beside it.

@@ -85,19 +85,19 @@ Tensor empty_in(const Tensor& x, Layout l) {
   return at::empty(x.sizes(), x.options().memory_format(fmt));
 }
 
-bool defined(const std::optional<Tensor>& t) {
-  return t.has_value() && t->defined();
-}
-
 bool is_half(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf;
 }
 
-// A per-channel tensor the kernels read as is (absent is fine).
-bool per_channel_ok(const std::optional<Tensor>& t, at::ScalarType acc, int64_t C) {
-  if (!defined(t)) return true;
-  return t->scalar_type() == acc && t->dim() == 1 && t->size(0) == C && t->is_contiguous() &&
-      t->layout() == at::kStrided;
+// Per-channel tensors the kernels read as they are (absent ones are fine).
+template <typename... Opts>
+bool per_channel_ok(at::ScalarType acc, int64_t C, const Opts&... ts) {
+  auto ok = [&](const std::optional<Tensor>& t) {
+    return !present(t) ||
+        (t->scalar_type() == acc && t->dim() == 1 && t->size(0) == C && t->is_contiguous() &&
+         t->layout() == at::kStrided);
+  };
+  return (ok(ts) && ...);
 }
 
 // The input checks shared by the forward and the backward; kNone: not served.
@@ -111,15 +111,12 @@ Layout served_input(const Tensor& x) {
 
 std::atomic<int64_t> g_counts[4];
 
+using OptT = std::optional<Tensor>;
+
+// aten::native_batch_norm's CPU kernel while on.
 std::tuple<Tensor, Tensor, Tensor> native_batch_norm_kernel(
-    const Tensor& input,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var,
-    bool training,
-    double momentum,
-    double eps) {
+    const Tensor& input, const OptT& weight, const OptT& bias, const OptT& running_mean, const OptT& running_var,
+    bool training, double momentum, double eps) {
   const auto aten = [&] {
     g_counts[1].fetch_add(1, std::memory_order_relaxed);
     return at::native::batch_norm_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps);
@@ -129,14 +126,12 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_kernel(
   const auto dt = input.scalar_type();
   const auto acc = acc_dtype(dt);
   const int64_t C = input.size(1);
-  const bool track = defined(running_mean);
-  if (track != defined(running_var) || (!training && !track)) return aten();
+  const bool track = present(running_mean);
+  if (track != present(running_var) || (!training && !track)) return aten();
   // Half inputs are served with float32 parameters/statistics only (ATen's
   // mixed type: statistics in float32); pure half models go to ATen.
-  if (is_half(dt) && !defined(weight) && !defined(bias) && !track) return aten();
-  if (!per_channel_ok(weight, acc, C) || !per_channel_ok(bias, acc, C) || !per_channel_ok(running_mean, acc, C) ||
-      !per_channel_ok(running_var, acc, C))
-    return aten();
+  if (is_half(dt) && !present(weight) && !present(bias) && !track) return aten();
+  if (!per_channel_ok(acc, C, weight, bias, running_mean, running_var)) return aten();
   if (!(eps > 0) || !std::isfinite(eps) || !std::isfinite(momentum)) return aten();
   const int64_t count = input.numel() / C;
   if (training && count <= 1) return aten();
@@ -145,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_kernel(
   RECORD_FUNCTION("bnkit::accelerated_batch_norm", std::vector<c10::IValue>());
   Tensor out = empty_in(input, layout);
   const Tensor x3 = view3(input, layout);
-  const Tensor y3 = layout == kLast ? out.movedim(1, -1).view({-1, C, 1}) : out.view({input.size(0), C, -1});
+  const Tensor y3 = view3(out, layout); // a view: out is in that layout
   if (!training) {
     batch_norm_infer_into(x3, y3, *running_mean, *running_var, weight, bias, eps);
     const auto opts = input.options().dtype(acc);
@@ -166,16 +161,10 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_kernel(
   return {out, mean, invstd};
 }
 
+// aten::native_batch_norm_backward's CPU kernel while on.
 std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
-    const Tensor& grad_out,
-    const Tensor& input,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var,
-    const std::optional<Tensor>& save_mean,
-    const std::optional<Tensor>& save_invstd,
-    bool train,
-    double eps,
+    const Tensor& grad_out, const Tensor& input, const OptT& weight, const OptT& running_mean,
+    const OptT& running_var, const OptT& save_mean, const OptT& save_invstd, bool train, double eps,
     std::array<bool, 3> mask) {
   const auto aten = [&] {
     g_counts[3].fetch_add(1, std::memory_order_relaxed);
@@ -183,16 +172,15 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, mask);
   };
   const Layout layout = served_input(input);
-  if (layout == kNone || !train || !defined(save_mean) || !defined(save_invstd)) return aten();
+  if (layout == kNone || !train || !present(save_mean) || !present(save_invstd)) return aten();
   const auto dt = input.scalar_type();
   const auto acc = acc_dtype(dt);
   const int64_t C = input.size(1);
   if (!grad_out.defined() || grad_out.layout() != at::kStrided || !grad_out.device().is_cpu() ||
       grad_out.scalar_type() != dt || grad_out.sizes() != input.sizes())
     return aten();
-  if (!per_channel_ok(weight, acc, C) || !per_channel_ok(save_mean, acc, C) || !per_channel_ok(save_invstd, acc, C))
-    return aten();
-  if (mask[1] && !defined(weight)) return aten();
+  if (!per_channel_ok(acc, C, weight, save_mean, save_invstd)) return aten();
+  if (mask[1] && !present(weight)) return aten();
   if (!(eps > 0) || !std::isfinite(eps)) return aten();
   if (!mask[0] && !mask[1] && !mask[2]) return aten();
 
@@ -209,9 +197,8 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
     }
   });
   Tensor dx = empty_in(input, layout);
-  const Tensor dx3 = layout == kLast ? dx.movedim(1, -1).view({-1, C, 1}) : dx.view({input.size(0), C, -1});
-  auto [dw, db] =
-      batch_norm_backward_into(view3(grad_out, layout), view3(input, layout), *save_mean, var, weight, eps, dx3);
+  auto [dw, db] = batch_norm_backward_into(
+      view3(grad_out, layout), view3(input, layout), *save_mean, var, weight, eps, view3(dx, layout));
   return {mask[0] ? dx : Tensor(), mask[1] ? dw : Tensor(), mask[2] ? db : Tensor()};
 }
 

@@ -6,7 +6,8 @@
 // computes the same gradient with differentiable ATen ops instead,
 // recomputing the statistics from x3 so that their dependence on x3 is on the
 // graph.  Kept apart from ops.cpp so the two heavy header sets compile in
-// parallel.
+// parallel.  The Autograd kernels (and the composite running-statistics ops,
+// which bump the buffers' version counters) are registered here, at the end.
 #include "bnkit_kernels.h"
 #include "layout.h"
 
@@ -16,6 +17,7 @@
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
 
 namespace bnkit {
 namespace {
@@ -23,6 +25,7 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using OptT = std::optional<Tensor>;
 
 using TrainSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, double);
@@ -53,8 +56,25 @@ BNKIT_OP_HANDLE(backward_op, BackwardSig, "batch_norm_backward")
 BNKIT_OP_HANDLE(eval_backward_op, EvalBackwardSig, "batch_norm_eval_backward")
 #undef BNKIT_OP_HANDLE
 
-std::optional<Tensor> opt(const Tensor& t) {
-  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+// An op's call below autograd (its CPU or Meta kernel): the Functions'
+// forwards and fused backwards, and the calls that need no graph node.
+template <typename Sig, typename... Args>
+auto below_autograd(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
+bool requires_grad(const Tensor& t) {
+  return t.requires_grad();
+}
+bool requires_grad(const OptT& t) {
+  return present(t) && t->requires_grad();
+}
+
+// Whether a call records a graph node: grad mode on and an input requiring grad.
+template <typename... Ts>
+bool needs_graph(const Ts&... inputs) {
+  return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
 }
 
 Tensor per_channel(const Tensor& t) {
@@ -73,12 +93,7 @@ Tensor per_channel(const Tensor& t) {
 class TrainFn : public torch::autograd::Function<TrainFn> {
  public:
   static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& x,
-      const std::optional<Tensor>& weight,
-      const std::optional<Tensor>& bias,
-      double eps,
-      int64_t axis,
+      AutogradContext* ctx, const Tensor& x, const OptT& weight, const OptT& bias, double eps, int64_t axis,
       bool layer) {
     const Layout layout = layer ? layout_of(x, axis) : kContiguous;
     Tensor y, mean, var;
@@ -86,15 +101,14 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
       y = empty_in_layout(x, layout);
       std::tie(mean, var) = batch_norm_train_into(view3(x, axis, layout), view3(y, axis, layout), weight, bias, eps);
     } else {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(y, mean, var) = train_op().call(x, weight, bias, eps);
+      std::tie(y, mean, var) = below_autograd(train_op(), x, weight, bias, eps);
     }
-    ctx->save_for_backward({x, weight.has_value() ? *weight : Tensor(), mean, var});
+    ctx->save_for_backward({x, or_undefined(weight), mean, var});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["layout"] = static_cast<int64_t>(layout);
     ctx->saved_data["layer"] = layer;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = present(bias);
     ctx->mark_non_differentiable({mean, var});
     ctx->set_materialize_grads(false); // mean and var get no gradient: no zeros for them
     return {y, mean, var};
@@ -128,8 +142,7 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
       std::tie(dw, db) = batch_norm_backward_into(
           view3(gy, axis, layout), view3(x, axis, layout), saved[2], saved[3], opt(w), eps, view3(dx, axis, layout));
     } else {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dw, db) = backward_op().call(gy, x, saved[2], saved[3], opt(w), eps);
+      std::tie(dx, dw, db) = below_autograd(backward_op(), gy, x, saved[2], saved[3], opt(w), eps);
     }
     return {
         ctx->needs_input_grad(0) ? dx : Tensor(),
@@ -144,21 +157,13 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
 class EvalFn : public torch::autograd::Function<EvalFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x3, const Tensor& scale, const Tensor& shift) {
-    Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      y = eval_op().call(x3, scale, shift);
-    }
     ctx->save_for_backward({x3, scale, shift});
-    return {y};
+    return {below_autograd(eval_op(), x3, scale, shift)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const Tensor& scale = saved[1];
-    const Tensor& shift = saved[2];
-    const Tensor& gy = grads[0];
+    const Tensor &x = saved[0], &scale = saved[1], &shift = saved[2], &gy = grads[0];
     if (!gy.defined()) return {Tensor(), Tensor(), Tensor()};
     Tensor dx, dscale, dshift;
     const bool need_params = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
@@ -169,8 +174,7 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
       if (ctx->needs_input_grad(1)) dscale = (g * x.to(acc)).sum({0, 2});
       if (ctx->needs_input_grad(2)) dshift = g.sum({0, 2});
     } else {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(dx, dscale, dshift) = eval_backward_op().call(gy, x, scale);
+      std::tie(dx, dscale, dshift) = below_autograd(eval_backward_op(), gy, x, scale);
     }
     return {
         ctx->needs_input_grad(0) ? dx : Tensor(),
@@ -184,34 +188,20 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
 class InferFn : public torch::autograd::Function<InferFn> {
  public:
   static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& x3,
-      const Tensor& mean,
-      const Tensor& var,
-      const std::optional<Tensor>& weight,
-      const std::optional<Tensor>& bias,
-      double eps) {
-    Tensor y;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      y = infer_op().call(x3, mean, var, weight, bias, eps);
-    }
-    const Tensor w = weight.has_value() ? *weight : Tensor();
-    ctx->save_for_backward({x3, mean, var, w});
+      AutogradContext* ctx, const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight,
+      const OptT& bias, double eps) {
+    Tensor y = below_autograd(infer_op(), x3, mean, var, weight, bias, eps);
+    ctx->save_for_backward({x3, mean, var, or_undefined(weight)});
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["has_bias"] = present(bias);
     return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const Tensor& mean = saved[1];
-    const Tensor& var = saved[2];
-    const Tensor& w = saved[3];
+    const Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &w = saved[3], &gy = grads[0];
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const Tensor& gy = grads[0];
     const int n_in = 6;
     variable_list out(n_in);
     if (!gy.defined()) return out;
@@ -239,11 +229,7 @@ class InferFn : public torch::autograd::Function<InferFn> {
 class MomentsFn : public torch::autograd::Function<MomentsFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x3) {
-    Tensor mean, var;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(mean, var) = moments_op().call(x3);
-    }
+    auto [mean, var] = below_autograd(moments_op(), x3);
     ctx->save_for_backward({x3});
     return {mean, var};
   }
@@ -298,29 +284,25 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_composite(
   return {dx, dw, db};
 }
 
-std::tuple<Tensor, Tensor, Tensor> train_autograd(
-    const Tensor& x3,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    double eps) {
-  const bool needs_graph = at::GradMode::is_enabled() &&
-      (x3.requires_grad() || (weight.has_value() && weight->defined() && weight->requires_grad()) ||
-       (bias.has_value() && bias->defined() && bias->requires_grad()));
-  if (!needs_graph) { // inference / no_grad: skip the autograd Function machinery
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return train_op().call(x3, weight, bias, eps);
-  }
-  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false);
+std::tuple<Tensor, Tensor, Tensor> train_layer_autograd(
+    const Tensor& input, const OptT& weight, const OptT& bias, double eps, int64_t axis) {
+  auto out = TrainFn::apply(input, weight, bias, eps, axis, true);
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> train_layer_autograd(
-    const Tensor& input,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    double eps,
-    int64_t axis) {
-  auto out = TrainFn::apply(input, weight, bias, eps, axis, true);
+Tensor infer_autograd(
+    const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight, const OptT& bias, double eps) {
+  if (!needs_graph(x3, mean, var, weight, bias)) return below_autograd(infer_op(), x3, mean, var, weight, bias, eps);
+  return InferFn::apply(x3, mean, var, weight, bias, eps)[0];
+}
+
+namespace {
+
+// The Autograd kernels of the other forward ops.
+std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& x3, const OptT& weight, const OptT& bias, double eps) {
+  // inference / no_grad: skip the autograd Function machinery
+  if (!needs_graph(x3, weight, bias)) return below_autograd(train_op(), x3, weight, bias, eps);
+  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false);
   return {out[0], out[1], out[2]};
 }
 
@@ -328,34 +310,16 @@ Tensor eval_autograd(const Tensor& x3, const Tensor& scale, const Tensor& shift)
   return EvalFn::apply(x3, scale, shift)[0];
 }
 
-Tensor infer_autograd(
-    const Tensor& x3,
-    const Tensor& mean,
-    const Tensor& var,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    double eps) {
-  auto req = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
-  if (!at::GradMode::is_enabled() ||
-      !(x3.requires_grad() || mean.requires_grad() || var.requires_grad() || req(weight) || req(bias))) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return infer_op().call(x3, mean, var, weight, bias, eps);
-  }
-  return InferFn::apply(x3, mean, var, weight, bias, eps)[0];
-}
-
 std::tuple<Tensor, Tensor> moments_autograd(const Tensor& x3) {
   auto out = MomentsFn::apply(x3);
   return {out[0], out[1]};
 }
 
+// bnkit::update_running_stats_: update_running_stats_cpu plus the buffers'
+// version counters (the op has no autograd formula; the buffers must not
+// require grad).
 bool update_running_stats_inplace(
-    Tensor& running_mean,
-    Tensor& running_var,
-    const Tensor& mean,
-    const Tensor& var,
-    double factor,
-    int64_t count,
+    Tensor& running_mean, Tensor& running_var, const Tensor& mean, const Tensor& var, double factor, int64_t count,
     bool check_finite) {
   TORCH_CHECK(
       !running_mean.requires_grad() && !running_var.requires_grad(),
@@ -368,16 +332,12 @@ bool update_running_stats_inplace(
   return ok;
 }
 
+} // namespace
+
 bool running_update(
-    Tensor& running_mean,
-    Tensor& running_var,
-    const std::optional<Tensor>& num_batches_tracked,
-    const Tensor& mean,
-    const Tensor& var,
-    double momentum,
-    int64_t count,
-    bool check_finite) {
-  const Tensor nbt = num_batches_tracked.has_value() ? *num_batches_tracked : Tensor();
+    Tensor& running_mean, Tensor& running_var, const OptT& num_batches_tracked, const Tensor& mean,
+    const Tensor& var, double momentum, int64_t count, bool check_finite) {
+  const Tensor nbt = or_undefined(num_batches_tracked);
   TORCH_CHECK(
       !nbt.defined() || (nbt.device().is_cpu() && nbt.scalar_type() == at::kLong && nbt.numel() == 1),
       "bnkit::running_update_: num_batches_tracked must be a one-element int64 CPU tensor");
@@ -398,3 +358,15 @@ bool running_update(
 }
 
 } // namespace bnkit
+
+TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
+  m.impl("batch_norm_train", TORCH_FN(bnkit::train_autograd));
+  m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_autograd));
+  m.impl("batch_norm_infer", TORCH_FN(bnkit::infer_autograd));
+  m.impl("moments", TORCH_FN(bnkit::moments_autograd));
+}
+
+TORCH_LIBRARY_IMPL(bnkit, CompositeImplicitAutograd, m) {
+  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_inplace));
+  m.impl("running_update_", TORCH_FN(bnkit::running_update));
+}

@@ -23,108 +23,71 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether an optional tensor argument is given (present and defined).
+inline bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
+// An optional tensor argument as a tensor (undefined where absent), and back.
+inline at::Tensor or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // A gradient in the dtype of the tensor it is for (undefined stays undefined).
 inline at::Tensor cast_like(const at::Tensor& g, const at::Tensor& like) {
   if (!g.defined() || !like.defined() || g.scalar_type() == like.scalar_type()) return g;
   return g.to(like.scalar_type());
 }
 
-// (y3, mean, biased var); weight/bias may be undefined.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
-    const at::Tensor& x3,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
+// ---- kernels.cpp (forward) and kernels_backward.cpp: the CPU kernels of the
+// ops in ops.cpp (whose header comment gives each op's contract); the *_into
+// ones write into given contiguous outputs of x3's shape and dtype (possibly
+// views of a channels-last tensor).
 
-// The same, writing y3 into `y3` (a contiguous tensor of x3's shape and dtype,
-// possibly a view of a channels-last output); y3 undefined: statistics only.
-// Returns (mean, biased var).
+// Training forward: (mean, biased var); y3 undefined: statistics only.
 std::tuple<at::Tensor, at::Tensor> batch_norm_train_into(
-    const at::Tensor& x3,
-    const at::Tensor& y3,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
+    const at::Tensor& x3, const at::Tensor& y3, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps);
 
 // y3 = x3 * scale[c] + shift[c].
-at::Tensor batch_norm_eval_cpu(
-    const at::Tensor& x3,
-    const at::Tensor& scale,
-    const at::Tensor& shift);
+at::Tensor batch_norm_eval_cpu(const at::Tensor& x3, const at::Tensor& scale, const at::Tensor& shift);
 
 // Inference with given statistics:
 // y3 = (x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c].
-at::Tensor batch_norm_infer_cpu(
-    const at::Tensor& x3,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
-
 void batch_norm_infer_into(
-    const at::Tensor& x3,
-    const at::Tensor& y3,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
+    const at::Tensor& x3, const at::Tensor& y3, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps);
 
 // (mean, biased var).
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x3);
 
-// (grad_x3, grad_weight, grad_bias) of the training forward, from the saved
-// batch mean and biased var.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
-    const at::Tensor& grad_y3,
-    const at::Tensor& x3,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    const std::optional<at::Tensor>& weight,
-    double eps);
-
-// The same, writing grad_x3 into `dx3`; returns (grad_weight, grad_bias).
+// The training forward's backward from the saved batch mean and biased var:
+// grad_x3 into dx3; returns (grad_weight, grad_bias).
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_into(
-    const at::Tensor& grad_y3,
-    const at::Tensor& x3,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    const std::optional<at::Tensor>& weight,
-    double eps,
-    const at::Tensor& dx3);
+    const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, double eps, const at::Tensor& dx3);
 
 // (grad_x3, grad_scale, grad_shift) of the eval forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
-    const at::Tensor& grad_y3,
-    const at::Tensor& x3,
-    const at::Tensor& scale);
+    const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& scale);
 
 // In place: running = (1 - factor) * running + factor * batch, with the
 // unbiased batch variance (var * count / (count - 1)).  With check_finite,
 // nothing is written and false is returned when a batch statistic is NaN/Inf.
 bool update_running_stats_cpu(
-    at::Tensor& running_mean,
-    at::Tensor& running_var,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    double factor,
-    int64_t count,
-    bool check_finite);
+    at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean, const at::Tensor& var,
+    double factor, int64_t count, bool check_finite);
 
 // grad_x3 of the training forward from the backward's sums given by the
 // caller (sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) over `count` values,
 // e.g. all-reduced across ranks): the backward-apply phase.
 at::Tensor batch_norm_backward_apply_cpu(
-    const at::Tensor& grad_y3,
-    const at::Tensor& x3,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& sum_dy,
-    const at::Tensor& sum_dy_xhat,
-    int64_t count,
-    double eps);
+    const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat,
+    int64_t count, double eps);
 
 // ---- values shared with Python (read there once through bnkit::layer_constants) --
 // Status of bnkit::batch_norm_layer.
@@ -136,67 +99,36 @@ constexpr int64_t kRanksFrom2 = -4;
 // The momentum that asks for the cumulative average (momentum=None in Python).
 constexpr double kCumulativeMomentum = -1.0;
 
-// Autograd kernels of the forward ops (autograd.cpp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> train_autograd(
-    const at::Tensor& x3,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
-at::Tensor eval_autograd(const at::Tensor& x3, const at::Tensor& scale, const at::Tensor& shift);
+// ---- autograd.cpp (which also registers the forward ops' Autograd kernels)
+
+// bnkit::batch_norm_infer's Autograd kernel (inference with given statistics).
 at::Tensor infer_autograd(
-    const at::Tensor& x3,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps);
-std::tuple<at::Tensor, at::Tensor> moments_autograd(const at::Tensor& x3);
+    const at::Tensor& x3, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps);
 
 // The training forward of a layer on `input` in its own layout (feature dim
 // `axis`), as one autograd node: the one training Function of the C++
-// backend (train_autograd is it on x3 with axis 1).  Returns (y, mean, var).
+// backend (bnkit::batch_norm_train's Autograd kernel is it on x3 with axis 1).
+// Returns (y, mean, var).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_layer_autograd(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps,
-    int64_t axis);
-
-// bnkit::update_running_stats_: update_running_stats_cpu plus the buffers'
-// version counters (the op has no autograd formula; the buffers must not
-// require grad).
-bool update_running_stats_inplace(
-    at::Tensor& running_mean,
-    at::Tensor& running_var,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    double factor,
-    int64_t count,
-    bool check_finite);
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    double eps, int64_t axis);
 
 // bnkit::running_update_, the running-statistics phase of every layer call:
 // the factor (momentum, or 1 / (num_batches_tracked + 1) for the cumulative
-// average, momentum < 0), the update, and the num_batches_tracked increment
-// (also for an empty batch, count 0, which has no statistics to average).
-// Returns false, changing nothing, when check_finite finds NaN/Inf.
+// average, momentum < 0), the update (update_running_stats_cpu plus the
+// buffers' version counters), and the num_batches_tracked increment (also for
+// an empty batch, count 0, which has no statistics to average).  Returns
+// false, changing nothing, when check_finite finds NaN/Inf.
 bool running_update(
-    at::Tensor& running_mean,
-    at::Tensor& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked,
-    const at::Tensor& mean,
-    const at::Tensor& var,
-    double momentum,
-    int64_t count,
-    bool check_finite);
+    at::Tensor& running_mean, at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+    const at::Tensor& mean, const at::Tensor& var, double momentum, int64_t count, bool check_finite);
 
 // The differentiable (ATen ops) gradient of the training forward on the 3-D
 // view, with the statistics recomputed from x3 on the graph: the double
 // backward of every training op.  Returns (grad_x3, grad_weight, grad_bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward_composite(
-    const at::Tensor& grad_y3,
-    const at::Tensor& x3,
-    const at::Tensor& weight,
-    double eps);
+    const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& weight, double eps);
 
 // The fused layer call (layer.cpp): see ops.cpp for the schema.
 std::tuple<at::Tensor, int64_t> batch_norm_layer(

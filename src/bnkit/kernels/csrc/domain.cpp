@@ -19,13 +19,14 @@
 //       updated), 2: nothing is written when any present domain is non-finite.  Returns the number
 //       of domains left for non-finite statistics (mode 2: all present ones, or 0).
 //
-// The innermost loops are the row kernels of rowkernels.h (picked per instruction set); only
-// the per-row choice of the (domain, channel) arrays is new.  Sums are taken per (row, channel)
+// The innermost loops are the row kernels of rowkernels.h (picked per instruction set) and the
+// per-channel finishing steps those of the unmasked kernels (drivers.h); only the per-row choice
+// of the (domain, channel) arrays is new.  Sums are taken per (row, channel)
 // (NCHW-like layouts) or per task (channels-last) and combined in a fixed order: deterministic.
 // A domain without samples gets mean 0 and var 0 (never used).  The autograd wrapper is in
 // Python (bnkit.kernels.domain); each op has a Meta kernel.
-#include "bnkit_kernels.h"
-#include "rowkernels.h"
+#include "drivers.h"
+#include "op_def.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -44,9 +45,6 @@ namespace bnkit {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kRowsBlk = 256;  // channels-last rows summed in A before a double add
-constexpr int64_t kGrainValues = 32768;
 
 struct DomShape {
   int64_t O, C, I, N, R, D;
@@ -94,7 +92,7 @@ void domain_reduce2(const DomShape& s, const int64_t* dom, double* out_a, double
   if (O == 0 || C == 0 || I == 0) return;
   if (I > 1) {
     std::vector<double> pa(O * C, 0.0), pb(O * C, 0.0);
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / (C * I));
+    const int64_t grain = std::max<int64_t>(1, kGrain / (C * I));
     at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) span(o, pa.data() + o * C, pb.data() + o * C);
     });
@@ -111,7 +109,7 @@ void domain_reduce2(const DomShape& s, const int64_t* dom, double* out_a, double
     }
     return;
   }
-  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, O * C / kGrainValues));
+  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, O * C / kGrain));
   tasks = std::max<int64_t>(1, std::min(tasks, O));
   std::vector<double> pa(tasks * DC, 0.0), pb(tasks * DC, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
@@ -120,7 +118,7 @@ void domain_reduce2(const DomShape& s, const int64_t* dom, double* out_a, double
       const int64_t r0 = O * t / tasks, r1 = O * (t + 1) / tasks;
       for (int64_t rb = r0; rb < r1;) {
         const int64_t n = rb / R, d = dom[n];
-        const int64_t re = std::min({r1, (n + 1) * R, rb + kRowsBlk});  // one sample's rows, one block
+        const int64_t re = std::min({r1, (n + 1) * R, rb + kRows});  // one sample's rows, one block
         std::fill(sa.begin(), sa.end(), A(0));
         std::fill(sb.begin(), sb.end(), A(0));
         cl(rb, re, d, sa.data(), sb.data());
@@ -147,13 +145,13 @@ void domain_apply(const DomShape& s, const int64_t* dom, const Span& fn_span, co
   const int64_t O = s.O, C = s.C, I = s.I, R = s.R;
   if (O == 0 || C == 0 || I == 0) return;
   if (I > 1) {
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / (C * I));
+    const int64_t grain = std::max<int64_t>(1, kGrain / (C * I));
     at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) fn_span(o, dom[o / R]);
     });
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / C);
+  const int64_t grain = std::max<int64_t>(1, kGrain / C);
   at::parallel_for(0, O, grain, [&](int64_t r0, int64_t r1) {
     while (r0 < r1) {
       const int64_t n = r0 / R;
@@ -198,24 +196,21 @@ std::vector<A> domain_shifts(const T* x, const std::vector<int64_t>& dom, const 
   return K;
 }
 
-template <typename A>
-void split(double v, A& hi, A& lo) {
-  hi = static_cast<A>(v);
-  lo = static_cast<A>(v - static_cast<double>(hi));
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> domain_train_cpu(const Tensor& x3_in, const Tensor& dom_in, int64_t R,
-                                                            int64_t D, const c10::optional<Tensor>& weight,
-                                                            const c10::optional<Tensor>& bias, double eps) {
+// The ops' CPU kernels (kMeta false) and Meta kernels (kMeta true: outputs only).
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor, Tensor> domain_train(
+    const Tensor& x3_in, const Tensor& dom_in, int64_t R, int64_t D, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, double eps) {
   const char* op = "bnkit::domain_train";
   const DomShape s = check_args(x3_in, dom_in, R, D, op);
   const Tensor x3 = x3_in.contiguous();
-  const std::vector<int64_t> dom = domains_of(dom_in, D, op);
   const int64_t C = s.C, I = s.I, DC = D * C;
   const auto acc = acc_dtype(x3.scalar_type());
   Tensor mean = at::empty({D, C}, x3.options().dtype(acc)), var = at::empty({D, C}, x3.options().dtype(acc));
   Tensor count = at::empty({D}, x3.options().dtype(at::kLong));
   Tensor y3 = at::empty_like(x3);
+  if (kMeta) return {y3, mean, var, count};
+  const std::vector<int64_t> dom = domains_of(dom_in, D, op);
   const std::vector<int64_t> cnt = domain_counts(dom, s);
   std::copy(cnt.begin(), cnt.end(), count.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::domain", [&] {
@@ -233,26 +228,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> domain_train_cpu(const Tensor& x3_in,
         });
     const std::vector<A> w = param<A>(weight, DC, op), b = param<A>(bias, DC, op);
     std::vector<A> mhi(DC), mlo(DC), sc(DC), sh(DC);
-    A* pm = mean.data_ptr<A>();
-    A* pv = var.data_ptr<A>();
+    std::vector<double> mu(C), v(C);
     for (int64_t d = 0; d < D; ++d) {
-      const double M = static_cast<double>(cnt[d]);
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = d * C + c;
-        double mu = 0, v = 0;
-        if (cnt[d] > 0) {
-          const double dm = sum[i] / M;
-          mu = static_cast<double>(K[i]) + dm;
-          v = sumsq[i] / M - dm * dm;
-          v = v < 0.0 ? 0.0 : v;  // NaN stays NaN
-        }
-        pm[i] = static_cast<A>(mu);
-        pv[i] = static_cast<A>(v);
-        split<A>(mu, mhi[i], mlo[i]);
-        const double wi = w.empty() ? 1.0 : static_cast<double>(w[i]);
-        sc[i] = static_cast<A>(wi / std::sqrt(v + eps));
-        sh[i] = b.empty() ? A(0) : b[i];
+      // The finishing steps of the unmasked training forward, per domain (an
+      // empty domain: mean 0, var 0).
+      const int64_t p = d * C;
+      if (cnt[d] > 0) {
+        finish_moments(C, cnt[d], K.data() + p, sum.data() + p, sumsq.data() + p, mu.data(), v.data());
+      } else {
+        std::fill(mu.begin(), mu.end(), 0.0);
+        std::fill(v.begin(), v.end(), 0.0);
       }
+      train_params(
+          C, mu.data(), v.data(), w.empty() ? nullptr : w.data() + p, b.empty() ? nullptr : b.data() + p, eps,
+          mean.data_ptr<A>() + p, var.data_ptr<A>() + p, mhi.data() + p, mlo.data() + p, sc.data() + p,
+          sh.data() + p);
     }
     domain_apply(
         s, dom.data(),
@@ -269,10 +259,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> domain_train_cpu(const Tensor& x3_in,
   return {y3, mean, var, count};
 }
 
-std::tuple<Tensor, Tensor, Tensor> domain_backward_cpu(const Tensor& grad_in, const Tensor& x3_in,
-                                                       const Tensor& dom_in, int64_t R, const Tensor& mean_in,
-                                                       const Tensor& var_in, const c10::optional<Tensor>& weight,
-                                                       double eps) {
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor> domain_backward(
+    const Tensor& grad_in, const Tensor& x3_in, const Tensor& dom_in, int64_t R, const Tensor& mean_in,
+    const Tensor& var_in, const c10::optional<Tensor>& weight, double eps) {
   const char* op = "bnkit::domain_backward";
   const int64_t D = mean_in.dim() == 2 ? mean_in.size(0) : 0;
   TORCH_CHECK(D >= 1 && var_in.sizes() == mean_in.sizes() && mean_in.size(1) == x3_in.size(1), op,
@@ -280,12 +270,13 @@ std::tuple<Tensor, Tensor, Tensor> domain_backward_cpu(const Tensor& grad_in, co
   TORCH_CHECK(grad_in.sizes() == x3_in.sizes(), op, ": grad and input shapes differ");
   const DomShape s = check_args(x3_in, dom_in, R, D, op);
   const Tensor x3 = x3_in.contiguous();
-  const Tensor g3 = grad_in.to(x3.scalar_type()).contiguous();
-  const std::vector<int64_t> dom = domains_of(dom_in, D, op);
   const int64_t C = s.C, I = s.I, DC = D * C;
   const auto acc = acc_dtype(x3.scalar_type());
   Tensor sum_dy = at::empty({D, C}, x3.options().dtype(acc)), sum_dy_xhat = at::empty({D, C}, x3.options().dtype(acc));
   Tensor dx3 = at::empty_like(x3);
+  if (kMeta) return {dx3, sum_dy_xhat, sum_dy};
+  const Tensor g3 = grad_in.to(x3.scalar_type()).contiguous();
+  const std::vector<int64_t> dom = domains_of(dom_in, D, op);
   const std::vector<int64_t> cnt = domain_counts(dom, s);
   const Tensor mean_d = mean_in.to(at::kDouble).contiguous(), var_d = var_in.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::domain", [&] {
@@ -294,10 +285,9 @@ std::tuple<Tensor, Tensor, Tensor> domain_backward_cpu(const Tensor& grad_in, co
     const scalar_t* x = x3.data_ptr<scalar_t>();
     const scalar_t* g = g3.data_ptr<scalar_t>();
     scalar_t* dx = dx3.data_ptr<scalar_t>();
-    const double* pmd = mean_d.data_ptr<double>();
     const double* pvd = var_d.data_ptr<double>();
     std::vector<A> mhi(DC), mlo(DC);
-    for (int64_t i = 0; i < DC; ++i) split<A>(pmd[i], mhi[i], mlo[i]);
+    split_mean(DC, mean_d.data_ptr<double>(), mhi.data(), mlo.data());
     std::vector<double> sg(DC), sx(DC);
     domain_reduce2<A>(
         s, dom.data(), sg.data(), sx.data(),
@@ -311,20 +301,12 @@ std::tuple<Tensor, Tensor, Tensor> domain_backward_cpu(const Tensor& grad_in, co
         });
     const std::vector<A> w = param<A>(weight, DC, op);
     std::vector<A> k1(DC), k2(DC), k3(DC);
-    A* p_sdy = sum_dy.data_ptr<A>();
-    A* p_sdyx = sum_dy_xhat.data_ptr<A>();
-    for (int64_t d = 0; d < D; ++d) {
-      const double inv_m = 1.0 / static_cast<double>(std::max<int64_t>(cnt[d], 1));
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = d * C + c;
-        const double invstd = 1.0 / std::sqrt(pvd[i] + eps);
-        const double kk = (w.empty() ? 1.0 : static_cast<double>(w[i])) * invstd;
-        p_sdy[i] = static_cast<A>(sg[i]);
-        p_sdyx[i] = static_cast<A>(sx[i] * invstd);
-        k1[i] = static_cast<A>(kk);
-        k2[i] = static_cast<A>(kk * invstd * invstd * sx[i] * inv_m);
-        k3[i] = static_cast<A>(kk * sg[i] * inv_m);
-      }
+    for (int64_t d = 0; d < D; ++d) { // the unmasked backward's coefficients, per domain
+      const int64_t p = d * C;
+      backward_coefs(
+          C, std::max<int64_t>(cnt[d], 1), pvd + p, w.empty() ? nullptr : w.data() + p, sg.data() + p,
+          sx.data() + p, eps, sum_dy_xhat.data_ptr<A>() + p, sum_dy.data_ptr<A>() + p, k1.data() + p,
+          k2.data() + p, k3.data() + p);
     }
     domain_apply(
         s, dom.data(),
@@ -381,47 +363,20 @@ int64_t domain_running_update_cpu(Tensor& running_mean, Tensor& running_var,
   return skipped;
 }
 
-// ------------------------------------------------------------ meta kernels --
-std::tuple<Tensor, Tensor, Tensor, Tensor> domain_train_meta(const Tensor& x3, const Tensor& dom, int64_t R,
-                                                             int64_t D, const c10::optional<Tensor>&,
-                                                             const c10::optional<Tensor>&, double) {
-  check_args(x3, dom, R, D, "bnkit::domain_train");
-  const auto opts = x3.options().dtype(acc_dtype(x3.scalar_type()));
-  return {at::empty_like(x3, at::MemoryFormat::Contiguous), at::empty({D, x3.size(1)}, opts),
-          at::empty({D, x3.size(1)}, opts), at::empty({D}, x3.options().dtype(at::kLong))};
-}
-
-std::tuple<Tensor, Tensor, Tensor> domain_backward_meta(const Tensor&, const Tensor& x3, const Tensor& dom, int64_t R,
-                                                        const Tensor& mean, const Tensor&,
-                                                        const c10::optional<Tensor>&, double) {
-  check_args(x3, dom, R, mean.size(0), "bnkit::domain_backward");
-  const auto opts = x3.options().dtype(acc_dtype(x3.scalar_type()));
-  return {at::empty_like(x3, at::MemoryFormat::Contiguous), at::empty(mean.sizes(), opts),
-          at::empty(mean.sizes(), opts)};
-}
-
 }  // namespace
 }  // namespace bnkit
 
 TORCH_LIBRARY_FRAGMENT(bnkit, m) {
-  m.def(
-      "domain_train(Tensor x3, Tensor domains, int rows_per_sample, int num_domains, Tensor? weight, Tensor? bias, "
-      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "domain_backward(Tensor grad_y3, Tensor x3, Tensor domains, int rows_per_sample, Tensor mean, Tensor var, "
-      "Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "domain_running_update_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
-      "Tensor mean, Tensor var, int[] counts, float momentum, int mode) -> int");
-}
-
-TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
-  m.impl("domain_train", TORCH_FN(bnkit::domain_train_cpu));
-  m.impl("domain_backward", TORCH_FN(bnkit::domain_backward_cpu));
-  m.impl("domain_running_update_", TORCH_FN(bnkit::domain_running_update_cpu));
-}
-
-TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
-  m.impl("domain_train", TORCH_FN(bnkit::domain_train_meta));
-  m.impl("domain_backward", TORCH_FN(bnkit::domain_backward_meta));
+  BNKIT_DEF_OP(m, "domain_train",
+               "(Tensor x3, Tensor domains, int rows_per_sample, int num_domains, Tensor? weight, Tensor? bias, "
+               "float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+               bnkit::domain_train);
+  BNKIT_DEF_OP(m, "domain_backward",
+               "(Tensor grad_y3, Tensor x3, Tensor domains, int rows_per_sample, Tensor mean, Tensor var, "
+               "Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)",
+               bnkit::domain_backward);
+  BNKIT_DEF_CPU_OP(m, "domain_running_update_",
+                   "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, "
+                   "Tensor mean, Tensor var, int[] counts, float momentum, int mode) -> int",
+                   bnkit::domain_running_update_cpu);
 }

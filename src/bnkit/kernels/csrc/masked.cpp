@@ -15,8 +15,11 @@
 // double per-thread partials (double for double inputs).  Padded entries are
 // skipped (rows layout) or selected away (never multiplied by 0), so NaN/Inf in
 // the padding cannot reach the statistics or the sums.  The autograd wrapper is
-// in Python (bnkit.kernels._MaskedTrain); each op has a Meta kernel.
+// in Python (bnkit.kernels._MaskedTrain); each op has a Meta kernel, from the
+// same function template as its CPU kernel (op_def.h).
 #include "bnkit_kernels.h"
+#include "op_def.h"
+#include "rowkernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -40,19 +43,6 @@ using at::Tensor;
 
 constexpr int64_t kBlock = 128;  // rows summed in the accumulation dtype before a double add
 
-template <typename T>
-struct AccOf {
-  using type = T;
-};
-template <>
-struct AccOf<c10::Half> {
-  using type = float;
-};
-template <>
-struct AccOf<c10::BFloat16> {
-  using type = float;
-};
-
 void check_args(const Tensor& x3, const Tensor& m2, const char* op) {
   TORCH_CHECK(x3.dim() == 3, op, ": expected the canonical 3-D view (outer, C, inner), got ", x3.dim(), "-D");
   TORCH_CHECK(m2.scalar_type() == at::kBool, op, ": the mask must be bool, got ", m2.scalar_type());
@@ -72,7 +62,7 @@ int64_t count_valid(const bool* m, int64_t n) {
 template <typename scalar_t, typename Fn>
 void masked_reduce(const scalar_t* x, const scalar_t* g, const bool* m, int64_t O, int64_t C, int64_t I,
                    double* out_a, double* out_b, const Fn& fn) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccT<scalar_t>::type;
   if (I == 1) {
     const int nthreads = at::get_num_threads();
     std::vector<double> part(static_cast<size_t>(nthreads) * 2 * C, 0.0);
@@ -141,7 +131,7 @@ void masked_reduce(const scalar_t* x, const scalar_t* g, const bool* m, int64_t 
 template <typename scalar_t>
 void masked_stats(const scalar_t* x, const bool* m, int64_t O, int64_t C, int64_t I, int64_t count,
                   std::vector<double>& mean, std::vector<double>& var) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccT<scalar_t>::type;
   std::vector<double> s(C), unused(C);
   masked_reduce<scalar_t>(x, nullptr, m, O, C, I, s.data(), unused.data(),
                           [](acc_t v, acc_t, int64_t, acc_t& a, acc_t& b) {
@@ -164,6 +154,33 @@ void masked_stats(const scalar_t* x, const bool* m, int64_t O, int64_t C, int64_
   for (int64_t c = 0; c < C; ++c) var[c] = s[c] / denom;
 }
 
+// The element-wise pass of masked_train and masked_backward, in parallel:
+// rows(r) for each row r of C values (inner == 1), else span(oc, c) for each
+// run of `inner` values of (outer, channel) row oc, c = oc % C.
+template <typename Rows, typename Span>
+void masked_elementwise(int64_t O, int64_t C, int64_t I, const Rows& rows, const Span& span) {
+  if (I == 1) {
+    at::parallel_for(0, O, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) rows(r);
+    });
+  } else {
+    at::parallel_for(0, O * C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t oc = begin; oc < end; ++oc) span(oc, oc % C);
+    });
+  }
+}
+
+// Two per-channel double results into the op's (C,) output tensors, in acc_t.
+template <typename acc_t>
+void store(const std::vector<double>& a, const std::vector<double>& b, Tensor& out_a, Tensor& out_b) {
+  acc_t* pa = out_a.data_ptr<acc_t>();
+  acc_t* pb = out_b.data_ptr<acc_t>();
+  for (size_t c = 0; c < a.size(); ++c) {
+    pa[c] = static_cast<acc_t>(a[c]);
+    pb[c] = static_cast<acc_t>(b[c]);
+  }
+}
+
 // Per-channel acc_t copies of an optional parameter (default fill).
 template <typename acc_t>
 std::vector<acc_t> param(const c10::optional<Tensor>& t, int64_t C, acc_t fill) {
@@ -177,113 +194,121 @@ std::vector<acc_t> param(const c10::optional<Tensor>& t, int64_t C, acc_t fill) 
   return out;
 }
 
-std::tuple<Tensor, Tensor> masked_moments_cpu(const Tensor& x3_in, const Tensor& m2_in) {
-  check_args(x3_in, m2_in, "bnkit::masked_moments");
-  const Tensor x3 = x3_in.contiguous();
-  const Tensor m2 = m2_in.contiguous();
-  const int64_t O = x3.size(0), C = x3.size(1), I = x3.size(2);
-  const auto opts = x3.options().dtype(acc_dtype(x3.scalar_type()));
-  Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
-  const bool* m = m2.data_ptr<bool>();
-  const int64_t count = count_valid(m, O * I);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::masked_moments", [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
-    std::vector<double> mu(C), v(C);
-    masked_stats<scalar_t>(x3.data_ptr<scalar_t>(), m, O, C, I, count, mu, v);
-    acc_t* pm = mean.data_ptr<acc_t>();
-    acc_t* pv = var.data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      pm[c] = static_cast<acc_t>(mu[c]);
-      pv[c] = static_cast<acc_t>(v[c]);
-    }
-  });
-  return {mean, var};
+// A masked op's checked arguments: x3 and the mask contiguous, the shape, and
+// the op's two per-channel results (accumulation dtype, not yet written).
+struct Masked {
+  Tensor x3, m2;
+  int64_t O, C, I;
+  Tensor out_a, out_b;
+  Masked(const Tensor& x3_in, const Tensor& m2_in, const char* op) {
+    check_args(x3_in, m2_in, op);
+    x3 = x3_in.contiguous();
+    m2 = m2_in.contiguous();
+    O = x3.size(0), C = x3.size(1), I = x3.size(2);
+    const auto opts = x3.options().dtype(acc_dtype(x3.scalar_type()));
+    out_a = at::empty({C}, opts);
+    out_b = at::empty({C}, opts);
+  }
+  const bool* mask() const {
+    return m2.data_ptr<bool>();
+  }
+  int64_t count() const {
+    return count_valid(mask(), O * I);
+  }
+};
+
+// The valid entries' mean and biased variance (masked_stats), as double in
+// mu and v and in acc_t into the op's two results (masked_moments and the
+// first phase of masked_train).
+template <typename scalar_t>
+void stats_into(Masked& in, std::vector<double>& mu, std::vector<double>& v) {
+  mu.resize(in.C);
+  v.resize(in.C);
+  masked_stats<scalar_t>(in.x3.data_ptr<scalar_t>(), in.mask(), in.O, in.C, in.I, in.count(), mu, v);
+  store<typename AccT<scalar_t>::type>(mu, v, in.out_a, in.out_b);
 }
 
-std::tuple<Tensor, Tensor, Tensor> masked_train_cpu(const Tensor& x3_in, const Tensor& m2_in,
-                                                    const c10::optional<Tensor>& weight,
-                                                    const c10::optional<Tensor>& bias, double eps) {
-  check_args(x3_in, m2_in, "bnkit::masked_train");
-  const Tensor x3 = x3_in.contiguous();
-  const Tensor m2 = m2_in.contiguous();
-  const int64_t O = x3.size(0), C = x3.size(1), I = x3.size(2);
-  const auto opts = x3.options().dtype(acc_dtype(x3.scalar_type()));
-  Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
+// The ops' CPU kernels (kMeta false) and Meta kernels (kMeta true: outputs only).
+template <bool kMeta>
+std::tuple<Tensor, Tensor> masked_moments(const Tensor& x3_in, const Tensor& m2_in) {
+  Masked in(x3_in, m2_in, "bnkit::masked_moments");
+  if (!kMeta) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x3.scalar_type(), "bnkit::masked_moments", [&] {
+      std::vector<double> mu, v;
+      stats_into<scalar_t>(in, mu, v);
+    });
+  }
+  return {in.out_a, in.out_b};
+}
+
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor> masked_train(const Tensor& x3_in, const Tensor& m2_in,
+                                                const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias, double eps) {
+  Masked in(x3_in, m2_in, "bnkit::masked_train");
+  const Tensor &x3 = in.x3, &mean = in.out_a, &var = in.out_b;
   Tensor y3 = at::empty_like(x3);
-  const bool* m = m2.data_ptr<bool>();
-  const int64_t count = count_valid(m, O * I);
+  if (kMeta) return {y3, mean, var};
+  const int64_t O = in.O, C = in.C, I = in.I;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::masked_train", [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
-    std::vector<double> mu(C), v(C);
+    using acc_t = typename AccT<scalar_t>::type;
+    std::vector<double> mu, v;
+    stats_into<scalar_t>(in, mu, v);
     const scalar_t* x = x3.data_ptr<scalar_t>();
-    masked_stats<scalar_t>(x, m, O, C, I, count, mu, v);
-    std::vector<acc_t> w = param<acc_t>(weight, C, acc_t(1)), b = param<acc_t>(bias, C, acc_t(0));
-    std::vector<acc_t> mean_a(C), scale(C);
-    acc_t* pm = mean.data_ptr<acc_t>();
-    acc_t* pv = var.data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      pm[c] = mean_a[c] = static_cast<acc_t>(mu[c]);
-      pv[c] = static_cast<acc_t>(v[c]);
-      scale[c] = static_cast<acc_t>(w[c] / std::sqrt(static_cast<double>(pv[c]) + eps));
-    }
     scalar_t* y = y3.data_ptr<scalar_t>();
-    const acc_t* mp = mean_a.data();
-    const acc_t* sp = scale.data();
-    const acc_t* bp = b.data();
+    const std::vector<acc_t> w = param<acc_t>(weight, C, acc_t(1)), b = param<acc_t>(bias, C, acc_t(0));
+    const acc_t* pv = var.data_ptr<acc_t>();
+    std::vector<acc_t> scale(C);
+    for (int64_t c = 0; c < C; ++c) scale[c] = static_cast<acc_t>(w[c] / std::sqrt(static_cast<double>(pv[c]) + eps));
+    const acc_t *mp = mean.data_ptr<acc_t>(), *sp = scale.data(), *bp = b.data();
     // Centred before scaling (as the unmasked kernels): x*scale + shift cancels when |mean| >> std.
-    if (I == 1) {
-      at::parallel_for(0, O, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
+    masked_elementwise(
+        O, C, I,
+        [&](int64_t r) {
           const scalar_t* xr = x + r * C;
           scalar_t* yr = y + r * C;
           for (int64_t c = 0; c < C; ++c)
             yr[c] = static_cast<scalar_t>((static_cast<acc_t>(xr[c]) - mp[c]) * sp[c] + bp[c]);
-        }
-      });
-    } else {
-      at::parallel_for(0, O * C, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t oc = begin; oc < end; ++oc) {
-          const int64_t c = oc % C;
+        },
+        [&](int64_t oc, int64_t c) {
           const scalar_t* xr = x + oc * I;
           scalar_t* yr = y + oc * I;
           const acc_t mc = mp[c], sc = sp[c], bc = bp[c];
           for (int64_t i = 0; i < I; ++i) yr[i] = static_cast<scalar_t>((static_cast<acc_t>(xr[i]) - mc) * sc + bc);
-        }
-      });
-    }
+        });
   });
   return {y3, mean, var};
 }
 
-std::tuple<Tensor, Tensor, Tensor> masked_backward_cpu(const Tensor& grad_in, const Tensor& x3_in,
-                                                       const Tensor& m2_in, const Tensor& mean_in,
-                                                       const Tensor& var_in, const c10::optional<Tensor>& weight,
-                                                       double eps) {
-  check_args(x3_in, m2_in, "bnkit::masked_backward");
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor> masked_backward(const Tensor& grad_in, const Tensor& x3_in,
+                                                   const Tensor& m2_in, const Tensor& mean_in,
+                                                   const Tensor& var_in, const c10::optional<Tensor>& weight,
+                                                   double eps) {
+  Masked in(x3_in, m2_in, "bnkit::masked_backward");
   TORCH_CHECK(grad_in.sizes() == x3_in.sizes(), "bnkit::masked_backward: grad and input shapes differ");
-  const Tensor x3 = x3_in.contiguous();
-  const Tensor g3 = grad_in.to(x3.scalar_type()).contiguous();
-  const Tensor m2 = m2_in.contiguous();
-  const int64_t O = x3.size(0), C = x3.size(1), I = x3.size(2);
-  const auto opts = x3.options().dtype(acc_dtype(x3.scalar_type()));
-  Tensor sum_dy = at::empty({C}, opts), sum_dy_xhat = at::empty({C}, opts);
+  const Tensor& x3 = in.x3;
+  Tensor &sum_dy = in.out_a, &sum_dy_xhat = in.out_b;
   Tensor dx3 = at::empty_like(x3);
-  const bool* m = m2.data_ptr<bool>();
-  const int64_t count = count_valid(m, O * I);
+  if (kMeta) return {dx3, sum_dy_xhat, sum_dy};
+  const int64_t O = in.O, C = in.C, I = in.I;
+  const Tensor g3 = grad_in.to(x3.scalar_type()).contiguous();
+  const bool* m = in.mask();
+  const int64_t count = in.count();
   const Tensor mean_d = mean_in.to(at::kDouble).contiguous(), var_d = var_in.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "bnkit::masked_backward", [&] {
-    using acc_t = typename AccOf<scalar_t>::type;
+    using acc_t = typename AccT<scalar_t>::type;
     const scalar_t* x = x3.data_ptr<scalar_t>();
     const scalar_t* g = g3.data_ptr<scalar_t>();
+    scalar_t* dx = dx3.data_ptr<scalar_t>();
     std::vector<acc_t> w = param<acc_t>(weight, C, acc_t(1));
-    std::vector<acc_t> mu(C), invstd(C), scale(C), k1(C), k2(C);
+    std::vector<acc_t> mu(C), scale(C), k1(C), k2(C);
     const double* pmd = mean_d.data_ptr<double>();
     const double* pvd = var_d.data_ptr<double>();
     std::vector<double> invstd_d(C);
     for (int64_t c = 0; c < C; ++c) {
       mu[c] = static_cast<acc_t>(pmd[c]);
       invstd_d[c] = 1.0 / std::sqrt(pvd[c] + eps);
-      invstd[c] = static_cast<acc_t>(invstd_d[c]);
       scale[c] = static_cast<acc_t>(invstd_d[c] * static_cast<double>(w[c]));
     }
     std::vector<double> sdy(C), sdyc(C);
@@ -293,23 +318,18 @@ std::tuple<Tensor, Tensor, Tensor> masked_backward_cpu(const Tensor& grad_in, co
                               a = dy;
                               b = dy * (v - mp[c]);
                             });
-    acc_t* p_sdy = sum_dy.data_ptr<acc_t>();
-    acc_t* p_sdyx = sum_dy_xhat.data_ptr<acc_t>();
+    std::vector<double> sx(C);  // sum dy * xhat
+    for (int64_t c = 0; c < C; ++c) sx[c] = sdyc[c] * invstd_d[c];
+    store<acc_t>(sdy, sx, sum_dy, sum_dy_xhat);
     const double n = static_cast<double>(std::max<int64_t>(count, 1));
     for (int64_t c = 0; c < C; ++c) {
-      const double sx = sdyc[c] * invstd_d[c];
-      p_sdy[c] = static_cast<acc_t>(sdy[c]);
-      p_sdyx[c] = static_cast<acc_t>(sx);
       k1[c] = static_cast<acc_t>(sdy[c] / n);
-      k2[c] = static_cast<acc_t>(sx / n * invstd_d[c]);  // multiplies (x - mean): xhat * invstd
+      k2[c] = static_cast<acc_t>(sx[c] / n * invstd_d[c]);  // multiplies (x - mean): xhat * invstd
     }
-    scalar_t* dx = dx3.data_ptr<scalar_t>();
-    const acc_t* sp = scale.data();
-    const acc_t* k1p = k1.data();
-    const acc_t* k2p = k2.data();
-    if (I == 1) {
-      at::parallel_for(0, O, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
+    const acc_t *sp = scale.data(), *k1p = k1.data(), *k2p = k2.data();
+    masked_elementwise(
+        O, C, I,
+        [&](int64_t r) {
           const scalar_t* xr = x + r * C;
           const scalar_t* gr = g + r * C;
           scalar_t* dr = dx + r * C;
@@ -321,12 +341,8 @@ std::tuple<Tensor, Tensor, Tensor> masked_backward_cpu(const Tensor& grad_in, co
           } else {
             for (int64_t c = 0; c < C; ++c) dr[c] = static_cast<scalar_t>(sp[c] * static_cast<acc_t>(gr[c]));
           }
-        }
-      });
-    } else {
-      at::parallel_for(0, O * C, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t oc = begin; oc < end; ++oc) {
-          const int64_t c = oc % C;
+        },
+        [&](int64_t oc, int64_t c) {
           const bool* mr = m + (oc / C) * I;
           const scalar_t* xr = x + oc * I;
           const scalar_t* gr = g + oc * I;
@@ -337,56 +353,21 @@ std::tuple<Tensor, Tensor, Tensor> masked_backward_cpu(const Tensor& grad_in, co
             const acc_t corr = a + (static_cast<acc_t>(xr[i]) - mc) * b;
             dr[i] = static_cast<scalar_t>(sc * (mr[i] ? dy - corr : dy));
           }
-        }
-      });
-    }
+        });
   });
   return {dx3, sum_dy_xhat, sum_dy};
-}
-
-// ------------------------------------------------------------ meta kernels --
-at::TensorOptions meta_stat_options(const Tensor& x3) { return x3.options().dtype(acc_dtype(x3.scalar_type())); }
-
-std::tuple<Tensor, Tensor> masked_moments_meta(const Tensor& x3, const Tensor& m2) {
-  check_args(x3, m2, "bnkit::masked_moments");
-  return {at::empty({x3.size(1)}, meta_stat_options(x3)), at::empty({x3.size(1)}, meta_stat_options(x3))};
-}
-
-std::tuple<Tensor, Tensor, Tensor> masked_train_meta(const Tensor& x3, const Tensor& m2,
-                                                     const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-                                                     double) {
-  check_args(x3, m2, "bnkit::masked_train");
-  return {at::empty_like(x3, at::MemoryFormat::Contiguous), at::empty({x3.size(1)}, meta_stat_options(x3)),
-          at::empty({x3.size(1)}, meta_stat_options(x3))};
-}
-
-std::tuple<Tensor, Tensor, Tensor> masked_backward_meta(const Tensor&, const Tensor& x3, const Tensor& m2,
-                                                        const Tensor&, const Tensor&, const c10::optional<Tensor>&,
-                                                        double) {
-  check_args(x3, m2, "bnkit::masked_backward");
-  return {at::empty_like(x3, at::MemoryFormat::Contiguous), at::empty({x3.size(1)}, meta_stat_options(x3)),
-          at::empty({x3.size(1)}, meta_stat_options(x3))};
 }
 
 }  // namespace
 }  // namespace bnkit
 
 TORCH_LIBRARY_FRAGMENT(bnkit, m) {
-  m.def("masked_moments(Tensor x3, Tensor mask) -> (Tensor, Tensor)");
-  m.def("masked_train(Tensor x3, Tensor mask, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "masked_backward(Tensor grad_y3, Tensor x3, Tensor mask, Tensor mean, Tensor var, Tensor? weight, float eps)"
-      " -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
-  m.impl("masked_moments", TORCH_FN(bnkit::masked_moments_cpu));
-  m.impl("masked_train", TORCH_FN(bnkit::masked_train_cpu));
-  m.impl("masked_backward", TORCH_FN(bnkit::masked_backward_cpu));
-}
-
-TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
-  m.impl("masked_moments", TORCH_FN(bnkit::masked_moments_meta));
-  m.impl("masked_train", TORCH_FN(bnkit::masked_train_meta));
-  m.impl("masked_backward", TORCH_FN(bnkit::masked_backward_meta));
+  BNKIT_DEF_OP(m, "masked_moments", "(Tensor x3, Tensor mask) -> (Tensor, Tensor)", bnkit::masked_moments);
+  BNKIT_DEF_OP(m, "masked_train",
+               "(Tensor x3, Tensor mask, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+               bnkit::masked_train);
+  BNKIT_DEF_OP(m, "masked_backward",
+               "(Tensor grad_y3, Tensor x3, Tensor mask, Tensor mean, Tensor var, Tensor? weight, float eps)"
+               " -> (Tensor, Tensor, Tensor)",
+               bnkit::masked_backward);
 }

@@ -36,9 +36,11 @@
 //       nothing was changed -- use the general path (layer.cpp).
 //
 // Each has a CPU kernel and a Meta kernel (shapes only: lets torch.compile /
-// torch.export trace them as single opaque ops).  The forward ops have an
-// Autograd kernel (a torch::autograd::Function, in autograd.cpp).
+// torch.export trace them as single opaque ops), both from one function
+// template below (op_def.h).  The forward ops have an Autograd kernel (a
+// torch::autograd::Function, registered in autograd.cpp).
 #include "bnkit_kernels.h"
+#include "op_def.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -49,107 +51,107 @@ namespace bnkit {
 namespace {
 
 using at::Tensor;
+using OptT = std::optional<Tensor>;
 
-// ------------------------------------------------------------ meta kernels --
+// ------------------------------------------------- outputs of the ops ------
+// The same for both keys; only the Meta kernels check x3 here (the CPU
+// kernels check it in kernels.cpp / kernels_backward.cpp).  Symbolic sizes:
+// the Meta kernels also serve dynamic shapes.
 
-at::TensorOptions stat_options(const Tensor& x3) {
-  return x3.options().dtype(acc_dtype(x3.scalar_type()));
-}
-
-void meta_check(const Tensor& x3, const char* op) {
+// A fresh contiguous tensor of x3's shape and dtype (an x3-shaped output;
+// on CPU without empty_like's extra dispatch, which small inputs notice).
+Tensor like_x3(const Tensor& x3, bool meta, const char* op) {
+  if (!meta) return at::empty(x3.sizes(), x3.options().memory_format(at::MemoryFormat::Contiguous));
   TORCH_CHECK(
       x3.dim() == 3, "bnkit::", op, ": expected x3 to be the 3-D view (outer, C, inner), got ", x3.dim(), " dims");
-}
-
-std::tuple<Tensor, Tensor, Tensor> train_meta(
-    const Tensor& x3,
-    const std::optional<Tensor>&,
-    const std::optional<Tensor>&,
-    double) {
-  meta_check(x3, "batch_norm_train");
-  auto C = x3.sym_size(1);
-  return {
-      at::empty_like(x3, at::MemoryFormat::Contiguous),
-      at::empty_symint({C}, stat_options(x3)),
-      at::empty_symint({C}, stat_options(x3))};
-}
-
-Tensor eval_meta(const Tensor& x3, const Tensor&, const Tensor&) {
-  meta_check(x3, "batch_norm_eval");
   return at::empty_like(x3, at::MemoryFormat::Contiguous);
 }
 
-Tensor infer_meta(
-    const Tensor& x3,
-    const Tensor&,
-    const Tensor&,
-    const std::optional<Tensor>&,
-    const std::optional<Tensor>&,
-    double) {
-  meta_check(x3, "batch_norm_infer");
-  return at::empty_like(x3, at::MemoryFormat::Contiguous);
+// A per-channel (C,) statistic of x3, in the accumulation dtype.
+Tensor stat_of(const Tensor& x3) {
+  return at::empty_symint({x3.sym_size(1)}, x3.options().dtype(acc_dtype(x3.scalar_type())));
 }
 
-std::tuple<Tensor, Tensor> moments_meta(const Tensor& x3) {
-  meta_check(x3, "moments");
-  auto C = x3.sym_size(1);
-  return {at::empty_symint({C}, stat_options(x3)), at::empty_symint({C}, stat_options(x3))};
+// (x3-shaped, statistic, statistic): the training forward's and the backward ops' outputs.
+std::tuple<Tensor, Tensor, Tensor> out_and_stats(const Tensor& x3, const char* op) {
+  Tensor y = like_x3(x3, true, op);
+  return {y, stat_of(x3), stat_of(x3)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backward_meta(
-    const Tensor&,
-    const Tensor& x3,
-    const Tensor&,
-    const Tensor&,
-    const std::optional<Tensor>&,
-    double) {
-  meta_check(x3, "batch_norm_backward");
-  auto C = x3.sym_size(1);
-  return {
-      at::empty_like(x3, at::MemoryFormat::Contiguous),
-      at::empty_symint({C}, stat_options(x3)),
-      at::empty_symint({C}, stat_options(x3))};
+// ---------------------------------------- the ops' CPU and Meta kernels ----
+
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor> train(const Tensor& x3, const OptT& weight, const OptT& bias, double eps) {
+  if (kMeta) return out_and_stats(x3, "batch_norm_train");
+  Tensor y = like_x3(x3, false, "batch_norm_train");
+  auto [mean, var] = batch_norm_train_into(x3, y, weight, bias, eps);
+  return {y, mean, var};
 }
 
-Tensor backward_apply_meta(
-    const Tensor&,
-    const Tensor& x3,
-    const Tensor&,
-    const Tensor&,
-    const std::optional<Tensor>&,
-    const Tensor&,
-    const Tensor&,
-    int64_t,
-    double) {
-  meta_check(x3, "batch_norm_backward_apply");
-  return at::empty_like(x3, at::MemoryFormat::Contiguous);
+template <bool kMeta>
+Tensor eval(const Tensor& x3, const Tensor& scale, const Tensor& shift) {
+  return kMeta ? like_x3(x3, true, "batch_norm_eval") : batch_norm_eval_cpu(x3, scale, shift);
 }
 
-std::tuple<Tensor, Tensor, Tensor> eval_backward_meta(const Tensor&, const Tensor& x3, const Tensor&) {
-  meta_check(x3, "batch_norm_eval_backward");
-  auto C = x3.sym_size(1);
-  return {
-      at::empty_like(x3, at::MemoryFormat::Contiguous),
-      at::empty_symint({C}, stat_options(x3)),
-      at::empty_symint({C}, stat_options(x3))};
+template <bool kMeta>
+Tensor infer(const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight, const OptT& bias, double eps) {
+  Tensor y = like_x3(x3, kMeta, "batch_norm_infer");
+  if (!kMeta) batch_norm_infer_into(x3, y, mean, var, weight, bias, eps);
+  return y;
+}
+
+template <bool kMeta>
+std::tuple<Tensor, Tensor> moments(const Tensor& x3) {
+  if (!kMeta) return moments_cpu(x3);
+  like_x3(x3, true, "moments"); // the check only
+  return {stat_of(x3), stat_of(x3)};
+}
+
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_y3, const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight, double eps) {
+  if (kMeta) return out_and_stats(x3, "batch_norm_backward");
+  Tensor dx = like_x3(x3, false, "batch_norm_backward");
+  auto [dw, db] = batch_norm_backward_into(grad_y3, x3, mean, var, weight, eps, dx);
+  return {dx, dw, db};
+}
+
+template <bool kMeta>
+std::tuple<Tensor, Tensor, Tensor> eval_backward(const Tensor& grad_y3, const Tensor& x3, const Tensor& scale) {
+  return kMeta ? out_and_stats(x3, "batch_norm_eval_backward") : batch_norm_eval_backward_cpu(grad_y3, x3, scale);
+}
+
+template <bool kMeta>
+Tensor backward_apply(
+    const Tensor& grad_y3, const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight,
+    const Tensor& sum_dy, const Tensor& sum_dy_xhat, int64_t count, double eps) {
+  if (kMeta) return like_x3(x3, true, "batch_norm_backward_apply");
+  return batch_norm_backward_apply_cpu(grad_y3, x3, mean, var, weight, sum_dy, sum_dy_xhat, count, eps);
 }
 
 } // namespace
 } // namespace bnkit
 
 TORCH_LIBRARY(bnkit, m) {
-  m.def("batch_norm_train(Tensor x3, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("batch_norm_eval(Tensor x3, Tensor scale, Tensor shift) -> Tensor");
-  m.def(
-      "batch_norm_infer(Tensor x3, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor");
-  m.def("moments(Tensor x3) -> (Tensor, Tensor)");
-  m.def(
-      "batch_norm_backward(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight, float eps)"
-      " -> (Tensor, Tensor, Tensor)");
-  m.def("batch_norm_eval_backward(Tensor grad_y3, Tensor x3, Tensor scale) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "batch_norm_backward_apply(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight,"
-      " Tensor sum_dy, Tensor sum_dy_xhat, int count, float eps) -> Tensor");
+  using namespace bnkit;
+  BNKIT_DEF_OP(m, "batch_norm_train", "(Tensor x3, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
+               train);
+  BNKIT_DEF_OP(m, "batch_norm_eval", "(Tensor x3, Tensor scale, Tensor shift) -> Tensor", eval);
+  BNKIT_DEF_OP(m, "batch_norm_infer",
+               "(Tensor x3, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor", infer);
+  BNKIT_DEF_OP(m, "moments", "(Tensor x3) -> (Tensor, Tensor)", moments);
+  BNKIT_DEF_OP(m, "batch_norm_backward",
+               "(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight, float eps)"
+               " -> (Tensor, Tensor, Tensor)",
+               backward);
+  BNKIT_DEF_OP(m, "batch_norm_eval_backward", "(Tensor grad_y3, Tensor x3, Tensor scale) -> (Tensor, Tensor, Tensor)",
+               eval_backward);
+  BNKIT_DEF_OP(m, "batch_norm_backward_apply",
+               "(Tensor grad_y3, Tensor x3, Tensor mean, Tensor var, Tensor? weight,"
+               " Tensor sum_dy, Tensor sum_dy_xhat, int count, float eps) -> Tensor",
+               backward_apply);
+  // Composite ops (CompositeImplicitAutograd kernels; update_running_stats_ and
+  // running_update_ are registered with their kernels in autograd.cpp).
   m.def(
       "update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
       " float factor, int count, bool check_finite) -> bool");
@@ -157,48 +159,13 @@ TORCH_LIBRARY(bnkit, m) {
       "running_update_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
       " Tensor mean, Tensor var, float momentum, int count, bool check_finite) -> bool");
   m.def("layer_constants() -> (int, int, int, int, float)", [] {
-    return std::make_tuple(
-        bnkit::kHandled, bnkit::kNonFinite, bnkit::kNotHandled, bnkit::kRanksFrom2, bnkit::kCumulativeMomentum);
+    return std::make_tuple(kHandled, kNonFinite, kNotHandled, kRanksFrom2, kCumulativeMomentum);
   });
-  m.def("cpu_isa() -> str", [] { return std::string(bnkit::cpu_isa()); });
-  m.def("_tune(str name, int value) -> int", [](std::string name, int64_t value) {
-    return bnkit::set_tuning(name, value);
-  });
+  m.def("cpu_isa() -> str", [] { return std::string(cpu_isa()); });
+  m.def("_tune(str name, int value) -> int", [](std::string name, int64_t value) { return set_tuning(name, value); });
   m.def(
       "batch_norm_layer(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float momentum, float eps,"
-      " int axis, int num_features, int ranks, bool check_finite) -> (Tensor, int)");
-}
-
-TORCH_LIBRARY_IMPL(bnkit, CompositeImplicitAutograd, m) {
-  m.impl("batch_norm_layer", TORCH_FN(bnkit::batch_norm_layer));
-  m.impl("update_running_stats_", TORCH_FN(bnkit::update_running_stats_inplace));
-  m.impl("running_update_", TORCH_FN(bnkit::running_update));
-}
-
-TORCH_LIBRARY_IMPL(bnkit, CPU, m) {
-  m.impl("batch_norm_train", TORCH_FN(bnkit::batch_norm_train_cpu));
-  m.impl("batch_norm_eval", TORCH_FN(bnkit::batch_norm_eval_cpu));
-  m.impl("batch_norm_infer", TORCH_FN(bnkit::batch_norm_infer_cpu));
-  m.impl("moments", TORCH_FN(bnkit::moments_cpu));
-  m.impl("batch_norm_backward", TORCH_FN(bnkit::batch_norm_backward_cpu));
-  m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::batch_norm_eval_backward_cpu));
-  m.impl("batch_norm_backward_apply", TORCH_FN(bnkit::batch_norm_backward_apply_cpu));
-}
-
-TORCH_LIBRARY_IMPL(bnkit, Meta, m) {
-  m.impl("batch_norm_train", TORCH_FN(bnkit::train_meta));
-  m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_meta));
-  m.impl("batch_norm_infer", TORCH_FN(bnkit::infer_meta));
-  m.impl("moments", TORCH_FN(bnkit::moments_meta));
-  m.impl("batch_norm_backward", TORCH_FN(bnkit::backward_meta));
-  m.impl("batch_norm_eval_backward", TORCH_FN(bnkit::eval_backward_meta));
-  m.impl("batch_norm_backward_apply", TORCH_FN(bnkit::backward_apply_meta));
-}
-
-TORCH_LIBRARY_IMPL(bnkit, Autograd, m) {
-  m.impl("batch_norm_train", TORCH_FN(bnkit::train_autograd));
-  m.impl("batch_norm_eval", TORCH_FN(bnkit::eval_autograd));
-  m.impl("batch_norm_infer", TORCH_FN(bnkit::infer_autograd));
-  m.impl("moments", TORCH_FN(bnkit::moments_autograd));
+      " int axis, int num_features, int ranks, bool check_finite) -> (Tensor, int)",
+      torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(batch_norm_layer)));
 }

@@ -3,7 +3,10 @@
 A training forward of one BN layer (the contexts change nothing in the backward) on a 1 MB float32 input
 ``(16, 64, 16, 16)``, plain vs. inside each context (entered once, as in a
 step of many micro-batches), the candidates interleaved in an order shuffled
-every repetition; prints the median time of each and its ratio to plain.
+every repetition; prints the median time of each, its ratio to plain, the
+median of the per-repetition ratios (each against the plain block of the same
+repetition: slow drifts of a shared machine cancel) and the minor page faults
+per forward (a 1 MB output served from fresh pages faults on every forward).
 On a loaded machine (more runnable threads than cores) wall-clock blocks
 mostly measure preemption; ``--threads 1 --cpu-time`` times the one thread's
 CPU time instead (``time.thread_time``: what the calls themselves cost).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import resource
 import statistics
 import time
 
@@ -23,6 +27,10 @@ import torch
 from torch import nn
 
 import bnkit
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_minflt
 
 
 def main() -> None:
@@ -43,22 +51,26 @@ def main() -> None:
         cases = {"plain": lambda m: contextlib.nullcontext(), "preserve_stats": bnkit.preserve_stats,
                  "checkpoint_safe": bnkit.checkpoint_safe, "accumulate_stats": bnkit.accumulate_stats}
         times: dict[str, list[float]] = {name: [] for name in cases}
+        faults: dict[str, int] = dict.fromkeys(cases, 0)
         # Each context is entered around a block of forwards: measure a block of --block per sample.
         for _ in range(args.reps):
             order = list(cases)
             random.shuffle(order)
             for name in order:
                 with cases[name](layer):
-                    t0 = clock()
+                    f0, t0 = _minor_faults(), clock()
                     for _ in range(args.block):
                         layer(x)
                     times[name].append((clock() - t0) / args.block)
+                    faults[name] += _minor_faults() - f0
         base = statistics.median(times["plain"])
         print(f"{label}: per training forward, median of {args.reps} blocks of {args.block} "
               f"({torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time)")
         for name, ts in times.items():
             med = statistics.median(ts)
-            print(f"  {name:18s} {med * 1e6:9.1f} us   ratio {med / base:.3f}")
+            paired = statistics.median(t / p for t, p in zip(ts, times["plain"]))
+            print(f"  {name:18s} {med * 1e6:9.1f} us   ratio {med / base:.3f}   paired {paired:.3f}   "
+                  f"page faults {faults[name] / (args.reps * args.block):6.1f}")
 
 
 if __name__ == "__main__":

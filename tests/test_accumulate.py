@@ -149,7 +149,7 @@ def test_exception_leaves_everything_as_before():
 def test_nested_blocks_merge_into_the_outer_one():
     model = nn.Sequential(bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D))
     ref = nn.BatchNorm1d(4, dtype=D)
-    a, b, c = micro_batches([5, 6, 7], seed=5)
+    a, b, c, d = micro_batches([5, 6, 7, 4], seed=5)
 
     def run(x):  # both layers on the same micro-batch
         model[0](x)
@@ -165,6 +165,11 @@ def test_nested_blocks_merge_into_the_outer_one():
                 run(c)  # dropped: its block failed
                 raise RuntimeError
     ref(torch.cat([a, b]))
+    for layer in model:
+        assert_buffers(layer, ref)
+    with bnkit.accumulate_stats(model):  # the next block starts afresh (the totals are reused, not their values)
+        run(d)
+    ref(d)
     for layer in model:
         assert_buffers(layer, ref)
 
@@ -425,27 +430,45 @@ def test_one_op_call_per_micro_batch():
     assert_buffers(model[0], ref, rtol=1e-5, atol=1e-6)
 
 
-def test_blocks_after_nested_and_failed_ones_start_afresh():
-    """Every block starts from empty totals, also when the previous ones nested or failed (their totals reused)."""
-    model = nn.Sequential(bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D))
-    ref = nn.BatchNorm1d(4, dtype=D)
-    a, b, c, d = micro_batches([5, 6, 7, 4], seed=9)
 
-    def run(x):
-        model[0](x)
-        model[1](x)
-
-    with bnkit.accumulate_stats(model):
-        run(a)
-        with bnkit.accumulate_stats(model):
-            run(b)
-    ref(torch.cat([a, b]))
-    with pytest.raises(RuntimeError):
-        with bnkit.accumulate_stats(model):
-            run(c)
-            raise RuntimeError
-    with bnkit.accumulate_stats(model):
-        run(d)
-    ref(d)
-    for layer in model:
-        assert_buffers(layer, ref)
+@cpp_only
+@pytest.mark.parametrize(
+    "case", ["plain", "nonfinite", "meta", "num_features", "ranks", "one-element-weight", "one-value", "no-nbt",
+             "half-weight"],
+)
+def test_training_variants_decline_exactly_what_the_layer_call_declines(case):
+    """The hook's two routes (moments, accumulate) against batch_norm_layer: same status, same output, no buffer moved."""
+    g = torch.Generator().manual_seed(2)
+    shape = (1, 3, 1, 1) if case == "one-value" else (4, 3, 2, 2)
+    x, w = torch.randn(shape, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+    rm, rv, nbt = torch.zeros(3, dtype=D), torch.ones(3, dtype=D), torch.zeros((), dtype=torch.long)
+    momentum, num_features, ranks = 0.1, 3, 0
+    if case == "nonfinite":
+        x[1, 2, 0, 1] = float("nan")
+    elif case == "meta":
+        x, w, rm, rv, nbt = (t.to("meta") for t in (x, w, rm, rv, nbt))
+    elif case == "num_features":
+        num_features = 5
+    elif case == "ranks":
+        ranks = (1 << 2) | (1 << 3)
+    elif case == "one-element-weight":
+        w = w[:1]
+    elif case == "no-nbt":  # the cumulative average needs num_batches_tracked
+        momentum, nbt = engine._constants().cumulative_momentum, None
+    elif case == "half-weight":
+        w = w.half()
+    common = (x, w, None, rm, rv, nbt, momentum, 1e-5, 1, num_features, ranks, True)
+    fresh = [t.clone() if t is not None else None for t in (rm, rv, nbt)]
+    y_ref, status = torch.ops.bnkit.batch_norm_layer(x, w, None, *fresh, True, *common[6:])
+    totals = torch.zeros(7, dtype=D, device=x.device)
+    y_acc, status_acc = torch.ops.bnkit.batch_norm_layer_accumulate_(*common, totals)
+    y_mom, mean, var, status_mom = torch.ops.bnkit.batch_norm_layer_moments(*common)
+    assert status_acc == status_mom == status
+    if status == engine._constants().not_handled:
+        assert y_acc is x and y_mom is x and (case == "meta" or not totals.any())
+    elif case != "meta":
+        for y in (y_acc, y_mom):  # bit for bit (NaN where the batch has one)
+            torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+        assert int(totals[6]) == (16 if status == engine._constants().handled else 0)
+    if case != "meta":
+        assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))

@@ -238,9 +238,9 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     statistics are those of the large batch).
 
     bnkit layers are covered through the engine's running-update hook (the
-    same kernels as outside the block, in one pass, which report the batch
-    moments; each is merged at once into float64 totals, nothing per
-    micro-batch is kept). torch's
+    same kernels as outside the block, in one pass and one op call, which
+    merge the batch moments into the layer's float64 totals; nothing per
+    micro-batch is kept, and the totals are reused by the next block). torch's
     BN layers run with momentum 1 inside the block, so that their buffers
     hold each forward's batch statistics, which a forward hook collects; their
     buffers and momentum are restored at exit. Nested blocks merge into the

@@ -2,9 +2,9 @@
 //
 // A BN layer's whole eager forward on CPU in one op call, for speed on small
 // inputs (where the same steps as separate Python-level calls cost as much as
-// the kernels).  It holds only two things: the accept predicate (below,
-// `accepts` and the checks at the top of batch_norm_layer), which must decline
-// whatever the general Python path (bnkit.engine) would treat differently, and
+// the kernels).  It holds only two things: the accept predicate (below, the
+// checks at the top of layer_call), which must decline whatever the general
+// Python path (bnkit.engine) would treat differently, and
 // the fused body, which is made of the same phases as every other caller: the
 // training Function (autograd.cpp), inference, and the running-statistics
 // phase (running_update, which owns the cumulative factor and the
@@ -252,7 +252,14 @@ constexpr const char* kVariantArgs =
     "Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
     "Tensor? num_batches_tracked, float momentum, float eps, int axis, int num_features, int ranks, "
     "bool check_finite";
-constexpr size_t kVariantArgCount = 12;
+
+constexpr size_t count_args(const char* schema) {
+  size_t n = 1;
+  for (; *schema != '\0'; ++schema) n += *schema == ',';
+  return n;
+}
+constexpr size_t kVariantArgCount = count_args(kVariantArgs);
+static_assert(kVariantArgCount == 12, "training_call reads 12 shared arguments");
 
 LayerCall training_call(const c10::IValue* a) {
   return {a[0].toTensor(),          a[1].toOptional<Tensor>(), a[2].toOptional<Tensor>(),
@@ -276,11 +283,10 @@ std::tuple<Tensor, Tensor, Tensor, int64_t> moments_variant(const LayerCall& cal
 std::tuple<Tensor, int64_t> accumulate_variant(const LayerCall& call, const c10::IValue* extra) {
   BatchMoments batch;
   auto [y, status] = layer_call(call, &batch);
-  if (status == kHandled) {
+  if (status != kNotHandled) {
     const int64_t C = batch.mean.numel();
-    const Tensor& totals = extra[0].toTensor();
-    merge_batch(totals_data(totals, C, "bnkit::batch_norm_layer_accumulate_"), C, batch.mean, batch.var,
-                batch.count, false);
+    double* totals = totals_data(extra[0].toTensor(), C, "bnkit::batch_norm_layer_accumulate_");
+    if (status == kHandled) merge_batch(totals, C, batch.mean, batch.var, batch.count, false);
   }
   return {y, status};
 }

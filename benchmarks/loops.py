@@ -11,7 +11,10 @@ On a loaded machine (more runnable threads than cores) wall-clock blocks
 mostly measure preemption; ``--threads 1 --cpu-time`` times the one thread's
 CPU time instead (``time.thread_time``: what the calls themselves cost).
 
-    PYTHONPATH=src python benchmarks/loops.py [--reps 200] [--block 10] [--threads N] [--cpu-time]
+``--with-entry`` times each block with the context's entry and exit (what a
+step of ``--block`` micro-batches pays in all), spread over its forwards.
+
+    PYTHONPATH=src python benchmarks/loops.py [--reps 200] [--block 10] [--threads N] [--cpu-time] [--with-entry]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="forwards per entry of a context (one sample)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="time this thread's CPU time (needs --threads 1)")
+    parser.add_argument("--with-entry", action="store_true", help="time the context's entry and exit too")
     args = parser.parse_args()
     if args.cpu_time and args.threads != 1:
         parser.error("--cpu-time needs --threads 1 (it times the calling thread only)")
@@ -57,15 +61,22 @@ def main() -> None:
             order = list(cases)
             random.shuffle(order)
             for name in order:
+                f0, t0 = _minor_faults(), clock()
                 with cases[name](layer):
-                    f0, t0 = _minor_faults(), clock()
+                    if not args.with_entry:
+                        f0, t0 = _minor_faults(), clock()
                     for _ in range(args.block):
                         layer(x)
-                    times[name].append((clock() - t0) / args.block)
-                    faults[name] += _minor_faults() - f0
+                    if not args.with_entry:
+                        t1, f1 = clock(), _minor_faults()
+                if args.with_entry:
+                    t1, f1 = clock(), _minor_faults()
+                times[name].append((t1 - t0) / args.block)
+                faults[name] += f1 - f0
         base = statistics.median(times["plain"])
         print(f"{label}: per training forward, median of {args.reps} blocks of {args.block} "
-              f"({torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time)")
+              f"({torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time"
+              f"{', entry and exit included' if args.with_entry else ''})")
         for name, ts in times.items():
             med = statistics.median(ts)
             paired = statistics.median(t / p for t, p in zip(ts, times["plain"]))

@@ -175,3 +175,19 @@ def test_a_block_under_inference_mode_then_one_outside():
     with torch.no_grad(), bnkit.preserve_stats(model):  # the inference-mode copies are not reused here
         model(xs[1].float()[:, :3])
     _assert_bitwise(model, state)
+
+
+def test_the_kept_copies_go_with_their_model():
+    """The copies kept for the next block are held per buffer, weakly: a model that is gone leaves none behind."""
+    import gc
+
+    from bnkit.tools import _spares
+
+    before = len(_spares._COPIES._entries)
+    model = nn.Sequential(nn.BatchNorm2d(3), bnkit.BatchNorm2d(3))
+    with bnkit.preserve_stats(model):
+        model(torch.randn(4, 3, 2, 2))
+    assert len(_spares._COPIES._entries) == before + 6  # running_mean, running_var, num_batches_tracked of each
+    del model
+    gc.collect()
+    assert len(_spares._COPIES._entries) == before

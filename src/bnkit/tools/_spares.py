@@ -11,31 +11,51 @@ they see it outside.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 
 class SparePool:
-    """Free tensors, one per tensor they serve (a buffer, held weakly): taken at a block's entry, given back at its exit."""
+    """Free tensors, one per tensor they serve (a buffer, held weakly): taken at a block's entry, given back at its exit.
+
+    An entry, ``id(key) -> [weak reference to key, spare, taken]``, stays while its key lives (the
+    reference's callback removes it), so that a block's take and give-back are two dictionary lookups.
+    """
 
     def __init__(self) -> None:
-        self._free = WeakIdKeyDictionary()
+        self._entries: dict[int, list] = {}
 
     def take(self, key: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A tensor of ``shape`` and ``dtype`` on ``key``'s device, uninitialized: the spare of ``key`` or a new one."""
-        t = self._free.pop(key, None)
-        if (t is None or t.shape != shape or t.dtype != dtype or t.device != key.device
-                or (t.is_inference() and not torch.is_inference_mode_enabled())):
-            t = torch.empty(shape, dtype=dtype, device=key.device)
-        return t
+        entry = self._entries.get(id(key))
+        if entry is not None and not entry[2] and entry[0]() is key:
+            t = entry[1]
+            if (t.shape == shape and t.dtype == dtype and t.device == key.device
+                    and (not t.is_inference() or torch.is_inference_mode_enabled())):
+                entry[2] = True
+                return t
+        return torch.empty(shape, dtype=dtype, device=key.device)
 
     def give_back(self, key: Tensor, t: Tensor) -> None:
         """Keep ``t`` for the next :meth:`take` for ``key`` (plain tensors only; as long as ``key`` lives)."""
-        if type(key) is Tensor and type(t) is Tensor:
-            self._free[key] = t
+        if type(key) is not Tensor or type(t) is not Tensor:
+            return
+        entry = self._entries.get(id(key))
+        if entry is not None and entry[0]() is key:
+            entry[1], entry[2] = t, False
+            return
+        forget = functools.partial(_forget, entries=self._entries, k=id(key))
+        self._entries[id(key)] = [weakref.ref(key, forget), t, False]
+
+
+def _forget(ref: weakref.ref, entries: dict[int, list], k: int) -> None:
+    entry = entries.get(k)
+    if entry is not None and entry[0] is ref:  # the entry of the key that died (not of a later tensor with its id)
+        del entries[k]
 
 
 _COPIES = SparePool()

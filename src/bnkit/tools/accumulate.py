@@ -14,7 +14,7 @@ from ..engine import in_recompute, running_update, set_running_update_hook
 from ..stats import Moments, merge, update_running_stats
 from ._family import has_running_stats
 from ._spares import BufferSnapshot, SparePool
-from .checkpointing import _bn_layers, _torch_bn_layers
+from .checkpointing import _bn_layers
 
 __all__ = ["accumulate_stats"]
 
@@ -89,7 +89,7 @@ class _Accumulator:
     (:meth:`totals`); what its model does not own goes to the enclosing block.
     """
 
-    def __init__(self, model: nn.Module, parent: "_Accumulator | None") -> None:
+    def __init__(self, layers: list[tuple[str, nn.Module]], parent: "_Accumulator | None") -> None:
         self.parent = parent
         self.layers: dict[tuple, _Layer] = {}
         # id of a running_mean the engine is given as it is (a module's own buffer) -> its layer, which keeps
@@ -97,8 +97,7 @@ class _Accumulator:
         self.by_buffer: dict[int, _Layer] = {}
         self.hooked: set[int] = set()  # the torch layers whose forward hook this block registered
         # The buffers this block collects for: the bnkit layers' running_mean tensors (per-site views share them).
-        self.owned = {id(m.running_mean) for _, m in _bn_layers(model)
-                      if has_running_stats(m) and not isinstance(m, _BatchNorm)}
+        self.owned = {id(m.running_mean) for _, m in layers if has_running_stats(m) and not isinstance(m, _BatchNorm)}
 
     def _layer(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> _Layer | None:
         """The layer collecting ``running_mean``'s batches (made at its first batch), or ``None``: not this block's."""
@@ -195,10 +194,10 @@ def _torch_bn_hook(module: nn.Module, args: tuple, output: Any) -> None:
         _ACCUMULATORS[-1].take_torch(module, args[0])
 
 
-def _check_accumulable(model: nn.Module) -> None:
+def _check_accumulable(layers: list[tuple[str, nn.Module]]) -> None:
     import torch.distributed as dist
 
-    for name, m in _bn_layers(model):
+    for name, m in layers:
         if getattr(m, "convention", "torch") == "keras":
             raise NotImplementedError(
                 f"accumulate_stats: layer {name or '<root>'!r} uses convention='keras', whose update "
@@ -270,12 +269,13 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accumulate_stats: expected an nn.Module, got {type(model).__name__}")
-    _check_accumulable(model)
+    layers = _bn_layers(model)  # walked once: the checks, the buffers collected, the snapshot
+    _check_accumulable(layers)
     parent = _ACCUMULATORS[-1] if _ACCUMULATORS else None
-    acc = _Accumulator(model, parent)
+    acc = _Accumulator(layers, parent)
     hooked = set().union(*(a.hooked for a in _ACCUMULATORS)) if _ACCUMULATORS else set()
-    torch_layers = [m for m in _torch_bn_layers(model) if id(m) not in hooked and has_running_stats(m)]
-    snapshot = BufferSnapshot(m for _, m in _bn_layers(model))
+    torch_layers = [m for _, m in layers if isinstance(m, _BatchNorm) and id(m) not in hooked and has_running_stats(m)]
+    snapshot = BufferSnapshot(m for _, m in layers)
     momenta = [(m, m.momentum) for m in torch_layers]
     handles = []
     previous = set_running_update_hook(acc)

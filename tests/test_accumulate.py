@@ -472,3 +472,17 @@ def test_training_variants_decline_exactly_what_the_layer_call_declines(case):
         assert int(totals[6]) == (16 if status == engine._constants().handled else 0)
     if case != "meta":
         assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))
+
+
+@pytest.mark.parametrize("kind", ["bnkit", "torch", "sync"])
+def test_the_merge_without_the_cpp_op_gives_the_same_update(kind, monkeypatch):
+    """Where bnkit::merge_moments_ does not apply (accelerators, traces) the totals are merged in Python (stats.merge)."""
+    monkeypatch.setattr(bnkit.tools.accumulate.kernels, "cpp_available", lambda: False)
+    layer, ref = LAYERS[kind](0.3), nn.BatchNorm1d(4, momentum=0.3, dtype=D)
+    for step in range(2):
+        parts = micro_batches([5, 3, 8], seed=step, shift=3.0 * step)
+        with bnkit.kernels.use_backend("torch"), bnkit.accumulate_stats(layer):
+            for x in parts:
+                layer(x)
+        ref(torch.cat(parts))
+        assert_buffers(layer, ref)

@@ -149,7 +149,7 @@ def test_exception_leaves_everything_as_before():
 def test_nested_blocks_merge_into_the_outer_one():
     model = nn.Sequential(bnkit.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D))
     ref = nn.BatchNorm1d(4, dtype=D)
-    a, b, c = micro_batches([5, 6, 7], seed=5)
+    a, b, c, d = micro_batches([5, 6, 7, 4], seed=5)
 
     def run(x):  # both layers on the same micro-batch
         model[0](x)
@@ -165,6 +165,11 @@ def test_nested_blocks_merge_into_the_outer_one():
                 run(c)  # dropped: its block failed
                 raise RuntimeError
     ref(torch.cat([a, b]))
+    for layer in model:
+        assert_buffers(layer, ref)
+    with bnkit.accumulate_stats(model):  # the next block starts afresh (the totals are reused, not their values)
+        run(d)
+    ref(d)
     for layer in model:
         assert_buffers(layer, ref)
 
@@ -316,16 +321,17 @@ def test_merge_moments_op_is_chans_merge(sizes, dtype, unbiased, seed):
     """bnkit::merge_moments_ folded over the parts: stats.merge of the same inputs, and (float64) the concatenation."""
     g = torch.Generator().manual_seed(seed)
     parts = [torch.randn(n, 5, generator=g, dtype=D) * 3 + 2 for n in sizes if n > 1 or not unbiased]
-    mean, m2, count = torch.zeros(5, dtype=D), torch.zeros(5, dtype=D), 0
+    totals = torch.zeros(11, dtype=D)  # [5 means, 5 M2s, count]
+    mean, m2 = totals[:5], totals[5:10]
     oracle = bnkit.stats.Moments(0, torch.zeros(5, dtype=D), torch.zeros(5, dtype=D))
     for x in parts:
         n = x.shape[0]
         batch_mean = x.mean(0).to(dtype) if n else torch.zeros(5, dtype=dtype)
         batch_var = x.var(0, correction=int(unbiased)).to(dtype) if n else torch.zeros(5, dtype=dtype)
-        torch.ops.bnkit.merge_moments_(mean, m2, count, batch_mean, batch_var, n, unbiased)
-        count += n
+        torch.ops.bnkit.merge_moments_(totals, batch_mean, batch_var, n, unbiased)
         part_m2 = batch_var.double() * (n - 1 if unbiased else n)
         oracle = bnkit.stats.merge(oracle, bnkit.stats.Moments(n, batch_mean.double(), part_m2))
+    count = int(totals[10])
     assert count == oracle.count
     torch.testing.assert_close(mean, oracle.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m2, oracle.m2, rtol=1e-12, atol=1e-10)
@@ -338,8 +344,145 @@ def test_merge_moments_op_is_chans_merge(sizes, dtype, unbiased, seed):
 @cpp_only
 def test_merge_moments_op_refuses_bad_totals():
     with pytest.raises(RuntimeError, match="float64"):
-        torch.ops.bnkit.merge_moments_(torch.zeros(3), torch.zeros(3), 0, torch.zeros(3), torch.ones(3), 4, False)
+        torch.ops.bnkit.merge_moments_(torch.zeros(7), torch.zeros(3), torch.ones(3), 4, False)
     with pytest.raises(RuntimeError, match="size"):
-        torch.ops.bnkit.merge_moments_(
-            torch.zeros(3, dtype=D), torch.zeros(3, dtype=D), 0, torch.zeros(2), torch.ones(2), 4, False
+        torch.ops.bnkit.merge_moments_(torch.zeros(7, dtype=D), torch.zeros(2), torch.ones(2), 4, False)
+
+
+# --------------------------------------------------------------------------- the fused op merging into the totals
+def _layer_args(x, axis, c, rm, rv, nbt, check_finite=True):
+    g = torch.Generator().manual_seed(c)
+    w, b = torch.randn(c, generator=g, dtype=x.dtype), torch.randn(c, generator=g, dtype=x.dtype)
+    return (x, w, b, rm, rv, nbt, 0.1, 1e-5, axis, c, 0, check_finite)
+
+
+@cpp_only
+@pytest.mark.parametrize(
+    "shape, axis, dtype, tol",
+    [((6, 3, 4, 5), 1, D, 1e-12), ((7, 3), 1, D, 1e-12), ((4, 5, 3), -1, D, 1e-12), ((5, 4, 3, 3), 1, torch.float32, 1e-6)],
+)
+def test_accumulate_op_is_the_layer_call_then_chans_merge(shape, axis, dtype, tol):
+    """batch_norm_layer_accumulate_: batch_norm_layer's training output bit for bit, no buffer moved, the totals
+    the float64 merge of the batches (oracle: stats.merge of each batch's float64 moments, and the concatenation)."""
+    c = shape[axis]
+    rm, rv, nbt = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype), torch.zeros((), dtype=torch.long)
+    totals = torch.zeros(2 * c + 1, dtype=D)
+    g = torch.Generator().manual_seed(3)
+    parts = [(torch.randn(shape, generator=g, dtype=D) * (i + 1) + i).to(dtype) for i in range(3)]
+    dims = [d for d in range(len(shape)) if d != axis % len(shape)]
+    oracle = bnkit.stats.Moments(0, torch.zeros(c, dtype=D), torch.zeros(c, dtype=D))
+    for x in parts:
+        args = _layer_args(x.requires_grad_(), axis, c, rm, rv, nbt)
+        y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*args, totals)
+        ref_buffers = (rm.clone(), rv.clone(), nbt.clone())
+        y_ref, status_ref = torch.ops.bnkit.batch_norm_layer(*args[:3], *ref_buffers, True, *args[6:])
+        assert status == status_ref == engine._constants().handled
+        assert torch.equal(y, y_ref) and y.grad_fn is not None
+        assert torch.equal(rm, torch.zeros(c, dtype=dtype)) and torch.equal(rv, torch.ones(c, dtype=dtype))
+        assert int(nbt) == 0
+        xd = x.detach().double()
+        n = xd.numel() // c
+        oracle = bnkit.stats.merge(oracle, bnkit.stats.Moments(n, xd.mean(dims), xd.var(dims, correction=0) * n))
+    assert int(totals[2 * c]) == oracle.count
+    torch.testing.assert_close(totals[:c], oracle.mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(totals[c : 2 * c], oracle.m2, rtol=tol, atol=tol * oracle.count)
+    whole = torch.cat([x.detach().double() for x in parts])
+    torch.testing.assert_close(totals[c : 2 * c], whole.var(dims, correction=0) * oracle.count, rtol=tol,
+                               atol=tol * oracle.count)
+
+
+@cpp_only
+def test_accumulate_op_merges_nothing_it_does_not_handle_or_check():
+    constants = engine._constants()
+    c = 3
+    rm, rv, nbt = torch.zeros(c, dtype=D), torch.ones(c, dtype=D), torch.zeros((), dtype=torch.long)
+    totals = torch.zeros(2 * c + 1, dtype=D)
+    bad = torch.randn(6, c, dtype=D)
+    bad[2, 1] = float("nan")
+    _, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*_layer_args(bad, 1, c, rm, rv, nbt), totals)
+    assert status == constants.nonfinite and torch.equal(totals, torch.zeros(2 * c + 1, dtype=D))
+    one = torch.randn(1, c, dtype=D)  # one value per channel: the general path's error
+    y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*_layer_args(one, 1, c, rm, rv, nbt), totals)
+    assert status == constants.not_handled and y is one and not totals.any()
+    # check_finite off (nonfinite="propagate"): the batch is merged, NaN and all
+    _, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*_layer_args(bad, 1, c, rm, rv, nbt, False), totals)
+    assert status == constants.handled and int(totals[2 * c]) == 6 and totals[1].isnan()
+    with pytest.raises(RuntimeError, match="2C"):
+        torch.ops.bnkit.batch_norm_layer_accumulate_(
+            *_layer_args(torch.randn(6, c, dtype=D), 1, c, rm, rv, nbt), torch.zeros(2 * c, dtype=D)
         )
+
+
+@cpp_only
+def test_one_op_call_per_micro_batch():
+    """Inside the block a fused forward is one op call: the merge happens inside it (no moments op, no merge op)."""
+    model = nn.Sequential(bnkit.BatchNorm2d(3), nn.ReLU(), bnkit.BatchNorm2d(3))
+    parts = [torch.randn(4, 3, 5, 5) for _ in range(3)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with bnkit.accumulate_stats(model):
+            for x in parts:
+                model(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("bnkit::batch_norm_layer_accumulate_") == 2 * len(parts)
+    assert "bnkit::batch_norm_layer_moments" not in calls and "bnkit::merge_moments_" not in calls
+    ref = nn.BatchNorm2d(3)
+    ref(torch.cat(parts))
+    assert_buffers(model[0], ref, rtol=1e-5, atol=1e-6)
+
+
+
+@cpp_only
+@pytest.mark.parametrize(
+    "case", ["plain", "nonfinite", "meta", "num_features", "ranks", "one-element-weight", "one-value", "no-nbt",
+             "half-weight"],
+)
+def test_training_variants_decline_exactly_what_the_layer_call_declines(case):
+    """The hook's two routes (moments, accumulate) against batch_norm_layer: same status, same output, no buffer moved."""
+    g = torch.Generator().manual_seed(2)
+    shape = (1, 3, 1, 1) if case == "one-value" else (4, 3, 2, 2)
+    x, w = torch.randn(shape, generator=g, dtype=D), torch.randn(3, generator=g, dtype=D)
+    rm, rv, nbt = torch.zeros(3, dtype=D), torch.ones(3, dtype=D), torch.zeros((), dtype=torch.long)
+    momentum, num_features, ranks = 0.1, 3, 0
+    if case == "nonfinite":
+        x[1, 2, 0, 1] = float("nan")
+    elif case == "meta":
+        x, w, rm, rv, nbt = (t.to("meta") for t in (x, w, rm, rv, nbt))
+    elif case == "num_features":
+        num_features = 5
+    elif case == "ranks":
+        ranks = (1 << 2) | (1 << 3)
+    elif case == "one-element-weight":
+        w = w[:1]
+    elif case == "no-nbt":  # the cumulative average needs num_batches_tracked
+        momentum, nbt = engine._constants().cumulative_momentum, None
+    elif case == "half-weight":
+        w = w.half()
+    common = (x, w, None, rm, rv, nbt, momentum, 1e-5, 1, num_features, ranks, True)
+    fresh = [t.clone() if t is not None else None for t in (rm, rv, nbt)]
+    y_ref, status = torch.ops.bnkit.batch_norm_layer(x, w, None, *fresh, True, *common[6:])
+    totals = torch.zeros(7, dtype=D, device=x.device)
+    y_acc, status_acc = torch.ops.bnkit.batch_norm_layer_accumulate_(*common, totals)
+    y_mom, mean, var, status_mom = torch.ops.bnkit.batch_norm_layer_moments(*common)
+    assert status_acc == status_mom == status
+    if status == engine._constants().not_handled:
+        assert y_acc is x and y_mom is x and (case == "meta" or not totals.any())
+    elif case != "meta":
+        for y in (y_acc, y_mom):  # bit for bit (NaN where the batch has one)
+            torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+        assert int(totals[6]) == (16 if status == engine._constants().handled else 0)
+    if case != "meta":
+        assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))
+
+
+@pytest.mark.parametrize("kind", ["bnkit", "torch", "sync"])
+def test_the_merge_without_the_cpp_op_gives_the_same_update(kind, monkeypatch):
+    """Where bnkit::merge_moments_ does not apply (accelerators, traces) the totals are merged in Python (stats.merge)."""
+    monkeypatch.setattr(bnkit.tools.accumulate.kernels, "cpp_available", lambda: False)
+    layer, ref = LAYERS[kind](0.3), nn.BatchNorm1d(4, momentum=0.3, dtype=D)
+    for step in range(2):
+        parts = micro_batches([5, 3, 8], seed=step, shift=3.0 * step)
+        with bnkit.kernels.use_backend("torch"), bnkit.accumulate_stats(layer):
+            for x in parts:
+                layer(x)
+        ref(torch.cat(parts))
+        assert_buffers(layer, ref)

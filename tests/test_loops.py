@@ -150,3 +150,44 @@ def test_any_sequence_of_training_forwards_is_undone(batch_sizes, channels_last)
             x = torch.randn(n, 3, 2, 2, generator=g)
             model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     _assert_bitwise(model, state)
+
+
+def test_each_block_restores_its_own_entry_state_with_reused_copies():
+    """A block keeps its copies for the next one (no allocation at entry): they hold the next block's entry values."""
+    model = _warm(Mixed())
+    xs = _inputs(4, seed=3)
+    for i in range(3):
+        with torch.no_grad():
+            model(xs[i])  # a real step between the blocks moves the buffers
+        state = _state(model)
+        with torch.no_grad(), bnkit.preserve_stats(model):
+            model(xs[3])
+        _assert_bitwise(model, state)
+
+
+def test_a_block_under_inference_mode_then_one_outside():
+    model = nn.Sequential(nn.BatchNorm2d(3), bnkit.BatchNorm2d(3))
+    xs = _inputs(2, seed=4)
+    state = _state(model)
+    with torch.inference_mode(), bnkit.preserve_stats(model):
+        model(xs[0].float()[:, :3])
+    _assert_bitwise(model, state)
+    with torch.no_grad(), bnkit.preserve_stats(model):  # the inference-mode copies are not reused here
+        model(xs[1].float()[:, :3])
+    _assert_bitwise(model, state)
+
+
+def test_the_kept_copies_go_with_their_model():
+    """The copies kept for the next block are held per buffer, weakly: a model that is gone leaves none behind."""
+    import gc
+
+    from bnkit.tools import _spares
+
+    before = len(_spares._COPIES._entries)
+    model = nn.Sequential(nn.BatchNorm2d(3), bnkit.BatchNorm2d(3))
+    with bnkit.preserve_stats(model):
+        model(torch.randn(4, 3, 2, 2))
+    assert len(_spares._COPIES._entries) == before + 6  # running_mean, running_var, num_batches_tracked of each
+    del model
+    gc.collect()
+    assert len(_spares._COPIES._entries) == before

@@ -174,14 +174,20 @@ def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | No
 # ``hook(spec, running_mean, running_var, num_batches_tracked, mean, var, count)`` with the
 # batch's mean and biased variance, only for a batch that passed the layer's non-finite
 # policy (running_update rejects the others first); a true result means it took the update
-# over (nothing is written here).
+# over (nothing is written here). Its fused route (optional: the hook's ``totals`` method, read when
+# it is installed): ``totals(spec, running_mean, running_var, num_batches_tracked)`` returns the float64
+# tensor of 2C + 1 values (the C means, the C M2s, the count) into which the fused op merges the batch's
+# moments itself (``bnkit::batch_norm_layer_accumulate_``: one op call, no moments returned), or None
+# where the hook would not take this update over.
 _UPDATE_HOOK: Callable[..., bool] | None = None
+_HOOK_TOTALS: Callable[..., Tensor | None] | None = None
 
 
 def set_running_update_hook(hook: Callable[..., bool] | None) -> Callable[..., bool] | None:
     """Install ``hook`` as the running update's redirect (``None``: none); returns the previous one."""
-    global _UPDATE_HOOK
+    global _UPDATE_HOOK, _HOOK_TOTALS
     previous, _UPDATE_HOOK = _UPDATE_HOOK, hook
+    _HOOK_TOTALS = getattr(hook, "totals", None)
     return previous
 
 
@@ -350,25 +356,31 @@ def _hooked_call(
 ) -> Tensor:
     """A training call while a running-update hook is installed: the hook gets the batch moments.
 
-    The fused op's moments form (``bnkit::batch_norm_layer_moments``: the
-    same accept predicate, kernels and autograd node as the call without
-    the hook) returns the batch mean and biased variance it computed,
-    applying no update and the non-finite check in C++; they go to
-    :func:`running_update` (and so to the hook). Where it declines, the
+    The fused op's training variants (the same accept predicate, kernels and
+    autograd node as the call without the hook, applying no update and the
+    non-finite check in C++): where the hook names totals for the layer
+    (its ``totals`` method), ``bnkit::batch_norm_layer_accumulate_`` merges
+    the batch moments into them in place; otherwise
+    ``bnkit::batch_norm_layer_moments`` returns them for
+    :func:`running_update` (and so the hook). Where the op declines, the
     general path reports them itself.
     """
     if _fusable(input):
-        y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
-            spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
-        )
+        totals = None if _HOOK_TOTALS is None else _HOOK_TOTALS(spec, running_mean, running_var, num_batches_tracked)
+        args = (input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
+                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
+        if totals is not None:
+            y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*args, totals)
+        else:
+            y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(*args)
         constants = _CONSTANTS or _constants()  # not None: the op exists
         if status == constants.nonfinite:  # the batch is left out, as the running update would leave it
             _reject_nonfinite(spec.name, spec.nonfinite)
             return y
         if status != constants.not_handled:
-            count = input.numel() // input.shape[spec.axis]  # > 1: the op declines empty and one-value batches
-            running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked=True)
+            if totals is None:
+                count = input.numel() // input.shape[spec.axis]  # > 1: the op declines empty and one-value batches
+                running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked=True)
             return y
     check_input(spec, input)
     return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, True)

@@ -13,65 +13,122 @@ from .. import kernels
 from ..engine import in_recompute, running_update, set_running_update_hook
 from ..stats import Moments, merge, update_running_stats
 from ._family import has_running_stats
-from .checkpointing import _bn_layers, _torch_bn_layers
+from ._spares import BufferSnapshot, SparePool
+from .checkpointing import _bn_layers
 
 __all__ = ["accumulate_stats"]
+
+
+# A layer's totals, kept per running_mean buffer from one block to the next (see _spares).
+_TOTALS = SparePool()
 
 
 class _Layer:
     """What one layer saw inside an :func:`accumulate_stats` block: its buffers and the merged moments so far.
 
-    The totals ``(count, mean, m2)`` are float64 tensors of the layer's own;
-    each batch is merged into them at once (:meth:`add`), and the batch's
-    tensors are not kept.
+    ``totals`` is one float64 tensor of ``2C + 1`` values, the C means, the C
+    M2s and the count: each batch is merged into it in place at once (by the
+    fused op itself, ``bnkit::batch_norm_layer_accumulate_``, or :meth:`add`),
+    and the batch's tensors are not kept. ``spare_key``: the buffer under
+    which the totals go back to the pool at the block's end (``None``: not
+    pooled, for a per-site view, which is made anew every call).
     """
 
-    __slots__ = ("spec", "module", "running_mean", "running_var", "nbt", "count", "mean", "m2", "seen")
+    __slots__ = ("spec", "module", "running_mean", "running_var", "nbt", "channels", "totals", "spare_key", "seen")
 
     def __init__(self, spec: Any, module: nn.Module | None, running_mean: Tensor, running_var: Tensor,
-                 nbt: Tensor | None) -> None:
+                 nbt: Tensor | None, spare_key: Tensor | None) -> None:
         self.spec, self.module = spec, module
         self.running_mean, self.running_var, self.nbt = running_mean, running_var, nbt
-        self.count = 0
-        self.mean = torch.zeros(running_mean.shape, dtype=torch.float64, device=running_mean.device)
-        self.m2 = torch.zeros_like(self.mean)
-        self.seen = False  # a counted training call (an empty batch counts, a skipped non-finite one not)
+        self.channels = c = running_mean.numel()
+        shape = (2 * c + 1,)
+        self.spare_key = spare_key
+        if spare_key is None:
+            self.totals = torch.zeros(shape, dtype=torch.float64, device=running_mean.device)
+        else:
+            self.totals = _TOTALS.take(spare_key, shape, torch.float64).zero_()
+        # A counted training call that reached the hook (an empty batch counts, a skipped non-finite one
+        # not); batches the fused op merges show in the count.
+        self.seen = False
+
+    @property
+    def count(self) -> int:
+        return int(self.totals[2 * self.channels])
+
+    def total(self) -> Moments:
+        c = self.channels
+        return Moments(self.count, self.totals[:c], self.totals[c : 2 * c])
+
+    def set_total(self, total: Moments) -> None:
+        c = self.channels
+        self.totals[:c].copy_(total.mean)
+        self.totals[c : 2 * c].copy_(total.m2)
+        self.totals[2 * c] = total.count
 
     def add(self, count: int, mean: Tensor, var: Tensor, unbiased: bool = False) -> None:
         """Chan's merge, in float64, of a batch of ``count`` values (``var`` biased, or unbiased: torch's buffers)."""
         if not count:
             return
         if mean.is_cpu and kernels.cpp_available() and not torch.jit.is_tracing():
-            torch.ops.bnkit.merge_moments_(self.mean, self.m2, self.count, mean, var, count, unbiased)
+            torch.ops.bnkit.merge_moments_(self.totals, mean, var, count, unbiased)
         else:
             m2 = var.detach().double() * (count - 1 if unbiased else count)
-            total = merge(self.total(), Moments(count, mean.detach().double(), m2))
-            self.mean.copy_(total.mean)
-            self.m2.copy_(total.m2)
-        self.count += count
+            self.set_total(merge(self.total(), Moments(count, mean.detach().double(), m2)))
 
-    def total(self) -> Moments:
-        return Moments(self.count, self.mean, self.m2)
+    def release(self) -> None:
+        if self.spare_key is not None:
+            _TOTALS.give_back(self.spare_key, self.totals)
+            self.spare_key = None
 
 
 class _Accumulator:
-    def __init__(self, model: nn.Module, parent: "_Accumulator | None") -> None:
+    """One block's collection; while it is the innermost block, the engine's running-update hook.
+
+    As the hook it is called with every batch's moments (``__call__``) and,
+    on the fused route, asked for the totals the op merges a batch into
+    (:meth:`totals`); what its model does not own goes to the enclosing block.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], parent: "_Accumulator | None") -> None:
         self.parent = parent
         self.layers: dict[tuple, _Layer] = {}
+        # id of a running_mean the engine is given as it is (a module's own buffer) -> its layer, which keeps
+        # that tensor alive (so the id stays its own): the fused route's one lookup per call.
+        self.by_buffer: dict[int, _Layer] = {}
         self.hooked: set[int] = set()  # the torch layers whose forward hook this block registered
         # The buffers this block collects for: the bnkit layers' running_mean tensors (per-site views share them).
-        self.owned = {id(m.running_mean) for _, m in _bn_layers(model)
-                      if has_running_stats(m) and not isinstance(m, _BatchNorm)}
+        self.owned = {id(m.running_mean) for _, m in layers if has_running_stats(m) and not isinstance(m, _BatchNorm)}
 
-    def take(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor,
-             var: Tensor, count: int) -> bool:
-        base = running_mean if running_mean._base is None else running_mean._base
+    def _layer(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> _Layer | None:
+        """The layer collecting ``running_mean``'s batches (made at its first batch), or ``None``: not this block's."""
+        layer = self.by_buffer.get(id(running_mean))
+        if layer is not None:
+            return layer
+        own = running_mean._base is None
+        base = running_mean if own else running_mean._base
         if id(base) not in self.owned:
-            return self.parent.take(spec, running_mean, running_var, nbt, mean, var, count) if self.parent else False
+            return None
         key = (id(base), running_mean.storage_offset())
         layer = self.layers.get(key)
         if layer is None:
-            layer = self.layers[key] = _Layer(spec, None, running_mean, running_var, nbt)
+            layer = self.layers[key] = _Layer(spec, None, running_mean, running_var, nbt, running_mean if own else None)
+        if layer.running_mean is running_mean:
+            self.by_buffer[id(running_mean)] = layer
+        return layer
+
+    def totals(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> Tensor | None:
+        """The fused route's question: the totals to merge this layer's batch into (``None``: no block collects it)."""
+        layer = self.by_buffer.get(id(running_mean)) or self._layer(spec, running_mean, running_var, nbt)
+        if layer is not None:
+            return layer.totals
+        return self.parent.totals(spec, running_mean, running_var, nbt) if self.parent else None
+
+    def __call__(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor,
+                 var: Tensor, count: int) -> bool:
+        """The running-update hook: the batch's moments merged into the layer's totals (False: not collected)."""
+        layer = self._layer(spec, running_mean, running_var, nbt)
+        if layer is None:
+            return self.parent(spec, running_mean, running_var, nbt, mean, var, count) if self.parent else False
         layer.seen = True  # the engine has applied the non-finite policy: a skipped batch never gets here
         layer.add(count, mean, var)
         return True
@@ -81,7 +138,7 @@ class _Accumulator:
         layer = self.layers.get(("torch", id(module)))
         if layer is None:
             layer = self.layers[("torch", id(module))] = _Layer(
-                None, module, module.running_mean, module.running_var, module.num_batches_tracked
+                None, module, module.running_mean, module.running_var, module.num_batches_tracked, module.running_mean
             )
         layer.seen = True
         n = input.numel() // input.shape[1] if input.dim() > 1 else 0
@@ -89,23 +146,25 @@ class _Accumulator:
             layer.add(n, module.running_mean, module.running_var, unbiased=True)
 
     def merge_into(self, other: "_Accumulator") -> None:
+        """Hand everything to the enclosing block: merged into its layers, or theirs from now on."""
         for key, layer in self.layers.items():
             mine = other.layers.get(key)
             if mine is None:
                 other.layers[key] = layer
             else:
-                total = merge(mine.total(), layer.total())
-                mine.count, mine.mean, mine.m2 = total.count, total.mean, total.m2
+                mine.set_total(merge(mine.total(), layer.total()))
                 mine.seen = mine.seen or layer.seen
+                layer.release()
+        self.layers, self.by_buffer = {}, {}
 
     @torch.no_grad()
     def apply(self) -> None:
         """The one running update per layer, from the merged moments of everything seen."""
         for layer in self.layers.values():
-            if not layer.seen:
-                continue
             total = layer.total()
             n = total.count
+            if not (layer.seen or n):
+                continue
             if layer.module is None:
                 rm = layer.running_mean
                 mean = total.mean.to(rm.dtype if rm.dtype.is_floating_point else torch.float64)
@@ -121,13 +180,13 @@ class _Accumulator:
             factor = momentum if momentum is not None else 1.0 / int(m.num_batches_tracked)
             update_running_stats(m.running_mean, m.running_var, total.mean, total.m2 / n, n, factor)
 
+    def release(self) -> None:
+        """Give the totals back to the pool (the block is over)."""
+        for layer in self.layers.values():
+            layer.release()
+
 
 _ACCUMULATORS: list[_Accumulator] = []
-
-
-def _engine_take(spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor,
-                 var: Tensor, count: int) -> bool:
-    return bool(_ACCUMULATORS) and _ACCUMULATORS[-1].take(spec, running_mean, running_var, nbt, mean, var, count)
 
 
 def _torch_bn_hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -135,10 +194,10 @@ def _torch_bn_hook(module: nn.Module, args: tuple, output: Any) -> None:
         _ACCUMULATORS[-1].take_torch(module, args[0])
 
 
-def _check_accumulable(model: nn.Module) -> None:
+def _check_accumulable(layers: list[tuple[str, nn.Module]]) -> None:
     import torch.distributed as dist
 
-    for name, m in _bn_layers(model):
+    for name, m in layers:
         if getattr(m, "convention", "torch") == "keras":
             raise NotImplementedError(
                 f"accumulate_stats: layer {name or '<root>'!r} uses convention='keras', whose update "
@@ -178,9 +237,9 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     statistics are those of the large batch).
 
     bnkit layers are covered through the engine's running-update hook (the
-    same kernels as outside the block, in one pass, which report the batch
-    moments; each is merged at once into float64 totals, nothing per
-    micro-batch is kept). torch's
+    same kernels as outside the block, in one pass and one op call, which
+    merge the batch moments into the layer's float64 totals; nothing per
+    micro-batch is kept, and the totals are reused by the next block). torch's
     BN layers run with momentum 1 inside the block, so that their buffers
     hold each forward's batch statistics, which a forward hook collects; their
     buffers and momentum are restored at exit. Nested blocks merge into the
@@ -210,17 +269,16 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accumulate_stats: expected an nn.Module, got {type(model).__name__}")
-    _check_accumulable(model)
+    layers = _bn_layers(model)  # walked once: the checks, the buffers collected, the snapshot
+    _check_accumulable(layers)
     parent = _ACCUMULATORS[-1] if _ACCUMULATORS else None
-    acc = _Accumulator(model, parent)
+    acc = _Accumulator(layers, parent)
     hooked = set().union(*(a.hooked for a in _ACCUMULATORS)) if _ACCUMULATORS else set()
-    torch_layers = [m for m in _torch_bn_layers(model) if id(m) not in hooked and has_running_stats(m)]
-    with torch.no_grad():
-        saved = [(m, {k: (b, b.clone()) for k, b in m._buffers.items() if isinstance(b, Tensor)})
-                 for _, m in _bn_layers(model)]
+    torch_layers = [m for _, m in layers if isinstance(m, _BatchNorm) and id(m) not in hooked and has_running_stats(m)]
+    snapshot = BufferSnapshot(m for _, m in layers)
     momenta = [(m, m.momentum) for m in torch_layers]
     handles = []
-    previous = set_running_update_hook(_engine_take)
+    previous = set_running_update_hook(acc)
     _ACCUMULATORS.append(acc)
     ok = False
     try:
@@ -237,15 +295,14 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
             h.remove()
         for m, momentum in momenta:
             m.momentum = momentum
-        with torch.no_grad():
-            for m, bufs in saved:
-                if ok and not isinstance(m, _BatchNorm):
-                    continue  # bnkit buffers never moved inside; torch's hold the last batch's statistics
-                for k, (orig, copy_) in bufs.items():
-                    orig.copy_(copy_)
-                    m._buffers[k] = orig
-        if ok:
-            if parent is not None:
-                acc.merge_into(parent)
-            else:
-                acc.apply()
+        # bnkit buffers never moved inside; torch's hold the last batch's statistics. On an exception, all go back.
+        snapshot.restore(None if not ok else lambda m: isinstance(m, _BatchNorm))
+        snapshot.release()
+        try:
+            if ok:
+                if parent is not None:
+                    acc.merge_into(parent)
+                else:
+                    acc.apply()
+        finally:
+            acc.release()

@@ -9,7 +9,8 @@
     layers keep their mode, and the forwards inside compute exactly what they
     would outside (batch statistics in train mode). Nesting works (each level
     restores its own entry state). The cost is one copy of the BN buffers at
-    entry and one at exit, nothing per forward.
+    entry and one at exit, nothing per forward (the copies are kept for the
+    next block: entering allocates nothing).
 
 :func:`sync_running_stats`
     Makes the running statistics identical on every rank of a process group.
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from ..stats import Moments, merge
 from ._family import has_running_stats
+from ._spares import BufferSnapshot
 from .accumulate import accumulate_stats
 from .checkpointing import _bn_layers, checkpoint_safe
 
@@ -62,20 +64,12 @@ def preserve_stats(model: nn.Module) -> Iterator[nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"preserve_stats: expected an nn.Module, got {type(model).__name__}")
-    saved = []
-    with torch.no_grad():
-        for _, m in _bn_layers(model):
-            saved.append((m, {k: (b, b.clone()) for k, b in m._buffers.items() if isinstance(b, Tensor)}))
+    snapshot = BufferSnapshot(m for _, m in _bn_layers(model))
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for m, bufs in saved:
-                for k, (orig, copy_) in bufs.items():
-                    # The original tensor objects, with their values: references (an optimizer's,
-                    # a DDP bucket's) stay valid even if the forward rebound the attribute.
-                    orig.copy_(copy_)
-                    m._buffers[k] = orig
+        snapshot.restore()
+        snapshot.release()
 
 
 def _world(group: Any) -> tuple[Any, int, int]:

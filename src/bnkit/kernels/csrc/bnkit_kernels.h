@@ -130,8 +130,24 @@ bool running_update(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_backward_composite(
     const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& weight, double eps);
 
-// The fused layer call (layer.cpp): see ops.cpp for the schema.
-std::tuple<at::Tensor, int64_t> batch_norm_layer(
+// The fused layer call's arguments, in the order of bnkit::batch_norm_layer's
+// schema (ops.cpp): built once per call, by batch_norm_layer below or by the
+// boxed kernels of its training variants (layer.cpp), and read by the accept
+// predicate and the body alike.
+struct LayerCall {
+  at::Tensor input;
+  std::optional<at::Tensor> weight, bias, running_mean, running_var, num_batches_tracked;
+  bool training;
+  double momentum, eps;
+  int64_t axis, num_features, ranks;
+  bool check_finite;
+};
+
+// The fused layer call (layer.cpp): (output, status), the running update applied.
+std::tuple<at::Tensor, int64_t> layer_forward(const LayerCall& call);
+
+// bnkit::batch_norm_layer's kernel as ops.cpp registers it (unboxed).
+inline std::tuple<at::Tensor, int64_t> batch_norm_layer(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
@@ -144,7 +160,11 @@ std::tuple<at::Tensor, int64_t> batch_norm_layer(
     int64_t axis,
     int64_t num_features,
     int64_t ranks,
-    bool check_finite);
+    bool check_finite) {
+  return layer_forward(
+      {input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, axis,
+       num_features, ranks, check_finite});
+}
 
 // Instruction set of the row kernels in use: "default", "avx2" or "avx512".
 const char* cpu_isa();

@@ -2,9 +2,9 @@
 //
 // A BN layer's whole eager forward on CPU in one op call, for speed on small
 // inputs (where the same steps as separate Python-level calls cost as much as
-// the kernels).  It holds only two things: the accept predicate (below,
-// `accepts` and the checks at the top of batch_norm_layer), which must decline
-// whatever the general Python path (bnkit.engine) would treat differently, and
+// the kernels).  It holds only two things: the accept predicate (below, the
+// checks at the top of layer_call), which must decline whatever the general
+// Python path (bnkit.engine) would treat differently, and
 // the fused body, which is made of the same phases as every other caller: the
 // training Function (autograd.cpp), inference, and the running-statistics
 // phase (running_update, which owns the cumulative factor and the
@@ -21,11 +21,14 @@
 // messages.  It is registered as CompositeImplicitAutograd and used in eager
 // mode only (torch.compile traces the general path).
 //
-// bnkit::batch_norm_layer_moments is the same training call with the running
-// update left out: it returns the batch moments the kernels computed, which
-// engine.running_update hands to its hook (accumulate_stats) -- one kernel
-// pass and no scratch buffers; bnkit::merge_moments_ is that hook's Chan
-// merge of them into its float64 totals.
+// Its training variants, for engine.running_update's hook (accumulate_stats),
+// are the same call with the running update left out: one kernel pass and no
+// scratch buffers.  bnkit::batch_norm_layer_moments returns the batch moments;
+// bnkit::batch_norm_layer_accumulate_ merges them at once, in place, into the
+// float64 totals the hook owns (so a micro-batch costs one op call and no
+// tensor outlives it), as bnkit::merge_moments_ merges moments computed
+// elsewhere.  They are boxed kernels that read the arguments they share with
+// batch_norm_layer into the same LayerCall (bnkit_kernels.h).
 #include "bnkit_kernels.h"
 #include "layout.h"
 
@@ -34,9 +37,12 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+#include <ATen/core/stack.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
+#include <string>
+#include <tuple>
 
 namespace bnkit {
 namespace {
@@ -83,37 +89,30 @@ bool all_finite(const Tensor& stat) {
   return t.scalar_type() == at::kFloat ? scan(t.const_data_ptr<float>()) : scan(t.const_data_ptr<double>());
 }
 
+// A training call's batch moments, left unapplied: mean and biased variance in
+// the kernels' accumulation dtype, over `count` values per channel.
+struct BatchMoments {
+  Tensor mean, var;
+  int64_t count = 0;
+};
+
 // The whole call: the accept predicate, the forward and then either the
-// running update (`apply`) or, for a training call, nothing but the batch
-// moments in `mean_out`/`var_out` (mean, biased variance, in the kernels'
-// accumulation dtype; kNonFinite when check_finite finds NaN/Inf).
-std::tuple<Tensor, int64_t> layer_call(
-    const Tensor& input,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var,
-    const std::optional<Tensor>& num_batches_tracked,
-    bool training,
-    double momentum,
-    double eps,
-    int64_t axis,
-    int64_t num_features,
-    int64_t ranks,
-    bool check_finite,
-    bool apply,
-    Tensor& mean_out,
-    Tensor& var_out) {
+// running update (`unapplied` null) or, for a training call, nothing but the
+// batch moments in `*unapplied` (status kNonFinite when check_finite finds
+// NaN/Inf in them).
+std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unapplied) {
+  const Tensor& input = c.input;
+  const auto &weight = c.weight, &bias = c.bias, &running_mean = c.running_mean, &running_var = c.running_var;
   const std::tuple<Tensor, int64_t> not_handled{input, kNotHandled};
   if (!plain_cpu(input) || c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python)) return not_handled;
   const auto dt = input.scalar_type();
   if (dt != at::kFloat && dt != at::kDouble && dt != at::kBFloat16 && dt != at::kHalf) return not_handled;
   const int64_t ndim = input.dim();
-  if (ndim < 1 || ndim >= 64 || (ranks != 0 && ((ranks >> ndim) & 1) == 0)) return not_handled;
-  if (axis < -ndim || axis >= ndim) return not_handled;
-  axis = axis < 0 ? axis + ndim : axis;
+  if (ndim < 1 || ndim >= 64 || (c.ranks != 0 && ((c.ranks >> ndim) & 1) == 0)) return not_handled;
+  if (c.axis < -ndim || c.axis >= ndim) return not_handled;
+  const int64_t axis = c.axis < 0 ? c.axis + ndim : c.axis;
   const int64_t C = input.size(axis);
-  if ((num_features > 0 && C != num_features) || C == 0) return not_handled;
+  if ((c.num_features > 0 && C != c.num_features) || C == 0) return not_handled;
   if (!per_channel_ok(weight, input, C) || !per_channel_ok(bias, input, C)) return not_handled;
   const bool track = defined(running_mean);
   if (track != defined(running_var)) return not_handled;
@@ -124,8 +123,9 @@ std::tuple<Tensor, int64_t> layer_call(
     return not_handled;
   const bool grad =
       at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
+  const double eps = c.eps;
 
-  if (!training) {
+  if (!c.training) {
     if (!track || !(eps >= 0) || (grad && (running_mean->requires_grad() || running_var->requires_grad())))
       return not_handled;
     const Layout layout = layout_of(input, axis);
@@ -142,8 +142,8 @@ std::tuple<Tensor, int64_t> layer_call(
   if (!(eps > 0) || !std::isfinite(eps)) return not_handled;
   const int64_t count = input.numel() / C;
   if (count <= 1) return not_handled; // empty batches and the one-value error: the general path
-  const bool cumulative = momentum < 0; // kCumulativeMomentum
-  Tensor nbt = defined(num_batches_tracked) ? *num_batches_tracked : Tensor();
+  const bool cumulative = c.momentum < 0; // kCumulativeMomentum
+  const Tensor nbt = defined(c.num_batches_tracked) ? *c.num_batches_tracked : Tensor();
   if (nbt.defined() && (!plain_cpu(nbt) || nbt.scalar_type() != at::kLong || nbt.numel() != 1)) return not_handled;
   if (track && cumulative && !nbt.defined()) return not_handled;
   // Buffers made under torch.inference_mode may only be updated inside it; torch's
@@ -162,131 +162,167 @@ std::tuple<Tensor, int64_t> layer_call(
     std::tie(mean, var) =
         batch_norm_train_into(view3(input, axis, layout), view3(y, axis, layout), weight, bias, eps);
   }
-  if (!apply) {
-    mean_out = mean;
-    var_out = var;
-    return {y, check_finite && !all_finite(var) ? kNonFinite : kHandled};
+  if (unapplied != nullptr) {
+    *unapplied = {mean, var, count};
+    return {y, c.check_finite && !all_finite(var) ? kNonFinite : kHandled};
   }
   if (!track) return {y, kHandled};
   Tensor rm = *running_mean, rv = *running_var;
-  if (!running_update(rm, rv, num_batches_tracked, mean, var, momentum, count, check_finite)) return {y, kNonFinite};
+  if (!running_update(rm, rv, c.num_batches_tracked, mean, var, c.momentum, count, c.check_finite))
+    return {y, kNonFinite};
   return {y, kHandled};
 }
 
-// bnkit::batch_norm_layer_moments: a training call of batch_norm_layer that
-// applies no running update and returns the batch moments instead, for
-// engine.running_update to hand on (the accumulate_stats hook).  The running
-// buffers and momentum only take part in the accept predicate, so that it
-// declines exactly what batch_norm_layer declines.
-std::tuple<Tensor, Tensor, Tensor, int64_t> batch_norm_layer_moments(
-    const Tensor& input,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var,
-    const std::optional<Tensor>& num_batches_tracked,
-    double momentum,
-    double eps,
-    int64_t axis,
-    int64_t num_features,
-    int64_t ranks,
-    bool check_finite) {
-  Tensor mean = input, var = input; // placeholders where the call is not handled
-  auto [y, status] = layer_call(
-      input, weight, bias, running_mean, running_var, num_batches_tracked, true, momentum, eps, axis, num_features,
-      ranks, check_finite, false, mean, var);
-  return {y, mean, var, status};
+// A layer's accumulated moments (accumulate_stats' totals): one contiguous
+// float64 CPU tensor of 2C + 1 values, the C means, the C M2s and the count
+// (a float64 integer, exact to 2^53).  Checks it and returns its data.
+double* totals_data(const Tensor& totals, int64_t C, const char* op) {
+  TORCH_CHECK(
+      totals.scalar_type() == at::kDouble && totals.dim() == 1 && totals.is_contiguous() && totals.device().is_cpu(),
+      op, ": the totals must be a contiguous 1-D float64 CPU tensor");
+  TORCH_CHECK(
+      totals.numel() == 2 * C + 1, op, ": the totals must hold 2C + 1 values for the batch moments' size C = ", C,
+      ", got ", totals.numel());
+  return totals.mutable_data_ptr<double>();
 }
 
-// bnkit::merge_moments_: Chan's merge, in place and in float64, of one batch's
-// moments (count n_b, mean, variance: biased, or unbiased for `unbiased`, as
-// torch's buffers hold it) into the running totals (count n_a, mean, M2) of
-// stats.merge:
+// Chan's merge, in place and in float64, of one batch's moments (count n_b,
+// mean, variance: biased, or unbiased for `unbiased`, as torch's buffers hold
+// it) into the totals (count n_a, mean, M2) of stats.merge:
 //   d = mean_b - mean_a,  mean <- mean_a + d n_b / n,  M2 <- M2_a + M2_b + d^2 n_a n_b / n.
-// accumulate_stats' per-batch step: the batch's tensors are not kept (small
-// tensors kept alive between the layer's large ones fragment the heap, so
-// that every output then faults in fresh pages).
-void merge_moments(
-    Tensor& mean,
-    Tensor& m2,
-    int64_t count,
+// The batch moments are read in place (no converted copies: a few small
+// tensors per call cost as much as the merge).
+void merge_batch(
+    double* totals,
+    int64_t C,
     const Tensor& batch_mean,
     const Tensor& batch_var,
     int64_t batch_count,
     bool unbiased) {
-  const int64_t C = mean.numel();
-  TORCH_CHECK(
-      mean.scalar_type() == at::kDouble && m2.scalar_type() == at::kDouble && mean.is_contiguous() &&
-          m2.is_contiguous() && mean.device().is_cpu() && m2.device().is_cpu() && m2.numel() == C,
-      "bnkit::merge_moments_: the totals must be contiguous float64 CPU tensors of one size");
-  TORCH_CHECK(
-      batch_mean.numel() == C && batch_var.numel() == C && batch_mean.device().is_cpu() &&
-          batch_var.device().is_cpu(),
-      "bnkit::merge_moments_: the batch moments must be CPU tensors of the totals' size, got ",
-      batch_mean.numel(), " and ", batch_var.numel(), " for ", C);
-  TORCH_CHECK(count >= 0 && batch_count >= 0, "bnkit::merge_moments_: counts must be non-negative");
   if (batch_count == 0) return;
-  // Read in place (no converted copies: a few small tensors per call cost as much as the merge).
   const bool direct = batch_var.scalar_type() == batch_mean.scalar_type() && batch_mean.is_contiguous() &&
       batch_var.is_contiguous() && batch_mean.is_floating_point();
   const Tensor bm = direct ? batch_mean : batch_mean.to(at::kDouble).contiguous();
   const Tensor bv = direct ? batch_var : batch_var.to(at::kDouble).contiguous();
-  double* am = mean.mutable_data_ptr<double>();
-  double* a2 = m2.mutable_data_ptr<double>();
-  const double nb = static_cast<double>(batch_count), na = static_cast<double>(count), n = na + nb;
+  double* am = totals;
+  double* a2 = totals + C;
+  const double na = totals[2 * C], nb = static_cast<double>(batch_count), n = na + nb;
   const double to_m2 = unbiased ? nb - 1.0 : nb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bm.scalar_type(), "bnkit::merge_moments_", [&] {
     const scalar_t* pm = bm.const_data_ptr<scalar_t>();
     const scalar_t* pv = bv.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double mean_b = static_cast<double>(pm[c]), m2_b = static_cast<double>(pv[c]) * to_m2;
-      if (count == 0) {
-        am[c] = mean_b;
-        a2[c] = m2_b;
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const double mean_b = static_cast<double>(pm[ch]), m2_b = static_cast<double>(pv[ch]) * to_m2;
+      if (na == 0) {
+        am[ch] = mean_b;
+        a2[ch] = m2_b;
       } else {
-        const double d = mean_b - am[c];
-        am[c] += d * (nb / n);
-        a2[c] += m2_b + d * d * (na * nb / n);
+        const double d = mean_b - am[ch];
+        am[ch] += d * (nb / n);
+        a2[ch] += m2_b + d * d * (na * nb / n);
       }
     }
   });
+  totals[2 * C] = n;
+}
+
+// bnkit::merge_moments_: merge_batch of moments computed elsewhere (the
+// general path's, torch layers' buffers).
+void merge_moments(
+    Tensor& totals,
+    const Tensor& batch_mean,
+    const Tensor& batch_var,
+    int64_t batch_count,
+    bool unbiased) {
+  const int64_t C = batch_mean.numel();
+  TORCH_CHECK(
+      batch_var.numel() == C && batch_mean.device().is_cpu() && batch_var.device().is_cpu(),
+      "bnkit::merge_moments_: the batch mean and variance must be CPU tensors of one size, got ", C, " and ",
+      batch_var.numel());
+  TORCH_CHECK(batch_count >= 0, "bnkit::merge_moments_: counts must be non-negative");
+  merge_batch(totals_data(totals, C, "bnkit::merge_moments_"), C, batch_mean, batch_var, batch_count, unbiased);
+}
+
+// ---- the training variants (boxed kernels) ----
+// The arguments they share, first in their schemas: batch_norm_layer's
+// without `training` (always true).  The running buffers and momentum only
+// take part in the accept predicate, so that a variant declines exactly what
+// batch_norm_layer declines.
+constexpr const char* kVariantArgs =
+    "Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+    "Tensor? num_batches_tracked, float momentum, float eps, int axis, int num_features, int ranks, "
+    "bool check_finite";
+
+constexpr size_t count_args(const char* schema) {
+  size_t n = 1;
+  for (; *schema != '\0'; ++schema) n += *schema == ',';
+  return n;
+}
+constexpr size_t kVariantArgCount = count_args(kVariantArgs);
+static_assert(kVariantArgCount == 12, "training_call reads 12 shared arguments");
+
+LayerCall training_call(const c10::IValue* a) {
+  return {a[0].toTensor(),          a[1].toOptional<Tensor>(), a[2].toOptional<Tensor>(),
+          a[3].toOptional<Tensor>(), a[4].toOptional<Tensor>(), a[5].toOptional<Tensor>(),
+          /*training=*/true,         a[6].toDouble(),           a[7].toDouble(),
+          a[8].toInt(),              a[9].toInt(),              a[10].toInt(),
+          a[11].toBool()};
+}
+
+// bnkit::batch_norm_layer_moments(<shared>) -> (output, mean, var, status):
+// the batch moments unapplied, for engine.running_update to hand to its hook.
+std::tuple<Tensor, Tensor, Tensor, int64_t> moments_variant(const LayerCall& call, const c10::IValue*) {
+  BatchMoments batch{call.input, call.input}; // placeholders where the call is not handled
+  auto [y, status] = layer_call(call, &batch);
+  return {y, batch.mean, batch.var, status};
+}
+
+// bnkit::batch_norm_layer_accumulate_(<shared>, totals!) -> (output, status):
+// the batch moments merged into `totals` (merge_batch) when the call is
+// handled and they pass the non-finite check; nothing else changes.
+std::tuple<Tensor, int64_t> accumulate_variant(const LayerCall& call, const c10::IValue* extra) {
+  BatchMoments batch;
+  auto [y, status] = layer_call(call, &batch);
+  if (status != kNotHandled) {
+    const int64_t C = batch.mean.numel();
+    double* totals = totals_data(extra[0].toTensor(), C, "bnkit::batch_norm_layer_accumulate_");
+    if (status == kHandled) merge_batch(totals, C, batch.mean, batch.var, batch.count, false);
+  }
+  return {y, status};
+}
+
+// The boxed kernel of a variant: one LayerCall from the shared arguments, the
+// rest (`extra`) left on the stack for the variant, then its outputs pushed.
+template <auto Variant>
+void boxed_variant(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  const c10::IValue* args = stack->data() + (stack->size() - n);
+  auto outputs = Variant(training_call(args), args + kVariantArgCount);
+  torch::jit::drop(*stack, n);
+  std::apply([&](auto&... out) { torch::jit::push(*stack, std::move(out)...); }, outputs);
+}
+
+// Defines a variant, `name(<shared>extra) -> returns`, with its boxed kernel
+// (CompositeImplicitAutograd, as batch_norm_layer: eager mode only).
+template <auto Variant>
+void def_variant(torch::Library& m, const char* name, const char* extra, const char* returns) {
+  const std::string schema = std::string(name) + "(" + kVariantArgs + extra + ") -> " + returns;
+  m.def(schema.c_str(), torch::CppFunction::makeFromBoxedFunction<&boxed_variant<Variant>>());
 }
 
 } // namespace
 
-std::tuple<Tensor, int64_t> batch_norm_layer(
-    const Tensor& input,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean,
-    const std::optional<Tensor>& running_var,
-    const std::optional<Tensor>& num_batches_tracked,
-    bool training,
-    double momentum,
-    double eps,
-    int64_t axis,
-    int64_t num_features,
-    int64_t ranks,
-    bool check_finite) {
-  Tensor unused_mean, unused_var;
-  return layer_call(
-      input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, axis,
-      num_features, ranks, check_finite, true, unused_mean, unused_var);
+std::tuple<Tensor, int64_t> layer_forward(const LayerCall& call) {
+  return layer_call(call, nullptr);
 }
 
 } // namespace bnkit
 
 TORCH_LIBRARY_FRAGMENT(bnkit, m) {
+  bnkit::def_variant<bnkit::moments_variant>(m, "batch_norm_layer_moments", "", "(Tensor, Tensor, Tensor, int)");
+  bnkit::def_variant<bnkit::accumulate_variant>(
+      m, "batch_norm_layer_accumulate_", ", Tensor(a!) totals", "(Tensor, int)");
   m.def(
-      "batch_norm_layer_moments(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean,"
-      " Tensor? running_var, Tensor? num_batches_tracked, float momentum, float eps, int axis, int num_features,"
-      " int ranks, bool check_finite) -> (Tensor, Tensor, Tensor, int)");
-  m.def(
-      "merge_moments_(Tensor(a!) mean, Tensor(b!) m2, int count, Tensor batch_mean, Tensor batch_var,"
-      " int batch_count, bool unbiased) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(bnkit, CompositeImplicitAutograd, m) {
-  m.impl("batch_norm_layer_moments", TORCH_FN(bnkit::batch_norm_layer_moments));
-  m.impl("merge_moments_", TORCH_FN(bnkit::merge_moments));
+      "merge_moments_(Tensor(a!) totals, Tensor batch_mean, Tensor batch_var, int batch_count, bool unbiased) -> ()",
+      TORCH_FN(bnkit::merge_moments));
 }

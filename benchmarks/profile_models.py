@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {title}: each BN shape alone, ms ({args.clock} clock), median of {args.reps}"
                   f" (interleaved, shuffled)\n{time_table(rows)}\n"
                   f"fixed cost per layer (a {'x'.join(map(str, FIXED_COST_SHAPE))} input, n = 0: not in the sum):\n"
-                  f"{time_table(fixed).splitlines()[-1]}", flush=True)
+                  f"{time_table(fixed).splitlines()[2]}", flush=True)
     return 0
 
 

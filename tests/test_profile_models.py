@@ -198,6 +198,7 @@ def test_a_tiny_run_prints_every_section(prof, capsys):
     for title in ("the BN layers of one training step", "ops in one training step", "one training step, medians",
                   "each BN shape alone", "sum over the layers"):
         assert title in out
+    assert out.split("fixed cost per layer")[1].splitlines()[1].startswith("4x8x2x2")
 
 
 @pytest.mark.parametrize("bad", [["--sections", "nope"], ["--layouts", "nhwc"], ["--reps", "0"], ["--model", "vgg"]])

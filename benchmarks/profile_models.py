@@ -7,11 +7,15 @@ why bnkit's BN layers gain less inside a step than the kernel benchmark says the
 * ``layers``  every BN layer of one training step: its input shape and size, the memory format of its
               input and of the gradient that reaches it from the next layer, the module after it (the
               activation that runs in place on its output, or none), and whether bnkit's backward must
-              copy that gradient first (a gradient whose memory order differs from the input's).
+              copy that gradient first (a gradient whose memory order differs from the input's); and the
+              minor page faults while each layer's forward and autograd node ran, for both arms.
 * ``ops``     a ``torch.profiler`` op count of one training step of each arm (torch BN, bnkit, no BN):
               the copy and allocation ops (``aten::copy_``, ``contiguous``, ``clone``, ``empty*``,
               ``to``/``_to_copy``) and every op whose count differs between torch and bnkit. Counts, not
               times: they do not depend on the machine's load.
+* ``steps``   each arm's whole training step: minor page faults, user and system CPU seconds (system time
+              is mostly the kernel zeroing fresh pages) and wall seconds, medians of ``--step-reps``
+              interleaved steps; "BN cost" is an arm minus the no-BN arm.
 * ``time``    each distinct BN shape of the network timed alone, torch's ``nn.BatchNorm2d`` against
               bnkit's, forward and forward+backward (``torch.autograd.grad`` for the input, weight and
               bias, with the gradient's memory format as the network produced it), interleaved rep by rep
@@ -19,11 +23,16 @@ why bnkit's BN layers gain less inside a step than the kernel benchmark says the
               shape, so the total is what one step's BN layers cost if each cost what it costs alone.
               A fixed-cost row (a tiny input) gives the per-call overhead of each layer.
 
+On a shared machine use ``--threads 1 --clock cpu``: wall time with two threads then measures how long
+each parallel region waits for a descheduled thread. The glibc allocator's settings come from the
+environment (``MALLOC_MMAP_THRESHOLD_`` and friends, printed in the header), so an A/B of them is two runs.
+
 Usage::
 
     python benchmarks/profile_models.py [--model mobilenetv2|resnet18] [--layouts nchw,cl] [--batch 128]
-                                        [--size 64] [--sections layers,ops,time] [--reps 15] [--warmup 3]
-                                        [--threads 2] [--ops-batch 16]
+                                        [--size 64] [--sections layers,ops,steps,time] [--reps 15]
+                                        [--step-reps 7] [--warmup 2] [--threads 2] [--clock wall|cpu]
+                                        [--ops-batch 16]
 
 It prints tables; there are no timed tests (``tests/test_profile_models.py`` checks the bookkeeping).
 """
@@ -126,7 +135,7 @@ class LayerRecord:
 
 
 def _successors(model: nn.Module) -> dict[int, str]:
-    """For each BN module (by id), the name of the module after it in its ``nn.Sequential`` ("-" when last)."""
+    """For each BN module (by id), the module after it in its ``nn.Sequential`` ("-" when last)."""
     out: dict[int, str] = {}
     for m in model.modules():
         if isinstance(m, nn.Sequential):
@@ -141,7 +150,7 @@ def _successors(model: nn.Module) -> dict[int, str]:
                         out[id(k)] = type(nxt).__name__ + ("(inplace)" if inplace else "")
         for k in m.children():
             if isinstance(k, BN_TYPES) and id(k) not in out:
-                out[id(k)] = "?"
+                out[id(k)] = "(in forward)"  # called from a module's own forward (e.g. a ResNet block)
     return out
 
 

@@ -235,7 +235,7 @@ def test_options_restore_bit_for_bit_and_bad_options_change_nothing():
     assert _same_state(model, state) and [m.training for m in model.modules()] == flags
     bad = [({"max_entropy": 0}, ValueError), ({"max_entropy": -1.0}, ValueError), ({"max_entropy": "eata"}, ValueError),
            ({"weighted": True}, ValueError), ({"weighted": True, "max_entropy": math.inf}, ValueError),
-           ({"weighted": 1}, TypeError), ({"sharpness": 0.0}, ValueError), ({"sharpness": math.inf}, ValueError),
+           ({"weighted": "yes"}, TypeError), ({"weighted": 1}, ValueError), ({"sharpness": 0.0}, ValueError), ({"sharpness": math.inf}, ValueError),
            ({"step_stats": "running"}, ValueError)]
     for kw, exc in bad:
         with pytest.raises(exc):
@@ -243,3 +243,91 @@ def test_options_restore_bit_for_bit_and_bad_options_change_nothing():
         assert _same_state(model, state)
     assert all(p.requires_grad for p in model.parameters())
 
+
+
+# ------------------------------------------------------------------ DeYO's patch-shuffle filter
+patch_shuffle = tent_mod.patch_shuffle
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(4, 9), st.integers(4, 9), st.integers(0, 1000))
+def test_patch_shuffle_permutes_each_images_tiles(patches, height, width, seed):
+    if height < patches or width < patches:
+        return
+    x = torch.randn(3, 2, height, width, generator=torch.Generator().manual_seed(seed))
+    y = patch_shuffle(x, patches, torch.Generator().manual_seed(seed))
+    ph, pw = height // patches, width // patches
+    torch.testing.assert_close(y[:, :, patches * ph:], x[:, :, patches * ph:], rtol=0, atol=0)  # the border stays
+    torch.testing.assert_close(y[:, :, :, patches * pw:], x[:, :, :, patches * pw:], rtol=0, atol=0)
+    for n in range(3):
+        tiles = {(i, j): x[n, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] for i in range(patches) for j in range(patches)}
+        used = []
+        for i in range(patches):
+            for j in range(patches):
+                out = y[n, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw]
+                src = [k for k, t in tiles.items() if torch.equal(t, out)]
+                assert src, "every output tile is an input tile of the same image"
+                used.append(src[0])
+        assert sorted(used) == sorted(tiles)  # each exactly once (random data: tiles are distinct)
+    assert torch.equal(patch_shuffle(x, patches, torch.Generator().manual_seed(seed)), y)  # the generator decides
+
+
+def test_patch_shuffle_bad_input():
+    with pytest.raises(TypeError):
+        patch_shuffle(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        patch_shuffle(torch.randn(1, 1, 3, 3), 4)
+
+
+def _hand_deyo(model, params, x, frac, wfrac, tau, patches, gen, lr):
+    """One DeYO step written out: entropy filter, PLPD of the shuffled view (float64), weights, plain SGD."""
+    logits = model(x)
+    c = logits.shape[1]
+    h64 = _np_entropy(logits)
+    keep1 = np.flatnonzero(h64 < frac * math.log(c))
+    with torch.no_grad():
+        ps = model(patch_shuffle(x[torch.from_numpy(keep1)], patches, gen)).double().softmax(1).numpy()
+    p = logits.detach().double().softmax(1).numpy()[keep1]
+    cls = p.argmax(1)
+    plpd = p[np.arange(len(cls)), cls] - ps[np.arange(len(cls)), cls]
+    ok = plpd > tau
+    idx = torch.from_numpy(keep1[ok])
+    h = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)[idx]
+    w = torch.from_numpy(np.exp(wfrac * math.log(c) - h64[keep1[ok]]) + np.exp(plpd[ok])).float()
+    grads = torch.autograd.grad((h * w).sum() / len(idx), params)
+    with torch.no_grad():
+        for p_, gr in zip(params, grads):
+            p_ -= lr * gr
+    return len(keep1), int(ok.sum()), plpd
+
+
+def test_deyo_step_by_hand():
+    frac, wfrac, patches, lr = 0.5, 0.4, 3, 0.5
+    probe = _model()
+    _, _, plpd = _hand_deyo(probe, _bn_train_mode(probe), TARGET, frac, wfrac, -2.0, patches,
+                            torch.Generator().manual_seed(0), lr)
+    tau = float(np.median(plpd))  # a threshold that keeps some of the reliable samples and not the others
+    model, oracle = _model(), _model()
+    params = _bn_train_mode(oracle)
+    reliable, kept, _ = _hand_deyo(oracle, params, TARGET, frac, wfrac, tau, patches,
+                                   torch.Generator().manual_seed(0), lr)
+    assert 0 < kept < reliable < len(TARGET)
+    _, h = bnkit.tent(model, TARGET, lr=lr, optimizer=_plain_sgd, stats="source", max_entropy=frac, weighted=wfrac,
+                      min_plpd=tau, patches=patches)  # generator=None: seeded with 0, as the oracle's
+    for i in (1, 5):
+        torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[i].bias, oracle[i].bias, rtol=1e-5, atol=1e-6)
+    assert h.samples_used == kept and h.steps_taken == 1
+
+
+def test_deyo_options_are_checked():
+    model = _model()
+    state = _state(model)
+    for kw, exc in (({"min_plpd": 1.5}, ValueError), ({"min_plpd": 0.2, "patches": 0}, ValueError),
+                    ({"weighted": 0.4}, ValueError), ({"min_plpd": 0.2, "sharpness": 0.05}, ValueError),
+                    ({"min_plpd": 0.2, "generator": 3}, TypeError), ({"weighted": -0.4, "min_plpd": 0.2}, ValueError)):
+        with pytest.raises(exc):
+            bnkit.tent(model, TARGET, **kw)
+        assert _same_state(model, state)
+    with pytest.raises(TypeError, match="image batches"):
+        bnkit.tent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), torch.randn(8, 3), min_plpd=0.2)

@@ -2,7 +2,8 @@
 
 One model (the benchmark's: seed 0, 3 epochs, standardized inputs) is trained once for the module, then
 evaluated at severity 5 on both corruptions (prior with n = 8 only, 3 draws, to stay within a few
-minutes); docs/adaptation.md has the full table.
+minutes); docs/adaptation.md has the full table. TENT runs as in the paper and with EATA's, SAR's and DeYO's
+remedies (the benchmark's TENT_VARIANTS).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def test_gaussian_noise_targets(res):
     assert r["prior_n8_min"] - r["source"] >= 5  # and no draw of 8 is useless
     assert r["online"] >= r["source"] + 10
     assert r["tent"] >= r["reestimate"]
+    assert r["tent_eata"] >= r["reestimate"]  # EATA's, SAR's and DeYO's remedies keep TENT's gain on noise
+    assert r["tent_sar"] >= r["reestimate"]
+    assert r["tent_deyo"] >= r["reestimate"]
 
 
 def test_contrast_reestimate_target(res):
@@ -64,11 +68,16 @@ def test_contrast_reestimate_target(res):
     # The prior is reported, not a target: mixing source variances back in cannot undo a ~400x shrinkage.
     assert r["prior_n8_mean"] > r["source"]
     assert r["tent"] > r["source"] + 5
+    # The filters shrink TENT's loss against re-estimation (at seed 0; docs/adaptation.md has every seed)
+    assert r["tent"] < r["tent_eata"] < r["reestimate"]
+    assert r["tent"] < r["tent_deyo"]
 
 
-@pytest.mark.xfail(strict=True, reason="measured gap (docs/adaptation.md): on contrast severity 5 entropy "
-                                       "minimization drifts towards the classes the adapted model already "
-                                       "over-predicts, so TENT ends below re-estimation")
+@pytest.mark.xfail(strict=True, reason="measured gap (docs/adaptation.md): on contrast severity 5 the "
+                                       "re-estimated model's confidence does not tell right from wrong (its "
+                                       "most confident digits are no more often right than the rest), so "
+                                       "entropy minimization, filtered (EATA, SAR, DeYO) or not, ends "
+                                       "below re-estimation")
 def test_contrast_tent_at_least_reestimate(res):
     r = res["corruptions"]["contrast 5"]
-    assert r["tent"] >= r["reestimate"]
+    assert max(r["tent"], r["tent_eata"], r["tent_sar"], r["tent_deyo"]) >= r["reestimate"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,7 +14,7 @@ from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, le
 from .adapt import AdaptHandle, _Snapshot, adapt
 from .calibrate import _model_device, _model_input
 
-__all__ = ["bn_parameters", "tent"]
+__all__ = ["bn_parameters", "patch_shuffle", "reliable_entropy", "tent"]
 
 
 def bn_parameters(model: nn.Module, *, named: bool = False) -> list:
@@ -56,7 +57,120 @@ def _undo_tent_setup(hooks: list, momenta: list, grads: list) -> None:
 
 def _entropy(logits: Tensor) -> Tensor:
     """Mean Shannon entropy of ``softmax(logits)`` over the batch (classes along dim 1)."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+    return _sample_entropy(logits).mean()
+
+
+def _sample_entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy of ``softmax(logits)`` per sample (classes along dim 1; shape ``logits`` without dim 1)."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def reliable_entropy(logits: Tensor, max_entropy: float | None = None, weighted: bool = False, *,
+                     within: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    r"""TENT's loss with EATA's / SAR's reliable-sample filter: ``(loss, mask)``.
+
+    With ``H_i`` the entropy of ``softmax(logits_i)`` and ``E0 = max_entropy * ln C``
+    (``C = logits.shape[1]`` classes), the samples with ``H_i < E0`` are kept
+    (``mask``) and
+
+    .. math::  L = \frac{1}{|S|}\sum_{i \in S} w_i H_i,\qquad
+               S = \{i : H_i < E_0\},\quad w_i = e^{E_0 - H_i}\ (\texttt{weighted})\ \text{or}\ 1,
+
+    the weights held constant (no gradient through them), as in EATA (Niu et
+    al. 2022). ``max_entropy=None`` keeps every sample: plain TENT, the mean
+    entropy. ``loss`` is ``None`` when no sample is kept (nothing to step on).
+
+    Args:
+        logits: ``(N, C, ...)`` logits.
+        max_entropy: ``E0`` as a fraction of the maximum entropy ``ln C``
+            (EATA and SAR: 0.4); ``None`` or ``inf``: every sample.
+        weighted: weight the kept samples by ``exp(E0 - H_i)`` (needs ``max_entropy``).
+        within: a boolean mask (shape of ``H``): keep only samples inside it
+            too (SAR's second filter, after the sharpness step).
+
+    Example:
+        >>> loss, mask = reliable_entropy(torch.tensor([[4.0, 0, 0], [0.0, 0, 0]]), max_entropy=0.4)
+        >>> mask.tolist()
+        [True, False]
+    """
+    h = _sample_entropy(logits)
+    if max_entropy is None and within is None:
+        return h.mean(), torch.ones_like(h, dtype=torch.bool)
+    e0 = math.inf if max_entropy is None else float(max_entropy) * math.log(logits.shape[1])
+    mask = h < e0
+    if within is not None:
+        mask = mask & within
+    if not bool(mask.any()):
+        return None, mask
+    if weighted:
+        h = h * torch.exp(e0 - h.detach())
+    return h[mask].mean(), mask
+
+
+def patch_shuffle(x: Tensor, patches: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """DeYO's object-destructive view: each image cut into ``patches x patches`` tiles, shuffled per image.
+
+    ``x``: ``(N, C, H, W)``. Tiles are ``(H // patches, W // patches)``; a
+    remainder at the bottom and right border (when ``patches`` does not
+    divide the size) stays in place (DeYO resizes instead). Shuffling keeps
+    every pixel, so whatever a prediction reads from the image's pixel
+    statistics (its mean level, its colours) survives it; the shape does not.
+
+    Example:
+        >>> y = patch_shuffle(torch.arange(16.0).reshape(1, 1, 4, 4), 2, torch.Generator().manual_seed(0))
+        >>> sorted(y.flatten().tolist()) == list(range(16))
+        True
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise TypeError(f"patch_shuffle: expected an (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    n, c, height, width = x.shape
+    ph, pw = height // patches, width // patches
+    if ph == 0 or pw == 0:
+        raise ValueError(f"patch_shuffle: {patches} x {patches} patches do not fit an image of {height} x {width}")
+    region = x[:, :, : patches * ph, : patches * pw]
+    tiles = region.reshape(n, c, patches, ph, patches, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, patches * patches, c, ph, pw)
+    perm = torch.rand(n, patches * patches, generator=generator).argsort(1).to(x.device)
+    tiles = tiles[torch.arange(n, device=x.device).unsqueeze(1), perm]
+    out = x.clone()
+    out[:, :, : patches * ph, : patches * pw] = (
+        tiles.reshape(n, patches, patches, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, patches * ph, patches * pw)
+    )
+    return out
+
+
+def _deyo_loss(model: nn.Module, x: Any, logits: Tensor, max_entropy: float | None, weighted: bool | float,
+               min_plpd: float, patches: int, generator: torch.Generator) -> tuple[Tensor | None, Tensor]:
+    r"""DeYO's loss (Lee et al. 2024): the reliable samples whose prediction the shape supports.
+
+    ``PLPD_i = p_i[y_i] - p'_i[y_i]``, with ``y_i`` the predicted class and
+    ``p'`` the prediction for :func:`patch_shuffle`'d ``x_i`` (no gradient):
+    how much of the confidence goes when the shape is destroyed. Kept:
+    ``H_i < E0`` (when ``max_entropy``) and ``PLPD_i > min_plpd``; weights
+    ``exp(E0w - H_i) + exp(PLPD_i)`` (when ``weighted``, constants).
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise TypeError("tent: min_plpd needs (N, C, H, W) image batches (DeYO shuffles patches of the input)")
+    h = _sample_entropy(logits)
+    log_c = math.log(logits.shape[1])
+    keep = h < (math.inf if max_entropy is None else float(max_entropy) * log_c)
+    mask = torch.zeros_like(keep)
+    if not bool(keep.any()):
+        return None, mask
+    idx = keep.nonzero().squeeze(1)
+    with torch.no_grad():
+        p_shuffled = _logits(model, patch_shuffle(x[idx], patches, generator)).softmax(1)
+    p = logits[idx].detach().softmax(1)
+    cls = p.argmax(1, keepdim=True)
+    plpd = (p.gather(1, cls) - p_shuffled.gather(1, cls)).squeeze(1)
+    ok = plpd > min_plpd
+    mask[idx[ok]] = True
+    if not bool(ok.any()):
+        return None, mask
+    hk = h[idx[ok]]
+    if weighted is not False:
+        e0w = (float(max_entropy) if weighted is True else float(weighted)) * log_c
+        hk = hk * (torch.exp(e0w - hk.detach()) + torch.exp(plpd[ok]))
+    return hk.mean(), mask
 
 
 def _frozen_batch_stats_hook(module: nn.Module, args: tuple, output: Any) -> Tensor:
@@ -83,6 +197,73 @@ def _make_optimizer(optimizer: Any, params: list, lr: float) -> torch.optim.Opti
     raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
 
 
+def _check_options(max_entropy: Any, weighted: Any, sharpness: Any, step_stats: Any, min_plpd: Any = None,
+                   patches: Any = 4) -> None:
+    if max_entropy is not None and (
+        isinstance(max_entropy, bool) or not isinstance(max_entropy, (int, float)) or not max_entropy > 0
+    ):
+        raise ValueError(f"tent: max_entropy must be None or a positive number (a fraction of ln C), got {max_entropy!r}")
+    if not isinstance(weighted, (bool, int, float)):
+        raise TypeError(f"tent: weighted must be a bool or a number (a fraction of ln C), got {type(weighted).__name__}")
+    if not isinstance(weighted, bool):
+        if not (0 < weighted < math.inf):
+            raise ValueError(f"tent: weighted must be True, False or a positive finite fraction of ln C, got {weighted!r}")
+        if min_plpd is None:
+            raise ValueError("tent: a weighted= margin of its own is DeYO's (with min_plpd); EATA weighs with max_entropy")
+    elif weighted and (max_entropy is None or math.isinf(max_entropy)):
+        raise ValueError("tent: weighted=True needs a finite max_entropy (the weights are exp(E0 - H))")
+    if min_plpd is not None and (isinstance(min_plpd, bool) or not isinstance(min_plpd, (int, float))
+                                 or not -1 <= min_plpd < 1):
+        raise ValueError(f"tent: min_plpd must be None or a number in [-1, 1) (a difference of probabilities), got {min_plpd!r}")
+    if isinstance(patches, bool) or not isinstance(patches, int) or patches < 1:
+        raise ValueError(f"tent: patches must be a positive int, got {patches!r}")
+    if min_plpd is not None and sharpness is not None:
+        raise ValueError("tent: min_plpd (DeYO) and sharpness (SAR) are not combined")
+    if sharpness is not None and (
+        isinstance(sharpness, bool) or not isinstance(sharpness, (int, float)) or not 0 < sharpness < math.inf
+    ):
+        raise ValueError(f"tent: sharpness must be None or a positive finite number (SAM's rho), got {sharpness!r}")
+    if step_stats not in ("batch", "reestimate"):
+        raise ValueError(f"tent: step_stats must be 'batch' or 'reestimate', got {step_stats!r}")
+
+
+def _logits(model: nn.Module, x: Any) -> Tensor:
+    logits = model(x)
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
+        raise TypeError("tent: the model must return (N, classes) logits")
+    return logits
+
+
+def _sharpness_aware_grads(model: nn.Module, x: Any, params: list, rho: float, mask: Tensor,
+                           max_entropy: float | None, weighted: bool) -> bool:
+    """SAM's second pass (Foret et al. 2021, as SAR uses it): the gradient at ``theta + rho g/|g|``.
+
+    ``params`` hold the gradient ``g`` of the first loss. They are moved to the
+    worst-case neighbour, the loss is taken again on the samples the first pass
+    kept that are still reliable there (SAR's second filter), its gradient
+    replaces ``g``, and the parameters are moved back. Returns False (grads
+    cleared) when no sample is left.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = rho / (norm + 1e-12)
+    with torch.no_grad():
+        shifts = [g * scale for g in grads]
+        for p, e in zip(params, shifts):
+            p.add_(e)
+    for p in params:
+        p.grad = None
+    try:
+        loss, keep = reliable_entropy(_logits(model, x), max_entropy, weighted, within=mask)
+        if loss is not None:
+            loss.backward()
+    finally:
+        with torch.no_grad():
+            for p, e in zip(params, shifts):
+                p.sub_(e)
+    return loss is not None
+
+
 def tent(
     model: nn.Module,
     data: Iterable[Any] | Tensor,
@@ -92,6 +273,13 @@ def tent(
     optimizer: Any = "adam",
     stats: str = "reestimate",
     num_batches: int | None = None,
+    max_entropy: float | None = None,
+    weighted: bool = False,
+    sharpness: float | None = None,
+    step_stats: str = "batch",
+    min_plpd: float | None = None,
+    patches: int = 4,
+    generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, AdaptHandle]:
     r"""TENT: adapt the BN affine parameters by minimizing the prediction entropy on target batches.
 
@@ -108,6 +296,29 @@ def tent(
     :func:`adapt` does), so the eval-mode model is the adapted one; with
     ``stats="source"`` they stay the source's.
 
+    The remedies of the literature for TENT's error accumulation (confident
+    mistakes reinforced step after step) are options; their defaults are
+    plain TENT:
+
+    * ``max_entropy`` (EATA, Niu et al. 2022; SAR, Niu et al. 2023): only the
+      reliable samples, ``H_i < E0 = max_entropy * ln C``, enter the loss
+      (their mean; a batch with none is skipped), see
+      :func:`reliable_entropy`; both papers use 0.4. ``weighted=True`` adds
+      EATA's weights ``exp(E0 - H_i)``.
+    * ``sharpness`` (SAR): SAM's radius ``rho`` (SAR: 0.05); each step takes
+      the gradient at the worst-case neighbour ``theta + rho g / |g|`` of the
+      current parameters, on the samples still reliable there.
+    * ``min_plpd`` (DeYO, Lee et al. 2024): of those, only the samples whose
+      confidence in their predicted class drops by more than ``min_plpd``
+      when the image's ``patches x patches`` tiles are shuffled
+      (:func:`patch_shuffle`): predictions that rest on the shape, not on the
+      image's pixel statistics. DeYO: ``max_entropy=0.5, min_plpd=0.3``
+      (0.2 in its wild settings), ``patches=4``, ``weighted=0.4`` (weights
+      ``exp(0.4 ln C - H_i) + exp(PLPD_i)``).
+    * ``step_stats="reestimate"`` (AdaBN, then TENT): the statistics are
+      first re-estimated on all of ``data`` and the steps normalize with them
+      (fixed, eval-mode BN) instead of each batch's own.
+
     Args:
         model: a classifier whose output is ``(N, classes)`` logits (edited in place).
         data: batches as for :func:`adapt`. A one-shot iterator is read once
@@ -119,11 +330,27 @@ def tent(
             returning an optimizer (e.g. ``torch.optim.AdamW``).
         stats: ``"reestimate"`` or ``"source"``.
         num_batches: use at most this many batches.
+        max_entropy: the reliable-sample threshold as a fraction of ``ln C``
+            (``None``: every sample; ``inf`` is the same loss).
+        weighted: EATA's weights (needs a finite ``max_entropy``); with
+            ``min_plpd``, DeYO's, and a number is the weights' own ``E0``
+            as a fraction of ``ln C``.
+        sharpness: SAM's ``rho`` (``None``: plain gradient steps).
+        step_stats: ``"batch"`` or ``"reestimate"``, the statistics the steps
+            normalize with.
+        min_plpd: DeYO's PLPD threshold (``None``: no PLPD filter); needs
+            ``(N, C, H, W)`` image batches.
+        patches: DeYO's tiles per row and column.
+        generator: the shuffles' random numbers (``None``: a generator
+            seeded with 0 for each call).
 
     Returns:
         ``(model, handle)``; ``handle.restore()`` puts back the source
         parameters and statistics bit for bit. ``requires_grad`` flags,
-        momenta and training flags are as before.
+        momenta and training flags are as before. ``handle.samples_used``
+        and ``handle.samples_seen`` count the samples that entered a loss
+        (first pass) and that were seen, summed over the steps;
+        ``handle.steps_taken`` the optimizer steps.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, 3)).eval()
@@ -140,6 +367,9 @@ def tent(
         raise ValueError(f"tent: stats must be 'reestimate' or 'source', got {stats!r}")
     if not (optimizer in ("adam", "sgd") or callable(optimizer)):
         raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
+    _check_options(max_entropy, weighted, sharpness, step_stats, min_plpd, patches)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"tent: generator must be a torch.Generator, got {type(generator).__name__}")
     _check_num_batches("tent", num_batches)
     params = bn_parameters(model)
     if not params:
@@ -156,11 +386,17 @@ def tent(
     momenta = [(m, m.momentum) for _, m in layers if learns_stats(m)]
     hooks = []
     device = _model_device(model)
-    seen = 0
+    seen = used = taken = samples = 0
+    if generator is None and min_plpd is not None:
+        generator = torch.Generator().manual_seed(0)  # the same shuffles on every call: reproducible
     try:
         opt = _make_optimizer(optimizer, params, lr)
+        if step_stats == "reestimate" and bn_layers(model):
+            adapt(model, data, mode="reestimate", num_batches=num_batches)  # undone by the snapshot
         model.eval()
         for _, m in layers:
+            if step_stats == "reestimate":
+                continue  # eval mode: the re-estimated running statistics (frozen layers: their buffers)
             if learns_stats(m):
                 m.train()  # batch statistics, with their gradient ...
                 m.momentum = 0.0  # ... and the running averages kept as they are
@@ -174,11 +410,21 @@ def tent(
             x = _model_input(batch, device)
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
-                logits = model(x)
-                if not isinstance(logits, Tensor) or logits.dim() < 2:
-                    raise TypeError("tent: the model must return (N, classes) logits")
-                _entropy(logits).backward()
+                if min_plpd is None:
+                    loss, mask = reliable_entropy(_logits(model, x), max_entropy, weighted)
+                else:
+                    loss, mask = _deyo_loss(model, x, _logits(model, x), max_entropy, weighted, float(min_plpd),
+                                            patches, generator)
+                samples += mask.numel()
+                if loss is None:
+                    continue  # no reliable sample in this batch: no step
+                used += int(mask.sum())
+                loss.backward()
+                if sharpness is not None and not _sharpness_aware_grads(
+                        model, x, params, float(sharpness), mask, max_entropy, weighted):
+                    continue
                 opt.step()
+                taken += 1
             seen += 1
     except BaseException:
         _undo_tent_setup(hooks, momenta, grads)
@@ -198,4 +444,5 @@ def tent(
         raise ValueError("tent: data yielded no batch; nothing changed")
     if stats == "reestimate" and bn_layers(model):
         adapt(model, data, mode="reestimate", num_batches=num_batches)
+    handle.samples_used, handle.samples_seen, handle.steps_taken = used, samples, taken
     return model, handle

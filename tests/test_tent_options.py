@@ -1,0 +1,333 @@
+"""bnkit.tent's options against hand-written oracles: EATA's / SAR's reliable-sample filter and weights,
+SAR's sharpness-aware step, and the AdaBN-then-TENT statistics (``step_stats="reestimate"``).
+
+Oracles: the entropies computed in float64 NumPy (which samples pass the filter, the weights, the
+loss), the TENT step written out by hand (batch statistics, dropout off, plain SGD), SAM's two
+passes written out by hand, and plain TENT itself (``max_entropy=inf`` must equal it bit for bit).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bnkit
+
+tent_mod = importlib.import_module("bnkit.tools.tent")
+reliable_entropy = tent_mod.reliable_entropy
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), bnkit.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+        nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5),
+    )
+
+
+def _trained(model, x, steps=3):
+    model.train()
+    with torch.no_grad():
+        for i in range(steps):
+            model(x[i::steps])
+    return model.eval()
+
+
+g = torch.Generator().manual_seed(0)
+SOURCE = torch.randn(60, 2, 6, 6, generator=g)
+TARGET = torch.randn(40, 2, 6, 6, generator=g) * 2.5 + 1.5
+
+
+def _model():
+    model = _trained(_cnn(), SOURCE)
+    with torch.no_grad():  # sharper logits, so that some samples pass a 0.4 ln C filter and some do not
+        model[8].weight.mul_(6.0)
+    return model
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, state):
+    cur = model.state_dict()
+    return cur.keys() == state.keys() and all(torch.equal(cur[k], state[k]) for k in state)
+
+
+def _np_entropy(logits):
+    z = logits.detach().double().numpy()
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(1)
+
+
+def _plain_sgd(params, lr):
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _bn_train_mode(model):
+    model.eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, bnkit.BatchNorm)]
+    for m in bns:
+        m.train()
+        m.momentum = 0.0
+    return [p for m in bns for p in (m.weight, m.bias)]
+
+
+def _hand_loss(logits, frac, weighted, within=None):
+    """The filtered (weighted) mean entropy, with the selection and weights from float64 NumPy."""
+    h64 = _np_entropy(logits)
+    e0 = frac * math.log(logits.shape[1])
+    keep = h64 < e0
+    if within is not None:
+        keep &= within
+    h = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+    w = torch.from_numpy(np.exp(e0 - h64)).float() if weighted else torch.ones_like(h)
+    idx = torch.from_numpy(np.flatnonzero(keep))
+    return (h * w)[idx].sum() / len(idx), keep
+
+
+# ------------------------------------------------------------------ the loss
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.1, 0.4, 0.7]), st.booleans(), st.integers(2, 12))
+def test_reliable_entropy_matches_a_float64_hand_computation(seed, frac, weighted, classes):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(16, classes, generator=gen) * torch.rand(16, 1, generator=gen) * 8
+    h64 = _np_entropy(logits)
+    e0 = frac * math.log(classes)
+    if np.any(np.abs(h64 - e0) < 1e-5):  # float32 and float64 may disagree right at the threshold
+        return
+    loss, mask = reliable_entropy(logits, frac, weighted)
+    assert mask.tolist() == (h64 < e0).tolist()
+    if not mask.any():
+        assert loss is None
+        return
+    w = np.exp(e0 - h64) if weighted else np.ones_like(h64)
+    want = (w * h64)[h64 < e0].mean()
+    assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_reliable_entropy_weights_are_constants_and_none_keeps_everything():
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.2, 0.1, 0.0], [5.0, -1.0, 0.0]], requires_grad=True)
+    loss, mask = reliable_entropy(logits, 0.4, weighted=True)
+    assert mask.tolist() == [True, False, True]
+    loss.backward()
+    # d/dz of mean(w_i H_i) with w_i held constant: w_i / |S| * dH_i/dz
+    ref = logits.detach().clone().requires_grad_()
+    h = -(ref.softmax(1) * ref.log_softmax(1)).sum(1)
+    w = torch.exp(0.4 * math.log(3) - h.detach())
+    ((h * w)[[0, 2]].sum() / 2).backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
+    assert logits.grad[1].abs().sum() == 0
+    plain, every = reliable_entropy(logits.detach(), None)
+    assert every.all() and plain.item() == pytest.approx(h.mean().item())
+
+
+# ------------------------------------------------------------------ tent with the filter
+def test_threshold_at_infinity_is_plain_tent_bit_for_bit():
+    a, b = _model(), _model()
+    batches = [TARGET[:20], TARGET[20:]]
+    bnkit.tent(a, batches, steps=2, lr=1e-2)
+    _, h = bnkit.tent(b, batches, steps=2, lr=1e-2, max_entropy=math.inf)
+    sa, sb = _state(a), _state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert h.samples_used == h.samples_seen == 80 and h.steps_taken == 4
+
+
+def test_filtered_tent_is_a_step_on_the_hand_computed_loss():
+    for weighted in (False, True):
+        model, oracle = _model(), _model()
+        batches = [TARGET[:20], TARGET[20:]]
+        params = _bn_train_mode(oracle)
+        used = 0
+        for x in batches:
+            loss, keep = _hand_loss(oracle(x), 0.4, weighted)
+            assert 0 < keep.sum() < len(x)  # the filter does select here
+            used += int(keep.sum())
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, gr in zip(params, grads):
+                    p -= 0.5 * gr
+        _, h = bnkit.tent(model, batches, lr=0.5, optimizer=_plain_sgd, stats="source", max_entropy=0.4,
+                          weighted=weighted)
+        for i in (1, 5):
+            torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(model[i].bias, oracle[i].bias, rtol=1e-5, atol=1e-6)
+        assert h.samples_used == used and h.samples_seen == 40 and h.steps_taken == 2
+
+
+def test_no_reliable_sample_means_no_step():
+    model = _model()
+    state = _state(model)
+    _, h = bnkit.tent(model, TARGET, lr=0.5, stats="source", max_entropy=1e-9)
+    assert h.steps_taken == 0 and h.samples_used == 0 and h.samples_seen == 40
+    assert _same_state(model, state)  # no step, source statistics kept: nothing changed
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ SAR's sharpness-aware step
+def test_sharpness_aware_step_by_hand():
+    rho, lr, frac = 0.05, 0.5, 0.4
+    model, oracle = _model(), _model()
+    params = _bn_train_mode(oracle)
+    loss, keep = _hand_loss(oracle(TARGET), frac, False)
+    g1 = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((gr ** 2).sum() for gr in g1))
+    with torch.no_grad():
+        eps = [rho * gr / (norm + 1e-12) for gr in g1]
+        for p, e in zip(params, eps):
+            p += e
+    loss2, _ = _hand_loss(oracle(TARGET), frac, False, within=keep)  # SAR's second filter
+    g2 = torch.autograd.grad(loss2, params)
+    with torch.no_grad():
+        for p, e, gr in zip(params, eps, g2):
+            p -= e
+            p -= lr * gr
+    bnkit.tent(model, TARGET, lr=lr, optimizer=_plain_sgd, stats="source", max_entropy=frac, sharpness=rho)
+    for i in (1, 5):
+        torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[i].bias, oracle[i].bias, rtol=1e-5, atol=1e-6)
+    # and it is not the plain step
+    plain = _model()
+    bnkit.tent(plain, TARGET, lr=lr, optimizer=_plain_sgd, stats="source", max_entropy=frac)
+    assert not torch.allclose(plain[1].weight, model[1].weight)
+
+
+# ------------------------------------------------------------------ AdaBN, then TENT
+def test_step_stats_reestimate_steps_with_the_reestimated_statistics():
+    model, oracle = _model(), _model()
+    batches = [TARGET[:20], TARGET[20:]]
+    bnkit.adapt(oracle, batches, mode="reestimate")
+    oracle.eval()  # every BN layer normalizes with the re-estimated statistics, fixed
+    params = bnkit.bn_parameters(oracle)
+    for x in batches:
+        h = -(oracle(x).softmax(1) * oracle(x).log_softmax(1)).sum(1).mean()
+        grads = torch.autograd.grad(h, params)
+        with torch.no_grad():
+            for p, gr in zip(params, grads):
+                p -= 0.5 * gr
+    state = _state(_model())
+    _, handle = bnkit.tent(model, batches, lr=0.5, optimizer=_plain_sgd, stats="source", step_stats="reestimate")
+    for i in (1, 5):
+        torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[i].bias, oracle[i].bias, rtol=1e-5, atol=1e-6)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):  # stats="source": back to the source's
+            assert torch.equal(getattr(model[i], k), state[f"{i}.{k}"])
+    handle.restore()
+    assert _same_state(model, state)
+
+
+def test_options_restore_bit_for_bit_and_bad_options_change_nothing():
+    model = _model()
+    state = _state(model)
+    flags = [m.training for m in model.modules()]
+    _, h = bnkit.tent(model, TARGET.split(10), max_entropy=0.4, weighted=True, sharpness=0.05,
+                      step_stats="reestimate")
+    assert not _same_state(model, state)
+    h.restore()
+    assert _same_state(model, state) and [m.training for m in model.modules()] == flags
+    bad = [({"max_entropy": 0}, ValueError), ({"max_entropy": -1.0}, ValueError), ({"max_entropy": "eata"}, ValueError),
+           ({"weighted": True}, ValueError), ({"weighted": True, "max_entropy": math.inf}, ValueError),
+           ({"weighted": "yes"}, TypeError), ({"weighted": 1}, ValueError), ({"sharpness": 0.0}, ValueError), ({"sharpness": math.inf}, ValueError),
+           ({"step_stats": "running"}, ValueError)]
+    for kw, exc in bad:
+        with pytest.raises(exc):
+            bnkit.tent(model, TARGET, **kw)
+        assert _same_state(model, state)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+
+# ------------------------------------------------------------------ DeYO's patch-shuffle filter
+patch_shuffle = tent_mod.patch_shuffle
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(4, 9), st.integers(4, 9), st.integers(0, 1000))
+def test_patch_shuffle_permutes_each_images_tiles(patches, height, width, seed):
+    if height < patches or width < patches:
+        return
+    x = torch.randn(3, 2, height, width, generator=torch.Generator().manual_seed(seed))
+    y = patch_shuffle(x, patches, torch.Generator().manual_seed(seed))
+    ph, pw = height // patches, width // patches
+    torch.testing.assert_close(y[:, :, patches * ph:], x[:, :, patches * ph:], rtol=0, atol=0)  # the border stays
+    torch.testing.assert_close(y[:, :, :, patches * pw:], x[:, :, :, patches * pw:], rtol=0, atol=0)
+    for n in range(3):
+        tiles = {(i, j): x[n, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] for i in range(patches) for j in range(patches)}
+        used = []
+        for i in range(patches):
+            for j in range(patches):
+                out = y[n, :, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw]
+                src = [k for k, t in tiles.items() if torch.equal(t, out)]
+                assert src, "every output tile is an input tile of the same image"
+                used.append(src[0])
+        assert sorted(used) == sorted(tiles)  # each exactly once (random data: tiles are distinct)
+    assert torch.equal(patch_shuffle(x, patches, torch.Generator().manual_seed(seed)), y)  # the generator decides
+
+
+def test_patch_shuffle_bad_input():
+    with pytest.raises(TypeError):
+        patch_shuffle(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        patch_shuffle(torch.randn(1, 1, 3, 3), 4)
+
+
+def _hand_deyo(model, params, x, frac, wfrac, tau, patches, gen, lr):
+    """One DeYO step written out: entropy filter, PLPD of the shuffled view (float64), weights, plain SGD."""
+    logits = model(x)
+    c = logits.shape[1]
+    h64 = _np_entropy(logits)
+    keep1 = np.flatnonzero(h64 < frac * math.log(c))
+    with torch.no_grad():
+        ps = model(patch_shuffle(x[torch.from_numpy(keep1)], patches, gen)).double().softmax(1).numpy()
+    p = logits.detach().double().softmax(1).numpy()[keep1]
+    cls = p.argmax(1)
+    plpd = p[np.arange(len(cls)), cls] - ps[np.arange(len(cls)), cls]
+    ok = plpd > tau
+    idx = torch.from_numpy(keep1[ok])
+    h = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)[idx]
+    w = torch.from_numpy(np.exp(wfrac * math.log(c) - h64[keep1[ok]]) + np.exp(plpd[ok])).float()
+    grads = torch.autograd.grad((h * w).sum() / len(idx), params)
+    with torch.no_grad():
+        for p_, gr in zip(params, grads):
+            p_ -= lr * gr
+    return len(keep1), int(ok.sum()), plpd
+
+
+def test_deyo_step_by_hand():
+    frac, wfrac, patches, lr = 0.5, 0.4, 3, 0.5
+    probe = _model()
+    _, _, plpd = _hand_deyo(probe, _bn_train_mode(probe), TARGET, frac, wfrac, -2.0, patches,
+                            torch.Generator().manual_seed(0), lr)
+    tau = float(np.median(plpd))  # a threshold that keeps some of the reliable samples and not the others
+    model, oracle = _model(), _model()
+    params = _bn_train_mode(oracle)
+    reliable, kept, _ = _hand_deyo(oracle, params, TARGET, frac, wfrac, tau, patches,
+                                   torch.Generator().manual_seed(0), lr)
+    assert 0 < kept < reliable < len(TARGET)
+    _, h = bnkit.tent(model, TARGET, lr=lr, optimizer=_plain_sgd, stats="source", max_entropy=frac, weighted=wfrac,
+                      min_plpd=tau, patches=patches)  # generator=None: seeded with 0, as the oracle's
+    for i in (1, 5):
+        torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[i].bias, oracle[i].bias, rtol=1e-5, atol=1e-6)
+    assert h.samples_used == kept and h.steps_taken == 1
+
+
+def test_deyo_options_are_checked():
+    model = _model()
+    state = _state(model)
+    for kw, exc in (({"min_plpd": 1.5}, ValueError), ({"min_plpd": 0.2, "patches": 0}, ValueError),
+                    ({"weighted": 0.4}, ValueError), ({"min_plpd": 0.2, "sharpness": 0.05}, ValueError),
+                    ({"min_plpd": 0.2, "generator": 3}, TypeError), ({"weighted": -0.4, "min_plpd": 0.2}, ValueError)):
+        with pytest.raises(exc):
+            bnkit.tent(model, TARGET, **kw)
+        assert _same_state(model, state)
+    with pytest.raises(TypeError, match="image batches"):
+        bnkit.tent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), torch.randn(8, 3), min_plpd=0.2)

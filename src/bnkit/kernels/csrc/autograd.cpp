@@ -10,8 +10,10 @@
 // which bump the buffers' version counters) are registered here, at the end.
 #include "bnkit_kernels.h"
 #include "layout.h"
+#include "rowkernels.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/rsqrt.h>
@@ -81,6 +83,22 @@ Tensor per_channel(const Tensor& t) {
   return t.reshape({1, -1, 1});
 }
 
+// Whether the input gradient may be written over the output gradient: when the
+// autograd engine holds the only references to it (its input buffer and the
+// list handed to backward; the rule by which AccumulateGrad steals a
+// gradient), no view shares its storage, and it has the input's dtype, sizes
+// and strides. That saves one input-sized allocation per backward (for a large
+// layer, the fresh pages glibc maps for it); the knob reuse_grad turns it off.
+// Safe because the backward kernel reduces a channel's dy before it writes any
+// of that channel's dx, then maps each dy element to its dx in place; a
+// gradient kept by the caller, a hook or retain_grad() has another reference.
+bool reusable_grad(const Tensor& gy, const Tensor& x) {
+  return tuning().reuse_grad.load(std::memory_order_relaxed) != 0 && gy.use_count() == 2 && gy.has_storage() &&
+      gy.storage().use_count() == 1 && gy.layout() == at::kStrided && gy.scalar_type() == x.scalar_type() &&
+      gy.device() == x.device() && gy.sizes().equals(x.sizes()) && gy.strides().equals(x.strides()) &&
+      !gy.is_conj() && !gy.is_neg() && !gy.requires_grad();
+}
+
 // ------------------------------------------------------------ autograd fns --
 
 // The training forward, one graph node.  Two callers: the bnkit::batch_norm_train
@@ -138,7 +156,12 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
         std::tie(dx, dw, db) = train_backward_composite(gy, x, w, eps);
       }
     } else if (layer) {
-      dx = empty_in_layout(x, layout);
+      if (reusable_grad(gy, x)) {
+        RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>()); // marks the reuse in a profile
+        dx = gy;
+      } else {
+        dx = empty_in_layout(x, layout);
+      }
       std::tie(dw, db) = batch_norm_backward_into(
           view3(gy, axis, layout), view3(x, axis, layout), saved[2], saved[3], opt(w), eps, view3(dx, axis, layout));
     } else {

@@ -114,6 +114,7 @@ const Knob kKnobs[] = {
      [] { return large_l2() ? l2_bytes() / 2 : int64_t(0); },
      0,
      &Tuning::block_bytes_grad},
+    {"reuse_grad", "BNKIT_REUSE_GRAD", [] { return int64_t(1); }, 0, &Tuning::reuse_grad},
 };
 
 int64_t initial_value(const Knob& k) {

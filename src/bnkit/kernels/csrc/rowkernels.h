@@ -102,7 +102,10 @@ struct RowKernels {
 //                  (statistics, then normalization from the core's cache);
 //                  0 = two passes in memory order (BNKIT_BLOCK_BYTES);
 //   block_bytes_grad  the same for the backward, over both inputs
-//                  (BNKIT_BLOCK_BYTES_GRAD).
+//                  (BNKIT_BLOCK_BYTES_GRAD);
+//   reuse_grad     1: the layer's backward writes the input gradient over the
+//                  output gradient when only autograd holds it; 0: always a
+//                  fresh tensor (BNKIT_REUSE_GRAD).
 // Defaults: cpu_config.cpp (kKnobs); measurements: there and at sub_rows.
 struct Tuning {
   std::atomic<int64_t> sub_floats;
@@ -112,6 +115,7 @@ struct Tuning {
   std::atomic<int64_t> nt_eval_bytes;
   std::atomic<int64_t> block_bytes;
   std::atomic<int64_t> block_bytes_grad;
+  std::atomic<int64_t> reuse_grad;
 };
 Tuning& tuning();
 

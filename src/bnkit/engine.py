@@ -24,14 +24,14 @@ micro-batches, update once under activation checkpointing) belongs in
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import kernels, stats
 from ._engine_checks import _check_param, _empty_output, check_input, check_mask
+from ._engine_spec import NONFINITE_POLICIES, CallSpec, _constants, call_spec
 from ._engine_views import canonical_mask, canonical_view, per_channel
 from ._warn import warn
 from .kernels import aten_graph, fold
@@ -56,87 +56,6 @@ __all__ = [
     "running_update",
     "set_running_update_hook",
 ]
-
-NONFINITE_POLICIES = ("skip", "raise", "propagate")
-
-
-class CallSpec(NamedTuple):
-    """What a BN layer is, for the engine: immutable, built once per layer (:func:`call_spec`).
-
-    ``ranks``: the accepted input ranks (``None``: any rank with the feature
-    axis); ``min_rank``: the F-style API's "at least ``(N, C)``" (2) or 0;
-    ``num_features`` 0: any. ``rank_mask``, ``fused_momentum`` and
-    ``check_finite`` are the same facts as the fused op takes them (the
-    first two ``None`` without the C++ extension).
-    """
-
-    name: str
-    axis: int
-    num_features: int
-    ranks: tuple[int, ...] | None
-    min_rank: int
-    eps: float
-    momentum: float | None
-    nonfinite: str
-    rank_mask: int | None
-    fused_momentum: float | None
-    check_finite: bool
-
-
-def call_spec(
-    name: str,
-    axis: int,
-    num_features: int = 0,
-    ranks: tuple[int, ...] | None = None,
-    eps: float = 1e-5,
-    momentum: float | None = 0.1,
-    nonfinite: str = "propagate",
-    min_rank: int = 0,
-) -> CallSpec:
-    """A :class:`CallSpec`, with the fused op's encodings (rank bit mask, cumulative-momentum sentinel) derived."""
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    # Under dynamo (compile, export) the encodings are not needed (no fused op runs, and such a spec
-    # is never cached): the extension is never loaded inside the traced region (its loader's lock
-    # would break the graph).
-    constants = _CONSTANTS if torch.compiler.is_compiling() else _constants()
-    if constants is None:  # no fused op: the encodings are never sent anywhere
-        mask, fused_momentum = None, None
-    else:
-        if ranks is not None:
-            mask = sum(1 << d for d in ranks)  # bit d: a d-D input is accepted
-        elif min_rank not in (0, 2):
-            raise ValueError(f"{name}: min_rank must be 0 or 2, got {min_rank}")
-        else:
-            mask = constants.ranks_from_2 if min_rank else 0
-        fused_momentum = constants.cumulative_momentum if momentum is None else momentum
-    return CallSpec(
-        name, axis, num_features, ranks, min_rank, eps, momentum, nonfinite, mask, fused_momentum,
-        nonfinite != "propagate",
-    )
-
-
-cached_call_spec = lru_cache(maxsize=256)(call_spec)
-
-
-class _Constants(NamedTuple):
-    handled: int
-    nonfinite: int
-    not_handled: int
-    ranks_from_2: int
-    cumulative_momentum: float
-
-
-_CONSTANTS: _Constants | None = None
-
-
-def _constants() -> _Constants | None:
-    """The values shared with ``layer.cpp``, read once from the extension (defined there only; None without it)."""
-    global _CONSTANTS
-    if _CONSTANTS is None and kernels.cpp_available():
-        _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
-    return _CONSTANTS
-
 
 # --------------------------------------------------------------------------- phases
 def _reject_nonfinite(where: str, nonfinite: str) -> None:
@@ -318,7 +237,7 @@ def fused_call(
         input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
         spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
     )
-    constants = _CONSTANTS or _constants()  # not None: the op exists
+    constants = _constants()  # not None: the op exists
     if status == constants.not_handled:
         return None
     if status == constants.nonfinite:
@@ -373,7 +292,7 @@ def _hooked_call(
             y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*args, totals)
         else:
             y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(*args)
-        constants = _CONSTANTS or _constants()  # not None: the op exists
+        constants = _constants()  # not None: the op exists
         if status == constants.nonfinite:  # the batch is left out, as the running update would leave it
             _reject_nonfinite(spec.name, spec.nonfinite)
             return y

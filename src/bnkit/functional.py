@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 from . import kernels, stats
+from ._engine_spec import cached_call_spec
 from .engine import (
     NONFINITE_POLICIES,
     CallSpec,
     _check_param,
     _empty_output,
     batch_norm_module_call,
-    cached_call_spec,
     call_spec,
     canonical_view,
     check_input,

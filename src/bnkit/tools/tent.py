@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, learns_stats
 from .adapt import AdaptHandle, _Snapshot, adapt
 from .calibrate import _model_device, _model_input
+from .tent_losses import _deyo_loss, _logits, patch_shuffle, reliable_entropy
 
 __all__ = ["bn_parameters", "patch_shuffle", "reliable_entropy", "tent"]
 
@@ -53,124 +54,6 @@ def _undo_tent_setup(hooks: list, momenta: list, grads: list) -> None:
         m.momentum = mom
     for p, rg in grads:
         p.requires_grad_(rg)
-
-
-def _entropy(logits: Tensor) -> Tensor:
-    """Mean Shannon entropy of ``softmax(logits)`` over the batch (classes along dim 1)."""
-    return _sample_entropy(logits).mean()
-
-
-def _sample_entropy(logits: Tensor) -> Tensor:
-    """Shannon entropy of ``softmax(logits)`` per sample (classes along dim 1; shape ``logits`` without dim 1)."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def reliable_entropy(logits: Tensor, max_entropy: float | None = None, weighted: bool = False, *,
-                     within: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-    r"""TENT's loss with EATA's / SAR's reliable-sample filter: ``(loss, mask)``.
-
-    With ``H_i`` the entropy of ``softmax(logits_i)`` and ``E0 = max_entropy * ln C``
-    (``C = logits.shape[1]`` classes), the samples with ``H_i < E0`` are kept
-    (``mask``) and
-
-    .. math::  L = \frac{1}{|S|}\sum_{i \in S} w_i H_i,\qquad
-               S = \{i : H_i < E_0\},\quad w_i = e^{E_0 - H_i}\ (\texttt{weighted})\ \text{or}\ 1,
-
-    the weights held constant (no gradient through them), as in EATA (Niu et
-    al. 2022). ``max_entropy=None`` keeps every sample: plain TENT, the mean
-    entropy. ``loss`` is ``None`` when no sample is kept (nothing to step on).
-
-    Args:
-        logits: ``(N, C, ...)`` logits.
-        max_entropy: ``E0`` as a fraction of the maximum entropy ``ln C``
-            (EATA and SAR: 0.4); ``None`` or ``inf``: every sample.
-        weighted: weight the kept samples by ``exp(E0 - H_i)`` (needs ``max_entropy``).
-        within: a boolean mask (shape of ``H``): keep only samples inside it
-            too (SAR's second filter, after the sharpness step).
-
-    Example:
-        >>> loss, mask = reliable_entropy(torch.tensor([[4.0, 0, 0], [0.0, 0, 0]]), max_entropy=0.4)
-        >>> mask.tolist()
-        [True, False]
-    """
-    h = _sample_entropy(logits)
-    if max_entropy is None and within is None:
-        return h.mean(), torch.ones_like(h, dtype=torch.bool)
-    e0 = math.inf if max_entropy is None else float(max_entropy) * math.log(logits.shape[1])
-    mask = h < e0
-    if within is not None:
-        mask = mask & within
-    if not bool(mask.any()):
-        return None, mask
-    if weighted:
-        h = h * torch.exp(e0 - h.detach())
-    return h[mask].mean(), mask
-
-
-def patch_shuffle(x: Tensor, patches: int = 4, generator: torch.Generator | None = None) -> Tensor:
-    """DeYO's object-destructive view: each image cut into ``patches x patches`` tiles, shuffled per image.
-
-    ``x``: ``(N, C, H, W)``. Tiles are ``(H // patches, W // patches)``; a
-    remainder at the bottom and right border (when ``patches`` does not
-    divide the size) stays in place (DeYO resizes instead). Shuffling keeps
-    every pixel, so whatever a prediction reads from the image's pixel
-    statistics (its mean level, its colours) survives it; the shape does not.
-
-    Example:
-        >>> y = patch_shuffle(torch.arange(16.0).reshape(1, 1, 4, 4), 2, torch.Generator().manual_seed(0))
-        >>> sorted(y.flatten().tolist()) == list(range(16))
-        True
-    """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise TypeError(f"patch_shuffle: expected an (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    n, c, height, width = x.shape
-    ph, pw = height // patches, width // patches
-    if ph == 0 or pw == 0:
-        raise ValueError(f"patch_shuffle: {patches} x {patches} patches do not fit an image of {height} x {width}")
-    region = x[:, :, : patches * ph, : patches * pw]
-    tiles = region.reshape(n, c, patches, ph, patches, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, patches * patches, c, ph, pw)
-    perm = torch.rand(n, patches * patches, generator=generator).argsort(1).to(x.device)
-    tiles = tiles[torch.arange(n, device=x.device).unsqueeze(1), perm]
-    out = x.clone()
-    out[:, :, : patches * ph, : patches * pw] = (
-        tiles.reshape(n, patches, patches, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, patches * ph, patches * pw)
-    )
-    return out
-
-
-def _deyo_loss(model: nn.Module, x: Any, logits: Tensor, max_entropy: float | None, weighted: bool | float,
-               min_plpd: float, patches: int, generator: torch.Generator) -> tuple[Tensor | None, Tensor]:
-    r"""DeYO's loss (Lee et al. 2024): the reliable samples whose prediction the shape supports.
-
-    ``PLPD_i = p_i[y_i] - p'_i[y_i]``, with ``y_i`` the predicted class and
-    ``p'`` the prediction for :func:`patch_shuffle`'d ``x_i`` (no gradient):
-    how much of the confidence goes when the shape is destroyed. Kept:
-    ``H_i < E0`` (when ``max_entropy``) and ``PLPD_i > min_plpd``; weights
-    ``exp(E0w - H_i) + exp(PLPD_i)`` (when ``weighted``, constants).
-    """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise TypeError("tent: min_plpd needs (N, C, H, W) image batches (DeYO shuffles patches of the input)")
-    h = _sample_entropy(logits)
-    log_c = math.log(logits.shape[1])
-    keep = h < (math.inf if max_entropy is None else float(max_entropy) * log_c)
-    mask = torch.zeros_like(keep)
-    if not bool(keep.any()):
-        return None, mask
-    idx = keep.nonzero().squeeze(1)
-    with torch.no_grad():
-        p_shuffled = _logits(model, patch_shuffle(x[idx], patches, generator)).softmax(1)
-    p = logits[idx].detach().softmax(1)
-    cls = p.argmax(1, keepdim=True)
-    plpd = (p.gather(1, cls) - p_shuffled.gather(1, cls)).squeeze(1)
-    ok = plpd > min_plpd
-    mask[idx[ok]] = True
-    if not bool(ok.any()):
-        return None, mask
-    hk = h[idx[ok]]
-    if weighted is not False:
-        e0w = (float(max_entropy) if weighted is True else float(weighted)) * log_c
-        hk = hk * (torch.exp(e0w - hk.detach()) + torch.exp(plpd[ok]))
-    return hk.mean(), mask
 
 
 def _frozen_batch_stats_hook(module: nn.Module, args: tuple, output: Any) -> Tensor:
@@ -225,13 +108,6 @@ def _check_options(max_entropy: Any, weighted: Any, sharpness: Any, step_stats: 
         raise ValueError(f"tent: sharpness must be None or a positive finite number (SAM's rho), got {sharpness!r}")
     if step_stats not in ("batch", "reestimate"):
         raise ValueError(f"tent: step_stats must be 'batch' or 'reestimate', got {step_stats!r}")
-
-
-def _logits(model: nn.Module, x: Any) -> Tensor:
-    logits = model(x)
-    if not isinstance(logits, Tensor) or logits.dim() < 2:
-        raise TypeError("tent: the model must return (N, classes) logits")
-    return logits
 
 
 def _sharpness_aware_grads(model: nn.Module, x: Any, params: list, rho: float, mask: Tensor,

@@ -204,17 +204,19 @@ class Step:
                 self._run()
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> dict[str, float]:
-    """Median seconds per call of each candidate, interleaved rep by rep in an order shuffled every rep."""
+def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0,
+                     now: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median seconds per call of each candidate (timed by ``now``), interleaved rep by rep in an order
+    shuffled every rep."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     rng = random.Random(seed)
     for i in range(warmup + reps):
         rng.shuffle(order)
         for k in order:
-            t0 = time.perf_counter()
+            t0 = now()
             fns[k]()
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             if i >= warmup:
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}

@@ -399,19 +399,7 @@ def time_interleaved(
     ``clock="cpu"``: the calling thread's CPU time (user + system, page faults included), which a loaded
     machine's preemption does not inflate; it counts only this thread's work, so use it with one thread.
     """
-    now = CLOCKS[clock]
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
-    rng = random.Random(seed)
-    for i in range(warmup + reps):
-        rng.shuffle(order)
-        for k in order:
-            t0 = now()
-            fns[k]()
-            dt = now() - t0
-            if i >= warmup:
-                times[k].append(dt)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return models.time_interleaved(fns, reps, warmup, seed, now=CLOCKS[clock])
 
 
 FIXED_COST_SHAPE = (4, 8, 2, 2)

@@ -12,3 +12,9 @@ def assert_state_unchanged(module, before):
     assert list(after) == list(before)
     for k in before:
         assert k in after and after[k].equal(before[k]), f"{k} changed"
+
+
+def state_equal(module, before) -> bool:
+    """Whether ``module``'s state_dict is bit for bit the ``snapshot`` taken before."""
+    after = module.state_dict()
+    return after.keys() == before.keys() and all(after[k].equal(before[k]) for k in before)

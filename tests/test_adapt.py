@@ -18,17 +18,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnkit
+from _state import snapshot, state_equal
 
 torch.set_default_dtype(torch.float32)
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    cur = model.state_dict()
-    return cur.keys() == state.keys() and all(torch.equal(cur[k], state[k]) for k in state)
 
 
 def _flags(model):
@@ -88,7 +80,7 @@ def test_reestimate_is_the_exact_statistics_of_the_data(kind, sizes, seed):
     with torch.no_grad():
         bn.running_mean.fill_(0.3)
         bn.running_var.fill_(0.7)
-    before = _state(bn)
+    before = snapshot(bn)
     h = bnkit.adapt(bn.eval(), batches)
     mean, var = _np_stats(x, axis)
     np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
@@ -96,7 +88,7 @@ def test_reestimate_is_the_exact_statistics_of_the_data(kind, sizes, seed):
     assert torch.equal(bn.num_batches_tracked, before["num_batches_tracked"])
     assert not bn.training
     h.restore()
-    assert _same_state(bn, before)
+    assert state_equal(bn, before)
 
 
 @pytest.mark.parametrize("bn", [nn.BatchNorm2d, bnkit.BatchNorm2d])
@@ -130,25 +122,25 @@ def test_reestimate_adapts_frozen_layers_like_trainable_ones():
 
 def test_handle_restores_exactly_and_works_as_a_context_manager():
     model = _trained(_cnn(), SOURCE)
-    state, flags = _state(model), _flags(model)
+    state, flags = snapshot(model), _flags(model)
     clean = model(SOURCE)
     with bnkit.adapt(model, TARGET, mode="reestimate") as h:
-        assert h.active and not _same_state(model, state)
+        assert h.active and not state_equal(model, state)
         assert h.samples == len(TARGET)
-    assert not h.active and _same_state(model, state) and _flags(model) == flags
+    assert not h.active and state_equal(model, state) and _flags(model) == flags
     assert torch.equal(model(SOURCE), clean)
     h.restore()  # a second restore does nothing
-    assert _same_state(model, state)
+    assert state_equal(model, state)
 
 
 def test_restore_after_moving_the_model():
     model = _trained(_cnn(), SOURCE)
-    state = _state(model)
+    state = snapshot(model)
     h = bnkit.adapt(model, TARGET)
     model.to(torch.float64)
     h.restore()
     model.to(torch.float32)
-    assert _same_state(model, state)
+    assert state_equal(model, state)
 
 
 def test_adapt_leaves_dropout_and_weights_alone():
@@ -238,7 +230,7 @@ def _online_oracle(src_mean, src_var, seen, N=None, momentum=None):
 def test_online_statistics_follow_the_stream(kind):
     bn = _trained(bnkit.BatchNorm2d(2), SOURCE)
     src_mean, src_var = bn.running_mean.double().numpy().copy(), bn.running_var.double().numpy().copy()
-    state = _state(bn)
+    state = snapshot(bn)
     kw = {"cumulative": {}, "window": {"window": 2}, "momentum": {"momentum": 0.3}}[kind]
     h = bnkit.adapt(bn, mode="online", prior=6, **kw)
     stream = [TARGET[i:i + 6] for i in range(0, 30, 6)]
@@ -253,9 +245,9 @@ def test_online_statistics_follow_the_stream(kind):
         torch.testing.assert_close(y, ref)
     assert h.samples == 30
     h.restore()
-    assert _same_state(bn, state)
+    assert state_equal(bn, state)
     bn(TARGET)  # hooks removed: an eval-mode call changes nothing any more
-    assert _same_state(bn, state)
+    assert state_equal(bn, state)
 
 
 def test_online_warm_up_data_and_training_mode_calls():
@@ -309,22 +301,22 @@ def test_per_site_layers_adapt_each_site():
 )
 def test_bad_arguments_raise_and_change_nothing(kwargs, match):
     model = _trained(_cnn(), SOURCE)
-    state, flags = _state(model), _flags(model)
+    state, flags = snapshot(model), _flags(model)
     with pytest.raises(ValueError, match=match):
         bnkit.adapt(model, TARGET, **kwargs)
-    assert _same_state(model, state) and _flags(model) == flags
+    assert state_equal(model, state) and _flags(model) == flags
 
 
 def test_bad_data_and_models():
     model = _trained(_cnn(), SOURCE)
-    state = _state(model)
+    state = snapshot(model)
     with pytest.raises(ValueError, match="needs data"):
         bnkit.adapt(model)
     with pytest.raises(ValueError, match="no batch"):
         bnkit.adapt(model, [])
     with pytest.raises(RuntimeError):  # a batch the model cannot take, after a good one
         bnkit.adapt(model, [TARGET, torch.randn(4, 7, 6, 6)])
-    assert _same_state(model, state) and not model.training
+    assert state_equal(model, state) and not model.training
     with pytest.raises(ValueError, match="no BN layer"):
         bnkit.adapt(nn.Linear(3, 3), torch.randn(4, 3))
     with pytest.raises(TypeError):
@@ -371,7 +363,7 @@ def _plain_sgd(params, lr):
 def test_tent_is_an_entropy_minimization_step():
     model = _trained(_cnn(), SOURCE)
     oracle = copy.deepcopy(model)
-    state = _state(model)
+    state = snapshot(model)
     others = {k: v.clone() for k, v in model.named_parameters() if k not in ("1.weight", "1.bias", "5.weight", "5.bias")}
     batches = [TARGET[:20], TARGET[20:]]
     for b in batches:
@@ -390,12 +382,12 @@ def test_tent_is_an_entropy_minimization_step():
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
     assert not model.training
     h.restore()
-    assert _same_state(model, state)
+    assert state_equal(model, state)
 
 
 def test_tent_reduces_entropy_and_reestimates_statistics():
     model = _trained(_cnn(), SOURCE)
-    state = _state(model)
+    state = snapshot(model)
     baseline = copy.deepcopy(model)
     batches = [TARGET[i:i + 10] for i in range(0, 40, 10)]
     _, h = bnkit.tent(model, iter(batches), steps=5, lr=1e-2)  # a one-shot iterator is read once
@@ -407,7 +399,7 @@ def test_tent_reduces_entropy_and_reestimates_statistics():
     with torch.no_grad():
         assert _entropy(model(TARGET)).item() < _entropy(baseline(TARGET)).item()
     h.restore()
-    assert _same_state(model, state)
+    assert state_equal(model, state)
 
 
 def test_tent_normalizes_frozen_layers_with_batch_statistics():
@@ -425,17 +417,17 @@ def test_tent_normalizes_frozen_layers_with_batch_statistics():
 
 def test_tent_bad_input_changes_nothing():
     model = _trained(_cnn(), SOURCE)
-    state = _state(model)
+    state = snapshot(model)
     for kw, exc in (({"steps": 0}, ValueError), ({"lr": -1}, ValueError), ({"optimizer": "lbfgs"}, ValueError),
                     ({"stats": "batch"}, ValueError), ({"optimizer": lambda p, lr: 3}, TypeError)):
         with pytest.raises(exc):
             bnkit.tent(model, TARGET, **kw)
-        assert _same_state(model, state)
+        assert state_equal(model, state)
     with pytest.raises(ValueError, match="no batch"):
         bnkit.tent(model, [])
     with pytest.raises(ValueError, match="no BN affine"):
         bnkit.tent(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False)), torch.randn(4, 3))
-    assert _same_state(model, state)
+    assert state_equal(model, state)
     assert all(p.requires_grad for p in model.parameters())
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnkit
+from _state import snapshot, state_equal
 
 tent_mod = importlib.import_module("bnkit.tools.tent")
 reliable_entropy = tent_mod.reliable_entropy
@@ -50,15 +51,6 @@ def _model():
     with torch.no_grad():  # sharper logits, so that some samples pass a 0.4 ln C filter and some do not
         model[8].weight.mul_(6.0)
     return model
-
-
-def _state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    cur = model.state_dict()
-    return cur.keys() == state.keys() and all(torch.equal(cur[k], state[k]) for k in state)
 
 
 def _np_entropy(logits):
@@ -136,7 +128,7 @@ def test_threshold_at_infinity_is_plain_tent_bit_for_bit():
     batches = [TARGET[:20], TARGET[20:]]
     bnkit.tent(a, batches, steps=2, lr=1e-2)
     _, h = bnkit.tent(b, batches, steps=2, lr=1e-2, max_entropy=math.inf)
-    sa, sb = _state(a), _state(b)
+    sa, sb = snapshot(a), snapshot(b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert h.samples_used == h.samples_seen == 80 and h.steps_taken == 4
 
@@ -165,10 +157,10 @@ def test_filtered_tent_is_a_step_on_the_hand_computed_loss():
 
 def test_no_reliable_sample_means_no_step():
     model = _model()
-    state = _state(model)
+    state = snapshot(model)
     _, h = bnkit.tent(model, TARGET, lr=0.5, stats="source", max_entropy=1e-9)
     assert h.steps_taken == 0 and h.samples_used == 0 and h.samples_seen == 40
-    assert _same_state(model, state)  # no step, source statistics kept: nothing changed
+    assert state_equal(model, state)  # no step, source statistics kept: nothing changed
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -213,7 +205,7 @@ def test_step_stats_reestimate_steps_with_the_reestimated_statistics():
         with torch.no_grad():
             for p, gr in zip(params, grads):
                 p -= 0.5 * gr
-    state = _state(_model())
+    state = snapshot(_model())
     _, handle = bnkit.tent(model, batches, lr=0.5, optimizer=_plain_sgd, stats="source", step_stats="reestimate")
     for i in (1, 5):
         torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
@@ -221,18 +213,18 @@ def test_step_stats_reestimate_steps_with_the_reestimated_statistics():
         for k in ("running_mean", "running_var", "num_batches_tracked"):  # stats="source": back to the source's
             assert torch.equal(getattr(model[i], k), state[f"{i}.{k}"])
     handle.restore()
-    assert _same_state(model, state)
+    assert state_equal(model, state)
 
 
 def test_options_restore_bit_for_bit_and_bad_options_change_nothing():
     model = _model()
-    state = _state(model)
+    state = snapshot(model)
     flags = [m.training for m in model.modules()]
     _, h = bnkit.tent(model, TARGET.split(10), max_entropy=0.4, weighted=True, sharpness=0.05,
                       step_stats="reestimate")
-    assert not _same_state(model, state)
+    assert not state_equal(model, state)
     h.restore()
-    assert _same_state(model, state) and [m.training for m in model.modules()] == flags
+    assert state_equal(model, state) and [m.training for m in model.modules()] == flags
     bad = [({"max_entropy": 0}, ValueError), ({"max_entropy": -1.0}, ValueError), ({"max_entropy": "eata"}, ValueError),
            ({"weighted": True}, ValueError), ({"weighted": True, "max_entropy": math.inf}, ValueError),
            ({"weighted": "yes"}, TypeError), ({"weighted": 1}, ValueError), ({"sharpness": 0.0}, ValueError), ({"sharpness": math.inf}, ValueError),
@@ -240,7 +232,7 @@ def test_options_restore_bit_for_bit_and_bad_options_change_nothing():
     for kw, exc in bad:
         with pytest.raises(exc):
             bnkit.tent(model, TARGET, **kw)
-        assert _same_state(model, state)
+        assert state_equal(model, state)
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -322,12 +314,12 @@ def test_deyo_step_by_hand():
 
 def test_deyo_options_are_checked():
     model = _model()
-    state = _state(model)
+    state = snapshot(model)
     for kw, exc in (({"min_plpd": 1.5}, ValueError), ({"min_plpd": 0.2, "patches": 0}, ValueError),
                     ({"weighted": 0.4}, ValueError), ({"min_plpd": 0.2, "sharpness": 0.05}, ValueError),
                     ({"min_plpd": 0.2, "generator": 3}, TypeError), ({"weighted": -0.4, "min_plpd": 0.2}, ValueError)):
         with pytest.raises(exc):
             bnkit.tent(model, TARGET, **kw)
-        assert _same_state(model, state)
+        assert state_equal(model, state)
     with pytest.raises(TypeError, match="image batches"):
         bnkit.tent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), torch.randn(8, 3), min_plpd=0.2)

@@ -18,3 +18,15 @@ def state_equal(module, before) -> bool:
     """Whether ``module``'s state_dict is bit for bit the ``snapshot`` taken before."""
     after = module.state_dict()
     return after.keys() == before.keys() and all(after[k].equal(before[k]) for k in before)
+
+
+def with_running_stats(model, x, steps=3):
+    """``model`` in eval mode after a few training-mode forwards on slices of ``x``: BN layers with
+    non-default running statistics."""
+    import torch
+
+    model.train()
+    with torch.no_grad():
+        for i in range(steps):
+            model(x[i::steps])
+    return model.eval()

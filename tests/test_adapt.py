@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnkit
-from _state import snapshot, state_equal
+from _state import snapshot, state_equal, with_running_stats
 
 torch.set_default_dtype(torch.float32)
 
@@ -30,15 +30,6 @@ def _flags(model):
 def _np_stats(x: torch.Tensor, axis: int = 1):
     a = np.moveaxis(x.detach().double().numpy(), axis, -1).reshape(-1, x.shape[axis])
     return a.mean(0), a.var(0, ddof=1)
-
-
-def _trained(model, x, steps=3):
-    """Give the BN layers non-default running statistics (a few training-mode forwards)."""
-    model.train()
-    with torch.no_grad():
-        for i in range(steps):
-            model(x[i::steps])
-    return model.eval()
 
 
 def _cnn(bn=nn.BatchNorm2d, seed=0):
@@ -93,7 +84,7 @@ def test_reestimate_is_the_exact_statistics_of_the_data(kind, sizes, seed):
 
 @pytest.mark.parametrize("bn", [nn.BatchNorm2d, bnkit.BatchNorm2d])
 def test_reestimate_matches_recalibrate_on_a_deep_model(bn):
-    model = _trained(_cnn(bn), SOURCE)
+    model = with_running_stats(_cnn(bn), SOURCE)
     oracle = bnkit.recalibrate(copy.deepcopy(model), [TARGET[:16], TARGET[16:30], TARGET[30:]])
     params = {k: v.clone() for k, v in model.named_parameters()}
     model.train()  # the pass itself runs in eval mode (dropout off); the flags come back
@@ -108,7 +99,7 @@ def test_reestimate_matches_recalibrate_on_a_deep_model(bn):
 
 
 def test_reestimate_adapts_frozen_layers_like_trainable_ones():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     frozen = bnkit.freeze(copy.deepcopy(model))
     assert isinstance(frozen[5], bnkit.FrozenBatchNorm)
     data = [TARGET[:25], TARGET[25:]]
@@ -121,7 +112,7 @@ def test_reestimate_adapts_frozen_layers_like_trainable_ones():
 
 
 def test_handle_restores_exactly_and_works_as_a_context_manager():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     state, flags = snapshot(model), _flags(model)
     clean = model(SOURCE)
     with bnkit.adapt(model, TARGET, mode="reestimate") as h:
@@ -134,7 +125,7 @@ def test_handle_restores_exactly_and_works_as_a_context_manager():
 
 
 def test_restore_after_moving_the_model():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     state = snapshot(model)
     h = bnkit.adapt(model, TARGET)
     model.to(torch.float64)
@@ -178,7 +169,7 @@ def _schneider_forward(model, x, N, n):
 
 @pytest.mark.parametrize("N", [0, 1, 8, 100])
 def test_prior_is_schneiders_mixture_on_one_batch(N):
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     x = TARGET[:8]
     with torch.no_grad():
         mixed, out = _schneider_forward(model, x, N, 8)
@@ -192,7 +183,7 @@ def test_prior_is_schneiders_mixture_on_one_batch(N):
 
 
 def test_prior_over_several_batches_mixes_with_all_samples_seen():
-    bn = _trained(nn.BatchNorm2d(2), SOURCE)
+    bn = with_running_stats(nn.BatchNorm2d(2), SOURCE)
     src_mean, src_var = bn.running_mean.double().clone(), bn.running_var.double().clone()
     batches = [TARGET[:5], TARGET[5:17], TARGET[17:20]]
     bnkit.adapt(bn, batches, mode="prior", prior=16)
@@ -203,7 +194,7 @@ def test_prior_over_several_batches_mixes_with_all_samples_seen():
 
 
 def test_prior_zero_is_reestimate_for_the_first_layer():
-    a = _trained(_cnn(), SOURCE)
+    a = with_running_stats(_cnn(), SOURCE)
     b = copy.deepcopy(a)
     bnkit.adapt(a, TARGET, mode="prior", prior=0)
     bnkit.adapt(b, TARGET, mode="reestimate")
@@ -228,7 +219,7 @@ def _online_oracle(src_mean, src_var, seen, N=None, momentum=None):
 
 @pytest.mark.parametrize("kind", ["cumulative", "window", "momentum"])
 def test_online_statistics_follow_the_stream(kind):
-    bn = _trained(bnkit.BatchNorm2d(2), SOURCE)
+    bn = with_running_stats(bnkit.BatchNorm2d(2), SOURCE)
     src_mean, src_var = bn.running_mean.double().numpy().copy(), bn.running_var.double().numpy().copy()
     state = snapshot(bn)
     kw = {"cumulative": {}, "window": {"window": 2}, "momentum": {"momentum": 0.3}}[kind]
@@ -251,7 +242,7 @@ def test_online_statistics_follow_the_stream(kind):
 
 
 def test_online_warm_up_data_and_training_mode_calls():
-    bn = _trained(nn.BatchNorm2d(2), SOURCE)
+    bn = with_running_stats(nn.BatchNorm2d(2), SOURCE)
     h = bnkit.adapt(bn, [TARGET[:10]], mode="online", prior=0)
     mean, _ = _np_stats(TARGET[:10])
     np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5)
@@ -300,7 +291,7 @@ def test_per_site_layers_adapt_each_site():
     ],
 )
 def test_bad_arguments_raise_and_change_nothing(kwargs, match):
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     state, flags = snapshot(model), _flags(model)
     with pytest.raises(ValueError, match=match):
         bnkit.adapt(model, TARGET, **kwargs)
@@ -308,7 +299,7 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, match):
 
 
 def test_bad_data_and_models():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     state = snapshot(model)
     with pytest.raises(ValueError, match="needs data"):
         bnkit.adapt(model)
@@ -361,7 +352,7 @@ def _plain_sgd(params, lr):
 
 
 def test_tent_is_an_entropy_minimization_step():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     oracle = copy.deepcopy(model)
     state = snapshot(model)
     others = {k: v.clone() for k, v in model.named_parameters() if k not in ("1.weight", "1.bias", "5.weight", "5.bias")}
@@ -386,7 +377,7 @@ def test_tent_is_an_entropy_minimization_step():
 
 
 def test_tent_reduces_entropy_and_reestimates_statistics():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     state = snapshot(model)
     baseline = copy.deepcopy(model)
     batches = [TARGET[i:i + 10] for i in range(0, 40, 10)]
@@ -403,7 +394,7 @@ def test_tent_reduces_entropy_and_reestimates_statistics():
 
 
 def test_tent_normalizes_frozen_layers_with_batch_statistics():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     oracle = copy.deepcopy(model)
     model[5] = bnkit.freeze(model[5])  # no parameters: not adapted, but normalizes with the batch
     oracle[5].weight.requires_grad_(False)
@@ -416,7 +407,7 @@ def test_tent_normalizes_frozen_layers_with_batch_statistics():
 
 
 def test_tent_bad_input_changes_nothing():
-    model = _trained(_cnn(), SOURCE)
+    model = with_running_stats(_cnn(), SOURCE)
     state = snapshot(model)
     for kw, exc in (({"steps": 0}, ValueError), ({"lr": -1}, ValueError), ({"optimizer": "lbfgs"}, ValueError),
                     ({"stats": "batch"}, ValueError), ({"optimizer": lambda p, lr: 3}, TypeError)):

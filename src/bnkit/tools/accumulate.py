@@ -118,7 +118,7 @@ class _Accumulator:
 
     def totals(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> Tensor | None:
         """The fused route's question: the totals to merge this layer's batch into (``None``: no block collects it)."""
-        layer = self.by_buffer.get(id(running_mean)) or self._layer(spec, running_mean, running_var, nbt)
+        layer = self._layer(spec, running_mean, running_var, nbt)  # its first step is the by-buffer lookup
         if layer is not None:
             return layer.totals
         return self.parent.totals(spec, running_mean, running_var, nbt) if self.parent else None

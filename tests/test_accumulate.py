@@ -174,6 +174,64 @@ def test_nested_blocks_merge_into_the_outer_one():
         assert_buffers(layer, ref)
 
 
+def test_torch_layers_keep_their_forward_hooks_pickling_and_own_forward():
+    """Inside a block a torch layer's forward is wrapped: user hooks still run, a copy or a pickle made
+    inside is a plain layer, and the attribute is put back at exit (an instance forward included)."""
+    import io
+
+    plain, own, saved = (nn.BatchNorm1d(4, dtype=D) for _ in range(3))
+    calls = []
+    plain.register_forward_hook(lambda m, a, y: calls.append(y.shape))
+    own_forward = own.forward
+    own.forward = lambda x: own_forward(x)  # a user's instance forward
+    ref = nn.BatchNorm1d(4, dtype=D)
+    parts = micro_batches([5, 7], seed=3)
+    with bnkit.accumulate_stats(nn.ModuleList([plain, own, saved])):
+        for x in parts:
+            for layer in (plain, own, saved):
+                layer(x)
+        copied = copy.deepcopy(saved)
+        buf = io.BytesIO()
+        torch.save(saved, buf)
+    assert calls == [(5, 4), (7, 4)]
+    assert "forward" not in plain.__dict__ and "forward" not in saved.__dict__
+    assert type(own.__dict__["forward"]).__name__ == "function"
+    ref(torch.cat(parts))
+    for layer in (plain, own, saved):
+        assert_buffers(layer, ref)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for clone in (copied, loaded):  # plain layers, updating per forward as usual
+        assert isinstance(clone.forward.__self__, nn.BatchNorm1d)
+        clone.momentum = 0.1
+        before = clone.num_batches_tracked.clone()
+        clone(parts[0])
+        assert int(clone.num_batches_tracked) == int(before) + 1
+
+
+def test_torch_layers_many_micro_batches_and_nested_blocks_in_between():
+    """More forwards than a torch layer's ring of slots holds, empty batches among them, and a nested
+    block opened while the enclosing one has forwards pending: the update of the concatenated batch."""
+    layer, other = nn.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D)
+    sizes = [3, 0, 5, 2, 7, 4, 0, 6, 3, 2, 5, 4, 8, 3, 2, 6, 9, 4, 3, 2, 5]
+    parts = micro_batches(sizes, seed=11)
+    model = nn.ModuleList([layer, other])
+    with bnkit.accumulate_stats(model):
+        for i, x in enumerate(parts[:12]):
+            layer(x)
+            if i == 5:
+                other(x)
+        with bnkit.accumulate_stats(layer):  # other has a forward pending in the outer block
+            for x in parts[12:]:
+                layer(x)
+    ref = nn.BatchNorm1d(4, dtype=D)
+    ref(torch.cat(parts))
+    assert_buffers(layer, ref)
+    ref_other = nn.BatchNorm1d(4, dtype=D)
+    ref_other(parts[5])
+    assert_buffers(other, ref_other)
+
+
 def test_other_models_update_as_usual():
     model, other = bnkit.BatchNorm1d(4, dtype=D), bnkit.BatchNorm1d(4, dtype=D)
     with bnkit.accumulate_stats(model):
@@ -486,3 +544,36 @@ def test_the_merge_without_the_cpp_op_gives_the_same_update(kind, monkeypatch):
                 layer(x)
         ref(torch.cat(parts))
         assert_buffers(layer, ref)
+
+
+@pytest.mark.parametrize("kind", ["bnkit", "torch"])
+def test_compiled_model_accumulates_once_per_block_without_recompiling(kind):
+    """A compiled model's forwards inside blocks: one update per block from the merged batch (the merge
+    runs outside the graph), the same compiled code for every block, and plain updates outside."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = bnkit.BatchNorm1d(4, dtype=D) if kind == "bnkit" else nn.BatchNorm1d(4, dtype=D)
+    model = nn.Sequential(nn.Linear(4, 4, dtype=D), layer)
+    ref = nn.BatchNorm1d(4, dtype=D)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    after_first = None
+    for step in range(3):
+        parts = micro_batches([6, 5, 7], seed=20 + step, shift=step)
+        with bnkit.accumulate_stats(model):
+            for x in parts:
+                x = x.requires_grad_()
+                compiled(x).square().sum().backward()
+        with torch.no_grad():
+            ref(torch.cat([model[0](x) for x in parts]))
+        assert_buffers(layer, ref, rtol=1e-10, atol=1e-12)
+        if step == 0:
+            after_first = counter.frame_count
+    assert counter.frame_count == after_first  # later blocks reuse the compiled code
+    x = micro_batches([6], seed=30)[0]
+    compiled(x)
+    with torch.no_grad():
+        ref(model[0](x))
+    assert_buffers(layer, ref, rtol=1e-10, atol=1e-12)

@@ -149,9 +149,9 @@ def running_update(
     non-finite policy to these statistics already. A 0-d ``count`` tensor
     (a masked batch's valid count in a captured graph) takes the tensor form.
     """
-    if in_recompute() or (_UPDATE_HOOK is not None and _offer_to_hook(
-        spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked
-    )):
+    if in_recompute() or (_UPDATE_HOOK is not None and (
+        _offer_to_hook_eagerly if torch.compiler.is_compiling() else _offer_to_hook
+    )(spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked)):
         return
     nbt, momentum, nonfinite = num_batches_tracked, spec.momentum, spec.nonfinite
     if kernels.transform_active():
@@ -159,7 +159,8 @@ def running_update(
         return
     if _empty_batch(spec, nbt, count):
         return
-    if _fused_update_ok(running_mean, running_var, nbt, mean):
+    # A spec made under torch.compile carries no fused encodings (see call_spec): the Python rule then.
+    if spec.fused_momentum is not None and _fused_update_ok(running_mean, running_var, nbt, mean):
         if not torch.ops.bnkit.running_update_(
             running_mean, running_var, nbt, mean, var, spec.fused_momentum, count, spec.check_finite
         ):
@@ -206,6 +207,12 @@ def _offer_to_hook(
         _reject_nonfinite(spec.name, spec.nonfinite)
         return True
     return _UPDATE_HOOK(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+
+
+# Under torch.compile the hook runs outside the graph, on every call of the compiled code with the real
+# moments (a graph break): it is Python that merges into tensors the graph does not own, and the hook
+# object changes from one block to the next (read here at run time, it never enters a guard).
+_offer_to_hook_eagerly = torch.compiler.disable(_offer_to_hook, recursive=True)
 
 
 # --------------------------------------------------------------------------- the door
@@ -286,12 +293,18 @@ def _hooked_call(
     """
     if _fusable(input):
         totals = None if _HOOK_TOTALS is None else _HOOK_TOTALS(spec, running_mean, running_var, num_batches_tracked)
-        args = (input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
-                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
         if totals is not None:
-            y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*args, totals)
+            y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
+                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite, totals,
+            )
+            if status == _constants().handled:  # the common case, first (not None: the op exists)
+                return y
         else:
-            y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(*args)
+            y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
+                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
+            )
         constants = _constants()  # not None: the op exists
         if status == constants.nonfinite:  # the batch is left out, as the running update would leave it
             _reject_nonfinite(spec.name, spec.nonfinite)

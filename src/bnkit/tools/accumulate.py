@@ -95,9 +95,14 @@ class _Accumulator:
         # id of a running_mean the engine is given as it is (a module's own buffer) -> its layer, which keeps
         # that tensor alive (so the id stays its own): the fused route's one lookup per call.
         self.by_buffer: dict[int, _Layer] = {}
-        self.hooked: set[int] = set()  # the torch layers whose forward hook this block registered
+        self.hooked: set[int] = set()  # the torch layers whose forward this block wrapped
         # The buffers this block collects for: the bnkit layers' running_mean tensors (per-site views share them).
-        self.owned = {id(m.running_mean) for _, m in layers if has_running_stats(m) and not isinstance(m, _BatchNorm)}
+        own = [m for _, m in layers if has_running_stats(m) and not isinstance(m, _BatchNorm)]
+        self.owned = {id(m.running_mean) for m in own}
+        # Each layer's own buffers get their entry now, not at the first batch: a forward inside the block
+        # then costs one dictionary lookup more than outside (its spec is the one its calls pass).
+        for m in own:
+            self._layer(None, m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None))
 
     def _layer(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> _Layer | None:
         """The layer collecting ``running_mean``'s batches (made at its first batch), or ``None``: not this block's."""
@@ -108,7 +113,8 @@ class _Accumulator:
         base = running_mean if own else running_mean._base
         if id(base) not in self.owned:
             return None
-        key = (id(base), running_mean.storage_offset())
+        # With the size: a whole buffer made at entry and one site's view at offset 0 are different layers.
+        key = (id(base), running_mean.storage_offset(), running_mean.numel())
         layer = self.layers.get(key)
         if layer is None:
             layer = self.layers[key] = _Layer(spec, None, running_mean, running_var, nbt, running_mean if own else None)
@@ -118,8 +124,11 @@ class _Accumulator:
 
     def totals(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> Tensor | None:
         """The fused route's question: the totals to merge this layer's batch into (``None``: no block collects it)."""
-        layer = self._layer(spec, running_mean, running_var, nbt)  # its first step is the by-buffer lookup
+        layer = self.by_buffer.get(id(running_mean))
+        if layer is None:
+            layer = self._layer(spec, running_mean, running_var, nbt)
         if layer is not None:
+            layer.spec = spec
             return layer.totals
         return self.parent.totals(spec, running_mean, running_var, nbt) if self.parent else None
 
@@ -129,21 +138,19 @@ class _Accumulator:
         layer = self._layer(spec, running_mean, running_var, nbt)
         if layer is None:
             return self.parent(spec, running_mean, running_var, nbt, mean, var, count) if self.parent else False
+        layer.spec = spec
         layer.seen = True  # the engine has applied the non-finite policy: a skipped batch never gets here
         layer.add(count, mean, var)
         return True
 
-    def take_torch(self, module: nn.Module, input: Tensor) -> None:
-        """A torch BN layer's training forward, run with momentum 1: its buffers hold the batch's statistics."""
+    def torch_layer(self, module: nn.Module) -> _Layer:
+        """The entry of a torch BN layer (made at the block's entry, when its forward is wrapped)."""
         layer = self.layers.get(("torch", id(module)))
         if layer is None:
             layer = self.layers[("torch", id(module))] = _Layer(
                 None, module, module.running_mean, module.running_var, module.num_batches_tracked, module.running_mean
             )
-        layer.seen = True
-        n = input.numel() // input.shape[1] if input.dim() > 1 else 0
-        if n > 1:  # torch raises for one value per channel
-            layer.add(n, module.running_mean, module.running_var, unbiased=True)
+        return layer
 
     def merge_into(self, other: "_Accumulator") -> None:
         """Hand everything to the enclosing block: merged into its layers, or theirs from now on."""
@@ -154,6 +161,8 @@ class _Accumulator:
             else:
                 mine.set_total(merge(mine.total(), layer.total()))
                 mine.seen = mine.seen or layer.seen
+                if mine.spec is None:  # made at the enclosing block's entry, and not called since
+                    mine.spec = layer.spec
                 layer.release()
         self.layers, self.by_buffer = {}, {}
 
@@ -187,11 +196,90 @@ class _Accumulator:
 
 
 _ACCUMULATORS: list[_Accumulator] = []
+_NONE = object()
 
 
-def _torch_bn_hook(module: nn.Module, args: tuple, output: Any) -> None:
-    if module.training and module.running_mean is not None and _ACCUMULATORS and not in_recompute():
-        _ACCUMULATORS[-1].take_torch(module, args[0])
+class _CollectingForward:
+    """A torch BN layer's forward inside a block: its own, at momentum 1 (its running buffers then hold the
+    batch's statistics), and those merged at once into the innermost block's totals for the layer.
+
+    Set as the module's ``forward`` attribute rather than as a forward hook, so that the module keeps
+    ``nn.Module.__call__``'s fast path; right after a large forward every interpreter step runs from
+    a cold cache, so the steps are few. For torch's own ``BatchNorm{1,2,3}d`` it calls
+    ``torch.batch_norm`` itself, with the arguments ``F.batch_norm`` passes, and leaves
+    ``num_batches_tracked`` alone (the block restores it and counts the step once): the same op
+    count as torch's forward, whose second op is that counter's ``add_``. Pickled or copied, it is
+    the layer's plain forward.
+    """
+
+    __slots__ = ("module", "forward", "buffers", "block", "layer", "merge", "lean")
+
+    def __init__(self, module: nn.Module, forward: Any, block: _Accumulator) -> None:
+        self.module, self.forward, self.buffers = module, forward, module._buffers
+        # The block that wrapped it and its entry: the one a forward reaches unless a nested block is open.
+        self.block, self.layer = block, block.torch_layer(module)
+        direct = module.running_mean.is_cpu and kernels.cpp_available()
+        self.merge = torch.ops.bnkit.merge_moments_.default if direct else None  # what _Layer.add calls
+        # torch's own classes, with their own forward: their forward is known, the rest is called as it is.
+        self.lean = type(module) in _TORCH_CLASSES and "forward" not in module.__dict__
+
+    def __call__(self, input: Tensor, *args: Any, **kwargs: Any) -> Any:
+        module = self.module
+        if torch.compiler.is_compiling():  # traced: torch's forward, then the merge outside the graph
+            y = self.forward(input, *args, **kwargs)
+            if module.training and module.track_running_stats:
+                _collect_eagerly(self, input.numel() // input.shape[1] if input.dim() > 1 else 0)
+            return y
+        if not (module.training and module.track_running_stats and _ACCUMULATORS) or in_recompute() \
+                or torch._C._is_tracing():
+            return self.forward(input, *args, **kwargs)
+        block = _ACCUMULATORS[-1]
+        layer = self.layer if block is self.block else block.torch_layer(module)
+        buffers = self.buffers
+        if self.lean and not args and not kwargs and type(input) is Tensor:
+            module._check_input_dim(input)
+            n = input.numel() // input.shape[1] if input.dim() > 1 else 0
+            if n == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+            y = torch.batch_norm(
+                input, module.weight, module.bias, buffers["running_mean"], buffers["running_var"], True, 1.0,
+                module.eps, torch.backends.cudnn.enabled,
+            )
+        else:
+            y = self.forward(input, *args, **kwargs)
+            n = input.numel() // input.shape[1] if input.dim() > 1 else 0
+        layer.seen = True
+        if n > 1:  # torch raises for one value per channel
+            if self.merge is not None:
+                self.merge(layer.totals, buffers["running_mean"], buffers["running_var"], n, True)
+            else:
+                layer.add(n, buffers["running_mean"], buffers["running_var"], unbiased=True)
+        return y
+
+    def collect(self, n: int) -> None:
+        """The batch statistics a forward left in the buffers merged into the innermost block (if any)."""
+        if not _ACCUMULATORS or in_recompute():
+            return
+        block = _ACCUMULATORS[-1]
+        layer = self.layer if block is self.block else block.torch_layer(self.module)
+        layer.seen = True
+        if n > 1:
+            layer.add(n, self.buffers["running_mean"], self.buffers["running_var"], unbiased=True)
+
+    def __reduce__(self) -> Any:
+        return (_same, (self.forward,))
+
+
+# Under torch.compile: run on each call of the compiled code, outside the graph (a graph break), with the
+# real buffers; the blocks it reads change from one step to the next and so never enter a guard.
+_collect_eagerly = torch.compiler.disable(_CollectingForward.collect, recursive=True)
+
+
+_TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _check_accumulable(layers: list[tuple[str, nn.Module]]) -> None:
@@ -241,8 +329,9 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     merge the batch moments into the layer's float64 totals; nothing per
     micro-batch is kept, and the totals are reused by the next block). torch's
     BN layers run with momentum 1 inside the block, so that their buffers
-    hold each forward's batch statistics, which a forward hook collects; their
-    buffers and momentum are restored at exit. Nested blocks merge into the
+    hold each forward's batch statistics, which their forward (wrapped for the
+    block) merges into the totals; their buffers, momentum and forward are
+    restored at exit. Nested blocks merge into the
     enclosing one (the outermost applies). On an exception nothing is
     applied and every BN buffer is as it was at entry. Forwards recomputed by
     activation checkpointing are not counted; eval-mode forwards are
@@ -277,13 +366,14 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     torch_layers = [m for _, m in layers if isinstance(m, _BatchNorm) and id(m) not in hooked and has_running_stats(m)]
     snapshot = BufferSnapshot(m for _, m in layers)
     momenta = [(m, m.momentum) for m in torch_layers]
-    handles = []
+    forwards: list[tuple[nn.Module, Any]] = []  # each wrapped torch layer and its own forward attribute, if any
     previous = set_running_update_hook(acc)
     _ACCUMULATORS.append(acc)
     ok = False
     try:
         for m in torch_layers:
-            handles.append(m.register_forward_hook(_torch_bn_hook))
+            forwards.append((m, m.__dict__.get("forward", _NONE)))
+            m.forward = _CollectingForward(m, m.forward, acc)
             acc.hooked.add(id(m))
             m.momentum = 1.0
         yield model
@@ -291,8 +381,11 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         _ACCUMULATORS.pop()
         set_running_update_hook(previous)
-        for h in handles:
-            h.remove()
+        for m, forward in forwards:
+            if forward is _NONE:
+                del m.forward
+            else:
+                m.forward = forward
         for m, momentum in momenta:
             m.momentum = momentum
         # bnkit buffers never moved inside; torch's hold the last batch's statistics. On an exception, all go back.

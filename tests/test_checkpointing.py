@@ -171,3 +171,32 @@ def test_torch_layer_last_in_the_region():
         ref(x).sum().backward()
     for k, v in ref.state_dict().items():
         assert torch.equal(body.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kind", ["bnkit", "torch"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_compiled_model_that_checkpoints_updates_once(kind, use_reentrant):
+    """torch.compile of a model whose forward calls checkpoint: the step without checkpointing."""
+
+    class Net(nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            bn = bnkit.BatchNorm1d(6, dtype=D) if kind == "bnkit" else nn.BatchNorm1d(6, dtype=D)
+            self.body, self.ckpt = nn.Sequential(nn.Linear(5, 6, dtype=D), bn, nn.ReLU()), ckpt
+
+        def forward(self, x):
+            return checkpoint(self.body, x, use_reentrant=use_reentrant) if self.ckpt else self.body(x)
+
+    torch.manual_seed(0)
+    net, plain = Net(True), Net(False)
+    plain.load_state_dict(net.state_dict())
+    bnkit.checkpoint_safe(net)
+    compiled = torch.compile(net, backend="aot_eager")
+    x = torch.randn(8, 5, dtype=D)
+    for _ in range(2):
+        compiled(x).square().sum().backward()
+        plain(x).square().sum().backward()
+    for (k, a), b in zip(net.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
+    for a, b in zip(net.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)

@@ -8,6 +8,7 @@
 #pragma GCC target("avx2,fma")
 #define BNKIT_ISA_FILL fill_row_kernels_avx2
 #define BNKIT_ISA_NAME "avx2"
+#define BNKIT_ISA_AVX2
 #include "rowkernels_impl.h"
 #pragma GCC pop_options
 #else

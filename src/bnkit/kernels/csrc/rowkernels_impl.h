@@ -1055,6 +1055,72 @@ inline void fill_nt<c10::BFloat16>(RowKernels<c10::BFloat16>& k) {
 }
 #endif
 
+#ifdef BNKIT_ISA_AVX2
+// ------------------------------------ AVX2 channels-last streaming stores
+// Without AVX-512 the channels-last outputs were always written through the
+// cache: each output line is first read (read-for-ownership), so a training
+// forward whose output is larger than the caches moved 4 bytes per output
+// byte (statistics pass, input, output, ownership read) where 3 suffice.
+// Rows of C % 16 == 0 values, y/dx 64-byte aligned (cl_nt_ok); float32.
+void k_cl_normalize_nt_avx2(
+    const float* __restrict x,
+    float* __restrict y,
+    int64_t rows,
+    int64_t C,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    const float* __restrict sc,
+    const float* __restrict sh) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(mhi + c)),
+                                      _mm256_loadu_ps(mlo + c));
+      _mm256_stream_ps(yr + c, _mm256_fmadd_ps(xc, _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c)));
+    }
+  }
+  _mm_sfence();
+}
+
+void k_cl_bwd_apply_nt_avx2(
+    const float* __restrict g,
+    const float* __restrict x,
+    float* __restrict dx,
+    int64_t rows,
+    int64_t C,
+    const float* __restrict mhi,
+    const float* __restrict mlo,
+    const float* __restrict k1,
+    const float* __restrict k2,
+    const float* __restrict k3) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * C;
+    const float* xr = x + r * C;
+    float* dr = dx + r * C;
+    for (int64_t c = 0; c < C; c += 8) {
+      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(mhi + c)),
+                                      _mm256_loadu_ps(mlo + c));
+      // g*k1 - xc*k2 - k3, in the portable kernel's order of operations
+      const __m256 o = _mm256_sub_ps(
+          _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(gr + c), _mm256_loadu_ps(k1 + c)),
+                        _mm256_mul_ps(xc, _mm256_loadu_ps(k2 + c))),
+          _mm256_loadu_ps(k3 + c));
+      _mm256_stream_ps(dr + c, o);
+    }
+  }
+  _mm_sfence();
+}
+
+template <typename T>
+inline void fill_avx2(RowKernels<T>&) {}
+template <>
+inline void fill_avx2<float>(RowKernels<float>& k) {
+  k.cl_normalize_nt = &k_cl_normalize_nt_avx2;
+  k.cl_bwd_apply_nt = &k_cl_bwd_apply_nt_avx2;
+}
+#endif
+
 template <typename T>
 void fill_one(RowKernels<T>& k) {
   using A = typename AccT<T>::type;
@@ -1071,6 +1137,9 @@ void fill_one(RowKernels<T>& k) {
   k.cl_bwd_apply = &k_cl_bwd_apply<T, A>;
   k.cl_eval_bwd = &k_cl_eval_bwd<T, A>;
   fill_nt<T>(k);
+#ifdef BNKIT_ISA_AVX2
+  fill_avx2<T>(k);
+#endif
 }
 
 } // namespace

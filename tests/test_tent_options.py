@@ -1,5 +1,7 @@
 """bnkit.tent's options against hand-written oracles: EATA's / SAR's reliable-sample filter and weights,
-SAR's sharpness-aware step, and the AdaBN-then-TENT statistics (``step_stats="reestimate"``).
+SAR's sharpness-aware step, the AdaBN-then-TENT statistics (``step_stats="reestimate"``), DeYO's
+patch-shuffle filter and MEMO's marginal entropy over augmented views (the mean softmax of the views in
+float64 NumPy and a hand-written step; one view of an identity augmentation must be plain TENT bit for bit).
 
 Oracles: the entropies computed in float64 NumPy (which samples pass the filter, the weights, the
 loss), the TENT step written out by hand (batch statistics, dropout off, plain SGD), SAM's two

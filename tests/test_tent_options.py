@@ -1,5 +1,7 @@
 """bnkit.tent's options against hand-written oracles: EATA's / SAR's reliable-sample filter and weights,
-SAR's sharpness-aware step, and the AdaBN-then-TENT statistics (``step_stats="reestimate"``).
+SAR's sharpness-aware step, the AdaBN-then-TENT statistics (``step_stats="reestimate"``), DeYO's
+patch-shuffle filter and MEMO's marginal entropy over augmented views (the mean softmax of the views in
+float64 NumPy and a hand-written step; one view of an identity augmentation must be plain TENT bit for bit).
 
 Oracles: the entropies computed in float64 NumPy (which samples pass the filter, the weights, the
 loss), the TENT step written out by hand (batch statistics, dropout off, plain SGD), SAM's two
@@ -315,3 +317,186 @@ def test_deyo_options_are_checked():
         assert state_equal(model, state)
     with pytest.raises(TypeError, match="image batches"):
         bnkit.tent(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), torch.randn(8, 3), min_plpd=0.2)
+
+
+# ------------------------------------------------------------------ MEMO's marginal entropy over views
+marginal_logits = tent_mod.marginal_logits
+image_jitter = tent_mod.image_jitter
+
+
+def _np_marginal_entropy(view_logits, views):
+    """The entropy of the mean softmax over the views, in float64 NumPy (view k of sample i: row k N + i)."""
+    z = view_logits.detach().double().numpy()
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    pm = p.reshape(views, -1, p.shape[1]).mean(0)
+    return -(pm * np.log(pm)).sum(1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(2, 12), st.sampled_from([None, 0.4, 0.8]), st.booleans())
+def test_marginal_entropy_matches_a_float64_hand_computation(seed, views, classes, frac, weighted):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(views * 7, classes, generator=gen) * torch.rand(views * 7, 1, generator=gen) * 8
+    h64 = _np_marginal_entropy(z, views)
+    m = marginal_logits(z, views)
+    assert m.shape == (7, classes)
+    np.testing.assert_allclose(m.double().softmax(1).numpy(),
+                               np.exp(z.double().numpy() - np.log(np.exp(z.double().numpy()).sum(1, keepdims=True)))
+                               .reshape(views, 7, classes).mean(0), rtol=1e-5, atol=1e-7)
+    if frac is None:
+        loss, mask = reliable_entropy(m)
+        assert mask.all() and loss.item() == pytest.approx(h64.mean(), rel=1e-5, abs=1e-6)
+        return
+    e0 = frac * math.log(classes)
+    if np.any(np.abs(h64 - e0) < 1e-5):
+        return
+    loss, mask = reliable_entropy(m, frac, weighted)
+    assert mask.tolist() == (h64 < e0).tolist()
+    if mask.any():
+        w = np.exp(e0 - h64) if weighted else np.ones_like(h64)
+        assert loss.item() == pytest.approx((w * h64)[h64 < e0].mean(), rel=1e-5, abs=1e-6)
+
+
+def test_marginal_logits_one_view_is_the_view_and_bad_views_are_refused():
+    z = torch.randn(6, 4)
+    assert marginal_logits(z, 1) is z
+    with pytest.raises(ValueError, match="views"):
+        marginal_logits(z, 4)
+    with pytest.raises(ValueError, match="positive int"):
+        marginal_logits(z, 0)
+
+
+def _hand_memo(model, params, x, augment, views, lr, frac=None, weighted=False, rho=None):
+    """One MEMO step written out: views from a generator seeded with 0, one forward of all of them (batch
+    statistics), the mean softmax in torch, its entropy (the filter and weights from float64 NumPy), plain
+    SGD; with ``rho``, SAM's second pass on the same views."""
+    gen = torch.Generator().manual_seed(0)
+    xv = torch.cat([augment(x, gen) for _ in range(views)])
+
+    def loss_of(within=None):
+        z = model(xv)
+        pm = z.softmax(1).reshape(views, len(x), -1).mean(0)
+        h = -(pm * pm.log()).sum(1)
+        h64 = _np_marginal_entropy(z, views)
+        e0 = math.inf if frac is None else frac * math.log(z.shape[1])
+        keep = h64 < e0
+        if within is not None:
+            keep &= within
+        w = torch.from_numpy(np.exp(e0 - h64)).float() if weighted else torch.ones_like(h)
+        idx = torch.from_numpy(np.flatnonzero(keep))
+        return (h * w)[idx].sum() / len(idx), keep
+
+    loss, keep = loss_of()
+    grads = torch.autograd.grad(loss, params)
+    if rho is not None:
+        norm = torch.sqrt(sum((gr ** 2).sum() for gr in grads))
+        eps = [rho * gr / (norm + 1e-12) for gr in grads]
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p += e
+        grads = torch.autograd.grad(loss_of(keep)[0], params)
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p -= e
+    with torch.no_grad():
+        for p, gr in zip(params, grads):
+            p -= lr * gr
+    return int(keep.sum())
+
+
+@pytest.mark.parametrize("kw", [{}, {"frac": 0.8, "weighted": True}, {"frac": 0.8, "rho": 0.05}])
+def test_memo_step_by_hand(kw):
+    views, lr = 3, 0.5
+    model, oracle = _model(), _model()
+    used = _hand_memo(oracle, _bn_train_mode(oracle), TARGET, image_jitter, views, lr, **kw)
+    if "frac" in kw:
+        assert 0 < used < len(TARGET)  # the filter on the marginal entropy does select here
+    opts = {"max_entropy": kw.get("frac"), "weighted": kw.get("weighted", False), "sharpness": kw.get("rho")}
+    _, h = bnkit.tent(model, TARGET, lr=lr, optimizer=_plain_sgd, stats="source", augment=image_jitter, views=views,
+                      **opts)  # generator=None: seeded with 0, as the oracle's
+    for i in (1, 5):
+        torch.testing.assert_close(model[i].weight, oracle[i].weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model[i].bias, oracle[i].bias, rtol=1e-5, atol=1e-6)
+    assert h.samples_used == used and h.samples_seen == len(TARGET) and h.steps_taken == 1
+    plain = _model()  # and it is not TENT's step
+    bnkit.tent(plain, TARGET, lr=lr, optimizer=_plain_sgd, stats="source", max_entropy=opts["max_entropy"],
+               weighted=opts["weighted"], sharpness=opts["sharpness"])
+    assert not torch.allclose(plain[1].weight, model[1].weight)
+
+
+def test_one_view_of_an_identity_augmentation_is_plain_tent_bit_for_bit():
+    for kw in ({}, {"max_entropy": 0.4, "weighted": True}, {"max_entropy": 0.4, "sharpness": 0.05},
+               {"step_stats": "reestimate"}):
+        a, b = _model(), _model()
+        batches = [TARGET[:20], TARGET[20:]]
+        _, ha = bnkit.tent(a, batches, steps=2, lr=1e-2, **kw)
+        _, hb = bnkit.tent(b, batches, steps=2, lr=1e-2, augment=lambda x, g: x, views=1, **kw)
+        sa, sb = snapshot(a), snapshot(b)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert (ha.samples_used, ha.samples_seen, ha.steps_taken) == (hb.samples_used, hb.samples_seen, hb.steps_taken)
+
+
+def test_memo_restores_the_original_logits_exactly_and_bad_options_change_nothing():
+    model = _model()
+    state = snapshot(model)
+    flags = [m.training for m in model.modules()]
+    with torch.no_grad():
+        clean = model(TARGET)
+    _, h = bnkit.tent(model, TARGET.split(10), steps=2, augment=image_jitter, views=4, max_entropy=0.9)
+    with torch.no_grad():
+        assert not torch.equal(model(TARGET), clean)
+    h.restore()
+    with torch.no_grad():
+        assert torch.equal(model(TARGET), clean)
+    assert state_equal(model, state) and [m.training for m in model.modules()] == flags
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    bad = [({"views": 0}, ValueError), ({"views": 2}, ValueError), ({"views": True, "augment": image_jitter}, ValueError),
+           ({"augment": "jitter"}, TypeError), ({"augment": image_jitter, "min_plpd": 0.2}, ValueError),
+           ({"augment": lambda x, g: x[:, :1], "views": 2}, TypeError),  # the wrong shape: refused mid-way, undone
+           ({"augment": lambda x, g: x.numpy()}, TypeError)]
+    for kw, exc in bad:
+        with pytest.raises(exc):
+            bnkit.tent(model, TARGET.split(10), **kw)
+        assert state_equal(model, state) and [m.training for m in model.modules()] == flags
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 1000), st.integers(0, 3), st.integers(5, 9))
+def test_image_jitter_translates_each_image_with_replicated_borders(seed, t, size):
+    x = torch.randn(4, 2, size, size + 1, generator=torch.Generator().manual_seed(seed))
+    y = image_jitter(x, torch.Generator().manual_seed(seed), brightness=0, contrast=0, translate=t)
+    padded = nn.functional.pad(x, (t,) * 4, mode="replicate")
+    for n in range(4):
+        shifts = [(dy, dx) for dy in range(2 * t + 1) for dx in range(2 * t + 1)
+                  if torch.allclose(y[n], padded[n, :, dy:dy + size, dx:dx + size + 1], rtol=0, atol=1e-5)]
+        assert shifts, "every image is its input moved by at most t pixels"
+    torch.testing.assert_close(image_jitter(x, torch.Generator().manual_seed(seed), brightness=0, contrast=0, translate=t),
+                               y, rtol=0, atol=0)  # the generator decides
+
+
+@pytest.mark.parametrize("unit", ["pixels", "levels"])
+def test_image_jitter_scales_contrast_around_each_mean_and_shifts_the_level(unit):
+    x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(1)) * torch.arange(1.0, 4.0).reshape(1, 3, 1, 1)
+    y = image_jitter(x, torch.Generator().manual_seed(2), brightness=0.7, contrast=0.5, translate=0,
+                     brightness_unit=unit)
+    x64, y64 = x.double().numpy(), y.double().numpy()
+    mu, mv = x64.mean((2, 3), keepdims=True), y64.mean((2, 3), keepdims=True)
+    s = mu.std(0, ddof=1, keepdims=True) if unit == "levels" else x64.std((0, 2, 3), ddof=1, keepdims=True)
+    # one contrast factor per image (all its channels), in [2^-0.5, 2^0.5]: least squares, then the residual
+    a = ((y64 - mv) * (x64 - mu)).sum((1, 2, 3), keepdims=True) / ((x64 - mu) ** 2).sum((1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y64 - mv, a * (x64 - mu), rtol=0, atol=1e-5)
+    assert np.all((a >= 2 ** -0.5 - 1e-6) & (a <= 2 ** 0.5 + 1e-6)) and a.std() > 0.05
+    b = (mv - mu) / s  # one level shift per image, in batch units, within +-0.7
+    assert np.allclose(b, b[:, :1], rtol=1e-4, atol=1e-5)
+    assert np.all(np.abs(b) <= 0.7 + 1e-5) and b[:, 0].std() > 0.05
+
+
+def test_image_jitter_bad_input():
+    for kw, exc in (({"brightness": -1.0}, ValueError), ({"contrast": math.inf}, ValueError),
+                    ({"translate": 1.5}, ValueError), ({"brightness_unit": "std"}, ValueError)):
+        with pytest.raises(exc):
+            image_jitter(torch.randn(2, 1, 4, 4), **kw)
+    with pytest.raises(TypeError):
+        image_jitter(torch.randn(2, 16))

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, learns_stats
 from .adapt import AdaptHandle, _Snapshot, adapt
 from .calibrate import _model_device, _model_input
-from .tent_losses import _deyo_loss, _logits, patch_shuffle, reliable_entropy
+from .tent_losses import _deyo_loss, _logits, image_jitter, marginal_logits, patch_shuffle, reliable_entropy
 
-__all__ = ["bn_parameters", "patch_shuffle", "reliable_entropy", "tent"]
+__all__ = ["bn_parameters", "image_jitter", "marginal_logits", "patch_shuffle", "reliable_entropy", "tent"]
 
 
 def bn_parameters(model: nn.Module, *, named: bool = False) -> list:
@@ -81,7 +81,15 @@ def _make_optimizer(optimizer: Any, params: list, lr: float) -> torch.optim.Opti
 
 
 def _check_options(max_entropy: Any, weighted: Any, sharpness: Any, step_stats: Any, min_plpd: Any = None,
-                   patches: Any = 4) -> None:
+                   patches: Any = 4, augment: Any = None, views: Any = 1) -> None:
+    if augment is not None and not callable(augment):
+        raise TypeError(f"tent: augment must be None or a callable(x, generator), got {type(augment).__name__}")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"tent: views must be a positive int, got {views!r}")
+    if views > 1 and augment is None:
+        raise ValueError("tent: views > 1 needs augment (the views are augmentations of each batch)")
+    if augment is not None and min_plpd is not None:
+        raise ValueError("tent: augment (MEMO) and min_plpd (DeYO) are not combined")
     if max_entropy is not None and (
         isinstance(max_entropy, bool) or not isinstance(max_entropy, (int, float)) or not max_entropy > 0
     ):
@@ -110,7 +118,7 @@ def _check_options(max_entropy: Any, weighted: Any, sharpness: Any, step_stats: 
         raise ValueError(f"tent: step_stats must be 'batch' or 'reestimate', got {step_stats!r}")
 
 
-def _sharpness_aware_grads(model: nn.Module, x: Any, params: list, rho: float, mask: Tensor,
+def _sharpness_aware_grads(logits_of: Any, params: list, rho: float, mask: Tensor,
                            max_entropy: float | None, weighted: bool) -> bool:
     """SAM's second pass (Foret et al. 2021, as SAR uses it): the gradient at ``theta + rho g/|g|``.
 
@@ -118,7 +126,8 @@ def _sharpness_aware_grads(model: nn.Module, x: Any, params: list, rho: float, m
     worst-case neighbour, the loss is taken again on the samples the first pass
     kept that are still reliable there (SAR's second filter), its gradient
     replaces ``g``, and the parameters are moved back. Returns False (grads
-    cleared) when no sample is left.
+    cleared) when no sample is left. ``logits_of()`` gives the step's logits
+    (of the same views, with MEMO) at the current parameters.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -130,7 +139,7 @@ def _sharpness_aware_grads(model: nn.Module, x: Any, params: list, rho: float, m
     for p in params:
         p.grad = None
     try:
-        loss, keep = reliable_entropy(_logits(model, x), max_entropy, weighted, within=mask)
+        loss, keep = reliable_entropy(logits_of(), max_entropy, weighted, within=mask)
         if loss is not None:
             loss.backward()
     finally:
@@ -138,6 +147,20 @@ def _sharpness_aware_grads(model: nn.Module, x: Any, params: list, rho: float, m
             for p, e in zip(params, shifts):
                 p.sub_(e)
     return loss is not None
+
+
+def _augmented_views(augment: Any, x: Any, views: int, generator: torch.Generator) -> Tensor:
+    """``views`` calls of ``augment(x, generator)``, concatenated along the batch (view ``k``: rows ``k N ...``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError("tent: augment needs tensor batches")
+    out = []
+    for _ in range(views):
+        v = augment(x, generator)
+        if not isinstance(v, Tensor) or v.shape != x.shape:
+            raise TypeError(f"tent: augment(x, generator) must return a tensor of x's shape {tuple(x.shape)}, "
+                            f"got {getattr(v, 'shape', type(v).__name__)}")
+        out.append(v)
+    return out[0] if views == 1 else torch.cat(out)
 
 
 def tent(
@@ -155,6 +178,8 @@ def tent(
     step_stats: str = "batch",
     min_plpd: float | None = None,
     patches: int = 4,
+    augment: Any = None,
+    views: int = 1,
     generator: torch.Generator | None = None,
 ) -> tuple[nn.Module, AdaptHandle]:
     r"""TENT: adapt the BN affine parameters by minimizing the prediction entropy on target batches.
@@ -191,6 +216,15 @@ def tent(
       image's pixel statistics. DeYO: ``max_entropy=0.5, min_plpd=0.3``
       (0.2 in its wild settings), ``patches=4``, ``weighted=0.4`` (weights
       ``exp(0.4 ln C - H_i) + exp(PLPD_i)``).
+    * ``augment`` and ``views`` (MEMO, Zhang, Levine & Finn 2022): the loss
+      is the entropy of each sample's *marginal* prediction, the mean of the
+      softmax over ``views`` augmented views ``augment(x, generator)`` of the
+      batch (:func:`marginal_logits`), so that a prediction which changes
+      under the augmentation has a high entropy; the views are forwarded as
+      one batch (the BN layers normalize with the statistics of all of
+      them). :func:`image_jitter` is a generic augmentation for images.
+      ``max_entropy``, ``weighted`` and ``sharpness`` then act on the
+      marginal's entropy (the second SAM pass on the same views).
     * ``step_stats="reestimate"`` (AdaBN, then TENT): the statistics are
       first re-estimated on all of ``data`` and the steps normalize with them
       (fixed, eval-mode BN) instead of each batch's own.
@@ -217,8 +251,12 @@ def tent(
         min_plpd: DeYO's PLPD threshold (``None``: no PLPD filter); needs
             ``(N, C, H, W)`` image batches.
         patches: DeYO's tiles per row and column.
-        generator: the shuffles' random numbers (``None``: a generator
-            seeded with 0 for each call).
+        augment: ``None`` (the prediction's own entropy) or a callable
+            ``(x, generator) -> tensor of x's shape``, a random view of a
+            batch, e.g. :func:`image_jitter`; drawn anew for every step.
+        views: augmented views per sample (``> 1`` needs ``augment``).
+        generator: the shuffles' and augmentations' random numbers
+            (``None``: a generator seeded with 0 for each call).
 
     Returns:
         ``(model, handle)``; ``handle.restore()`` puts back the source
@@ -243,7 +281,7 @@ def tent(
         raise ValueError(f"tent: stats must be 'reestimate' or 'source', got {stats!r}")
     if not (optimizer in ("adam", "sgd") or callable(optimizer)):
         raise ValueError(f"tent: optimizer must be 'adam', 'sgd' or a callable(params, lr=...), got {optimizer!r}")
-    _check_options(max_entropy, weighted, sharpness, step_stats, min_plpd, patches)
+    _check_options(max_entropy, weighted, sharpness, step_stats, min_plpd, patches, augment, views)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"tent: generator must be a torch.Generator, got {type(generator).__name__}")
     _check_num_batches("tent", num_batches)
@@ -263,7 +301,7 @@ def tent(
     hooks = []
     device = _model_device(model)
     seen = used = taken = samples = 0
-    if generator is None and min_plpd is not None:
+    if generator is None and (min_plpd is not None or augment is not None):
         generator = torch.Generator().manual_seed(0)  # the same shuffles on every call: reproducible
     try:
         opt = _make_optimizer(optimizer, params, lr)
@@ -286,8 +324,16 @@ def tent(
             x = _model_input(batch, device)
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
+                if augment is not None:
+                    xv = _augmented_views(augment, x, views, generator)
+
+                    def logits_of(xv=xv):
+                        return marginal_logits(_logits(model, xv), views)
+                else:
+                    def logits_of(x=x):
+                        return _logits(model, x)
                 if min_plpd is None:
-                    loss, mask = reliable_entropy(_logits(model, x), max_entropy, weighted)
+                    loss, mask = reliable_entropy(logits_of(), max_entropy, weighted)
                 else:
                     loss, mask = _deyo_loss(model, x, _logits(model, x), max_entropy, weighted, float(min_plpd),
                                             patches, generator)
@@ -297,7 +343,7 @@ def tent(
                 used += int(mask.sum())
                 loss.backward()
                 if sharpness is not None and not _sharpness_aware_grads(
-                        model, x, params, float(sharpness), mask, max_entropy, weighted):
+                        logits_of, params, float(sharpness), mask, max_entropy, weighted):
                     continue
                 opt.step()
                 taken += 1

@@ -1,5 +1,6 @@
 """The losses of :func:`.tent.tent`: TENT's entropy and the reliable-sample remedies it offers as options
-(EATA's and SAR's entropy filter and weights, DeYO's patch-shuffle filter)."""
+(EATA's and SAR's entropy filter and weights, DeYO's patch-shuffle filter), and MEMO's marginal entropy
+over augmented views with a default image augmentation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["patch_shuffle", "reliable_entropy"]
+__all__ = ["image_jitter", "marginal_logits", "patch_shuffle", "reliable_entropy"]
 
 
 def _logits(model: nn.Module, x: Any) -> Tensor:
@@ -135,3 +137,100 @@ def _deyo_loss(model: nn.Module, x: Any, logits: Tensor, max_entropy: float | No
         e0w = (float(max_entropy) if weighted is True else float(weighted)) * log_c
         hk = hk * (torch.exp(e0w - hk.detach()) + torch.exp(plpd[ok]))
     return hk.mean(), mask
+
+
+# ------------------------------------------------------------------ MEMO: marginal entropy over views
+def marginal_logits(view_logits: Tensor, views: int) -> Tensor:
+    r"""The log of the mean prediction over ``views`` augmented views of each sample (MEMO's marginal).
+
+    ``view_logits`` holds ``views`` blocks of ``N`` rows, view ``k`` of sample
+    ``i`` at row ``k N + i`` (the views concatenated along the batch). The
+    result is ``(N, C, ...)``:
+
+    .. math::  \log \bar p_i = \log \frac{1}{K}\sum_{k=1}^{K} \mathrm{softmax}(z_{ki}),
+
+    computed as ``logsumexp_k log_softmax(z_ki) - log K``. It is a valid
+    logits tensor (``softmax(log p) = p``), so the entropy of the marginal
+    (Zhang, Levine & Finn 2022) and the reliable-sample filter on it are
+    :func:`reliable_entropy` of it. With ``views=1`` the view's logits are
+    returned as they are: the marginal of one view is its prediction.
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0], [0.0, 2.0]])          # one sample, two views that disagree
+        >>> marginal_logits(z, 2).softmax(1).tolist()
+        [[0.5, 0.5]]
+    """
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"marginal_logits: views must be a positive int, got {views!r}")
+    if view_logits.shape[0] % views:
+        raise ValueError(f"marginal_logits: {view_logits.shape[0]} rows are not {views} views of the same samples")
+    if views == 1:
+        return view_logits
+    logp = view_logits.log_softmax(1).reshape(views, view_logits.shape[0] // views, *view_logits.shape[1:])
+    return torch.logsumexp(logp, 0) - math.log(views)
+
+
+def image_jitter(x: Tensor, generator: torch.Generator | None = None, *, brightness: float = 0.5,
+                 contrast: float = 0.5, translate: int = 2, brightness_unit: str = "pixels") -> Tensor:
+    r"""A generic random view of an image batch: small translation, contrast and brightness jitter, per image.
+
+    For each image ``i`` of ``x`` (``(N, C, H, W)``), independently:
+
+    .. math::  x'_i = \mu_i + a_i\,(T_i x_i - \mu_i) + b_i\, s,\qquad
+               a_i = 2^{u_i},\ u_i \sim U(-\text{contrast}, \text{contrast}),\quad
+               b_i \sim U(-\text{brightness}, \text{brightness}),
+
+    with ``T_i`` a translation by whole pixels, up to ``translate`` in each
+    direction (the border pixels repeated into the gap), ``mu_i`` the
+    translated image's mean per channel, and ``s`` the batch's standard
+    deviation per channel (so the jitter is relative to the data's own scale
+    and the function works on raw or standardized inputs alike; no clipping);
+    with ``brightness_unit="levels"``, ``s`` is instead the standard deviation
+    over the batch's images of their mean levels ``mu_i`` (per channel): the
+    views' levels then vary as much as the images' levels do.
+    The defaults are moderate, a priori values (contrast x0.71 to x1.41, a
+    shift of up to half a standard deviation, 2 pixels), not tuned on any
+    test set. It is :func:`.tent.tent`'s augmentation for MEMO's marginal
+    entropy (``augment=image_jitter``); MEMO itself uses AugMix's operations.
+
+    Args:
+        x: ``(N, C, H, W)`` images.
+        generator: the random numbers (drawn on the CPU).
+        brightness: the largest level shift, in batch standard deviations.
+        contrast: the largest contrast change, in octaves (``log2`` of the factor).
+        translate: the largest translation in pixels.
+        brightness_unit: ``"pixels"`` or ``"levels"``, the unit ``s`` of the shift.
+
+    Example:
+        >>> y = image_jitter(torch.rand(4, 1, 8, 8), torch.Generator().manual_seed(0))
+        >>> y.shape
+        torch.Size([4, 1, 8, 8])
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise TypeError(f"image_jitter: expected an (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    for name, v in (("brightness", brightness), ("contrast", contrast)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"image_jitter: {name} must be a finite number >= 0, got {v!r}")
+    if isinstance(translate, bool) or not isinstance(translate, int) or translate < 0:
+        raise ValueError(f"image_jitter: translate must be an int >= 0, got {translate!r}")
+    if brightness_unit not in ("pixels", "levels"):
+        raise ValueError(f"image_jitter: brightness_unit must be 'pixels' or 'levels', got {brightness_unit!r}")
+    n, c, height, width = x.shape
+    dev = x.device
+    d = torch.randint(-translate, translate + 1, (2, n), generator=generator).to(dev)
+    u = (torch.rand(n, generator=generator) * 2 - 1) * contrast
+    b = (torch.rand(n, generator=generator) * 2 - 1) * brightness
+    if translate:
+        padded = F.pad(x, (translate,) * 4, mode="replicate")
+        rows = torch.arange(height, device=dev) + translate + d[0][:, None]  # (N, H)
+        cols = torch.arange(width, device=dev) + translate + d[1][:, None]  # (N, W)
+        # advanced indices on dims 0, 2, 3 around a slice: the result is (N, H, W, C)
+        x = padded[torch.arange(n, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        x = x.permute(0, 3, 1, 2).contiguous()
+    mu = x.mean(dim=(2, 3), keepdim=True)
+    if brightness_unit == "levels":
+        s = mu.detach().std(dim=0, keepdim=True) if n > 1 else torch.zeros_like(mu[:1])
+    else:
+        s = x.detach().std(dim=(0, 2, 3), keepdim=True) if n * height * width > 1 else torch.zeros_like(mu[:1])
+    a = torch.exp2(u).to(dev, x.dtype).reshape(n, 1, 1, 1)
+    return mu + a * (x - mu) + b.to(dev, x.dtype).reshape(n, 1, 1, 1) * s

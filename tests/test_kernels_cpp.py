@@ -468,7 +468,7 @@ def test_bfloat16_outputs_round_to_nearest_even(isa):
 
 
 def test_cache_dependent_defaults_follow_the_l2_size():
-    """The documented rule (kernels.cpp, tuning()): with a 2 MB or larger L2 per core the NCHW
+    """The documented rule (cpu_config.cpp, kKnobs): with a 2 MB or larger L2 per core the NCHW
     backward is blocked in half the L2 and inference outputs stream from twice the L2; otherwise
     neither (16 MB).  Read in a fresh process, without the environment overrides."""
     try:  # glibc's sysconf(_SC_LEVEL2_CACHE_SIZE), which Python's os.sysconf does not name

@@ -77,7 +77,7 @@ struct RowKernels {
   void (*cl_eval_bwd)(const T* g, const T* x, T* dx, int64_t rows, int64_t C, const A* sc, A* sa, A* sb);
 
   // Non-temporal-store variants for outputs larger than the caches (float on
-  // AVX-512; the channels-last ones for float on AVX2 too; nullptr elsewhere).  cl_*: rows of C % 16 == 0 values with
+  // AVX-512 and AVX2; nullptr elsewhere).  cl_*: rows of C % 16 == 0 values with
   // y/dx 64-byte aligned.  span_*: runs of n values of one channel, any
   // alignment.  Each ends with sfence.
   NormalizeFn cl_normalize_nt;

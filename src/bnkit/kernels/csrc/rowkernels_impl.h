@@ -511,16 +511,49 @@ inline void fill_nt(RowKernels<T>& k) {
   k.span_bwd_apply_nt = nullptr;
 }
 
+#if defined(BNKIT_ISA_AVX512) || defined(BNKIT_ISA_AVX2)
+// The streaming kernels are written over the widest float vector of the
+// instruction set: 16 floats (AVX-512) or 8 (AVX2 + FMA).
+struct Vec {
 #ifdef BNKIT_ISA_AVX512
-// o[i] = scalar(i) for i < n, written as a scalar head up to a 64-byte aligned
-// o, a body of 16-value vectors vec(i) with streaming stores, and a scalar tail.
+  using R = __m512;
+  static constexpr int kWidth = 16;
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R set1(float v) { return _mm512_set1_ps(v); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); } // a*b + c
+  static R fmsub(R a, R b, R c) { return _mm512_fmsub_ps(a, b, c); } // a*b - c
+  static R fnmadd(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); } // c - a*b
+  static void stream(float* p, R v) { _mm512_stream_ps(p, v); }
+#else
+  using R = __m256;
+  static constexpr int kWidth = 8;
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R set1(float v) { return _mm256_set1_ps(v); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fmsub(R a, R b, R c) { return _mm256_fmsub_ps(a, b, c); }
+  static R fnmadd(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
+  static void stream(float* p, R v) { _mm256_stream_ps(p, v); }
+#endif
+};
+
+#endif
+
+#ifdef BNKIT_ISA_AVX512
+// (Not on AVX2: there, same-process A/B runs on the EPYC VM made NCHW spans
+// whose length is not a whole number of cache lines up to 1.4x slower
+// streamed, e.g. 32x256x14x14 training forward and backward.)
+// o[i] = scalar(i) for i < n, written as a scalar head up to a vector-aligned
+// o, a body of vectors vec(i) with streaming stores, and a scalar tail.
 template <typename S, typename V>
 inline void stream_row(float* o, int64_t n, const S& scalar, const V& vec) {
+  constexpr int64_t W = Vec::kWidth;
   int64_t i = 0;
-  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(o) & 63u) / sizeof(float));
-  const int64_t head = mis == 0 ? 0 : std::min<int64_t>(n, 16 - mis);
+  const int64_t mis = static_cast<int64_t>((reinterpret_cast<uintptr_t>(o) & (W * sizeof(float) - 1)) / sizeof(float));
+  const int64_t head = mis == 0 ? 0 : std::min<int64_t>(n, W - mis);
   for (; i < head; ++i) o[i] = scalar(i);
-  for (; i + 16 <= n; i += 16) _mm512_stream_ps(o + i, vec(i));
+  for (; i + W <= n; i += W) Vec::stream(o + i, vec(i));
   for (; i < n; ++i) o[i] = scalar(i);
 }
 
@@ -536,17 +569,15 @@ void k_span_normalize_nt(
   for (int64_t c = 0; c < nch; ++c) {
     const float* pr = p + c * n;
     const float hs = mhi[c], ls = mlo[c], as = sc[c], bs = sh[c];
-    const __m512 h = _mm512_set1_ps(hs), l = _mm512_set1_ps(ls), a = _mm512_set1_ps(as), b = _mm512_set1_ps(bs);
+    const Vec::R h = Vec::set1(hs), l = Vec::set1(ls), a = Vec::set1(as), b = Vec::set1(bs);
     stream_row(
         o + c * n,
         n,
         [&](int64_t i) { return ((pr[i] - hs) - ls) * as + bs; },
-        [&](int64_t i) { return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l), a, b); });
+        [&](int64_t i) { return Vec::fmadd(Vec::sub(Vec::sub(Vec::load(pr + i), h), l), a, b); });
   }
   _mm_sfence();
 }
-
-// dx = g*k1 - ((p - mhi) - mlo)*k2 - k3, streamed.
 void k_span_bwd_apply_nt(
     const float* __restrict g,
     const float* __restrict p,
@@ -562,20 +593,21 @@ void k_span_bwd_apply_nt(
     const float* gr = g + c * n;
     const float* pr = p + c * n;
     const float hs = mhi[c], ls = mlo[c], a1s = k1[c], a2s = k2[c], a3s = k3[c];
-    const __m512 h = _mm512_set1_ps(hs), l = _mm512_set1_ps(ls), a1 = _mm512_set1_ps(a1s), a2 = _mm512_set1_ps(a2s),
-                 a3 = _mm512_set1_ps(a3s);
+    const Vec::R h = Vec::set1(hs), l = Vec::set1(ls), a1 = Vec::set1(a1s), a2 = Vec::set1(a2s), a3 = Vec::set1(a3s);
     stream_row(
         dx + c * n,
         n,
         [&](int64_t i) { return gr[i] * a1s - ((pr[i] - hs) - ls) * a2s - a3s; },
         [&](int64_t i) {
-          const __m512 xc = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(pr + i), h), l);
-          return _mm512_fnmadd_ps(xc, a2, _mm512_fmsub_ps(_mm512_loadu_ps(gr + i), a1, a3));
+          const Vec::R xc = Vec::sub(Vec::sub(Vec::load(pr + i), h), l);
+          return Vec::fnmadd(xc, a2, Vec::fmsub(Vec::load(gr + i), a1, a3));
         });
   }
   _mm_sfence();
 }
+#endif
 
+#ifdef BNKIT_ISA_AVX512
 // Channels-last reductions with the per-channel accumulators in registers:
 // chunks of up to 4 vectors (64 channels, the last one masked), the rows of
 // the block walked inside each chunk.  (The portable loops keep the
@@ -1057,11 +1089,11 @@ inline void fill_nt<c10::BFloat16>(RowKernels<c10::BFloat16>& k) {
 
 #ifdef BNKIT_ISA_AVX2
 // ------------------------------------ AVX2 channels-last streaming stores
-// Without AVX-512 the channels-last outputs were always written through the
-// cache: each output line is first read (read-for-ownership), so a training
-// forward whose output is larger than the caches moved 4 bytes per output
-// byte (statistics pass, input, output, ownership read) where 3 suffice.
-// Rows of C % 16 == 0 values, y/dx 64-byte aligned (cl_nt_ok); float32.
+// (AVX-512 has register-chunk kernels for these, above.)  Without them the
+// channels-last outputs on AVX2 were always written through the cache: each
+// output line is first read (read-for-ownership), so a training forward
+// larger than the caches moved 4 bytes per output byte where 3 suffice.
+// Rows of C % 16 == 0 values, y/dx 64-byte aligned (cl_nt_ok).
 void k_cl_normalize_nt_avx2(
     const float* __restrict x,
     float* __restrict y,
@@ -1074,10 +1106,9 @@ void k_cl_normalize_nt_avx2(
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * C;
     float* yr = y + r * C;
-    for (int64_t c = 0; c < C; c += 8) {
-      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(mhi + c)),
-                                      _mm256_loadu_ps(mlo + c));
-      _mm256_stream_ps(yr + c, _mm256_fmadd_ps(xc, _mm256_loadu_ps(sc + c), _mm256_loadu_ps(sh + c)));
+    for (int64_t c = 0; c < C; c += Vec::kWidth) {
+      const Vec::R xc = Vec::sub(Vec::sub(Vec::load(xr + c), Vec::load(mhi + c)), Vec::load(mlo + c));
+      Vec::stream(yr + c, Vec::fmadd(xc, Vec::load(sc + c), Vec::load(sh + c)));
     }
   }
   _mm_sfence();
@@ -1098,15 +1129,9 @@ void k_cl_bwd_apply_nt_avx2(
     const float* gr = g + r * C;
     const float* xr = x + r * C;
     float* dr = dx + r * C;
-    for (int64_t c = 0; c < C; c += 8) {
-      const __m256 xc = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(mhi + c)),
-                                      _mm256_loadu_ps(mlo + c));
-      // g*k1 - xc*k2 - k3, in the portable kernel's order of operations
-      const __m256 o = _mm256_sub_ps(
-          _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(gr + c), _mm256_loadu_ps(k1 + c)),
-                        _mm256_mul_ps(xc, _mm256_loadu_ps(k2 + c))),
-          _mm256_loadu_ps(k3 + c));
-      _mm256_stream_ps(dr + c, o);
+    for (int64_t c = 0; c < C; c += Vec::kWidth) {
+      const Vec::R xc = Vec::sub(Vec::sub(Vec::load(xr + c), Vec::load(mhi + c)), Vec::load(mlo + c));
+      Vec::stream(dr + c, Vec::fnmadd(xc, Vec::load(k2 + c), Vec::fmsub(Vec::load(gr + c), Vec::load(k1 + c), Vec::load(k3 + c))));
     }
   }
   _mm_sfence();

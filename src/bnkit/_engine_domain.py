@@ -19,6 +19,8 @@ hook, a transform or a trace sees exactly the one writer's calls).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,7 @@ from .errors import ChannelMismatchError
 from .kernels import aten_graph
 from .kernels import domain as kdomain
 
-__all__ = ["check_domain", "domain_module_call", "domain_running_update"]
+__all__ = ["check_domain", "domain_graph_running_update", "domain_module_call", "domain_running_update"]
 
 
 def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int) -> int | Tensor:
@@ -45,8 +47,18 @@ def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int
     return _checked_domain(spec, input, domain, num_domains)[0]
 
 
-def _checked_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int) -> tuple[int | Tensor, list[int]]:
-    """:func:`check_domain`, and for a tensor the number of samples of each domain (one host read)."""
+def _checked_domain(
+    spec: CallSpec, input: Tensor, domain: object, num_domains: int, host: bool = True
+) -> tuple[int | Tensor, list[int] | None]:
+    """:func:`check_domain`, and for a tensor the number of samples of each domain (one host read).
+
+    ``host=False`` (a captured graph): a tensor's values are not read, so the
+    samples per domain are ``None`` (the graph counts them on the tensor) and
+    the range check is a ``torch._assert_async`` on CPU (a ``RuntimeError``
+    when the graph runs, before anything is written); on an accelerator, where
+    a device-side assert would end the process's device context, the indexing
+    ops themselves fault on an out-of-range domain.
+    """
     where = spec.name
     if isinstance(domain, Tensor):
         if domain.dtype == torch.bool or domain.dtype.is_floating_point or domain.dtype.is_complex:
@@ -65,6 +77,13 @@ def _checked_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: 
                     f"{where}: domain is on device {domain.device} but the input is on {input.device}; move it there"
                 )
             domain = domain.long()
+            if not host:
+                if domain.is_cpu:
+                    torch._assert_async(
+                        ((domain >= 0) & (domain < num_domains)).all(),
+                        f"{where}: a domain is out of range [0, {num_domains})",
+                    )
+                return domain, None
             try:  # the range check and the counts in one op: bincount refuses negatives, lengthens for big ones
                 samples = torch.bincount(domain, minlength=num_domains).tolist() if n else [0] * num_domains
             except RuntimeError:
@@ -145,8 +164,12 @@ def domain_module_call(
             f"{where}: per-domain BN takes the samples along dim 0, so it needs a feature axis other than 0 "
             f"(got axis={spec.axis} for a {ndim}-D input)"
         )
-    dom, samples = _checked_domain(spec, input, domain, num_domains)
-    present = [d for d, k in enumerate(samples) if k]
+    # In a captured graph (torch.compile, export) which domains a batch holds is data: the statistics are
+    # computed for all D domains with static shapes and the update is masked per row, without a host read
+    # (a graph break). An update hook or a torch.func transform takes the per-row path of running_update.
+    graph = aten_graph.capturing() and engine._UPDATE_HOOK is None and not kernels.transform_active()
+    dom, samples = _checked_domain(spec, input, domain, num_domains, host=not graph)
+    present = [] if samples is None else [d for d, k in enumerate(samples) if k]
     if isinstance(dom, Tensor):
         if len(present) == 1:
             dom = present[0]  # one domain after all: the plain path (and its fused op)
@@ -167,6 +190,13 @@ def domain_module_call(
     if batch_stats:
         if not spec.eps > 0:
             raise ValueError(f"{where}: eps must be positive during training, got {spec.eps}")
+        if samples is None and per_value == 1 and input.is_cpu:  # (more values per sample: never one per domain)
+            torch._assert_async(
+                (torch.zeros(num_domains, dtype=torch.long, device=dom.device)
+                 .index_add(0, dom, torch.ones_like(dom)) != 1).all(),
+                f"{where}: Expected more than 1 value per channel when training, got 1 value per channel for a "
+                "domain; give each domain of a batch at least 2 samples",
+            )
         single = [d for d in present if samples[d] * per_value == 1]
         if single:
             raise ValueError(
@@ -181,8 +211,10 @@ def domain_module_call(
     w2, b2 = _table(weight, num_domains), _table(bias, num_domains)
     if not batch_stats:
         return restore(kdomain.domain_infer(x3, dom, rows, running_mean, running_var, w2, b2, spec.eps))
-    y3, mean, var, _ = kdomain.domain_train_forward(x3, dom, rows, num_domains, w2, b2, spec.eps)
-    if running_mean is not None:
+    y3, mean, var, count = kdomain.domain_train_forward(x3, dom, rows, num_domains, w2, b2, spec.eps)
+    if running_mean is not None and samples is None:
+        domain_graph_running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    elif running_mean is not None:
         counts = {d: samples[d] * per_value for d in present}
         domain_running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, counts)
     return restore(y3)
@@ -264,3 +296,40 @@ def domain_running_update(
         factor_m = factor_v = float(spec.momentum)
     running_mean.index_copy_(0, rows, torch.lerp(running_mean.index_select(0, rows), new_mean, factor_m))
     running_var.index_copy_(0, rows, torch.lerp(running_var.index_select(0, rows), new_var, factor_v))
+
+
+def domain_graph_running_update(
+    spec: CallSpec, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, mean: Tensor,
+    var: Tensor, count: Tensor
+) -> None:
+    """:func:`domain_running_update` in tensor ops for a captured graph: every row at once, no host read.
+
+    ``count``: ``[D]``, the values per channel of each domain in the batch.
+    Row ``d`` is written, and ``num_batches_tracked[d]`` incremented, exactly
+    where the eager update would: the domain is present with more than one
+    value per channel (eager raises for one: on CPU the graph asserts that
+    before this) and, under a checking policy, its variance is finite
+    (``"raise"`` acts as ``"skip"``, as in :func:`bnkit.engine.running_update`'s
+    tensor form); the other rows keep their values by ``torch.where``. The
+    rule per row is the eager one: Bessel's ``n / (n - 1)`` in float64, then
+    ``lerp`` by ``momentum`` or by ``1 / num_batches_tracked[d]`` after the
+    increment.
+    """
+    if spec.momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+    keep = count > 1
+    if spec.check_finite:  # a domain's statistics are finite exactly when its variance is (never -inf)
+        keep = keep & (var.amax(1) < math.inf)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(keep.to(num_batches_tracked.dtype))
+    n = count.double().unsqueeze(1)
+    new_mean = mean.detach().to(running_mean.dtype)
+    new_var = (var.detach().double() * (n / (n - 1).clamp_min(1))).to(running_var.dtype)
+    if spec.momentum is None:  # (rows not kept may divide by 0: the where discards them)
+        factor = (1.0 / num_batches_tracked.double()).unsqueeze(1)
+    else:
+        factor = float(spec.momentum)
+    rows = keep.unsqueeze(1)
+    for running, new in ((running_mean, new_mean), (running_var, new_var)):
+        f = factor.to(running.dtype) if isinstance(factor, Tensor) else factor
+        running.copy_(torch.where(rows, torch.lerp(running, new, f), running))

@@ -13,8 +13,15 @@ checks, the canonical view, the per-domain kernels of
 :func:`~bnkit.engine.running_update` (the one writer of running statistics,
 with its cumulative average, non-finite policy, recompute rule and update
 hook) applied to the present domains' rows, vectorized over the rows in
-plain eager mode and running_update itself per row everywhere else (so a
-hook, a transform or a trace sees exactly the one writer's calls).
+plain eager mode and running_update itself per row wherever a hook or a
+transform may take it over (so they see exactly the one writer's calls).
+
+In a captured graph (``torch.compile``, ``torch.export``) which domains a
+mixed batch holds is data, not something to branch on: the counts and
+statistics of all ``D`` domains come from the portable per-domain forward
+(static ``[D]`` / ``[D, C]`` shapes) and :func:`domain_graph_running_update`
+writes every row by ``torch.where`` (absent domains keep their values), so
+the call is one graph.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import engine, kernels
+from . import engine, kernels, stats
 from ._engine_checks import _check_param, _empty_output, check_input
 from ._engine_views import canonical_view
 from .engine import CallSpec, _reject_nonfinite, batch_norm_module_call, in_recompute, running_update
@@ -245,9 +252,10 @@ def domain_running_update(
     recompute); other rows are not touched. In plain eager CPU mode the rows
     are written in one vectorized step (``"raise"``: checked for every domain
     before any is written); wherever something may redirect or trace the
-    update (an update hook, transforms, compile, tracing, other devices) it
-    is :func:`~bnkit.engine.running_update` on each row, the one writer's
-    own path.
+    update (an update hook, transforms, tracing, other devices) it is
+    :func:`~bnkit.engine.running_update` on each row, the one writer's own
+    path. (A captured graph without a hook or transform takes
+    :func:`domain_graph_running_update` instead.)
     """
     if not counts or in_recompute():
         return
@@ -311,9 +319,9 @@ def domain_graph_running_update(
     before this) and, under a checking policy, its variance is finite
     (``"raise"`` acts as ``"skip"``, as in :func:`bnkit.engine.running_update`'s
     tensor form); the other rows keep their values by ``torch.where``. The
-    rule per row is the eager one: Bessel's ``n / (n - 1)`` in float64, then
-    ``lerp`` by ``momentum`` or by ``1 / num_batches_tracked[d]`` after the
-    increment.
+    rule per row is the eager one, :func:`bnkit.stats.update_running_stats`
+    with Bessel's ``n / (n - 1)`` (in float64) applied per row and the factor
+    ``momentum`` or ``1 / num_batches_tracked[d]`` after the increment.
     """
     if spec.momentum is None and num_batches_tracked is None:
         raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
@@ -323,13 +331,7 @@ def domain_graph_running_update(
     if num_batches_tracked is not None:
         num_batches_tracked.add_(keep.to(num_batches_tracked.dtype))
     n = count.double().unsqueeze(1)
-    new_mean = mean.detach().to(running_mean.dtype)
-    new_var = (var.detach().double() * (n / (n - 1).clamp_min(1))).to(running_var.dtype)
-    if spec.momentum is None:  # (rows not kept may divide by 0: the where discards them)
-        factor = (1.0 / num_batches_tracked.double()).unsqueeze(1)
-    else:
-        factor = float(spec.momentum)
-    rows = keep.unsqueeze(1)
-    for running, new in ((running_mean, new_mean), (running_var, new_var)):
-        f = factor.to(running.dtype) if isinstance(factor, Tensor) else factor
-        running.copy_(torch.where(rows, torch.lerp(running, new, f), running))
+    unbiased = (var.detach().double() * (n / (n - 1).clamp_min(1))).to(running_var.dtype)  # Bessel per row
+    # momentum=None: rows not kept may divide by 0 here, and the where discards them
+    factor = spec.momentum if spec.momentum is not None else (1.0 / num_batches_tracked.double()).unsqueeze(1)
+    stats.update_running_stats(running_mean, running_var, mean, unbiased, 1, factor, keep.unsqueeze(1))

@@ -313,3 +313,31 @@ def test_compiled_bad_domain_raises_when_run_and_changes_nothing(backend):
         assert torch.equal(v, state[k]), k
     compiled(x, domain=T([0, 0, 1, 1, 2, 2]))  # and the same graph still works
     assert layer.num_batches_tracked.tolist() == [1, 1, 1]
+
+
+class _Domained(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = bnkit.DomainBatchNorm2d(3, num_domains=D, momentum=None)
+
+    def forward(self, x, domain):
+        return self.bn(x, domain=domain)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_torch_export_of_a_mixed_batch_equals_eager(train):
+    """torch.export captures the same graph (no data-dependent shape): the program's outputs and buffers are eager's."""
+    torch.manual_seed(2)
+    model = _Domained().train(train)
+    with torch.no_grad():
+        model.bn.running_mean.copy_(torch.randn(D, 3))
+        model.bn.num_batches_tracked.copy_(torch.tensor([2, 0, 5]))
+    oracle = copy.deepcopy(model)
+    x, dom = torch.randn(6, 3, 4, 4), T([0, 2, 0, 2, 2, 0])
+    program = torch.export.export(model, (x, dom)).module()
+    for step in range(2):
+        torch.testing.assert_close(program(x + step, dom), oracle(x + step, dom), rtol=1e-5, atol=1e-5)
+    ours = dict(program.named_buffers())
+    for name, c in oracle.named_buffers():
+        torch.testing.assert_close(ours[name], c, rtol=1e-5, atol=1e-6, msg=f"buffer {name}")
+    assert oracle.bn.num_batches_tracked.tolist() == ([4, 0, 7] if train else [2, 0, 5])

@@ -249,7 +249,8 @@ def _layer_steps(layer: nn.Module, shape: tuple[int, ...], domains: list[Tensor]
 T = torch.tensor
 RANKS = [
     # (N, C): one value per sample, so each present domain needs two samples (eager raises otherwise)
-    pytest.param(bnkit.DomainBatchNorm1d, (4,), [T([0, 1, 0, 1, 2, 2]), T([2, 2, 0, 0, 2, 0]), T([1, 1, 1, 1])], id="1d"),
+    pytest.param(bnkit.DomainBatchNorm1d, (4,), [T([0, 1, 0, 1, 2, 2]), T([2, 2, 0, 0, 2, 0]), T([1, 1, 1, 1])],
+                 id="1d"),
     pytest.param(bnkit.DomainBatchNorm1d, (4, 3), [T([0, 1, 2, 0, 1]), T([2, 0, 0, 0, 0])], id="1d-seq"),
     pytest.param(bnkit.DomainBatchNorm3d, (4, 2, 3, 3), [T([0, 1, 2, 0]), T([1, 1, 0, 1])], id="3d"),
 ]
@@ -341,3 +342,28 @@ def test_torch_export_of_a_mixed_batch_equals_eager(train):
     for name, c in oracle.named_buffers():
         torch.testing.assert_close(ours[name], c, rtol=1e-5, atol=1e-6, msg=f"buffer {name}")
     assert oracle.bn.num_batches_tracked.tolist() == ([4, 0, 7] if train else [2, 0, 5])
+
+
+def test_compiled_update_hook_sees_one_call_per_present_domain():
+    """With a running-update hook installed the compiled call keeps the per-domain path: the hook gets each present
+    domain's row through engine.running_update (outside the graph), and declining leaves eager's update."""
+    torch.manual_seed(11)
+    x, dom = torch.randn(8, 3, 2), T([0, 2, 0, 2, 2, 0, 0, 2])
+    plain = bnkit.DomainBatchNorm1d(3, num_domains=D, momentum=None)
+    hooked = copy.deepcopy(plain)
+    plain(x, domain=dom)
+    seen = []
+
+    def hook(spec, rm, rv, nbt, mean, var, count):
+        seen.append(count)
+        return False  # declined: the ordinary update runs
+
+    previous = bnkit.engine.set_running_update_hook(hook)
+    try:
+        torch._dynamo.reset()
+        torch.compile(hooked, backend="eager")(x, domain=dom)
+    finally:
+        bnkit.engine.set_running_update_hook(previous)
+    assert seen == [8, 8]  # domains 0 and 2, 4 samples of 2 values each
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(hooked.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)

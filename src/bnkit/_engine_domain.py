@@ -197,13 +197,6 @@ def domain_module_call(
     if batch_stats:
         if not spec.eps > 0:
             raise ValueError(f"{where}: eps must be positive during training, got {spec.eps}")
-        if samples is None and per_value == 1 and input.is_cpu:  # (more values per sample: never one per domain)
-            torch._assert_async(
-                (torch.zeros(num_domains, dtype=torch.long, device=dom.device)
-                 .index_add(0, dom, torch.ones_like(dom)) != 1).all(),
-                f"{where}: Expected more than 1 value per channel when training, got 1 value per channel for a "
-                "domain; give each domain of a batch at least 2 samples",
-            )
         single = [d for d in present if samples[d] * per_value == 1]
         if single:
             raise ValueError(
@@ -219,6 +212,13 @@ def domain_module_call(
     if not batch_stats:
         return restore(kdomain.domain_infer(x3, dom, rows, running_mean, running_var, w2, b2, spec.eps))
     y3, mean, var, count = kdomain.domain_train_forward(x3, dom, rows, num_domains, w2, b2, spec.eps)
+    if samples is None and per_value == 1 and input.is_cpu:  # (more values per sample: never one per domain)
+        # eager's ValueError above, decided when the graph runs, before anything is written
+        torch._assert_async(
+            (count != 1).all(),
+            f"{where}: Expected more than 1 value per channel when training, got 1 value per channel for a "
+            "domain; give each domain of a batch at least 2 samples",
+        )
     if running_mean is not None and samples is None:
         domain_graph_running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
     elif running_mean is not None:

@@ -141,6 +141,11 @@ def _table(t: Tensor | None, num_domains: int) -> Tensor | None:
     return t if t is None or t.dim() == 2 else t.unsqueeze(0).expand(num_domains, -1)
 
 
+def _capturing() -> bool:
+    """:func:`bnkit.kernels.aten_graph.capturing`, cheap in eager mode (the ONNX exporters' flag only while tracing)."""
+    return torch.compiler.is_compiling() or (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export())
+
+
 def domain_module_call(
     spec: CallSpec, input: Tensor, domain: object, num_domains: int, weight: Tensor | None, bias: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
@@ -174,7 +179,7 @@ def domain_module_call(
     # In a captured graph (torch.compile, export) which domains a batch holds is data: the statistics are
     # computed for all D domains with static shapes and the update is masked per row, without a host read
     # (a graph break). An update hook or a torch.func transform takes the per-row path of running_update.
-    graph = aten_graph.capturing() and engine._UPDATE_HOOK is None and not kernels.transform_active()
+    graph = _capturing() and engine._UPDATE_HOOK is None and not kernels.transform_active()
     dom, samples = _checked_domain(spec, input, domain, num_domains, host=not graph)
     present = [] if samples is None else [d for d, k in enumerate(samples) if k]
     if isinstance(dom, Tensor):

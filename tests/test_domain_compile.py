@@ -1,4 +1,4 @@
-"""DomainBatchNorm2d under torch.compile and torch.fx: the same outputs, gradients and buffers as eager.
+"""DomainBatchNorm under torch.compile, torch.export and torch.fx: the same outputs, gradients and buffers as eager.
 
 Oracle: the eager model (a deep copy, same inputs), itself checked against separate BN layers per
 domain in tests/test_domain.py. Each case runs several training steps (or eval calls) with int
@@ -12,7 +12,9 @@ with static shapes and the running update is masked per domain (no host read of 
 present), so the mixed batches include a domain absent from the batch, a domain with a single sample
 (allowed where a sample has several values per channel) and a batch of one domain given as a tensor
 (which eager sends through the one door). A fresh process whose first bnkit call is compiled checks
-the graph count with ``torch._dynamo.explain`` (1 graph, 0 breaks).
+the graph count with ``torch._dynamo.explain`` (1 graph, 0 breaks). What eager refuses on the host
+(a domain out of range, a domain with one value per channel) the graph refuses when it runs
+(``RuntimeError`` on CPU), with the state unchanged; an update hook keeps eager's per-domain calls.
 An fx trace, like every bnkit layer's, records the training mode it was made in (the traced
 ``batch_stats`` is a constant), so each case traces in its own mode.
 """

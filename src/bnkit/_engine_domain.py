@@ -13,16 +13,25 @@ checks, the canonical view, the per-domain kernels of
 :func:`~bnkit.engine.running_update` (the one writer of running statistics,
 with its cumulative average, non-finite policy, recompute rule and update
 hook) applied to the present domains' rows, vectorized over the rows in
-plain eager mode and running_update itself per row everywhere else (so a
-hook, a transform or a trace sees exactly the one writer's calls).
+plain eager mode and running_update itself per row wherever a hook or a
+transform may take it over (so they see exactly the one writer's calls).
+
+In a captured graph (``torch.compile``, ``torch.export``) which domains a
+mixed batch holds is data, not something to branch on: the counts and
+statistics of all ``D`` domains come from the portable per-domain forward
+(static ``[D]`` / ``[D, C]`` shapes) and :func:`domain_graph_running_update`
+writes every row by ``torch.where`` (absent domains keep their values), so
+the call is one graph.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from . import engine, kernels
+from . import engine, kernels, stats
 from ._engine_checks import _check_param, _empty_output, check_input
 from ._engine_views import canonical_view
 from .engine import CallSpec, _reject_nonfinite, batch_norm_module_call, in_recompute, running_update
@@ -30,7 +39,7 @@ from .errors import ChannelMismatchError
 from .kernels import aten_graph
 from .kernels import domain as kdomain
 
-__all__ = ["check_domain", "domain_module_call", "domain_running_update"]
+__all__ = ["check_domain", "domain_graph_running_update", "domain_module_call", "domain_running_update"]
 
 
 def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int) -> int | Tensor:
@@ -45,8 +54,18 @@ def check_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int
     return _checked_domain(spec, input, domain, num_domains)[0]
 
 
-def _checked_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: int) -> tuple[int | Tensor, list[int]]:
-    """:func:`check_domain`, and for a tensor the number of samples of each domain (one host read)."""
+def _checked_domain(
+    spec: CallSpec, input: Tensor, domain: object, num_domains: int, host: bool = True
+) -> tuple[int | Tensor, list[int] | None]:
+    """:func:`check_domain`, and for a tensor the number of samples of each domain (one host read).
+
+    ``host=False`` (a captured graph): a tensor's values are not read, so the
+    samples per domain are ``None`` (the graph counts them on the tensor) and
+    the range check is a ``torch._assert_async`` on CPU (a ``RuntimeError``
+    when the graph runs, before anything is written); on an accelerator, where
+    a device-side assert would end the process's device context, the indexing
+    ops themselves fault on an out-of-range domain.
+    """
     where = spec.name
     if isinstance(domain, Tensor):
         if domain.dtype == torch.bool or domain.dtype.is_floating_point or domain.dtype.is_complex:
@@ -65,6 +84,13 @@ def _checked_domain(spec: CallSpec, input: Tensor, domain: object, num_domains: 
                     f"{where}: domain is on device {domain.device} but the input is on {input.device}; move it there"
                 )
             domain = domain.long()
+            if not host:
+                if domain.is_cpu:
+                    torch._assert_async(
+                        ((domain >= 0) & (domain < num_domains)).all(),
+                        f"{where}: a domain is out of range [0, {num_domains})",
+                    )
+                return domain, None
             try:  # the range check and the counts in one op: bincount refuses negatives, lengthens for big ones
                 samples = torch.bincount(domain, minlength=num_domains).tolist() if n else [0] * num_domains
             except RuntimeError:
@@ -115,6 +141,11 @@ def _table(t: Tensor | None, num_domains: int) -> Tensor | None:
     return t if t is None or t.dim() == 2 else t.unsqueeze(0).expand(num_domains, -1)
 
 
+def _capturing() -> bool:
+    """:func:`bnkit.kernels.aten_graph.capturing`, cheap in eager mode (the ONNX exporters' flag only while tracing)."""
+    return torch.compiler.is_compiling() or (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export())
+
+
 def domain_module_call(
     spec: CallSpec, input: Tensor, domain: object, num_domains: int, weight: Tensor | None, bias: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
@@ -145,8 +176,12 @@ def domain_module_call(
             f"{where}: per-domain BN takes the samples along dim 0, so it needs a feature axis other than 0 "
             f"(got axis={spec.axis} for a {ndim}-D input)"
         )
-    dom, samples = _checked_domain(spec, input, domain, num_domains)
-    present = [d for d, k in enumerate(samples) if k]
+    # In a captured graph (torch.compile, export) which domains a batch holds is data: the statistics are
+    # computed for all D domains with static shapes and the update is masked per row, without a host read
+    # (a graph break). An update hook or a torch.func transform takes the per-row path of running_update.
+    graph = _capturing() and engine._UPDATE_HOOK is None and not kernels.transform_active()
+    dom, samples = _checked_domain(spec, input, domain, num_domains, host=not graph)
+    present = [] if samples is None else [d for d, k in enumerate(samples) if k]
     if isinstance(dom, Tensor):
         if len(present) == 1:
             dom = present[0]  # one domain after all: the plain path (and its fused op)
@@ -181,8 +216,17 @@ def domain_module_call(
     w2, b2 = _table(weight, num_domains), _table(bias, num_domains)
     if not batch_stats:
         return restore(kdomain.domain_infer(x3, dom, rows, running_mean, running_var, w2, b2, spec.eps))
-    y3, mean, var, _ = kdomain.domain_train_forward(x3, dom, rows, num_domains, w2, b2, spec.eps)
-    if running_mean is not None:
+    y3, mean, var, count = kdomain.domain_train_forward(x3, dom, rows, num_domains, w2, b2, spec.eps)
+    if samples is None and per_value == 1 and input.is_cpu:  # (more values per sample: never one per domain)
+        # eager's ValueError above, decided when the graph runs, before anything is written
+        torch._assert_async(
+            (count != 1).all(),
+            f"{where}: Expected more than 1 value per channel when training, got 1 value per channel for a "
+            "domain; give each domain of a batch at least 2 samples",
+        )
+    if running_mean is not None and samples is None:
+        domain_graph_running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    elif running_mean is not None:
         counts = {d: samples[d] * per_value for d in present}
         domain_running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, counts)
     return restore(y3)
@@ -213,9 +257,10 @@ def domain_running_update(
     recompute); other rows are not touched. In plain eager CPU mode the rows
     are written in one vectorized step (``"raise"``: checked for every domain
     before any is written); wherever something may redirect or trace the
-    update (an update hook, transforms, compile, tracing, other devices) it
-    is :func:`~bnkit.engine.running_update` on each row, the one writer's
-    own path.
+    update (an update hook, transforms, tracing, other devices) it is
+    :func:`~bnkit.engine.running_update` on each row, the one writer's own
+    path. (A captured graph without a hook or transform takes
+    :func:`domain_graph_running_update` instead.)
     """
     if not counts or in_recompute():
         return
@@ -264,3 +309,34 @@ def domain_running_update(
         factor_m = factor_v = float(spec.momentum)
     running_mean.index_copy_(0, rows, torch.lerp(running_mean.index_select(0, rows), new_mean, factor_m))
     running_var.index_copy_(0, rows, torch.lerp(running_var.index_select(0, rows), new_var, factor_v))
+
+
+def domain_graph_running_update(
+    spec: CallSpec, running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None, mean: Tensor,
+    var: Tensor, count: Tensor
+) -> None:
+    """:func:`domain_running_update` in tensor ops for a captured graph: every row at once, no host read.
+
+    ``count``: ``[D]``, the values per channel of each domain in the batch.
+    Row ``d`` is written, and ``num_batches_tracked[d]`` incremented, exactly
+    where the eager update would: the domain is present with more than one
+    value per channel (eager raises for one: on CPU the graph asserts that
+    before this) and, under a checking policy, its variance is finite
+    (``"raise"`` acts as ``"skip"``, as in :func:`bnkit.engine.running_update`'s
+    tensor form); the other rows keep their values by ``torch.where``. The
+    rule per row is the eager one, :func:`bnkit.stats.update_running_stats`
+    with Bessel's ``n / (n - 1)`` (in float64) applied per row and the factor
+    ``momentum`` or ``1 / num_batches_tracked[d]`` after the increment.
+    """
+    if spec.momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{spec.name}: momentum=None (cumulative average) needs num_batches_tracked")
+    keep = count > 1
+    if spec.check_finite:  # a domain's statistics are finite exactly when its variance is (never -inf)
+        keep = keep & (var.amax(1) < math.inf)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(keep.to(num_batches_tracked.dtype))
+    n = count.double().unsqueeze(1)
+    unbiased = (var.detach().double() * (n / (n - 1).clamp_min(1))).to(running_var.dtype)  # Bessel per row
+    # momentum=None: rows not kept may divide by 0 here, and the where discards them
+    factor = spec.momentum if spec.momentum is not None else (1.0 / num_batches_tracked.double()).unsqueeze(1)
+    stats.update_running_stats(running_mean, running_var, mean, unbiased, 1, factor, keep.unsqueeze(1))

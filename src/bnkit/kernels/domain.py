@@ -63,7 +63,10 @@ def torch_domain_train_forward(
     _, c, inner = x3.shape
     acc = accumulation_dtype(x3.dtype)
     x4 = x3.reshape(n, rows_per_sample, c, inner).to(acc)
-    count = torch.bincount(domains, minlength=num_domains) * (rows_per_sample * inner)
+    # (not bincount: its length depends on the values, which a captured graph cannot know; domains are in range)
+    count = torch.zeros(num_domains, dtype=torch.long, device=domains.device).index_add(
+        0, domains, torch.ones_like(domains)
+    ) * (rows_per_sample * inner)
     denom = count.clamp_min(1).to(acc).unsqueeze(1)
     zeros = torch.zeros(num_domains, c, dtype=acc, device=x3.device)
     mean = zeros.index_add(0, domains, x4.sum((1, 3))) / denom

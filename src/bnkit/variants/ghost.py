@@ -9,7 +9,16 @@ from torch import Tensor
 
 from .. import kernels, stats
 from .._layer_support import document_bn_arguments
-from ..engine import call_spec, canonical_mask, canonical_view, check_mask, per_channel, running_update
+from ..engine import (
+    call_spec,
+    canonical_mask,
+    canonical_view,
+    check_mask,
+    per_channel,
+    refuse_one_valid,
+    running_update,
+    valid_count,
+)
 from ..family import specialize
 from ..functional import batch_norm_core
 from ..layers import BatchNorm, bn_arguments
@@ -131,12 +140,15 @@ def masked_ghost_batch_norm(
     for lo, hi in bounds:  # every chunk checked before any is computed
         x3, restore = canonical_view(input[lo:hi], axis)
         m2 = canonical_mask(mask[lo:hi], x3)
-        count = int(m2.sum())
-        if count == 1:
-            raise ValueError(
-                f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
-                "choose another virtual_batch_size or mask"
-            )
+        count = valid_count(m2)  # (a 0-d tensor while a graph is captured: no host synchronisation)
+        one = (
+            f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
+            "choose another virtual_batch_size or mask"
+        )
+        if isinstance(count, Tensor):
+            refuse_one_valid(count, one)
+        elif count == 1:
+            raise ValueError(one)
         views.append((x3, restore, m2, count))
     ys, counts, means, m2s = [], [], [], []
     for x3, restore, m2, count in views:
@@ -151,8 +163,13 @@ def masked_ghost_batch_norm(
             stats.Moments(0, zeros, zeros.clone())
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
     with torch.no_grad():
-        merged = stats.merge_stacked(torch.tensor(counts, device=input.device), torch.stack(means), torch.stack(m2s))
-    return y, stats.Moments(sum(counts), merged.mean, merged.m2)
+        graph = isinstance(counts[0], Tensor)
+        counts_t = torch.stack(counts) if graph else torch.tensor(counts, device=input.device)
+        merged = stats.merge_stacked(counts_t, torch.stack(means), torch.stack(m2s))
+    total = merged.count if graph else sum(counts)
+    if graph and not input.is_cpu:  # (no assert there: a virtual batch of one valid entry writes no statistics)
+        total = torch.where((counts_t == 1).any(), 0, total)
+    return y, stats.Moments(total, merged.mean, merged.m2)
 
 
 @document_bn_arguments
@@ -232,14 +249,15 @@ class GhostBatchNorm(BatchNorm):
                 where=self.describe(),
             )
         if self.training and self.track_running_stats:
+            count = merged.count
+            if isinstance(count, Tensor):  # a masked batch in a captured graph: the count stays a tensor
+                # (an empty batch's variance is 0 there, not NaN, so that the tensor update counts it as eager does)
+                var = merged.m2 / count.clamp_min(1)
+            else:
+                count, var = int(count), merged.variance(0)
             running_update(
-                self.call_spec(),
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked,
-                merged.mean,
-                merged.variance(0),
-                int(merged.count),
+                self.call_spec(), self.running_mean, self.running_var, self.num_batches_tracked, merged.mean, var,
+                count,
             )
         return y
 

@@ -292,7 +292,7 @@ def _variant_batches(shape):
     return batches
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(_VARIANTS))
 def test_compiled_masked_renorm_and_ghost_training_equal_eager(backend, name):
     layer, shape = _variant(name)

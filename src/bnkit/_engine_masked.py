@@ -14,7 +14,7 @@ from .kernels import aten_graph
 __all__ = ["masked_module_call", "valid_count"]
 
 
-def valid_count(m2: Tensor) -> int | Tensor:
+def valid_count(m2: Tensor, capturing: bool | None = None) -> int | Tensor:
     """The number of valid entries of a canonical mask ``m2`` (one channel's count: every channel's).
 
     Eagerly a host ``int`` (the C++ kernels and the host checks take it);
@@ -22,9 +22,11 @@ def valid_count(m2: Tensor) -> int | Tensor:
     synchronisation there (a graph break under ``torch.compile``): the masked
     phases (:mod:`bnkit.kernels`), :func:`bnkit.engine.running_update` and
     :func:`bnkit._engine_graph.refuse_one_valid` take it as it is.
+    ``capturing``: :func:`bnkit.kernels.aten_graph.capturing`, when the caller
+    has it already (one answer for many masks).
     """
     count = m2.sum()
-    return count if aten_graph.capturing() else int(count)
+    return count if (aten_graph.capturing() if capturing is None else capturing) else int(count)
 
 
 def masked_module_call(

@@ -21,6 +21,7 @@ from ..engine import (
 )
 from ..family import specialize
 from ..functional import batch_norm_core
+from ..kernels import aten_graph
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int, no_training_trace
 
@@ -117,6 +118,13 @@ def ghost_batch_norm(
     return restore(y3), merged
 
 
+def _single_valid_value(where: str, lo: int, hi: int) -> str:
+    return (
+        f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
+        "choose another virtual_batch_size or mask"
+    )
+
+
 def masked_ghost_batch_norm(
     input: Tensor, mask: Tensor, virtual_batch_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
     eps: float = 1e-5, *, axis: int = 1, where: str = "ghost_batch_norm"
@@ -137,18 +145,15 @@ def masked_ghost_batch_norm(
     v = max(1, min(virtual_batch_size, n))
     bounds = [(i, min(i + v, n)) for i in range(0, n, v)]
     views = []
+    capturing = aten_graph.capturing()
     for lo, hi in bounds:  # every chunk checked before any is computed
         x3, restore = canonical_view(input[lo:hi], axis)
         m2 = canonical_mask(mask[lo:hi], x3)
-        count = valid_count(m2)  # (a 0-d tensor while a graph is captured: no host synchronisation)
-        one = (
-            f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
-            "choose another virtual_batch_size or mask"
-        )
-        if isinstance(count, Tensor):
-            refuse_one_valid(count, one)
+        count = valid_count(m2, capturing)  # (a 0-d tensor while a graph is captured: no host synchronisation)
+        if capturing:
+            refuse_one_valid(count, _single_valid_value(where, lo, hi))
         elif count == 1:
-            raise ValueError(one)
+            raise ValueError(_single_valid_value(where, lo, hi))
         views.append((x3, restore, m2, count))
     ys, counts, means, m2s = [], [], [], []
     for x3, restore, m2, count in views:
@@ -163,11 +168,10 @@ def masked_ghost_batch_norm(
             stats.Moments(0, zeros, zeros.clone())
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
     with torch.no_grad():
-        graph = isinstance(counts[0], Tensor)
-        counts_t = torch.stack(counts) if graph else torch.tensor(counts, device=input.device)
+        counts_t = torch.stack(counts) if capturing else torch.tensor(counts, device=input.device)
         merged = stats.merge_stacked(counts_t, torch.stack(means), torch.stack(m2s))
-    total = merged.count if graph else sum(counts)
-    if graph and not input.is_cpu:  # (no assert there: a virtual batch of one valid entry writes no statistics)
+    total = merged.count if capturing else sum(counts)
+    if capturing and not input.is_cpu:  # (no assert there: a virtual batch of one valid entry writes no statistics)
         total = torch.where((counts_t == 1).any(), 0, total)
     return y, stats.Moments(total, merged.mean, merged.m2)
 

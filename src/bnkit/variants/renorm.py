@@ -212,8 +212,8 @@ class BatchRenorm(BatchNorm):
         if torch.compiler.is_compiling():
             # AOT autograd's min-cut partitioner may recompute r and d in the backward from the running
             # statistics, which the forward's running update has overwritten by then: silently wrong
-            # gradients (as of torch 2.13, pytorch/pytorch#197039). cat/stack is outside its recompute
-            # allowlist, so r and d stacked into one tensor are saved for the backward as computed.
+            # gradients (torch 2.13; a partitioner fix is proposed in pytorch/pytorch#197039). stack/cat is
+            # outside its recompute allowlist, so r and d stacked into one tensor are saved as computed.
             r, d = torch.stack((r, d)).unbind(0)
         if remember and not in_recompute():
             memory = self.__dict__.setdefault("_recompute_memory", deque(maxlen=_RECOMPUTE_MEMORY))

@@ -47,6 +47,10 @@ _FRESH = textwrap.dedent(
         "ghost2d": (bnkit.GhostBatchNorm2d(3, virtual_batch_size=2), (x2,), {}),
         "shared": (bnkit.SharedBatchNorm(3, sites=2), (x2,), {"site": 1}),
         "shared_masked": (bnkit.SharedBatchNorm(3, sites=2), (x2,), {"site": 0, "mask": m2}),
+        "masked_renorm2d": (bnkit.BatchRenorm2d(3), (x2,), {"mask": m2}),
+        "masked_renorm1d_fixed": (bnkit.BatchRenorm1d(4, schedule="fixed", momentum=None), (x1,), {"mask": m1}),
+        "masked_ghost2d": (bnkit.GhostBatchNorm2d(3, virtual_batch_size=2), (x2,), {"mask": m2}),
+        "masked_ghost1d_remainder": (bnkit.GhostBatchNorm1d(4, virtual_batch_size=4), (x1,), {"mask": m1}),
     }
     for name, (layer, args, kwargs) in cases.items():
         for mode in ("train", "eval"):
@@ -60,7 +64,7 @@ _FRESH = textwrap.dedent(
 
 _FRESH_CASES = (
     "masked_bn1d", "masked_bn1d_cumulative", "masked_bn1d_propagate", "renorm2d", "ghost2d", "shared",
-    "shared_masked",
+    "shared_masked", "masked_renorm2d", "masked_renorm1d_fixed", "masked_ghost2d", "masked_ghost1d_remainder",
 )
 
 
@@ -74,13 +78,13 @@ def test_one_graph_when_the_first_bnkit_call_of_a_process_is_compiled():
     assert got == expected, out.stdout
 
 
-def _masked_batches(n_steps: int = 4):
+def _masked_batches(n_steps: int = 4, shape: tuple[int, ...] = (6, 4, 5)):
     """``(x, mask)`` pairs: ordinary, NaN in the padding, all padding, Inf in the padding."""
     g = torch.Generator().manual_seed(1)
     out = []
     for step in range(n_steps):
-        x = torch.randn(6, 4, 5, generator=g) * 3 + 1
-        mask = torch.rand(6, 5, generator=g) > 0.4
+        x = torch.randn(*shape, generator=g) * 3 + 1
+        mask = torch.rand(shape[:1] + shape[2:], generator=g) > 0.4
         if step == 2:
             mask = torch.zeros_like(mask)
         pad = ~mask.unsqueeze(1).expand_as(x)
@@ -246,6 +250,109 @@ def test_compiled_masked_shared_batch_norm_equals_eager():
     for k, v in eager.state_dict().items():
         torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)
     assert layer.num_batches_tracked.tolist() == [2, 2]
+
+
+# Batch Renorm with a schedule that moves during the steps (r and d bounded by the step, num_batches_tracked),
+# and with the final bounds from the first step; Ghost BN with equal chunks and with a smaller last one.
+_VARIANTS = {
+    "renorm2d_ramp": (
+        lambda: bnkit.BatchRenorm2d(4, momentum=0.3, warmup_steps=1, r_max_steps=3, d_max_steps=4, r_max=2.0,
+                                    d_max=1.0),
+        (6, 4, 3, 2),
+    ),
+    "renorm1d_fixed_cumulative": (
+        lambda: bnkit.BatchRenorm1d(4, momentum=None, schedule="fixed", r_max=1.5, d_max=0.5), (6, 4, 5),
+    ),
+    "ghost2d": (lambda: bnkit.GhostBatchNorm2d(4, virtual_batch_size=3, momentum=0.2), (6, 4, 3, 2)),
+    "ghost1d_remainder_cumulative": (lambda: bnkit.GhostBatchNorm1d(4, virtual_batch_size=4, momentum=None),
+                                     (6, 4, 5)),
+}
+
+
+def _variant(name):
+    make, shape = _VARIANTS[name]
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+        # Moving statistics away from the batches' own, so that Batch Renorm's r and d are not 1 and 0.
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 3)
+    return layer, shape
+
+
+def _variant_batches(shape):
+    """Five steps: ordinary, NaN in the padding, all padding, Inf in the padding, then a first virtual
+    batch (samples 0..2) with no valid entry (the other chunks still normalized)."""
+    batches = _masked_batches(5, shape)
+    x, mask = batches[4]
+    mask[:3] = False
+    x[:3] = float("nan")  # (all padding there)
+    return batches
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_compiled_masked_renorm_and_ghost_training_equal_eager(backend, name):
+    layer, shape = _variant(name)
+    eager = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    limits = []
+    for x, mask in _variant_batches(shape):
+        if name.startswith("renorm"):
+            limits.append(eager.limits())
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yc, ye = compiled(xc, mask=mask), eager(xe, mask=mask)
+        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-4, equal_nan=True)
+        r = torch.randn(yc.shape, generator=g)
+        (yc * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
+        (ye * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+        for (pname, p), q in zip(layer.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(_grad(p), _grad(q), rtol=1e-4, atol=1e-5, msg=pname)
+            assert torch.isfinite(_grad(p)).all(), pname
+            p.grad = q.grad = None
+        eager_state = eager.state_dict()
+        for k, v in layer.state_dict().items():  # after every step: the schedule's step is num_batches_tracked
+            torch.testing.assert_close(v, eager_state[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert int(layer.num_batches_tracked) == 5  # the all-padding batch is counted, as an empty batch
+    if name == "renorm2d_ramp":  # the bounds grew during the steps (warm-up, ramp, final)
+        assert limits[0] == (1.0, 0.0) and limits[-1] == (2.0, 1.0) and len(set(limits)) >= 4, limits
+
+
+def test_compiled_masked_renorm_differs_from_plain_batch_norm():
+    # The test above compares like with like; this checks that r and d act in the compiled graph at all.
+    layer, shape = _variant("renorm1d_fixed_cumulative")
+    plain = bnkit.BatchNorm1d(4, momentum=None)
+    plain.load_state_dict(layer.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x, mask = _variant_batches(shape)[0]
+    y = compiled(x, mask=mask)
+    assert not torch.allclose(y, plain(x, mask=mask), atol=1e-3)
+    for k, v in plain.state_dict().items():  # the same update: r and d change only the output
+        torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_compiled_masked_ghost_single_valid_value_raises_and_changes_nothing():
+    layer, shape = _variant("ghost1d_remainder_cumulative")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x, mask = _variant_batches(shape)[0]
+    compiled(x, mask=mask)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    mask = mask.clone()
+    mask[4:] = False
+    mask[5, 2] = True  # the last virtual batch (samples 4..5): one valid entry
+    with pytest.raises(RuntimeError, match="single valid value"):
+        compiled(x, mask=mask)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="single valid value"):  # eager: the same message
+        layer(x, mask=mask)
 
 
 def test_portable_masked_gradients_ignore_nonfinite_padding():

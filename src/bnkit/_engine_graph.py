@@ -15,7 +15,9 @@ from . import kernels, stats
 from .engine import CallSpec, _empty_batch, running_update
 from .kernels import aten_graph, torch_ops
 
-__all__ = ["at_buffer_level", "graph_path", "masked_graph_path", "tensor_running_update", "transform_left"]
+__all__ = [
+    "at_buffer_level", "graph_path", "masked_graph_path", "refuse_one_valid", "tensor_running_update", "transform_left",
+]
 
 
 def graph_path(
@@ -155,27 +157,36 @@ def tensor_running_update(
     stats.update_running_stats(running_mean, running_var, mean, var, count, factor, keep)
 
 
+def refuse_one_valid(count: Tensor, message: str) -> None:
+    """In a captured graph, a valid count of 1 (no variance) raises a ``RuntimeError`` with ``message`` on CPU.
+
+    ``torch._assert_async`` on the 0-d count tensor: no host synchronisation
+    in the graph, and on CPU it raises where it runs, so a caller that
+    calls it before any write changes nothing. On an accelerator, where a
+    device-side assert would end the process's device context, nothing is
+    checked: the caller writes no statistics for such a batch instead (the
+    tensor running update keeps the old values for a count below 2).
+    """
+    if count.is_cpu:
+        torch._assert_async(count != 1, message)
+
+
 def masked_graph_path(
-    spec: CallSpec, x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None,
+    spec: CallSpec, x3: Tensor, m2: Tensor, count: Tensor, weight: Tensor | None, bias: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
 ) -> Tensor:
     """The masked training phases while a graph is captured, on the canonical view: ``y3``.
 
-    The valid count stays a 0-d tensor (``int(mask.sum())`` would be a host
+    The valid ``count`` stays a 0-d tensor (``int(mask.sum())`` would be a host
     synchronisation, a graph break under ``torch.compile``): the portable
     masked forward (:func:`bnkit.kernels.torch_ops.masked_forward_train`,
     the same arithmetic as eager) and :func:`running_update`'s tensor form
     take it as it is. An all-padding batch is an empty batch (``bias``
     everywhere, counted, no update). One valid entry raises a
-    ``RuntimeError`` on CPU (``torch._assert_async``, before anything is
-    written); on an accelerator, where a device-side assert would end the
-    process's device context, it writes no statistics instead.
+    ``RuntimeError`` on CPU (:func:`refuse_one_valid`, before anything is
+    written); on an accelerator it writes no statistics instead.
     """
-    count = m2.sum()
-    if x3.is_cpu:
-        torch._assert_async(
-            count != 1, f"{spec.name}: Expected more than 1 value per channel when training, got 1 valid entry"
-        )
+    refuse_one_valid(count, f"{spec.name}: Expected more than 1 value per channel when training, got 1 valid entry")
     y3, mean, var = torch_ops.masked_forward_train(x3, m2, weight, bias, spec.eps, count)
     if running_mean is not None:
         running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)

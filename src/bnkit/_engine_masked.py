@@ -11,7 +11,22 @@ from ._engine_views import canonical_mask, canonical_view, per_channel
 from .engine import CallSpec, _general, running_update
 from .kernels import aten_graph
 
-__all__ = ["masked_module_call"]
+__all__ = ["masked_module_call", "valid_count"]
+
+
+def valid_count(m2: Tensor, capturing: bool | None = None) -> int | Tensor:
+    """The number of valid entries of a canonical mask ``m2`` (one channel's count: every channel's).
+
+    Eagerly a host ``int`` (the C++ kernels and the host checks take it);
+    while a graph is captured a 0-d tensor, as ``int()`` would be a host
+    synchronisation there (a graph break under ``torch.compile``): the masked
+    phases (:mod:`bnkit.kernels`), :func:`bnkit.engine.running_update` and
+    :func:`bnkit._engine_graph.refuse_one_valid` take it as it is.
+    ``capturing``: :func:`bnkit.kernels.aten_graph.capturing`, when the caller
+    has it already (one answer for many masks).
+    """
+    count = m2.sum()
+    return count if (aten_graph.capturing() if capturing is None else capturing) else int(count)
 
 
 def masked_module_call(
@@ -59,11 +74,11 @@ def _masked_general(
     x3, restore = canonical_view(input, axis)
     m2 = canonical_mask(mask, x3)
     weight_c, bias_c = per_channel(weight, channels), per_channel(bias, channels)
-    if aten_graph.capturing():  # the valid count stays a tensor: no host synchronisation
+    count = valid_count(m2)
+    if isinstance(count, Tensor):  # a captured graph
         return restore(masked_graph_path(
-            spec, x3, m2, weight_c, bias_c, running_mean, running_var, num_batches_tracked
+            spec, x3, m2, count, weight_c, bias_c, running_mean, running_var, num_batches_tracked
         ))
-    count = int(m2.sum())
     if count == 1:
         raise ValueError(
             f"{where}: Expected more than 1 value per channel when training, got 1 valid entry "

@@ -53,8 +53,10 @@ __all__ = [
     "graph_path",
     "in_recompute",
     "per_channel",
+    "refuse_one_valid",
     "running_update",
     "set_running_update_hook",
+    "valid_count",
 ]
 
 # --------------------------------------------------------------------------- phases
@@ -374,5 +376,5 @@ def _general(
 # imported last, once everything they take from here is defined.
 from . import _engine_device  # noqa: E402
 from ._engine_domain import check_domain, domain_module_call  # noqa: E402
-from ._engine_graph import _transformed_running_update, graph_path, tensor_running_update  # noqa: E402
-from ._engine_masked import masked_module_call  # noqa: E402
+from ._engine_graph import _transformed_running_update, graph_path, refuse_one_valid, tensor_running_update  # noqa: E402
+from ._engine_masked import masked_module_call, valid_count  # noqa: E402

@@ -272,16 +272,19 @@ def infer(x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
 
 # --------------------------------------------------------------------------- masked phases
 # ``m2``: the bool ``(outer, inner)`` mask of the canonical view (True = valid),
-# ``count``: its number of True entries (the per-channel count of every channel).
-def masked_moments(x3: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
+# ``count``: its number of True entries (the per-channel count of every channel); while a graph is
+# captured, a 0-d tensor (the portable ops then, in the graph: the extension is never loaded there).
+def masked_moments(x3: Tensor, m2: Tensor, count: int | Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, biased variance)`` over the valid entries of ``x3``."""
+    if aten_graph.capturing():
+        return torch_ops.masked_moments(x3, m2, count)
     if select(x3) == "cpp" and _masked_cpp():
         return torch.ops.bnkit.masked_moments(x3, m2)
     return torch_ops.masked_moments(x3, m2, count)
 
 
 def masked_train_forward(
-    x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, count: int
+    x3: Tensor, m2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, count: int | Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The masked training forward phase: ``(y3, mean, biased var)`` of the valid entries.
 
@@ -289,6 +292,8 @@ def masked_train_forward(
     anything else (statistics, valid outputs, gradients of valid inputs and of
     weight/bias); differentiable in ``x3``, weight and bias.
     """
+    if aten_graph.capturing():
+        return torch_ops.masked_forward_train(x3, m2, weight, bias, eps, count)
     if count > 0 and select(x3) == "cpp" and _masked_cpp():
         return _MaskedTrain.apply(x3, m2, weight, bias, eps, count)
     return torch_ops.masked_forward_train(x3, m2, weight, bias, eps, count)

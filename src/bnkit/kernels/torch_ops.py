@@ -132,10 +132,13 @@ def _valid(t: Tensor, m2: Tensor) -> Tensor:
     return torch.where(m2.unsqueeze(1), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-def masked_moments(x3: Tensor, m2: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(mean, biased variance)`` over the valid entries, two-pass (0 for ``count == 0``)."""
+def masked_moments(x3: Tensor, m2: Tensor, count: int | Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance)`` over the valid entries, two-pass (0 for ``count == 0``).
+
+    ``count`` may be a 0-d integer tensor (a captured graph's valid count).
+    """
     xa = x3.to(accumulation_dtype(x3.dtype))
-    denom = max(count, 1)
+    denom = count.clamp_min(1) if isinstance(count, Tensor) else max(count, 1)
     mean = _valid(xa, m2).sum(dim=_DIMS) / denom
     return mean, _valid(xa - _per_channel(mean), m2).square().sum(dim=_DIMS) / denom
 

@@ -9,9 +9,19 @@ from torch import Tensor
 
 from .. import kernels, stats
 from .._layer_support import document_bn_arguments
-from ..engine import call_spec, canonical_mask, canonical_view, check_mask, per_channel, running_update
+from ..engine import (
+    call_spec,
+    canonical_mask,
+    canonical_view,
+    check_mask,
+    per_channel,
+    refuse_one_valid,
+    running_update,
+    valid_count,
+)
 from ..family import specialize
 from ..functional import batch_norm_core
+from ..kernels import aten_graph
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int, no_training_trace
 
@@ -108,6 +118,13 @@ def ghost_batch_norm(
     return restore(y3), merged
 
 
+def _single_valid_value(where: str, lo: int, hi: int) -> str:
+    return (
+        f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
+        "choose another virtual_batch_size or mask"
+    )
+
+
 def masked_ghost_batch_norm(
     input: Tensor, mask: Tensor, virtual_batch_size: int, weight: Tensor | None = None, bias: Tensor | None = None,
     eps: float = 1e-5, *, axis: int = 1, where: str = "ghost_batch_norm"
@@ -128,15 +145,15 @@ def masked_ghost_batch_norm(
     v = max(1, min(virtual_batch_size, n))
     bounds = [(i, min(i + v, n)) for i in range(0, n, v)]
     views = []
+    capturing = aten_graph.capturing()
     for lo, hi in bounds:  # every chunk checked before any is computed
         x3, restore = canonical_view(input[lo:hi], axis)
         m2 = canonical_mask(mask[lo:hi], x3)
-        count = int(m2.sum())
-        if count == 1:
-            raise ValueError(
-                f"{where}: the virtual batch of samples {lo}..{hi - 1} has a single valid value per channel; "
-                "choose another virtual_batch_size or mask"
-            )
+        count = valid_count(m2, capturing)  # (a 0-d tensor while a graph is captured: no host synchronisation)
+        if capturing:
+            refuse_one_valid(count, _single_valid_value(where, lo, hi))
+        elif count == 1:
+            raise ValueError(_single_valid_value(where, lo, hi))
         views.append((x3, restore, m2, count))
     ys, counts, means, m2s = [], [], [], []
     for x3, restore, m2, count in views:
@@ -151,8 +168,12 @@ def masked_ghost_batch_norm(
             stats.Moments(0, zeros, zeros.clone())
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=0)
     with torch.no_grad():
-        merged = stats.merge_stacked(torch.tensor(counts, device=input.device), torch.stack(means), torch.stack(m2s))
-    return y, stats.Moments(sum(counts), merged.mean, merged.m2)
+        counts_t = torch.stack(counts) if capturing else torch.tensor(counts, device=input.device)
+        merged = stats.merge_stacked(counts_t, torch.stack(means), torch.stack(m2s))
+    total = merged.count if capturing else sum(counts)
+    if capturing and not input.is_cpu:  # (no assert there: a virtual batch of one valid entry writes no statistics)
+        total = torch.where((counts_t == 1).any(), 0, total)
+    return y, stats.Moments(total, merged.mean, merged.m2)
 
 
 @document_bn_arguments
@@ -232,14 +253,15 @@ class GhostBatchNorm(BatchNorm):
                 where=self.describe(),
             )
         if self.training and self.track_running_stats:
+            count = merged.count
+            if isinstance(count, Tensor):  # a masked batch in a captured graph: the count stays a tensor
+                # (an empty batch's variance is 0 there, not NaN, so that the tensor update counts it as eager does)
+                var = merged.m2 / count.clamp_min(1)
+            else:
+                count, var = int(count), merged.variance(0)
             running_update(
-                self.call_spec(),
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked,
-                merged.mean,
-                merged.variance(0),
-                int(merged.count),
+                self.call_spec(), self.running_mean, self.running_var, self.num_batches_tracked, merged.mean, var,
+                count,
             )
         return y
 

@@ -18,6 +18,7 @@ from ..engine import (
     in_recompute,
     masked_module_call,
     per_channel,
+    valid_count,
 )
 from ..family import specialize
 from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors, masked_tiny_batch, tiny_batch_forward
@@ -189,7 +190,7 @@ class BatchRenorm(BatchNorm):
 
     @torch.no_grad()
     def _correction(
-        self, x3: Tensor, remember: bool = False, m2: Tensor | None = None, count: int = 0
+        self, x3: Tensor, remember: bool = False, m2: Tensor | None = None, count: int | Tensor = 0
     ) -> tuple[Tensor, Tensor]:
         """The per-channel ``(r, d)`` of the batch ``x3`` (constants: computed without a graph).
 
@@ -208,6 +209,12 @@ class BatchRenorm(BatchNorm):
                     memory.remove(entry)
                     return entry[2], entry[3]
         r, d = self._correction_of(mean_b, var_b, x3)
+        if torch.compiler.is_compiling():
+            # AOT autograd's min-cut partitioner may recompute r and d in the backward from the running
+            # statistics, which the forward's running update has overwritten by then: silently wrong
+            # gradients (torch 2.13; a partitioner fix is proposed in pytorch/pytorch#197039). stack/cat is
+            # outside its recompute allowlist, so r and d stacked into one tensor are saved as computed.
+            r, d = torch.stack((r, d)).unbind(0)
         if remember and not in_recompute():
             memory = self.__dict__.setdefault("_recompute_memory", deque(maxlen=_RECOMPUTE_MEMORY))
             memory.append((mean_b, var_b, r, d))
@@ -273,12 +280,15 @@ class BatchRenorm(BatchNorm):
         check_per_channel_tensors(self)
         x3, _ = canonical_view(input, self.axis % input.dim())
         m2 = canonical_mask(mask, x3)
-        count = int(m2.sum())
+        count = valid_count(m2)  # (a 0-d tensor while a graph is captured: no host synchronisation)
         c = self.num_features
         weight = per_channel(self.weight, c)
         bias = per_channel(self.bias, c)
-        if count > 1:
+        if isinstance(count, Tensor) or count > 1:
             r, d = self._correction(x3, False, m2, count)
+            if isinstance(count, Tensor):  # a graph cannot branch on the count: r = 1, d = 0 where eager skips
+                several = count > 1
+                r, d = torch.where(several, r, 1.0), torch.where(several, d, 0.0)
             w_eff = r if weight is None else weight * r
             b_eff = d if weight is None else weight * d
             if bias is not None:

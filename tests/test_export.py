@@ -249,3 +249,18 @@ def test_onnx_torchscript_exporter_variants_channels_last(tmp_path):
         torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
     assert "ReduceMean" not in _check_onnx_file(path)  # every variant in its inference form
     np.testing.assert_allclose(_ort(path, x), model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_capturing_reads_both_onnx_exporters_flags(monkeypatch):
+    """``aten_graph.capturing`` follows ``torch.onnx.is_in_onnx_export`` (its flags read directly)."""
+    from torch.onnx._internal.exporter import _flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    from bnkit.kernels import aten_graph
+
+    assert not aten_graph.capturing() and not torch.onnx.is_in_onnx_export()
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", True)
+    assert aten_graph.capturing() and torch.onnx.is_in_onnx_export()
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", False)
+    monkeypatch.setattr(GLOBALS, "in_onnx_export", True)
+    assert aten_graph.capturing() and torch.onnx.is_in_onnx_export()

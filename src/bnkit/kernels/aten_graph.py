@@ -37,7 +37,32 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def capturing() -> bool:
     """Whether a graph is being captured: dynamo (``torch.compile``, ``torch.export``) or the ONNX exporters."""
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() or _onnx_exporting()
+
+
+_ONNX_FLAGS: tuple | None = None
+
+
+def _onnx_exporting() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, with its two flags' modules imported once.
+
+    The public function imports them on every call (about 3 us, on every engine
+    call that asks whether a graph is captured); where they are not where torch
+    2.13 keeps them, the public function is used.
+    """
+    global _ONNX_FLAGS
+    if _ONNX_FLAGS is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _ONNX_FLAGS = (_flags, GLOBALS)
+            _ONNX_FLAGS[0]._is_onnx_exporting, _ONNX_FLAGS[1].in_onnx_export  # noqa: B018 (both exist)
+        except (ImportError, AttributeError):
+            _ONNX_FLAGS = ()
+    if not _ONNX_FLAGS:
+        return torch.onnx.is_in_onnx_export()
+    return _ONNX_FLAGS[1].in_onnx_export or _ONNX_FLAGS[0]._is_onnx_exporting
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -356,6 +356,19 @@ def allocator() -> str:
     return "default (glibc)"
 
 
+def without_options(argv: list[str], *options: str) -> list[str]:
+    """``argv`` without each of ``options`` and its value (``--opt value`` or ``--opt=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not any(a.startswith(o + "=") for o in options):
+            out.append(a)
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bnkit bench --models", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet18,mobilenetv2,mlp", help="comma-separated: " + ",".join(MODELS))
@@ -448,12 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}: not installed (apt-get install {ALLOCATOR_LIBS[name][1]}); rows skipped")
             continue
         print(f"\n--- {name} (LD_PRELOAD={lib}) ---", flush=True)
-        rest = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--allocator")]
-        rest = [a for i, a in enumerate(rest) if not (i > 0 and rest[i - 1] == "--allocator")]
-        json_extra = []
-        if args.json:
-            json_extra = ["--json", f"{args.json}.{name}"]
-            rest = [a for i, a in enumerate(rest) if a != "--json" and not (i > 0 and rest[i - 1] == "--json")]
+        rest = without_options(sys.argv[1:] if argv is None else argv, "--allocator", "--json")
+        json_extra = ["--json", f"{args.json}.{name}"] if args.json else []
         subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), *rest, *json_extra],
             env={**os.environ, "LD_PRELOAD": lib},

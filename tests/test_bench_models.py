@@ -96,3 +96,11 @@ def test_bad_arguments_are_usage_errors(bench):
     with pytest.raises(SystemExit) as e:
         bench.main(["--models", "vgg"])
     assert e.value.code == 2
+
+
+def test_allocator_reruns_drop_the_allocator_and_json_options(bench):
+    argv = ["--models", "mlp", "--allocator", "all", "--json", "out.json", "--reps", "3", "--allocator=jemalloc"]
+    assert bench.without_options(argv, "--allocator", "--json") == ["--models", "mlp", "--reps", "3"]
+    # the re-run's own arguments parse (the bug was a stray "all")
+    args = bench.parse_args(bench.without_options(argv, "--allocator", "--json"))
+    assert args.allocator == "default" and args.json is None

@@ -106,6 +106,22 @@ def _grad(p):
     return torch.zeros_like(p) if p.grad is None else p.grad
 
 
+def _step_equals_eager(compiled, layer, eager, x, mask, g):
+    """One training step of the compiled layer and its eager copy: outputs, input and parameter gradients."""
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yc, ye = compiled(xc, mask=mask), eager(xe, mask=mask)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-4, equal_nan=True)
+    r = torch.randn(yc.shape, generator=g)
+    # (padded outputs may be NaN/Inf: their gradient is dy * scale, to their own input only)
+    (yc * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
+    (ye * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(layer.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(_grad(p), _grad(q), rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.isfinite(_grad(p)).all(), name
+        p.grad = q.grad = None
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_compiled_masked_training_equals_eager(backend, momentum):
@@ -115,18 +131,7 @@ def test_compiled_masked_training_equals_eager(backend, momentum):
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     g = torch.Generator().manual_seed(5)
     for x, mask in _masked_batches():
-        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yc, ye = compiled(xc, mask=mask), eager(xe, mask=mask)
-        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-4, equal_nan=True)
-        r = torch.randn(yc.shape, generator=g)
-        # (padded outputs may be NaN/Inf: their gradient is dy * scale, to their own input only)
-        (yc * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
-        (ye * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
-        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
-        for (name, p), q in zip(layer.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(_grad(p), _grad(q), rtol=1e-4, atol=1e-5, msg=name)
-            assert torch.isfinite(_grad(p)).all(), name
-            p.grad = q.grad = None
+        _step_equals_eager(compiled, layer, eager, x, mask, g)
     eager_state = eager.state_dict()
     for k, v in layer.state_dict().items():
         torch.testing.assert_close(v, eager_state[k], rtol=1e-6, atol=1e-6, msg=k)
@@ -304,17 +309,7 @@ def test_compiled_masked_renorm_and_ghost_training_equal_eager(backend, name):
     for x, mask in _variant_batches(shape):
         if name.startswith("renorm"):
             limits.append(eager.limits())
-        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yc, ye = compiled(xc, mask=mask), eager(xe, mask=mask)
-        torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-4, equal_nan=True)
-        r = torch.randn(yc.shape, generator=g)
-        (yc * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
-        (ye * r).nan_to_num(0.0, 0.0, 0.0).sum().backward()
-        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
-        for (pname, p), q in zip(layer.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(_grad(p), _grad(q), rtol=1e-4, atol=1e-5, msg=pname)
-            assert torch.isfinite(_grad(p)).all(), pname
-            p.grad = q.grad = None
+        _step_equals_eager(compiled, layer, eager, x, mask, g)
         eager_state = eager.state_dict()
         for k, v in layer.state_dict().items():  # after every step: the schedule's step is num_batches_tracked
             torch.testing.assert_close(v, eager_state[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -470,7 +470,8 @@ def test_bfloat16_outputs_round_to_nearest_even(isa):
 def test_cache_dependent_defaults_follow_the_l2_size():
     """The documented rule (cpu_config.cpp, kKnobs): with a 2 MB or larger L2 per core the NCHW
     backward is blocked in half the L2 and inference outputs stream from twice the L2; otherwise
-    neither (16 MB).  Read in a fresh process, without the environment overrides."""
+    neither (inference outputs stream from 16 MB, or 3 MB with the AVX2 kernels).  Read in a fresh
+    process, without the environment overrides."""
     try:  # glibc's sysconf(_SC_LEVEL2_CACHE_SIZE), which Python's os.sysconf does not name
         got = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
@@ -478,15 +479,17 @@ def test_cache_dependent_defaults_follow_the_l2_size():
     l2 = max(int(got.stdout.strip() or 0), 0) if got.returncode == 0 else 0
     code = (
         "import torch; from bnkit.kernels import cpp; assert cpp.load(); t = torch.ops.bnkit._tune;"
-        "print('KNOBS', t('block_bytes_grad', -1), t('nt_eval_bytes', -1), t('block_bytes', -1))"
+        "print('KNOBS', t('block_bytes_grad', -1), t('nt_eval_bytes', -1), t('block_bytes', -1),"
+        " torch.ops.bnkit.cpu_isa())"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNKIT_")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    block_grad, nt_eval, block = (int(v) for v in out.stdout.split("KNOBS")[-1].split())
+    *knobs, isa = out.stdout.split("KNOBS")[-1].split()
+    block_grad, nt_eval, block = (int(v) for v in knobs)
     large = l2 >= 2 << 20
     assert block_grad == (l2 // 2 if large else 0)
-    assert nt_eval == (2 * l2 if large else 16 << 20)
+    assert nt_eval == (2 * l2 if large else (3 << 20 if isa == "avx2" else 16 << 20))
     assert block == 0
     with pytest.raises(RuntimeError, match="unknown knob"):
         ops._tune("no_such_knob", 1)

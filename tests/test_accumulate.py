@@ -210,8 +210,8 @@ def test_torch_layers_keep_their_forward_hooks_pickling_and_own_forward():
 
 
 def test_torch_layers_many_micro_batches_and_nested_blocks_in_between():
-    """More forwards than a torch layer's ring of slots holds, empty batches among them, and a nested
-    block opened while the enclosing one has forwards pending: the update of the concatenated batch."""
+    """Twenty-one micro-batches, empty ones among them, and a nested block opened after another layer of the
+    enclosing block has run: the update of the concatenated batch, for each layer."""
     layer, other = nn.BatchNorm1d(4, dtype=D), nn.BatchNorm1d(4, dtype=D)
     sizes = [3, 0, 5, 2, 7, 4, 0, 6, 3, 2, 5, 4, 8, 3, 2, 6, 9, 4, 3, 2, 5]
     parts = micro_batches(sizes, seed=11)

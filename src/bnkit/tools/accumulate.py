@@ -95,7 +95,7 @@ class _Accumulator:
         # id of a running_mean the engine is given as it is (a module's own buffer) -> its layer, which keeps
         # that tensor alive (so the id stays its own): the fused route's one lookup per call.
         self.by_buffer: dict[int, _Layer] = {}
-        self.hooked: set[int] = set()  # the torch layers whose forward this block wrapped
+        self.wrapped: set[int] = set()  # the torch layers whose forward this block wrapped
         # The buffers this block collects for: the bnkit layers' running_mean tensors (per-site views share them).
         own = [m for _, m in layers if has_running_stats(m) and not isinstance(m, _BatchNorm)]
         self.owned = {id(m.running_mean) for m in own}
@@ -225,46 +225,43 @@ class _CollectingForward:
 
     def __call__(self, input: Tensor, *args: Any, **kwargs: Any) -> Any:
         module = self.module
+        n = input.numel() // input.shape[1] if input.dim() > 1 else 0  # values per channel
         if torch.compiler.is_compiling():  # traced: torch's forward, then the merge outside the graph
             y = self.forward(input, *args, **kwargs)
             if module.training and module.track_running_stats:
-                _collect_eagerly(self, input.numel() // input.shape[1] if input.dim() > 1 else 0)
+                _collect_eagerly(self, n)
             return y
         if not (module.training and module.track_running_stats and _ACCUMULATORS) or in_recompute() \
                 or torch._C._is_tracing():
             return self.forward(input, *args, **kwargs)
-        block = _ACCUMULATORS[-1]
-        layer = self.layer if block is self.block else block.torch_layer(module)
-        buffers = self.buffers
         if self.lean and not args and not kwargs and type(input) is Tensor:
             module._check_input_dim(input)
-            n = input.numel() // input.shape[1] if input.dim() > 1 else 0
             if n == 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
             y = torch.batch_norm(
-                input, module.weight, module.bias, buffers["running_mean"], buffers["running_var"], True, 1.0,
-                module.eps, torch.backends.cudnn.enabled,
+                input, module.weight, module.bias, self.buffers["running_mean"], self.buffers["running_var"], True,
+                1.0, module.eps, torch.backends.cudnn.enabled,
             )
         else:
             y = self.forward(input, *args, **kwargs)
-            n = input.numel() // input.shape[1] if input.dim() > 1 else 0
-        layer.seen = True
-        if n > 1:  # torch raises for one value per channel
-            if self.merge is not None:
-                self.merge(layer.totals, buffers["running_mean"], buffers["running_var"], n, True)
-            else:
-                layer.add(n, buffers["running_mean"], buffers["running_var"], unbiased=True)
+        self._take(_ACCUMULATORS[-1], n)
         return y
 
     def collect(self, n: int) -> None:
         """The batch statistics a forward left in the buffers merged into the innermost block (if any)."""
-        if not _ACCUMULATORS or in_recompute():
-            return
-        block = _ACCUMULATORS[-1]
+        if _ACCUMULATORS and not in_recompute():
+            self._take(_ACCUMULATORS[-1], n)
+
+    def _take(self, block: _Accumulator, n: int) -> None:
+        """The buffers' batch statistics (of ``n`` values per channel) merged into ``block``'s entry."""
         layer = self.layer if block is self.block else block.torch_layer(self.module)
         layer.seen = True
-        if n > 1:
-            layer.add(n, self.buffers["running_mean"], self.buffers["running_var"], unbiased=True)
+        if n > 1:  # torch raises for one value per channel
+            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+            if self.merge is not None:
+                self.merge(layer.totals, rm, rv, n, True)
+            else:
+                layer.add(n, rm, rv, unbiased=True)
 
     def __reduce__(self) -> Any:
         return (_same, (self.forward,))
@@ -362,8 +359,8 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     _check_accumulable(layers)
     parent = _ACCUMULATORS[-1] if _ACCUMULATORS else None
     acc = _Accumulator(layers, parent)
-    hooked = set().union(*(a.hooked for a in _ACCUMULATORS)) if _ACCUMULATORS else set()
-    torch_layers = [m for _, m in layers if isinstance(m, _BatchNorm) and id(m) not in hooked and has_running_stats(m)]
+    wrapped = set().union(*(a.wrapped for a in _ACCUMULATORS)) if _ACCUMULATORS else set()
+    torch_layers = [m for _, m in layers if isinstance(m, _BatchNorm) and id(m) not in wrapped and has_running_stats(m)]
     snapshot = BufferSnapshot(m for _, m in layers)
     momenta = [(m, m.momentum) for m in torch_layers]
     forwards: list[tuple[nn.Module, Any]] = []  # each wrapped torch layer and its own forward attribute, if any
@@ -374,7 +371,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         for m in torch_layers:
             forwards.append((m, m.__dict__.get("forward", _NONE)))
             m.forward = _CollectingForward(m, m.forward, acc)
-            acc.hooked.add(id(m))
+            acc.wrapped.add(id(m))
             m.momentum = 1.0
         yield model
         ok = True

@@ -295,18 +295,14 @@ def _hooked_call(
     """
     if _fusable(input):
         totals = None if _HOOK_TOTALS is None else _HOOK_TOTALS(spec, running_mean, running_var, num_batches_tracked)
+        args = (input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
+                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
         if totals is not None:
-            y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(
-                input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
-                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite, totals,
-            )
+            y, status = torch.ops.bnkit.batch_norm_layer_accumulate_(*args, totals)
             if status == _constants().handled:  # the common case, first (not None: the op exists)
                 return y
         else:
-            y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(
-                input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
-                spec.axis, spec.num_features, spec.rank_mask, spec.check_finite,
-            )
+            y, mean, var, status = torch.ops.bnkit.batch_norm_layer_moments(*args)
         constants = _constants()  # not None: the op exists
         if status == constants.nonfinite:  # the batch is left out, as the running update would leave it
             _reject_nonfinite(spec.name, spec.nonfinite)

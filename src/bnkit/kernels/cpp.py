@@ -58,7 +58,7 @@ SOURCES = (
     "rowkernels_avx512.cpp",
     "rowkernels_avx512bf16.cpp",
 )
-HEADERS = ("bnkit_kernels.h", "drivers.h", "layout.h", "op_def.h", "rowkernels.h", "rowkernels_impl.h")
+HEADERS = ("bnkit_kernels.h", "drivers.h", "layout.h", "op_def.h", "rowkernels.h", "rowkernels_act.h", "rowkernels_impl.h")
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-DNDEBUG")
 
 # torch's FileBaton in the build folder, and our own lock file beside it.

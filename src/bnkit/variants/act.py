@@ -12,9 +12,11 @@ make and read these layers; the tools find the tail through ``bn_tail``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from ..family import specialize
 from ..layers import BatchNorm
@@ -24,6 +26,31 @@ __all__ = [
     "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
     "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
 ]
+
+
+def fusable_clamp(act: nn.Module) -> tuple[float, float] | None:
+    """The ``(lo, hi)`` of an activation the kernels can fuse after BN, or ``None``.
+
+    Exactly ``nn.ReLU`` (``(0, inf)``), ``nn.ReLU6`` (``(0, 6)``) or
+    ``nn.Hardtanh`` (``(min_val, max_val)``), with no hooks of its own
+    (subclasses may compute something else; hooks must see the call).
+    """
+    kind = type(act)
+    if kind not in (nn.ReLU, nn.ReLU6, nn.Hardtanh) or act._forward_hooks or act._forward_pre_hooks or (
+        act._backward_hooks or act._backward_pre_hooks
+    ):
+        return None
+    if kind is nn.ReLU:
+        return 0.0, math.inf
+    return float(act.min_val), float(act.max_val)
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks for every module are registered (they must see the activation's call)."""
+    return bool(
+        _module._global_forward_hooks or _module._global_forward_pre_hooks or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
 
 
 class _WithTail:
@@ -39,7 +66,25 @@ class _WithTail:
         #: the children applied after the normalization, in order
         self.bn_tail = ("drop", "act")
 
+    def fused_clamp(self) -> tuple[float, float] | None:
+        """The clamp that :meth:`forward` fuses into the BN call, or ``None`` (BN, then the children).
+
+        Fused: a trainable BN base (``clamped_forward``), the default tail with
+        ``drop`` an ``nn.Identity`` and ``act`` a :func:`fusable_clamp`
+        activation, and no hooks on either (nor global module hooks).
+        """
+        if not hasattr(self, "clamped_forward") or self.bn_tail != ("drop", "act"):
+            return None
+        drop, act = self._modules.get("drop"), self._modules.get("act")
+        if type(drop) is not nn.Identity or drop._forward_hooks or drop._forward_pre_hooks or act is None:
+            return None
+        clamp = fusable_clamp(act)
+        return None if clamp is None or _global_hooks() else clamp
+
     def forward(self, input: Tensor) -> Tensor:
+        clamp = self.fused_clamp()
+        if clamp is not None:
+            return self.clamped_forward(input, clamp)
         y = super().forward(input)
         for name in self.bn_tail:
             child = self._modules.get(name)

@@ -17,6 +17,10 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/rsqrt.h>
+#include <ATen/ops/ge.h>
+#include <ATen/ops/le.h>
+#include <ATen/ops/logical_or.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -107,21 +111,30 @@ bool reusable_grad(const Tensor& gy, const Tensor& x) {
 // call on the input in its own layout with feature dim `axis` (`layer` true:
 // outputs written in place, no intermediate tensors).  The backward is the
 // fused backward kernel, or, when a graph of the backward is requested,
-// train_backward_composite.
+// train_backward_composite.  With `act` (the fused layer call only), the node
+// is clamp(BN(x)) (Activation); it also saves the forward's per-channel values
+// (act_params), from which the backward recomputes the clamp's mask.
 class TrainFn : public torch::autograd::Function<TrainFn> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const Tensor& x, const OptT& weight, const OptT& bias, double eps, int64_t axis,
-      bool layer) {
+      bool layer, bool act, double act_lo, double act_hi) {
     const Layout layout = layer ? layout_of(x, axis) : kContiguous;
-    Tensor y, mean, var;
+    const Activation activation{act_lo, act_hi};
+    Tensor y, mean, var, act_params;
     if (layer) {
       y = empty_in_layout(x, layout);
-      std::tie(mean, var) = batch_norm_train_into(view3(x, axis, layout), view3(y, axis, layout), weight, bias, eps);
+      std::tie(mean, var) = batch_norm_train_into(
+          view3(x, axis, layout), view3(y, axis, layout), weight, bias, eps, act ? &activation : nullptr,
+          &act_params);
     } else {
+      TORCH_CHECK(!act, "bnkit: a fused activation needs the layer call");
       std::tie(y, mean, var) = below_autograd(train_op(), x, weight, bias, eps);
     }
-    ctx->save_for_backward({x, or_undefined(weight), mean, var});
+    ctx->save_for_backward({x, or_undefined(weight), mean, var, act_params});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["act_lo"] = act_lo;
+    ctx->saved_data["act_hi"] = act_hi;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["layout"] = static_cast<int64_t>(layout);
@@ -141,16 +154,21 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     const Layout layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
     const bool layer = ctx->saved_data["layer"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool act = ctx->saved_data["act"].toBool();
+    const Activation activation{ctx->saved_data["act_lo"].toDouble(), ctx->saved_data["act_hi"].toDouble()};
+    const Tensor& act_params = saved[4];
     const Tensor& gy = grads[0];
-    if (!gy.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!gy.defined()) return variable_list(9);
     Tensor dx, dw, db;
     // Double backward, or a gradient without storage (torch.func: a vmapped backward such as
     // jacrev / per-sample grads / gradcheck's batched check, or a tensor subclass): the
     // kernels cannot read it, the differentiable ATen composite has every rule.
     if (at::GradMode::is_enabled() || !gy.has_storage()) {
       if (layer) {
-        Tensor dx3;
-        std::tie(dx3, dw, db) = train_backward_composite(view3(gy, axis, layout), view3(x, axis, layout), w, eps);
+        Tensor dx3, g3 = view3(gy, axis, layout);
+        const Tensor x3 = view3(x, axis, layout);
+        if (act) g3 = clamp_gate(g3, x3, act_params, activation);
+        std::tie(dx3, dw, db) = train_backward_composite(g3, x3, w, eps);
         dx = unview3(dx3, x, axis, layout);
       } else {
         std::tie(dx, dw, db) = train_backward_composite(gy, x, w, eps);
@@ -163,7 +181,8 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
         dx = empty_in_layout(x, layout);
       }
       std::tie(dw, db) = batch_norm_backward_into(
-          view3(gy, axis, layout), view3(x, axis, layout), saved[2], saved[3], opt(w), eps, view3(dx, axis, layout));
+          view3(gy, axis, layout), view3(x, axis, layout), saved[2], saved[3], opt(w), eps, view3(dx, axis, layout),
+          act ? &activation : nullptr, &act_params);
     } else {
       std::tie(dx, dw, db) = below_autograd(backward_op(), gy, x, saved[2], saved[3], opt(w), eps);
     }
@@ -173,7 +192,21 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
         (has_bias && ctx->needs_input_grad(2)) ? db : Tensor(),
         Tensor(),
         Tensor(),
+        Tensor(),
+        Tensor(),
+        Tensor(),
         Tensor()};
+  }
+
+  // g where the fused clamp passed its input, else 0, with ATen ops on the
+  // graph (the double backward's route; the mask is piecewise constant): the
+  // pre-activation recomputed from the forward's per-channel values.
+  static Tensor clamp_gate(const Tensor& g3, const Tensor& x3, const Tensor& act_params, const Activation& act) {
+    const auto acc = act_params.scalar_type();
+    auto row = [&](int64_t k) { return act_params.select(0, k).reshape({1, -1, 1}); };
+    const Tensor pre = ((x3.to(acc) - row(0)) - row(1)) * row(2) + row(3);
+    const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
+    return at::where(stop, at::zeros_like(g3), g3);
   }
 };
 
@@ -308,8 +341,9 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_composite(
 }
 
 std::tuple<Tensor, Tensor, Tensor> train_layer_autograd(
-    const Tensor& input, const OptT& weight, const OptT& bias, double eps, int64_t axis) {
-  auto out = TrainFn::apply(input, weight, bias, eps, axis, true);
+    const Tensor& input, const OptT& weight, const OptT& bias, double eps, int64_t axis, const Activation* act) {
+  auto out = act != nullptr ? TrainFn::apply(input, weight, bias, eps, axis, true, true, act->lo, act->hi)
+                            : TrainFn::apply(input, weight, bias, eps, axis, true, false, 0.0, 0.0);
   return {out[0], out[1], out[2]};
 }
 
@@ -325,7 +359,7 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& x3, const OptT& weight, const OptT& bias, double eps) {
   // inference / no_grad: skip the autograd Function machinery
   if (!needs_graph(x3, weight, bias)) return below_autograd(train_op(), x3, weight, bias, eps);
-  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false);
+  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false, false, 0.0, 0.0);
   return {out[0], out[1], out[2]};
 }
 

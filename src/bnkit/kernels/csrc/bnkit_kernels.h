@@ -47,28 +47,45 @@ inline at::Tensor cast_like(const at::Tensor& g, const at::Tensor& like) {
 // ones write into given contiguous outputs of x3's shape and dtype (possibly
 // views of a channels-last tensor).
 
-// Training forward: (mean, biased var); y3 undefined: statistics only.
+// A clamp fused after the normalization (BatchNormAct's ReLU, ReLU6 or
+// Hardtanh): y = clamp(BN(x), lo, hi), NaN for a missing bound (ReLU: lo = 0,
+// hi = NaN).  Its backward passes the gradient where !(pre <= lo) &&
+// !(pre >= hi), pre = BN(x): torch's rule for ReLU and Hardtanh.
+struct Activation {
+  double lo, hi;
+};
+
+// Training forward: (mean, biased var); y3 undefined: statistics only.  With
+// `act`, y3 = clamp(BN(x3)) and *act_params receives the forward's
+// per-channel values, a (4, C) tensor in the accumulation dtype (the mean as a
+// pair hi + lo, the scale, the shift), for the backward to recompute the
+// pre-activation exactly.
 std::tuple<at::Tensor, at::Tensor> batch_norm_train_into(
     const at::Tensor& x3, const at::Tensor& y3, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps);
+    const std::optional<at::Tensor>& bias, double eps, const Activation* act = nullptr,
+    at::Tensor* act_params = nullptr);
 
 // y3 = x3 * scale[c] + shift[c].
 at::Tensor batch_norm_eval_cpu(const at::Tensor& x3, const at::Tensor& scale, const at::Tensor& shift);
 
 // Inference with given statistics:
 // y3 = (x3 - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c].
+// With `act`: y3 = clamp(that).
 void batch_norm_infer_into(
     const at::Tensor& x3, const at::Tensor& y3, const at::Tensor& mean, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps);
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    const Activation* act = nullptr);
 
 // (mean, biased var).
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x3);
 
 // The training forward's backward from the saved batch mean and biased var:
-// grad_x3 into dx3; returns (grad_weight, grad_bias).
+// grad_x3 into dx3; returns (grad_weight, grad_bias).  With `act` and the
+// forward's act_params: the backward of clamp(BN(x3)).
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_into(
     const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& mean, const at::Tensor& var,
-    const std::optional<at::Tensor>& weight, double eps, const at::Tensor& dx3);
+    const std::optional<at::Tensor>& weight, double eps, const at::Tensor& dx3, const Activation* act = nullptr,
+    const at::Tensor* act_params = nullptr);
 
 // (grad_x3, grad_scale, grad_shift) of the eval forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
@@ -112,7 +129,7 @@ at::Tensor infer_autograd(
 // Returns (y, mean, var).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> train_layer_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    double eps, int64_t axis);
+    double eps, int64_t axis, const Activation* act = nullptr);
 
 // bnkit::running_update_, the running-statistics phase of every layer call:
 // the factor (momentum, or 1 / (num_batches_tracked + 1) for the cumulative
@@ -141,10 +158,20 @@ struct LayerCall {
   double momentum, eps;
   int64_t axis, num_features, ranks;
   bool check_finite;
+  // bnkit::batch_norm_act_layer: y = clamp(BN(x)) (Activation).
+  const Activation* act = nullptr;
 };
 
 // The fused layer call (layer.cpp): (output, status), the running update applied.
 std::tuple<at::Tensor, int64_t> layer_forward(const LayerCall& call);
+
+// bnkit::batch_norm_act_layer (layer.cpp): batch_norm_layer's call with y =
+// clamp(BN(x), act_min, act_max) (an infinite bound: none).
+std::tuple<at::Tensor, int64_t> batch_norm_act_layer(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training, double momentum, double eps, int64_t axis,
+    int64_t num_features, int64_t ranks, bool check_finite, double act_min, double act_max);
 
 // bnkit::batch_norm_layer's kernel as ops.cpp registers it (unboxed).
 inline std::tuple<at::Tensor, int64_t> batch_norm_layer(

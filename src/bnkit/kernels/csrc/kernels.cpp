@@ -155,10 +155,31 @@ void apply_affine(
       });
 }
 
+// y = clamp(((x - mhi) - mlo) * sc + sh) in parallel (BN + ClampAct; through
+// the cache: the next layer reads y).
+template <typename T, typename A>
+void apply_act(const T* x, T* y, const Shape& s, const ClampAct<A>& ca) {
+  const RowKernels<T>& rk = row_kernels_for<T>();
+  const int64_t C = s.C, S = s.S;
+  if (s.N == 0 || C == 0 || S == 0) return;
+  elementwise(
+      s, [&](int64_t off, int64_t c0, int64_t nch) { rk.normalize_act(x + off, y + off, nch, S, ca.at(c0)); },
+      [&](int64_t r0, int64_t r1) { rk.cl_normalize_act(x + r0 * C, y + r0 * C, r1 - r0, C, ca); });
+}
+
+template <typename A>
+ClampAct<A> clamp_act(const Activation& act, const A* mhi, const A* mlo, const A* sc, const A* sh) {
+  return {mhi, mlo, sc, sh, static_cast<A>(act.lo), static_cast<A>(act.hi)};
+}
+
 // --------------------------------------------------------------- forward --
 
+// With `act`: y = clamp(BN(x)), and the normalization's per-channel values
+// (mhi, mlo, sc, sh: 4 arrays of C) into act_o.
 template <typename T, typename A = typename AccT<T>::type>
-void train_kernel(const T* x, T* y, const Shape& s, const A* w, const A* b, double eps, A* mean_o, A* var_o) {
+void train_kernel(
+    const T* x, T* y, const Shape& s, const A* w, const A* b, double eps, A* mean_o, A* var_o,
+    const Activation* act = nullptr, A* act_o = nullptr) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S, M = s.M();
   if (C == 0) return;
@@ -179,7 +200,17 @@ void train_kernel(const T* x, T* y, const Shape& s, const A* w, const A* b, doub
         train_params(
             m, mean.data(), var.data(), w ? w + c0 : nullptr, b ? b + c0 : nullptr, eps, mean_o + c0, var_o + c0,
             mhi.data(), mlo.data(), sc.data(), sh.data());
-        if (y != nullptr) {
+        if (act != nullptr) {
+          for (int k = 0; k < 4; ++k) {
+            const A* from = k == 0 ? mhi.data() : k == 1 ? mlo.data() : k == 2 ? sc.data() : sh.data();
+            std::copy(from, from + m, act_o + k * C + c0);
+          }
+          const ClampAct<A> ca = clamp_act(*act, mhi.data(), mlo.data(), sc.data(), sh.data());
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c0) * S;
+            rk.normalize_act(x + off, y + off, m, S, ca);
+          }
+        } else if (y != nullptr) {
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c0) * S;
             rk.normalize(x + off, y + off, m, S, mhi.data(), mlo.data(), sc.data(), sh.data());
@@ -192,34 +223,51 @@ void train_kernel(const T* x, T* y, const Shape& s, const A* w, const A* b, doub
   std::vector<double> mean(C), var(C);
   moments_impl<T>(x, s, mean.data(), var.data());
   std::vector<A> mhi(C), mlo(C), sc(C), sh(C);
+  if (act != nullptr) { // the per-channel values straight into act_o
+    A *o_mhi = act_o, *o_mlo = act_o + C, *o_sc = act_o + 2 * C, *o_sh = act_o + 3 * C;
+    train_params(C, mean.data(), var.data(), w, b, eps, mean_o, var_o, o_mhi, o_mlo, o_sc, o_sh);
+    apply_act<T, A>(x, y, s, clamp_act(*act, o_mhi, o_mlo, o_sc, o_sh));
+    return;
+  }
   train_params(C, mean.data(), var.data(), w, b, eps, mean_o, var_o, mhi.data(), mlo.data(), sc.data(), sh.data());
   if (y != nullptr) apply_affine<true, T, A>(x, y, s, mhi.data(), mlo.data(), sc.data(), sh.data());
 }
 
 // The training forward's statistics (and y3 where defined) for a checked x3:
 // the kernel of batch_norm_train_into and moments_cpu.
-std::tuple<Tensor, Tensor> train_stats(const Checked& in, const Tensor& y3, const Tensor& w, const Tensor& b, double eps) {
+std::tuple<Tensor, Tensor> train_stats(
+    const Checked& in, const Tensor& y3, const Tensor& w, const Tensor& b, double eps, const Activation* act = nullptr,
+    Tensor* act_params = nullptr) {
   Tensor mean = in.stat(), var = in.stat();
+  if (act != nullptr) *act_params = at::empty({4, in.s.C}, in.x3.options().dtype(in.acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x3.scalar_type(), "bnkit::batch_norm_train", [&] {
     using A = typename AccT<scalar_t>::type;
     train_kernel<scalar_t>(
         in.x3.const_data_ptr<scalar_t>(), y3.defined() ? y3.mutable_data_ptr<scalar_t>() : nullptr, in.s,
-        opt_ptr<A>(w), opt_ptr<A>(b), eps, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
+        opt_ptr<A>(w), opt_ptr<A>(b), eps, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>(), act,
+        act != nullptr ? act_params->mutable_data_ptr<A>() : nullptr);
   });
   return {mean, var};
 }
 
 // y3 = x3 * sc[c] + sh[c] for a checked x3: the kernel of the eval and
 // inference ops.  params(sc, sh) returns the (sc, sh) pointers in A, the
-// given ones or ones it computes into the two scratch vectors.
+// given ones or ones it computes into the two scratch vectors.  With `act`:
+// y3 = clamp(that).
 template <typename Params>
-void scale_shift_into(const Checked& in, const Tensor& y3, const Params& params) {
+void scale_shift_into(const Checked& in, const Tensor& y3, const Params& params, const Activation* act = nullptr) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x3.scalar_type(), "bnkit::batch_norm_eval", [&] {
     using A = typename AccT<scalar_t>::type;
     std::vector<A> scratch_sc, scratch_sh;
     const auto [sc, sh] = params(scratch_sc, scratch_sh);
-    apply_affine<false, scalar_t, A>(
-        in.x3.const_data_ptr<scalar_t>(), y3.mutable_data_ptr<scalar_t>(), in.s, nullptr, nullptr, sc, sh);
+    const scalar_t* x = in.x3.const_data_ptr<scalar_t>();
+    scalar_t* y = y3.mutable_data_ptr<scalar_t>();
+    if (act != nullptr) { // x - 0 - 0 == x exactly: the values of x * sc + sh, clamped
+      const std::vector<A> zeros(in.s.C, A(0));
+      apply_act<scalar_t, A>(x, y, in.s, clamp_act(*act, zeros.data(), zeros.data(), sc, sh));
+      return;
+    }
+    apply_affine<false, scalar_t, A>(x, y, in.s, nullptr, nullptr, sc, sh);
   });
 }
 
@@ -227,12 +275,15 @@ void scale_shift_into(const Checked& in, const Tensor& y3, const Params& params)
 
 std::tuple<Tensor, Tensor> batch_norm_train_into(
     const Tensor& x3, const Tensor& y3, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    double eps) {
+    double eps, const Activation* act, Tensor* act_params) {
   const Checked in(x3, "batch_norm_train");
   TORCH_CHECK(eps >= 0, "bnkit::batch_norm_train: eps must be >= 0, got ", eps);
   if (y3.defined()) check_out(in.x3, y3, in.op, "the output");
+  TORCH_CHECK(
+      act == nullptr || (y3.defined() && act_params != nullptr),
+      "bnkit::batch_norm_train: a fused activation needs the output and act_params");
   const Tensor w = in.param(weight, "weight"), b = in.param(bias, "bias");
-  return train_stats(in, y3, w, b, eps);
+  return train_stats(in, y3, w, b, eps, act, act_params);
 }
 
 std::tuple<Tensor, Tensor> moments_cpu(const Tensor& x3) {
@@ -252,7 +303,7 @@ Tensor batch_norm_eval_cpu(const Tensor& x3, const Tensor& scale_, const Tensor&
 
 void batch_norm_infer_into(
     const Tensor& x3, const Tensor& y, const Tensor& mean_, const Tensor& var_, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps) {
+    const std::optional<Tensor>& bias, double eps, const Activation* act) {
   const Checked in(x3, "batch_norm_infer");
   TORCH_CHECK(eps >= 0, "bnkit::batch_norm_infer: eps must be >= 0, got ", eps);
   const int64_t C = in.s.C;
@@ -272,7 +323,7 @@ void batch_norm_infer_into(
         C, mean.data(), var.data(), w.empty() ? nullptr : w.data(), b.empty() ? nullptr : b.data(), eps, sc.data(),
         sh.data());
     return std::make_pair(sc.data(), sh.data());
-  });
+  }, act);
 }
 
 bool update_running_stats_cpu(

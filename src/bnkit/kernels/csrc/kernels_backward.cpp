@@ -29,10 +29,13 @@ struct Sums {
   int64_t count;
 };
 
+// With `act` (the forward's ClampAct, its arrays over all C channels): the
+// backward of clamp(BN(x)), g masked where the clamp did not pass its input,
+// x centred with the forward's own mean (act->mhi, act->mlo).
 template <typename T, typename A = typename AccT<T>::type>
 void backward_kernel(
     const T* g, const T* x, T* dx, const Shape& s, const A* mean, const A* var, const A* w, double eps, A* dw, A* db,
-    const Sums* given) {
+    const Sums* given, const ClampAct<A>* act = nullptr) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S;
   // The count the coefficients divide by: this tensor's, or (given sums) the
@@ -47,7 +50,12 @@ void backward_kernel(
     backward_coefs(n, M, var + c0, w ? w + c0 : nullptr, sg, sx, eps, dw + c0, db + c0, k1, k2, k3);
   };
   std::vector<A> mhi(C), mlo(C);
-  split_mean(C, mean, mhi.data(), mlo.data());
+  if (act != nullptr) {
+    std::copy(act->mhi, act->mhi + C, mhi.begin());
+    std::copy(act->mlo, act->mlo + C, mlo.begin());
+  } else {
+    split_mean(C, mean, mhi.data(), mlo.data());
+  }
   const int64_t budget = given ? 0 : tuning().block_bytes_grad.load(std::memory_order_relaxed);
   // dx of NCHW-like layouts: streamed past the caches from nt_grad_bytes (on the
   // 2 MB-L2 Xeon VM this made the 6-25 MB NCHW backward 1.2-1.35x faster).
@@ -64,13 +72,19 @@ void backward_kernel(
         std::fill(sx.begin(), sx.end(), 0.0);
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c0) * S;
-          rk.bwd_sums(g + off, x + off, m, S, mhi.data() + c0, mlo.data() + c0, sg.data(), sx.data());
+          if (act != nullptr)
+            rk.bwd_sums_act(g + off, x + off, m, S, act->at(c0), sg.data(), sx.data());
+          else
+            rk.bwd_sums(g + off, x + off, m, S, mhi.data() + c0, mlo.data() + c0, sg.data(), sx.data());
         }
         coefs(c0, m, sg.data(), sx.data(), k1.data(), k2.data(), k3.data());
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c0) * S;
-          span_apply(
-              g + off, x + off, dx + off, m, S, mhi.data() + c0, mlo.data() + c0, k1.data(), k2.data(), k3.data());
+          if (act != nullptr)
+            rk.bwd_apply_act(g + off, x + off, dx + off, m, S, act->at(c0), k1.data(), k2.data(), k3.data());
+          else
+            span_apply(
+                g + off, x + off, dx + off, m, S, mhi.data() + c0, mlo.data() + c0, k1.data(), k2.data(), k3.data());
         }
       }
     });
@@ -80,6 +94,16 @@ void backward_kernel(
   if (given) { // the backward-apply phase: sums reduced elsewhere (e.g. across ranks)
     std::copy(given->sum_g, given->sum_g + C, sg.begin());
     std::copy(given->sum_gxc, given->sum_gxc + C, sx.begin());
+  } else if (act != nullptr) {
+    reduce2<A>(
+        s, sg.data(), sx.data(),
+        [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
+          const int64_t off = (n * C + c0) * S;
+          rk.bwd_sums_act(g + off, x + off, c1 - c0, S, act->at(c0), a, b);
+        },
+        [&](int64_t r0, int64_t r1, A* sa, A* sb) {
+          rk.cl_bwd_sums_act(g + r0 * C, x + r0 * C, r1 - r0, C, *act, sa, sb);
+        });
   } else {
     reduce2<A>(
         s, sg.data(), sx.data(),
@@ -93,6 +117,18 @@ void backward_kernel(
   }
   std::vector<A> k1(C), k2(C), k3(C);
   coefs(0, C, sg.data(), sx.data(), k1.data(), k2.data(), k3.data());
+  if (act != nullptr) {
+    elementwise(
+        s,
+        [&](int64_t off, int64_t c0, int64_t nch) {
+          rk.bwd_apply_act(
+              g + off, x + off, dx + off, nch, S, act->at(c0), k1.data() + c0, k2.data() + c0, k3.data() + c0);
+        },
+        [&](int64_t r0, int64_t r1) {
+          rk.cl_bwd_apply_act(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, *act, k1.data(), k2.data(), k3.data());
+        });
+    return;
+  }
   const auto cl_apply =
       use_nt_stores<T>(s, dx, Pass::kGrad) && cl_nt_ok(rk.cl_bwd_apply_nt, s, dx) ? rk.cl_bwd_apply_nt : rk.cl_bwd_apply;
   elementwise(
@@ -130,13 +166,20 @@ void eval_backward_kernel(const T* g, const T* x, T* dx, const Shape& s, const A
 // not this phase's result).
 void run_backward(
     const Checked& in, const Tensor& gx, const Tensor& mean, const Tensor& var, const Tensor& w, double eps,
-    const Tensor& dx, const Tensor& dw, const Tensor& db, const Sums* given = nullptr) {
+    const Tensor& dx, const Tensor& dw, const Tensor& db, const Sums* given = nullptr, const Activation* act = nullptr,
+    const Tensor* act_params = nullptr) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x3.scalar_type(), "bnkit::batch_norm_backward", [&] {
     using A = typename AccT<scalar_t>::type;
+    ClampAct<A> ca{};
+    if (act != nullptr) {
+      const A* p = act_params->const_data_ptr<A>();
+      const int64_t C = in.s.C;
+      ca = {p, p + C, p + 2 * C, p + 3 * C, static_cast<A>(act->lo), static_cast<A>(act->hi)};
+    }
     backward_kernel<scalar_t>(
         gx.const_data_ptr<scalar_t>(), in.x3.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), in.s,
         mean.const_data_ptr<A>(), var.const_data_ptr<A>(), opt_ptr<A>(w), eps, dw.mutable_data_ptr<A>(),
-        db.mutable_data_ptr<A>(), given);
+        db.mutable_data_ptr<A>(), given, act != nullptr ? &ca : nullptr);
   });
 }
 
@@ -144,13 +187,19 @@ void run_backward(
 
 std::tuple<Tensor, Tensor> batch_norm_backward_into(
     const Tensor& grad_y3, const Tensor& x3, const Tensor& mean_, const Tensor& var_,
-    const std::optional<Tensor>& weight, double eps, const Tensor& dx) {
+    const std::optional<Tensor>& weight, double eps, const Tensor& dx, const Activation* act,
+    const Tensor* act_params) {
   const Checked in(x3, "batch_norm_backward");
   check_out(in.x3, dx, in.op, "grad_x3");
   const Tensor gx = in.grad(grad_y3);
   const Tensor mean = in.param(mean_, "mean"), var = in.param(var_, "var"), w = in.param(weight, "weight");
+  if (act != nullptr)
+    TORCH_CHECK(
+        act_params != nullptr && act_params->is_contiguous() && act_params->scalar_type() == in.acc &&
+            act_params->numel() == 4 * in.s.C,
+        "bnkit::batch_norm_backward: a fused activation needs the forward's (4, C) act_params");
   Tensor dw = in.stat(), db = in.stat();
-  run_backward(in, gx, mean, var, w, eps, dx, dw, db);
+  run_backward(in, gx, mean, var, w, eps, dx, dw, db, nullptr, act, act_params);
   return {dw, db};
 }
 

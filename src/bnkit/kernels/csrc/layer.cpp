@@ -129,13 +129,14 @@ std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unappli
     if (!track || !(eps >= 0) || (grad && (running_mean->requires_grad() || running_var->requires_grad())))
       return not_handled;
     const Layout layout = layout_of(input, axis);
+    if (grad && c.act != nullptr) return not_handled; // rare: BN, then the activation, on the general path
     if (grad) { // rare (eval-mode layer in a trained graph): the op's autograd kernel on views
       const Tensor y3 = infer_autograd(view3(input, axis, layout), *running_mean, *running_var, weight, bias, eps);
       return {unview3(y3, input, axis, layout), kHandled};
     }
     Tensor y = empty_in_layout(input, layout);
     batch_norm_infer_into(
-        view3(input, axis, layout), view3(y, axis, layout), *running_mean, *running_var, weight, bias, eps);
+        view3(input, axis, layout), view3(y, axis, layout), *running_mean, *running_var, weight, bias, eps, c.act);
     return {y, kHandled};
   }
 
@@ -155,12 +156,13 @@ std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unappli
 
   Tensor y, mean, var;
   if (grad) {
-    std::tie(y, mean, var) = train_layer_autograd(input, weight, bias, eps, axis);
+    std::tie(y, mean, var) = train_layer_autograd(input, weight, bias, eps, axis, c.act);
   } else {
     const Layout layout = layout_of(input, axis);
     y = empty_in_layout(input, layout);
-    std::tie(mean, var) =
-        batch_norm_train_into(view3(input, axis, layout), view3(y, axis, layout), weight, bias, eps);
+    Tensor act_params; // (no backward: not kept)
+    std::tie(mean, var) = batch_norm_train_into(
+        view3(input, axis, layout), view3(y, axis, layout), weight, bias, eps, c.act, &act_params);
   }
   if (unapplied != nullptr) {
     *unapplied = {mean, var, count};
@@ -313,6 +315,20 @@ void def_variant(torch::Library& m, const char* name, const char* extra, const c
 } // namespace
 
 std::tuple<Tensor, int64_t> layer_forward(const LayerCall& call) {
+  return layer_call(call, nullptr);
+}
+
+std::tuple<Tensor, int64_t> batch_norm_act_layer(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+    const std::optional<Tensor>& num_batches_tracked, bool training, double momentum, double eps, int64_t axis,
+    int64_t num_features, int64_t ranks, bool check_finite, double act_min, double act_max) {
+  // A bound that is not a number bounds nothing (the kernels' comparisons are then false); +-inf would too,
+  // but +inf must pass +inf through as ReLU does: NaN for both.
+  const Activation act{
+      std::isfinite(act_min) ? act_min : std::nan(""), std::isfinite(act_max) ? act_max : std::nan("")};
+  LayerCall call{input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, axis,
+                 num_features, ranks, check_finite, &act};
   return layer_call(call, nullptr);
 }
 

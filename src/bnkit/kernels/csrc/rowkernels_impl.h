@@ -1146,6 +1146,8 @@ inline void fill_avx2<float>(RowKernels<float>& k) {
 }
 #endif
 
+#include "rowkernels_act.h" // BN + clamp kernels (in this namespace, for this instruction set)
+
 template <typename T>
 void fill_one(RowKernels<T>& k) {
   using A = typename AccT<T>::type;
@@ -1162,6 +1164,7 @@ void fill_one(RowKernels<T>& k) {
   k.cl_bwd_apply = &k_cl_bwd_apply<T, A>;
   k.cl_eval_bwd = &k_cl_eval_bwd<T, A>;
   fill_nt<T>(k);
+  fill_act<T>(k);
 #ifdef BNKIT_ISA_AVX2
   fill_avx2<T>(k);
 #endif

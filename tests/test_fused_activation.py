@@ -1,4 +1,4 @@
-"""BN fused with its activation: BatchNormAct with ReLU / ReLU6 / Hardtanh, and convert(fuse_activations=True).
+"""BN fused with its activation: BatchNormAct with ReLU / ReLU6 / Hardtanh / Hardswish / SiLU, and convert(fuse_activations=True).
 
 Oracles: torch's BatchNormNd followed by the same activation module (outputs,
 input/weight/bias gradients, running statistics), gradcheck in float64, and the
@@ -31,6 +31,8 @@ ACTS = {
     "relu_inplace": lambda: nn.ReLU(inplace=True),
     "relu6": lambda: nn.ReLU6(inplace=True),
     "hardtanh": lambda: nn.Hardtanh(-0.5, 1.0),
+    "hardswish": lambda: nn.Hardswish(),
+    "silu": lambda: nn.SiLU(inplace=True),
 }
 # rank -> (BatchNormAct class, torch BN class, spatial shape)
 RANKS = {2: (BatchNormAct1d, nn.BatchNorm1d, ()), 3: (BatchNormAct1d, nn.BatchNorm1d, (7,)),
@@ -109,10 +111,12 @@ def test_batchnormact_equals_torch_bn_then_activation(rank, channels, batch, act
 
 @pytest.mark.parametrize("shape", [(4, 16, 40, 40), (2, 300, 3, 3), (256, 64), (32, 96, 14, 14)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_large_and_short_rows_equal_torch(shape, channels_last):
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+def test_large_and_short_rows_equal_torch(shape, channels_last, act):
     # 40x40 maps take the channel-block schedule, 3x3 the short-row sums, (N, C) the channels-last rows.
-    ref, new = twins(len(shape), shape[1], "relu6")
+    ref, new = twins(len(shape), shape[1], act)
     x = torch.randn(*shape) * 3 + 1
+    x.view(-1)[:: 97] = torch.linspace(-120, 120, x.view(-1)[::97].numel())  # SiLU's exp at both far ends
     if channels_last and len(shape) == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     check_step(ref, new, x, TOL[torch.float32])
@@ -144,7 +148,7 @@ def test_values_on_the_bounds_get_the_activations_gradient_rule():
         torch.testing.assert_close(new.bias.grad, ref[0].bias.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("act", ["relu", "hardtanh"])
+@pytest.mark.parametrize("act", ["relu", "hardtanh", "hardswish", "silu"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gradcheck_and_double_backward(act, channels_last):
     _, new = twins(4, 3, act, torch.float64)
@@ -204,7 +208,7 @@ def test_what_is_not_fused_runs_bn_then_the_activation(case):
     elif case == "tiny_batch":
         new.tiny_batch = "eval"
     try:
-        assert new.fused_clamp() is None or case in ("eval_with_grad", "tiny_batch")
+        assert new.fused_activation() is None or case in ("eval_with_grad", "tiny_batch")
         n = fused_op_calls(lambda: new(x.clone().requires_grad_()))
         ref(x)  # the same running-statistics update for the oracle
         assert n == fused

@@ -232,25 +232,26 @@ def _fusable(input: Tensor) -> bool:
 def fused_call(
     spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
     running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool,
-    clamp: tuple[float, float] | None = None,
+    activation: tuple[str, float, float] | None = None,
 ) -> Tensor | None:
     """The whole call as one C++ op (``bnkit::batch_norm_layer``), or ``None`` where it does not apply.
 
     It applies in eager mode to plain CPU tensors with the C++ kernels; it
     declines (``None``, nothing changed) anything else, including bad input,
     so that the general path raises the error. On a small input the general
-    path's separate steps cost as much as the kernels. With ``clamp``,
-    ``bnkit::batch_norm_act_layer``: the output is ``clamp(BN(x), lo, hi)``
+    path's separate steps cost as much as the kernels. With ``activation``,
+    ``bnkit::batch_norm_act_layer``: the output is ``act(BN(x))``
     (see :func:`batch_norm_module_call`).
     """
     if not _fusable(input):
         return None
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
             spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
-    if clamp is None:
+    if activation is None:
         y, status = torch.ops.bnkit.batch_norm_layer(*args)
     else:
-        y, status = torch.ops.bnkit.batch_norm_act_layer(*args, *clamp)
+        kind, lo, hi = activation
+        y, status = torch.ops.bnkit.batch_norm_act_layer(*args, ACTIVATION_KINDS.index(kind), lo, hi)
     constants = _constants()  # not None: the op exists
     if status == constants.not_handled:
         return None
@@ -259,13 +260,23 @@ def fused_call(
     return y
 
 
-def clamp_activation(y: Tensor, clamp: tuple[float, float]) -> Tensor:
-    """``clamp(y, lo, hi)`` as the activation it stands for: ``F.relu`` for ``(0, inf)``, else ``F.hardtanh``.
+# The activations the fused op computes after BN, in the order of its act_kind (csrc/rowkernels.h: ActKind).
+ACTIVATION_KINDS = ("clamp", "hardswish", "silu")
 
-    Their gradients differ from ``torch.clamp``'s at the bounds (ReLU and
-    Hardtanh pass none there; clamp passes it).
+
+def apply_activation(y: Tensor, activation: tuple[str, float, float]) -> Tensor:
+    """``act(y)`` for an activation spec ``(kind, lo, hi)``, as the torch function it stands for.
+
+    ``("clamp", 0, inf)``: ``F.relu``; ``("clamp", lo, hi)``: ``F.hardtanh``
+    (ReLU6: ``(0, 6)``; their gradients differ from ``torch.clamp``'s at the
+    bounds, where they pass none); ``("hardswish", ...)``: ``F.hardswish``;
+    ``("silu", ...)``: ``F.silu`` (the bounds unused).
     """
-    lo, hi = clamp
+    kind, lo, hi = activation
+    if kind == "silu":
+        return torch.nn.functional.silu(y)
+    if kind == "hardswish":
+        return torch.nn.functional.hardswish(y)
     if lo == 0.0 and hi == math.inf:
         return torch.relu(y)
     return torch.nn.functional.hardtanh(y, lo, hi)
@@ -274,7 +285,7 @@ def clamp_activation(y: Tensor, clamp: tuple[float, float]) -> Tensor:
 def batch_norm_module_call(
     spec: CallSpec, input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
     running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool,
-    clamp: tuple[float, float] | None = None,
+    activation: tuple[str, float, float] | None = None,
 ) -> Tensor:
     """Batch normalization of ``input`` as ``spec`` describes: the engine's one entry.
 
@@ -284,25 +295,31 @@ def batch_norm_module_call(
     are used. Layers decide which buffers a call gets (torch's rules);
     ``torch.fx.symbolic_trace`` records this function as one node.
 
-    ``clamp=(lo, hi)`` returns ``clamp_activation(BN(input), clamp)``: ReLU
-    for ``(0, inf)``, Hardtanh otherwise (ReLU6: ``(0, 6)``), with their
-    gradients. Where the fused op applies (eager CPU, with a graph in
-    training or without one in inference) the clamp is part of the kernels'
-    passes: the activation's own read and write of the output and its
-    backward pass are saved; elsewhere BN is followed by the activation.
+    ``activation=(kind, lo, hi)`` returns ``apply_activation(BN(input),
+    activation)``: ReLU, ReLU6 or Hardtanh (``"clamp"``), Hardswish or SiLU,
+    with their gradients. Where the fused op applies (eager CPU, with a graph
+    in training or without one in inference) the activation is part of the
+    kernels' passes: its own read and write of the output and its backward
+    pass are saved; elsewhere BN is followed by the activation.
     """
     if batch_stats and running_mean is not None:
         if in_recompute():  # checkpointing's recompute: the same batch statistics, no second update
             running_mean = running_var = num_batches_tracked = None
         elif _UPDATE_HOOK is not None:
             y = _hooked_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked)
-            return y if clamp is None else clamp_activation(y, clamp)
-    y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats, clamp)
+            return y if activation is None else apply_activation(y, activation)
+    y = fused_call(
+        spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats, activation
+    )
     if y is not None:
         return y
+    if activation is not None:  # declined with the activation (Hardswish in training): BN's op, then the activation
+        y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
+        if y is not None:
+            return apply_activation(y, activation)
     check_input(spec, input)
     y = _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
-    return y if clamp is None else clamp_activation(y, clamp)
+    return y if activation is None else apply_activation(y, activation)
 
 
 def _hooked_call(

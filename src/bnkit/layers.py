@@ -30,10 +30,10 @@ from ._layer_support import (
 from .engine import (
     NONFINITE_POLICIES,
     CallSpec,
+    apply_activation,
     batch_norm_module_call,
     call_spec,
     check_input,
-    clamp_activation,
     fold,
     masked_module_call,
 )
@@ -345,23 +345,23 @@ class BatchNorm(nn.Module):
             self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked, batch_stats
         )
 
-    def clamped_forward(self, input: Tensor, clamp: tuple[float, float]) -> Tensor:
-        """BN, then ReLU (``clamp=(0, inf)``) or Hardtanh (``(lo, hi)``; ReLU6: ``(0, 6)``), as one layer call.
+    def activated_forward(self, input: Tensor, activation: tuple[str, float, float]) -> Tensor:
+        """BN, then an activation (``(kind, lo, hi)``: :func:`bnkit.engine.apply_activation`), as one layer call.
 
-        Equal to ``engine.clamp_activation(BatchNorm.forward(self, input), clamp)``
+        Equal to ``engine.apply_activation(BatchNorm.forward(self, input), activation)``
         (outputs, gradients, running statistics); where the fused op applies the
-        clamp is part of the kernels' passes (:func:`bnkit.engine.batch_norm_module_call`).
-        :class:`bnkit.variants.BatchNormAct` calls it for those activations.
+        activation is part of the kernels' passes (:func:`bnkit.engine.batch_norm_module_call`).
+        :class:`bnkit.variants.BatchNormAct` calls it for ReLU, ReLU6, Hardtanh, Hardswish and SiLU.
         """
         if self.training and (
             getattr(self, "tiny_batch", "raise") != "raise"
             or (self.track_running_stats and getattr(self, "convention", "torch") == "keras")
         ):
-            return clamp_activation(BatchNorm.forward(self, input), clamp)
+            return apply_activation(BatchNorm.forward(self, input), activation)
         running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
         return batch_norm_module_call(
             self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
-            batch_stats, clamp,
+            batch_stats, activation,
         )
 
 

@@ -33,7 +33,7 @@ from .. import layers
 from .._warn import warn
 from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
 from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, rebuild, replace_modules, snapshot, take_over_tensors
-from ..variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fusable_clamp
+from ..variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fusable_activation
 
 __all__ = ["ConvertReport", "convert"]
 
@@ -207,7 +207,7 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
 
 def _sequential_pairs(model: nn.Module, targets: dict[int, Any]) -> dict[int, tuple[str, nn.Module]]:
     """``{id(bn): (activation's name, activation)}`` for each BN layer converted to a plain bnkit class that an
-    ``nn.Sequential`` follows with a :func:`fusable_clamp` activation (BN, ReLU / ReLU6 / Hardtanh)."""
+    ``nn.Sequential`` follows with a :func:`fusable_activation` module (ReLU, ReLU6, Hardtanh, Hardswish, SiLU)."""
     pairs: dict[int, tuple[str, nn.Module]] = {}
     for parent_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
@@ -216,7 +216,7 @@ def _sequential_pairs(model: nn.Module, targets: dict[int, Any]) -> dict[int, tu
         for (_, bn), (key, act) in zip(items, items[1:]):
             if bn is None or act is None or targets.get(id(bn)) not in _BNKIT_TO_TORCH or id(bn) in pairs:
                 continue
-            if fusable_clamp(act) is not None:
+            if fusable_activation(act) is not None:
                 pairs[id(bn)] = (f"{parent_name}.{key}" if parent_name else key, act)
     return pairs
 
@@ -251,8 +251,8 @@ def convert(
             layers, with the reasons). Without it, layers that are left are
             named in a ``UserWarning``.
         fuse_activations: (``to="bnkit"``) where an ``nn.Sequential`` has a
-            converted BN layer followed by ``nn.ReLU``, ``nn.ReLU6`` or
-            ``nn.Hardtanh``, the BN layer becomes a
+            converted BN layer followed by ``nn.ReLU``, ``nn.ReLU6``,
+            ``nn.Hardtanh``, ``nn.Hardswish`` or ``nn.SiLU``, the BN layer becomes a
             :class:`bnkit.variants.BatchNormAct` holding that very activation
             module and the activation's slot an ``nn.Identity``: the same
             outputs, gradients and ``state_dict`` keys, with the activation

@@ -28,21 +28,29 @@ __all__ = [
 ]
 
 
-def fusable_clamp(act: nn.Module) -> tuple[float, float] | None:
-    """The ``(lo, hi)`` of an activation the kernels can fuse after BN, or ``None``.
+def fusable_activation(act: nn.Module) -> tuple[str, float, float] | None:
+    """The activation spec (:func:`bnkit.engine.apply_activation`) of a module the kernels can fuse after BN, or ``None``.
 
-    Exactly ``nn.ReLU`` (``(0, inf)``), ``nn.ReLU6`` (``(0, 6)``) or
-    ``nn.Hardtanh`` (``(min_val, max_val)``), with no hooks of its own
-    (subclasses may compute something else; hooks must see the call).
+    Exactly ``nn.ReLU`` (``("clamp", 0, inf)``), ``nn.ReLU6`` (``("clamp", 0, 6)``),
+    ``nn.Hardtanh`` (``("clamp", min_val, max_val)``), ``nn.Hardswish`` or
+    ``nn.SiLU``, with no hooks of its own (subclasses may compute something
+    else; hooks must see the call).
     """
     kind = type(act)
-    if kind not in (nn.ReLU, nn.ReLU6, nn.Hardtanh) or act._forward_hooks or act._forward_pre_hooks or (
+    if kind not in _FUSABLE or act._forward_hooks or act._forward_pre_hooks or (
         act._backward_hooks or act._backward_pre_hooks
     ):
         return None
-    if kind is nn.ReLU:
-        return 0.0, math.inf
-    return float(act.min_val), float(act.max_val)
+    return _FUSABLE[kind](act)
+
+
+_FUSABLE = {
+    nn.ReLU: lambda m: ("clamp", 0.0, math.inf),
+    nn.ReLU6: lambda m: ("clamp", float(m.min_val), float(m.max_val)),
+    nn.Hardtanh: lambda m: ("clamp", float(m.min_val), float(m.max_val)),
+    nn.Hardswish: lambda m: ("hardswish", 0.0, 0.0),
+    nn.SiLU: lambda m: ("silu", 0.0, 0.0),
+}
 
 
 def _global_hooks() -> bool:
@@ -66,25 +74,25 @@ class _WithTail:
         #: the children applied after the normalization, in order
         self.bn_tail = ("drop", "act")
 
-    def fused_clamp(self) -> tuple[float, float] | None:
-        """The clamp that :meth:`forward` fuses into the BN call, or ``None`` (BN, then the children).
+    def fused_activation(self) -> tuple[str, float, float] | None:
+        """The activation that :meth:`forward` fuses into the BN call, or ``None`` (BN, then the children).
 
-        Fused: a trainable BN base (``clamped_forward``), the default tail with
-        ``drop`` an ``nn.Identity`` and ``act`` a :func:`fusable_clamp`
-        activation, and no hooks on either (nor global module hooks).
+        Fused: a trainable BN base (``activated_forward``), the default tail
+        with ``drop`` an ``nn.Identity`` and ``act`` a :func:`fusable_activation`
+        module, and no hooks on either (nor global module hooks).
         """
-        if not hasattr(self, "clamped_forward") or self.bn_tail != ("drop", "act"):
+        if not hasattr(self, "activated_forward") or self.bn_tail != ("drop", "act"):
             return None
         drop, act = self._modules.get("drop"), self._modules.get("act")
         if type(drop) is not nn.Identity or drop._forward_hooks or drop._forward_pre_hooks or act is None:
             return None
-        clamp = fusable_clamp(act)
-        return None if clamp is None or _global_hooks() else clamp
+        activation = fusable_activation(act)
+        return None if activation is None or _global_hooks() else activation
 
     def forward(self, input: Tensor) -> Tensor:
-        clamp = self.fused_clamp()
-        if clamp is not None:
-            return self.clamped_forward(input, clamp)
+        activation = self.fused_activation()
+        if activation is not None:
+            return self.activated_forward(input, activation)
         y = super().forward(input)
         for name in self.bn_tail:
             child = self._modules.get(name)

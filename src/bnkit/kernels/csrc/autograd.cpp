@@ -18,6 +18,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/rsqrt.h>
 #include <ATen/ops/ge.h>
+#include <ATen/ops/hardswish_backward.h>
+#include <ATen/ops/sigmoid.h>
 #include <ATen/ops/le.h>
 #include <ATen/ops/logical_or.h>
 #include <ATen/ops/where.h>
@@ -118,9 +120,10 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
  public:
   static variable_list forward(
       AutogradContext* ctx, const Tensor& x, const OptT& weight, const OptT& bias, double eps, int64_t axis,
-      bool layer, bool act, double act_lo, double act_hi) {
+      bool layer, int64_t act_kind, double act_lo, double act_hi) {
     const Layout layout = layer ? layout_of(x, axis) : kContiguous;
-    const Activation activation{act_lo, act_hi};
+    const bool act = act_kind >= 0; // -1: none
+    const Activation activation{static_cast<int>(act_kind), act_lo, act_hi};
     Tensor y, mean, var, act_params;
     if (layer) {
       y = empty_in_layout(x, layout);
@@ -131,8 +134,8 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
       TORCH_CHECK(!act, "bnkit: a fused activation needs the layer call");
       std::tie(y, mean, var) = below_autograd(train_op(), x, weight, bias, eps);
     }
-    ctx->save_for_backward({x, or_undefined(weight), mean, var, act_params});
-    ctx->saved_data["act"] = act;
+    ctx->save_for_backward({x, or_undefined(weight), mean, var, act_params, act ? or_undefined(bias) : Tensor()});
+    ctx->saved_data["act_kind"] = act_kind;
     ctx->saved_data["act_lo"] = act_lo;
     ctx->saved_data["act_hi"] = act_hi;
     ctx->saved_data["eps"] = eps;
@@ -154,8 +157,10 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     const Layout layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
     const bool layer = ctx->saved_data["layer"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool act = ctx->saved_data["act"].toBool();
-    const Activation activation{ctx->saved_data["act_lo"].toDouble(), ctx->saved_data["act_hi"].toDouble()};
+    const int64_t act_kind = ctx->saved_data["act_kind"].toInt();
+    const bool act = act_kind >= 0;
+    const Activation activation{
+        static_cast<int>(act_kind), ctx->saved_data["act_lo"].toDouble(), ctx->saved_data["act_hi"].toDouble()};
     const Tensor& act_params = saved[4];
     const Tensor& gy = grads[0];
     if (!gy.defined()) return variable_list(9);
@@ -167,7 +172,7 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
       if (layer) {
         Tensor dx3, g3 = view3(gy, axis, layout);
         const Tensor x3 = view3(x, axis, layout);
-        if (act) g3 = clamp_gate(g3, x3, act_params, activation);
+        if (act) g3 = activation_grad(g3, x3, w, saved[5], eps, act_params, activation);
         std::tie(dx3, dw, db) = train_backward_composite(g3, x3, w, eps);
         dx = unview3(dx3, x, axis, layout);
       } else {
@@ -198,15 +203,36 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
         Tensor()};
   }
 
-  // g where the fused clamp passed its input, else 0, with ATen ops on the
-  // graph (the double backward's route; the mask is piecewise constant): the
-  // pre-activation recomputed from the forward's per-channel values.
-  static Tensor clamp_gate(const Tensor& g3, const Tensor& x3, const Tensor& act_params, const Activation& act) {
+  // g * act'(pre) with differentiable ATen ops (the double backward's route):
+  // pre = BN(x3) recomputed on the graph from x3 (so that act' depends on x3
+  // there, as it does for SiLU and Hardswish), a clamp's mask from the
+  // forward's own per-channel values (the forward's mask; it is piecewise
+  // constant).
+  static Tensor activation_grad(
+      const Tensor& g3, const Tensor& x3, const Tensor& w, const Tensor& b, double eps, const Tensor& act_params,
+      const Activation& act) {
     const auto acc = act_params.scalar_type();
-    auto row = [&](int64_t k) { return act_params.select(0, k).reshape({1, -1, 1}); };
-    const Tensor pre = ((x3.to(acc) - row(0)) - row(1)) * row(2) + row(3);
-    const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
-    return at::where(stop, at::zeros_like(g3), g3);
+    auto row = [](const Tensor& t) { return t.reshape({1, -1, 1}); };
+    const Tensor xa = x3.to(acc);
+    if (act.kind == kActClamp) {
+      const Tensor pre = ((xa - row(act_params[0])) - row(act_params[1])) * row(act_params[2]) + row(act_params[3]);
+      const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
+      return at::where(stop, at::zeros_like(g3), g3);
+    }
+    const Tensor mean = xa.mean({0, 2}, /*keepdim=*/true);
+    const Tensor xc = xa - mean;
+    Tensor pre = xc * at::rsqrt(xc.pow(2).mean({0, 2}, /*keepdim=*/true) + eps);
+    if (w.defined()) pre = pre * row(w.to(acc));
+    if (b.defined()) pre = pre + row(b.to(acc));
+    const Tensor g = g3.to(acc);
+    Tensor out;
+    if (act.kind == kActSilu) { // (aten::silu_backward has no derivative of its own)
+      const Tensor s = at::sigmoid(pre);
+      out = g * s * (1 + pre * (1 - s));
+    } else {
+      out = at::hardswish_backward(g, pre);
+    }
+    return out.to(g3.scalar_type());
   }
 };
 
@@ -342,8 +368,8 @@ std::tuple<Tensor, Tensor, Tensor> train_backward_composite(
 
 std::tuple<Tensor, Tensor, Tensor> train_layer_autograd(
     const Tensor& input, const OptT& weight, const OptT& bias, double eps, int64_t axis, const Activation* act) {
-  auto out = act != nullptr ? TrainFn::apply(input, weight, bias, eps, axis, true, true, act->lo, act->hi)
-                            : TrainFn::apply(input, weight, bias, eps, axis, true, false, 0.0, 0.0);
+  auto out = act != nullptr ? TrainFn::apply(input, weight, bias, eps, axis, true, act->kind, act->lo, act->hi)
+                            : TrainFn::apply(input, weight, bias, eps, axis, true, -1, 0.0, 0.0);
   return {out[0], out[1], out[2]};
 }
 
@@ -359,7 +385,7 @@ namespace {
 std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& x3, const OptT& weight, const OptT& bias, double eps) {
   // inference / no_grad: skip the autograd Function machinery
   if (!needs_graph(x3, weight, bias)) return below_autograd(train_op(), x3, weight, bias, eps);
-  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false, false, 0.0, 0.0);
+  auto out = TrainFn::apply(x3, weight, bias, eps, 1, false, -1, 0.0, 0.0);
   return {out[0], out[1], out[2]};
 }
 

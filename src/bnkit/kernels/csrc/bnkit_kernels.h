@@ -47,11 +47,13 @@ inline at::Tensor cast_like(const at::Tensor& g, const at::Tensor& like) {
 // ones write into given contiguous outputs of x3's shape and dtype (possibly
 // views of a channels-last tensor).
 
-// A clamp fused after the normalization (BatchNormAct's ReLU, ReLU6 or
-// Hardtanh): y = clamp(BN(x), lo, hi), NaN for a missing bound (ReLU: lo = 0,
-// hi = NaN).  Its backward passes the gradient where !(pre <= lo) &&
-// !(pre >= hi), pre = BN(x): torch's rule for ReLU and Hardtanh.
+// An activation fused after the normalization (BatchNormAct's act): kind
+// 0, clamp(BN(x), lo, hi) with NaN for a missing bound (ReLU: lo = 0, hi =
+// NaN; ReLU6; Hardtanh), 1 Hardswish, 2 SiLU (rowkernels.h: ActKind).  The
+// backward is the activation's own rule (ReLU and Hardtanh pass no gradient
+// at their bounds), at the pre-activation recomputed from x.
 struct Activation {
+  int kind;
   double lo, hi;
 };
 
@@ -166,12 +168,13 @@ struct LayerCall {
 std::tuple<at::Tensor, int64_t> layer_forward(const LayerCall& call);
 
 // bnkit::batch_norm_act_layer (layer.cpp): batch_norm_layer's call with y =
-// clamp(BN(x), act_min, act_max) (an infinite bound: none).
+// act(BN(x)), act_kind an ActKind (0: clamp to [act_min, act_max], an
+// infinite bound: none; 1: Hardswish; 2: SiLU).
 std::tuple<at::Tensor, int64_t> batch_norm_act_layer(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training, double momentum, double eps, int64_t axis,
-    int64_t num_features, int64_t ranks, bool check_finite, double act_min, double act_max);
+    int64_t num_features, int64_t ranks, bool check_finite, int64_t act_kind, double act_min, double act_max);
 
 // bnkit::batch_norm_layer's kernel as ops.cpp registers it (unboxed).
 inline std::tuple<at::Tensor, int64_t> batch_norm_layer(

@@ -155,21 +155,21 @@ void apply_affine(
       });
 }
 
-// y = clamp(((x - mhi) - mlo) * sc + sh) in parallel (BN + ClampAct; through
+// y = act(((x - mhi) - mlo) * sc + sh) in parallel (BN + FusedAct; through
 // the cache: the next layer reads y).
 template <typename T, typename A>
-void apply_act(const T* x, T* y, const Shape& s, const ClampAct<A>& ca) {
+void apply_act(const T* x, T* y, const Shape& s, const FusedAct<A>& ca) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t C = s.C, S = s.S;
   if (s.N == 0 || C == 0 || S == 0) return;
   elementwise(
-      s, [&](int64_t off, int64_t c0, int64_t nch) { rk.normalize_act(x + off, y + off, nch, S, ca.at(c0)); },
-      [&](int64_t r0, int64_t r1) { rk.cl_normalize_act(x + r0 * C, y + r0 * C, r1 - r0, C, ca); });
+      s, [&](int64_t off, int64_t c0, int64_t nch) { rk.normalize_act[ca.kind](x + off, y + off, nch, S, ca.at(c0)); },
+      [&](int64_t r0, int64_t r1) { rk.cl_normalize_act[ca.kind](x + r0 * C, y + r0 * C, r1 - r0, C, ca); });
 }
 
 template <typename A>
-ClampAct<A> clamp_act(const Activation& act, const A* mhi, const A* mlo, const A* sc, const A* sh) {
-  return {mhi, mlo, sc, sh, static_cast<A>(act.lo), static_cast<A>(act.hi)};
+FusedAct<A> fused_act(const Activation& act, const A* mhi, const A* mlo, const A* sc, const A* sh) {
+  return {mhi, mlo, sc, sh, static_cast<A>(act.lo), static_cast<A>(act.hi), act.kind};
 }
 
 // --------------------------------------------------------------- forward --
@@ -205,10 +205,10 @@ void train_kernel(
             const A* from = k == 0 ? mhi.data() : k == 1 ? mlo.data() : k == 2 ? sc.data() : sh.data();
             std::copy(from, from + m, act_o + k * C + c0);
           }
-          const ClampAct<A> ca = clamp_act(*act, mhi.data(), mlo.data(), sc.data(), sh.data());
+          const FusedAct<A> ca = fused_act(*act, mhi.data(), mlo.data(), sc.data(), sh.data());
           for (int64_t n = 0; n < N; ++n) {
             const int64_t off = (n * C + c0) * S;
-            rk.normalize_act(x + off, y + off, m, S, ca);
+            rk.normalize_act[ca.kind](x + off, y + off, m, S, ca);
           }
         } else if (y != nullptr) {
           for (int64_t n = 0; n < N; ++n) {
@@ -226,7 +226,7 @@ void train_kernel(
   if (act != nullptr) { // the per-channel values straight into act_o
     A *o_mhi = act_o, *o_mlo = act_o + C, *o_sc = act_o + 2 * C, *o_sh = act_o + 3 * C;
     train_params(C, mean.data(), var.data(), w, b, eps, mean_o, var_o, o_mhi, o_mlo, o_sc, o_sh);
-    apply_act<T, A>(x, y, s, clamp_act(*act, o_mhi, o_mlo, o_sc, o_sh));
+    apply_act<T, A>(x, y, s, fused_act(*act, o_mhi, o_mlo, o_sc, o_sh));
     return;
   }
   train_params(C, mean.data(), var.data(), w, b, eps, mean_o, var_o, mhi.data(), mlo.data(), sc.data(), sh.data());
@@ -264,7 +264,7 @@ void scale_shift_into(const Checked& in, const Tensor& y3, const Params& params,
     scalar_t* y = y3.mutable_data_ptr<scalar_t>();
     if (act != nullptr) { // x - 0 - 0 == x exactly: the values of x * sc + sh, clamped
       const std::vector<A> zeros(in.s.C, A(0));
-      apply_act<scalar_t, A>(x, y, in.s, clamp_act(*act, zeros.data(), zeros.data(), sc, sh));
+      apply_act<scalar_t, A>(x, y, in.s, fused_act(*act, zeros.data(), zeros.data(), sc, sh));
       return;
     }
     apply_affine<false, scalar_t, A>(x, y, in.s, nullptr, nullptr, sc, sh);

@@ -29,13 +29,13 @@ struct Sums {
   int64_t count;
 };
 
-// With `act` (the forward's ClampAct, its arrays over all C channels): the
-// backward of clamp(BN(x)), g masked where the clamp did not pass its input,
+// With `act` (the forward's FusedAct, its arrays over all C channels): the
+// backward of act(BN(x)), g times the activation's derivative (a clamp: masked),
 // x centred with the forward's own mean (act->mhi, act->mlo).
 template <typename T, typename A = typename AccT<T>::type>
 void backward_kernel(
     const T* g, const T* x, T* dx, const Shape& s, const A* mean, const A* var, const A* w, double eps, A* dw, A* db,
-    const Sums* given, const ClampAct<A>* act = nullptr) {
+    const Sums* given, const FusedAct<A>* act = nullptr) {
   const RowKernels<T>& rk = row_kernels_for<T>();
   const int64_t N = s.N, C = s.C, S = s.S;
   // The count the coefficients divide by: this tensor's, or (given sums) the
@@ -73,7 +73,7 @@ void backward_kernel(
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c0) * S;
           if (act != nullptr)
-            rk.bwd_sums_act(g + off, x + off, m, S, act->at(c0), sg.data(), sx.data());
+            rk.bwd_sums_act[act->kind](g + off, x + off, m, S, act->at(c0), sg.data(), sx.data());
           else
             rk.bwd_sums(g + off, x + off, m, S, mhi.data() + c0, mlo.data() + c0, sg.data(), sx.data());
         }
@@ -81,7 +81,7 @@ void backward_kernel(
         for (int64_t n = 0; n < N; ++n) {
           const int64_t off = (n * C + c0) * S;
           if (act != nullptr)
-            rk.bwd_apply_act(g + off, x + off, dx + off, m, S, act->at(c0), k1.data(), k2.data(), k3.data());
+            rk.bwd_apply_act[act->kind](g + off, x + off, dx + off, m, S, act->at(c0), k1.data(), k2.data(), k3.data());
           else
             span_apply(
                 g + off, x + off, dx + off, m, S, mhi.data() + c0, mlo.data() + c0, k1.data(), k2.data(), k3.data());
@@ -99,10 +99,10 @@ void backward_kernel(
         s, sg.data(), sx.data(),
         [&](int64_t n, int64_t c0, int64_t c1, double* a, double* b) {
           const int64_t off = (n * C + c0) * S;
-          rk.bwd_sums_act(g + off, x + off, c1 - c0, S, act->at(c0), a, b);
+          rk.bwd_sums_act[act->kind](g + off, x + off, c1 - c0, S, act->at(c0), a, b);
         },
         [&](int64_t r0, int64_t r1, A* sa, A* sb) {
-          rk.cl_bwd_sums_act(g + r0 * C, x + r0 * C, r1 - r0, C, *act, sa, sb);
+          rk.cl_bwd_sums_act[act->kind](g + r0 * C, x + r0 * C, r1 - r0, C, *act, sa, sb);
         });
   } else {
     reduce2<A>(
@@ -121,11 +121,11 @@ void backward_kernel(
     elementwise(
         s,
         [&](int64_t off, int64_t c0, int64_t nch) {
-          rk.bwd_apply_act(
+          rk.bwd_apply_act[act->kind](
               g + off, x + off, dx + off, nch, S, act->at(c0), k1.data() + c0, k2.data() + c0, k3.data() + c0);
         },
         [&](int64_t r0, int64_t r1) {
-          rk.cl_bwd_apply_act(g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, *act, k1.data(), k2.data(), k3.data());
+          rk.cl_bwd_apply_act[act->kind](g + r0 * C, x + r0 * C, dx + r0 * C, r1 - r0, C, *act, k1.data(), k2.data(), k3.data());
         });
     return;
   }
@@ -170,11 +170,11 @@ void run_backward(
     const Tensor* act_params = nullptr) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x3.scalar_type(), "bnkit::batch_norm_backward", [&] {
     using A = typename AccT<scalar_t>::type;
-    ClampAct<A> ca{};
+    FusedAct<A> ca{};
     if (act != nullptr) {
       const A* p = act_params->const_data_ptr<A>();
       const int64_t C = in.s.C;
-      ca = {p, p + C, p + 2 * C, p + 3 * C, static_cast<A>(act->lo), static_cast<A>(act->hi)};
+      ca = {p, p + C, p + 2 * C, p + 3 * C, static_cast<A>(act->lo), static_cast<A>(act->hi), act->kind};
     }
     backward_kernel<scalar_t>(
         gx.const_data_ptr<scalar_t>(), in.x3.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), in.s,

@@ -31,6 +31,7 @@
 // batch_norm_layer into the same LayerCall (bnkit_kernels.h).
 #include "bnkit_kernels.h"
 #include "layout.h"
+#include "rowkernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -141,6 +142,9 @@ std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unappli
   }
 
   if (!(eps > 0) || !std::isfinite(eps)) return not_handled;
+  // Hardswish is fused in inference only: its fused backward was slower than BN's backward followed by
+  // torch's (GCC keeps the loop with its three-way select scalar; benchmarks/README.md).
+  if (c.act != nullptr && c.act->kind == kActHardswish) return not_handled;
   const int64_t count = input.numel() / C;
   if (count <= 1) return not_handled; // empty batches and the one-value error: the general path
   const bool cumulative = c.momentum < 0; // kCumulativeMomentum
@@ -322,11 +326,18 @@ std::tuple<Tensor, int64_t> batch_norm_act_layer(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     const std::optional<Tensor>& num_batches_tracked, bool training, double momentum, double eps, int64_t axis,
-    int64_t num_features, int64_t ranks, bool check_finite, double act_min, double act_max) {
+    int64_t num_features, int64_t ranks, bool check_finite, int64_t act_kind, double act_min, double act_max) {
+  TORCH_CHECK(
+      act_kind >= 0 && act_kind < kActKinds, "bnkit::batch_norm_act_layer: act_kind must be 0 (clamp), 1 (Hardswish) "
+      "or 2 (SiLU), got ", act_kind);
   // A bound that is not a number bounds nothing (the kernels' comparisons are then false); +-inf would too,
   // but +inf must pass +inf through as ReLU does: NaN for both.
-  const Activation act{
-      std::isfinite(act_min) ? act_min : std::nan(""), std::isfinite(act_max) ? act_max : std::nan("")};
+  Activation act{
+      static_cast<int>(act_kind), std::isfinite(act_min) ? act_min : std::nan(""),
+      std::isfinite(act_max) ? act_max : std::nan("")};
+  // The constants of SiLU and Hardswish as run-time values (rowkernels_act.h: act_exp says why).
+  if (act.kind == kActSilu) act = {kActSilu, -87.3, 88.3}; // the range of its e^x
+  if (act.kind == kActHardswish) act = {kActHardswish, -3.0, 3.0}; // where it bends
   LayerCall call{input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps, axis,
                  num_features, ranks, check_finite, &act};
   return layer_call(call, nullptr);

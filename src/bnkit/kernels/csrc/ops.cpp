@@ -34,12 +34,13 @@
 //       done; 1: done, but the batch statistics were not finite and the
 //       running statistics were left unchanged (check_finite); 2: not handled,
 //       nothing was changed -- use the general path (layer.cpp).
-//   bnkit::batch_norm_act_layer(<batch_norm_layer's arguments>, act_min,
-//       act_max) -> (output, status)
-//       the same call with the output clamp(BN(x), act_min, act_max) (an
-//       infinite bound: none), the backward that of both: BatchNormAct's
-//       ReLU, ReLU6 and Hardtanh fused into the kernels' passes.  Training
-//       with a graph, inference without one.
+//   bnkit::batch_norm_act_layer(<batch_norm_layer's arguments>, act_kind,
+//       act_min, act_max) -> (output, status)
+//       the same call with the output act(BN(x)): act_kind 0 clamp(., act_min,
+//       act_max) (an infinite bound: none; ReLU, ReLU6, Hardtanh), 1
+//       Hardswish, 2 SiLU; the backward that of both (BatchNormAct's
+//       activation fused into the kernels' passes).  Training with a graph,
+//       inference without one.
 //
 // Each has a CPU kernel and a Meta kernel (shapes only: lets torch.compile /
 // torch.export trace them as single opaque ops), both from one function
@@ -177,6 +178,7 @@ TORCH_LIBRARY(bnkit, m) {
   m.def(
       "batch_norm_act_layer(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
       " Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float momentum, float eps,"
-      " int axis, int num_features, int ranks, bool check_finite, float act_min, float act_max) -> (Tensor, int)",
+      " int axis, int num_features, int ranks, bool check_finite, int act_kind, float act_min, float act_max)"
+      " -> (Tensor, int)",
       torch::dispatch(c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(batch_norm_act_layer)));
 }

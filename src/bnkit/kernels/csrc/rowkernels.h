@@ -34,23 +34,33 @@ struct AccT<double> {
   using type = double;
 };
 
-// A clamp fused after the normalization (BatchNormAct's ReLU, ReLU6 or
-// Hardtanh): y = clamp(((p - mhi[c]) - mlo[c]) * sc[c] + sh[c], lo, hi), a NaN
-// bound meaning none (a NaN value stays NaN).  The backward passes g where
-// !(pre <= lo) && !(pre >= hi) -- torch's rule for ReLU (on its output) and
-// Hardtanh (on its input) -- with `pre` recomputed from p by the same
-// expression from the forward's own per-channel values (so the mask is the
-// forward's, bit for bit).
+// The activations fused after the normalization (BatchNormAct's act), by kind:
+//   kActClamp      clamp(pre, lo, hi), a NaN bound meaning none (a NaN value
+//                  stays NaN): ReLU (lo 0, hi NaN), ReLU6, Hardtanh; the
+//                  backward passes g where !(pre <= lo) && !(pre >= hi),
+//                  torch's rule for ReLU (on its output) and Hardtanh;
+//   kActHardswish  pre * clamp(pre + 3, 0, 6) / 6, torch's backward rule;
+//                  (lo, hi) = (-3, 3), set by the caller;
+//   kActSilu       pre * sigmoid(pre), its derivative; (lo, hi) are the range
+//                  of its exponential's argument (rowkernels_act.h: act_exp),
+//                  set by the caller.
+// pre = ((p - mhi[c]) - mlo[c]) * sc[c] + sh[c], rounded to T as BN's output
+// would be (torch applies the activation to that).  The backward recomputes
+// pre from p by the same expression from the forward's own per-channel
+// values, so that a mask is the forward's bit for bit.
+enum ActKind : int { kActClamp = 0, kActHardswish = 1, kActSilu = 2, kActKinds = 3 };
+
 template <typename A>
-struct ClampAct {
+struct FusedAct {
   const A* mhi;
   const A* mlo;
   const A* sc;
   const A* sh;
   A lo, hi;
-  // The same clamp from channel c0 on.
-  ClampAct at(int64_t c0) const {
-    return {mhi + c0, mlo + c0, sc + c0, sh + c0, lo, hi};
+  int kind;
+  // The same activation from channel c0 on.
+  FusedAct at(int64_t c0) const {
+    return {mhi + c0, mlo + c0, sc + c0, sh + c0, lo, hi, kind};
   }
 };
 
@@ -105,21 +115,23 @@ struct RowKernels {
   NormalizeFn span_normalize_nt;
   BwdApplyFn span_bwd_apply_nt;
 
-  // BN + clamp (ClampAct): spans and channels-last rows as above, the
-  // per-channel arrays in the ClampAct.
-  //   o = clamp(pre)
-  void (*normalize_act)(const T* p, T* o, int64_t nch, int64_t n, const ClampAct<A>& a);
-  void (*cl_normalize_act)(const T* x, T* y, int64_t rows, int64_t C, const ClampAct<A>& a);
-  //   with gm = g where the clamp passes, else 0 (xc = (p - mhi[c]) - mlo[c]):
+  // BN + activation (FusedAct), one kernel per ActKind: spans and
+  // channels-last rows as above, the per-channel arrays in the FusedAct.
+  //   o = act(pre)
+  void (*normalize_act[kActKinds])(const T* p, T* o, int64_t nch, int64_t n, const FusedAct<A>& a);
+  void (*cl_normalize_act[kActKinds])(const T* x, T* y, int64_t rows, int64_t C, const FusedAct<A>& a);
+  //   with gm = g * act'(pre) (xc = (p - mhi[c]) - mlo[c]):
   //   sg[c] += sum(gm), sx[c] += sum(gm * xc)
-  void (*bwd_sums_act)(const T* g, const T* p, int64_t nch, int64_t n, const ClampAct<A>& a, double* sg, double* sx);
-  void (*cl_bwd_sums_act)(const T* g, const T* x, int64_t rows, int64_t C, const ClampAct<A>& a, A* sa, A* sb);
+  void (*bwd_sums_act[kActKinds])(
+      const T* g, const T* p, int64_t nch, int64_t n, const FusedAct<A>& a, double* sg, double* sx);
+  void (*cl_bwd_sums_act[kActKinds])(
+      const T* g, const T* x, int64_t rows, int64_t C, const FusedAct<A>& a, A* sa, A* sb);
   //   dx = gm*k1[c] - xc*k2[c] - k3[c]
-  void (*bwd_apply_act)(
-      const T* g, const T* p, T* dx, int64_t nch, int64_t n, const ClampAct<A>& a, const A* k1, const A* k2,
+  void (*bwd_apply_act[kActKinds])(
+      const T* g, const T* p, T* dx, int64_t nch, int64_t n, const FusedAct<A>& a, const A* k1, const A* k2,
       const A* k3);
-  void (*cl_bwd_apply_act)(
-      const T* g, const T* x, T* dx, int64_t rows, int64_t C, const ClampAct<A>& a, const A* k1, const A* k2,
+  void (*cl_bwd_apply_act[kActKinds])(
+      const T* g, const T* x, T* dx, int64_t rows, int64_t C, const FusedAct<A>& a, const A* k1, const A* k2,
       const A* k3);
 };
 

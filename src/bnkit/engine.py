@@ -313,7 +313,7 @@ def batch_norm_module_call(
     )
     if y is not None:
         return y
-    if activation is not None:  # declined with the activation (Hardswish in training): BN's op, then the activation
+    if activation is not None:  # declined with the activation (an inference graph): BN's op, then the activation
         y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
         if y is not None:
             return apply_activation(y, activation)

@@ -142,9 +142,6 @@ std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unappli
   }
 
   if (!(eps > 0) || !std::isfinite(eps)) return not_handled;
-  // Hardswish is fused in inference only: its fused backward was slower than BN's backward followed by
-  // torch's (GCC keeps the loop with its three-way select scalar; benchmarks/README.md).
-  if (c.act != nullptr && c.act->kind == kActHardswish) return not_handled;
   const int64_t count = input.numel() / C;
   if (count <= 1) return not_handled; // empty batches and the one-value error: the general path
   const bool cumulative = c.momentum < 0; // kCumulativeMomentum

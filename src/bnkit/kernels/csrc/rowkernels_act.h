@@ -63,6 +63,24 @@ struct ActClamp { // ReLU, ReLU6, Hardtanh; a NaN bound compares false: no bound
     return (v <= lo || v >= hi) ? A(0) : g;
   }
 };
+// g where c holds, else +0, with bit operations: GCC keeps a loop scalar
+// when a select picks between two computed values under -ftrapping-math (it
+// sinks the arithmetic into a branch), not when an integer mask does.
+inline float keep_if(bool c, float g) {
+  uint32_t b;
+  __builtin_memcpy(&b, &g, sizeof(b));
+  b &= 0u - static_cast<uint32_t>(c);
+  __builtin_memcpy(&g, &b, sizeof(b));
+  return g;
+}
+inline double keep_if(bool c, double g) {
+  uint64_t b;
+  __builtin_memcpy(&b, &g, sizeof(b));
+  b &= uint64_t(0) - static_cast<uint64_t>(c);
+  __builtin_memcpy(&g, &b, sizeof(b));
+  return g;
+}
+
 struct ActHardswish { // v * clamp(v + 3, 0, 6) / 6; (lo, hi) = (-3, 3), given at run time (act_exp says why)
   template <typename A>
   static A value(A v, A lo, A hi) {
@@ -70,10 +88,13 @@ struct ActHardswish { // v * clamp(v + 3, 0, 6) / 6; (lo, hi) = (-3, 3), given a
     t = t > hi ? hi : t;
     return v * (t + A(3)) / A(6);
   }
+  // torch's rule: 0 below -3, g * (v / 3 + 1/2) up to 3, g above (a NaN v, in a channel whose
+  // statistics are NaN anyway, gives NaN)
   template <typename A>
   static A grad(A g, A v, A lo, A hi) {
-    const A mid = g * (v / A(3) + A(0.5));
-    return v < lo ? A(0) : (v <= hi ? mid : g);
+    const A t = v > hi ? hi : v;
+    const A mid = keep_if(!(v > hi), g * (t / A(3) + A(0.5)));
+    return keep_if(!(v < lo), keep_if(v > hi, g) + mid);
   }
 };
 struct ActSilu { // v * sigmoid(v); d/dv = s * (1 + v * (1 - s)); (lo, hi): act_exp's range

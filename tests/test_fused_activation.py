@@ -313,3 +313,27 @@ def test_nan_in_a_channel_propagates_through_the_clamp_as_in_torch():
     x[2, 1] = math.nan
     torch.testing.assert_close(new(x), ref(x), equal_nan=True)  # channel 1 all NaN, the others finite
     assert new(x)[:, 1].isnan().all() and not new(x)[:, [0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_frozen_batchnormact_fuses_in_inference_and_equals_the_frozen_map_then_the_activation(act):
+    from bnkit.variants import FrozenBatchNormAct2d
+    torch.manual_seed(0)
+    layer = FrozenBatchNormAct2d(6, act=ACTS[act]())
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    ref = nn.Sequential(nn.BatchNorm2d(6).eval(), ACTS[act]())
+    ref[0].load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith(("act", "drop"))},
+                           strict=False)
+    x = torch.randn(4, 6, 5, 5) * 2
+    assert layer.fused_activation() is not None
+    with torch.no_grad():
+        assert fused_op_calls(lambda: layer(x)) == 1
+        assert_close(layer(x), ref(x), 1e-5, "frozen + activation")
+    xr, xn = x.clone().requires_grad_(), x.clone().requires_grad_()  # with a graph: the op declines, same values
+    ref(xr).sum().backward()
+    layer(xn).sum().backward()
+    assert_close(xn.grad, xr.grad, 1e-5, "frozen input gradient")

@@ -166,6 +166,16 @@ class FrozenBatchNorm(nn.Module):
             check_mask(self.call_spec(), input, mask)
         return self._forward(input, None)
 
+    def activated_forward(self, input: Tensor, activation: tuple[str, float, float]) -> Tensor:
+        """The frozen map, then an activation (:func:`bnkit.engine.apply_activation`), as one layer call.
+
+        :class:`bnkit.variants.FrozenBatchNormAct` calls it for the activations the kernels fuse.
+        """
+        mean, var = self._stats(None)
+        return batch_norm_module_call(
+            self.call_spec(), input, self.weight, self.bias, mean, var, None, False, activation
+        )
+
 
 FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d = specialize(FrozenBatchNorm)
 

@@ -328,3 +328,26 @@ def test_scriptable_shares_tensors_and_rejects_before_copying():
     with pytest.raises(TypeError, match="GhostBatchNorm2d"):
         scriptable(model)
     assert isinstance(model[0], bnkit.BatchNorm2d)
+
+
+def test_trace_works_when_it_is_the_first_bnkit_call_of_a_process():
+    # The engine reads its shared constants from the extension on the first layer call; under torch.jit.trace
+    # that read must not be recorded (the tracer refuses an op returning plain ints).
+    import os
+    from pathlib import Path
+
+    code = (
+        "import warnings, torch, bnkit; from torch import nn\n"
+        "warnings.simplefilter('ignore')\n"
+        "torch.manual_seed(0)\n"
+        "ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()\n"
+        "m = bnkit.convert(ref, fuse_activations=True).eval()\n"
+        "x = torch.randn(2, 3, 6, 6)\n"
+        "t = torch.jit.trace(m, x)\n"
+        "torch.testing.assert_close(t(x), ref(x))\n"
+        "print('ok')\n"
+    )
+    src = str(Path(bnkit.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

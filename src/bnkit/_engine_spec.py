@@ -88,5 +88,12 @@ def _constants() -> _Constants | None:
     """The values shared with ``layer.cpp``, read once from the extension (defined there only; None without it)."""
     global _CONSTANTS
     if _CONSTANTS is None and kernels.cpp_available():
-        _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
+        # Read outside torch.jit.trace (the first bnkit call of a process may be traced): the tracer cannot
+        # record an op that returns plain ints, and these values are not part of any model.
+        tracing_state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            _CONSTANTS = _Constants(*torch.ops.bnkit.layer_constants())
+        finally:
+            torch._C._set_tracing_state(tracing_state)
     return _CONSTANTS

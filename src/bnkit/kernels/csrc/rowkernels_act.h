@@ -1,15 +1,15 @@
 // bnkit: the row kernels of BN fused with its activation (ReLU, ReLU6,
-// Hardtanh, Hardswish, SiLU; FusedAct and ActKind in rowkernels.h).  Part of rowkernels_impl.h, included there
-// inside its namespace, so compiled once per instruction set like the rest:
-// no #include here on purpose.
+// Hardtanh, Hardswish, SiLU; FusedAct and ActKind in rowkernels.h).  Part of
+// rowkernels_impl.h, included there inside its namespace, so compiled once
+// per instruction set like the rest: no #include here on purpose.
 //
 // The forward and the backward compute the pre-activation with one function
 // (act_pre), from the same per-channel values, so that the backward's mask is
-// the forward's clamp exactly.  Each kernel is a template over the
-// activation (ActClamp, ActHardswish, ActSilu), one instance per ActKind.  The fused backward reads g and x twice and
-// writes dx once, as the plain BN backward does: the activation's own forward
-// (a read and a write of y) and backward (g and y read, a gradient written)
-// are gone.
+// the forward's clamp exactly.  Each kernel is a template over the activation
+// (ActClamp, ActHardswish, ActSilu), one instance per ActKind.  The fused
+// backward reads g and x twice and writes dx once, as the plain BN backward
+// does: the activation's own forward (a read and a write of y) and backward
+// (g and y read, a gradient written) are gone.
 
 // The centred value and the pre-activation from it, as BN's output would be
 // stored in T (torch applies the activation to that).
@@ -24,10 +24,10 @@ inline A act_pre(A xc, A a, A b) {
 
 // e^x without a libm call, so that the loops vectorize: Cody-Waite range
 // reduction and a degree-6 polynomial (Cephes' expf, relative error about
-// 1e-7); x clamped to [lo, hi] (the SiLU caller, layer.cpp, gives [-87.3, 88.3]:
-// e^x stays a normal float),
-// NaN stays NaN.  The bounds arrive as run-time values: as compile-time
-// constants GCC makes the clamp a branch, which keeps the loop scalar.
+// 1e-7); x clamped to [lo, hi] (layer.cpp gives SiLU [-87.3, 88.3]: e^x
+// stays a normal float); NaN stays NaN.  The bounds arrive as run-time
+// values: as compile-time constants GCC makes the clamp a branch, which keeps
+// the loop scalar.
 inline float act_exp(float x, float lo, float hi) {
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;

@@ -334,16 +334,7 @@ class BatchNorm(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:
             return self.masked_forward(input, mask)
-        if self.training and getattr(self, "tiny_batch", "raise") != "raise":
-            y = tiny_batch_forward(self, input)
-            if y is not None:
-                return y
-        if self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
-            return conventions.keras_train_forward(self, input)  # another update rule: not the fused op
-        running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
-        return batch_norm_module_call(
-            self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked, batch_stats
-        )
+        return self._forward(input, None)
 
     def activated_forward(self, input: Tensor, activation: tuple[str, float, float]) -> Tensor:
         """BN, then an activation (``(kind, lo, hi)``: :func:`bnkit.engine.apply_activation`), as one layer call.
@@ -353,11 +344,19 @@ class BatchNorm(nn.Module):
         activation is part of the kernels' passes (:func:`bnkit.engine.batch_norm_module_call`).
         :class:`bnkit.variants.BatchNormAct` calls it for ReLU, ReLU6, Hardtanh, Hardswish and SiLU.
         """
-        if self.training and (
-            getattr(self, "tiny_batch", "raise") != "raise"
-            or (self.track_running_stats and getattr(self, "convention", "torch") == "keras")
-        ):
-            return apply_activation(BatchNorm.forward(self, input), activation)
+        return self._forward(input, activation)
+
+    def _forward(self, input: Tensor, activation: tuple[str, float, float] | None) -> Tensor:
+        """The unmasked call, followed by ``activation`` where given (fused into the engine's call where it can be)."""
+        if activation is not None and self.training and getattr(self, "tiny_batch", "raise") != "raise":
+            return apply_activation(self._forward(input, None), activation)  # a tiny_batch policy: not fused
+        y = None
+        if self.training and getattr(self, "tiny_batch", "raise") != "raise":
+            y = tiny_batch_forward(self, input)
+        if y is None and self.training and self.track_running_stats and getattr(self, "convention", "torch") == "keras":
+            y = conventions.keras_train_forward(self, input)  # another update rule: not the fused op
+        if y is not None:
+            return y if activation is None else apply_activation(y, activation)
         running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
         return batch_norm_module_call(
             self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,

@@ -180,8 +180,9 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
             origin = m.__dict__.get(_ORIGIN)
             if _FUSED in m.__dict__:
                 act_slot = _fused_slot(model, name)
-                targets[id(m)] = ("split", act_slot)
-                rep.converted.append((name, _qualname(m), _BNKIT_TO_TORCH[ranked(layers.BatchNorm, m.expected_dims)].__name__))
+                torch_cls = _BNKIT_TO_TORCH[ranked(layers.BatchNorm, m.expected_dims)]
+                targets[id(m)] = (torch_cls, act_slot)
+                rep.converted.append((name, _qualname(m), torch_cls.__name__))
                 rep.fused.append((name, act_slot))
                 continue
             if origin is None and type(m) in _ACT_CLASSES:
@@ -300,8 +301,9 @@ def convert(
         if to == "torch":
             target = targets[id(m)]
             if isinstance(target, tuple):  # a fused layer: torch's BN, and its activation back in its slot
-                restore.append((target[1], m.act))
-                return _swap(m, _BNKIT_TO_TORCH[ranked(layers.BatchNorm, m.expected_dims)])
+                torch_cls, act_slot = target
+                restore.append((act_slot, m.act))
+                return _swap(m, torch_cls)
             return _to_torch(m)
         if id(m) in pairs:
             act_name, act = pairs[id(m)]

@@ -49,11 +49,10 @@ void backward_kernel(
   auto coefs = [&](int64_t c0, int64_t n, const double* sg, const double* sx, A* k1, A* k2, A* k3) {
     backward_coefs(n, M, var + c0, w ? w + c0 : nullptr, sg, sx, eps, dw + c0, db + c0, k1, k2, k3);
   };
-  std::vector<A> mhi(C), mlo(C);
-  if (act != nullptr) {
-    std::copy(act->mhi, act->mhi + C, mhi.begin());
-    std::copy(act->mlo, act->mlo + C, mlo.begin());
-  } else {
+  std::vector<A> mhi, mlo; // the act kernels centre with the forward's own mean (act->mhi, act->mlo)
+  if (act == nullptr) {
+    mhi.resize(C);
+    mlo.resize(C);
     split_mean(C, mean, mhi.data(), mlo.data());
   }
   const int64_t budget = given ? 0 : tuning().block_bytes_grad.load(std::memory_order_relaxed);

@@ -260,13 +260,23 @@ def test_convert_fuse_activations_keeps_outputs_gradients_and_state_dict():
     fresh.load_state_dict(fused.state_dict())  # checkpoints load both ways
 
 
+def test_a_hooked_bn_layer_stays_unfused_and_its_hook_sees_what_torch_shows():
+    base = small_cnn()
+    seen: list = []
+    base[1].register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    x = torch.randn(2, 3, 8, 8)
+    base(x)
+    fused, report = bnkit.convert(base, fuse_activations=True, report=True)
+    assert [name for name, _ in report.fused] == ["3.1"]
+    assert type(fused[1]) is bnkit.BatchNorm2d and type(fused[2]) is nn.ReLU
+    fused(x)
+    assert len(seen) == 2 and seen[0].min() < 0  # the BN output before the ReLU
+    assert_close(seen[1], seen[0], 1e-5, "hooked output")
+
+
 def test_convert_back_to_torch_puts_the_activations_back():
     base = small_cnn()
-    handle_calls: list = []
-    base[1].register_forward_hook(lambda *a: handle_calls.append(1))
     fused = bnkit.convert(base, fuse_activations=True)
-    fused(torch.randn(2, 3, 8, 8))
-    assert handle_calls  # the BN layer's hook moved to the fused layer
     back, report = bnkit.convert(fused, to="torch", report=True)
     assert str(back) == str(base) and len(report.fused) == 2
     assert type(back[1]) is nn.BatchNorm2d and type(back[2]) is nn.ReLU and back[2].inplace

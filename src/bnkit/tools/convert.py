@@ -33,7 +33,15 @@ from .. import layers
 from .._warn import warn
 from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
 from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, rebuild, replace_modules, snapshot, take_over_tensors
-from ..variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, fusable_activation
+from ..variants.act import (
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    after_fused_bn,
+    plain_activation,
+)
+from .act_pairs import fusion_sites
 
 __all__ = ["ConvertReport", "convert"]
 
@@ -41,8 +49,9 @@ _TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracke
 # Where a bnkit layer made by convert() keeps the torch subclass it came from (for to="torch").
 _ORIGIN = "_bnkit_torch_origin"
 _ACT_CLASSES = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
-# Marks a BatchNormAct that convert(fuse_activations=True) made from a BN layer and the activation after it in
-# an nn.Sequential (whose slot became an nn.Identity): to="torch" puts the activation back.
+# Marks a BatchNormAct that convert(fuse_activations=True) made from a BN layer and the activation after it:
+# True in an nn.Sequential (whose next slot became an nn.Identity), else ("identity" | "shared", the key of the
+# activation's slot beside it in the parent). to="torch" puts the activation back.
 _FUSED = "_bnkit_fused_activation"
 
 _TORCH_TO_BNKIT: dict[type, type] = {torch_cls: ranked(layers.BatchNorm, dims) for dims, (torch_cls, _) in TORCH_BATCHNORM.items()}
@@ -179,7 +188,7 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
             _check_torch_compatible(m, name)
             origin = m.__dict__.get(_ORIGIN)
             if _FUSED in m.__dict__:
-                act_slot = _fused_slot(model, name)
+                act_slot = _fused_slot(model, name, m)
                 torch_cls = _BNKIT_TO_TORCH[ranked(layers.BatchNorm, m.expected_dims)]
                 targets[id(m)] = (torch_cls, act_slot)
                 rep.converted.append((name, _qualname(m), torch_cls.__name__))
@@ -206,35 +215,29 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
     return targets, rep
 
 
-def _sequential_pairs(model: nn.Module, targets: dict[int, Any]) -> dict[int, tuple[str, nn.Module]]:
-    """``{id(bn): (activation's name, activation)}`` for each BN layer converted to a plain bnkit class that an
-    ``nn.Sequential`` follows with a :func:`fusable_activation` module (ReLU, ReLU6, Hardtanh, Hardswish, SiLU)."""
-    pairs: dict[int, tuple[str, nn.Module]] = {}
-    for parent_name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        items = list(seq._modules.items())
-        for (_, bn), (key, act) in zip(items, items[1:]):
-            if bn is None or act is None or targets.get(id(bn)) not in _BNKIT_TO_TORCH or id(bn) in pairs:
-                continue
-            if fusable_activation(act) is not None:
-                pairs[id(bn)] = (f"{parent_name}.{key}" if parent_name else key, act)
-    return pairs
-
-
-def _fused_slot(model: nn.Module, name: str) -> str:
-    """The name of the ``nn.Identity`` after the fused layer ``name`` in its ``nn.Sequential`` (where its activation
-    goes back), or ``ValueError``."""
+def _fused_slot(model: nn.Module, name: str, layer: nn.Module) -> str:
+    """The name of the slot where the activation of the fused layer ``name`` goes back (the ``nn.Identity`` after
+    it in its ``nn.Sequential``, the ``nn.Identity`` beside it, or the shared activation it hands its output to),
+    or ``ValueError``."""
+    how = layer.__dict__[_FUSED]
     parent_name, _, key = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     keys = list(parent._modules)
-    nxt = keys.index(key) + 1 if isinstance(parent, nn.Sequential) and key in keys else len(keys)
-    if nxt >= len(keys) or type(parent._modules[keys[nxt]]) is not nn.Identity:
+    if how is True:
+        nxt = keys.index(key) + 1 if isinstance(parent, nn.Sequential) and key in keys else len(keys)
+        slot, what = (keys[nxt] if nxt < len(keys) else None), "the nn.Identity that took the activation's place"
+    else:
+        slot = how[1]
+        what = (f"the nn.Identity that took the activation's place ({slot!r})" if how[0] == "identity"
+                else f"the shared activation {slot!r} beside it")
+    present = parent._modules.get(slot) if slot is not None else None
+    ok = present is layer.act if how is not True and how[0] == "shared" else type(present) is nn.Identity
+    if not ok:
         raise ValueError(
             f"convert(to='torch'): layer {name!r} was fused with its activation by convert(fuse_activations=True), "
-            "but the nn.Identity that took the activation's place in its nn.Sequential is gone"
+            f"but {what} is gone"
         )
-    return f"{parent_name}.{keys[nxt]}" if parent_name else keys[nxt]
+    return f"{parent_name}.{slot}" if parent_name else slot
 
 
 def convert(
@@ -251,15 +254,24 @@ def convert(
         report: also return the :class:`ConvertReport` (converted and left
             layers, with the reasons). Without it, layers that are left are
             named in a ``UserWarning``.
-        fuse_activations: (``to="bnkit"``) where an ``nn.Sequential`` has a
-            converted BN layer followed by ``nn.ReLU``, ``nn.ReLU6``,
-            ``nn.Hardtanh``, ``nn.Hardswish`` or ``nn.SiLU``, the BN layer becomes a
-            :class:`bnkit.variants.BatchNormAct` holding that very activation
-            module and the activation's slot an ``nn.Identity``: the same
-            outputs, gradients and ``state_dict`` keys, with the activation
-            computed inside the BN kernels' passes (a training step of a
+        fuse_activations: (``to="bnkit"``) where a converted BN layer's
+            output goes only to ``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh``,
+            ``nn.Hardswish`` or ``nn.SiLU`` (the next module of an
+            ``nn.Sequential``, or a sibling module called on it alone in the
+            parent's ``forward``, found by tracing that ``forward`` with
+            ``torch.fx``), the BN layer becomes a
+            :class:`bnkit.variants.BatchNormAct` holding that activation and
+            the activation's slot an ``nn.Identity``; a clamp the parent also
+            calls elsewhere (torchvision's ``BasicBlock.relu``) stays in its
+            slot as :func:`bnkit.variants.act.after_fused_bn` form, which
+            passes the fused layer's output through. The same outputs,
+            gradients and ``state_dict`` keys, with the activation computed
+            inside the BN kernels' passes (a training step of a
             MobileNetV2-like CNN on CPU spends about a sixth of its time in
-            the separate activations). ``to="torch"`` puts the activation back.
+            the separate activations). Layers with forward or backward hooks,
+            functional activations and forwards that do not trace stay
+            unfused (see :mod:`bnkit.tools.act_pairs`). ``to="torch"`` puts
+            the activations back.
 
     Returns:
         The converted model (``model`` itself when ``inplace`` and the root is
@@ -294,7 +306,8 @@ def convert(
     if not inplace:
         model = copy.deepcopy(model)
     targets, rep = _plan(model, to)
-    pairs = _sequential_pairs(model, targets) if fuse_activations else {}
+    sites = fusion_sites(model, lambda m: targets.get(id(m)) in _BNKIT_TO_TORCH) if fuse_activations else {}
+    shared: dict[int, nn.Module] = {}  # id(activation) -> its after_fused_bn form, one per shared module
     restore: list[tuple[str, nn.Module]] = []
 
     def build(m: nn.Module, name: str) -> nn.Module:
@@ -302,16 +315,22 @@ def convert(
             target = targets[id(m)]
             if isinstance(target, tuple):  # a fused layer: torch's BN, and its activation back in its slot
                 torch_cls, act_slot = target
-                restore.append((act_slot, m.act))
+                restore.append((act_slot, plain_activation(m.act)))
                 return _swap(m, torch_cls)
             return _to_torch(m)
-        if id(m) in pairs:
-            act_name, act = pairs[id(m)]
+        site = sites.get(id(m))
+        if site is not None:
             new = _swap(m, ranked(BatchNormAct, torch_dims(m)))
-            new.act = act
-            new.__dict__[_FUSED] = True
-            restore.append((act_name, nn.Identity()))
-            rep.fused.append((name, act_name))
+            if site.slot == "shared":
+                act = shared.setdefault(id(site.act), after_fused_bn(site.act))
+                new.act = act
+                new.__dict__[_FUSED] = ("shared", site.act_key)
+                restore.append((site.act_name, act))
+            else:
+                new.act = site.act
+                new.__dict__[_FUSED] = True if site.slot == "sequential" else ("identity", site.act_key)
+                restore.append((site.act_name, nn.Identity()))
+            rep.fused.append((name, site.act_name))
             return new
         return _to_bnkit(m, targets[id(m)], bn_form(m))
 

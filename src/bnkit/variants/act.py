@@ -8,13 +8,28 @@ order. The state_dict keys are those of timm's ``BatchNormAct2d``
 ``num_batches_tracked``, ``act.*``, ``drop.*``), so checkpoints load both
 ways. :func:`bnkit.convert`, :func:`bnkit.freeze` and :func:`bnkit.fuse`
 make and read these layers; the tools find the tail through ``bn_tail``.
+
+When a module calls one activation module at several places, one of them
+right after a BN layer (torchvision's ``BasicBlock``: ``relu(bn1(...))`` and
+``relu(out + identity)``), :func:`bnkit.convert` with
+``fuse_activations=True`` fuses that BN layer with it and swaps the shared
+module for a :class:`ReLUAfterFusedBN`-style subclass of its class: its call
+on the fused layer's fresh output returns that output as it is (the
+activation is already applied), and every other call computes. Only clamps
+(ReLU, ReLU6, Hardtanh) are shared this way, because a clamp applied twice
+changes neither values nor gradients: wherever the hand-over does not happen
+(``torch.compile``, another thread's call in between, an in-place edit of the
+output), computing the activation again is still exact.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
@@ -25,6 +40,7 @@ from .frozen import FrozenBatchNorm
 __all__ = [
     "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
     "FrozenBatchNormAct", "FrozenBatchNormAct1d", "FrozenBatchNormAct2d", "FrozenBatchNormAct3d",
+    "HardtanhAfterFusedBN", "ReLU6AfterFusedBN", "ReLUAfterFusedBN", "after_fused_bn",
 ]
 
 
@@ -44,6 +60,64 @@ def fusable_activation(act: nn.Module) -> tuple[str, float, float] | None:
     return _FUSABLE[kind](act)
 
 
+# A fused layer's output waiting for the call of its shared activation module that would apply the activation
+# again: {activation module: (weak reference to the output, the output's version counter then)}.
+_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _AfterFusedBN:
+    """Mixed in before a clamp class: the call on a fused BN layer's fresh output returns it unchanged."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():
+            pending = _PENDING.get(self)
+            # The very tensor the fused layer returned, not edited in place since: the clamp is applied.
+            if pending is not None and pending[0]() is input and (
+                pending[1] is None if input.is_inference() else input._version == pending[1]
+            ):
+                _PENDING.pop(self, None)
+                return input
+        return super().forward(input)
+
+
+class ReLUAfterFusedBN(_AfterFusedBN, nn.ReLU):
+    """``nn.ReLU`` shared with a BN layer fused with it (:func:`after_fused_bn`); computes like ``nn.ReLU``."""
+
+
+class ReLU6AfterFusedBN(_AfterFusedBN, nn.ReLU6):
+    """``nn.ReLU6`` shared with a BN layer fused with it (:func:`after_fused_bn`); computes like ``nn.ReLU6``."""
+
+
+class HardtanhAfterFusedBN(_AfterFusedBN, nn.Hardtanh):
+    """``nn.Hardtanh`` shared with a BN layer fused with it (:func:`after_fused_bn`); computes like ``nn.Hardtanh``."""
+
+
+_SHARED_FORM = {nn.ReLU: ReLUAfterFusedBN, nn.ReLU6: ReLU6AfterFusedBN, nn.Hardtanh: HardtanhAfterFusedBN}
+_PLAIN_FORM = {v: k for k, v in _SHARED_FORM.items()}
+
+
+def after_fused_bn(act: nn.Module) -> nn.Module | None:
+    """The shared form of a clamp module (``nn.ReLU`` -> :class:`ReLUAfterFusedBN`, also ReLU6, Hardtanh), with
+    its settings and ``training`` flag, or ``None`` for any other module (a clamp is the activation that may
+    be applied twice)."""
+    cls = _SHARED_FORM.get(type(act))
+    if cls is None or fusable_activation(act) is None:
+        return None
+    new = copy.deepcopy(act)  # a clamp holds no tensors: its settings, flags and (empty) hook dictionaries
+    new.__class__ = cls
+    return new
+
+
+def plain_activation(act: nn.Module) -> nn.Module:
+    """The torch class again for a module made by :func:`after_fused_bn` (its settings kept); others as they are."""
+    cls = _PLAIN_FORM.get(type(act))
+    if cls is None:
+        return act
+    new = copy.deepcopy(act)
+    new.__class__ = cls
+    return new
+
+
 _FUSABLE = {
     nn.ReLU: lambda m: ("clamp", 0.0, math.inf),
     nn.ReLU6: lambda m: ("clamp", float(m.min_val), float(m.max_val)),
@@ -51,6 +125,8 @@ _FUSABLE = {
     nn.Hardswish: lambda m: ("hardswish", 0.0, 0.0),
     nn.SiLU: lambda m: ("silu", 0.0, 0.0),
 }
+for _shared, _plain in _PLAIN_FORM.items():
+    _FUSABLE[_shared] = _FUSABLE[_plain]
 
 
 def _global_hooks() -> bool:
@@ -91,12 +167,23 @@ class _WithTail:
 
     def forward(self, input: Tensor) -> Tensor:
         activation = self.fused_activation()
+        shared = isinstance(self._modules.get("act"), _AfterFusedBN)
+        if shared and activation is not None and (
+            torch.compiler.is_compiling() or (torch.is_inference_mode_enabled() and self._forward_hooks)
+        ):
+            # A shared activation (after_fused_bn) is its parent's to call: the layer applies it only where it
+            # can hand its output over (not compiled; an inference tensor has no version counter to show a
+            # hook's in-place edit), and elsewhere leaves it to the parent's call, as in torch.
+            activation = None
         if activation is not None:
-            return self.activated_forward(input, activation)
+            y = self.activated_forward(input, activation)
+            if shared:
+                _PENDING[self.act] = (weakref.ref(y), None if y.is_inference() else y._version)
+            return y
         y = super().forward(input)
         for name in self.bn_tail:
             child = self._modules.get(name)
-            if child is not None:
+            if child is not None and not isinstance(child, _AfterFusedBN):
                 y = child(y)
         return y
 

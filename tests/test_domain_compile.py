@@ -136,6 +136,19 @@ def test_compiled_domain_bn_equals_eager(backend, train, kind):
     _compare(compiled, model, oracle, INT_DOMAINS if kind == "int" else MIXED_DOMAINS, train)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_compiled_zero_dim_tensor_domain_is_not_read_on_the_host(train):
+    """A 0-d tensor domain: eager reads it (an int), the graph takes it as every sample's domain (fullgraph)."""
+    model = _net()
+    oracle = copy.deepcopy(model)
+    explained = torch._dynamo.explain(copy.deepcopy(model).train(train))(torch.randn(6, 3, 5, 5), torch.tensor(1))
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    tensors = [torch.tensor(d) for d in INT_DOMAINS]
+    _compare(lambda x, d: compiled(x, tensors[INT_DOMAINS.index(d)]), model, oracle, INT_DOMAINS, train)
+
+
 @pytest.mark.parametrize("backend", SLOW_AOT)
 def test_compiled_cumulative_momentum_counts_per_domain(backend):
     model = _net(momentum=None)  # the cumulative average reads num_batches_tracked[d] of each domain

@@ -70,6 +70,8 @@ def _checked_domain(
     if isinstance(domain, Tensor):
         if domain.dtype == torch.bool or domain.dtype.is_floating_point or domain.dtype.is_complex:
             raise TypeError(f"{where}: domain must be an int or an integer (int64) tensor, got dtype {domain.dtype}")
+        if domain.dim() == 0 and not host:  # not read in a captured graph: one domain for every sample
+            domain = domain.reshape(1).expand(input.shape[0] if input.dim() else 0)
         if domain.dim() == 0:
             domain = int(domain)
         else:

@@ -43,6 +43,7 @@ _FRESH = textwrap.dedent(
         "masked_bn1d": (bnkit.BatchNorm1d(4), (x1,), {"mask": m1}),
         "masked_bn1d_cumulative": (bnkit.BatchNorm1d(4, momentum=None), (x1,), {"mask": m1}),
         "masked_bn1d_propagate": (bnkit.BatchNorm1d(4, nonfinite="propagate"), (x1,), {"mask": m1}),
+        "masked_bn1d_tiny_running": (bnkit.BatchNorm1d(4, tiny_batch="running"), (x1,), {"mask": m1}),
         "renorm2d": (bnkit.BatchRenorm2d(3), (x2,), {}),
         "ghost2d": (bnkit.GhostBatchNorm2d(3, virtual_batch_size=2), (x2,), {}),
         "shared": (bnkit.SharedBatchNorm(3, sites=2), (x2,), {"site": 1}),
@@ -63,7 +64,7 @@ _FRESH = textwrap.dedent(
 )
 
 _FRESH_CASES = (
-    "masked_bn1d", "masked_bn1d_cumulative", "masked_bn1d_propagate", "renorm2d", "ghost2d", "shared",
+    "masked_bn1d", "masked_bn1d_cumulative", "masked_bn1d_propagate", "masked_bn1d_tiny_running", "renorm2d", "ghost2d", "shared",
     "shared_masked", "masked_renorm2d", "masked_renorm1d_fixed", "masked_ghost2d", "masked_ghost1d_remainder",
 )
 
@@ -220,6 +221,48 @@ def test_compiled_one_valid_entry_raises_and_changes_nothing():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # eager: the same message
         layer(x, mask=one)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compiled_tiny_batch_running_takes_the_running_statistics_for_one_valid_entry(momentum):
+    """tiny_batch="running" in one graph: a batch of one valid entry gets the running statistics' output and
+    changes no buffer, as in eager mode (where the count is read on the host); other batches train."""
+    torch.manual_seed(0)
+    layer = bnkit.BatchNorm1d(4, momentum=momentum, tiny_batch="running")
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    eager = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    one = torch.zeros(3, 5, dtype=torch.bool)
+    one[1, 2] = True
+    masks = [torch.rand(3, 5) > 0.3, one, torch.zeros(3, 5, dtype=torch.bool), one, torch.rand(3, 5) > 0.6]
+    for step, mask in enumerate(masks):
+        x = torch.randn(3, 4, 5) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ya, yb = compiled(xa, mask=mask), eager(xb, mask=mask)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5, msg=f"step {step} output")
+        r = torch.randn(ya.shape, generator=torch.Generator().manual_seed(step))
+        (ya * r).sum().backward()
+        (yb * r).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5, msg=f"step {step} input grad")
+        for (name, p), q in zip(layer.named_parameters(), eager.parameters()):
+            # an all-padding batch: eager leaves no gradient, the graph a zero one (as without tiny_batch)
+            grads = [torch.zeros_like(p) if g is None else g for g in (p.grad, q.grad)]
+            torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-5, msg=f"step {step} {name}.grad")
+            p.grad = q.grad = None
+        for k, v in eager.state_dict().items():
+            torch.testing.assert_close(layer.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=f"step {step} {k}")
+        if mask is one:  # hand-checked: the running statistics' map, nothing written
+            rm, rv = before["running_mean"], before["running_var"]
+            expected = (x - rm[:, None]) / torch.sqrt(rv[:, None] + layer.eps) * before["weight"][:, None]
+            torch.testing.assert_close(ya, expected + before["bias"][:, None], rtol=1e-5, atol=1e-5)
+            for k, v in layer.state_dict().items():
+                assert torch.equal(v, before[k]), k
 
 
 def test_compiled_masked_eval_and_channels_last_equal_eager():

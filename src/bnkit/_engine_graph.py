@@ -124,7 +124,7 @@ def at_buffer_level(where: str, buffers: list[Tensor], values: tuple[Tensor, ...
 
 def tensor_running_update(
     spec: CallSpec, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor, var: Tensor,
-    count: int | Tensor
+    count: int | Tensor, skip_one: bool = False
 ) -> None:
     """:func:`running_update`'s tensor-op form: no host synchronisation, so no graph break.
 
@@ -142,12 +142,16 @@ def tensor_running_update(
     A 0-d ``count`` tensor (a masked batch's valid count): a batch of 0 or 1
     valid entries writes no statistics (0 is counted, as an empty batch;
     eager mode raises for 1), and Bessel's factor ``n / (n - 1)`` is computed
-    on the tensor, in float64 then cast, as :func:`bnkit.stats.unbiased_variance`'s.
+    on the tensor, in float64 then cast, as :func:`bnkit.stats.unbiased_variance`'s. ``skip_one``: a count of
+    1 is not counted either (``tiny_batch="running"`` normalized that batch with the running statistics).
     """
     finite = var.max() < math.inf if spec.check_finite else None
+    counted = finite
+    if skip_one and isinstance(count, Tensor):
+        counted = count != 1 if finite is None else finite & (count != 1)
     if nbt is not None:
-        nbt.add_(1 if finite is None else finite)
-    keep = finite
+        nbt.add_(1 if counted is None else counted)
+    keep = counted
     if isinstance(count, Tensor):
         several = count > 1
         keep = several if keep is None else keep & several
@@ -173,7 +177,8 @@ def refuse_one_valid(count: Tensor, message: str) -> None:
 
 def masked_graph_path(
     spec: CallSpec, x3: Tensor, m2: Tensor, count: Tensor, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None,
+    one_valid: str = "raise"
 ) -> Tensor:
     """The masked training phases while a graph is captured, on the canonical view: ``y3``.
 
@@ -184,10 +189,14 @@ def masked_graph_path(
     take it as it is. An all-padding batch is an empty batch (``bias``
     everywhere, counted, no update). One valid entry raises a
     ``RuntimeError`` on CPU (:func:`refuse_one_valid`, before anything is
-    written); on an accelerator it writes no statistics instead.
+    written); on an accelerator it writes no statistics instead. ``one_valid="running"``
+    (``tiny_batch="running"``): such a batch is not refused, and neither updates nor counts (the caller
+    gives it the running statistics' output).
     """
-    refuse_one_valid(count, f"{spec.name}: Expected more than 1 value per channel when training, got 1 valid entry")
+    if one_valid == "raise":
+        refuse_one_valid(count, f"{spec.name}: Expected more than 1 value per channel when training, got 1 valid entry")
     y3, mean, var = torch_ops.masked_forward_train(x3, m2, weight, bias, spec.eps, count)
     if running_mean is not None:
-        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+        running_update(spec, running_mean, running_var, num_batches_tracked, mean, var, count,
+                       skip_one=one_valid == "running")
     return y3

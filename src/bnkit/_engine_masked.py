@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import kernels
@@ -31,7 +32,8 @@ def valid_count(m2: Tensor, capturing: bool | None = None) -> int | Tensor:
 
 def masked_module_call(
     spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None, batch_stats: bool,
+    one_valid: str = "raise"
 ) -> Tensor:
     r"""Batch normalization with a validity ``mask`` (True = valid): the engine's door for masked calls.
 
@@ -47,17 +49,24 @@ def masked_module_call(
     running statistics and ignores the mask (it is still checked); a call
     with batch statistics is masked whatever the mode.
     The fused op is not used (it declines masks by not being called).
+
+    A training batch with one valid entry per channel raises (``ValueError``;
+    a ``RuntimeError`` where a captured graph runs). ``one_valid="running"``
+    (a layer's ``tiny_batch="running"`` in a captured graph, where the count
+    is not read on the host): such a batch gets the running statistics'
+    output and changes no buffer, chosen by ``torch.where`` on the count.
     """
     check_input(spec, input)
     check_mask(spec, input, mask)
     if not batch_stats or input.numel() == 0:
         return _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
-    return _masked_general(spec, input, mask, weight, bias, running_mean, running_var, num_batches_tracked)
+    return _masked_general(spec, input, mask, weight, bias, running_mean, running_var, num_batches_tracked, one_valid)
 
 
 def _masked_general(
     spec: CallSpec, input: Tensor, mask: Tensor, weight: Tensor | None, bias: Tensor | None,
-    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None
+    running_mean: Tensor | None, running_var: Tensor | None, num_batches_tracked: Tensor | None,
+    one_valid: str = "raise"
 ) -> Tensor:
     """The masked training path: the general path's checks, masked moments and forward, then running_update."""
     where, eps = spec.name, spec.eps
@@ -76,9 +85,16 @@ def _masked_general(
     weight_c, bias_c = per_channel(weight, channels), per_channel(bias, channels)
     count = valid_count(m2)
     if isinstance(count, Tensor):  # a captured graph
-        return restore(masked_graph_path(
-            spec, x3, m2, count, weight_c, bias_c, running_mean, running_var, num_batches_tracked
+        running = one_valid == "running" and running_mean is not None
+        # The running statistics' output, from copies: the update below writes the buffers in place.
+        y_running = _general(
+            spec, input, weight, bias, running_mean.clone(), running_var.clone(), None, False
+        ) if running else None
+        y = restore(masked_graph_path(
+            spec, x3, m2, count, weight_c, bias_c, running_mean, running_var, num_batches_tracked,
+            "running" if running else "raise",
         ))
+        return y if y_running is None else torch.where(count == 1, y_running, y)
     if count == 1:
         raise ValueError(
             f"{where}: Expected more than 1 value per channel when training, got 1 valid entry "

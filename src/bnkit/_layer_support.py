@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ._warn import warn
 from .engine import batch_norm_module_call, call_spec, check_input, check_mask, masked_module_call
 from .errors import ChannelMismatchError
+from .kernels import aten_graph
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "bn_arguments", "check_feature_input",
            "check_per_channel_tensors", "document_bn_arguments", "masked_tiny_batch", "tiny_batch_forward"]
@@ -118,6 +119,10 @@ def masked_tiny_batch(layer: nn.Module, input: Tensor, mask: Tensor) -> Tensor |
     spec = layer.call_spec()
     check_input(spec, input)
     check_mask(spec, input, mask)
+    if aten_graph.capturing() and layer.track_running_stats and getattr(layer, "convention", "torch") != "keras":
+        # The count is not read on the host in a graph: the engine chooses on the tensor (and cannot warn).
+        return masked_module_call(spec, input, mask, layer.weight, layer.bias, layer.running_mean, layer.running_var,
+                                  layer.num_batches_tracked, True, one_valid="running")
     if int(mask.sum()) != 1:
         return None
     warn(

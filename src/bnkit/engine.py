@@ -135,6 +135,7 @@ def running_update(
     count: int | Tensor,
     *,
     checked: bool = False,
+    skip_one: bool = False,
 ) -> None:
     """The running-statistics phase: the rule of :mod:`bnkit.stats` under ``spec``'s non-finite policy.
 
@@ -149,7 +150,8 @@ def running_update(
     nothing; an installed hook (:func:`set_running_update_hook`) may take the
     update over. ``checked``: the caller (the fused op) has applied the
     non-finite policy to these statistics already. A 0-d ``count`` tensor
-    (a masked batch's valid count in a captured graph) takes the tensor form.
+    (a masked batch's valid count in a captured graph) takes the tensor form;
+    ``skip_one`` leaves a count of 1 uncounted there (``tiny_batch="running"``).
     """
     if in_recompute() or (_UPDATE_HOOK is not None and (
         _offer_to_hook_eagerly if torch.compiler.is_compiling() else _offer_to_hook
@@ -172,7 +174,7 @@ def running_update(
     tracing = torch.jit.is_tracing() or aten_graph.capturing()
     if tracing or (check and nonfinite == "skip" and mean.device.type != "cpu") or isinstance(count, Tensor):
         # A trace or a captured graph records tensor ops only: "raise" acts as "skip" there (no host check).
-        tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count)
+        tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count, skip_one)
         return
     if check and var.numel() and not math.isfinite(var.max().item()):
         _reject_nonfinite(spec.name, nonfinite)

@@ -12,7 +12,6 @@ import copy
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -440,33 +439,10 @@ def test_training_a_model_matches_torch(fmt):
 
 @pytest.fixture
 def timm_layers():
-    """timm.layers, imported with a pure-Python stand-in for the one torchvision class it needs and
-    without timm's package __init__ (which pulls in torchvision's datasets and transforms);
-    sys.modules is restored afterwards."""
-    import importlib.util
+    """timm.layers, with the tests' torchvision stand-in (tests/_timm_stub.py), as the other timm tests import it."""
+    from _timm_stub import import_timm
 
-    spec = importlib.util.find_spec("timm")
-    if spec is None:  # pragma: no cover - timm is an optional extra
-        pytest.skip("timm is not installed")
-    before = dict(sys.modules)
-    tv, ops, misc = (types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc"))
-
-    class FrozenBatchNorm2d(nn.Module):  # never used by these tests
-        pass
-
-    misc.FrozenBatchNorm2d = FrozenBatchNorm2d
-    tv.ops, ops.misc = ops, misc
-    pkg = types.ModuleType("timm")
-    pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
-    sys.modules.update({"torchvision": tv, "torchvision.ops": ops, "torchvision.ops.misc": misc, "timm": pkg})
-    try:
-        import timm.layers
-
-        yield timm.layers
-    finally:
-        for name in set(sys.modules) - set(before):
-            del sys.modules[name]
-        sys.modules.update(before)
+    return import_timm().layers
 
 
 def test_timm_batchnormact2d_is_served(timm_layers):

@@ -62,22 +62,26 @@ def test_the_bnkit_arm_computes_what_the_torch_arm_computes(bench, name, channel
 
 
 def test_targets_read_the_rows_they_name(bench):
-    def row(model, layout, batch, px, op, ratio):
-        return {"model": model, "layout": layout, "batch": batch, "px": px, "op": op, "ratio": ratio}
+    def row(model, layout, batch, px, op, ratio, fused=None):
+        r = {"model": model, "layout": layout, "batch": batch, "px": px, "op": op, "ratio": ratio}
+        return r if fused is None else {**r, "fused_ratio": fused}
 
     rows = [
         row("mobilenetv2", "NCHW", 128, 64, "train", 1.30),
         row("mobilenetv2", "channels_last", 128, 64, "train", 1.10),
         row("mobilenetv2", "NCHW", 32, 32, "train", 0.97),  # the slowest train row
-        row("resnet18", "NCHW", 32, 32, "train", 1.06),
-        row("resnet18", "channels_last", 32, 32, "train", 1.04),
+        row("resnet18", "NCHW", 32, 32, "train", 1.06, fused=1.08),
+        row("resnet18", "channels_last", 32, 32, "train", 1.04, fused=1.05),
+        row("resnet18", "channels_last", 32, 64, "train", 1.03, fused=1.02),
         row("resnet18", "NCHW", 32, 32, "eval", 1.01),
     ]
     got = {t["target"]: (round(t["value"], 2), t["met"]) for t in bench.targets(rows)}
     assert got["MobileNetV2 train, NCHW, 128x64px"] == (1.30, True)
     assert got["MobileNetV2 train, channels_last, 128x64px"] == (1.10, False)
     assert got["ResNet-18 train, NCHW, slowest config"] == (1.06, True)
-    assert got["ResNet-18 train, channels_last, slowest config"] == (1.04, False)
+    assert got["ResNet-18 train, channels_last, slowest config"] == (1.03, False)
+    assert got["ResNet-18 train, NCHW, slowest config, fused activations"] == (1.08, True)
+    assert got["ResNet-18 train, channels_last, slowest config, fused activations"] == (1.02, False)
     assert got["any train config, slowest"] == (0.97, False)
     assert got["eval, slowest config"] == (1.01, True)
 

@@ -293,3 +293,19 @@ def test_traced_fusion_under_jit_trace_export_and_compile():
     oracle(x).square().sum().backward()
     for (name, p), q in zip(oracle.named_parameters(), train.parameters()):
         assert_close(q.grad, p.grad, 2e-4, f"compiled {name}.grad")
+
+
+def test_fuse_and_freeze_of_a_traced_fusion_equal_the_torch_model():
+    ref = make("basic_block")
+    x = torch.randn(4, 4, 6, 6)
+    new = bnkit.convert(ref, fuse_activations=True)
+    new(x), ref(x)  # one training step's statistics
+    ref.eval(), new.eval()
+    expected = ref(x)
+    folded = bnkit.fuse(copy.deepcopy(new))
+    assert not any(isinstance(m, (nn.BatchNorm2d, bnkit.BatchNorm2d, BatchNormAct2d)) for m in folded.modules())
+    assert_close(folded(x), expected, 2e-5, "fused into the convolutions")
+    frozen = bnkit.freeze(copy.deepcopy(new))
+    assert_close(frozen(x), expected, 2e-5, "frozen")
+    with torch.inference_mode():
+        assert_close(frozen(x), expected, 2e-5, "frozen, inference mode")

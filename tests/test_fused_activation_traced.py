@@ -83,6 +83,20 @@ class TimmStyle(nn.Module):
         return self.act2(self.bn2(self.conv2(out)) + x)
 
 
+class IdentityBetween(nn.Module):
+    """timm's ResNet blocks: bn1, then nn.Identity placeholders (drop_block), then act1; a hooked Identity stops it."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.bn1, self.drop_block, self.act1 = nn.BatchNorm2d(c), nn.Identity(), nn.ReLU(inplace=True)
+        self.bn2, self.watched, self.act2 = nn.BatchNorm2d(c), nn.Identity(), nn.ReLU()
+        self.watched.register_forward_hook(lambda m, i, o: None)
+
+    def forward(self, x):
+        x = self.act1(self.drop_block(self.bn1(x)))
+        return self.act2(self.watched(self.bn2(x)))
+
+
 class SharedSiLU(nn.Module):
     """One SiLU called twice: SiLU applied twice is not SiLU, so the hand-over is not offered."""
 
@@ -128,6 +142,7 @@ CASES = {  # model, input channels, expected fused (BN, activation) pairs
     "basic_block": (BasicBlock, 4, [("bn1", "relu")]),
     "bottleneck": (Bottleneck, 8, [("bn1", "relu"), ("bn2", "relu")]),
     "timm_style": (TimmStyle, 6, [("bn1", "act1")]),
+    "identity_between": (IdentityBetween, 6, [("bn1", "act1")]),
     "shared_silu": (SharedSiLU, 6, []),
     "functional": (Functional, 6, []),
     "two_users": (TwoUsers, 6, []),
@@ -309,3 +324,25 @@ def test_fuse_and_freeze_of_a_traced_fusion_equal_the_torch_model():
     assert_close(frozen(x), expected, 2e-5, "frozen")
     with torch.inference_mode():
         assert_close(frozen(x), expected, 2e-5, "frozen, inference mode")
+
+
+def test_timm_resnet_blocks_fuse_and_equal_the_torch_model():
+    from _timm_stub import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=5)
+    new, report = bnkit.convert(ref, fuse_activations=True, report=True)
+    # the stem, and each block's bn1 -> drop_block (an nn.Identity) -> act1; bn2 goes to the residual sum
+    assert len(report.fused) == 9 and ("layer1.0.bn1", "layer1.0.act1") in report.fused
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref.double(), new.double()
+    yr, yn = ref(x), new(x)
+    assert_close(yn, yr, 1e-10, "timm resnet18 output")
+    yr.sum().backward()
+    yn.sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), new.parameters()):
+        assert_close(q.grad, p.grad, 1e-9, f"{name}.grad")
+    ref.eval(), new.eval()
+    assert_close(new(x), ref(x), 1e-10, "timm resnet18 eval output")

@@ -3,7 +3,9 @@
 Two places are found. In an ``nn.Sequential``, a BN layer followed by an
 activation module. In any other module, whose ``forward`` is traced once with
 ``torch.fx`` (every child a leaf), a BN child whose output goes to one place
-only, a call of an activation child on it alone (``self.relu(self.bn1(x))``):
+only, a call of an activation child on it alone (``self.relu(self.bn1(x))``;
+``nn.Identity`` children called in between, timm's ``drop_block`` placeholders,
+are looked through):
 
 * an activation called only there becomes an ``nn.Identity`` (it moves into
   the fused layer), like the ``nn.Sequential`` slot;
@@ -61,6 +63,21 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
         return True
 
 
+def _sole_call(node: torch.fx.Node, children) -> torch.fx.Node | None:
+    """The one user of ``node`` when it is a call of a child module on ``node`` alone, else ``None``."""
+    users = list(node.users)
+    if len(users) != 1:
+        return None
+    (call,) = users
+    if call.op != "call_module" or call.target not in children or call.args != (node,) or call.kwargs:
+        return None
+    return call
+
+
+def _is_bare_identity(m: nn.Module) -> bool:
+    return type(m) is nn.Identity and not (m._forward_hooks or m._forward_pre_hooks)
+
+
 def _traced_sites(parent_name: str, parent: nn.Module, wanted, counts: dict[int, int],
                   sites: dict[int, FusionSite]) -> None:
     children = parent._modules
@@ -82,11 +99,11 @@ def _traced_sites(parent_name: str, parent: nn.Module, wanted, counts: dict[int,
         bn = children[node.target]
         if bn is None or not wanted(bn) or id(bn) in sites or calls[node.target] != 1 or counts[id(bn)] != 1:
             continue
-        users = list(node.users)
-        if len(users) != 1:
-            continue
-        (call,) = users
-        if call.op != "call_module" or call.target not in children or call.args != (node,) or call.kwargs:
+        call = _sole_call(node, children)
+        # nn.Identity placeholders between them (timm's drop_block=None) pass the activated output on unchanged
+        while call is not None and _is_bare_identity(children[call.target]):
+            call = _sole_call(call, children)
+        if call is None:
             continue
         act = children[call.target]
         spec = fusable_activation(act)

@@ -223,12 +223,15 @@ def test_compiled_one_valid_entry_raises_and_changes_nothing():
         layer(x, mask=one)
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_compiled_tiny_batch_running_takes_the_running_statistics_for_one_valid_entry(momentum):
+@pytest.mark.parametrize(("make", "momentum"), [
+    (bnkit.BatchNorm1d, 0.1), (bnkit.BatchNorm1d, None),
+    (lambda c, **kw: bnkit.BatchRenorm1d(c, schedule="fixed", **kw), 0.1),  # r and d in use from the first batch
+])
+def test_compiled_tiny_batch_running_takes_the_running_statistics_for_one_valid_entry(make, momentum):
     """tiny_batch="running" in one graph: a batch of one valid entry gets the running statistics' output and
     changes no buffer, as in eager mode (where the count is read on the host); other batches train."""
     torch.manual_seed(0)
-    layer = bnkit.BatchNorm1d(4, momentum=momentum, tiny_batch="running")
+    layer = make(4, momentum=momentum, tiny_batch="running")
     with torch.no_grad():
         layer.running_mean.normal_()
         layer.running_var.uniform_(0.5, 2.0)

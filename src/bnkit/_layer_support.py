@@ -19,7 +19,7 @@ from .errors import ChannelMismatchError
 from .kernels import aten_graph
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "bn_arguments", "check_feature_input",
-           "check_per_channel_tensors", "document_bn_arguments", "masked_tiny_batch", "tiny_batch_forward"]
+           "check_per_channel_tensors", "document_bn_arguments", "masked_one_valid", "masked_tiny_batch", "tiny_batch_forward"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
 TINY_BATCH_POLICIES = ("raise", "running")
@@ -112,6 +112,17 @@ def tiny_batch_forward(layer: nn.Module, input: Tensor) -> Tensor | None:
     )
 
 
+def masked_one_valid(layer: nn.Module) -> str:
+    """The engine's ``one_valid`` for a layer's masked training call (:func:`bnkit.engine.masked_module_call`).
+
+    ``"running"`` under ``tiny_batch="running"`` with running statistics: in a captured graph the engine gives
+    a batch of one valid entry the running statistics' output by ``torch.where`` on the count (no warning
+    there); eagerly :func:`masked_tiny_batch` has taken such a batch already. ``"raise"`` otherwise.
+    """
+    running = layer.training and getattr(layer, "tiny_batch", "raise") == "running" and layer.track_running_stats
+    return "running" if running else "raise"
+
+
 def masked_tiny_batch(layer: nn.Module, input: Tensor, mask: Tensor) -> Tensor | None:
     """Under ``tiny_batch="running"``, the eval-mode output of a training batch with one valid entry."""
     if not layer.training or getattr(layer, "tiny_batch", "raise") == "raise":
@@ -119,10 +130,8 @@ def masked_tiny_batch(layer: nn.Module, input: Tensor, mask: Tensor) -> Tensor |
     spec = layer.call_spec()
     check_input(spec, input)
     check_mask(spec, input, mask)
-    if aten_graph.capturing() and layer.track_running_stats and getattr(layer, "convention", "torch") != "keras":
-        # The count is not read on the host in a graph: the engine chooses on the tensor (and cannot warn).
-        return masked_module_call(spec, input, mask, layer.weight, layer.bias, layer.running_mean, layer.running_var,
-                                  layer.num_batches_tracked, True, one_valid="running")
+    if aten_graph.capturing():  # the count is not read on the host in a graph: see masked_one_valid
+        return None
     if int(mask.sum()) != 1:
         return None
     warn(

@@ -24,6 +24,7 @@ from ._layer_support import (
     bn_arguments,
     check_feature_input,
     check_per_channel_tensors,
+    masked_one_valid,
     masked_tiny_batch,
     tiny_batch_forward,
 )
@@ -40,7 +41,7 @@ from .engine import (
 from .family import specialize
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-           "bn_arguments", "check_feature_input", "check_per_channel_tensors", "masked_tiny_batch", "tiny_batch_forward"]
+           "bn_arguments", "check_feature_input", "check_per_channel_tensors", "masked_one_valid", "masked_tiny_batch", "tiny_batch_forward"]
 
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
@@ -328,7 +329,7 @@ class BatchNorm(nn.Module):
         running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
         return masked_module_call(
             self.call_spec(), input, mask, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
-            batch_stats,
+            batch_stats, masked_one_valid(self),
         )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -21,7 +21,14 @@ from ..engine import (
     valid_count,
 )
 from ..family import specialize
-from ..layers import BatchNorm, bn_arguments, check_per_channel_tensors, masked_tiny_batch, tiny_batch_forward
+from ..layers import (
+    BatchNorm,
+    bn_arguments,
+    check_per_channel_tensors,
+    masked_one_valid,
+    masked_tiny_batch,
+    tiny_batch_forward,
+)
 from ._common import is_int, no_training_trace
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -296,7 +303,8 @@ class BatchRenorm(BatchNorm):
         else:  # no statistics (the engine raises for one valid entry; none: an empty batch)
             w_eff, b_eff = weight, bias
         return masked_module_call(
-            spec, input, mask, w_eff, b_eff, self.running_mean, self.running_var, self.num_batches_tracked, True
+            spec, input, mask, w_eff, b_eff, self.running_mean, self.running_var, self.num_batches_tracked, True,
+            masked_one_valid(self),
         )
 
 

@@ -307,22 +307,29 @@ def convert(
         model = copy.deepcopy(model)
     targets, rep = _plan(model, to)
     sites = fusion_sites(model, lambda m: targets.get(id(m)) in _BNKIT_TO_TORCH) if fuse_activations else {}
-    shared: dict[int, nn.Module] = {}  # id(activation) -> its after_fused_bn form, one per shared module
+    # One replacement per activation module that several fused layers share (its after_fused_bn form, or
+    # going to torch its plain class again): id(activation) -> the replacement.
+    replaced: dict[int, nn.Module] = {}
     restore: list[tuple[str, nn.Module]] = []
+
+    def replacement(act: nn.Module, make) -> nn.Module:
+        if id(act) not in replaced:
+            replaced[id(act)] = make(act)
+        return replaced[id(act)]
 
     def build(m: nn.Module, name: str) -> nn.Module:
         if to == "torch":
             target = targets[id(m)]
             if isinstance(target, tuple):  # a fused layer: torch's BN, and its activation back in its slot
                 torch_cls, act_slot = target
-                restore.append((act_slot, plain_activation(m.act)))
+                restore.append((act_slot, replacement(m.act, plain_activation)))
                 return _swap(m, torch_cls)
             return _to_torch(m)
         site = sites.get(id(m))
         if site is not None:
             new = _swap(m, ranked(BatchNormAct, torch_dims(m)))
             if site.slot == "shared":
-                act = shared.setdefault(id(site.act), after_fused_bn(site.act))
+                act = replacement(site.act, after_fused_bn)
                 new.act = act
                 new.__dict__[_FUSED] = ("shared", site.act_key)
                 restore.append((site.act_name, act))

@@ -49,8 +49,8 @@ def fusable_activation(act: nn.Module) -> tuple[str, float, float] | None:
 
     Exactly ``nn.ReLU`` (``("clamp", 0, inf)``), ``nn.ReLU6`` (``("clamp", 0, 6)``),
     ``nn.Hardtanh`` (``("clamp", min_val, max_val)``), ``nn.Hardswish`` or
-    ``nn.SiLU``, with no hooks of its own (subclasses may compute something
-    else; hooks must see the call).
+    ``nn.SiLU`` (or an :func:`after_fused_bn` form), with no hooks of its own
+    (other subclasses may compute something else; hooks must see the call).
     """
     kind = type(act)
     if kind not in _FUSABLE or act._forward_hooks or act._forward_pre_hooks or (

@@ -299,10 +299,11 @@ def batch_norm_module_call(
 
     ``activation=(kind, lo, hi)`` returns ``apply_activation(BN(input),
     activation)``: ReLU, ReLU6 or Hardtanh (``"clamp"``), Hardswish or SiLU,
-    with their gradients. Where the fused op applies (eager CPU, with a graph
-    in training or without one in inference) the activation is part of the
+    with their gradients. Where the fused op applies (eager CPU, in training
+    and in inference, with or without a graph) the activation is part of the
     kernels' passes: its own read and write of the output and its backward
-    pass are saved; elsewhere BN is followed by the activation.
+    pass are saved; elsewhere (the op declines the same calls with and
+    without an activation) BN is followed by the activation.
     """
     if batch_stats and running_mean is not None:
         if in_recompute():  # checkpointing's recompute: the same batch statistics, no second update
@@ -315,10 +316,6 @@ def batch_norm_module_call(
     )
     if y is not None:
         return y
-    if activation is not None:  # declined with the activation (an inference graph): BN's op, then the activation
-        y = fused_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
-        if y is not None:
-            return apply_activation(y, activation)
     check_input(spec, input)
     y = _general(spec, input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats)
     return y if activation is None else apply_activation(y, activation)

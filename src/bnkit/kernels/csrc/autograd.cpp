@@ -265,46 +265,108 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
   }
 };
 
-// Inference BN with given statistics.  The backward is a few ATen ops (dx =
-// g*scale is one broadcast multiply), differentiable, so double backward works.
+// Inference BN with given statistics (eval mode in a graph), one node.  Two
+// callers, as for TrainFn: the bnkit::batch_norm_infer op on x3 (`layer`
+// false) and the fused layer call on the input in its own layout (`layer`
+// true), which may also fuse an activation (act_kind >= 0: y = act(BN(x))).
+// The backward is one pass of the infer-backward kernels; with a graph of the
+// backward (double backward), a gradient without storage, or gradients for
+// the statistics, it is a few differentiable ATen ops.
 class InferFn : public torch::autograd::Function<InferFn> {
  public:
   static variable_list forward(
-      AutogradContext* ctx, const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight,
-      const OptT& bias, double eps) {
-    Tensor y = below_autograd(infer_op(), x3, mean, var, weight, bias, eps);
-    ctx->save_for_backward({x3, mean, var, or_undefined(weight)});
+      AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var, const OptT& weight,
+      const OptT& bias, double eps, int64_t axis, bool layer, int64_t act_kind, double act_lo, double act_hi) {
+    const Layout layout = layer ? layout_of(x, axis) : kContiguous;
+    const bool act = act_kind >= 0; // -1: none
+    const Activation activation{static_cast<int>(act_kind), act_lo, act_hi};
+    Tensor y;
+    if (layer) {
+      y = empty_in_layout(x, layout);
+      batch_norm_infer_into(
+          view3(x, axis, layout), view3(y, axis, layout), mean, var, weight, bias, eps, act ? &activation : nullptr);
+    } else {
+      TORCH_CHECK(!act, "bnkit: a fused activation needs the layer call");
+      y = below_autograd(infer_op(), x, mean, var, weight, bias, eps);
+    }
+    ctx->save_for_backward({x, mean, var, or_undefined(weight), or_undefined(bias)});
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_bias"] = present(bias);
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["layout"] = static_cast<int64_t>(layout);
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["act_kind"] = act_kind;
+    ctx->saved_data["act_lo"] = act_lo;
+    ctx->saved_data["act_hi"] = act_hi;
     return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &w = saved[3], &gy = grads[0];
+    const Tensor &x = saved[0], &mean = saved[1], &var = saved[2], &w = saved[3], &b = saved[4], &gy = grads[0];
     const double eps = ctx->saved_data["eps"].toDouble();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const int n_in = 6;
-    variable_list out(n_in);
+    const int64_t axis = ctx->saved_data["axis"].toInt();
+    const Layout layout = static_cast<Layout>(ctx->saved_data["layout"].toInt());
+    const bool layer = ctx->saved_data["layer"].toBool();
+    const int64_t act_kind = ctx->saved_data["act_kind"].toInt();
+    const Activation activation{
+        static_cast<int>(act_kind), ctx->saved_data["act_lo"].toDouble(), ctx->saved_data["act_hi"].toDouble()};
+    const Activation* act = act_kind >= 0 ? &activation : nullptr;
+    variable_list out(11);
     if (!gy.defined()) return out;
-    const auto acc = acc_dtype(x.scalar_type());
-    const Tensor g = gy.to(acc);
+    const bool need_x = ctx->needs_input_grad(0), need_w = w.defined() && ctx->needs_input_grad(3),
+               need_b = b.defined() && ctx->needs_input_grad(4);
+    const bool need_stats = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const Tensor x3 = layer ? view3(x, axis, layout) : x;
+    if (!at::GradMode::is_enabled() && gy.has_storage() && !need_stats) {
+      Tensor dx; // (the one-pass kernel; gy's memory is reused for dx where only autograd holds it)
+      if (need_x) dx = reusable_grad(gy, x) ? gy : (layer ? empty_in_layout(x, layout) : at::empty_like(x, at::MemoryFormat::Contiguous));
+      auto [dw, db] = batch_norm_infer_backward_into(
+          layer ? view3(gy, axis, layout) : gy, x3, mean, var, opt(w), opt(b), eps, act,
+          need_x ? (layer ? view3(dx, axis, layout) : dx) : Tensor());
+      out[0] = dx;
+      if (need_w) out[3] = cast_like(dw, w);
+      if (need_b) out[4] = cast_like(db, b);
+      return out;
+    }
+    const auto acc = acc_dtype(x3.scalar_type());
+    Tensor g = (layer ? view3(gy, axis, layout) : gy).to(acc);
     const Tensor invstd = at::rsqrt(var.to(acc) + eps);
     const Tensor scale = w.defined() ? invstd * w.to(acc) : invstd;
-    if (ctx->needs_input_grad(0)) out[0] = (g * per_channel(scale)).to(x.scalar_type());
-    const bool need_stats = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
-    const bool need_w = w.defined() && ctx->needs_input_grad(3);
+    const Tensor xc = x3.to(acc) - per_channel(mean.to(acc));
+    if (act != nullptr) g = activation_grad(g, xc, scale, b, x3.scalar_type(), *act);
+    Tensor dx3;
+    if (need_x) dx3 = (g * per_channel(scale)).to(x3.scalar_type());
+    if (need_x) out[0] = layer ? unview3(dx3, x, axis, layout) : dx3;
     Tensor gsum;
-    if (need_stats || (has_bias && ctx->needs_input_grad(4))) gsum = g.sum({0, 2});
+    if (need_stats || need_b) gsum = g.sum({0, 2});
     if (need_w || need_stats) {
-      const Tensor xc = x.to(acc) - per_channel(mean.to(acc));
       const Tensor gxc = (g * xc).sum({0, 2});
       if (need_w) out[3] = cast_like(gxc * invstd, w);
       if (ctx->needs_input_grad(1)) out[1] = cast_like(-gsum * scale, mean);
       if (ctx->needs_input_grad(2)) out[2] = cast_like(-0.5 * gxc * scale * invstd * invstd, var);
     }
-    if (has_bias && ctx->needs_input_grad(4)) out[4] = gsum;
+    if (need_b) out[4] = cast_like(gsum, b);
     return out;
+  }
+
+  // g * act'(pre) with differentiable ATen ops, pre = xc * scale + b as BN's
+  // output in `dtype` (on the graph, for SiLU's and Hardswish's second
+  // derivatives; a clamp's mask is piecewise constant).
+  static Tensor activation_grad(
+      const Tensor& g, const Tensor& xc, const Tensor& scale, const Tensor& b, at::ScalarType dtype,
+      const Activation& act) {
+    Tensor pre = xc * per_channel(scale);
+    if (b.defined()) pre = pre + per_channel(b.to(g.scalar_type()));
+    pre = pre.to(dtype).to(g.scalar_type());
+    if (act.kind == kActClamp) {
+      const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
+      return at::where(stop, at::zeros_like(g), g);
+    }
+    if (act.kind == kActSilu) { // (aten::silu_backward has no derivative of its own)
+      const Tensor sg = at::sigmoid(pre);
+      return g * sg * (1 + pre * (1 - sg));
+    }
+    return at::hardswish_backward(g, pre);
   }
 };
 
@@ -376,7 +438,14 @@ std::tuple<Tensor, Tensor, Tensor> train_layer_autograd(
 Tensor infer_autograd(
     const Tensor& x3, const Tensor& mean, const Tensor& var, const OptT& weight, const OptT& bias, double eps) {
   if (!needs_graph(x3, mean, var, weight, bias)) return below_autograd(infer_op(), x3, mean, var, weight, bias, eps);
-  return InferFn::apply(x3, mean, var, weight, bias, eps)[0];
+  return InferFn::apply(x3, mean, var, weight, bias, eps, 1, false, -1, 0.0, 0.0)[0];
+}
+
+Tensor infer_layer_autograd(
+    const Tensor& input, const Tensor& mean, const Tensor& var, const OptT& weight, const OptT& bias, double eps,
+    int64_t axis, const Activation* act) {
+  return act != nullptr ? InferFn::apply(input, mean, var, weight, bias, eps, axis, true, act->kind, act->lo, act->hi)[0]
+                        : InferFn::apply(input, mean, var, weight, bias, eps, axis, true, -1, 0.0, 0.0)[0];
 }
 
 namespace {

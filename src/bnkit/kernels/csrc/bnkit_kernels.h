@@ -89,6 +89,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_into(
     const std::optional<at::Tensor>& weight, double eps, const at::Tensor& dx3, const Activation* act = nullptr,
     const at::Tensor* act_params = nullptr);
 
+// The backward of batch_norm_infer_into (eval-mode BN with the running
+// statistics, then `act`) in one pass: grad_x3 into dx3 (undefined: not
+// computed); returns (grad_weight, grad_bias) in the accumulation dtype.  The
+// running statistics get no gradient here.
+std::tuple<at::Tensor, at::Tensor> batch_norm_infer_backward_into(
+    const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& mean, const at::Tensor& var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    const Activation* act, const at::Tensor& dx3);
+
 // (grad_x3, grad_scale, grad_shift) of the eval forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_eval_backward_cpu(
     const at::Tensor& grad_y3, const at::Tensor& x3, const at::Tensor& scale);
@@ -124,6 +133,13 @@ constexpr double kCumulativeMomentum = -1.0;
 at::Tensor infer_autograd(
     const at::Tensor& x3, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps);
+
+// Eval mode in a graph: the inference forward of a layer on `input` in its own
+// layout (feature dim `axis`), then `act` (may be null), as one autograd node
+// whose backward is one pass (batch_norm_infer_backward_into).
+at::Tensor infer_layer_autograd(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, int64_t axis, const Activation* act);
 
 // The training forward of a layer on `input` in its own layout (feature dim
 // `axis`), as one autograd node: the one training Function of the C++

@@ -395,4 +395,35 @@ struct Checked {
   }
 };
 
+// Inference: scale = w / sqrt(var + eps), shift = b - mean * scale for n
+// channels (w = 1, b = 0 where absent), folded in double.
+template <typename A>
+void fold_params(
+    int64_t n, const double* __restrict mean, const double* __restrict var, const double* __restrict w,
+    const double* __restrict b, double eps, A* __restrict sc, A* __restrict sh) {
+  auto loop = [&](auto has_w, auto has_b) { // compile-time branches: the loop vectorizes
+    for (int64_t c = 0; c < n; ++c) {
+      const double scale = (has_w ? w[c] : 1.0) / std::sqrt(var[c] + eps);
+      sc[c] = static_cast<A>(scale);
+      sh[c] = static_cast<A>((has_b ? b[c] : 0.0) - mean[c] * scale);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (w != nullptr && b != nullptr)
+    loop(yes(), yes());
+  else if (w != nullptr)
+    loop(yes(), no());
+  else if (b != nullptr)
+    loop(no(), yes());
+  else
+    loop(no(), no());
+}
+
+// The activation `act` over the per-channel values of one normalization.
+template <typename A>
+FusedAct<A> fused_act(const Activation& act, const A* mhi, const A* mlo, const A* sc, const A* sh) {
+  return {mhi, mlo, sc, sh, static_cast<A>(act.lo), static_cast<A>(act.hi), act.kind};
+}
+
 } // namespace bnkit

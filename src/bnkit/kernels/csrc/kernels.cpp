@@ -49,31 +49,6 @@ A channel_shift(const T* x, const Shape& s, int64_t c) {
   return static_cast<A>(acc / k);
 }
 
-// Inference: scale = w / sqrt(var + eps), shift = b - mean * scale for n
-// channels (w = 1, b = 0 where absent), folded in double.
-template <typename A>
-void fold_params(
-    int64_t n, const double* __restrict mean, const double* __restrict var, const double* __restrict w,
-    const double* __restrict b, double eps, A* __restrict sc, A* __restrict sh) {
-  auto loop = [&](auto has_w, auto has_b) { // compile-time branches: the loop vectorizes
-    for (int64_t c = 0; c < n; ++c) {
-      const double scale = (has_w ? w[c] : 1.0) / std::sqrt(var[c] + eps);
-      sc[c] = static_cast<A>(scale);
-      sh[c] = static_cast<A>((has_b ? b[c] : 0.0) - mean[c] * scale);
-    }
-  };
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (w != nullptr && b != nullptr)
-    loop(yes(), yes());
-  else if (w != nullptr)
-    loop(yes(), no());
-  else if (b != nullptr)
-    loop(no(), yes());
-  else
-    loop(no(), no());
-}
-
 // Per-channel moments (double) for any layout: one read of x.
 template <typename T>
 void moments_impl(const T* x, const Shape& s, double* mean, double* var) {
@@ -165,11 +140,6 @@ void apply_act(const T* x, T* y, const Shape& s, const FusedAct<A>& ca) {
   elementwise(
       s, [&](int64_t off, int64_t c0, int64_t nch) { rk.normalize_act[ca.kind](x + off, y + off, nch, S, ca.at(c0)); },
       [&](int64_t r0, int64_t r1) { rk.cl_normalize_act[ca.kind](x + r0 * C, y + r0 * C, r1 - r0, C, ca); });
-}
-
-template <typename A>
-FusedAct<A> fused_act(const Activation& act, const A* mhi, const A* mlo, const A* sc, const A* sh) {
-  return {mhi, mlo, sc, sh, static_cast<A>(act.lo), static_cast<A>(act.hi), act.kind};
 }
 
 // --------------------------------------------------------------- forward --

@@ -238,4 +238,58 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_eval_backward_cpu(
   return {dx, dscale.to(in.acc), dshift.to(in.acc)};
 }
 
+std::tuple<Tensor, Tensor> batch_norm_infer_backward_into(
+    const Tensor& grad_y3, const Tensor& x3, const Tensor& mean_, const Tensor& var_,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps, const Activation* act,
+    const Tensor& dx) {
+  const Checked in(x3, "batch_norm_infer_backward");
+  const Tensor gx = in.grad(grad_y3);
+  if (dx.defined()) check_out(in.x3, dx, in.op, "grad_x3");
+  const int64_t C = in.s.C, S = in.s.S;
+  std::vector<double> mean, var, w, b;
+  param_as_double(mean_, C, in.op, "mean", mean);
+  param_as_double(var_, C, in.op, "var", var);
+  if (present(weight)) param_as_double(*weight, C, in.op, "weight", w);
+  if (present(bias)) param_as_double(*bias, C, in.op, "bias", b);
+  std::vector<double> sg(C), sx(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.x3.scalar_type(), "bnkit::batch_norm_infer_backward", [&] {
+    using A = typename AccT<scalar_t>::type;
+    const RowKernels<scalar_t>& rk = row_kernels_for<scalar_t>();
+    // The forward's folded values (batch_norm_infer_into), so that pre and its mask are the forward's.
+    std::vector<A> sc(C), sh(C), zeros(C, A(0)), mh(C), ml(C);
+    fold_params(
+        C, mean.data(), var.data(), w.empty() ? nullptr : w.data(), b.empty() ? nullptr : b.data(), eps, sc.data(),
+        sh.data());
+    split_mean(C, mean.data(), mh.data(), ml.data());
+    const int slot = act != nullptr ? act->kind : kActKinds;
+    const FusedAct<A> ca = act != nullptr ? fused_act(*act, zeros.data(), zeros.data(), sc.data(), sh.data())
+                                          : FusedAct<A>{zeros.data(), zeros.data(), sc.data(), sh.data(), A(0), A(0), slot};
+    const scalar_t* g = gx.const_data_ptr<scalar_t>();
+    const scalar_t* x = in.x3.const_data_ptr<scalar_t>();
+    scalar_t* d = dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    reduce2<A>(
+        in.s, sg.data(), sx.data(),
+        [&](int64_t n, int64_t c0, int64_t c1, double* sa, double* sb) {
+          const int64_t off = (n * C + c0) * S;
+          rk.infer_bwd[slot](
+              g + off, x + off, d != nullptr ? d + off : nullptr, c1 - c0, S, ca.at(c0), mh.data() + c0,
+              ml.data() + c0, sa, sb);
+        },
+        [&](int64_t r0, int64_t r1, A* sa, A* sb) {
+          rk.cl_infer_bwd[slot](
+              g + r0 * C, x + r0 * C, d != nullptr ? d + r0 * C : nullptr, r1 - r0, C, ca, mh.data(), ml.data(), sa,
+              sb);
+        });
+  });
+  // grad_weight = sum(gm * (x - mean)) / sqrt(var + eps), grad_bias = sum(gm)
+  Tensor dw = at::empty({C}, in.x3.options().dtype(at::kDouble)), db = at::empty({C}, in.x3.options().dtype(at::kDouble));
+  double* pw = dw.mutable_data_ptr<double>();
+  double* pb = db.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    pw[c] = sx[c] / std::sqrt(var[c] + eps);
+    pb[c] = sg[c];
+  }
+  return {dw.to(in.acc), db.to(in.acc)};
+}
+
 } // namespace bnkit

@@ -129,12 +129,10 @@ std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unappli
   if (!c.training) {
     if (!track || !(eps >= 0) || (grad && (running_mean->requires_grad() || running_var->requires_grad())))
       return not_handled;
+    // An eval-mode layer in a graph (fine-tuning with frozen statistics, input gradients of an eval
+    // model): one node whose backward is one pass.
+    if (grad) return {infer_layer_autograd(input, *running_mean, *running_var, weight, bias, eps, axis, c.act), kHandled};
     const Layout layout = layout_of(input, axis);
-    if (grad && c.act != nullptr) return not_handled; // rare: BN, then the activation, on the general path
-    if (grad) { // rare (eval-mode layer in a trained graph): the op's autograd kernel on views
-      const Tensor y3 = infer_autograd(view3(input, axis, layout), *running_mean, *running_var, weight, bias, eps);
-      return {unview3(y3, input, axis, layout), kHandled};
-    }
     Tensor y = empty_in_layout(input, layout);
     batch_norm_infer_into(
         view3(input, axis, layout), view3(y, axis, layout), *running_mean, *running_var, weight, bias, eps, c.act);

@@ -49,6 +49,8 @@ struct AccT<double> {
 // pre from p by the same expression from the forward's own per-channel
 // values, so that a mask is the forward's bit for bit.
 enum ActKind : int { kActClamp = 0, kActHardswish = 1, kActSilu = 2, kActKinds = 3 };
+// The eval-mode backward's kernels (infer_bwd) also come for BN alone, in slot kActKinds.
+constexpr int kInferKinds = kActKinds + 1;
 
 template <typename A>
 struct FusedAct {
@@ -133,6 +135,19 @@ struct RowKernels {
   void (*cl_bwd_apply_act[kActKinds])(
       const T* g, const T* x, T* dx, int64_t rows, int64_t C, const FusedAct<A>& a, const A* k1, const A* k2,
       const A* k3);
+
+  // The backward of eval-mode BN (+ activation) in a graph, one pass: `a` is the
+  // inference forward's (mhi = mlo = 0, sc = w / sqrt(var + eps), sh = b - mean * sc),
+  // so pre is the forward's bit for bit; gm = g * act'(pre), gm = g in slot
+  // kActKinds (no activation); mh + ml: the running mean, split.
+  //   dx = gm * sc[c] (not written when dx is null), sg[c] += sum(gm),
+  //   sx[c] += sum(gm * ((p - mh[c]) - ml[c]))
+  void (*infer_bwd[kInferKinds])(
+      const T* g, const T* p, T* dx, int64_t nch, int64_t n, const FusedAct<A>& a, const A* mh, const A* ml,
+      double* sg, double* sx);
+  void (*cl_infer_bwd[kInferKinds])(
+      const T* g, const T* x, T* dx, int64_t rows, int64_t C, const FusedAct<A>& a, const A* mh, const A* ml, A* sa,
+      A* sb);
 };
 
 // Tuning knobs, read by the kernels on every call (set once from the

@@ -271,6 +271,90 @@ void k_cl_bwd_apply_act(
   }
 }
 
+// BN alone (the eval-mode backward's slot kActKinds): the gradient passes.
+struct ActNone {
+  template <typename A>
+  static A grad(A g, A, A, A) {
+    return g;
+  }
+};
+
+// The eval-mode backward in one pass (RowKernels::infer_bwd): pre from the
+// inference forward's FusedAct, the sums centred on the running mean.
+template <typename F, typename T, typename A>
+void k_infer_bwd(
+    const T* __restrict g, const T* __restrict p, T* __restrict dx, int64_t nch, int64_t n, const FusedAct<A>& ca,
+    const A* __restrict mh, const A* __restrict ml, double* sg, double* sx) {
+  const A lo = ca.lo, hi = ca.hi;
+  for (int64_t c = 0; c < nch; ++c) {
+    const T* __restrict gr = g + c * n;
+    const T* __restrict pr = p + c * n;
+    const A h = ca.mhi[c], l = ca.mlo[c], a = ca.sc[c], b = ca.sh[c], m1 = mh[c], m2 = ml[c];
+    double tg = 0, tx = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
+      const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
+      A bg = 0, bx = 0;
+      if (dx != nullptr) {
+        T* __restrict dr = dx + c * n;
+#pragma omp simd reduction(+ : bg, bx)
+        for (int64_t i = i0; i < i1; ++i) {
+          const A v = cv<A>(pr[i]);
+          const A e = F::grad(cv<A>(gr[i]), act_pre<T>(act_xc(v, h, l), a, b), lo, hi);
+          bg += e;
+          bx += e * act_xc(v, m1, m2);
+          dr[i] = st<T>(e * a);
+        }
+      } else {
+#pragma omp simd reduction(+ : bg, bx)
+        for (int64_t i = i0; i < i1; ++i) {
+          const A v = cv<A>(pr[i]);
+          const A e = F::grad(cv<A>(gr[i]), act_pre<T>(act_xc(v, h, l), a, b), lo, hi);
+          bg += e;
+          bx += e * act_xc(v, m1, m2);
+        }
+      }
+      tg += bg;
+      tx += bx;
+    }
+    sg[c] += tg;
+    sx[c] += tx;
+  }
+}
+
+template <typename F, typename T, typename A>
+void k_cl_infer_bwd(
+    const T* __restrict g, const T* __restrict x, T* __restrict dx, int64_t rows, int64_t C, const FusedAct<A>& ca,
+    const A* __restrict mh, const A* __restrict ml, A* __restrict sa, A* __restrict sb) {
+  const A* __restrict mhi = ca.mhi;
+  const A* __restrict mlo = ca.mlo;
+  const A* __restrict sc = ca.sc;
+  const A* __restrict sh = ca.sh;
+  const A lo = ca.lo, hi = ca.hi;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict gr = g + r * C;
+    const T* __restrict xr = x + r * C;
+    if (dx != nullptr) {
+      T* __restrict dr = dx + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = cv<A>(xr[c]);
+        const A e = F::grad(cv<A>(gr[c]), act_pre<T>(act_xc(v, mhi[c], mlo[c]), sc[c], sh[c]), lo, hi);
+        sa[c] += e;
+        sb[c] += e * act_xc(v, mh[c], ml[c]);
+        dr[c] = st<T>(e * sc[c]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = cv<A>(xr[c]);
+        const A e = F::grad(cv<A>(gr[c]), act_pre<T>(act_xc(v, mhi[c], mlo[c]), sc[c], sh[c]), lo, hi);
+        sa[c] += e;
+        sb[c] += e * act_xc(v, mh[c], ml[c]);
+      }
+    }
+  }
+}
+
 template <typename F, typename T>
 void fill_act_kind(RowKernels<T>& k, int kind) {
   using A = typename AccT<T>::type;
@@ -280,6 +364,8 @@ void fill_act_kind(RowKernels<T>& k, int kind) {
   k.cl_bwd_sums_act[kind] = &k_cl_bwd_sums_act<F, T, A>;
   k.bwd_apply_act[kind] = &k_bwd_apply_act<F, T, A>;
   k.cl_bwd_apply_act[kind] = &k_cl_bwd_apply_act<F, T, A>;
+  k.infer_bwd[kind] = &k_infer_bwd<F, T, A>;
+  k.cl_infer_bwd[kind] = &k_cl_infer_bwd<F, T, A>;
 }
 
 template <typename T>
@@ -287,4 +373,7 @@ void fill_act(RowKernels<T>& k) {
   fill_act_kind<ActClamp>(k, kActClamp);
   fill_act_kind<ActHardswish>(k, kActHardswish);
   fill_act_kind<ActSilu>(k, kActSilu);
+  using A = typename AccT<T>::type;
+  k.infer_bwd[kActKinds] = &k_infer_bwd<ActNone, T, A>;
+  k.cl_infer_bwd[kActKinds] = &k_cl_infer_bwd<ActNone, T, A>;
 }

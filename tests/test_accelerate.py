@@ -206,8 +206,8 @@ def test_modules_match_torch(rank, channels, batch, channels_last, affine, track
         batch_stats = i < 3 or not track
         expected_fwd = served and (batch_stats is False or x.numel() // channels > 1)
         assert c["forward"] == int(expected_fwd), c
-        # the eval-mode backward (running statistics) is ATen's
-        assert c["backward"] == int(expected_fwd and batch_stats), c
+        # the eval-mode backward (running statistics) is served too
+        assert c["backward"] == int(expected_fwd), c
         gscale = input_grad_scale(x.double(), g.double(), 1e-5) if batch_stats else 1.0
         yscale = output_scale(x.double(), 1e-5) if batch_stats else 1.0
         compare(r_ours, r_theirs, tol, f"step {i}", gscale, yscale)
@@ -262,7 +262,7 @@ def test_functional_matches_torch(rank, channels_last, training, stats, weight, 
     assert c["forward"] == 1 and c["forward_aten"] == 0, c
     wants_grad = grad_x or weight or bias
     assert c["backward"] + c["backward_aten"] == int(wants_grad)
-    assert c["backward"] == int(wants_grad and training), c
+    assert c["backward"] == int(wants_grad), c  # the eval-mode backward too
     tol = TOL[dtype]
     gscale = input_grad_scale(x, gy, eps) if training else 1.0
     yscale = output_scale(x, eps) if training else 1.0
@@ -336,7 +336,7 @@ def test_uncovered_cases_go_to_aten_and_match(name):
     compare(r1, r2, 0.0, name)  # ATen's own kernel: bit-identical
 
 
-def test_eps_zero_and_eval_backward_go_to_aten():
+def test_eps_zero_goes_to_aten_and_the_eval_backward_is_served():
     # F.batch_norm rejects eps=0 in training; the raw operator accepts it (ATen's rule for 0/0)
     x = make((4, 3, 5))
     x[:, 1] = 2.0  # a constant channel: var + eps = 0
@@ -349,11 +349,16 @@ def test_eps_zero_and_eval_backward_go_to_aten():
         res[on] = (y, m, s, gx[0])
     for a, e in zip(res[True], res[False]):
         assert torch.equal(a.nan_to_num(), e.nan_to_num())
-    xr = x.clone().requires_grad_(True)
-    with bnkit.accelerated():
-        F.batch_norm(xr, torch.zeros(3), torch.ones(3), torch.ones(3, requires_grad=True), training=False).sum().backward()
+    counts()
+    grads = {}
+    for on in (True, False):  # eval mode in a graph: the weight gradient, no input gradient
+        w = torch.ones(3, requires_grad=True)
+        with bnkit.accelerated(on):
+            F.batch_norm(x, torch.zeros(3), torch.ones(3), w, training=False).mul(g).sum().backward()
+        grads[on] = w.grad
     c = counts()
-    assert c == {"forward": 1, "forward_aten": 1, "backward": 0, "backward_aten": 2}, c
+    assert c == {"forward": 1, "forward_aten": 0, "backward": 1, "backward_aten": 0}, c
+    assert_close(grads[True], grads[False], 1e-6, "eval-mode weight gradient")
 
 
 def test_errors_are_torchs():

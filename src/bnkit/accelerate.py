@@ -33,7 +33,7 @@ the operators return what ATen's do (``save_mean``/``save_invstd``, empty
 tensors in eval, the input's memory format, the backward's ``output_mask``).
 Cases the kernels do not cover -- other dtypes (bfloat16/float16 models whose
 parameters are bfloat16/float16 too), layouts other than contiguous and
-channels-last, ``eps <= 0``, the eval-mode backward, ... -- are handed to
+channels-last, ``eps <= 0``, one value per channel in training, ... -- are handed to
 ATen's own kernel, so results never depend on coverage beyond float rounding.
 
 The state is the process's dispatcher registration (global, all threads;

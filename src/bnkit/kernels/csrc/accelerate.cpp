@@ -24,9 +24,10 @@
 //   - forward returns (out, save_mean, save_invstd) in the statistics dtype
 //     (float32 for mixed types), empty (0,) tensors in eval; the running
 //     statistics are updated in place with torch's rule (unbiased variance);
-//   - backward in training mode only (train=True, save_mean/save_invstd
-//     given); eval-mode backward and a weight gradient without weight go to
-//     ATen.
+//   - backward in training mode (train=True, save_mean/save_invstd given)
+//     and in eval mode (train=False, the running statistics given: the
+//     one-pass batch_norm_infer_backward_into); a weight gradient without
+//     weight goes to ATen.
 // The output_mask of the backward is honoured (undefined where false).
 //
 // Ops: bnkit::_accelerate(bool on) -> bool (previous state),
@@ -172,19 +173,31 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, mask);
   };
   const Layout layout = served_input(input);
-  if (layout == kNone || !train || !present(save_mean) || !present(save_invstd)) return aten();
+  if (layout == kNone) return aten();
+  if (train ? !present(save_mean) || !present(save_invstd) : !present(running_mean) || !present(running_var))
+    return aten();
   const auto dt = input.scalar_type();
   const auto acc = acc_dtype(dt);
   const int64_t C = input.size(1);
   if (!grad_out.defined() || grad_out.layout() != at::kStrided || !grad_out.device().is_cpu() ||
       grad_out.scalar_type() != dt || grad_out.sizes() != input.sizes())
     return aten();
-  if (!per_channel_ok(acc, C, weight, save_mean, save_invstd)) return aten();
+  if (train ? !per_channel_ok(acc, C, weight, save_mean, save_invstd)
+            : !per_channel_ok(acc, C, weight, running_mean, running_var))
+    return aten();
   if (mask[1] && !present(weight)) return aten();
   if (!(eps > 0) || !std::isfinite(eps)) return aten();
   if (!mask[0] && !mask[1] && !mask[2]) return aten();
 
   g_counts[2].fetch_add(1, std::memory_order_relaxed);
+  if (!train) { // eval mode in a graph: the running statistics normalized
+    RECORD_FUNCTION("bnkit::accelerated_batch_norm_backward", std::vector<c10::IValue>());
+    Tensor dx = mask[0] ? empty_in(input, layout) : Tensor();
+    auto [dw, db] = batch_norm_infer_backward_into(
+        view3(grad_out, layout), view3(input, layout), *running_mean, *running_var, weight, std::nullopt, eps,
+        nullptr, mask[0] ? view3(dx, layout) : Tensor());
+    return {dx, mask[1] ? dw : Tensor(), mask[2] ? db : Tensor()};
+  }
   RECORD_FUNCTION("bnkit::accelerated_batch_norm_backward", std::vector<c10::IValue>());
   // The kernels take the biased variance; var + eps = 1 / invstd^2 (in double).
   Tensor var = at::empty({C}, save_invstd->options());

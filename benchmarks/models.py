@@ -15,7 +15,10 @@ and times, interleaved rep by rep in an order shuffled every rep (each call pays
 left in the caches), the median of ``--reps`` repetitions after ``--warmup``:
 
 * ``train``  one SGD step: forward, cross-entropy, backward, ``optimizer.step()``, ``zero_grad``;
-* ``eval``   a forward in eval mode under ``torch.inference_mode()``.
+* ``eval``   a forward in eval mode under ``torch.inference_mode()``;
+* ``frozen`` (``--ops train,eval,frozen``) the SGD step with every BN layer in eval mode: fine-tuning with
+             the BN statistics frozen (their affine parameters still train), as detection and segmentation
+             recipes do.
 
 The models are defined here (no torchvision): a ResNet-18-like network (7x7/2 stem, 3x3/2 max-pool,
 BasicBlocks of 64-512 channels), a MobileNetV2-like one (inverted residuals, depthwise convolutions, BN after
@@ -27,7 +30,7 @@ library in ``LD_PRELOAD`` as extra rows (Debian: ``apt-get install libjemalloc2 
 Usage::
 
     python benchmarks/models.py [--models resnet18,mobilenetv2,mlp] [--layouts nchw,cl] [--batches 32,128]
-                                [--sizes 32,64] [--reps 15] [--warmup 3] [--threads 2]
+                                [--sizes 32,64] [--ops train,eval] [--reps 15] [--warmup 3] [--threads 2]
                                 [--allocator default|jemalloc|tcmalloc|all] [--quick] [--json PATH]
 """
 
@@ -54,6 +57,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 import bnkit  # noqa: E402  (after the source checkout is put on the path)
+from bnkit.tools._bnlayers import bn_layers  # noqa: E402
 
 ALLOCATOR_LIBS = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
@@ -183,14 +187,17 @@ class Step:
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, op: str, context=None) -> None:
         self.model, self.x, self.y, self.op = model, x, y, op
         self.context = context
-        if op == "train":
+        if op in ("train", "frozen"):
             model.train()
+            if op == "frozen":  # the BN layers normalize with their running statistics, which stay as they are
+                for _, bn in bn_layers(model):
+                    bn.eval()
             self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         else:
             model.eval()
 
     def _run(self) -> None:
-        if self.op == "train":
+        if self.op != "eval":
             loss = nn.functional.cross_entropy(self.model(self.x), self.y)
             loss.backward()
             self.opt.step()
@@ -241,7 +248,8 @@ def case_inputs(model_name: str, batch: int, size: int, channels_last: bool, see
     return x, y
 
 
-def run_case(model_name: str, layout: str, batch: int, size: int, reps: int, warmup: int) -> list[dict]:
+def run_case(model_name: str, layout: str, batch: int, size: int, reps: int, warmup: int,
+             ops: tuple[str, ...] = ("train", "eval")) -> list[dict]:
     torch.manual_seed(0)
     base = MODELS[model_name]()
     channels_last = layout == "channels_last"
@@ -258,10 +266,10 @@ def run_case(model_name: str, layout: str, batch: int, size: int, reps: int, war
         m.to(memory_format=fmt)
     x, y = case_inputs(model_name, batch, size, channels_last)
     rows = []
-    for op in ("train", "eval"):
+    for op in ops:
         fns = {
             name: Step(
-                copy.deepcopy(m) if op == "eval" else m,
+                m if op == "train" else copy.deepcopy(m),
                 x,
                 y,
                 op,
@@ -291,7 +299,7 @@ def format_rows(rows: list[dict], header: bool) -> str:
     lines = []
     if header:
         lines.append(
-            f"{'model':>12} {'layout':>13} {'batch':>5} {'px':>3} {'op':>5} | {'torch ms':>9} {'bnkit ms':>9}"
+            f"{'model':>12} {'layout':>13} {'batch':>5} {'px':>3} {'op':>6} | {'torch ms':>9} {'bnkit ms':>9}"
             f" {'torch/bnkit':>11} {'fused':>6} | {'no-BN ms':>9} {'BN share':>8} | {'accel':>6}"
         )
         lines.append("-" * len(lines[0]))
@@ -299,7 +307,7 @@ def format_rows(rows: list[dict], header: bool) -> str:
         accel = f"{r['accel_ratio']:.2f}x" if "accel_ratio" in r else "-"
         fused = f"{r['fused_ratio']:.2f}x" if "fused_ratio" in r else "-"
         lines.append(
-            f"{r['model']:>12} {r['layout']:>13} {r['batch']:>5} {r['px'] or '-':>3} {r['op']:>5} |"
+            f"{r['model']:>12} {r['layout']:>13} {r['batch']:>5} {r['px'] or '-':>3} {r['op']:>6} |"
             f" {r['torch_ms']:>9.2f} {r['bnkit_ms']:>9.2f} {r['ratio']:>10.2f}x {fused:>6} | {r['no-BN_ms']:>9.2f}"
             f" {r['bn_share']:>7.0%} | {accel:>6}"
         )
@@ -352,6 +360,9 @@ def targets(rows: list[dict]) -> list[dict]:
     ev = [r["ratio"] for r in rows if r["op"] == "eval"]
     v = min(ev) if ev else float("nan")
     add("eval, slowest config", v, ">= 1.0x", v >= 1.0)
+    frozen = [r[k] for r in rows if r["op"] == "frozen" for k in ("ratio", "fused_ratio", "accel_ratio") if k in r]
+    if frozen:
+        add("frozen-statistics step, slowest config and conversion", min(frozen), ">= 0.98x", min(frozen) >= 0.98)
     return out
 
 
@@ -391,6 +402,7 @@ def parse_args(argv):
     p.add_argument("--layouts", default="nchw,cl", help="nchw and/or cl (channels_last); the MLP is NC")
     p.add_argument("--batches", default="32,128", help="batch sizes of the CNNs (the MLP uses 60)")
     p.add_argument("--sizes", default="32,64", help="image sizes of the CNNs")
+    p.add_argument("--ops", default="train,eval", help="train, eval and/or frozen (the step with BN in eval mode)")
     p.add_argument("--reps", type=int, default=15, help="timed repetitions per candidate (median; default 15)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
@@ -409,6 +421,10 @@ def parse_args(argv):
     for lay in args.layouts.split(","):
         if lay not in ("nchw", "cl"):
             p.error(f"unknown layout {lay!r}; choose nchw or cl")
+    args.op_list = tuple(args.ops.split(","))
+    for op in args.op_list:
+        if op not in ("train", "eval", "frozen"):
+            p.error(f"unknown op {op!r}; choose train, eval or frozen")
     if args.reps < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--reps and --threads must be >= 1 and --warmup >= 0")
     try:
@@ -441,7 +457,7 @@ def run(args) -> list[dict]:
     todo = configs(args)
     for i, (model, layout, batch, size) in enumerate(todo, 1):
         t0 = time.perf_counter()
-        new = run_case(model, layout, batch, size, args.reps, args.warmup)
+        new = run_case(model, layout, batch, size, args.reps, args.warmup, args.op_list)
         for r in new:
             r["allocator"] = allocator()
         print(format_rows(new, header=not rows), flush=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bnkit
+from bnkit.tools._bnlayers import bn_layers
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "models.py"
 
@@ -97,9 +98,29 @@ def test_a_quick_run_writes_every_arm_and_op(bench, tmp_path):
 
 
 def test_bad_arguments_are_usage_errors(bench):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--models", "vgg"])
-    assert e.value.code == 2
+    for argv in (["--models", "vgg"], ["--ops", "train,infer"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+
+
+def test_the_frozen_step_trains_with_every_bn_layer_in_eval_mode(bench):
+    """``--ops frozen``: the SGD step with the BN statistics frozen; the rows and its target."""
+    torch.manual_seed(0)
+    for model in (bench.MODELS["mobilenetv2"](), bnkit.convert(bench.MODELS["mobilenetv2"](), fuse_activations=True)):
+        stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        x, y = bench.case_inputs("mobilenetv2", 4, 32, False)
+        step = bench.Step(model, x, y, "frozen")
+        before = [p.clone() for p in model.parameters()]
+        step()
+        assert model.training and not any(m.training for _, m in bn_layers(model))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+        assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    rows = bench.run_case("mlp", "NCHW", 60, 0, reps=1, warmup=0, ops=("frozen",))
+    assert [r["op"] for r in rows] == ["frozen"]
+    got = {t["target"]: t for t in bench.targets(rows)}
+    t = got["frozen-statistics step, slowest config and conversion"]
+    assert t["value"] == min(rows[0][k] for k in ("ratio", "fused_ratio", "accel_ratio") if k in rows[0])
 
 
 def test_allocator_reruns_drop_the_allocator_and_json_options(bench):

@@ -180,6 +180,16 @@ def assert_same_training(ref: nn.Module, new: nn.Module, x: torch.Tensor, steps:
         assert_close(c, b, 1e-5, name)
     ref.eval(), new.eval()
     assert_close(new(x), ref(x), 2e-5, "eval output")
+    # eval mode in a graph (the statistics frozen; input and parameter gradients)
+    xr, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr, yn = ref(xr), new(xn)
+    w = torch.randn(yr.shape, generator=torch.Generator().manual_seed(steps))
+    (yr * w).sum().backward()
+    (yn * w).sum().backward()
+    assert_close(xn.grad, xr.grad, 2e-4, "eval-mode input gradient")
+    for (name, p), q in zip(ref.named_parameters(), new.parameters()):
+        assert_close(q.grad, p.grad, 2e-4, f"eval-mode {name}.grad")
+    ref.zero_grad(), new.zero_grad()
     with torch.inference_mode():
         assert_close(new(x), ref(x), 2e-5, "inference-mode output")
 

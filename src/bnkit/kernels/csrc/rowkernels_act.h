@@ -280,38 +280,29 @@ struct ActNone {
 };
 
 // The eval-mode backward in one pass (RowKernels::infer_bwd): pre from the
-// inference forward's FusedAct, the sums centred on the running mean.
-template <typename F, typename T, typename A>
-void k_infer_bwd(
+// inference forward's FusedAct, the sums centred on the running mean; dx
+// written only with WriteDx (the kernels below pick the instance once per call).
+template <bool WriteDx, typename F, typename T, typename A>
+void infer_bwd_spans(
     const T* __restrict g, const T* __restrict p, T* __restrict dx, int64_t nch, int64_t n, const FusedAct<A>& ca,
     const A* __restrict mh, const A* __restrict ml, double* sg, double* sx) {
   const A lo = ca.lo, hi = ca.hi;
   for (int64_t c = 0; c < nch; ++c) {
     const T* __restrict gr = g + c * n;
     const T* __restrict pr = p + c * n;
+    T* __restrict dr = WriteDx ? dx + c * n : nullptr;
     const A h = ca.mhi[c], l = ca.mlo[c], a = ca.sc[c], b = ca.sh[c], m1 = mh[c], m2 = ml[c];
     double tg = 0, tx = 0;
     for (int64_t i0 = 0; i0 < n; i0 += kBlk) {
       const int64_t i1 = (n - i0 < kBlk) ? n : i0 + kBlk;
       A bg = 0, bx = 0;
-      if (dx != nullptr) {
-        T* __restrict dr = dx + c * n;
 #pragma omp simd reduction(+ : bg, bx)
-        for (int64_t i = i0; i < i1; ++i) {
-          const A v = cv<A>(pr[i]);
-          const A e = F::grad(cv<A>(gr[i]), act_pre<T>(act_xc(v, h, l), a, b), lo, hi);
-          bg += e;
-          bx += e * act_xc(v, m1, m2);
-          dr[i] = st<T>(e * a);
-        }
-      } else {
-#pragma omp simd reduction(+ : bg, bx)
-        for (int64_t i = i0; i < i1; ++i) {
-          const A v = cv<A>(pr[i]);
-          const A e = F::grad(cv<A>(gr[i]), act_pre<T>(act_xc(v, h, l), a, b), lo, hi);
-          bg += e;
-          bx += e * act_xc(v, m1, m2);
-        }
+      for (int64_t i = i0; i < i1; ++i) {
+        const A v = cv<A>(pr[i]);
+        const A e = F::grad(cv<A>(gr[i]), act_pre<T>(act_xc(v, h, l), a, b), lo, hi);
+        bg += e;
+        bx += e * act_xc(v, m1, m2);
+        if constexpr (WriteDx) dr[i] = st<T>(e * a);
       }
       tg += bg;
       tx += bx;
@@ -322,7 +313,17 @@ void k_infer_bwd(
 }
 
 template <typename F, typename T, typename A>
-void k_cl_infer_bwd(
+void k_infer_bwd(
+    const T* g, const T* p, T* dx, int64_t nch, int64_t n, const FusedAct<A>& ca, const A* mh, const A* ml,
+    double* sg, double* sx) {
+  if (dx != nullptr)
+    infer_bwd_spans<true, F>(g, p, dx, nch, n, ca, mh, ml, sg, sx);
+  else
+    infer_bwd_spans<false, F>(g, p, dx, nch, n, ca, mh, ml, sg, sx);
+}
+
+template <bool WriteDx, typename F, typename T, typename A>
+void infer_bwd_rows(
     const T* __restrict g, const T* __restrict x, T* __restrict dx, int64_t rows, int64_t C, const FusedAct<A>& ca,
     const A* __restrict mh, const A* __restrict ml, A* __restrict sa, A* __restrict sb) {
   const A* __restrict mhi = ca.mhi;
@@ -333,26 +334,26 @@ void k_cl_infer_bwd(
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict gr = g + r * C;
     const T* __restrict xr = x + r * C;
-    if (dx != nullptr) {
-      T* __restrict dr = dx + r * C;
+    T* __restrict dr = WriteDx ? dx + r * C : nullptr;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = cv<A>(xr[c]);
-        const A e = F::grad(cv<A>(gr[c]), act_pre<T>(act_xc(v, mhi[c], mlo[c]), sc[c], sh[c]), lo, hi);
-        sa[c] += e;
-        sb[c] += e * act_xc(v, mh[c], ml[c]);
-        dr[c] = st<T>(e * sc[c]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = cv<A>(xr[c]);
-        const A e = F::grad(cv<A>(gr[c]), act_pre<T>(act_xc(v, mhi[c], mlo[c]), sc[c], sh[c]), lo, hi);
-        sa[c] += e;
-        sb[c] += e * act_xc(v, mh[c], ml[c]);
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = cv<A>(xr[c]);
+      const A e = F::grad(cv<A>(gr[c]), act_pre<T>(act_xc(v, mhi[c], mlo[c]), sc[c], sh[c]), lo, hi);
+      sa[c] += e;
+      sb[c] += e * act_xc(v, mh[c], ml[c]);
+      if constexpr (WriteDx) dr[c] = st<T>(e * sc[c]);
     }
   }
+}
+
+template <typename F, typename T, typename A>
+void k_cl_infer_bwd(
+    const T* g, const T* x, T* dx, int64_t rows, int64_t C, const FusedAct<A>& ca, const A* mh, const A* ml, A* sa,
+    A* sb) {
+  if (dx != nullptr)
+    infer_bwd_rows<true, F>(g, x, dx, rows, C, ca, mh, ml, sa, sb);
+  else
+    infer_bwd_rows<false, F>(g, x, dx, rows, C, ca, mh, ml, sa, sb);
 }
 
 template <typename F, typename T>

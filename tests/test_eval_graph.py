@@ -268,8 +268,8 @@ def test_fine_tuning_with_frozen_bn_statistics(fuse, channels_last):
 
 
 def test_op_on_views_with_statistics_gradients():
-    """bnkit::batch_norm_infer on a 3-D view: the one-pass backward without gradients for the statistics,
-    the ATen route with them; both against the formula ``(x - mean) / sqrt(var + eps) * w + b`` in float64."""
+    """bnkit::batch_norm_infer on a 3-D view (the op the general path calls), with and without gradients for
+    the statistics, against the formula ``(x - mean) / sqrt(var + eps) * w + b`` in float64."""
     torch.manual_seed(4)
     x = torch.randn(4, 5, 7, dtype=torch.float64)
     mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5

@@ -269,9 +269,10 @@ class EvalFn : public torch::autograd::Function<EvalFn> {
 // callers, as for TrainFn: the bnkit::batch_norm_infer op on x3 (`layer`
 // false) and the fused layer call on the input in its own layout (`layer`
 // true), which may also fuse an activation (act_kind >= 0: y = act(BN(x))).
-// The backward is one pass of the infer-backward kernels; with a graph of the
-// backward (double backward), a gradient without storage, or gradients for
-// the statistics, it is a few differentiable ATen ops.
+// The layer call's backward is one pass of the infer-backward kernels; the
+// op's (which torch.compile's fake tensors may meet), a graph of the backward
+// (double backward), a gradient without storage and gradients for the
+// statistics take a few differentiable ATen ops.
 class InferFn : public torch::autograd::Function<InferFn> {
  public:
   static variable_list forward(
@@ -317,12 +318,12 @@ class InferFn : public torch::autograd::Function<InferFn> {
                need_b = b.defined() && ctx->needs_input_grad(4);
     const bool need_stats = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const Tensor x3 = layer ? view3(x, axis, layout) : x;
-    if (!at::GradMode::is_enabled() && gy.has_storage() && !need_stats) {
+    if (layer && !at::GradMode::is_enabled() && gy.has_storage() && !need_stats) {
       Tensor dx; // (the one-pass kernel; gy's memory is reused for dx where only autograd holds it)
-      if (need_x) dx = reusable_grad(gy, x) ? gy : (layer ? empty_in_layout(x, layout) : at::empty_like(x, at::MemoryFormat::Contiguous));
+      if (need_x) dx = reusable_grad(gy, x) ? gy : empty_in_layout(x, layout);
       auto [dw, db] = batch_norm_infer_backward_into(
-          layer ? view3(gy, axis, layout) : gy, x3, mean, var, opt(w), opt(b), eps, act,
-          need_x ? (layer ? view3(dx, axis, layout) : dx) : Tensor());
+          view3(gy, axis, layout), x3, mean, var, opt(w), opt(b), eps, act,
+          need_x ? view3(dx, axis, layout) : Tensor());
       out[0] = dx;
       if (need_w) out[3] = cast_like(dw, w);
       if (need_b) out[4] = cast_like(db, b);
@@ -334,9 +335,10 @@ class InferFn : public torch::autograd::Function<InferFn> {
     const Tensor scale = w.defined() ? invstd * w.to(acc) : invstd;
     const Tensor xc = x3.to(acc) - per_channel(mean.to(acc));
     if (act != nullptr) g = activation_grad(g, xc, scale, b, x3.scalar_type(), *act);
-    Tensor dx3;
-    if (need_x) dx3 = (g * per_channel(scale)).to(x3.scalar_type());
-    if (need_x) out[0] = layer ? unview3(dx3, x, axis, layout) : dx3;
+    if (need_x) {
+      const Tensor dx3 = (g * per_channel(scale)).to(x3.scalar_type());
+      out[0] = layer ? unview3(dx3, x, axis, layout) : dx3;
+    }
     Tensor gsum;
     if (need_stats || need_b) gsum = g.sum({0, 2});
     if (need_w || need_stats) {

@@ -337,3 +337,42 @@ def test_accelerated_torch_model_with_frozen_statistics(channels_last):
         grads[on] = {n: p.grad for n, p in model.named_parameters()}
     for n in grads[False]:
         assert_close(grads[True][n], grads[False][n], 1e-5, n)
+
+
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("case", ["grad_in_other_format", "strided_input", "axis_last"])
+def test_layouts_the_kernels_do_not_read_in_place(act, case):
+    """A gradient arriving in another memory format than the input, an input that is neither contiguous
+    nor channels-last (a permuted view: copied), and a bnkit layer with features on the last axis."""
+    if case == "axis_last":
+        torch.manual_seed(5)
+        ref_bn = nn.BatchNorm1d(6)
+        with torch.no_grad():
+            ref_bn.weight.uniform_(-1.5, 1.5), ref_bn.bias.uniform_(-0.5, 0.5)
+            ref_bn.running_mean.normal_(0.0, 0.5), ref_bn.running_var.uniform_(0.3, 2.0)
+        new_bn = bnkit.BatchNorm(6, axis=-1)
+        new_bn.load_state_dict(ref_bn.state_dict())
+        acts = (ACTS[act]() if ACTS[act] else nn.Identity(),)
+        ref_bn.eval(), new_bn.eval()
+        x = torch.randn(4, 5, 6) * 2
+        g = torch.randn_like(x)
+        xr, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr = acts[0](ref_bn(xr.transpose(1, 2))).transpose(1, 2)
+        yn = acts[0](new_bn(xn))
+        assert "InferFn" in yn.grad_fn.name() or act != "none"
+        yr.backward(g), yn.backward(g)
+        assert_close(yn, yr, 2e-5, "output")
+        assert_close(xn.grad, xr.grad, 2e-5, "input gradient")
+        for n in ("weight", "bias"):
+            assert_close(getattr(new_bn, n).grad, getattr(ref_bn, n).grad, 2e-5, n, scale=20.0)
+        return
+    ref, new = eval_twins(4, 6, act)
+    x = torch.randn(3, 6, 5, 7) * 2
+    g = torch.randn_like(x)
+    if case == "grad_in_other_format":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = (torch.randn(3, 5, 7, 6) * 2).permute(0, 3, 2, 1).contiguous().permute(0, 1, 3, 2)
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(x, memory_format=torch.contiguous_format)
+    compare(ref, new, x, g, TOL[torch.float32])

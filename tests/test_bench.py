@@ -111,6 +111,22 @@ def test_bench_cli_smoke_writes_rows_with_side_by_side_clones(tmp_path, capsys):
     assert {t["target"] for t in data["targets"]} >= {"train fwd speedup, median NCHW"}
 
 
+def test_bench_models_option_runs_the_whole_network_benchmark(tmp_path, capsys):
+    """``bnkit bench --models ...`` is benchmarks/models.py (``--models`` alone: its default models);
+    every other ``bnkit bench`` is benchmarks/kernels.py."""
+    assert cli.bench_script(["--reps", "3"]) == ("kernels.py", ["--reps", "3"])
+    assert cli.bench_script(["--models", "mlp", "--reps", "3"]) == ("models.py", ["--models", "mlp", "--reps", "3"])
+    assert cli.bench_script(["--models=mlp"]) == ("models.py", ["--models=mlp"])
+    assert cli.bench_script(["--models", "--reps", "3"]) == ("models.py", ["--reps", "3"])
+    assert cli.bench_script(["--quick", "--models"]) == ("models.py", ["--quick"])
+    out = tmp_path / "models.json"
+    rc = cli.main(["bench", "--models", "mlp", "--quick", "--reps", "1", "--warmup", "0", "--ops", "train,frozen",
+                   "--json", str(out)])
+    assert rc == 0
+    assert "torch/bnkit" in capsys.readouterr().out
+    assert [r["op"] for r in json.loads(out.read_text())["rows"]] == ["train", "frozen"]
+
+
 KNOBS = BENCH.parent / "knobs.py"
 
 

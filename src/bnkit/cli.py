@@ -160,18 +160,34 @@ def cmd_build(args) -> int:
     return 0
 
 
+def bench_script(argv: List[str]) -> tuple[str, List[str]]:
+    """Which benchmark ``bnkit bench ARGS`` runs, and its arguments: benchmarks/models.py (whole networks)
+    when ARGS name ``--models`` (``--models`` without a value: its default models), else
+    benchmarks/kernels.py."""
+    if not any(a == "--models" or a.startswith("--models=") for a in argv):
+        return "kernels.py", list(argv)
+    out = []
+    for i, a in enumerate(argv):
+        if a == "--models" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            continue
+        out.append(a)
+    return "models.py", out
+
+
 def cmd_bench(args) -> int:
-    """Kernel benchmarks: runs ``main(argv)`` of benchmarks/kernels.py from the source checkout."""
+    """Benchmarks: runs ``main(argv)`` of benchmarks/kernels.py, or of benchmarks/models.py with ``--models``,
+    from the source checkout."""
     import importlib.util
+    script, argv = bench_script(list(args.bench_args))
     here = Path(__file__).resolve()
-    cands = [Path.cwd() / "benchmarks" / "kernels.py", here.parents[2] / "benchmarks" / "kernels.py"]
+    cands = [Path.cwd() / "benchmarks" / script, here.parents[2] / "benchmarks" / script]
     path = next((p for p in cands if p.is_file()), None)
     if path is None:
-        return _error("benchmarks/kernels.py not found (run from the source checkout)", "bnkit bench")
-    spec = importlib.util.spec_from_file_location("bnkit_bench_kernels", path)
+        return _error(f"benchmarks/{script} not found (run from the source checkout)", "bnkit bench")
+    spec = importlib.util.spec_from_file_location(f"bnkit_bench_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    rc = mod.main(list(args.bench_args))
+    rc = mod.main(argv)
     return int(rc or 0)
 
 
@@ -321,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", action="store_true", help="show the compiler output")
     b.set_defaults(func=cmd_build)
 
-    sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py)", add_help=False)
+    sub.add_parser("bench", help="benchmark the kernels (benchmarks/kernels.py); with --models, whole networks "
+                   "(benchmarks/models.py)", add_help=False)
     _add_inspect_command(sub)
     _add_report_command(sub)
     return p
@@ -357,7 +374,7 @@ def _have_suite() -> bool:
 
 
 def _dispatch(argv: List[str]) -> int:
-    if argv[:1] == ["bench"]:  # everything after `bench` belongs to benchmarks/kernels.py, --help included
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark script, --help included
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     if argv[:1] == ["run"]:
         return _main_run(argv[1:])

@@ -190,15 +190,14 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
   if (!mask[0] && !mask[1] && !mask[2]) return aten();
 
   g_counts[2].fetch_add(1, std::memory_order_relaxed);
+  RECORD_FUNCTION("bnkit::accelerated_batch_norm_backward", std::vector<c10::IValue>());
   if (!train) { // eval mode in a graph: the running statistics normalized
-    RECORD_FUNCTION("bnkit::accelerated_batch_norm_backward", std::vector<c10::IValue>());
     Tensor dx = mask[0] ? empty_in(input, layout) : Tensor();
     auto [dw, db] = batch_norm_infer_backward_into(
         view3(grad_out, layout), view3(input, layout), *running_mean, *running_var, weight, std::nullopt, eps,
         nullptr, mask[0] ? view3(dx, layout) : Tensor());
     return {dx, mask[1] ? dw : Tensor(), mask[2] ? db : Tensor()};
   }
-  RECORD_FUNCTION("bnkit::accelerated_batch_norm_backward", std::vector<c10::IValue>());
   // The kernels take the biased variance; var + eps = 1 / invstd^2 (in double).
   Tensor var = at::empty({C}, save_invstd->options());
   AT_DISPATCH_FLOATING_TYPES(acc, "bnkit::accelerated_batch_norm_backward", [&] {

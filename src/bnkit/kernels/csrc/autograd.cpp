@@ -107,6 +107,20 @@ bool reusable_grad(const Tensor& gy, const Tensor& x) {
 
 // ------------------------------------------------------------ autograd fns --
 
+// g * act'(pre) with differentiable ATen ops (the double backward's route),
+// torch's rules at a clamp's bounds (no gradient on them); for SiLU and Hardswish pre has g's dtype.
+Tensor act_grad_aten(const Tensor& g, const Tensor& pre, const Activation& act) {
+  if (act.kind == kActClamp) {
+    const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
+    return at::where(stop, at::zeros_like(g), g);
+  }
+  if (act.kind == kActSilu) { // (aten::silu_backward has no derivative of its own)
+    const Tensor s = at::sigmoid(pre);
+    return g * s * (1 + pre * (1 - s));
+  }
+  return at::hardswish_backward(g, pre);
+}
+
 // The training forward, one graph node.  Two callers: the bnkit::batch_norm_train
 // op on x3 (`layer` false: the kernels are reached through the dispatcher, so
 // that torch.compile's fake tensors meet the Meta kernels), and the fused layer
@@ -216,23 +230,14 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     const Tensor xa = x3.to(acc);
     if (act.kind == kActClamp) {
       const Tensor pre = ((xa - row(act_params[0])) - row(act_params[1])) * row(act_params[2]) + row(act_params[3]);
-      const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
-      return at::where(stop, at::zeros_like(g3), g3);
+      return act_grad_aten(g3, pre, act);
     }
     const Tensor mean = xa.mean({0, 2}, /*keepdim=*/true);
     const Tensor xc = xa - mean;
     Tensor pre = xc * at::rsqrt(xc.pow(2).mean({0, 2}, /*keepdim=*/true) + eps);
     if (w.defined()) pre = pre * row(w.to(acc));
     if (b.defined()) pre = pre + row(b.to(acc));
-    const Tensor g = g3.to(acc);
-    Tensor out;
-    if (act.kind == kActSilu) { // (aten::silu_backward has no derivative of its own)
-      const Tensor s = at::sigmoid(pre);
-      out = g * s * (1 + pre * (1 - s));
-    } else {
-      out = at::hardswish_backward(g, pre);
-    }
-    return out.to(g3.scalar_type());
+    return act_grad_aten(g3.to(acc), pre, act).to(g3.scalar_type());
   }
 };
 
@@ -359,16 +364,7 @@ class InferFn : public torch::autograd::Function<InferFn> {
       const Activation& act) {
     Tensor pre = xc * per_channel(scale);
     if (b.defined()) pre = pre + per_channel(b.to(g.scalar_type()));
-    pre = pre.to(dtype).to(g.scalar_type());
-    if (act.kind == kActClamp) {
-      const Tensor stop = at::logical_or(at::le(pre, act.lo), at::ge(pre, act.hi));
-      return at::where(stop, at::zeros_like(g), g);
-    }
-    if (act.kind == kActSilu) { // (aten::silu_backward has no derivative of its own)
-      const Tensor sg = at::sigmoid(pre);
-      return g * sg * (1 + pre * (1 - sg));
-    }
-    return at::hardswish_backward(g, pre);
+    return act_grad_aten(g, pre.to(dtype).to(g.scalar_type()), act);
   }
 };
 

@@ -240,3 +240,55 @@ def test_layer_with_a_wrong_size_tensor_raises_runtime_error_like_torch(which, t
     with pytest.raises(ChannelMismatchError, match=f"{which} should have 3 elements"):
         b(x)
     assert_state_unchanged(b, before)
+
+
+# --------------------------------------------------------------------------- parameters not in the dicts
+class _Positive(nn.Module):
+    def forward(self, w):
+        return torch.nn.functional.softplus(w)
+
+
+class _Doubled(nn.Module):
+    def forward(self, v):
+        return 2 * v
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_parametrized_weight_bias_and_buffer_as_torch(training, memory_format):
+    """torch.nn.utils.parametrize moves a tensor out of ``_parameters``/``_buffers`` into a property.
+
+    The layers read their tensors from those dicts (fewer Python calls per forward); a
+    parametrized one must still be read through the property, as torch's layer reads it.
+    """
+    from torch.nn.utils import parametrize
+
+    layers = []
+    for cls in (nn.BatchNorm2d, bnkit.BatchNorm2d):
+        torch.manual_seed(0)
+        layer = cls(3)
+        with torch.no_grad():
+            layer.weight.uniform_(-1, 1)
+            layer.bias.uniform_(-1, 1)
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+        parametrize.register_parametrization(layer, "weight", _Positive())
+        parametrize.register_parametrization(layer, "bias", _Doubled())
+        if not training:  # a parametrized buffer is recomputed per read: the training update would be lost
+            parametrize.register_parametrization(layer, "running_var", _Doubled())
+        layers.append(layer.train(training))
+    x = torch.randn(4, 3, 5, 5).to(memory_format=memory_format).requires_grad_()
+    outs = []
+    for layer in layers:
+        y = layer(x)
+        (gx,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum(), x)
+        grads = torch.autograd.grad(
+            layer(x).pow(2).sum(), [layer.parametrizations.weight.original, layer.parametrizations.bias.original]
+        )
+        outs.append((y.detach(), gx, grads, layer.running_mean.clone()))
+    (yt, gxt, gt, rmt), (yb, gxb, gb, rmb) = outs
+    torch.testing.assert_close(yb, yt)
+    torch.testing.assert_close(gxb, gxt)
+    for a, b in zip(gb, gt):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(rmb, rmt)

@@ -224,9 +224,9 @@ def _fusable(input: Tensor) -> bool:
     """Whether the fused op may see ``input``: a plain CPU tensor in eager mode, with the C++ kernels selected."""
     return (
         type(input) is Tensor
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
         and input.is_cpu
+        and not torch.compiler.is_compiling()
+        and not torch._C._is_tracing()  # torch.jit.is_tracing() without its two Python frames
         and kernels.select(input) == "cpp"
     )
 
@@ -250,15 +250,16 @@ def fused_call(
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
             spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
     if activation is None:
-        y, status = torch.ops.bnkit.batch_norm_layer(*args)
+        y, status = torch.ops.bnkit.batch_norm_layer.default(*args)
     else:
         kind, lo, hi = activation
-        y, status = torch.ops.bnkit.batch_norm_act_layer(*args, ACTIVATION_KINDS.index(kind), lo, hi)
+        y, status = torch.ops.bnkit.batch_norm_act_layer.default(*args, ACTIVATION_KINDS.index(kind), lo, hi)
     constants = _constants()  # not None: the op exists
+    if status == constants.handled:
+        return y
     if status == constants.not_handled:
         return None
-    if status == constants.nonfinite:
-        _reject_nonfinite(spec.name, spec.nonfinite)
+    _reject_nonfinite(spec.name, spec.nonfinite)
     return y
 
 

@@ -298,7 +298,15 @@ class BatchNorm(nn.Module):
         the layer's own (a variant may pass others, e.g. one site's).
         """
         if running_mean is None and running_var is None:
-            running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
+            buffers = self._buffers
+            try:  # the buffers' dict: reading them as attributes is a Python call each (Module.__getattr__)
+                running_mean, running_var, num_batches_tracked = (
+                    buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+                )
+            except KeyError:  # one replaced by a property (torch.nn.utils.parametrize)
+                running_mean, running_var, num_batches_tracked = (
+                    self.running_mean, self.running_var, self.num_batches_tracked
+                )
         if self.training:
             if not self.track_running_stats:
                 return None, None, None, True
@@ -359,8 +367,13 @@ class BatchNorm(nn.Module):
         if y is not None:
             return y if activation is None else apply_activation(y, activation)
         running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
+        parameters = self._parameters
+        try:  # as in call_buffers
+            weight, bias = parameters["weight"], parameters["bias"]
+        except KeyError:
+            weight, bias = self.weight, self.bias
         return batch_norm_module_call(
-            self.call_spec(), input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
+            self._call_spec or self.call_spec(), input, weight, bias, running_mean, running_var, num_batches_tracked,
             batch_stats, activation,
         )
 

@@ -35,6 +35,7 @@
 // bnkit::_accelerate_counts(bool reset) -> int[] (calls served by bnkit /
 // sent to ATen: [forward, forward fallback, backward, backward fallback]).
 #include "bnkit_kernels.h"
+#include "layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -59,11 +60,11 @@ namespace {
 
 using at::Tensor;
 
-enum Layout { kContig, kLast, kNone };
+enum AtenLayout { kContig, kLast, kNone }; // the output formats of ATen's BN that the kernels serve
 
 // The input's memory format when the kernels can serve it in place (the
 // output keeps it, as ATen's empty_like(input, suggested format) does).
-Layout layout_of(const Tensor& x) {
+AtenLayout layout_of(const Tensor& x) {
   if (x.is_contiguous()) return kContig;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return kLast;
   if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return kLast;
@@ -72,14 +73,12 @@ Layout layout_of(const Tensor& x) {
 
 // The canonical (outer, C, inner) view of t (x's shape) in layout l; copies
 // only when t's strides differ (e.g. a gradient in another memory format).
-Tensor view3(const Tensor& t, Layout l) {
-  const int64_t C = t.size(1);
-  if (l == kLast) return t.movedim(1, -1).contiguous().view({-1, C, 1});
-  return t.contiguous().view({t.size(0), C, -1});
+Tensor view3(const Tensor& t, AtenLayout l) {
+  return bnkit::view3(t, 1, l == kLast ? bnkit::kFeatureLast : bnkit::kContiguous);
 }
 
 // A fresh tensor of x's shape and dtype in layout l.
-Tensor empty_in(const Tensor& x, Layout l) {
+Tensor empty_in(const Tensor& x, AtenLayout l) {
   const auto fmt = l == kContig ? at::MemoryFormat::Contiguous
       : x.dim() == 4           ? at::MemoryFormat::ChannelsLast
                                : at::MemoryFormat::ChannelsLast3d;
@@ -102,7 +101,7 @@ bool per_channel_ok(at::ScalarType acc, int64_t C, const Opts&... ts) {
 }
 
 // The input checks shared by the forward and the backward; kNone: not served.
-Layout served_input(const Tensor& x) {
+AtenLayout served_input(const Tensor& x) {
   if (x.layout() != at::kStrided || !x.device().is_cpu()) return kNone;
   const auto dt = x.scalar_type();
   if (dt != at::kFloat && dt != at::kDouble && !is_half(dt)) return kNone;
@@ -122,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_kernel(
     g_counts[1].fetch_add(1, std::memory_order_relaxed);
     return at::native::batch_norm_cpu(input, weight, bias, running_mean, running_var, training, momentum, eps);
   };
-  const Layout layout = served_input(input);
+  const AtenLayout layout = served_input(input);
   if (layout == kNone) return aten();
   const auto dt = input.scalar_type();
   const auto acc = acc_dtype(dt);
@@ -172,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
     return at::native::batch_norm_backward_cpu(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, train, eps, mask);
   };
-  const Layout layout = served_input(input);
+  const AtenLayout layout = served_input(input);
   if (layout == kNone) return aten();
   if (train ? !present(save_mean) || !present(save_invstd) : !present(running_mean) || !present(running_var))
     return aten();

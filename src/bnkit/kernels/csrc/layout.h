@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/core/grad_mode.h>
 
 namespace bnkit {
 
@@ -15,9 +16,27 @@ enum Layout : int64_t {
   kCopied = 2, // neither: a contiguous copy
 };
 
+// Whether t.movedim(axis, -1) is contiguous, read from the strides (as
+// is_contiguous reads them: size-1 axes may have any stride), without making
+// the moved view: a layer call on a small input costs a few microseconds per
+// tensor op around its kernels.
+inline bool feature_last_contiguous(const at::Tensor& t, int64_t axis) {
+  const auto sizes = t.sizes();
+  const auto strides = t.strides();
+  if (t.numel() == 0) return true;
+  if (sizes[axis] != 1 && strides[axis] != 1) return false;
+  int64_t expected = sizes[axis];
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    if (d == axis || sizes[d] == 1) continue;
+    if (strides[d] != expected) return false;
+    expected *= sizes[d];
+  }
+  return true;
+}
+
 inline Layout layout_of(const at::Tensor& x, int64_t axis) {
   if (x.is_contiguous()) return kContiguous;
-  if (x.movedim(axis, -1).is_contiguous()) return kFeatureLast;
+  if (feature_last_contiguous(x, axis)) return kFeatureLast;
   return kCopied;
 }
 
@@ -26,7 +45,12 @@ inline Layout layout_of(const at::Tensor& x, int64_t axis) {
 inline at::Tensor view3(const at::Tensor& t, int64_t axis, Layout layout) {
   const auto sizes = t.sizes();
   const int64_t C = sizes[axis];
-  if (layout == kFeatureLast) return t.movedim(axis, -1).contiguous().view({-1, C, 1});
+  if (layout == kFeatureLast) {
+    // One view op where no graph is recorded (the moved view's chain is three; as_strided's backward is slow).
+    if (!(at::GradMode::is_enabled() && t.requires_grad()) && feature_last_contiguous(t, axis))
+      return t.as_strided({C == 0 ? 0 : t.numel() / C, C, 1}, {C, 1, 1});
+    return t.movedim(axis, -1).contiguous().view({-1, C, 1});
+  }
   int64_t outer = 1, inner = 1;
   for (int64_t d = 0; d < axis; ++d) outer *= sizes[d];
   for (int64_t d = axis + 1; d < static_cast<int64_t>(sizes.size()); ++d) inner *= sizes[d];

@@ -215,6 +215,28 @@ def test_modules_match_torch(rank, channels, batch, channels_last, affine, track
             assert r_ours[0].is_contiguous(memory_format=fmt) and r_ours[1].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_channels_last_input_with_an_odd_size_one_stride_gets_the_right_gradient(training):
+    """torch 2.13's CPU backward is wrong for this input (docs/differences.md); served, it is right.
+
+    Oracle: torch's layer (ATen, not accelerated) on the contiguous copy of the same values.
+    """
+    x = make((3, 5, 1, 4), torch.float64).permute(0, 3, 2, 1)  # (N, C, 1, W), strides (20, 1, 4, 4)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.stride(2) != x.stride(0)
+    g = make(tuple(x.shape), torch.float64, seed=1, loc=0.0, scale=1.0)
+    ours = randomize(nn.BatchNorm2d(4, dtype=torch.float64)).train(training)
+    truth = copy.deepcopy(ours)
+    counts()
+    r_ours = step(ours, x, g, True)
+    c = counts()
+    assert c["forward"] == 1 and c["backward"] == 1, c  # bnkit's kernels computed it
+    r_truth = step(truth, x.contiguous(), g, False)
+    for a, b, what in zip(r_ours[:2], r_truth[:2], ("output", "input grad")):
+        assert_close(a, b, 1e-10, what)
+    for n in r_truth[2]:
+        assert_close(r_ours[2][n], r_truth[2][n], 1e-10, f"{n} grad")
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rank=st.sampled_from([2, 3, 4, 5]),

@@ -197,6 +197,54 @@ def test_strided_and_eval_inputs_match_torch(training, layout):
     compare(r1, step(theirs, x, g), 1e-10, f"{layout} training={training}", input_grad_scale(x, g, 1e-5))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rank=st.sampled_from([3, 4, 5]),
+    sizes=st.lists(st.integers(1, 3), min_size=5, max_size=5),
+    order=st.permutations(range(5)),
+    training=st.booleans(),
+    grad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_memory_order_with_size_one_axes_matches_torch(rank, sizes, order, training, grad, seed):
+    """Inputs in every memory order, with size-1 axes (whose strides are arbitrary) among them.
+
+    The op reads a layout from the strides (contiguous, features innermost, or neither: a copy) and then
+    views the memory as (outer, C, inner); a wrong reading normalizes the wrong values. The oracle is
+    torch's layer on a contiguous copy: torch 2.13's own CPU backward is wrong for some of these inputs
+    (a channels-last input whose size-1 axis has a non-canonical stride, with a contiguous gradient;
+    docs/differences.md, "Numerics").
+    """
+    ours_cls, theirs_cls, _ = CLASSES[rank]
+    shape = [max(2, sizes[0])] + sizes[1:rank]
+    shape[1] = max(shape[1], 1)
+    perm = [d for d in order if d < rank]
+    x = make(tuple(shape[d] for d in perm), seed=seed).permute([perm.index(d) for d in range(rank)])
+    assert tuple(x.shape) == tuple(shape)
+    ours, theirs = tied(ours_cls, theirs_cls, shape[1], seed=seed, dtype=torch.float64)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.running_mean.uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
+            m.running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(seed + 1))
+    ours.train(training)
+    theirs.train(training)
+    if torch.Size(shape).numel() // shape[1] <= 1 and training:
+        return  # one value per channel: torch's error, the general path's
+    if grad:
+        g = make(tuple(shape), seed=seed + 2, loc=0.0, scale=1.0)
+        with fused_spy() as handled:
+            r1 = step(ours, x, g)
+        compare(r1, step(theirs, x.contiguous(), g), 1e-10, f"order {perm}", input_grad_scale(x, g, 1e-5))
+    else:
+        with torch.no_grad(), fused_spy() as handled:
+            y1 = ours(x)
+        with torch.no_grad():
+            assert_close(y1, theirs(x.contiguous()), 1e-10, f"order {perm} output")
+        for name, buf in ours.named_buffers():
+            assert_close(buf.double(), getattr(theirs, name).double(), 1e-10, name)
+    assert handled == [True]
+
+
 # ------------------------------------------------------- 5. double backward
 def test_double_backward_matches_torch():
     ours, theirs = tied(bnkit.BatchNorm2d, nn.BatchNorm2d, 3, dtype=torch.float64)

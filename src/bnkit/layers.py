@@ -26,6 +26,7 @@ from ._layer_support import (
     check_per_channel_tensors,
     masked_one_valid,
     masked_tiny_batch,
+    registered_tensors,
     tiny_batch_forward,
 )
 from .engine import (
@@ -45,6 +46,9 @@ __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "BatchNorm", "BatchNorm1
 
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
+
+_PARAMETERS = ("weight", "bias")
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class BatchNorm(nn.Module):
@@ -298,15 +302,7 @@ class BatchNorm(nn.Module):
         the layer's own (a variant may pass others, e.g. one site's).
         """
         if running_mean is None and running_var is None:
-            buffers = self._buffers
-            try:  # the buffers' dict: reading them as attributes is a Python call each (Module.__getattr__)
-                running_mean, running_var, num_batches_tracked = (
-                    buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
-                )
-            except KeyError:  # one replaced by a property (torch.nn.utils.parametrize)
-                running_mean, running_var, num_batches_tracked = (
-                    self.running_mean, self.running_var, self.num_batches_tracked
-                )
+            running_mean, running_var, num_batches_tracked = registered_tensors(self, _BUFFERS)
         if self.training:
             if not self.track_running_stats:
                 return None, None, None, True
@@ -367,11 +363,7 @@ class BatchNorm(nn.Module):
         if y is not None:
             return y if activation is None else apply_activation(y, activation)
         running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
-        parameters = self._parameters
-        try:  # as in call_buffers
-            weight, bias = parameters["weight"], parameters["bias"]
-        except KeyError:
-            weight, bias = self.weight, self.bias
+        weight, bias = registered_tensors(self, _PARAMETERS)
         return batch_norm_module_call(
             self._call_spec or self.call_spec(), input, weight, bias, running_mean, running_var, num_batches_tracked,
             batch_stats, activation,

@@ -8,6 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .._layer_support import registered_tensors
 from ..engine import CallSpec, batch_norm_module_call, call_spec, check_input, check_mask, fold, per_channel
 from ..family import specialize
 from ._common import is_int
@@ -17,6 +18,9 @@ __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenB
 
 # fx records calls of the engine's entry from this module too (as one node each).
 torch.fx.wrap("batch_norm_module_call")
+
+_STATS = ("running_mean", "running_var")
+_AFFINE = ("weight", "bias")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -146,7 +150,7 @@ class FrozenBatchNorm(nn.Module):
         check_input(self.call_spec(), input)
 
     def _stats(self, site: int | None) -> tuple[Tensor, Tensor]:
-        return self.running_mean, self.running_var
+        return registered_tensors(self, _STATS)
 
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         """Per-channel ``(scale, shift)`` with ``y = x * scale + shift`` along ``axis``."""
@@ -159,7 +163,8 @@ class FrozenBatchNorm(nn.Module):
 
     def _forward(self, input: Tensor, site: int | None) -> Tensor:
         mean, var = self._stats(site)
-        return batch_norm_module_call(self.call_spec(), input, self.weight, self.bias, mean, var, None, False)
+        weight, bias = registered_tensors(self, _AFFINE)
+        return batch_norm_module_call(self._call_spec or self.call_spec(), input, weight, bias, mean, var, None, False)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:  # frozen statistics: a mask is checked, then ignored (as in eval)
@@ -172,8 +177,9 @@ class FrozenBatchNorm(nn.Module):
         :class:`bnkit.variants.FrozenBatchNormAct` calls it for the activations the kernels fuse.
         """
         mean, var = self._stats(None)
+        weight, bias = registered_tensors(self, _AFFINE)
         return batch_norm_module_call(
-            self.call_spec(), input, self.weight, self.bias, mean, var, None, False, activation
+            self._call_spec or self.call_spec(), input, weight, bias, mean, var, None, False, activation
         )
 
 

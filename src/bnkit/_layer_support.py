@@ -9,6 +9,7 @@ Variants (Batch Renorm, Ghost, Shared, Sync) import these from :mod:`bnkit.layer
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,11 +40,11 @@ def registered_tensors(module: nn.Module, names: tuple[str, ...]) -> tuple[Tenso
     layer call on a small input. A name moved out of the dicts (``torch.nn.utils.parametrize`` makes it
     a property) is read as an attribute.
     """
-    parameters, buffers = module._parameters, module._buffers
-    try:
-        return tuple(parameters[n] if n in parameters else buffers[n] for n in names)
+    try:  # (no Python frame per name: a layer call on a small input is dominated by such costs)
+        found = itemgetter(*names)({**module._parameters, **module._buffers})
     except KeyError:
         return tuple(getattr(module, n) for n in names)
+    return found if len(names) > 1 else (found,)
 
 
 def bn_arguments(namespace: dict[str, Any]) -> dict[str, Any]:

@@ -47,8 +47,8 @@ __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "BatchNorm", "BatchNorm1
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
 torch.fx.wrap("batch_norm_module_call")
 
-_PARAMETERS = ("weight", "bias")
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_TENSORS = ("weight", "bias", *_BUFFERS)
 
 
 class BatchNorm(nn.Module):
@@ -362,8 +362,8 @@ class BatchNorm(nn.Module):
             y = conventions.keras_train_forward(self, input)  # another update rule: not the fused op
         if y is not None:
             return y if activation is None else apply_activation(y, activation)
-        running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers()
-        weight, bias = registered_tensors(self, _PARAMETERS)
+        weight, bias, *buffers = registered_tensors(self, _TENSORS)
+        running_mean, running_var, num_batches_tracked, batch_stats = self.call_buffers(*buffers)
         return batch_norm_module_call(
             self._call_spec or self.call_spec(), input, weight, bias, running_mean, running_var, num_batches_tracked,
             batch_stats, activation,

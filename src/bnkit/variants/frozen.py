@@ -161,10 +161,14 @@ class FrozenBatchNorm(nn.Module):
         c = self.num_features
         return fold(mean, var, per_channel(self.weight, c), per_channel(self.bias, c), self.eps)
 
-    def _forward(self, input: Tensor, site: int | None) -> Tensor:
+    def _forward(
+        self, input: Tensor, site: int | None, activation: tuple[str, float, float] | None = None
+    ) -> Tensor:
         mean, var = self._stats(site)
         weight, bias = registered_tensors(self, _AFFINE)
-        return batch_norm_module_call(self._call_spec or self.call_spec(), input, weight, bias, mean, var, None, False)
+        return batch_norm_module_call(
+            self._call_spec or self.call_spec(), input, weight, bias, mean, var, None, False, activation
+        )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is not None:  # frozen statistics: a mask is checked, then ignored (as in eval)
@@ -176,11 +180,7 @@ class FrozenBatchNorm(nn.Module):
 
         :class:`bnkit.variants.FrozenBatchNormAct` calls it for the activations the kernels fuse.
         """
-        mean, var = self._stats(None)
-        weight, bias = registered_tensors(self, _AFFINE)
-        return batch_norm_module_call(
-            self._call_spec or self.call_spec(), input, weight, bias, mean, var, None, False, activation
-        )
+        return self._forward(input, None, activation)
 
 
 FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d = specialize(FrozenBatchNorm)

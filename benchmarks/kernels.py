@@ -210,13 +210,18 @@ def _case_label(name, shape, cl, dtype) -> str:
     return f"{name} {_layout(shape, cl)} {str(dtype).replace('torch.', '')}"
 
 
-def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) -> dict:
-    rows = []
+def select_cases(quick: bool = False, only: str | None = None) -> list:
+    """The cases a run times: all, the ``--quick`` few, or those ``--only`` selects."""
     cases = CASES[:3] + CASES[8:9] if quick else CASES
     if only:
         words = only.split(",")
         cases = [c for c in cases if any(all(w in _case_label(*c).split() for w in word.split()) for word in words)]
-    for name, shape, cl, dtype in cases:
+    return cases
+
+
+def run(reps: int, warmup: int, quick: bool = False, only: str | None = None) -> dict:
+    rows = []
+    for name, shape, cl, dtype in select_cases(quick, only):
         c = candidates(shape, cl, dtype)
         x_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         res = {}
@@ -333,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         help="glibc malloc as is, or tuned to keep freed blocks (re-runs this script with MALLOC_* set)",
     )
     args = p.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        p.error("--reps and --threads must be >= 1 and --warmup >= 0")
+    if not select_cases(args.quick, args.only):
+        labels = sorted({_case_label(*c) for c in CASES})
+        p.error(f"--only {args.only!r} selects no case; the cases: {', '.join(labels)}")
     if args.allocator == "tuned" and not all(os.environ.get(k) == v for k, v in TUNED_MALLOC.items()):
         import subprocess
 

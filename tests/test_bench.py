@@ -111,6 +111,21 @@ def test_bench_cli_smoke_writes_rows_with_side_by_side_clones(tmp_path, capsys):
     assert {t["target"] for t in data["targets"]} >= {"train fwd speedup, median NCHW"}
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reps", "0"], "--reps and --threads must be >= 1"),
+        (["--warmup", "-1"], "--warmup >= 0"),
+        (["--threads", "0"], "--reps and --threads must be >= 1"),
+        (["--only", "no such case"], "selects no case; the cases: 256x1024 NC float32"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(argv, message, capsys):
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_bench_models_option_runs_the_whole_network_benchmark(tmp_path, capsys):
     """``bnkit bench --models ...`` is benchmarks/models.py (``--models`` alone: its default models);
     every other ``bnkit bench`` is benchmarks/kernels.py."""

@@ -56,6 +56,7 @@ N_TRAIN = len(D.load_dataset("mnist5k").y_train)  # the oracle for "a batch larg
     (["--batch-size", "x"], "--batch-size"),
     (["--batch-size", str(N_TRAIN + 1)], f"training set of mnist5k ({N_TRAIN} examples)"),
     (["--seeds", ""], "--seeds"), (["--seeds", ","], "--seeds"), (["--seeds", "1,1"], "repeated"),
+    (["--hidden", "100,,100"], "an empty one in '100,,100'"), (["--seeds", "1,"], "--seeds"),
     (["--seed", "-1"], "--seed"),
     (["--eval-every", "0"], "--eval-every"), (["--threshold", "1.5"], "--threshold"),
     (["--init", "normal:-1"], "--init"), (["--init", "xavier"], "--init"),

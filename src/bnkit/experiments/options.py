@@ -74,6 +74,9 @@ class Option:
             except json.JSONDecodeError as e:
                 raise ValueError(f"expected a JSON list or comma-separated values, got {text!r} ({e})") from None
         if self.kind in _LIST_KINDS:
+            parts = text.split(",")
+            if len(parts) > 1 and any(not part.strip() for part in parts):  # "100,,100": a value left out?
+                raise ValueError(f"expected comma-separated values, got an empty one in {text!r}")
             items = text.replace(",", " ").split()
             if not items:
                 raise ValueError(f"expected a comma-separated list of at least one value, got {text!r}")

@@ -201,7 +201,8 @@ def test_cli_inspect(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["data"]["samples"] == 96
 
 
-@pytest.mark.parametrize("case", ["missing", "text", "state_dict", "bad_data", "data_mismatch"])
+@pytest.mark.parametrize("case", ["missing", "text", "state_dict", "bad_data", "data_mismatch", "json_dir_missing",
+                                  "html_is_dir"])
 def test_cli_inspect_errors_are_one_line(case, tmp_path, capsys):
     m = _healthy()
     model = tmp_path / "model.pt"
@@ -220,10 +221,15 @@ def test_cli_inspect_errors_are_one_line(case, tmp_path, capsys):
     elif case == "data_mismatch":
         torch.save(torch.randn(4, 3, 6, 6), tmp_path / "x.pt")
         args += ["--data", str(tmp_path / "x.pt")]
+    elif case == "json_dir_missing":
+        args += ["--json", str(tmp_path / "no" / "r.json")]
+    elif case == "html_is_dir":
+        args += ["--html", str(tmp_path)]
     rc = cli.main(args)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 2
     assert err.startswith("bnkit: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert out == ""  # a bad output path is found before the report is made, not after it is printed
 
 
 def test_inspect_does_not_hide_the_stdlib_module():

@@ -244,6 +244,13 @@ def _add_inspect_command(sub) -> None:
         try:
             if not path.is_file():
                 raise ValueError(f"no such file: {path}")
+            for option, target in (("--json", args.json), ("--html", args.html)):
+                if target and target != "-":  # checked before the work, which a bad path would waste
+                    out = Path(target).expanduser()
+                    if out.is_dir():
+                        raise ValueError(f"{option} {target}: a directory is in the way (give a file name)")
+                    if not out.parent.is_dir():
+                        raise ValueError(f"{option} {target}: the directory {out.parent} does not exist")
             try:  # a pickled model runs code from the file: only load files you trust
                 model = torch.load(path, map_location="cpu", weights_only=False)
             except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ImportError, ValueError) as e:

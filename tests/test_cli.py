@@ -241,6 +241,18 @@ def test_nothing_to_resume(tmp_path, capfd, argv_tail, needle):
     assert rc == 2 and needle in _one_error(err)
 
 
+def test_resuming_another_experiments_directory_names_it(interrupted, tmp_path, capfd):
+    """A finished fig1 directory resumed as `norms`: the error names the experiment it holds, nothing changes."""
+    import shutil
+    d = tmp_path / "done"
+    shutil.copytree(interrupted[0], d)
+    assert _run(["run", "fig1", "--resume", "--out", str(d), "--quiet"], capfd)[0] == 0  # finishes it
+    before = _snapshot(d)
+    rc, _, err = _run(["run", "norms", "--resume", "--out", str(d), "--quiet"], capfd)
+    assert rc == 2 and "it holds a fig1 experiment" in _one_error(err)
+    assert _snapshot(d) == before
+
+
 def test_bad_override_on_resume_is_an_error(interrupted, tmp_path, capfd):
     import shutil
     d = tmp_path / "cut"

@@ -177,6 +177,13 @@ def _read_saved_config(exp: Experiment, out: Path) -> Dict:
                           f"directory or the file is damaged") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"cannot resume {out}: {path} does not hold a settings object")
+    try:  # a finished experiment names itself in its metrics: say so rather than list mismatched settings
+        saved = json.loads((out / "metrics.json").read_text()).get("experiment")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        saved = None
+    if isinstance(saved, str) and saved != exp.name:
+        raise ConfigError(f"cannot resume {out} as {exp.name}: it holds a {saved} experiment "
+                          f"(`bnkit run {saved} --out {out} --resume`)")
     return validate_config(exp, cfg, where=str(path))
 
 

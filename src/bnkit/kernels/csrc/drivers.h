@@ -191,12 +191,15 @@ void finish_moments(
 }
 
 // mean as a float pair hi + lo (hi = mean rounded to A, lo = the rest), so
-// that (x - hi) - lo is exact to A's rounding even when |mean| >> std.
+// that (x - hi) - lo is exact to A's rounding even when |mean| >> std.  An
+// infinite hi (an infinite or, in A, overflowing mean) has lo = 0, so that
+// x - mean is -/+inf as in torch, not inf - inf = NaN.
 template <typename A, typename M>
 void split_mean(int64_t n, const M* __restrict mean, A* __restrict hi, A* __restrict lo) {
   for (int64_t c = 0; c < n; ++c) {
     hi[c] = static_cast<A>(mean[c]);
-    lo[c] = static_cast<A>(static_cast<double>(mean[c]) - static_cast<double>(hi[c]));
+    const double rest = static_cast<double>(mean[c]) - static_cast<double>(hi[c]);
+    lo[c] = std::isinf(static_cast<double>(hi[c])) ? A(0) : static_cast<A>(rest);
   }
 }
 

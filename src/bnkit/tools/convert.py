@@ -14,7 +14,7 @@ Subclasses are converted only where the result computes the same
 ``forward`` becomes the bnkit class of its rank; timm's ``BatchNormAct2d``
 (BN, then ``drop``, then ``act``) becomes :class:`bnkit.variants.BatchNormAct2d`
 holding the same ``drop``/``act`` modules. Both remember the class they came
-from, so ``to="torch"`` gives it back. Everything else (SyncBatchNorm, frozen
+from, so ``to="torch"`` gives it back. Everything else (SyncBatchNorm, frozen and parametrized
 layers, subclasses that override ``forward``, bnkit's variants going to
 torch) is left as it is, and named with the reason in the
 :class:`ConvertReport` (and a warning unless ``report=True``).
@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from .. import layers
 from .._warn import warn
@@ -126,6 +127,9 @@ def _is_bnkit(m: nn.Module) -> bool:
     return not isinstance(m, _BatchNorm) and callable(getattr(m, "inference_affine", None))
 
 
+_PARAMETRIZED = "a parametrized layer (torch.nn.utils.parametrize): convert the model before registering the parametrizations"
+
+
 def _plan_bnkit(m: nn.Module, form: BNForm) -> tuple[type | None, str]:
     """``(bnkit class, "")`` for a torch-side layer that converts exactly, else ``(None, why not)``."""
     if form.kind == "unknown":
@@ -134,6 +138,8 @@ def _plan_bnkit(m: nn.Module, form: BNForm) -> tuple[type | None, str]:
         return None, "a frozen layer (a fixed affine map): convert swaps trainable BN layers (bnkit.unfreeze makes it one)"
     if isinstance(m, nn.SyncBatchNorm):
         return None, "a SyncBatchNorm: use bnkit.convert_sync_batchnorm"
+    if parametrize.is_parametrized(m):  # its tensors live in m.parametrizations, behind properties of its class
+        return None, _PARAMETRIZED
     if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
         return None, "a lazy layer that has not seen an input yet"
     dims = torch_dims(m)
@@ -210,6 +216,8 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
                 "bnkit.BatchNorm, which has no torch equivalent (torch's BatchNorm1d/2d/3d take fixed ranks with "
                 "the features on axis 1); use bnkit.BatchNorm1d/2d/3d for layers that should convert"
             )
+        elif parametrize.is_parametrized(m):
+            rep.left.append((name, _qualname(m), _PARAMETRIZED))
         else:
             rep.left.append((name, _qualname(m), "a bnkit layer with no torch class (a variant, or frozen)"))
     return targets, rep

@@ -21,7 +21,9 @@ class CallSpec(NamedTuple):
     axis); ``min_rank``: the F-style API's "at least ``(N, C)``" (2) or 0;
     ``num_features`` 0: any. ``rank_mask``, ``fused_momentum`` and
     ``check_finite`` are the same facts as the fused op takes them (the
-    first two ``None`` without the C++ extension).
+    first two ``None`` without the C++ extension, or for a negative momentum,
+    which the op would read as its cumulative-average sentinel: the fused op
+    is not called then).
     """
 
     name: str
@@ -64,6 +66,8 @@ def call_spec(
         else:
             mask = constants.ranks_from_2 if min_rank else 0
         fused_momentum = constants.cumulative_momentum if momentum is None else momentum
+        if momentum is not None and not momentum >= 0:  # (set after construction, as torch allows) the op reads
+            mask, fused_momentum = None, None  # a negative momentum as its sentinel: the Python rule then
     return CallSpec(
         name, axis, num_features, ranks, min_rank, eps, momentum, nonfinite, mask, fused_momentum,
         nonfinite != "propagate",

@@ -34,6 +34,7 @@ from ._engine_checks import _check_param, _empty_output, check_input, check_mask
 from ._engine_spec import NONFINITE_POLICIES, CallSpec, _constants, call_spec
 from ._engine_views import canonical_mask, canonical_view, per_channel
 from ._warn import warn
+from .errors import MissingStatisticsError
 from .kernels import aten_graph, fold
 
 __all__ = [
@@ -245,7 +246,7 @@ def fused_call(
     ``bnkit::batch_norm_act_layer``: the output is ``act(BN(x))``
     (see :func:`batch_norm_module_call`).
     """
-    if not _fusable(input):
+    if spec.fused_momentum is None or not _fusable(input):  # (None: no encoding the op can read)
         return None
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
             spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
@@ -337,7 +338,7 @@ def _hooked_call(
     :func:`running_update` (and so the hook). Where the op declines, the
     general path reports them itself.
     """
-    if _fusable(input):
+    if spec.fused_momentum is not None and _fusable(input):
         totals = None if _HOOK_TOTALS is None else _HOOK_TOTALS(spec, running_mean, running_var, num_batches_tracked)
         args = (input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
                 spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
@@ -383,6 +384,9 @@ def _general(
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_param(name, t, input, channels)
     if (running_mean is None) != (running_var is None):
+        if not batch_stats:  # as torch: a RuntimeError in eval (MissingStatisticsError is a ValueError too)
+            missing = "running_mean" if running_mean is None else "running_var"
+            raise MissingStatisticsError(f"{where}: {missing} must be defined in evaluation mode")
         raise ValueError(f"{where}: running_mean and running_var must both be given or both be None")
     weight_c = per_channel(weight, channels)
     bias_c = per_channel(bias, channels)
@@ -396,7 +400,9 @@ def _general(
                 f"{where}: Expected more than 1 value per channel when training, got input size {input.size()}"
             )
     elif running_mean is None:
-        raise ValueError(f"{where}: running_mean and running_var are required when training=False")
+        raise MissingStatisticsError(f"{where}: running_mean and running_var are required when training=False")
+    elif not eps >= 0:
+        raise ValueError(f"{where}: eps must be non-negative, got {eps}")
     if aten_graph.capturing():
         return graph_path(spec, input, weight_c, bias_c, running_mean, running_var, num_batches_tracked, batch_stats,
                           axis, count)

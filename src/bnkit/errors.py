@@ -7,12 +7,14 @@ of the wrong size (and an input with the wrong number of channels) as a
 ``RuntimeError`` and, for code written against earlier bnkit releases, also a
 ``ValueError``. Likewise a parameter or buffer whose dtype does not fit the
 input is a :class:`DtypeMismatchError`: a ``TypeError`` (bnkit's earlier type)
-and a ``RuntimeError`` (torch's "mixed dtype").
+and a ``RuntimeError`` (torch's "mixed dtype"). Normalizing in eval mode without
+running statistics is a :class:`MissingStatisticsError`, a ``RuntimeError`` (torch's
+"running_mean must be defined in evaluation mode") and a ``ValueError`` (bnkit's earlier type).
 """
 
 from __future__ import annotations
 
-__all__ = ["ChannelMismatchError", "DtypeMismatchError"]
+__all__ = ["ChannelMismatchError", "DtypeMismatchError", "MissingStatisticsError"]
 
 
 class ChannelMismatchError(RuntimeError, ValueError):
@@ -21,3 +23,7 @@ class ChannelMismatchError(RuntimeError, ValueError):
 
 class DtypeMismatchError(TypeError, RuntimeError):
     """A parameter or buffer has a dtype that cannot be used with the input's."""
+
+
+class MissingStatisticsError(RuntimeError, ValueError):
+    """Eval-mode normalization was asked for without the running statistics it normalizes with."""

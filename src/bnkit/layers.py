@@ -297,17 +297,24 @@ class BatchNorm(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
         """torch's rules for one call: ``(running_mean, running_var, num_batches_tracked, batch_stats)``.
 
-        Training updates the running buffers when they are tracked; eval uses
-        them, or the batch's statistics without them. The buffers default to
-        the layer's own (a variant may pass others, e.g. one site's).
+        Training updates the running buffers when they are tracked (with both
+        set to ``None`` the batch is still counted; with ``num_batches_tracked``
+        set to ``None`` a cumulative average leaves them as they are: torch's
+        factor is 0 then); eval uses them, or the batch's statistics when both
+        are ``None``. The buffers default to the layer's own (a variant may pass
+        others, e.g. one site's).
         """
         if running_mean is None and running_var is None:
             running_mean, running_var, num_batches_tracked = registered_tensors(self, _BUFFERS)
         if self.training:
             if not self.track_running_stats:
                 return None, None, None, True
+            if num_batches_tracked is not None and running_mean is None and running_var is None:
+                num_batches_tracked.add_(1)  # as torch: the batch is counted though there is nothing to update
+            elif num_batches_tracked is None and self.momentum is None:
+                return None, None, None, True  # torch's factor is then 0: batch statistics, running ones unchanged
             return running_mean, running_var, num_batches_tracked, True
-        return running_mean, running_var, None, running_mean is None
+        return running_mean, running_var, None, running_mean is None and running_var is None
 
     def check_input(self, input: Tensor) -> None:
         """The layer's input checks (rank, feature axis and count), as the engine makes them."""

@@ -426,3 +426,31 @@ def test_convert_leaves_a_layer_with_a_parametrized_weight_and_says_why():
     assert list(converted.state_dict()) == keys
     with pytest.warns(UserWarning, match="parametrized"):  # without report=True the layer left is a warning
         bnkit.convert(model)
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"momentum": 1.5}, {"momentum": -0.5}, {"momentum": None}])
+def test_convert_carries_values_bnkits_constructor_refuses(kwargs):
+    """A torch layer may hold an eps or momentum bnkit's constructor rejects; the converted layer keeps it
+    and behaves as the torch layer does: the same outputs and state, or the same error (after which bnkit's
+    state is unchanged, where torch has counted the batch: docs/differences.md)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, **kwargs).double())
+    ref = copy.deepcopy(model)
+    converted = bnkit.convert(model)
+    assert isinstance(converted[0], bnkit.BatchNorm2d)
+    for step in range(3):
+        training = step < 2
+        converted.train(training)
+        ref.train(training)
+        x = inputs(4, 2, seed=step)
+        before = copy.deepcopy(converted[0].state_dict())
+        results = [outcome(lambda m=m, x=x: m(x)) for m in (converted, ref)]
+        if results[1][0] == "ok":
+            assert results[0][0] == "ok"
+            torch.testing.assert_close(results[0][1], results[1][1], equal_nan=True)
+            assert_same_state(converted[0], ref[0])
+        else:
+            assert results[0][0] == "raised" and issubclass(results[0][1], results[1][1])
+            for k, v in converted[0].state_dict().items():
+                assert torch.equal(v, before[k]), k
+            ref[0].load_state_dict(before)

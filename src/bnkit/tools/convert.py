@@ -77,16 +77,17 @@ def _swap(old: nn.Module, new_cls: type) -> nn.Module:
     """A ``new_cls`` layer that takes over ``old``'s tensors and flags (hooks: :func:`replace_modules`)."""
     c = old.num_features
     ref = old.running_mean if old.running_mean is not None else old.weight
-    # Built on the meta device: the real tensors are taken over from ``old`` below.
+    # Built on the meta device: the real tensors are taken over from ``old`` below. eps and momentum are
+    # assigned afterwards, as a torch layer may hold values bnkit's constructor refuses (eps=0, momentum=1.5):
+    # they behave as torch's there (eps=0 fails in training, as torch's does).
     new = new_cls(
         c,
-        eps=old.eps,
-        momentum=old.momentum,
         affine=old.affine,
         track_running_stats=old.track_running_stats,
         device="meta",
         dtype=None if ref is None else ref.dtype,
     )
+    new.eps, new.momentum = old.eps, old.momentum
     take_over_tensors(new, old, _TENSORS)
     new.train(old.training)
     return new

@@ -159,8 +159,29 @@ def test_root_bn_and_plain_subclasses():
     assert list(back.state_dict()) == list(m.state_dict())
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_layer_without_bias_goes_to_torch_with_bias_none_and_back(training):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bnkit.BatchNorm2d(3, bias=False))
+    model(torch.randn(4, 3, 5, 5))
+    keys = list(model.state_dict())
+    out = bnkit.convert(model, to="torch")
+    assert type(out[1]) is nn.BatchNorm2d and out[1].bias is None and torch.equal(out[1].weight, model[1].weight)
+    assert list(out.state_dict()) == keys
+    back = bnkit.convert(out)
+    assert type(back[1]) is bnkit.BatchNorm2d and back[1].bias is None and list(back.state_dict()) == keys
+    for m in (model, out, back):
+        m.train(training)
+    x = torch.randn(4, 3, 5, 5)
+    expected = model(x)  # the oracle: the bnkit layer computes BN with gamma only
+    torch.testing.assert_close(out(x), expected)
+    torch.testing.assert_close(back(x), expected)
+    for a, b in zip(model[1].buffers(), out[1].buffers()):
+        torch.testing.assert_close(a, b)
+
+
 def test_to_torch_rejects_layers_without_equivalent():
-    for bad in (bnkit.BatchNorm2d(3, axis=-1), bnkit.BatchNorm2d(3, share_affine="all"), bnkit.BatchNorm2d(3, bias=False)):
+    for bad in (bnkit.BatchNorm2d(3, axis=-1), bnkit.BatchNorm2d(3, share_affine="all")):
         model = nn.Sequential(nn.Conv2d(3, 3, 1), bad)
         with pytest.raises(ValueError, match="no torch equivalent"):
             bnkit.convert(model, to="torch", inplace=True)

@@ -67,8 +67,6 @@ def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
         problems.append(f"share_affine={bn.share_affine!r} (torch has per-channel weight and bias)")
     if getattr(bn, "convention", "torch") != "torch":
         problems.append(f"convention={bn.convention!r} (torch averages the unbiased batch variance)")
-    if bn.affine and bn.bias is None:
-        problems.append("bias=False (torch's affine layers always have a bias)")
     if problems:
         raise ValueError(f"convert(to='torch'): {name or 'the model'} ({bn.describe()}) has no torch equivalent: " + "; ".join(problems))
 

@@ -183,13 +183,20 @@ def test_eps_zero_is_rejected_at_construction_where_torch_accepts_it():
 
 
 @pytest.mark.parametrize("cls", [bnkit.BatchNorm2d, bnkit.BatchRenorm2d, bnkit.GhostBatchNorm2d,
-                                 bnkit.SharedBatchNorm])
-def test_integer_input_raises_the_same_type_error_in_every_layer(cls):
-    extra = {bnkit.GhostBatchNorm2d: {"virtual_batch_size": 2}, bnkit.SharedBatchNorm: {"sites": 1}}
+                                 bnkit.SharedBatchNorm, bnkit.DomainBatchNorm2d])
+@pytest.mark.parametrize("dtype", [torch.long, torch.bool, torch.complex64])
+def test_a_non_float_input_raises_the_same_error_in_every_layer(cls, dtype):
+    """bnkit.InputDtypeError: a TypeError, and a NotImplementedError as torch's own layer raises."""
+    with pytest.raises(NotImplementedError):
+        nn.BatchNorm2d(3)(torch.ones(4, 3, 2, 2, dtype=dtype))  # the oracle's type
+    extra = {bnkit.GhostBatchNorm2d: {"virtual_batch_size": 2}, bnkit.SharedBatchNorm: {"sites": 1},
+             bnkit.DomainBatchNorm2d: {"num_domains": 2}}
     layer = cls(3, **extra.get(cls, {}))
+    call = {bnkit.DomainBatchNorm2d: {"domain": torch.tensor([0, 1, 0, 1])}}.get(cls, {})
     before = snapshot(layer)
-    with pytest.raises(TypeError, match=r"\(3[^)]*\): expected a floating-point input, got torch.int64"):
-        layer(torch.ones(4, 3, 2, 2, dtype=torch.long))
+    with pytest.raises(bnkit.InputDtypeError, match=rf"\(3[^)]*\): expected a floating-point input, got {dtype}") as e:
+        layer(torch.ones(4, 3, 2, 2, dtype=dtype), **call)
+    assert isinstance(e.value, TypeError) and isinstance(e.value, NotImplementedError)
     assert_state_unchanged(layer, before)
 
 

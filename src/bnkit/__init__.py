@@ -9,7 +9,7 @@ from __future__ import annotations
 # integrations: importing it registers TorchScript and torch.ao quantization support.
 from . import engine, functional, integrations, kernels, reference, stats  # noqa: F401
 from .accelerate import accelerate, accelerate_counts, accelerated, is_accelerated
-from .errors import ChannelMismatchError, DtypeMismatchError, MissingStatisticsError
+from .errors import ChannelMismatchError, DtypeMismatchError, InputDtypeError, MissingStatisticsError
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .stats import momentum_from_keras, momentum_to_keras
 from .sync import SyncBatchNorm, convert_sync_batchnorm
@@ -71,6 +71,7 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "InputDtypeError",
     "MissingStatisticsError",
     "NotEnoughBatchesError",
     "SharedBatchNorm",

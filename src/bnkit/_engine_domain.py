@@ -35,7 +35,7 @@ from . import engine, kernels, stats
 from ._engine_checks import _check_param, _empty_output, check_input
 from ._engine_views import canonical_view
 from .engine import CallSpec, _reject_nonfinite, batch_norm_module_call, in_recompute, running_update
-from .errors import ChannelMismatchError
+from .errors import ChannelMismatchError, InputDtypeError
 from .kernels import aten_graph
 from .kernels import domain as kdomain
 
@@ -194,7 +194,7 @@ def domain_module_call(
             batch_stats,
         )
     if not input.dtype.is_floating_point:
-        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+        raise InputDtypeError(f"{where}: expected a floating-point input, got {input.dtype}")
     _check_tables(spec, input, num_domains, weight, bias, running_mean, running_var, num_batches_tracked)
     if input.numel() == 0:  # no sample: no domain is present, nothing is counted
         return _empty_output(input, weight, bias)

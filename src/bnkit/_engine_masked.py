@@ -10,6 +10,7 @@ from ._engine_checks import _check_param, check_input, check_mask
 from ._engine_graph import masked_graph_path
 from ._engine_views import canonical_mask, canonical_view, per_channel
 from .engine import CallSpec, _general, running_update
+from .errors import InputDtypeError
 from .kernels import aten_graph
 
 __all__ = ["masked_module_call", "valid_count"]
@@ -71,7 +72,7 @@ def _masked_general(
     """The masked training path: the general path's checks, masked moments and forward, then running_update."""
     where, eps = spec.name, spec.eps
     if not input.dtype.is_floating_point:
-        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+        raise InputDtypeError(f"{where}: expected a floating-point input, got {input.dtype}")
     axis = spec.axis % input.dim()
     channels = input.shape[axis]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from . import kernels
 from ._engine_graph import at_buffer_level, transform_left
 from .engine import in_recompute
-from .errors import ChannelMismatchError
+from .errors import ChannelMismatchError, InputDtypeError
 from .functional import batch_norm_core, canonical_view
 
 __all__ = ["CONVENTIONS", "check_convention", "keras_train_forward", "keras_renorm_train_forward"]
@@ -89,7 +89,7 @@ def _prepare(layer: nn.Module, input: Tensor) -> tuple[Tensor, int] | None:
         )
     layer._check_input(input)
     if not input.dtype.is_floating_point:
-        raise TypeError(f"{layer._describe()}: expected a floating-point input, got {input.dtype}")
+        raise InputDtypeError(f"{layer._describe()}: expected a floating-point input, got {input.dtype}")
     c = layer.num_features
     for name in ("weight", "bias", "running_mean", "running_var", "running_std"):
         t = getattr(layer, name, None)

@@ -34,7 +34,7 @@ from ._engine_checks import _check_param, _empty_output, check_input, check_mask
 from ._engine_spec import NONFINITE_POLICIES, CallSpec, _constants, call_spec
 from ._engine_views import canonical_mask, canonical_view, per_channel
 from ._warn import warn
-from .errors import MissingStatisticsError
+from .errors import InputDtypeError, MissingStatisticsError
 from .kernels import aten_graph, fold
 
 __all__ = [
@@ -370,7 +370,7 @@ def _general(
     if not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
     if not input.dtype.is_floating_point:
-        raise TypeError(f"{where}: expected a floating-point input, got {input.dtype}")
+        raise InputDtypeError(f"{where}: expected a floating-point input, got {input.dtype}")
     ndim = input.dim()
     if ndim < 1 or not -ndim <= spec.axis < ndim:
         raise ValueError(f"{where}: feature axis {spec.axis} is out of range for a {ndim}-D input")

@@ -10,11 +10,13 @@ input is a :class:`DtypeMismatchError`: a ``TypeError`` (bnkit's earlier type)
 and a ``RuntimeError`` (torch's "mixed dtype"). Normalizing in eval mode without
 running statistics is a :class:`MissingStatisticsError`, a ``RuntimeError`` (torch's
 "running_mean must be defined in evaluation mode") and a ``ValueError`` (bnkit's earlier type).
+An input that is not floating point is an :class:`InputDtypeError`: a ``TypeError`` (bnkit's
+earlier type) and a ``NotImplementedError`` (torch's "batch_norm not implemented for 'Int'").
 """
 
 from __future__ import annotations
 
-__all__ = ["ChannelMismatchError", "DtypeMismatchError", "MissingStatisticsError"]
+__all__ = ["ChannelMismatchError", "DtypeMismatchError", "InputDtypeError", "MissingStatisticsError"]
 
 
 class ChannelMismatchError(RuntimeError, ValueError):
@@ -27,3 +29,7 @@ class DtypeMismatchError(TypeError, RuntimeError):
 
 class MissingStatisticsError(RuntimeError, ValueError):
     """Eval-mode normalization was asked for without the running statistics it normalizes with."""
+
+
+class InputDtypeError(TypeError, NotImplementedError):
+    """The input is not floating point (an integer, bool or complex tensor)."""

@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from .errors import InputDtypeError
+
 __all__ = [
     "Moments",
     "accumulation_dtype",
@@ -55,7 +57,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     if not dtype.is_floating_point:
-        raise TypeError(f"batch statistics need a floating-point input, got {dtype}")
+        raise InputDtypeError(f"batch statistics need a floating-point input, got {dtype}")
     return dtype
 
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ._layer_support import document_bn_arguments
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
+from .errors import InputDtypeError
 from .family import bn_form, bn_tail, ranked, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
 from .surgery import rebuild, replace_modules, snapshot, take_over_tensors
@@ -153,7 +154,7 @@ class SyncBatchNorm(BatchNorm):
         if mask is not None:
             check_mask(self.call_spec(), input, mask)
         if not input.dtype.is_floating_point:
-            raise TypeError(f"{self.describe()}: expected a floating-point input, got {input.dtype}")
+            raise InputDtypeError(f"{self.describe()}: expected a floating-point input, got {input.dtype}")
         self._handshake(group, world, input.device)
         axis = self.axis % input.dim()
         channels = input.shape[axis]

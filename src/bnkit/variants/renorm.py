@@ -20,6 +20,7 @@ from ..engine import (
     per_channel,
     valid_count,
 )
+from ..errors import InputDtypeError
 from ..family import specialize
 from ..layers import (
     BatchNorm,
@@ -253,7 +254,7 @@ class BatchRenorm(BatchNorm):
         no_training_trace(self, input)
         self.check_input(input)
         if not input.dtype.is_floating_point:  # before the moments, with the other layers' error
-            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+            raise InputDtypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
         check_per_channel_tensors(self)  # the correction uses them before the engine checks them
         x3, _ = canonical_view(input, self.axis % input.dim())
         c = self.num_features
@@ -283,7 +284,7 @@ class BatchRenorm(BatchNorm):
         self.check_input(input)
         check_mask(spec, input, mask)
         if not input.dtype.is_floating_point:
-            raise TypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
+            raise InputDtypeError(f"{self._describe()}: expected a floating-point input, got {input.dtype}")
         check_per_channel_tensors(self)
         x3, _ = canonical_view(input, self.axis % input.dim())
         m2 = canonical_mask(mask, x3)

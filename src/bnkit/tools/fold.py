@@ -117,6 +117,8 @@ def before_ok(layer: nn.Module, axis: int, num_features: int, ranks: set[int] | 
     if isinstance(layer, _CONV_TRANSPOSES):
         if any(k != 1 for k in layer.kernel_size) or any(s != 1 for s in layer.stride):
             return "a transposed convolution reads its input with varying multiplicity unless kernel=1 and stride=1", ""
+        if any(p != 0 for p in layer.output_padding):
+            return f"output_padding={tuple(layer.output_padding)}: the added positions read no input, so no BN shift", ""
         return None, ""
     pad = layer.padding
     if isinstance(pad, str):

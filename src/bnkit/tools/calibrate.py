@@ -47,6 +47,7 @@ left alone. Layers with per-site statistics (``SharedBatchNorm``, called as
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from typing import Any, Iterable
@@ -299,13 +300,17 @@ def recalibrate(
 
     def make_hook(m: nn.Module):
         per_site = m.running_mean.dim() == 2 and callable(getattr(m, "_check_site", None))
+        # The keyword that names the call's site: forward's second argument (SharedBatchNorm's
+        # ``site``, DomainBatchNorm's ``domain``).
+        names = list(inspect.signature(type(m).forward).parameters)
+        key = names[2] if len(names) > 2 else "site"
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
             site = None
             if per_site:
-                site = module._check_site(kwargs.get("site", args[1] if len(args) > 1 else None))
+                site = module._check_site(kwargs.get(key, args[1] if len(args) > 1 else None))
             accs[(id(module), site)].add(args[0], batch_index[0])
 
         return hook
@@ -315,7 +320,7 @@ def recalibrate(
     try:
         model.eval()
         for _, m in bns:
-            m.train()
+            m.training = True  # the layer alone: a BN+activation layer's drop child stays in eval mode
             m.momentum = 0.0
             handles.append(m.register_forward_pre_hook(make_hook(m), with_kwargs=True))
         iterator = iter(data) if num_batches is None else itertools.islice(data, num_batches)

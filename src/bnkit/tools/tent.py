@@ -312,7 +312,7 @@ def tent(
             if step_stats == "reestimate":
                 continue  # eval mode: the re-estimated running statistics (frozen layers: their buffers)
             if learns_stats(m):
-                m.train()  # batch statistics, with their gradient ...
+                m.training = True  # batch statistics, with their gradient (the layer alone: a drop child stays off) ...
                 m.momentum = 0.0  # ... and the running averages kept as they are
             else:
                 hooks.append(m.register_forward_hook(_frozen_batch_stats_hook))

@@ -127,6 +127,9 @@ def frozen_copy(bn: nn.Module) -> FrozenBatchNorm:
     frozen._buffers["running_var"] = bn.running_var.detach().clone()
     nbt = getattr(bn, "num_batches_tracked", None)
     frozen._buffers["num_batches_tracked"] = None if nbt is None else nbt.detach().clone()
+    for name, b in bn._buffers.items():  # a variant's own state (Keras-convention Batch Renorm's running_std):
+        if name not in frozen._buffers and b is not None:  # carried, so the state_dict keys stay the same
+            frozen._buffers[name] = b.detach().clone()
     frozen.train(bn.training)
     frozen.__dict__[_REMEMBERED] = _remember(bn)
     return frozen
@@ -170,6 +173,7 @@ def unfrozen_copy(frozen: nn.Module) -> nn.Module:
         "running_var": frozen.running_var,
         "num_batches_tracked": getattr(frozen, "num_batches_tracked", None),
     }
+    values.update({k: b for k, b in frozen._buffers.items() if k not in values and b is not None})  # frozen_copy's extras
     if form is None:
         spec = _default_form(frozen)
         bn = spec["cls"](*spec["args"], **spec["kwargs"])

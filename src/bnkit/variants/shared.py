@@ -28,8 +28,8 @@ def check_site(layer: nn.Module, site: Any) -> int:
             f"{layer.describe()}: call it as bn(x, site=i) with 0 <= i < {layer.sites} "
             "(each site has its own running statistics)"
         )
-    if isinstance(site, Tensor) and site.numel() == 1 and not site.dtype.is_floating_point:
-        site = int(site)
+    if isinstance(site, Tensor) and site.numel() == 1 and not site.dtype.is_floating_point and site.dtype != torch.bool:
+        site = int(site)  # (a bool tensor stays a TypeError, as a bool does)
     if not is_int(site):
         raise TypeError(f"{layer.describe()}: site must be an int, got {type(site).__name__}")
     if not 0 <= site < layer.sites:

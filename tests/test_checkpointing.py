@@ -29,6 +29,8 @@ def _layers():
         "GhostBatchNorm1d": lambda: bnkit.GhostBatchNorm1d(6, virtual_batch_size=4, dtype=D),
         "SyncBatchNorm": lambda: bnkit.SyncBatchNorm(6, dtype=D),
         "keras": lambda: bnkit.BatchNorm1d(6, convention="keras", dtype=D),
+        "BatchRenorm1d-keras": lambda: bnkit.BatchRenorm1d(6, convention="keras", r_max=1.5, d_max=0.5, warmup_steps=0,
+                                                           r_max_steps=3, d_max_steps=3, dtype=D),
     }
 
 
@@ -80,7 +82,7 @@ def test_checkpointed_step_equals_plain_step(layer, mode):
 
 
 def test_keras_renorm_updates_once():
-    # Keras-convention Batch Renorm: the update happens once (its recomputed correction is not remembered).
+    # Keras-convention Batch Renorm: the update happens once.
     torch.manual_seed(0)
     bn = bnkit.BatchRenorm1d(4, convention="keras", dtype=D)
     x = torch.randn(10, 4, dtype=D, requires_grad=True)
@@ -98,7 +100,36 @@ def test_renorm_memory_is_consumed():
     assert not model[1].__dict__.get("_recompute_memory")
     with torch.no_grad():  # a training forward without gradients (as reentrant checkpointing runs it)
         model(torch.randn(12, 5, dtype=D))
-    assert len(model[1].__dict__["_recompute_memory"]) == 1  # remembered, bounded, harmless
+    assert len(model[1].__dict__["_recompute_memory"]) == 1  # remembered, bounded ...
+    plain, ckpt = copy.deepcopy(model), model  # ... and harmless: a later checkpoint of that batch takes its own
+    x = torch.randn(12, 5, dtype=D)
+    for m in (plain, ckpt):
+        torch.manual_seed(2)  # the same dropout masks
+        with torch.no_grad():
+            m(x)
+    for _ in range(2):
+        for m in (plain, ckpt):
+            m.zero_grad(set_to_none=True)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        assert_same_step(plain, ckpt, xa, xb, run_step(plain, xa, "none"), run_step(ckpt, xb, "non-reentrant"))
+
+
+def test_renorm_checkpointing_one_batch_twice_in_a_step():
+    """The backward recomputes the later call first: each recompute takes its own call's (r, d)."""
+    grads = []
+    for mode in ("none", "non-reentrant", "reentrant"):
+        torch.manual_seed(0)
+        bn = bnkit.BatchRenorm1d(3, momentum=0.5, schedule="fixed", dtype=D)
+        bn.running_mean.fill_(1.0)
+        bn.running_var.fill_(4.0)
+        x = torch.randn(6, 3, dtype=D) * 3 + 2
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        f = bn if mode == "none" else functools.partial(checkpoint, bn, use_reentrant=(mode == "reentrant"))
+        (f(a) + 2 * f(b)).mul(torch.arange(18, dtype=D).view(6, 3)).sum().backward()
+        grads.append((a.grad, b.grad, bn.weight.grad))
+    for other in grads[1:]:  # (the weight gradient's two terms may be summed in another order)
+        for g, ref in zip(other, grads[0]):
+            torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant", "sequential"])

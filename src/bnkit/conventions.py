@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from ._engine_graph import at_buffer_level, transform_left
-from .engine import in_recompute
+from .engine import in_recompute, may_be_recomputed
 from .errors import ChannelMismatchError, InputDtypeError
 from .functional import batch_norm_core, canonical_view
 
@@ -226,13 +226,20 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
         mean_b, var_b = (t.detach() for t in kernels.moments(x3))
         acc = mean_b.dtype
         sigma_b = torch.sqrt(var_b + layer.eps)
-        sigma = torch.clamp_min(layer.running_std.to(acc), math.sqrt(layer.eps))
-        mu = layer.running_mean.to(acc)
-        r_max, d_max = layer._limit_tensors()
-        r_max_t = torch.as_tensor(r_max, dtype=acc, device=x3.device)
-        d_max_t = torch.as_tensor(d_max, dtype=acc, device=x3.device)
-        r = torch.clamp(sigma_b / sigma, min=1.0 / r_max_t, max=r_max_t)
-        d = torch.clamp((mean_b - mu) / sigma, min=-d_max_t, max=d_max_t)
+        # A checkpoint's recompute takes back the original forward's (r, d): the statistics have moved since.
+        recalled = layer._recall_correction(mean_b, var_b)
+        if recalled is not None:
+            r, d = recalled
+        else:
+            sigma = torch.clamp_min(layer.running_std.to(acc), math.sqrt(layer.eps))
+            mu = layer.running_mean.to(acc)
+            r_max, d_max = layer._limit_tensors()
+            r_max_t = torch.as_tensor(r_max, dtype=acc, device=x3.device)
+            d_max_t = torch.as_tensor(d_max, dtype=acc, device=x3.device)
+            r = torch.clamp(sigma_b / sigma, min=1.0 / r_max_t, max=r_max_t)
+            d = torch.clamp((mean_b - mu) / sigma, min=-d_max_t, max=d_max_t)
+            if not torch.compiler.is_compiling() and may_be_recomputed():
+                layer._remember_correction(mean_b, var_b, r, d)
         finite = None if _deferred(layer) else _finite(layer, mean_b, var_b)
     c = layer.num_features
     weight, bias = _per_channel(layer.weight, c), _per_channel(layer.bias, c)

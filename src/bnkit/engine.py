@@ -126,6 +126,20 @@ def in_recompute() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+def may_be_recomputed() -> bool:
+    """Whether this training forward may run inside ``torch.utils.checkpoint`` (so again in the backward).
+
+    Reentrant checkpointing runs its forward without gradients (so does any
+    forward under ``torch.no_grad``: a layer that remembers something for a
+    recompute keeps it bounded); the non-reentrant one under its own
+    saved-tensors hook.
+    """
+    if not torch.is_grad_enabled():
+        return True
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
+
+
 def running_update(
     spec: CallSpec,
     running_mean: Tensor,

@@ -17,6 +17,7 @@ from ..engine import (
     check_mask,
     in_recompute,
     masked_module_call,
+    may_be_recomputed,
     per_channel,
     valid_count,
 )
@@ -39,18 +40,6 @@ _SCHEDULES = ("linear", "fixed")
 
 # How many corrections of forwards that may be recomputed a layer remembers (see _correction).
 _RECOMPUTE_MEMORY = 64
-
-
-def _may_be_recomputed() -> bool:
-    """Whether this training forward runs inside ``torch.utils.checkpoint`` (it will run again in backward).
-
-    Reentrant checkpointing runs its forward without gradients; the
-    non-reentrant one under its own saved-tensors hook.
-    """
-    if not torch.is_grad_enabled():
-        return True
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 class BatchRenorm(BatchNorm):
@@ -210,12 +199,9 @@ class BatchRenorm(BatchNorm):
         (same input, bitwise the same moments) takes it back.
         """
         mean_b, var_b = kernels.moments(x3) if m2 is None else kernels.masked_moments(x3, m2, count)
-        if in_recompute():
-            memory = self.__dict__.get("_recompute_memory") or ()
-            for entry in memory:
-                if torch.equal(entry[0], mean_b) and torch.equal(entry[1], var_b):
-                    memory.remove(entry)
-                    return entry[2], entry[3]
+        recalled = self._recall_correction(mean_b, var_b)
+        if recalled is not None:
+            return recalled
         r, d = self._correction_of(mean_b, var_b, x3)
         if torch.compiler.is_compiling():
             # AOT autograd's min-cut partitioner may recompute r and d in the backward from the running
@@ -223,10 +209,32 @@ class BatchRenorm(BatchNorm):
             # gradients (torch 2.13; a partitioner fix is proposed in pytorch/pytorch#197039). stack/cat is
             # outside its recompute allowlist, so r and d stacked into one tensor are saved as computed.
             r, d = torch.stack((r, d)).unbind(0)
-        if remember and not in_recompute():
+        if remember:
+            self._remember_correction(mean_b, var_b, r, d)
+        return r, d
+
+    def _remember_correction(self, mean_b: Tensor, var_b: Tensor, r: Tensor, d: Tensor) -> None:
+        """Keeps the ``(r, d)`` of a forward that checkpointing may run again, under its batch moments."""
+        if not in_recompute():
             memory = self.__dict__.setdefault("_recompute_memory", deque(maxlen=_RECOMPUTE_MEMORY))
             memory.append((mean_b, var_b, r, d))
-        return r, d
+
+    def _recall_correction(self, mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor] | None:
+        """In a recompute, the remembered ``(r, d)`` of the forward with these batch moments (taken out), or ``None``.
+
+        The newest match first: a backward recomputes the checkpointed
+        forwards in reverse order, so of two calls on the same batch the later
+        one is recomputed first.
+        """
+        if not in_recompute():
+            return None
+        memory = self.__dict__.get("_recompute_memory") or ()
+        for i in range(len(memory) - 1, -1, -1):
+            entry = memory[i]
+            if torch.equal(entry[0], mean_b) and torch.equal(entry[1], var_b):
+                del memory[i]  # (by position: comparing tuples of tensors is ambiguous)
+                return entry[2], entry[3]
+        return None
 
     def _correction_of(self, mean_b: Tensor, var_b: Tensor, x3: Tensor) -> tuple[Tensor, Tensor]:
         acc = mean_b.dtype
@@ -258,7 +266,7 @@ class BatchRenorm(BatchNorm):
         check_per_channel_tensors(self)  # the correction uses them before the engine checks them
         x3, _ = canonical_view(input, self.axis % input.dim())
         c = self.num_features
-        r, d = self._correction(x3, not torch.compiler.is_compiling() and _may_be_recomputed())
+        r, d = self._correction(x3, not torch.compiler.is_compiling() and may_be_recomputed())
         weight = per_channel(self.weight, c)
         bias = per_channel(self.bias, c)
         # gamma * (xhat * r + d) + beta == xhat * (gamma * r) + (gamma * d + beta)
@@ -293,7 +301,8 @@ class BatchRenorm(BatchNorm):
         weight = per_channel(self.weight, c)
         bias = per_channel(self.bias, c)
         if isinstance(count, Tensor) or count > 1:
-            r, d = self._correction(x3, False, m2, count)
+            remember = not isinstance(count, Tensor) and not torch.compiler.is_compiling() and may_be_recomputed()
+            r, d = self._correction(x3, remember, m2, count)
             if isinstance(count, Tensor):  # a graph cannot branch on the count: r = 1, d = 0 where eager skips
                 several = count > 1
                 r, d = torch.where(several, r, 1.0), torch.where(several, d, 0.0)

@@ -702,3 +702,17 @@ def test_bad_inputs_raise_and_leave_the_state_unchanged(kind, call, error):
     with pytest.raises(error):
         call(layer)
     _assert_state(layer, before)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (1, 2, 1)])
+def test_ghost_one_value_per_channel_reports_the_input_size_as_the_layers_do(shape):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match="more than 1 value per channel") as torch_error:
+        torch.nn.BatchNorm1d(2)(x)
+    layer = bnkit.GhostBatchNorm1d(2, virtual_batch_size=2)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match=r"GhostBatchNorm1d\(2\): Expected more than 1 value per channel") as e:
+        layer(x)
+    assert str(torch_error.value).endswith(str(x.size())) and str(e.value).endswith(str(x.size()))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -64,6 +64,8 @@ def ghost_batch_norm(
         y = batch_norm_core(input, None, None, weight, bias, True, None, eps, axis=axis, where=where)
         zeros = torch.zeros(c, dtype=stats.accumulation_dtype(input.dtype), device=input.device)
         return y, stats.Moments(0, zeros, zeros.clone())
+    if x3.numel() == c:  # the layers' own message, with the input's size (not the canonical view's)
+        raise ValueError(f"{where}: Expected more than 1 value per channel when training, got input size {input.size()}")
     rows_per_sample = x3.shape[0] // n  # the batch dim is the outermost of the canonical view
     inner = x3.shape[2]
     v = min(virtual_batch_size, n)

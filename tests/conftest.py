@@ -36,3 +36,14 @@ def backend(request):
         pytest.skip("the C++ extension is not available on this machine")
     with kernels.use_backend(name):
         yield name
+
+
+@pytest.fixture
+def accelerate_off():
+    """The test starts and ends with ``bnkit.accelerate()`` off and its counts reset (it is process-wide)."""
+    import bnkit
+
+    bnkit.accelerate(False)
+    bnkit.accelerate_counts(reset=True)
+    yield
+    bnkit.accelerate(False)

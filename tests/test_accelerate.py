@@ -32,13 +32,7 @@ CLASSES = {2: (nn.BatchNorm1d, ()), 3: (nn.BatchNorm1d, (5,)), 4: (nn.BatchNorm2
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-@pytest.fixture(autouse=True)
-def _off():
-    """Every test starts and ends with the acceleration off (it is process-wide)."""
-    bnkit.accelerate(False)
-    bnkit.accelerate_counts(reset=True)
-    yield
-    bnkit.accelerate(False)
+pytestmark = pytest.mark.usefixtures("accelerate_off")  # every test starts and ends with it off
 
 
 def make(shape, dtype=torch.float32, fmt=None, seed=0, loc=0.7, scale=2.5):

@@ -30,13 +30,7 @@ SPATIAL = {2: (), 3: (4,), 4: (3, 2), 5: (2, 2, 3)}
 LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-@pytest.fixture(autouse=True)
-def _off():
-    """Every test starts and ends with the acceleration off (it is process-wide)."""
-    bnkit.accelerate(False)
-    bnkit.accelerate_counts(reset=True)
-    yield
-    bnkit.accelerate(False)
+pytestmark = pytest.mark.usefixtures("accelerate_off")  # every test starts and ends with it off
 
 
 def make(shape, dtype=torch.float32, seed=0, loc=0.7, scale=2.5):

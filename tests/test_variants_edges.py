@@ -99,6 +99,18 @@ def _renorm_reference(layer, x, ref: _Running, axis: int = 1) -> torch.Tensor:
     return _affine(y, layer, axis)
 
 
+def _assert_running_and_eval(layer: nn.Module, ref: _Running, shape, axis: int, steps: int) -> None:
+    """The running statistics equal the reference's after ``steps`` steps, and eval normalizes with them."""
+    torch.testing.assert_close(layer.running_mean, ref.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, ref.var, rtol=1e-12, atol=1e-12)
+    assert int(layer.num_batches_tracked) == steps
+    layer.eval()
+    x = torch.randn(shape, dtype=D)
+    expected = _affine((x - _bc(ref.mean, x, axis)) / torch.sqrt(_bc(ref.var, x, axis) + EPS), layer, axis)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    assert int(layer.num_batches_tracked) == steps
+
+
 def _set_affine(layer: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -167,14 +179,7 @@ def test_batch_renorm_multi_step_matches_float64_reference(
         torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
         if layout == "2d_cl":
             assert y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(layer.running_mean, ref.mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.running_var, ref.var, rtol=1e-12, atol=1e-12)
-    assert int(layer.num_batches_tracked) == 6
-    layer.eval()
-    x = torch.randn(shape, dtype=D)
-    expected = _affine((x - _bc(ref.mean, x, axis)) / torch.sqrt(_bc(ref.var, x, axis) + EPS), layer, axis)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
-    assert int(layer.num_batches_tracked) == 6
+    _assert_running_and_eval(layer, ref, shape, axis, 6)
 
 
 @pytest.mark.parametrize("share", ["none", "weight", "all"])
@@ -349,13 +354,7 @@ def test_ghost_bn_multi_step_matches_per_chunk_reference(seed, n, vbs, momentum,
         if layout == "2d_cl":
             assert y.is_contiguous(memory_format=torch.channels_last)
         ref.update(*_moments(x, axis))
-    torch.testing.assert_close(layer.running_mean, ref.mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.running_var, ref.var, rtol=1e-12, atol=1e-12)
-    assert int(layer.num_batches_tracked) == 3
-    layer.eval()
-    x = torch.randn(shape, dtype=D)
-    expected = _affine((x - _bc(ref.mean, x, axis)) / torch.sqrt(_bc(ref.var, x, axis) + EPS), layer, axis)
-    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    _assert_running_and_eval(layer, ref, shape, axis, 3)
 
 
 def test_ghost_bn_gradcheck_with_a_smaller_last_chunk():

@@ -350,9 +350,7 @@ def adapt(
         handle._hooks.append(st.m.register_forward_pre_hook(_make_hook(st, online), with_kwargs=True))
 
     if online:
-        for _, m in layers:
-            if learns_stats(m):
-                m.eval()  # eval mode: the layer normalizes with the statistics the hook just wrote
+        _online_modes(snapshot, layers)
         if data is None:
             return handle
     try:
@@ -364,6 +362,7 @@ def adapt(
         handle.restore()
         raise ValueError("adapt: data yielded no batch; nothing changed")
     if online:
+        _online_modes(snapshot, layers)  # the warm-up ran the model in eval mode: every other flag back
         return handle
     for h in handle._hooks:
         h.remove()
@@ -386,6 +385,16 @@ def adapt(
 
 
 @torch.no_grad()
+def _online_modes(snapshot: _Snapshot, layers: list) -> None:
+    """``mode="online"``'s training flags: every module's own, but the BN layers (alone, not their children) in
+    eval mode, so that they normalize with the statistics the hook has just written."""
+    for m, training in snapshot.flags:
+        m.training = training
+    for _, m in layers:
+        if learns_stats(m):
+            m.training = False
+
+
 def _run(model: nn.Module, data: Any, num_batches: int | None) -> int:
     """Feed the batches through the model in eval mode; returns how many there were."""
     device = _model_device(model)

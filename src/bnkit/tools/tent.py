@@ -297,6 +297,7 @@ def tent(
     snapshot = _Snapshot(model, layers, params=True)
     handle = AdaptHandle(model, "tent", [n or "<root>" for n, _ in layers], snapshot)
     grads = [(p, p.requires_grad) for p in model.parameters()]
+    entry_grads = [(p, p.grad) for p in model.parameters()]  # put back at the end: tent's steps leave no .grad
     momenta = [(m, m.momentum) for _, m in layers if learns_stats(m)]
     hooks = []
     device = _model_device(model)
@@ -350,11 +351,13 @@ def tent(
             seen += 1
     except BaseException:
         _undo_tent_setup(hooks, momenta, grads)
+        for p, g in entry_grads:
+            p.grad = g
         snapshot.restore()
         raise
     _undo_tent_setup(hooks, momenta, grads)
-    for p, _ in grads:
-        p.grad = None
+    for p, g in entry_grads:
+        p.grad = g
     # The steps left the statistics as they were (momentum 0) but counted batches: put the buffers back.
     adapted = [p.detach().clone() for p in params]
     snapshot.restore()

@@ -216,6 +216,19 @@ def _merge_over_ranks(group: Any, accs: list[_Accumulator], device: torch.device
 
 
 @torch.no_grad()
+def site_keyword(layer: nn.Module) -> str:
+    """The keyword naming a per-site layer's site: its forward's second argument (SharedBatchNorm's ``site``,
+    DomainBatchNorm's ``domain``)."""
+    names = list(inspect.signature(type(layer).forward).parameters)
+    return names[2] if len(names) > 2 else "site"
+
+
+def call_site(layer: nn.Module, key: str, args: tuple, kwargs: dict) -> int:
+    """The int site of one call of a per-site layer (from a forward pre-hook's ``args`` and ``kwargs``), as the layer
+    itself reads it (``layer._check_site``: a default, the current domain, its errors)."""
+    return layer._check_site(kwargs.get(key, args[1] if len(args) > 1 else None))
+
+
 def recalibrate(
     model: nn.Module,
     data: Iterable[Any] | Tensor,
@@ -300,17 +313,14 @@ def recalibrate(
 
     def make_hook(m: nn.Module):
         per_site = m.running_mean.dim() == 2 and callable(getattr(m, "_check_site", None))
-        # The keyword that names the call's site: forward's second argument (SharedBatchNorm's
-        # ``site``, DomainBatchNorm's ``domain``).
-        names = list(inspect.signature(type(m).forward).parameters)
-        key = names[2] if len(names) > 2 else "site"
+        key = site_keyword(m)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
             site = None
             if per_site:
-                site = module._check_site(kwargs.get(key, args[1] if len(args) > 1 else None))
+                site = call_site(module, key, args, kwargs)
             accs[(id(module), site)].add(args[0], batch_index[0])
 
         return hook

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..stats import Moments, merge
 from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, has_stats, learns_stats
-from .calibrate import _input_of, _model_device, _model_input
+from .calibrate import _input_of, _model_device, _model_input, call_site, site_keyword
 from .doctor_report import SEVERITIES, BNReport, Finding, LayerReport, _fmt_nbt, _json_default  # noqa: F401
 
 __all__ = ["SEVERITIES", "BNReport", "Finding", "LayerReport", "inspect"]
@@ -75,13 +75,18 @@ def _data_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any
 
     def make(m: nn.Module):
         per_site = has_stats(m) and m.running_mean.dim() == 2
+        checked = per_site and callable(getattr(m, "_check_site", None))  # the layer reads its own site or domain
+        keyword = site_keyword(m) if checked else "site"
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not args or not isinstance(args[0], Tensor):
                 return
-            site = kwargs.get("site", args[1] if len(args) > 1 else None) if per_site else None
-            if per_site and site is None:
-                site = 0
+            if checked:
+                site = call_site(module, keyword, args, kwargs)
+            else:
+                site = kwargs.get("site", args[1] if len(args) > 1 else None) if per_site else None
+                if per_site and site is None:
+                    site = 0
             x = args[0].detach()
             axis = feature_axis(module) % x.dim()
             mo = Moments.of(x.to(torch.float64), [d for d in range(x.dim()) if d != axis])
@@ -171,10 +176,12 @@ def inspect(
     if not isinstance(model, nn.Module):
         raise TypeError(f"inspect: expected an nn.Module, got {type(model).__name__}")
     for nm, v in (("dead_tol", dead_tol), ("shift_tol", shift_tol), ("log_var_tol", log_var_tol)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ValueError(f"inspect: {nm} must be a number >= 0, got {v!r}")
-    if tiny_var is not None and (isinstance(tiny_var, bool) or not isinstance(tiny_var, (int, float)) or not tiny_var >= 0):
-        raise ValueError(f"inspect: tiny_var must be a number >= 0 or None, got {tiny_var!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:  # (JSON has no inf)
+            raise ValueError(f"inspect: {nm} must be a finite number >= 0, got {v!r}")
+    if tiny_var is not None and (
+        isinstance(tiny_var, bool) or not isinstance(tiny_var, (int, float)) or not 0 <= tiny_var < math.inf
+    ):
+        raise ValueError(f"inspect: tiny_var must be a finite number >= 0 or None, got {tiny_var!r}")
     _check_num_batches("inspect", num_batches)
 
     layers = bn_layers(model, with_stats=False)
@@ -272,8 +279,10 @@ def inspect(
                 if (r.shift is not None and r.shift > shift_tol) or (
                     r.log_var_ratio is not None and abs(r.log_var_ratio) > log_var_tol
                 ):
+                    shift = "-" if r.shift is None else f"{r.shift:.2f}"  # (None: not finite, e.g. a NaN running mean)
+                    ratio = "-" if r.log_var_ratio is None else f"{r.log_var_ratio:+.2f}"
                     add("warning", "domain_shift", f"the data's statistics differ from the running ones (shift "
-                        f"{r.shift:.2f}, log variance ratio {r.log_var_ratio:+.2f}): a domain shift or stale statistics")
+                        f"{shift}, log variance ratio {ratio}): a domain shift or stale statistics")
         if notes:
             r.fuse = notes.get(name, notes.get("*"))
         reports.append(r)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..engine import fold
 from ..layers import BatchNorm
 from ..variants import FrozenBatchNorm
+from ..variants.act import BatchNormAct, FrozenBatchNormAct, _AfterFusedBN, _WithTail, plain_activation
 
 __all__ = ["ScriptableBatchNorm", "ScriptableFrozenBatchNorm", "install", "scriptable", "scriptable_layer"]
 
@@ -216,6 +217,9 @@ class ScriptableBatchNorm(_Twin):
                 running.copy_(updated)
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._bn(input)
+
+    def _bn(self, input: Tensor) -> Tensor:
         axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
         c = self.num_features
         weight = _expand(self.weight, c)
@@ -268,6 +272,9 @@ class ScriptableFrozenBatchNorm(_Twin):
         return f"{self.where}, axis={self.axis}"
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._bn(input)
+
+    def _bn(self, input: Tensor) -> Tensor:
         axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
         c = self.num_features
         return _affine_forward(
@@ -275,11 +282,49 @@ class ScriptableFrozenBatchNorm(_Twin):
         )
 
 
+def _tail(twin: nn.Module, layer: nn.Module) -> None:
+    """Gives a twin the ``drop`` and ``act`` children of a BN+activation layer, under the same names.
+
+    A shared activation (``ReLUAfterFusedBN`` and the others) is its parent's
+    to call, so the twin applies an ``nn.Identity`` in its place, and the
+    parent's call computes it (its scripted form is the torch class).
+    """
+    for name in ("drop", "act"):
+        child = layer._modules.get(name)
+        if child is None or isinstance(child, _AfterFusedBN):
+            child = nn.Identity()
+        twin.add_module(name, child)
+
+
+class ScriptableBatchNormAct(ScriptableBatchNorm):
+    """TorchScript-compatible twin of a :class:`bnkit.variants.BatchNormAct` layer: the BN twin, then ``drop`` and
+    ``act`` (the layer's own modules)."""
+
+    def __init__(self, layer: BatchNormAct) -> None:
+        super().__init__(layer)
+        _tail(self, layer)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(self._bn(input)))
+
+
+class ScriptableFrozenBatchNormAct(ScriptableFrozenBatchNorm):
+    """TorchScript-compatible twin of a :class:`bnkit.variants.FrozenBatchNormAct` layer."""
+
+    def __init__(self, layer: FrozenBatchNormAct) -> None:
+        super().__init__(layer)
+        _tail(self, layer)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(self._bn(input)))
+
+
 def _unsupported(layer: nn.Module) -> TypeError:
     return TypeError(
         f"torch.jit.script: {layer._describe()} ({type(layer).__module__}.{type(layer).__qualname__}) has no "
         "TorchScript form: only BatchNorm, BatchNorm1d/2d/3d, FrozenBatchNorm and FrozenBatchNorm1d/2d/3d "
-        "(and subclasses keeping their forward) can be scripted. For inference, bnkit.freeze(model) or "
+        "(and subclasses keeping their forward), and their BN+activation forms (BatchNormAct, FrozenBatchNormAct, "
+        "with the default drop/act tail) can be scripted. For inference, bnkit.freeze(model) or "
         "bnkit.fuse(model) first turns variants with an inference form into scriptable layers; a "
         "SyncBatchNorm goes back with bnkit.convert_sync_batchnorm(model, revert=True)"
     )
@@ -287,6 +332,18 @@ def _unsupported(layer: nn.Module) -> TypeError:
 
 def scriptable_layer(layer: nn.Module) -> nn.Module:
     """The scriptable twin of one bnkit layer (``TypeError`` for layers without one)."""
+    if isinstance(layer, _AfterFusedBN):  # an activation shared with a fused BN layer: the torch class
+        return plain_activation(layer)
+    if isinstance(layer, (BatchNormAct, FrozenBatchNormAct)):
+        if type(layer).forward is not _WithTail.forward or layer.bn_tail != ("drop", "act"):
+            raise _unsupported(layer)
+        if isinstance(layer, BatchNormAct):
+            if type(layer)._forward is not BatchNorm._forward:
+                raise _unsupported(layer)
+            return ScriptableBatchNormAct(layer)
+        if type(layer)._stats is not FrozenBatchNorm._stats:
+            raise _unsupported(layer)
+        return ScriptableFrozenBatchNormAct(layer)
     if isinstance(layer, BatchNorm):
         if type(layer).forward is not BatchNorm.forward:
             raise _unsupported(layer)
@@ -298,6 +355,9 @@ def scriptable_layer(layer: nn.Module) -> nn.Module:
     raise TypeError(f"scriptable_layer: expected a bnkit BN layer, got {type(layer).__name__}")
 
 
+_REPLACED = (BatchNorm, FrozenBatchNorm, _AfterFusedBN)  # what scriptable() swaps for its twin or torch class
+
+
 def scriptable(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every bnkit BN layer replaced by its scriptable twin.
 
@@ -306,15 +366,15 @@ def scriptable(model: nn.Module) -> nn.Module:
     that has no TorchScript form, before anything is built.
     """
     for m in model.modules():
-        if isinstance(m, (BatchNorm, FrozenBatchNorm)):
+        if isinstance(m, _REPLACED):
             scriptable_layer(m)  # check every layer first
     model = copy.deepcopy(model)
-    if isinstance(model, (BatchNorm, FrozenBatchNorm)):
+    if isinstance(model, _REPLACED):
         return scriptable_layer(model)
     done: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            if isinstance(child, (BatchNorm, FrozenBatchNorm)):
+            if isinstance(child, _REPLACED):
                 if id(child) not in done:
                     done[id(child)] = scriptable_layer(child)
                 setattr(parent, name, done[id(child)])
@@ -328,6 +388,6 @@ def _prepare_scriptable(self: nn.Module) -> nn.Module:
 
 def install() -> None:
     """Give bnkit's layer bases their ``__prepare_scriptable__`` (done on ``import bnkit``)."""
-    for cls in (BatchNorm, FrozenBatchNorm):
+    for cls in (BatchNorm, FrozenBatchNorm, _AfterFusedBN):
         if "__prepare_scriptable__" not in cls.__dict__:
             cls.__prepare_scriptable__ = _prepare_scriptable

@@ -57,9 +57,11 @@ from torch.ao.quantization import fuser_method_mappings, quantization_mappings
 from .. import layers, variants
 from ..tools._family import bn_affine
 from ..tools.convert import _BNKIT_TO_TORCH, _swap
+from ..variants.act import plain_activation
 
 __all__ = [
     "BNKIT_BY_TORCH",
+    "BN_ACT_BY_TORCH",
     "QuantizedBatchNorm2d",
     "QuantizedBatchNorm3d",
     "fx_backend_config",
@@ -180,6 +182,65 @@ def _wrap(fuser: Callable, positions: tuple[int, ...]) -> Callable:
     return fuse_bnkit
 
 
+# bnkit's BN+activation layers (convert(fuse_activations=True), timm's BatchNormAct2d converted) by torch's BN rank.
+BN_ACT_BY_TORCH: dict[type, tuple[type, ...]] = {
+    nn.BatchNorm1d: (variants.BatchNormAct1d, variants.FrozenBatchNormAct1d),
+    nn.BatchNorm2d: (variants.BatchNormAct2d, variants.FrozenBatchNormAct2d),
+    nn.BatchNorm3d: (variants.BatchNormAct3d, variants.FrozenBatchNormAct3d),
+}
+
+
+def _split_bn_act(layer: nn.Module, is_qat: bool) -> tuple[nn.Module, nn.ReLU]:
+    """A BN+ReLU layer as torch's ``(BatchNorm, ReLU)`` pair for torch's ``(X, BN, ReLU)`` fuser methods.
+
+    The BN part of a :class:`bnkit.variants.BatchNormAct` is a plain BN (its
+    tensors shared, as :func:`torch_batchnorm` shares them); a frozen one
+    gives its inference map (eval mode only). Torch fuses a convolution or
+    linear layer with BN and ReLU only, so any other tail is a ``ValueError``.
+    """
+    drop, act = layer._modules.get("drop"), layer._modules.get("act")
+    if type(drop) is not nn.Identity or type(plain_activation(act)) is not nn.ReLU:
+        raise ValueError(
+            f"fuse_modules: {_describe(layer)} applies {type(act).__name__} (after {type(drop).__name__}); torch fuses "
+            "a convolution or linear layer with BN and ReLU only. Convert it back first with "
+            "bnkit.convert(model, to='torch') and fuse the (conv, BN) pair"
+        )
+    relu = nn.ReLU()
+    if isinstance(layer, variants.FrozenBatchNorm):
+        return torch_batchnorm(layer, training=is_qat), relu
+    reason = None if layer.axis == 1 and layer.share_affine == "none" else "axis or share_affine differ from torch's"
+    if reason is None:
+        bn = _swap(layer, _TORCH_BY_DIMS[layer._expected_dims])  # the BN part: the very tensors
+        if hasattr(layer, "qconfig"):
+            bn.qconfig = layer.qconfig
+        return bn, relu
+    if is_qat:
+        raise ValueError(f"fuse_modules_qat: {_describe(layer)} cannot be fused for quantization-aware training: {reason}")
+    return _stand_in(layer), relu
+
+
+def _wrap_bn_act(fuser: Callable) -> Callable:
+    """torch's ``(X, BN, ReLU)`` fuser for the pair ``(X, BN+ReLU layer)``."""
+
+    def fuse_bnkit_bn_act(is_qat: bool, first: nn.Module, layer: nn.Module):
+        bn, relu = _split_bn_act(layer, is_qat)
+        relu.train(bn.training)  # torch's fusers want the three in one mode
+        return fuser(is_qat, first, bn, relu)
+
+    fuse_bnkit_bn_act.__wrapped__ = fuser
+    return fuse_bnkit_bn_act
+
+
+def _bn_relu_patterns(table: dict) -> dict[tuple, Callable]:
+    """``(X, BN+activation layer)`` for each ``(X, torch BN, ReLU)`` entry of a fuser table."""
+    out: dict[tuple, Callable] = {}
+    for key, fuser in table.items():
+        if len(key) == 3 and key[1] in BN_ACT_BY_TORCH and key[2] is nn.ReLU and callable(fuser):
+            for cls in BN_ACT_BY_TORCH[key[1]]:
+                out[(key[0], cls)] = _wrap_bn_act(fuser)
+    return out
+
+
 def _fuser_entries() -> dict[tuple, Callable]:
     """torch's fuser-method table with bnkit's layers in place of torch's BN (every combination)."""
     entries: dict[tuple, Callable] = {}
@@ -190,6 +251,7 @@ def _fuser_entries() -> dict[tuple, Callable]:
         choices = [BNKIT_BY_TORCH[t] if i in positions else (t,) for i, t in enumerate(key)]
         for combo in itertools.product(*choices):
             entries[combo] = _wrap(fuser, positions)
+    entries.update(_bn_relu_patterns(fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD))
     return entries
 
 
@@ -227,7 +289,7 @@ def install() -> None:
 
 # --------------------------------------------------------------------------- FX graph mode
 def _bnkit_classes() -> list[type]:
-    return [cls for classes in BNKIT_BY_TORCH.values() for cls in classes]
+    return [cls for table in (BNKIT_BY_TORCH, BN_ACT_BY_TORCH) for classes in table.values() for cls in classes]
 
 
 def fx_prepare_custom_config(config: Any = None) -> Any:
@@ -265,5 +327,9 @@ def fx_backend_config(base: Any = None) -> Any:
         choices = [BNKIT_BY_TORCH[t] if i in positions else (t,) for i, t in enumerate(pattern)]
         for combo in itertools.product(*choices):
             extra.append(BackendPatternConfig.from_dict({**spec, "pattern": combo, "fuser_method": _wrap(fuser, positions)}))
+        if len(pattern) == 3 and pattern[1] in BN_ACT_BY_TORCH and pattern[2] is nn.ReLU:
+            for cls in BN_ACT_BY_TORCH[pattern[1]]:  # (X, BN+ReLU layer): fused as (X, BN, ReLU)
+                extra.append(BackendPatternConfig.from_dict(
+                    {**spec, "pattern": (pattern[0], cls), "fuser_method": _wrap_bn_act(fuser)}))
     out = BackendConfig(f"{base.name}+bnkit")
     return out.set_backend_pattern_configs(list(base.configs) + extra)

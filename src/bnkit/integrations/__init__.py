@@ -1,4 +1,4 @@
-"""bnkit in other tools: TorchScript, quantization (eager and FX) and Lightning.
+"""bnkit in other tools: TorchScript, quantization (eager and FX), torch.func and Lightning.
 
 ``import bnkit`` imports this package, which registers what torch's own entry
 points need (``__prepare_scriptable__`` for ``torch.jit.script``, fuser
@@ -7,9 +7,9 @@ plugin lives in :mod:`bnkit.integrations.lightning`, imported on demand (it
 needs the optional ``lightning`` extra).
 """
 
-from . import quantization, torchscript
+from . import func, quantization, torchscript
 
 torchscript.install()
 quantization.install()
 
-__all__ = ["quantization", "torchscript"]
+__all__ = ["func", "quantization", "torchscript"]

@@ -242,6 +242,24 @@ def test_variants_fuse_in_eval_to_their_inference_map(make):
     assert not isinstance(model[0], nni.ConvBnReLU2d)
 
 
+@pytest.mark.parametrize("qat", [False, True], ids=["ptq", "qat"])
+def test_a_layer_without_bias_fuses_as_torchs_bias_free_bn(qat):
+    """torch's BatchNorm2d(C, bias=False) fuses (eval and QAT); bnkit's enters as that layer, sharing its tensors."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, bias=False), nn.ReLU())
+    ref(_batch(6))
+    model = bnkit.convert(copy.deepcopy(ref))
+    assert model[1].bias is None
+    fuse = tq.fuse_modules_qat if qat else tq.fuse_modules
+    expected = fuse(copy.deepcopy(ref).train(qat), [["0", "1", "2"]])
+    fused = fuse(model.train(qat), [["0", "1", "2"]])
+    assert type(fused[0]) is type(expected[0]) is (nni.ConvBnReLU2d if qat else nni.ConvReLU2d)
+    x = _batch(5)
+    assert_close(fused(x), expected(x), 1e-6, "fused output")
+    if qat:  # the fused module's BN is the bias-free torch layer holding bnkit's weight
+        assert fused[0][1].bias is None and torch.equal(fused[0][1].weight, ref[1].weight)
+
+
 def test_torch_batchnorm_refusals_are_clear():
     layer = bnkit.BatchNorm2d(4, share_affine="all").train()
     with pytest.raises(ValueError, match="training mode"):

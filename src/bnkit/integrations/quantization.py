@@ -15,7 +15,7 @@ Importing bnkit registers, for torch's eager-mode workflow:
 How a bnkit layer enters a fused module (:func:`torch_batchnorm`):
 
 * ``bnkit.BatchNorm1d/2d/3d`` with torch's layout (``axis=1``, per-channel
-  ``weight``, a ``bias``): a ``torch.nn.BatchNorm{1,2,3}d`` holding the very
+  ``weight``, with or without ``bias``): a ``torch.nn.BatchNorm{1,2,3}d`` holding the very
   same parameter and buffer tensors, so an optimizer built before fusing still
   trains them and the fused modules equal torch's exactly. For QAT this is
   torch's BN: the training from then on follows torch's rules (NaN/Inf
@@ -112,8 +112,6 @@ def _exact_reason(bn: nn.Module) -> str | None:
         return f"axis={bn.axis} (torch normalizes along axis 1)"
     if bn.share_affine != "none":
         return f"share_affine={bn.share_affine!r} (torch has per-channel weight and bias)"
-    if bn.affine and bn.bias is None:
-        return "bias=False (torch's affine layers always have a bias)"
     return None
 
 

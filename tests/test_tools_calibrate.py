@@ -96,6 +96,15 @@ def test_recalibrate_gives_exact_whole_data_statistics():
             assert torch.equal(after[k], v), k
 
 
+def test_recalibrate_records_no_autograd_graph():
+    """The pass only measures: no graph is recorded (the layers' outputs carry no grad_fn), as for inference."""
+    model = nn.Sequential(nn.Linear(3, 4), bnkit.BatchNorm1d(4), nn.Linear(4, 2))
+    seen = []
+    model[2].register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), out.grad_fn)))
+    bnkit.recalibrate(model, [torch.randn(8, 3) for _ in range(2)])
+    assert seen == [(False, None), (False, None)]
+
+
 def test_recalibrate_float32_and_num_batches():
     torch.manual_seed(1)
     model = make_model(torch.float32).eval()

@@ -215,7 +215,6 @@ def _merge_over_ranks(group: Any, accs: list[_Accumulator], device: torch.device
         offset += width
 
 
-@torch.no_grad()
 def site_keyword(layer: nn.Module) -> str:
     """The keyword naming a per-site layer's site: its forward's second argument (SharedBatchNorm's ``site``,
     DomainBatchNorm's ``domain``)."""
@@ -229,6 +228,7 @@ def call_site(layer: nn.Module, key: str, args: tuple, kwargs: dict) -> int:
     return layer._check_site(kwargs.get(key, args[1] if len(args) > 1 else None))
 
 
+@torch.no_grad()
 def recalibrate(
     model: nn.Module,
     data: Iterable[Any] | Tensor,

@@ -57,7 +57,7 @@ from torch.ao.quantization import fuser_method_mappings, quantization_mappings
 from .. import layers, variants
 from ..tools._family import bn_affine
 from ..tools.convert import _BNKIT_TO_TORCH, _swap
-from ..variants.act import plain_activation
+from ..variants.act import BatchNormAct, plain_activation
 
 __all__ = [
     "BNKIT_BY_TORCH",
@@ -104,9 +104,17 @@ def _describe(bn: nn.Module) -> str:
     return describe() if callable(describe) else type(bn).__name__
 
 
+def _torch_class(bn: nn.Module) -> type | None:
+    """The torch BN class of ``bn``'s computation: its own counterpart, or (the BN part of a BN+activation layer)
+    torch's class of its rank."""
+    if isinstance(bn, BatchNormAct):
+        return _TORCH_BY_DIMS.get(bn._expected_dims)
+    return _BNKIT_TO_TORCH.get(type(bn))
+
+
 def _exact_reason(bn: nn.Module) -> str | None:
     """Why ``bn`` has no torch BN that shares its tensors (None: it has one)."""
-    if type(bn) not in _BNKIT_TO_TORCH:
+    if _torch_class(bn) is None:
         return f"{type(bn).__name__} computes something torch's BatchNorm does not"
     if bn.axis != 1:
         return f"axis={bn.axis} (torch normalizes along axis 1)"
@@ -149,7 +157,7 @@ def torch_batchnorm(bn: nn.Module, *, training: bool) -> nn.Module:
     """
     reason = _exact_reason(bn)
     if reason is None:
-        out = _swap(bn, _BNKIT_TO_TORCH[type(bn)])
+        out = _swap(bn, _torch_class(bn))
         if hasattr(bn, "qconfig"):
             out.qconfig = bn.qconfig
         return out
@@ -191,10 +199,10 @@ BN_ACT_BY_TORCH: dict[type, tuple[type, ...]] = {
 def _split_bn_act(layer: nn.Module, is_qat: bool) -> tuple[nn.Module, nn.ReLU]:
     """A BN+ReLU layer as torch's ``(BatchNorm, ReLU)`` pair for torch's ``(X, BN, ReLU)`` fuser methods.
 
-    The BN part of a :class:`bnkit.variants.BatchNormAct` is a plain BN (its
-    tensors shared, as :func:`torch_batchnorm` shares them); a frozen one
-    gives its inference map (eval mode only). Torch fuses a convolution or
-    linear layer with BN and ReLU only, so any other tail is a ``ValueError``.
+    The BN part enters as :func:`torch_batchnorm` makes it (a plain BN
+    sharing its tensors, or the inference map of a frozen one in eval mode).
+    Torch fuses a convolution or linear layer with BN and ReLU only, so any
+    other tail is a ``ValueError``.
     """
     drop, act = layer._modules.get("drop"), layer._modules.get("act")
     if type(drop) is not nn.Identity or type(plain_activation(act)) is not nn.ReLU:
@@ -203,18 +211,7 @@ def _split_bn_act(layer: nn.Module, is_qat: bool) -> tuple[nn.Module, nn.ReLU]:
             "a convolution or linear layer with BN and ReLU only. Convert it back first with "
             "bnkit.convert(model, to='torch') and fuse the (conv, BN) pair"
         )
-    relu = nn.ReLU()
-    if isinstance(layer, variants.FrozenBatchNorm):
-        return torch_batchnorm(layer, training=is_qat), relu
-    reason = None if layer.axis == 1 and layer.share_affine == "none" else "axis or share_affine differ from torch's"
-    if reason is None:
-        bn = _swap(layer, _TORCH_BY_DIMS[layer._expected_dims])  # the BN part: the very tensors
-        if hasattr(layer, "qconfig"):
-            bn.qconfig = layer.qconfig
-        return bn, relu
-    if is_qat:
-        raise ValueError(f"fuse_modules_qat: {_describe(layer)} cannot be fused for quantization-aware training: {reason}")
-    return _stand_in(layer), relu
+    return torch_batchnorm(layer, training=is_qat), nn.ReLU()
 
 
 def _wrap_bn_act(fuser: Callable) -> Callable:

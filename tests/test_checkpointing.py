@@ -114,6 +114,17 @@ def test_renorm_memory_is_consumed():
         assert_same_step(plain, ckpt, xa, xb, run_step(plain, xa, "none"), run_step(ckpt, xb, "non-reentrant"))
 
 
+@pytest.mark.parametrize("convention", ["torch", "keras"])
+def test_renorm_remembers_only_forwards_checkpointing_may_run_again(convention):
+    bn = bnkit.BatchRenorm1d(4, convention=convention, dtype=D)
+    x = torch.randn(8, 4, dtype=D, requires_grad=True)
+    for _ in range(3):
+        bn(x).sum().backward()  # plain training steps: nothing to recompute, nothing kept
+    assert not bn.__dict__.get("_recompute_memory")
+    checkpoint(bn, x, use_reentrant=False).sum().backward()  # remembered, then taken back by the recompute
+    assert not bn.__dict__.get("_recompute_memory")
+
+
 def test_renorm_checkpointing_one_batch_twice_in_a_step():
     """The backward recomputes the later call first: each recompute takes its own call's (r, d)."""
     grads = []

@@ -222,6 +222,7 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
     x3, _ = prepared
     if layer.running_std is None:  # e.g. rebuilt by unfreeze, which keeps mean and variance only
         layer.running_std = torch.sqrt(layer.running_var + layer.eps)
+    remember = not torch.compiler.is_compiling() and may_be_recomputed()  # (read before no_grad, which it tests)
     with torch.no_grad():  # r and d are constants (Keras' stop_gradient), for forward-mode AD too: detach
         mean_b, var_b = (t.detach() for t in kernels.moments(x3))
         acc = mean_b.dtype
@@ -238,7 +239,7 @@ def keras_renorm_train_forward(layer: nn.Module, input: Tensor) -> Tensor:
             d_max_t = torch.as_tensor(d_max, dtype=acc, device=x3.device)
             r = torch.clamp(sigma_b / sigma, min=1.0 / r_max_t, max=r_max_t)
             d = torch.clamp((mean_b - mu) / sigma, min=-d_max_t, max=d_max_t)
-            if not torch.compiler.is_compiling() and may_be_recomputed():
+            if remember:
                 layer._remember_correction(mean_b, var_b, r, d)
         finite = None if _deferred(layer) else _finite(layer, mean_b, var_b)
     c = layer.num_features

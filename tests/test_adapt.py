@@ -98,6 +98,17 @@ def test_reestimate_matches_recalibrate_on_a_deep_model(bn):
     assert all(torch.equal(p, params[k]) for k, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("mode", ["reestimate", "prior", "online"])
+def test_adapting_records_no_autograd_graph(mode):
+    """The passes over the data only measure: no graph is recorded (the outputs carry no grad_fn)."""
+    model = nn.Sequential(nn.Linear(3, 4), bnkit.BatchNorm1d(4), nn.Linear(4, 2))
+    seen = []
+    model[2].register_forward_hook(lambda m, args, out: seen.append((torch.is_grad_enabled(), out.grad_fn)))
+    handle = bnkit.adapt(model, [torch.randn(8, 3) for _ in range(2)], mode=mode)
+    handle.restore()
+    assert seen == [(False, None), (False, None)]
+
+
 def test_reestimate_adapts_frozen_layers_like_trainable_ones():
     model = with_running_stats(_cnn(), SOURCE)
     frozen = bnkit.freeze(copy.deepcopy(model))

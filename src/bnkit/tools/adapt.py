@@ -384,7 +384,6 @@ def adapt(
     return handle
 
 
-@torch.no_grad()
 def _online_modes(snapshot: _Snapshot, layers: list) -> None:
     """``mode="online"``'s training flags: every module's own, but the BN layers (alone, not their children) in
     eval mode, so that they normalize with the statistics the hook has just written."""
@@ -395,6 +394,7 @@ def _online_modes(snapshot: _Snapshot, layers: list) -> None:
             m.training = False
 
 
+@torch.no_grad()
 def _run(model: nn.Module, data: Any, num_batches: int | None) -> int:
     """Feed the batches through the model in eval mode; returns how many there were."""
     device = _model_device(model)

@@ -47,13 +47,15 @@ def bn_parameters(model: nn.Module, *, named: bool = False) -> list:
 
 # ------------------------------------------------------------------ TENT
 def _undo_tent_setup(hooks: list, momenta: list, grads: list) -> None:
-    """Remove TENT's hooks, put back the layers' momenta and the parameters' ``requires_grad`` flags."""
+    """Remove TENT's hooks, put back the layers' momenta and the parameters' ``requires_grad`` flags and ``.grad``
+    (``grads``: ``(parameter, requires_grad, grad)`` at entry)."""
     for h in hooks:
         h.remove()
     for m, mom in momenta:
         m.momentum = mom
-    for p, rg in grads:
+    for p, rg, g in grads:
         p.requires_grad_(rg)
+        p.grad = g
 
 
 def _frozen_batch_stats_hook(module: nn.Module, args: tuple, output: Any) -> Tensor:
@@ -296,8 +298,7 @@ def tent(
 
     snapshot = _Snapshot(model, layers, params=True)
     handle = AdaptHandle(model, "tent", [n or "<root>" for n, _ in layers], snapshot)
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    entry_grads = [(p, p.grad) for p in model.parameters()]  # put back at the end: tent's steps leave no .grad
+    grads = [(p, p.requires_grad, p.grad) for p in model.parameters()]  # put back at the end: tent leaves no .grad
     momenta = [(m, m.momentum) for _, m in layers if learns_stats(m)]
     hooks = []
     device = _model_device(model)
@@ -317,7 +318,7 @@ def tent(
                 m.momentum = 0.0  # ... and the running averages kept as they are
             else:
                 hooks.append(m.register_forward_hook(_frozen_batch_stats_hook))
-        for p, _ in grads:
+        for p, _, _ in grads:
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
@@ -351,13 +352,9 @@ def tent(
             seen += 1
     except BaseException:
         _undo_tent_setup(hooks, momenta, grads)
-        for p, g in entry_grads:
-            p.grad = g
         snapshot.restore()
         raise
     _undo_tent_setup(hooks, momenta, grads)
-    for p, g in entry_grads:
-        p.grad = g
     # The steps left the statistics as they were (momentum 0) but counted batches: put the buffers back.
     adapted = [p.detach().clone() for p in params]
     snapshot.restore()

@@ -391,3 +391,28 @@ def test_recalibrate_domain_bn_keyword_domain():
     mean, _ = _exact(torch.cat(xs))
     torch.testing.assert_close(model.bn.running_mean[2].double(), mean, rtol=1e-6, atol=1e-6)
     assert torch.equal(model.bn.running_mean[0], torch.zeros(4))  # domain 0 saw no data
+
+
+class _SubclassWithExtras(nn.BatchNorm2d):
+    """torch's forward; a child module and an extra buffer of its own (both in its state_dict)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.extra = nn.Linear(2, 2)
+        self.register_buffer("hint", torch.full((c,), 7.0))
+
+
+def test_convert_round_trip_keeps_a_subclass_s_children_buffers_and_their_flags():
+    model = nn.Sequential(_SubclassWithExtras(3))
+    model[0].extra.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    extra, hint = model[0].extra, model[0].hint
+    converted = bnkit.convert(model, inplace=True)
+    assert type(converted[0]) is bnkit.BatchNorm2d
+    assert list(converted.state_dict()) == list(before)  # the same keys as the torch model: checkpoints load both ways
+    assert converted[0].extra is extra and converted[0].hint is hint and not converted[0].extra.training
+    back = bnkit.convert(converted, to="torch", inplace=True)
+    assert type(back[0]) is _SubclassWithExtras and back[0].extra is extra and back[0].hint is hint
+    assert back[0].training and not back[0].extra.training  # the layer's flag set, not its children's
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, before[k]), k

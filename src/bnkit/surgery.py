@@ -28,7 +28,8 @@ from typing import Callable, Iterable
 from torch import nn
 
 __all__ = [
-    "CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "move_hooks", "rebuild", "replace_modules", "snapshot", "take_over_tensors",
+    "CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "carry_extras", "move_hooks", "rebuild", "replace_modules", "snapshot",
+    "take_over_tensors",
 ]
 
 # nn.Module attributes holding the hooks registered on a module's calls ...
@@ -69,6 +70,20 @@ def take_over_tensors(dst: nn.Module, src: nn.Module, names: Iterable[str]) -> N
             dst._parameters.pop(name, None)
 
 
+def carry_extras(dst: nn.Module, src: nn.Module, names: Iterable[str]) -> None:
+    """``dst`` also holds ``src``'s tensors other than ``names`` and its children that ``dst`` has no child of that name for.
+
+    A subclass's own parameters, buffers and child modules (the very objects)
+    stay in the replaced layer's ``state_dict`` and come back with it when the
+    layer is rebuilt (what torch's converter keeps of them: the children).
+    """
+    standard = set(names)
+    take_over_tensors(dst, src, [k for k in (*src._parameters, *src._buffers) if k not in standard])
+    for name, child in src._modules.items():
+        if name not in dst._modules:
+            dst._modules[name] = child
+
+
 def replace_modules(
     model: nn.Module,
     select: Callable[[nn.Module], bool],
@@ -99,7 +114,8 @@ def replace_modules(
             move_hooks(m, replacement, hook_dicts)
             new[key] = replacement
     if new:
-        for parent in list(model.modules()):
+        # The replacements' children too: a child a replacement took over from its original may be replaced itself.
+        for parent in [*model.modules(), *new.values()]:
             for child_name, child in list(parent._modules.items()):
                 if child is not None and id(child) in new:
                     parent._modules[child_name] = new[id(child)]

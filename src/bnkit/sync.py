@@ -39,11 +39,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._layer_support import document_bn_arguments
+from ._engine_checks import _check_param
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .errors import InputDtypeError
 from .family import bn_form, bn_tail, ranked, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
-from .surgery import rebuild, replace_modules, snapshot, take_over_tensors
+from .surgery import carry_extras, rebuild, replace_modules, snapshot, take_over_tensors
 from .sync_autograd import _all_gather_flat, _Comm, _SyncBatchNormFunction, _SyncMaskedFunction, sync_payload_bytes
 from .variants.act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _WithTail
 
@@ -158,6 +159,11 @@ class SyncBatchNorm(BatchNorm):
         self._handshake(group, world, input.device)
         axis = self.axis % input.dim()
         channels = input.shape[axis]
+        running_mean, running_var, num_batches_tracked, _ = self.call_buffers()
+        if input.numel():  # as the local path: an empty batch is not checked against the parameters (nothing uses them)
+            for name, t in (("weight", self.weight), ("bias", self.bias), ("running_mean", running_mean),
+                            ("running_var", running_var)):
+                _check_param(name, t, input, channels)
         weight_c = per_channel(self.weight, channels)
         bias_c = per_channel(self.bias, channels)
         if not self.eps > 0:
@@ -172,16 +178,8 @@ class SyncBatchNorm(BatchNorm):
             y3, mean, var, count = _SyncMaskedFunction.apply(
                 x3, m2, int(m2.sum()), weight_c, bias_c, self.eps, comm
             )
-        if self.track_running_stats:
-            running_update(
-                self.call_spec(),
-                self.running_mean,
-                self.running_var,
-                self.num_batches_tracked,
-                mean,
-                var,
-                int(count),
-            )
+        if running_mean is not None:
+            running_update(self.call_spec(), running_mean, running_var, num_batches_tracked, mean, var, int(count))
         return restore(y3)
 
 
@@ -189,16 +187,25 @@ class SyncBatchNorm(BatchNorm):
 class SyncBatchNormAct(_WithTail, SyncBatchNorm):
     """:class:`SyncBatchNorm` followed by ``drop`` and ``act`` (what timm's ``BatchNormAct2d`` becomes)."""
 
+    def fused_activation(self) -> tuple[str, float, float] | None:
+        # A synchronized call is BN over the global batch, then the children: the fused op is the local path.
+        if self.training and self._group() is not None:
+            return None
+        return super().fused_activation()
 
-_BNKIT_CLASSES = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
+
+_BNKIT_CLASSES = (
+    BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
+)
 _TORCH_EXACT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
-    """Make ``dst`` use ``src``'s very parameter and buffer tensors and its training flag."""
-    take_over_tensors(dst, src, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
-    dst.train(src.training)
+    """Make ``dst`` use ``src``'s very parameter, buffer and child objects and its own training flag."""
+    take_over_tensors(dst, src, _TENSORS)
+    carry_extras(dst, src, _TENSORS)
+    dst.training = src.training  # the layer's own flag: the children keep theirs (as torch's converter)
     if hasattr(src, "qconfig"):
         dst.qconfig = src.qconfig
     return dst
@@ -218,6 +225,15 @@ def _check_convertible(module: nn.Module, name: str) -> None:
             f"convert_sync_batchnorm: layer {name or '<root>'!r} ({cls.__module__}.{cls.__qualname__}) cannot be "
             f"synchronized without changing what it computes: {form.reason}. Nothing was changed."
         )
+    if type(module) in _BNKIT_CLASSES and (
+        getattr(module, "convention", "torch") != "torch" or getattr(module, "tiny_batch", "raise") != "raise"
+    ):
+        # SyncBatchNorm has torch's update rule and raises on tiny batches: not dropped silently.
+        raise ValueError(
+            f"convert_sync_batchnorm: {module._describe()} uses convention={module.convention!r}, "
+            f"tiny_batch={module.tiny_batch!r}; SyncBatchNorm supports convention='torch', tiny_batch='raise' only. "
+            "Nothing was changed."
+        )
 
 
 def _revert_class(module: SyncBatchNorm) -> type:
@@ -226,12 +242,10 @@ def _revert_class(module: SyncBatchNorm) -> type:
 
 def _check_revertible(module: SyncBatchNorm, name: str) -> None:
     cls = _revert_class(module)
-    if not issubclass(cls, BatchNorm) and (
-        module.share_affine != "none" or module.axis != 1 or (module.affine and module.bias is None)
-    ):
+    if not issubclass(cls, BatchNorm) and (module.share_affine != "none" or module.axis != 1):
         raise ValueError(
             f"convert_sync_batchnorm(revert=True): {module.describe()} cannot become {cls.__name__} "
-            "(it has a feature axis other than 1, shared affine parameters, or no bias)"
+            "(it has a feature axis other than 1 or shared affine parameters)"
         )
 
 
@@ -247,12 +261,6 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
         extra: dict[str, Any] = {}
         dims = torch_dims(module)
     elif type(module) in _BNKIT_CLASSES:
-        if getattr(module, "convention", "torch") != "torch" or getattr(module, "tiny_batch", "raise") != "raise":
-            # SyncBatchNorm has torch's update rule and raises on tiny batches: not dropped silently.
-            raise ValueError(
-                f"convert_sync_batchnorm: {module._describe()} uses convention={module.convention!r}, "
-                f"tiny_batch={module.tiny_batch!r}; SyncBatchNorm supports convention='torch', tiny_batch='raise' only"
-            )
         extra = {"axis": module.axis, "share_affine": module.share_affine, "nonfinite": module.nonfinite}
         dims = module.expected_dims
     else:
@@ -286,11 +294,11 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
     cls = _revert_class(module)
     snap = getattr(module, "_sync_snapshot", None)
     if snap is not None and snap["cls"] is cls:
-        out = rebuild(snap, module, _TENSORS, module._modules)
+        out = rebuild(snap, module, (*module._parameters, *module._buffers), module._modules)
         out.eps, out.momentum = module.eps, module.momentum
         if module.process_group is not None and isinstance(out, nn.SyncBatchNorm):
             out.process_group = module.process_group
-        out.train(module.training)
+        out.training = module.training
         return out
     weight = module.weight
     factory = {
@@ -316,7 +324,7 @@ def _from_sync(module: SyncBatchNorm) -> nn.Module:
             out.bn_tail = getattr(module, "bn_tail", ("drop", "act"))
     else:
         out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                  **factory)
+                  bias=module.bias is not None or not module.affine, **factory)
         if cls is nn.SyncBatchNorm and module.process_group is not None:
             out.process_group = module.process_group
     return _copy_state(out, module)

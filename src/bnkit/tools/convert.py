@@ -33,7 +33,9 @@ from torch.nn.utils import parametrize
 from .. import layers
 from .._warn import warn
 from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
-from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS, rebuild, replace_modules, snapshot, take_over_tensors
+from ..surgery import (
+    CALL_HOOK_DICTS, STATE_HOOK_DICTS, carry_extras, rebuild, replace_modules, snapshot, take_over_tensors,
+)
 from ..variants.act import (
     BatchNormAct,
     BatchNormAct1d,
@@ -153,6 +155,7 @@ def _to_bnkit(old: nn.Module, cls: type, form: BNForm) -> nn.Module:
         new._modules.clear()
         new._modules.update(bn_tail(old, form))  # the very modules: their parameters and hooks stay
         new.bn_tail = form.tail
+    carry_extras(new, old, _TENSORS)  # a subclass's own children and tensors: in the state_dict, and back with to="torch"
     if type(old) not in _TORCH_TO_BNKIT:
         new.__dict__[_ORIGIN] = snapshot(old)
     return new
@@ -163,9 +166,9 @@ def _to_torch(old: nn.Module) -> nn.Module:
     if origin is None:
         return _swap(old, _BNKIT_TO_TORCH[type(old)])
     # Rebuilt as the subclass it came from: its own attributes, the current values and children.
-    new = rebuild(origin, old, _TENSORS, old._modules)
+    new = rebuild(origin, old, (*old._parameters, *old._buffers), old._modules)
     new.eps, new.momentum = old.eps, old.momentum
-    new.train(old.training)
+    new.training = old.training  # the layer's own flag: its children keep theirs
     return new
 
 

@@ -111,8 +111,20 @@ def check_per_channel_tensors(layer: nn.Module) -> None:
 
 
 
+def _running_policy(layer: nn.Module) -> bool:
+    """Whether ``tiny_batch="running"`` applies to this layer's training call (the value checked again, as it may
+    have been set after construction; without running statistics the batch's are used, and torch's error raised)."""
+    policy = getattr(layer, "tiny_batch", "raise")
+    if policy not in TINY_BATCH_POLICIES:
+        raise ValueError(f"{layer.describe()}: tiny_batch must be one of {TINY_BATCH_POLICIES}, got {policy!r}")
+    return (policy == "running" and layer.track_running_stats and isinstance(layer.running_mean, Tensor)
+            and isinstance(layer.running_var, Tensor))
+
+
 def tiny_batch_forward(layer: nn.Module, input: Tensor) -> Tensor | None:
     """The eval-mode output for a one-value-per-channel training batch under ``tiny_batch="running"``."""
+    if not _running_policy(layer):
+        return None
     if not (isinstance(input, Tensor) and input.dim() >= 1 and -input.dim() <= layer.axis < input.dim()):
         return None
     if input.numel() == 0 or input.numel() != input.shape[layer.axis]:
@@ -135,13 +147,12 @@ def masked_one_valid(layer: nn.Module) -> str:
     a batch of one valid entry the running statistics' output by ``torch.where`` on the count (no warning
     there); eagerly :func:`masked_tiny_batch` has taken such a batch already. ``"raise"`` otherwise.
     """
-    running = layer.training and getattr(layer, "tiny_batch", "raise") == "running" and layer.track_running_stats
-    return "running" if running else "raise"
+    return "running" if layer.training and _running_policy(layer) else "raise"
 
 
 def masked_tiny_batch(layer: nn.Module, input: Tensor, mask: Tensor) -> Tensor | None:
     """Under ``tiny_batch="running"``, the eval-mode output of a training batch with one valid entry."""
-    if not layer.training or getattr(layer, "tiny_batch", "raise") == "raise":
+    if not layer.training or getattr(layer, "tiny_batch", "raise") == "raise" or not _running_policy(layer):
         return None
     spec = layer.call_spec()
     check_input(spec, input)

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._layer_support import document_bn_arguments
 from ._engine_checks import _check_param
+from ._layer_support import document_bn_arguments
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .errors import InputDtypeError
 from .family import bn_form, bn_tail, ranked, torch_dims

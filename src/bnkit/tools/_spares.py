@@ -85,6 +85,13 @@ class BufferSnapshot:
                     orig.copy_(copy)
                     m._buffers[k] = orig
 
+    def saved(self, module: nn.Module) -> dict[str, Tensor]:
+        """``{name: copy}`` of ``module``'s buffers as they were at the snapshot (empty if not taken)."""
+        for m, bufs in self._saved:
+            if m is module:
+                return {k: copy for k, _, copy in bufs}
+        return {}
+
     def release(self) -> None:
         """Give the copies back to the pool (the snapshot is spent)."""
         for _, bufs in self._saved:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +124,8 @@ class _Accumulator:
 
     def totals(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> Tensor | None:
         """The fused route's question: the totals to merge this layer's batch into (``None``: no block collects it)."""
+        if _EXCLUDED and _excluded_buffer(running_mean):
+            return None
         layer = self.by_buffer.get(id(running_mean))
         if layer is None:
             layer = self._layer(spec, running_mean, running_var, nbt)
@@ -135,6 +137,8 @@ class _Accumulator:
     def __call__(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor,
                  var: Tensor, count: int) -> bool:
         """The running-update hook: the batch's moments merged into the layer's totals (False: not collected)."""
+        if _EXCLUDED and _excluded_buffer(running_mean):
+            return False
         layer = self._layer(spec, running_mean, running_var, nbt)
         if layer is None:
             return self.parent(spec, running_mean, running_var, nbt, mean, var, count) if self.parent else False
@@ -186,6 +190,8 @@ class _Accumulator:
             if n == 0:
                 continue
             momentum = m.momentum
+            if momentum is None and m.num_batches_tracked is None:
+                continue  # torch's factor is then 0: the running statistics stay
             factor = momentum if momentum is not None else 1.0 / int(m.num_batches_tracked)
             update_running_stats(m.running_mean, m.running_var, total.mean, total.m2 / n, n, factor)
 
@@ -197,6 +203,41 @@ class _Accumulator:
 
 _ACCUMULATORS: list[_Accumulator] = []
 _NONE = object()
+# Layers (their ids, and their running_mean buffers') whose forwards no block collects: bnkit.preserve_stats'.
+_EXCLUDED: dict[int, int] = {}
+
+
+def _excluded_buffer(running_mean: Tensor) -> bool:
+    return id(running_mean if running_mean._base is None else running_mean._base) in _EXCLUDED
+
+
+@contextlib.contextmanager
+def excluded_from_blocks(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside, no open :func:`accumulate_stats` block collects the forwards of ``modules``.
+
+    Their buffers then update as outside a block (torch's layers at the block's momentum 1), for the
+    caller to put back: :func:`bnkit.preserve_stats`' forwards do not count, in a block or not.
+    """
+    if not _ACCUMULATORS:
+        yield
+        return
+    keys = []
+    for m in modules:
+        keys.append(id(m))
+        rm = getattr(m, "running_mean", None)
+        if isinstance(rm, Tensor):
+            keys.append(id(rm if rm._base is None else rm._base))
+    for k in keys:
+        _EXCLUDED[k] = _EXCLUDED.get(k, 0) + 1
+    try:
+        yield
+    finally:
+        for k in keys:
+            left = _EXCLUDED[k] - 1
+            if left:
+                _EXCLUDED[k] = left
+            else:
+                del _EXCLUDED[k]
 
 
 class _CollectingForward:
@@ -232,7 +273,7 @@ class _CollectingForward:
                 _collect_eagerly(self, n)
             return y
         if not (module.training and module.track_running_stats and _ACCUMULATORS) or in_recompute() \
-                or torch._C._is_tracing():
+                or torch._C._is_tracing() or (_EXCLUDED and id(module) in _EXCLUDED):
             return self.forward(input, *args, **kwargs)
         if self.lean and not args and not kwargs and type(input) is Tensor:
             module._check_input_dim(input)
@@ -249,7 +290,7 @@ class _CollectingForward:
 
     def collect(self, n: int) -> None:
         """The batch statistics a forward left in the buffers merged into the innermost block (if any)."""
-        if _ACCUMULATORS and not in_recompute():
+        if _ACCUMULATORS and not in_recompute() and id(self.module) not in _EXCLUDED:
             self._take(_ACCUMULATORS[-1], n)
 
     def _take(self, block: _Accumulator, n: int) -> None:
@@ -265,6 +306,26 @@ class _CollectingForward:
 
     def __reduce__(self) -> Any:
         return (_same, (self.forward,))
+
+
+class _StateAtEntry:
+    """A wrapped torch layer's ``__getstate__`` inside a block: a copy or pickle made there is the layer as it was
+    at the block's entry (its momentum, running buffers and forward), as a bnkit layer's is, not the block's
+    working state (momentum 1, the last micro-batch's statistics)."""
+
+    __slots__ = ("module", "momentum", "buffers", "forward")
+
+    def __init__(self, module: nn.Module, buffers: dict[str, Tensor]) -> None:
+        self.module, self.momentum, self.buffers = module, module.momentum, buffers
+        self.forward = module.__dict__.get("forward", _NONE)  # the layer's own forward attribute, if any
+
+    def __call__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.module.__dict__.items() if k not in ("__getstate__", "forward")}
+        if self.forward is not _NONE:
+            state["forward"] = self.forward
+        state["momentum"] = self.momentum
+        state["_buffers"] = {k: self.buffers.get(k, b) for k, b in self.module._buffers.items()}
+        return state
 
 
 # Under torch.compile: run on each call of the compiled code, outside the graph (a graph break), with the
@@ -370,6 +431,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for m in torch_layers:
             forwards.append((m, m.__dict__.get("forward", _NONE)))
+            m.__getstate__ = _StateAtEntry(m, snapshot.saved(m))
             m.forward = _CollectingForward(m, m.forward, acc)
             acc.wrapped.add(id(m))
             m.momentum = 1.0
@@ -379,6 +441,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         _ACCUMULATORS.pop()
         set_running_update_hook(previous)
         for m, forward in forwards:
+            m.__dict__.pop("__getstate__", None)
             if forward is _NONE:
                 del m.forward
             else:

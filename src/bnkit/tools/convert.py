@@ -34,7 +34,13 @@ from .. import layers
 from .._warn import warn
 from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
 from ..surgery import (
-    CALL_HOOK_DICTS, STATE_HOOK_DICTS, carry_extras, rebuild, replace_modules, snapshot, take_over_tensors,
+    CALL_HOOK_DICTS,
+    STATE_HOOK_DICTS,
+    carry_extras,
+    rebuild,
+    replace_modules,
+    snapshot,
+    take_over_tensors,
 )
 from ..variants.act import (
     BatchNormAct,

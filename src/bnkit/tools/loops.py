@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..stats import Moments, merge
 from ._family import has_running_stats
 from ._spares import BufferSnapshot
-from .accumulate import accumulate_stats
+from .accumulate import accumulate_stats, excluded_from_blocks
 from .checkpointing import _bn_layers, checkpoint_safe
 
 __all__ = ["accumulate_stats", "checkpoint_safe", "preserve_stats", "sync_running_stats"]
@@ -64,9 +64,11 @@ def preserve_stats(model: nn.Module) -> Iterator[nn.Module]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"preserve_stats: expected an nn.Module, got {type(model).__name__}")
-    snapshot = BufferSnapshot(m for _, m in _bn_layers(model))
+    bn_layers = [m for _, m in _bn_layers(model)]
+    snapshot = BufferSnapshot(bn_layers)
     try:
-        yield model
+        with excluded_from_blocks(bn_layers):  # inside an accumulate_stats block too, nothing here counts
+            yield model
     finally:
         snapshot.restore()
         snapshot.release()

@@ -217,22 +217,30 @@ class BatchRenorm(BatchNorm):
         """Keeps the ``(r, d)`` of a forward that checkpointing may run again, under its batch moments."""
         if not in_recompute():
             memory = self.__dict__.setdefault("_recompute_memory", deque(maxlen=_RECOMPUTE_MEMORY))
-            memory.append((mean_b, var_b, r, d))
+            if any(entry[4] for entry in memory):
+                # A new forward: the entries a backward has recomputed are spent (a retained graph's second
+                # backward comes before the next step's forwards), so memory holds the pending ones only.
+                kept = [entry for entry in memory if not entry[4]]
+                memory.clear()
+                memory.extend(kept)
+            memory.append((mean_b, var_b, r, d, set()))  # the last: the backward passes it has served
 
     def _recall_correction(self, mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor] | None:
-        """In a recompute, the remembered ``(r, d)`` of the forward with these batch moments (taken out), or ``None``.
+        """In a recompute, the remembered ``(r, d)`` of the forward with these batch moments, or ``None``.
 
-        The newest match first: a backward recomputes the checkpointed
-        forwards in reverse order, so of two calls on the same batch the later
-        one is recomputed first.
+        Of the forwards with these moments, the newest that this backward pass
+        (autograd's graph task) has not recomputed yet: a backward recomputes
+        the checkpointed forwards in reverse order, so of two calls on the same
+        batch the later one comes first, and a second backward through a
+        retained graph recomputes them all again.
         """
         if not in_recompute():
             return None
+        task = torch._C._current_graph_task_id()
         memory = self.__dict__.get("_recompute_memory") or ()
-        for i in range(len(memory) - 1, -1, -1):
-            entry = memory[i]
-            if torch.equal(entry[0], mean_b) and torch.equal(entry[1], var_b):
-                del memory[i]  # (by position: comparing tuples of tensors is ambiguous)
+        for entry in reversed(memory):
+            if task not in entry[4] and torch.equal(entry[0], mean_b) and torch.equal(entry[1], var_b):
+                entry[4].add(task)
                 return entry[2], entry[3]
         return None
 

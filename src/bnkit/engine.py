@@ -264,11 +264,16 @@ def fused_call(
         return None
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, batch_stats,
             spec.fused_momentum, spec.eps, spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
-    if activation is None:
-        y, status = torch.ops.bnkit.batch_norm_layer.default(*args)
-    else:
-        kind, lo, hi = activation
-        y, status = torch.ops.bnkit.batch_norm_act_layer.default(*args, ACTIVATION_KINDS.index(kind), lo, hi)
+    try:
+        if activation is None:
+            y, status = torch.ops.bnkit.batch_norm_layer.default(*args)
+        else:
+            kind, lo, hi = activation
+            y, status = torch.ops.bnkit.batch_norm_act_layer.default(*args, ACTIVATION_KINDS.index(kind), lo, hi)
+    except RuntimeError:
+        if all(t is None or isinstance(t, Tensor) for t in (weight, bias, running_mean, running_var, num_batches_tracked)):
+            raise
+        return None  # a non-tensor argument failed the op's schema (nothing ran): the general path raises TypeError
     constants = _constants()  # not None: the op exists
     if status == constants.handled:
         return y

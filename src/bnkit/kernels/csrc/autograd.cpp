@@ -208,7 +208,8 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
     return {
         ctx->needs_input_grad(0) ? dx : Tensor(),
         (w.defined() && ctx->needs_input_grad(1)) ? cast_like(dw, w) : Tensor(),
-        (has_bias && ctx->needs_input_grad(2)) ? db : Tensor(),
+        // (needs_input_grad counts the tensors given: an absent weight shifts the bias's index)
+        (has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1)) ? db : Tensor(),
         Tensor(),
         Tensor(),
         Tensor(),
@@ -320,7 +321,7 @@ class InferFn : public torch::autograd::Function<InferFn> {
     variable_list out(11);
     if (!gy.defined()) return out;
     const bool need_x = ctx->needs_input_grad(0), need_w = w.defined() && ctx->needs_input_grad(3),
-               need_b = b.defined() && ctx->needs_input_grad(4);
+               need_b = b.defined() && ctx->needs_input_grad(w.defined() ? 4 : 3); // (an absent weight: one less)
     const bool need_stats = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     const Tensor x3 = layer ? view3(x, axis, layout) : x;
     if (layer && !at::GradMode::is_enabled() && gy.has_storage() && !need_stats) {

@@ -201,7 +201,7 @@ def test_what_is_not_fused_runs_bn_then_the_activation(case):
         seen: list = []
         handle = nn.modules.module.register_module_forward_hook(lambda *a: seen.append(1))
     elif case == "tiny_batch":
-        new.tiny_batch = "eval"
+        new.tiny_batch = "running"
     try:
         assert new.fused_activation() is None or case == "tiny_batch"
         n = fused_op_calls(lambda: new(x.clone().requires_grad_()))

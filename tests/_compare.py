@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, scale: float = 1.0) -> None:
@@ -44,3 +45,23 @@ def twin_layers(cls_torch, cls_bnkit, num_features: int, *, device="cpu", dtype=
             b.weight.copy_(t.weight)
             b.bias.copy_(t.bias)
     return t.to(dtype), b.to(dtype)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0, *, parameters_only: bool = False) -> nn.Module:
+    """Non-trivial BN parameters and statistics, in each tensor's dtype (a fresh layer is the identity in eval).
+
+    ``parameters_only``: ``weight``/``bias`` are set only where they are parameters (not a frozen layer's buffers).
+    """
+    g = torch.Generator().manual_seed(seed)
+    kind = nn.Parameter if parameters_only else torch.Tensor
+    with torch.no_grad():
+        for m in model.modules():
+            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+            if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
+                rm.copy_(torch.randn(rm.shape, generator=g, dtype=rm.dtype) * 0.3)
+                rv.copy_(torch.rand(rv.shape, generator=g, dtype=rv.dtype) + 0.5)
+                for name in ("weight", "bias"):
+                    t = getattr(m, name, None)
+                    if isinstance(t, kind):
+                        t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.3 + (name == "weight"))
+    return model

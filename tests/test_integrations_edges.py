@@ -33,6 +33,7 @@ try:  # before the torchvision stand-in (see the module docstring)
 except ImportError:  # pragma: no cover - depends on the environment
     pl = None
 
+from _compare import randomize_bn  # noqa: E402
 from _timm_stub import import_timm  # noqa: E402
 
 # Deep nets amplify rounding (BN over 4 values per channel at 32 px): errors are measured against the size of
@@ -51,19 +52,7 @@ def timm():
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN parameters and statistics (a fresh layer is the identity in eval)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-            if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
-                rm.copy_(torch.randn(rm.shape, generator=g, dtype=rm.dtype) * 0.3)
-                rv.copy_(torch.rand(rv.shape, generator=g, dtype=rv.dtype) + 0.5)
-                for name in ("weight", "bias"):
-                    t = getattr(m, name, None)
-                    if isinstance(t, nn.Parameter):
-                        t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.3 + (name == "weight"))
-    return model
+    return randomize_bn(model, seed, parameters_only=True)
 
 
 def _data(n: int, px: int, dtype=torch.float64, seed: int = 1, classes: int = 10):
@@ -428,14 +417,6 @@ def test_timm_norm_act_layers_from_the_factory(timm, act, drop, affine, track, m
         for a, b in zip(pn, pr, strict=True):
             torch.testing.assert_close(a, b, **tol)
         _assert_same_state(new, ref, **tol)
-
-
-@pytest.fixture
-def accelerate_off():
-    bnkit.accelerate(False)
-    bnkit.accelerate_counts(reset=True)
-    yield
-    bnkit.accelerate(False)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -21,6 +21,7 @@ from bnkit.family import bn_form, register_bn_subclass
 from bnkit.sync import SyncBatchNormAct
 from bnkit.variants import BatchNormAct2d, FrozenBatchNormAct
 
+from _compare import randomize_bn as _randomize
 from _timm_stub import import_timm
 
 
@@ -70,22 +71,6 @@ class OwnBN(nn.Module):
 
     def forward(self, x):
         return F.batch_norm(x, self.running_mean, self.running_var, training=self.training)
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN parameters and statistics (fresh layers are the identity in eval)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-            if isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor):
-                rm.copy_(torch.randn(rm.shape, generator=g) * 0.3)
-                rv.copy_(torch.rand(rv.shape, generator=g) + 0.5)
-                for name in ("weight", "bias"):
-                    t = getattr(m, name, None)
-                    if isinstance(t, torch.Tensor):
-                        t.copy_(torch.randn(t.shape, generator=g) * 0.3 + (1.0 if name == "weight" else 0.0))
-    return model
 
 
 def _bnact(timm, **kw):

@@ -152,7 +152,7 @@ def masked_one_valid(layer: nn.Module) -> str:
 
 def masked_tiny_batch(layer: nn.Module, input: Tensor, mask: Tensor) -> Tensor | None:
     """Under ``tiny_batch="running"``, the eval-mode output of a training batch with one valid entry."""
-    if not layer.training or getattr(layer, "tiny_batch", "raise") == "raise" or not _running_policy(layer):
+    if not (layer.training and _running_policy(layer)):
         return None
     spec = layer.call_spec()
     check_input(spec, input)

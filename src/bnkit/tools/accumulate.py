@@ -207,8 +207,13 @@ _NONE = object()
 _EXCLUDED: dict[int, int] = {}
 
 
+def _storage_owner(t: Tensor) -> Tensor:
+    """The tensor a buffer's memory belongs to (a per-site layer's buffers are views of one)."""
+    return t if t._base is None else t._base
+
+
 def _excluded_buffer(running_mean: Tensor) -> bool:
-    return id(running_mean if running_mean._base is None else running_mean._base) in _EXCLUDED
+    return id(_storage_owner(running_mean)) in _EXCLUDED
 
 
 @contextlib.contextmanager
@@ -226,7 +231,7 @@ def excluded_from_blocks(modules: Iterable[nn.Module]) -> Iterator[None]:
         keys.append(id(m))
         rm = getattr(m, "running_mean", None)
         if isinstance(rm, Tensor):
-            keys.append(id(rm if rm._base is None else rm._base))
+            keys.append(id(_storage_owner(rm)))
     for k in keys:
         _EXCLUDED[k] = _EXCLUDED.get(k, 0) + 1
     try:

@@ -309,35 +309,50 @@ def test_timm_split_batchnorm_left_with_its_aux_layers_converted(timm):
         _assert_scaled(new(xs[0]), y_ref, EVAL64, y_ref.abs().max().item(), "eval output")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: timm.layers.freeze_batch_norm_2d (isinstance nn.BatchNorm2d) silently "
-                   "skips every converted bnkit layer: they stay trainable BN; on the timm model all are frozen")
 def test_timm_freeze_batch_norm_2d_freezes_a_converted_model(timm):
+    """timm's freeze_batch_norm_2d finds BN by torch's class and passes bnkit's layers by; bnkit's version of it
+    freezes them: the same outputs in train mode as timm's on the torch model, and no BN parameter left."""
+    from bnkit.integrations.timm import freeze_batch_norm_2d, unfreeze_batch_norm_2d
+
     torch.manual_seed(0)
     ref = _randomize(timm.create_model("resnet10t", pretrained=False, num_classes=10))
     new = bnkit.convert(ref)
     fz_ref = timm.layers.freeze_batch_norm_2d(copy.deepcopy(ref))
-    fz_new = timm.layers.freeze_batch_norm_2d(copy.deepcopy(new))
+    fz_new = freeze_batch_norm_2d(copy.deepcopy(new))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fz_new.train()(x), fz_ref.train()(x))  # frozen: the eval map in train mode
     assert [n for n, _ in fz_new.named_parameters()] == [n for n, _ in fz_ref.named_parameters()]
+    back = unfreeze_batch_norm_2d(fz_new)
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in new.named_parameters()]
+    assert [type(m) for m in back.modules()] == [type(m) for m in new.modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), ref.eval()(x))
+    # a converted layer as the root is returned frozen, as timm returns a frozen torch layer
+    layer = bnkit.convert(_randomize(nn.BatchNorm2d(3)))
+    assert isinstance(freeze_batch_norm_2d(layer), bnkit.FrozenBatchNorm2d)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: timm's RepVggBlock/MobileOneBlock.reparameterize asserts isinstance(identity, "
-                   "nn.BatchNorm2d); the converted bnkit BatchNormAct2d is not one (AssertionError)")
 @pytest.mark.parametrize("block", ["RepVggBlock", "MobileOneBlock"])
 def test_timm_reparameterize_a_converted_block(timm, block):
+    """timm's reparameterize asserts its branches are torch's BatchNorm2d; bnkit's reparameterize_model gives them
+    back to timm as torch layers: the same map as timm's on the torch block, and the original is kept."""
     from timm.models import byobnet
+
+    from bnkit.integrations.timm import reparameterize_model
 
     torch.manual_seed(0)
     ref = _randomize(getattr(byobnet, block)(8, 8)).double().eval()
-    new = bnkit.convert(ref)
+    model = nn.Sequential(bnkit.convert(ref), bnkit.convert(_randomize(nn.BatchNorm2d(8))).double().eval())
     x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
     with torch.no_grad():
-        want = ref(x)
-        new.reparameterize()
-        torch.testing.assert_close(new(x), want, **F64)
+        want = model(x)
+        fused = reparameterize_model(model)
+        torch.testing.assert_close(fused(x), want, **F64)
+        torch.testing.assert_close(fused(x), timm.models.reparameterize_model(nn.Sequential(ref, model[1]))(x), **F64)
+    assert not any(isinstance(m, (nn.BatchNorm2d, bnkit.BatchNorm)) for m in fused[0].modules())
+    assert isinstance(fused[1], bnkit.BatchNorm2d)  # BN outside re-parameterized blocks stays bnkit's
+    assert any(isinstance(m, bnkit.BatchNorm) for m in model[0].modules())  # not inplace: the model is unchanged
 
 
 def test_timm_reparameterize_after_converting_back(timm):

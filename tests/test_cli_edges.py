@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,9 +52,52 @@ def _main(argv, capfd):
     return rc, cap.out, cap.err
 
 
-def _cli(argv, cwd, timeout=120, env=None):
-    return subprocess.run([sys.executable, "-m", "bnkit.cli", *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env or ENV)
+class _Proc:
+    """A child process whose output goes to files, not pipes, in its own session: waiting for it can never
+    block on a grandchild that holds an inherited pipe open, and cleanup kills the whole process group."""
+
+    def __init__(self, args, cwd, env=None):
+        self._out, self._err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.p = subprocess.Popen(args, cwd=cwd, stdout=self._out, stderr=self._err, env=env or ENV,
+                                  start_new_session=True)
+        self.pid = self.p.pid
+
+    def poll(self):
+        return self.p.poll()
+
+    def send_signal(self, sig):
+        self.p.send_signal(sig)
+
+    def _read(self, f) -> str:
+        f.seek(0)
+        return f.read().decode("utf-8", "replace")
+
+    def finish(self, timeout=120):
+        """(returncode, stdout, stderr); a child still running after ``timeout`` fails the test, naming the
+        processes of its group, and is killed with them."""
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = "(ps unavailable)"
+            with contextlib.suppress(OSError):
+                tree = subprocess.run(["ps", "-o", "pid,stat,etime,args", "-g", str(self.pid)], capture_output=True,
+                                      text=True, timeout=10).stdout
+            self.kill()
+            pytest.fail(f"still running after {timeout} s:\n{tree}\nstderr:\n{self._read(self._err)[-3000:]}")
+        self.kill()  # what it left behind in its group
+        return rc, self._read(self._out), self._read(self._err)
+
+    def kill(self):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.p.wait(timeout=30)
+
+
+def _cli(argv, cwd, timeout=120, env=None, args=None):
+    proc = _Proc(args or [sys.executable, "-m", "bnkit.cli", *argv], cwd, env)
+    rc, out, err = proc.finish(timeout)
+    return subprocess.CompletedProcess(proc.p.args, rc, out, err)
 
 
 def _one_error(err: str) -> str:
@@ -405,8 +449,7 @@ def test_resume_of_another_experiments_unfinished_dir(tmp_path, capfd):
 
 def _start_and_signal(argv, cwd: Path, out: Path, sig):
     """Start ``bnkit ARGV``, send ``sig`` at its first progress line (the first line of metrics.jsonl)."""
-    p = subprocess.Popen([sys.executable, "-m", "bnkit.cli", *argv], cwd=cwd, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=ENV)
+    p = _Proc([sys.executable, "-m", "bnkit.cli", *argv], cwd)
     jsonl = out / "metrics.jsonl"
     t0 = time.monotonic()
     try:
@@ -416,12 +459,9 @@ def _start_and_signal(argv, cwd: Path, out: Path, sig):
             time.sleep(0.01)
         assert p.poll() is None, "finished before the signal"
         p.send_signal(sig)
-        o, e = p.communicate(timeout=120)
+        return p.finish(timeout=120)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    return p.returncode, o, e
+        p.kill()
 
 
 def test_ctrl_c_at_the_first_progress_line_then_resume_is_bit_identical(base, tmp_path, capfd):
@@ -458,8 +498,7 @@ def _torch_loading(pid: int) -> bool:
                                        "before main()'s KeyboardInterrupt handler) prints a Python traceback")
 def test_ctrl_c_during_startup_is_one_line_without_traceback(tmp_path):
     out = tmp_path / "early"
-    p = subprocess.Popen([sys.executable, "-m", "bnkit.cli", "run", "fig1", *TINY, "--out", str(out)], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    p = _Proc([sys.executable, "-m", "bnkit.cli", "run", "fig1", *TINY, "--out", str(out)], tmp_path)
     t0 = time.monotonic()
     if Path("/proc/self/maps").exists():
         while p.poll() is None and not _torch_loading(p.pid) and time.monotonic() - t0 < 60:
@@ -467,9 +506,9 @@ def test_ctrl_c_during_startup_is_one_line_without_traceback(tmp_path):
     else:
         time.sleep(0.5)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    rc, _, err = p.finish(timeout=120)
     assert not out.exists()
-    assert p.returncode in (130, -signal.SIGINT), p.returncode
+    assert rc in (130, -signal.SIGINT), rc
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.strip()]) <= 1, err[-2000:]
 
 
@@ -508,8 +547,7 @@ main(sys.argv[2:])
 
 
 def _killed_while_writing(what: str, out: Path, cwd: Path):
-    r = subprocess.run([sys.executable, "-c", _KILLED_IN, what, "run", "fig1", *TINY, "--out", str(out)], cwd=cwd,
-                       capture_output=True, text=True, timeout=120, env=ENV)
+    r = _cli(None, cwd, args=[sys.executable, "-c", _KILLED_IN, what, "run", "fig1", *TINY, "--out", str(out)])
     assert r.returncode == 9, r.stderr
 
 

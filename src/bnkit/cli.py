@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import threading
 import time
@@ -61,8 +62,9 @@ def _run(experiment: str, args, prog: str):
     except _UsageError as e:
         return _error(str(e), prog), None
     except RunInterrupted as e:
-        print(f"\n{prog}: {e}. Continue with: bnkit run {experiment} --resume"
-              f"{' --out ' + str(args.out) if args.out else ''}", file=sys.stderr)
+        # quoted: the hint is meant to be pasted, and --out may hold spaces, '#' or quotes
+        again = shlex.join(["bnkit", "run", experiment, "--resume"] + (["--out", str(args.out)] if args.out else []))
+        print(f"\n{prog}: {e}. Continue with: {again}", file=sys.stderr)
         return 3, None
     except (ConfigError, CheckpointError, DatasetError, NormNotAvailable, FloatingPointError) as e:
         return _error(str(e), prog), None
@@ -395,9 +397,21 @@ def _dispatch(argv: List[str]) -> int:
     return int(args.func(args) or 0)
 
 
+def _end_startup_guard() -> None:
+    """Gives Ctrl-C back to Python (KeyboardInterrupt, handled in :func:`main`) from the handler that
+    ``bnkit/__init__`` installs for the startup of the command."""
+    import signal
+
+    from . import _cli_startup_sigint
+
+    if _cli_startup_sigint is not None and signal.getsignal(signal.SIGINT) is _cli_startup_sigint:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        _end_startup_guard()
         return _dispatch(argv)
     except SystemExit as e:  # argparse's --help and usage errors (it has printed them)
         if e.code is None or isinstance(e.code, int):

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -92,7 +93,8 @@ def _entry(d: Path) -> AtlasEntry:
         except OSError:
             started = 0.0
         name = _name_from_dir(d)
-        how = f"bnkit run {name if name != '?' else 'NAME'} --resume --out {d}"
+        # quoted: a directory name with spaces or '#' must survive being pasted into a shell
+        how = shlex.join(["bnkit", "run", name if name != "?" else "NAME", "--resume", "--out", str(d)])
         return AtlasEntry(d, name, "unfinished", f"no metrics.json yet (interrupted or still running; "
                                                  f"continue with `{how}`)", when=started)
     if not cfg.exists():
@@ -101,7 +103,7 @@ def _entry(d: Path) -> AtlasEntry:
     try:
         metrics = json.loads(met.read_text(encoding="utf-8"))
         mtime = met.stat().st_mtime
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         return AtlasEntry(d, _name_from_dir(d), "skipped", f"metrics.json is unreadable ({_first_line(e)})")
     if not isinstance(metrics, dict):
         return AtlasEntry(d, _name_from_dir(d), "skipped",

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
+from .report import save_figure
 from .train import RunConfig
 
 __all__ = ["check", "with_checks", "make_run", "thresholds", "by_arm", "present_arms", "mean", "arm_summary",
@@ -150,7 +151,7 @@ def saved_figure(path, ncols: int, *, figsize: Tuple[float, float], dpi: int = 1
         if title is not None:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
 

@@ -172,12 +172,20 @@ def load_idx_pair(d: os.PathLike, prefix: str, num_classes: int = 10) -> Optiona
     return x, y
 
 
+def _check_data_dir(name: str, d: Path, hint: str) -> None:
+    if d.is_dir():
+        return
+    # a file given by mistake (BNKIT_DATA=notes.txt) exists: "does not exist" would send the user looking
+    # for a missing path
+    what = "is not a directory" if d.exists() else "does not exist"
+    raise DatasetError(f"{name}: data directory {d} {what} ({hint})")
+
+
 def _idx_dir_dataset(name: str, data_dir: Optional[os.PathLike], hint: str) -> Tuple[Dict[str, Tuple[np.ndarray, np.ndarray]], Path]:
     d = default_data_dir(data_dir)
     if d is None:
         raise DatasetError(f"{name}: no data directory given; pass --data-dir DIR or set BNKIT_DATA ({hint})")
-    if not d.is_dir():
-        raise DatasetError(f"{name}: data directory {d} does not exist ({hint})")
+    _check_data_dir(name, d, hint)
     parts = {}
     for prefix in ("train", "t10k"):
         pair = load_idx_pair(d, prefix)
@@ -344,6 +352,7 @@ def _load_cifar10(data_dir=None, binarize=False, normalize="none"):
     d = default_data_dir(data_dir)
     if d is None:
         raise DatasetError("cifar10: pass --data-dir DIR (the 'cifar-10-batches-py' directory) or set BNKIT_DATA")
+    _check_data_dir("cifar10", d, "the 'cifar-10-batches-py' directory")
     if (d / "cifar-10-batches-py").is_dir():
         d = d / "cifar-10-batches-py"
     def load(name):

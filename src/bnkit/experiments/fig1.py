@@ -15,6 +15,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from .report import save_figure
 from .train import RunConfig
 
 __all__ = ["DEFAULTS", "OPTIONS", "make_runs", "summarize", "figure", "plot", "VARIANTS"]
@@ -187,6 +188,8 @@ _LEGEND = dict(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     import matplotlib.pyplot as plt
     fig = figure(cfg, results, summary)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 

@@ -11,6 +11,7 @@ from typing import Dict, List
 import numpy as np
 
 from .models import NORMS
+from .report import save_figure
 from .train import RunConfig
 
 DEFAULTS: Dict[str, object] = {
@@ -92,5 +93,7 @@ def figure(cfg: Dict, results: Dict[str, Dict], summary: Dict):
 def plot(cfg: Dict, results: Dict[str, Dict], summary: Dict, path) -> None:
     import matplotlib.pyplot as plt
     fig = figure(cfg, results, summary)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["render_report", "write_report", "fmt", "doc_html", "page_head", "checks_table"]
+__all__ = ["render_report", "write_report", "save_figure", "fmt", "doc_html", "page_head", "checks_table"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
@@ -208,6 +208,17 @@ def write_report(path: Path, metrics: Dict, images: Sequence[Path], **kw) -> Pat
     from .train import atomic_write_text
     atomic_write_text(Path(path), render_report(metrics, images, **kw))
     return Path(path)
+
+
+def save_figure(fig, path, **kw) -> Path:
+    """``fig.savefig(path, **kw)``, written atomically like every other output: a run killed mid-write
+    leaves the old figure (or none) and a temporary file that ``--resume`` deletes, never a truncated PNG.
+    The format comes from the suffix of ``path`` unless ``kw`` names it."""
+    from .checkpoints import _atomic_write
+    path = Path(path)
+    kw.setdefault("format", path.suffix[1:] or None)
+    _atomic_write(path, lambda f: fig.savefig(f, **kw))
+    return path
 
 
 def environment() -> Dict[str, str]:

@@ -36,13 +36,6 @@ def _use(backend):
     return kernels.use_backend(backend)
 
 
-def _xfail_on(backend, bad, reason):
-    """pytest.param(backend) with a strict xfail where ``backend`` is ``bad``."""
-    if backend == bad:
-        return pytest.param(backend, marks=pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.param(backend)
-
-
 # --------------------------------------------------------------------------- float64 NumPy reference (written here)
 def np_train(x, w=None, b=None, eps=1e-5):
     """(y, mean, biased var) of BN in training, features on axis 1, in float64."""
@@ -183,18 +176,7 @@ def test_non_tensor_arguments_raise_type_error(kwargs, training, backend):
         BF.batch_norm(_x()[:, :, 0], training=training, **args)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        _xfail_on(
-            b,
-            "cpp",
-            "BUG: (3, 1) running buffers: the cpp backend accepts and updates them in training, the torch/"
-            "reference backends raise a broadcast RuntimeError; torch raises RuntimeError",
-        )
-        for b in BACKENDS
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_running_buffers_are_rejected_as_by_torch(backend):
     x = _x()
     with pytest.raises(RuntimeError):
@@ -205,19 +187,7 @@ def test_two_dimensional_running_buffers_are_rejected_as_by_torch(backend):
     assert torch.equal(rm, torch.zeros(3, 1)) and torch.equal(rv, torch.ones(3, 1))
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        _xfail_on(
-            b,
-            "cpp",
-            "BUG: bfloat16 input with a bfloat16 running_mean and a float32 running_var: the cpp backend "
-            "raises an internal RuntimeError from bnkit::update_running_stats_, the torch/reference backends "
-            "accept (backends disagree)",
-        )
-        for b in BACKENDS
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_half_input_with_mixed_buffer_dtypes_is_handled_alike_by_every_backend(backend):
     """The dtype rule (docs/differences.md) lets each buffer of a bf16 input be bf16 or float32: the backends
     must agree on what this mix does (the torch and reference backends accept it and update both buffers)."""
@@ -354,15 +324,7 @@ def test_running_buffers_in_an_inference_mode_call(backend):
     torch.testing.assert_close(rv, rv_t)
 
 
-INFERENCE_REASON = (
-    "BUG: running buffers made under torch.inference_mode, updated in training outside it: bnkit raises "
-    "'Inplace update to inference tensor outside InferenceMode' AFTER writing to them (running_mean, and with cpp also running_var, already "
-    "updated); torch's F.batch_norm updates both and returns"
-)
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=INFERENCE_REASON))
-                                     for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["both", "running_var"])
 def test_inference_tensor_buffers_outside_inference_mode(backend, which):
     """torch accepts the call (its kernel writes the buffers). bnkit may refuse it (torch's rule for inference
@@ -530,19 +492,7 @@ def test_gradcheck_forward_ad_and_batched_as_documented(backend, training):
         assert torch.autograd.gradgradcheck(f, (x, w, b), check_fwd_over_rev=True, check_batched_grad=True)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        _xfail_on(
-            b,
-            "reference",
-            "BUG: reference backend: a batched backward (autograd.grad(is_grads_batched=True), gradcheck's "
-            "check_batched_grad) runs the NumPy kernels on vmapped tensors: 'Batching rule not implemented "
-            "for aten::detach'; torch's F.batch_norm and the other backends work",
-        )
-        for b in BACKENDS
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_input_gradients_match_torch(backend):
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(6, 3, 2, dtype=torch.float64, generator=gen).requires_grad_()
@@ -616,15 +566,6 @@ def test_vmap_with_one_unbatched_buffer_raises_and_changes_nothing(backend):
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-STACKED_REASON = (
-    "BUG: vmap over stacked per-model running buffers with nonfinite='propagate' (F-style batch_norm always "
-    "propagates; also layers built with nonfinite='propagate'): 'Batching rule not implemented for "
-    "aten::_foreach_lerp_.Scalar' (stats.update_running_stats' _foreach_lerp_ under _engine_graph."
-    "tensor_running_update); torch's F.batch_norm updates each model's buffers"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=STACKED_REASON)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vmap_over_stacked_buffers_updates_each_models_buffers_as_torch(backend):
     xs = torch.randn(4, 6, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
@@ -711,19 +652,7 @@ def test_training_accuracy_no_worse_than_twice_torchs(case, backend):
     assert not bad, bad
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        _xfail_on(
-            b,
-            "torch",
-            "BUG: torch backend: the running_mean of data whose mean is small against its spread is computed "
-            "with float32 sums (stats.Moments.of: centred.mean in float32) and is ~100-1000x less accurate "
-            "than F.batch_norm's (which accumulates in double on CPU); assert_close with float32 defaults fails",
-        )
-        for b in BACKENDS
-    ],
-)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_running_mean_of_a_small_mean_matches_torch(backend):
     """randn * 100 + 1: mean 1, spread 100. The running mean must agree with F.batch_norm's (the drop-in claim,
     torch's own float32 tolerances) and be within 2x torch's error of the float64 truth (floor: 8 ulps)."""
@@ -760,12 +689,6 @@ def test_eval_accuracy_with_a_large_offset_is_within_the_folds_rounding(backend,
     assert ((ours.double() - truth).abs() <= bound).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the 'reference' backend (documented as the NumPy float64 oracle) computes eval mode with the "
-    "float32 torch ops (kernels.infer folds into scale/shift in the input dtype), so it is no more accurate "
-    "than float32 there",
-)
 def test_reference_backend_eval_is_the_float64_result():
     x = torch.randn(1024, 4, generator=torch.Generator().manual_seed(17)) * 1e-2 + 1e4
     rm, rv = x.double().mean(0).float(), x.double().var(0).float()
@@ -894,11 +817,6 @@ def _condition_scales(x, g, w, b, rm, rv, training, eps, momentum):
 
 
 # --------------------------------------------------------------------------- TF-style helpers and the pure step
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: moments(x, axes=[]) returns a 0-d variance (stats.Moments.of reduces with dim=(), which torch "
-    "reads as every dim), while the mean keeps x's shape; tf.nn.moments gives mean=x and zeros of x's shape",
-)
 def test_moments_over_no_axes_is_elementwise():
     x = torch.randn(3, 4, dtype=torch.float64)
     mean, var = BF.moments(x, [])

@@ -29,7 +29,9 @@ def _check_param(name: str, t: Tensor | None, x: Tensor, channels: int) -> None:
         raise RuntimeError(
             f"batch_norm: {name} is on {t.device} but the input is on {x.device}; move them to one device"
         )
-    if t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias")):
+    if (t.numel() != channels and not (t.numel() == 1 and name in ("weight", "bias"))) or (
+        t.dim() != 1 and name.startswith("running_")
+    ):
         # torch raises RuntimeError here; ChannelMismatchError is one (and a ValueError).
         raise ChannelMismatchError(
             f"batch_norm: {name} should have {channels} elements (one per channel), got shape {tuple(t.shape)}"

@@ -77,6 +77,7 @@ def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | No
         and not torch.jit.is_tracing()
         and running_mean.is_contiguous()
         and running_var.is_contiguous()
+        and running_mean.dtype == running_var.dtype  # the op updates one dtype (a bf16 input may mix in float32)
         and kernels.select(mean) == "cpp"
     ):
         return False
@@ -173,6 +174,15 @@ def running_update(
     )(spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked)):
         return
     nbt, momentum, nonfinite = num_batches_tracked, spec.momentum, spec.nonfinite
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled() and any(
+        isinstance(t, Tensor) and t.is_inference() for t in (running_mean, running_var, nbt)
+    ):
+        # torch's rule (its add_ raises it), checked first so that no buffer is written before the error
+        # (eager only: a compiled graph has no inference tensors, and the check would break it)
+        raise RuntimeError(
+            f"{spec.name}: Inplace update to inference tensor outside InferenceMode is not allowed: the running "
+            "buffers were made under torch.inference_mode; clone them (or call under inference_mode)"
+        )
     if kernels.transform_active():
         _transformed_running_update(spec, running_mean, running_var, nbt, mean, var, count)
         return

@@ -99,16 +99,18 @@ class Moments:
             zeros = torch.zeros(shape, dtype=acc, device=x.device)
             return cls(0, zeros, zeros.clone())
         xa = x.to(acc)
+        if not dims_t:  # over no axes: each value is its own mean (torch would read dim=() as every dim)
+            return cls(1, xa, torch.zeros_like(xa))
         # Shifted data: subtracting one sample per feature first makes the sums
         # small, so the mean keeps its precision when |mean| >> std.
         shift = xa
         for d in dims_t:
             shift = shift.narrow(d, 0, 1)
         centred = xa - shift
-        mean_c = centred.mean(dim=dims_t, keepdim=True)
+        mean_c = _accurate_mean(centred, dims_t, count)
         m2 = (centred - mean_c).square().sum(dim=dims_t)
         mean = mean_c + shift
-        return cls(count, mean.squeeze(dims_t) if dims_t else mean, m2)
+        return cls(count, mean.squeeze(dims_t), m2)
 
     def variance(self, correction: int = 0) -> Tensor:
         """``M2 / (count - correction)``; NaN where that denominator is not positive."""
@@ -121,6 +123,24 @@ class Moments:
 
     def merge(self, other: "Moments") -> "Moments":
         return merge(self, other)
+
+
+def _accurate_mean(c: Tensor, dims: tuple[int, ...], count: int) -> Tensor:
+    """The mean of ``c`` over ``dims`` (kept), for float32 as accurate as ATen's CPU kernels, which sum in double.
+
+    A float32 ``mean`` over several dims loses ~sqrt(n) ulps of the spread, which is all of a small mean's
+    precision (spread 100, mean 1). Here the innermost dim is summed in float32 (torch's cascaded sum is
+    accurate along one dim) and the partial sums in float64; on CPU this is also faster than one
+    ``mean(dims)`` (0.65x the time on (64, 64, 784)). MPS has no float64: the plain mean there.
+    """
+    if c.dtype != torch.float32 or c.device.type == "mps":
+        return c.mean(dim=dims, keepdim=True)
+    longer = [d for d in dims if c.shape[d] > 1]  # (dims are sorted)
+    inner = longer[-1] if longer else dims[-1]  # the innermost dim with more than one value
+    partial = c.sum(dim=inner, keepdim=True)
+    rest = tuple(d for d in dims if d != inner)
+    total = partial.sum(dim=rest, keepdim=True, dtype=torch.float64) if rest else partial.double()
+    return (total / count).to(c.dtype)
 
 
 def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0) -> tuple[Tensor, Tensor]:
@@ -224,7 +244,12 @@ def update_running_stats(
     if new_var.dtype != running_var.dtype:
         new_var = new_var.to(running_var.dtype)
     if valid is None and not isinstance(factor, Tensor):
-        torch._foreach_lerp_((running_mean, running_var), (new_mean, new_var), float(factor))
+        try:
+            torch._foreach_lerp_((running_mean, running_var), (new_mean, new_var), float(factor))
+        except RuntimeError:
+            # vmap over stacked per-model buffers: _foreach_lerp_ has no batching rule (it refuses before writing)
+            running_mean.copy_(running_mean.lerp(new_mean, float(factor)))  # (lerp_ runs vmap's slow fallback)
+            running_var.copy_(running_var.lerp(new_var, float(factor)))
         return
     if isinstance(factor, Tensor):
         factor = factor.to(running_mean.dtype)

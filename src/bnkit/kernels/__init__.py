@@ -209,6 +209,11 @@ def fold(
     return scale, shift
 
 
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is vmapped: by ``torch.func.vmap`` or by autograd's batched backward (the legacy vmap)."""
+    return torch._C._functorch.is_batchedtensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """Training BN on the 3-D view with the analytic backward (torch/reference backends).
 
@@ -234,6 +239,14 @@ class _BatchNormTrain(torch.autograd.Function):
         x3, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             dx, dw, db = torch_ops.backward(grad_y3, x3, weight, ctx.eps)
+        elif ctx.backend == "reference" and _is_batched(grad_y3):
+            # a batched backward (autograd.grad(is_grads_batched=True)): NumPy cannot take vmapped tensors, so
+            # the same formulas as torch ops, in the oracle's float64
+            wide = torch.float64
+            dx, dw, db = torch_ops.backward(
+                grad_y3.to(wide), x3.to(wide), None if weight is None else weight.to(wide), ctx.eps
+            )
+            dx = dx.to(x3.dtype)
         else:
             dx, dw, db = raw(ctx.backend).backward(grad_y3, x3, weight, ctx.eps, mean, invstd)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -262,9 +275,15 @@ def infer(x3: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Te
     """The inference phase: ``x3`` normalized with given statistics, differentiable in all inputs."""
     if aten_graph.capturing():
         return aten_graph.infer(x3, mean, var, weight, bias, eps)
-    if select(x3) == "cpp":
+    backend = select(x3)
+    if backend == "cpp":
         # The fold into (scale, shift) happens inside the fused op (one call).
         return torch.ops.bnkit.batch_norm_infer(x3, mean, var, weight, bias, eps)
+    if backend == "reference":
+        # The oracle's precision: the map in float64 (differentiable torch ops), rounded once to x3's dtype.
+        wide = torch.float64
+        scale, shift = fold(mean.to(wide), var.to(wide), weight, bias, eps)
+        return torch_ops.forward_eval(x3.to(wide), scale, shift).to(x3.dtype)
     # The affine map is differentiable as torch ops on every backend.
     scale, shift = fold(mean, var, weight, bias, eps)
     return torch_ops.forward_eval(x3, scale, shift)

@@ -120,7 +120,9 @@ std::tuple<Tensor, int64_t> layer_call(const LayerCall& c, BatchMoments* unappli
   if (track &&
       (!per_channel_ok(running_mean, input, C) || !per_channel_ok(running_var, input, C) ||
        !running_mean->is_contiguous() || !running_var->is_contiguous() || running_mean->requires_grad() ||
-       running_var->requires_grad()))
+       running_var->requires_grad() ||
+       // the op updates buffers of one dtype (a bf16 input may mix bf16 and float32 ones: the general path)
+       running_mean->scalar_type() != running_var->scalar_type()))
     return not_handled;
   const bool grad =
       at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias));

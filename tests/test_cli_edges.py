@@ -30,10 +30,6 @@ from hypothesis import strategies as st
 from bnkit import cli
 from bnkit.experiments import fig1, registry
 
-# Slow as a whole: in the full suite one of its subprocess runs hung until the 900 s timeout (seen once in a
-# fresh-clone CI run; the file alone takes about a minute). `make test-all` runs it.
-pytestmark = pytest.mark.slow
-
 TINY = ["--steps", "20", "--eval-every", "10", "--seed", "0", "--probe-size", "100", "--quiet"]
 TINY_OV = dict(steps=20, eval_every=10, seeds=[0], probe_size=100)
 # long enough that a signal sent at the first progress line lands before the end
@@ -304,8 +300,6 @@ def test_second_run_into_a_finished_dir_is_refused_byte_identical(base, tmp_path
     assert _snapshot(d) == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: two `bnkit run` into one --out: the one that checked first but creates "
-                                       "second overwrites the other's config.json and trains into its directory (exit 0)")
 def test_concurrent_start_into_the_same_dir_does_not_overwrite_the_other(tmp_path, capfd, monkeypatch):
     """Another `bnkit run --out D` creates D/config.json while this one loads its data (between the check of
     --out and the creation of the directory): this one must not take the directory over."""
@@ -323,8 +317,6 @@ def test_concurrent_start_into_the_same_dir_does_not_overwrite_the_other(tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when --out appears between the check and mkdir (another run created it), "
-                                       "_create_out_dir's rollback rmtree()s the other run's directory")
 def test_losing_the_mkdir_race_does_not_delete_the_winners_dir(tmp_path, capfd, monkeypatch):
     out = tmp_path / "race"
     real_mkdir = pathlib.Path.mkdir
@@ -365,8 +357,6 @@ def test_resume_with_other_settings_reports_and_ignores_them(base, tmp_path, cap
     _same_results(d, base / "full")  # the saved settings were used
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with --quiet the 'ignoring {...}' note of --resume is suppressed, so "
-                                       "settings given with --resume are dropped without a word (docs: reported)")
 def test_resume_quiet_still_reports_ignored_settings(base, tmp_path, capfd):
     d = _copy(base / "cut", tmp_path / "cut")
     rc, out, err = _main(["run", "fig1", "--resume", "--out", str(d), "--steps", "50", "--quiet"], capfd)
@@ -374,8 +364,6 @@ def test_resume_quiet_still_reports_ignored_settings(base, tmp_path, capfd):
     assert "ignoring" in out + err and "steps" in out + err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _read_result checks only the keys of runs/<run>.json, not its 'config': "
-                                       "a result written with other settings is silently merged (checkpoints are checked)")
 def test_resume_refuses_a_run_result_written_with_other_settings(base, tmp_path, capfd):
     d = _copy(base / "cut", tmp_path / "cut")
     rc, _, _ = _main(["run", "fig1", *TINY[:-1], "--steps", "30", "--quiet", "--out", str(tmp_path / "other")], capfd)
@@ -405,23 +393,15 @@ def _runs_is_file(d):
     (d / "runs").write_text("x")
 
 
-_XF = "BUG: a damaged experiment directory on --resume is 'unexpected ...' exit 1 instead of exit 2 naming the file"
-
-
 @pytest.mark.parametrize("damage, names", [
     (lambda d: (d / "runs" / "baseline-s0.json").write_text(""), "baseline-s0.json"),
     (lambda d: (d / "config.json").write_text(""), "config.json"),
     (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()), "config.json"),
     (lambda d: ((d / "checkpoints" / "bn-s0.pt").unlink(), (d / "checkpoints" / "bn-s0.pt").mkdir()), "bn-s0.pt"),
-    pytest.param(_result_wrong_types, "baseline-s0.json", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: runs/<run>.json with the right keys but wrong types passes _read_result; the resume trains the "
-        "other run (files changed) and then dies with 'unexpected TypeError', exit 1"))),
-    pytest.param(_jsonl_list_line, "metrics.jsonl", marks=pytest.mark.xfail(strict=True, reason=(
-        _XF + " (a non-object line in metrics.jsonl: AttributeError in _filter_jsonl_locked)"))),
-    pytest.param(lambda d: (d / "metrics.jsonl").write_bytes(b"\xff\xfe\n"), "metrics.jsonl",
-                 marks=pytest.mark.xfail(strict=True, reason=_XF + " (non-UTF-8 metrics.jsonl: UnicodeDecodeError)")),
-    pytest.param(_runs_is_file, "runs", marks=pytest.mark.xfail(strict=True, reason=(
-        _XF + " (runs/ is a file: '[Errno 17] File exists', exit 1)"))),
+    (_result_wrong_types, "baseline-s0.json"),
+    (_jsonl_list_line, "metrics.jsonl"),
+    (lambda d: (d / "metrics.jsonl").write_bytes(b"\xff\xfe\n"), "metrics.jsonl"),
+    (_runs_is_file, "runs"),
 ], ids=["result_empty", "config_empty", "config_is_dir", "ckpt_is_dir", "result_wrong_types", "jsonl_list_line",
         "jsonl_binary", "runs_is_a_file"])
 def test_damaged_dir_on_resume_is_status_2_naming_the_file_and_nothing_changes(base, tmp_path, capfd, damage, names):
@@ -557,8 +537,6 @@ def _killed_while_writing(what: str, out: Path, cwd: Path):
     assert r.returncode == 9, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: runs/<run>-percentiles.npy is written with a plain np.save after the "
-                                       "run's result; a kill mid-write leaves it truncated and --resume keeps it")
 def test_kill_while_writing_the_percentiles_then_resume_repairs_them(base, tmp_path, capfd):
     out = tmp_path / "npy"
     _killed_while_writing("npy", out, tmp_path)
@@ -621,8 +599,6 @@ def test_bnkit_data_unset_or_missing_is_one_line(tmp_path, capfd, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ run all
 
-@pytest.mark.xfail(strict=True, reason="BUG: `bnkit run all` mkdirs --out before the first experiment's checks; "
-                                       "a bad setting leaves an empty directory (docs: nothing written)")
 def test_run_all_bad_setting_leaves_no_directory(tmp_path, capfd):
     out = tmp_path / "suite"
     rc, _, err = _main(["run", "all", "--quiet", "--set", "lr=-1", "--out", str(out)], capfd)
@@ -630,8 +606,6 @@ def test_run_all_bad_setting_leaves_no_directory(tmp_path, capfd):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `bnkit run all --out FILE` is '[Errno 17] File exists' with exit 1 "
-                                       "(run_all's out.mkdir), not the usage error (exit 2) of an unusable --out")
 def test_run_all_out_is_a_file(tmp_path, capfd):
     f = tmp_path / "notes.txt"
     f.write_text("keep")
@@ -640,8 +614,6 @@ def test_run_all_out_is_a_file(tmp_path, capfd):
     assert rc == 2 and "notes.txt" in _one_error(err)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `bnkit run all --set KEY=V` with a KEY no suite experiment has is "
-                                       "silently dropped (run NAME --set says 'no such setting')")
 def test_run_all_set_of_an_unknown_setting_is_an_error(tmp_path, capfd):
     out = tmp_path / "suite"
     rc, _, err = _main(["run", "all", "--quiet", "--steps", "1", "--seed", "0", "--stop-after", "1",
@@ -650,8 +622,6 @@ def test_run_all_set_of_an_unknown_setting_is_an_error(tmp_path, capfd):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `bnkit run all --resume --out DIR` with a DIR that does not exist "
-                                       "starts a fresh suite there (run NAME --resume: 'nothing to resume')")
 def test_run_all_resume_of_a_missing_dir_is_an_error(tmp_path, capfd):
     out = tmp_path / "typo"
     rc, _, err = _main(["run", "all", "--resume", "--quiet", "--steps", "1", "--seed", "0", "--stop-after", "1",

@@ -396,7 +396,7 @@ def run_runs(runs: Sequence, data, out: Path, executor, *, resume: bool, progres
     run order. ``tensorboard``: the experiment's TensorBoard directory (``DIR/<experiment>``), one
     sub-directory per run. A parallel executor gets only the unfinished runs (the finished ones are read
     back here) and a step budget per run."""
-    from .checkpoints import _read_result
+    from .checkpoints import _read_result, percentiles_ok
     out = Path(out).resolve()
     config_text = (out / "config.json").read_text()
     parallel = not isinstance(executor, SequentialExecutor)
@@ -409,8 +409,8 @@ def run_runs(runs: Sequence, data, out: Path, executor, *, resume: bool, progres
     done = {}
     for t in tasks:
         path = out / "runs" / f"{t.name}.json"
-        if t.resume and path.exists():
-            done[t.name] = _read_result(t.cfg, path)
+        if t.resume and path.exists() and percentiles_ok(t.cfg, out, res := _read_result(t.cfg, path)):
+            done[t.name] = res
             progress.start(t.name, t.cfg.steps, t.cfg.steps)
             progress.finish(t.name)
     got = executor.run([t for t in tasks if t.name not in done], data, progress)

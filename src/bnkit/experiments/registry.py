@@ -12,11 +12,12 @@ anything is written, so a start that fails leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import os
-import shutil
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,23 +149,49 @@ def _fresh_out_dir(name: str, out: Optional[Path]) -> Path:
 
 
 def _create_out_dir(out: Path, cfg: Dict) -> None:
-    """Create ``out`` and write ``config.json``; on failure remove what was created and raise ConfigError."""
+    """Create ``out`` and write ``config.json``; on failure remove what was created and raise ConfigError.
+
+    Another ``bnkit run`` may have chosen the same ``out`` since :func:`_fresh_out_dir` checked it: the
+    directory is made exclusively and ``config.json`` claimed exclusively, so of two runs one starts and
+    the other stops with nothing of its own left there, and nothing of the other's removed."""
+    from .checkpoints import _tmp_path, link_new
     from .train import atomic_write_text
 
-    created = []
+    todo = []
     p = out
     while not p.exists():
-        created.append(p)
+        todo.append(p)
         if p.parent == p:
             break
         p = p.parent
+    taken = f"{out} already holds an experiment (another run started there meanwhile); choose another --out"
+    created = []  # only what this call made, innermost last
     try:
-        for d in reversed(created):
-            d.mkdir()
-        atomic_write_text(out / "config.json", json.dumps(cfg, indent=1))
-    except OSError as e:
-        for d in created:  # innermost first; only what this call made
-            shutil.rmtree(d, ignore_errors=True)
+        for d in reversed(todo):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if d == out:
+                    raise ConfigError(taken) from None
+                continue  # a parent that another run made meanwhile: shared, not ours
+            created.append(d)
+        claim = _tmp_path(out / "config.json")  # a temporary name: removed on resume if a kill leaves it
+        try:
+            atomic_write_text(claim, json.dumps(cfg, indent=1))
+            link_new(claim, out / "config.json")
+        except FileExistsError:
+            raise ConfigError(taken) from None
+        finally:
+            with contextlib.suppress(OSError):
+                claim.unlink()
+    except (OSError, ConfigError) as e:
+        for d in reversed(created):  # rmdir, not rmtree: another run may be using one of them already
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
@@ -183,7 +210,7 @@ def _read_saved_config(exp: Experiment, out: Path) -> Dict:
         saved = None
     if isinstance(saved, str) and saved != exp.name:
         raise ConfigError(f"cannot resume {out} as {exp.name}: it holds a {saved} experiment "
-                          f"(`bnkit run {saved} --out {out} --resume`)")
+                          f"(`{shlex.join(['bnkit', 'run', saved, '--out', str(out), '--resume'])}`)")
     return validate_config(exp, cfg, where=str(path))
 
 
@@ -225,9 +252,13 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
     if console is None:
         from rich.console import Console
         console = Console(stderr=False, quiet=quiet)
+        # --quiet silences progress, not what the user must know about the settings they gave
+        alert = Console(stderr=True) if quiet else console
+    else:
+        alert = console
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    notes = []
+    notes, alerts = [], []
     if resume:
         out = Path(out) if out else latest_run_dir(name)
         if out is None:
@@ -244,7 +275,7 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         validate_config(exp, {**cfg, **overrides})  # a bad override is an error even though it is ignored
         ignored = {k: v for k, v in overrides.items() if _jsonable(v) != cfg.get(k)}
         if ignored:
-            notes.append(f"[yellow]--resume uses the saved settings of {out}; ignoring {ignored}[/]")
+            alerts.append(f"[yellow]--resume uses the saved settings of {out}; ignoring {ignored}[/]")
     else:
         cfg = validate_config(exp, _jsonable({**mod.DEFAULTS, **overrides}))
         out = _fresh_out_dir(name, out)
@@ -274,6 +305,8 @@ def run_experiment(name: str, overrides: Optional[Dict] = None, *, out: Optional
         raise
 
     t0 = time.perf_counter()
+    for n in alerts:
+        alert.print(n)
     for n in notes:
         console.print(n)
     if resume:

@@ -27,38 +27,49 @@ def run_all(overrides: Optional[Dict] = None, *, out: Optional[Path] = None, res
     """Run (or resume) every experiment in ``names``; returns the index dict (also ``out/index.json``).
     ``execution``: ``jobs``, ``executor``, ``address``, ``tensorboard`` of every experiment's
     :func:`.registry.run_experiment`."""
-    from .registry import get_experiment, run_experiment
+    from .options import ConfigError, validate_config
+    from .registry import _fresh_out_dir, _jsonable, get_experiment, run_experiment
     from .train import atomic_write_text
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    for n in names:
-        get_experiment(n)
+    exps = [get_experiment(n) for n in names]
+    defaults = {e.name: e.load().DEFAULTS for e in exps}
+    unknown = [k for k in overrides if not any(k in d for d in defaults.values())]
+    if unknown:  # what `run NAME --set` says; silently dropping it would run other settings than asked
+        raise ConfigError(f"--set {unknown[0]}: no such setting in any experiment of the suite "
+                          f"({', '.join(names)})")
     if execution:  # a bad --executor/--tensorboard is reported before the suite's directory is made
         from .registry import _check_run_options
         _check_run_options("all", execution.get("jobs"), execution.get("executor") or "local",
                            execution.get("address"), execution.get("tensorboard"))
-    if out is None:
-        if resume:
+    if resume:
+        if out is None:
             out = latest_suite_dir()
             if out is None:
-                raise SystemExit("bnkit: nothing to resume: no runs/all-* directory")
-        else:
-            out = Path("runs") / f"all-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+                raise ConfigError("nothing to resume: no runs/all-* directory; give --out DIR")
+        out = Path(out)
+        if not out.exists():
+            raise ConfigError(f"nothing to resume: {out} does not exist")
+        if not out.is_dir():
+            raise ConfigError(f"nothing to resume: {out} is a file, not a suite directory")
+    else:
+        out = _fresh_out_dir("all", Path(out) if out is not None else None)
+    # every experiment's settings, checked before the first one starts (each checks its data itself
+    # before its directory, and the suite's, is made)
+    for e in exps:
+        if not (resume and ((out / e.name / "config.json").exists() or (out / e.name / "metrics.json").exists())):
+            validate_config(e, _jsonable({**defaults[e.name], **_own(overrides, defaults[e.name])}))
     entries: List[Dict] = []
-    for n in names:
-        exp = get_experiment(n)
-        d = out / n
+    for exp in exps:
+        n, d = exp.name, out / exp.name
         if resume and (d / "metrics.json").exists():
-            m = json.loads((d / "metrics.json").read_text())
+            m = _read_metrics(d / "metrics.json")
         elif resume and (d / "config.json").exists():
             m = run_experiment(n, {}, out=d, resume=True, quiet=quiet, stop_after=stop_after, console=console,
                                **execution)
         else:
-            defaults = exp.load().DEFAULTS
-            ov = {k: v for k, v in overrides.items() if k in defaults}
-            m = run_experiment(n, ov, out=d, quiet=quiet, stop_after=stop_after, console=console, **execution)
+            m = run_experiment(n, _own(overrides, defaults[n]), out=d, quiet=quiet, stop_after=stop_after,
+                               console=console, **execution)
         checks = (m.get("summary") or {}).get("checks") or {}
         entries.append({"experiment": n, "title": exp.title, "report": f"{n}/report.html",
                         "figure": f"{n}/{exp.figure}", "metrics": f"{n}/metrics.json",
@@ -66,11 +77,29 @@ def run_all(overrides: Optional[Dict] = None, *, out: Optional[Path] = None, res
                         "wall_seconds": m.get("wall_seconds_this_call"), "finished": m.get("finished")})
     index = {"out_dir": str(out), "experiments": entries,
              "written": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+    out.mkdir(parents=True, exist_ok=True)  # made by the first experiment, unless there is none
     atomic_write_text(out / "index.json", json.dumps(index, indent=1))
     atomic_write_text(out / "index.html", render_index(index))
     if console is not None and not quiet:
         console.print(f"wrote {out / 'index.html'}")
     return index
+
+
+def _own(overrides: Dict, defaults: Dict) -> Dict:
+    """The settings of the command line that an experiment has."""
+    return {k: v for k, v in overrides.items() if k in defaults}
+
+
+def _read_metrics(path: Path) -> Dict:
+    from .options import ConfigError
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"cannot resume: {path} is unreadable ({type(e).__name__}); delete it to finish "
+                          f"that experiment again") from None
+    if not isinstance(m, dict):
+        raise ConfigError(f"cannot resume: {path} does not hold an experiment's metrics")
+    return m
 
 
 def render_index(index: Dict) -> str:

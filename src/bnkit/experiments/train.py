@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from .checkpoints import (_STATE_KEYS, _TMP, CheckpointError, _atomic_write, _damaged,  # noqa: F401  (re-exported)
                           _filter_jsonl, _fsync_dir, _pid_alive, _read_checkpoint, _read_result, _tmp_path,
-                          append_jsonl, atomic_save, strict_json, atomic_write_bytes, atomic_write_text, check_resumable,
-                          remove_stale_temp_files)
+                          append_jsonl, atomic_save, atomic_save_npy, strict_json, atomic_write_bytes,
+                          atomic_write_text, check_resumable, percentiles_ok, remove_stale_temp_files)
 from .data import Dataset
 from .diagnostics import drift, all_unit_drifts, probe_percentiles, typical_unit
 from .extension import RunExtension, make_extension
@@ -221,9 +221,11 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
 
     if resume and result_path.exists():
         res = _read_result(cfg, result_path)
-        progress.start(cfg.name, cfg.steps, cfg.steps)
-        progress.finish(cfg.name)
-        return res
+        if percentiles_ok(cfg, out_dir, res):
+            progress.start(cfg.name, cfg.steps, cfg.steps)
+            progress.finish(cfg.name)
+            return res
+        # else its probe series is damaged: train the run again (from its last checkpoint), same result
 
     ext = make_extension(cfg)
     model = ext.prepare(make_model(cfg, data), cfg, data)
@@ -350,8 +352,9 @@ def train_run(cfg: RunConfig, data: Dataset, out_dir: Path, *, resume: bool = Fa
     res = json.loads(text)  # the same plain-JSON form whether a run was just trained or read back on resume
     if monitor is not None:
         monitor.finish(res)
+    # the result last: its presence is what marks the run finished on --resume
+    atomic_save_npy(out_dir / "runs" / f"{cfg.name}-percentiles.npy", np.stack(state["pct"]))
     atomic_write_text(result_path, text)
-    np.save(out_dir / "runs" / f"{cfg.name}-percentiles.npy", np.stack(state["pct"]))
     return res
 
 

@@ -373,17 +373,19 @@ def test_timm_reparameterize_after_converting_back(timm):
         torch.testing.assert_close(back(x), want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): a converted timm BatchNormAct2d raises ValueError for a 3-D "
-                   "input; timm's raises AssertionError (torch._assert)")
-def test_timm_batchnormact_wrong_rank_raises_timms_exception_type(timm):
+def test_timm_batchnormact_wrong_rank_raises_torchs_exception_with_timms_message(timm):
+    """docs/differences.md: a converted BatchNormAct2d raises what torch's BatchNorm2d raises for a wrong rank
+    (ValueError), not timm's AssertionError (torch._assert); the message is the same."""
     ref = timm.layers.BatchNormAct2d(4)
     new = bnkit.convert(ref)
     x = torch.randn(2, 4, 3)
-    with pytest.raises(Exception) as want:
+    with pytest.raises(AssertionError) as want:
         ref(x)
-    with pytest.raises(Exception) as got:
+    with pytest.raises(ValueError) as got:
         new(x)
-    assert got.type is want.type and "4D" in str(got.value)
+    with pytest.raises(ValueError) as torch_bn:
+        nn.BatchNorm2d(4)(x)
+    assert str(got.value) == str(want.value) == str(torch_bn.value)
 
 
 _ACTS = ["relu", "silu", "hard_swish", "gelu", "leaky_relu", "relu6", None]

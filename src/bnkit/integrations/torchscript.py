@@ -319,14 +319,28 @@ class ScriptableFrozenBatchNormAct(ScriptableFrozenBatchNorm):
         return self.act(self.drop(self._bn(input)))
 
 
+def _way_out(layer: nn.Module) -> str:
+    """What makes a model with ``layer`` scriptable (for inference), by the layer's kind."""
+    from ..sync import SyncBatchNorm
+    from ..variants import DomainBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
+
+    if isinstance(layer, SyncBatchNorm):
+        return "a SyncBatchNorm goes back with bnkit.convert_sync_batchnorm(model, revert=True)"
+    if isinstance(layer, DomainBatchNorm):
+        return "bnkit.select_domain(model, d) gives the plain BN model of domain d"
+    if isinstance(layer, (SharedBatchNorm, FrozenSharedBatchNorm)):
+        # freezing keeps the site argument, which has no scripted form either
+        return ("bnkit.fuse(model) folds it into the preceding convolution where there is one; otherwise "
+                "torch.jit.trace (the site of each call is recorded) or torch.export")
+    return "bnkit.freeze(model) or bnkit.fuse(model) first turns it into scriptable layers"
+
+
 def _unsupported(layer: nn.Module) -> TypeError:
     return TypeError(
         f"torch.jit.script: {layer._describe()} ({type(layer).__module__}.{type(layer).__qualname__}) has no "
         "TorchScript form: only BatchNorm, BatchNorm1d/2d/3d, FrozenBatchNorm and FrozenBatchNorm1d/2d/3d "
         "(and subclasses keeping their forward), and their BN+activation forms (BatchNormAct, FrozenBatchNormAct, "
-        "with the default drop/act tail) can be scripted. For inference, bnkit.freeze(model) or "
-        "bnkit.fuse(model) first turns variants with an inference form into scriptable layers; a "
-        "SyncBatchNorm goes back with bnkit.convert_sync_batchnorm(model, revert=True)"
+        f"with the default drop/act tail) can be scripted. For inference, {_way_out(layer)}"
     )
 
 

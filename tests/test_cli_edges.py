@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bnkit import cli
@@ -239,6 +239,8 @@ def _py_float(text):
 
 @settings(max_examples=40, deadline=None)
 @given(steps=_NUMBERISH, lr=_NUMBERISH)
+@example(steps="--", lr="")  # argparse dropped a '--' value: the option got [] silently
+@example(steps="1", lr="--")
 def test_numeric_options_accept_exactly_the_valid_numbers(steps, lr):
     """--steps takes what int() takes if >= 1, --lr what float() takes if finite and > 0 (the oracle is
     Python's own parsing plus the documented bounds); anything else is one error line, status 2."""

@@ -12,6 +12,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
 
+    def _get_values(self, action, arg_strings):
+        # `--steps=--`: argparse drops a '--' value as the end of the options, and the option silently gets []
+        # (CPython 3.11/3.12); given explicitly as the value it is a value, checked like any other.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 def _option_type(key, opt):
     def parse(s: str):

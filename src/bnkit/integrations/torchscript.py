@@ -339,15 +339,23 @@ def _unsupported(layer: nn.Module) -> TypeError:
     return TypeError(
         f"torch.jit.script: {layer._describe()} ({type(layer).__module__}.{type(layer).__qualname__}) has no "
         "TorchScript form: only BatchNorm, BatchNorm1d/2d/3d, FrozenBatchNorm and FrozenBatchNorm1d/2d/3d "
-        "(and subclasses keeping their forward), and their BN+activation forms (BatchNormAct, FrozenBatchNormAct, "
-        f"with the default drop/act tail) can be scripted. For inference, {_way_out(layer)}"
+        "(and subclasses keeping their forward, with convention='torch' and tiny_batch='raise'), and their "
+        "BN+activation forms (BatchNormAct, FrozenBatchNormAct, with the default drop/act tail) can be scripted. "
+        f"For inference, {_way_out(layer)}"
     )
+
+
+def _twin_computes_it(layer: nn.Module) -> bool:
+    """Whether the twin's training rules are the layer's: torch's statistics convention, no tiny-batch policy."""
+    return getattr(layer, "convention", "torch") == "torch" and getattr(layer, "tiny_batch", "raise") == "raise"
 
 
 def scriptable_layer(layer: nn.Module) -> nn.Module:
     """The scriptable twin of one bnkit layer (``TypeError`` for layers without one)."""
     if isinstance(layer, _AfterFusedBN):  # an activation shared with a fused BN layer: the torch class
         return plain_activation(layer)
+    if isinstance(layer, BatchNorm) and not _twin_computes_it(layer):
+        raise _unsupported(layer)  # a scripted training step would silently follow torch's rules
     if isinstance(layer, (BatchNormAct, FrozenBatchNormAct)):
         if type(layer).forward is not _WithTail.forward or layer.bn_tail != ("drop", "act"):
             raise _unsupported(layer)

@@ -202,7 +202,9 @@ class BatchRenorm(BatchNorm):
         recalled = self._recall_correction(mean_b, var_b)
         if recalled is not None:
             return recalled
-        r, d = self._correction_of(mean_b, var_b, x3)
+        # detached as well as computed under no_grad: torch.jit.trace does not record no_grad, and a traced
+        # r and d would carry gradients
+        r, d = (t.detach() for t in self._correction_of(mean_b, var_b, x3))
         if torch.compiler.is_compiling():
             # AOT autograd's min-cut partitioner may recompute r and d in the backward from the running
             # statistics, which the forward's running update has overwritten by then: silently wrong

@@ -130,8 +130,8 @@ def _accurate_mean(c: Tensor, dims: tuple[int, ...], count: int) -> Tensor:
 
     A float32 ``mean`` over several dims loses ~sqrt(n) ulps of the spread, which is all of a small mean's
     precision (spread 100, mean 1). Here the innermost dim is summed in float32 (torch's cascaded sum is
-    accurate along one dim) and the partial sums in float64; on CPU this is also faster than one
-    ``mean(dims)`` (0.65x the time on (64, 64, 784)). MPS has no float64: the plain mean there.
+    accurate along one dim) and the partial sums in float64, which costs on CPU what one ``mean(dims)``
+    costs (benchmarks/README.md). MPS has no float64: the plain mean there.
     """
     if c.dtype != torch.float32 or c.device.type == "mps":
         return c.mean(dim=dims, keepdim=True)

@@ -51,6 +51,32 @@ def test_moments_over_any_axes_match_numpy():
         np.testing.assert_allclose(var.numpy(), x.var(axis=axes, ddof=1), rtol=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=5).filter(lambda s: s[0] > 1),
+    layout=st.sampled_from(["contiguous", "channels_last", "permuted", "sliced"]),
+    data=st.data(),
+)
+def test_float32_moments_in_any_layout_match_float64(shape, layout, data):
+    """The float32 mean sums trailing reduced dims as one where their strides merge (NCHW and channels_last);
+    permuted and sliced inputs, whose strides do not merge, take the per-dim path. Both against float64."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))) * 100 + 1
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":
+        x = x.permute(*reversed(range(x.dim())))
+    elif layout == "sliced":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    bn_axes = [0, *range(2, x.dim())]  # the layers' reduction, drawn half the time
+    axes = data.draw(st.one_of(st.just(bn_axes), st.sets(st.integers(0, x.dim() - 1), min_size=1).map(sorted)))
+    mean, var = stats.moments(x, axes)
+    x64 = x.double().numpy()
+    assert mean.shape == x.double().mean(dim=axes).shape
+    spread = np.abs(x64).max()
+    np.testing.assert_allclose(mean.double().numpy(), x64.mean(axis=tuple(axes)), rtol=0, atol=1e-5 * spread)
+    np.testing.assert_allclose(var.double().numpy(), x64.var(axis=tuple(axes)), rtol=1e-4, atol=1e-5 * spread)
+
+
 def test_half_inputs_accumulate_in_float32():
     x = torch.full((4096, 2), 1.0, dtype=torch.bfloat16)
     x[::2] = 3.0

@@ -129,18 +129,30 @@ def _accurate_mean(c: Tensor, dims: tuple[int, ...], count: int) -> Tensor:
     """The mean of ``c`` over ``dims`` (kept), for float32 as accurate as ATen's CPU kernels, which sum in double.
 
     A float32 ``mean`` over several dims loses ~sqrt(n) ulps of the spread, which is all of a small mean's
-    precision (spread 100, mean 1). Here the innermost dim is summed in float32 (torch's cascaded sum is
-    accurate along one dim) and the partial sums in float64, which costs on CPU what one ``mean(dims)``
+    precision (spread 100, mean 1). Here the innermost reduced dim (the trailing reduced dims as one, where
+    their strides merge) is summed in float32 (torch's cascaded sum is accurate along one dim) and the
+    partial sums in float64, which costs on CPU what one ``mean(dims)``
     costs (benchmarks/README.md). MPS has no float64: the plain mean there.
     """
     if c.dtype != torch.float32 or c.device.type == "mps":
         return c.mean(dim=dims, keepdim=True)
+    kept = [1 if d in dims else n for d, n in enumerate(c.shape)]
+    start = c.dim()
+    while start - 1 in dims:
+        start -= 1
+    if c.dim() - start > 1 and all(
+        c.stride(d) == c.stride(d + 1) * c.shape[d + 1] for d in range(start, c.dim() - 1)
+    ):
+        # Reduced trailing dims (H, W over (0, 2, 3)) as one, a view in NCHW and channels_last alike: a float32
+        # sum along a short dim (W = 28) is slow, one along H * W as fast and as accurate as the 3-D view's
+        c = c.flatten(start)
+        dims = tuple(d for d in dims if d < start) + (start,)
     longer = [d for d in dims if c.shape[d] > 1]  # (dims are sorted)
     inner = longer[-1] if longer else dims[-1]  # the innermost dim with more than one value
     partial = c.sum(dim=inner, keepdim=True)
     rest = tuple(d for d in dims if d != inner)
     total = partial.sum(dim=rest, keepdim=True, dtype=torch.float64) if rest else partial.double()
-    return (total / count).to(c.dtype)
+    return (total / count).to(c.dtype).view(kept)
 
 
 def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0) -> tuple[Tensor, Tensor]:

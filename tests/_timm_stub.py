@@ -9,6 +9,7 @@ forward ``x * scale + shift`` with ``scale = weight * rsqrt(running_var + eps)``
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -87,6 +88,9 @@ def install() -> bool:
     mods = {name: _StubModule(name) for name in _MODULES}
     for name, mod in mods.items():
         mod.__path__ = []  # a package, so that submodule imports resolve through sys.modules
+        # a spec, as every imported module has: importlib.util.find_spec raises ValueError on a None one, and
+        # torch.onnx and lightning_utilities ask it whether torchvision is there
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(mods[parent], child, mod)

@@ -474,9 +474,19 @@ def _torch_loading(pid: int) -> bool:
         return False
 
 
-def test_ctrl_c_during_startup_is_one_line_without_traceback(tmp_path):
+def _launcher(how: str) -> list[str]:
+    if how == "module":
+        return [sys.executable, "-m", "bnkit.cli"]
+    script = Path(sys.executable).parent / "bnkit"  # the console script pip installs beside the interpreter
+    if not script.exists():
+        pytest.skip(f"no console script at {script} (bnkit not pip-installed into this environment)")
+    return [str(script)]
+
+
+@pytest.mark.parametrize("how", ["module", "console script"])
+def test_ctrl_c_during_startup_is_one_line_without_traceback(tmp_path, how):
     out = tmp_path / "early"
-    p = _Proc([sys.executable, "-m", "bnkit.cli", "run", "fig1", *TINY, "--out", str(out)], tmp_path)
+    p = _Proc([*_launcher(how), "run", "fig1", *TINY, "--out", str(out)], tmp_path)
     t0 = time.monotonic()
     if Path("/proc/self/maps").exists():
         while p.poll() is None and not _torch_loading(p.pid) and time.monotonic() - t0 < 60:
@@ -498,6 +508,27 @@ def test_importing_bnkit_leaves_ctrl_c_to_python(tmp_path, code):
     check = code + "; import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     r = _cli([], tmp_path, args=[sys.executable, "-c", check])
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+
+
+@pytest.mark.parametrize("argv0, ignored, guarded", [
+    ("/usr/local/bin/bnkit", False, True),  # the console script's argv[0]: the guard is installed
+    ("/usr/local/bin/bnkit", True, False),  # Ctrl-C ignored (nohup, a background job): left as it is
+    ("/usr/local/bin/bnkit-tools", False, False),  # another program's name
+])
+def test_the_startup_guard_follows_the_console_scripts_name(tmp_path, argv0, ignored, guarded):
+    check = ("import signal, sys\n"
+             + ("signal.signal(signal.SIGINT, signal.SIG_IGN)\n" if ignored else "")
+             + f"sys.argv = [{argv0!r}, 'run']\n"
+             "before = signal.getsignal(signal.SIGINT)\n"
+             "import bnkit, bnkit.cli\n"
+             "after_import = signal.getsignal(signal.SIGINT)\n"
+             "bnkit.cli._end_startup_guard()\n"
+             "print(after_import is bnkit._cli_startup_sigint is not None, after_import is before,"
+             " signal.getsignal(signal.SIGINT) is before)\n")
+    r = _cli([], tmp_path, args=[sys.executable, "-c", check])
+    assert r.returncode == 0, r.stderr
+    # guarded: the guard replaced Python's handler, and main()'s first step gives Python's back
+    assert r.stdout.split() == (["True", "False", "True"] if guarded else ["False", "True", "True"]), r.stdout
 
 
 @pytest.mark.slow

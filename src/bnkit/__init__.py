@@ -45,7 +45,16 @@ _cli_startup_sigint = _guard_cli_startup()
 from . import engine, functional, integrations, kernels, reference, stats  # noqa: F401
 from .accelerate import accelerate, accelerate_counts, accelerated, is_accelerated
 from .errors import ChannelMismatchError, DtypeMismatchError, InputDtypeError, MissingStatisticsError
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .layers import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+)
 from .stats import momentum_from_keras, momentum_to_keras
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 from .tools import Affine, FuseReport, convert, fuse, recalibrate
@@ -107,6 +116,10 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "InputDtypeError",
+    "LazyBatchNorm",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "MissingStatisticsError",
     "NotEnoughBatchesError",
     "SharedBatchNorm",

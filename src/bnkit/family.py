@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = [
-    "RANKS", "SHAPES", "TORCH_BATCHNORM", "BNForm", "bn_form", "bn_tail", "family_of", "frozen_affine", "ranked",
-    "register_bn_subclass", "specialize", "torch_dims",
+    "RANKS", "SHAPES", "TORCH_BATCHNORM", "BNForm", "bn_form", "bn_tail", "check_initialized", "family_of",
+    "frozen_affine", "ranked", "register_bn_subclass", "specialize", "still_lazy", "torch_dims",
 ]
 
 #: suffix -> accepted input ranks
@@ -92,6 +93,26 @@ def family_of(cls: type) -> type | None:
 def ranked(base: type, dims: tuple[int, ...] | None) -> type:
     """The member of ``base``'s family that accepts ``dims`` (the generic class for other rank sets)."""
     return _FAMILIES.get(base, {}).get(dims, base)
+
+
+def still_lazy(module: nn.Module) -> bool:
+    """A lazy layer (torch's or bnkit's) that has not seen an input yet: uninitialized tensors, or tensors
+    loaded from a ``state_dict`` but no ``num_features`` until its first call."""
+    return isinstance(module, LazyModuleMixin) and (
+        module.has_uninitialized_params() or getattr(module, "num_features", None) == 0
+    )
+
+
+def check_initialized(model: nn.Module, tool: str) -> None:
+    """``ValueError`` naming the first lazy layer of ``model`` that has not seen an input yet (``tool`` needs values)."""
+    if not isinstance(model, nn.Module):  # the tool's own type check says what is wrong
+        return
+    for name, m in model.named_modules():
+        if still_lazy(m):
+            raise ValueError(
+                f"{tool}: layer {name or '<root>'!r} ({type(m).__name__}) is a lazy layer that has not seen an input "
+                "yet; call the model once on a batch first. Nothing was changed."
+            )
 
 
 def torch_dims(module: nn.Module) -> tuple[int, ...] | None:

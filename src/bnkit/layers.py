@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from . import conventions
 from ._layer_support import (
@@ -42,6 +44,7 @@ from .engine import (
 from .family import specialize
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+           "LazyBatchNorm", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
            "bn_arguments", "check_feature_input", "check_per_channel_tensors", "masked_one_valid", "masked_tiny_batch", "tiny_batch_forward"]
 
 # fx records calls of the engine's entry instead of tracing into it (one node per layer call).
@@ -427,4 +430,95 @@ BatchNorm1d, BatchNorm2d, BatchNorm3d = specialize(
             torch.Size([2, 4, 3, 5, 5])
         """,
     },
+)
+
+
+class _LazyBatchNorm(LazyModuleMixin):
+    """The lazy form of a bnkit BN class: ``num_features`` comes from the first input.
+
+    Until its first call the layer holds ``UninitializedParameter``/``UninitializedBuffer`` objects (a
+    ``num_batches_tracked`` counter exists from the start, as in torch); the first call checks the input
+    (rank, feature axis), materializes weight, bias and the running statistics with ``C = input.shape[axis]``,
+    initializes them as ``reset_parameters`` does, and turns the layer into ``cls_to_become``. Loading a
+    ``state_dict`` into an uninitialized layer materializes it from the loaded shapes (torch's lazy rule).
+    """
+
+    cls_to_become: type
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> None:
+        # Built with one feature on the meta device (so that the arguments are checked as the layer's own), then
+        # every per-feature tensor is replaced by an uninitialized one.
+        super().__init__(1, eps, momentum, affine, track_running_stats, "meta", dtype, **options)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = 0
+        if self.weight is not None:
+            self.weight = UninitializedParameter(**factory)
+        if self.bias is not None:
+            self.bias = UninitializedParameter(**factory)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory)
+            self.running_var = UninitializedBuffer(**factory)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def initialize_parameters(self, input: Tensor, mask: Tensor | None = None) -> None:
+        if self.num_features == 0:
+            self.check_input(input)  # before anything is materialized: a wrong first input leaves the layer lazy
+            self.num_features = input.shape[self.axis]
+        if self.has_uninitialized_params():
+            c = self.num_features
+            with torch.no_grad():
+                if is_lazy(self.weight):
+                    self.weight.materialize((1 if self.share_affine in ("weight", "all") else c,))
+                if is_lazy(self.bias):
+                    self.bias.materialize((1 if self.share_affine == "all" else c,))
+                for name in ("running_mean", "running_var"):
+                    if is_lazy(self._buffers.get(name)):
+                        self._buffers[name].materialize((c,))
+            self.reset_parameters()
+
+    def check_input(self, input: Tensor) -> None:
+        if self.num_features == 0:  # no channel count yet: the rank and the feature axis only
+            if not isinstance(input, Tensor):
+                raise TypeError(f"{type(self).__name__}: expected a torch.Tensor input, got {type(input).__name__}")
+            rank_ok = input.dim() in self.expected_dims if self.expected_dims is not None else input.dim() >= 1
+            if self.expected_dims is not None and not rank_ok:  # torch's message
+                want = " or ".join(f"{d}D" for d in self.expected_dims)
+                raise ValueError(f"{type(self).__name__}: expected {want} input (got {input.dim()}D input)")
+            if not rank_ok or not -input.dim() <= self.axis < input.dim():
+                raise ValueError(f"{type(self).__name__}: axis {self.axis} is out of range for a {input.dim()}-D input")
+            return
+        super().check_input(input)
+
+
+def _lazy(cls: type) -> type:
+    name = "Lazy" + cls.__name__
+    dropin = f"Drop-in for ``torch.nn.{name}``: " if cls.expected_dims is not None else ""
+    doc = (
+        f"{dropin}`{cls.__name__}` whose ``num_features`` is inferred from the first input; it becomes a "
+        f"`{cls.__name__}` after that call.\n\n"
+        f"It takes `{cls.__name__}`'s arguments without ``num_features``.\n\n"
+        f"Example:\n    >>> import torch, bnkit\n    >>> bn = bnkit.{name}()\n"
+        f"    >>> y = bn(torch.randn({', '.join(['8', '3'] + ['4'] * ((cls.expected_dims or (4,))[0] - 2))}))\n"
+        f"    >>> type(bn).__name__, bn.num_features\n    ('{cls.__name__}', 3)\n"
+    )
+    return type(name, (_LazyBatchNorm, cls), {
+        "__module__": cls.__module__, "__qualname__": name, "__doc__": doc, "cls_to_become": cls,
+    })
+
+
+LazyBatchNorm, LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d = (
+    _lazy(BatchNorm), _lazy(BatchNorm1d), _lazy(BatchNorm2d), _lazy(BatchNorm3d)
 )

@@ -26,9 +26,10 @@ import copy
 from typing import Callable, Iterable
 
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer
 
 __all__ = [
-    "CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "carry_extras", "move_hooks", "rebuild", "replace_modules", "snapshot",
+    "CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "carry_extras", "copy_model", "move_hooks", "rebuild", "replace_modules", "snapshot",
     "take_over_tensors",
 ]
 
@@ -50,6 +51,20 @@ STATE_HOOK_DICTS = (
     "_load_state_dict_pre_hooks",
     "_load_state_dict_post_hooks",
 )
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also when it holds lazy layers that have not seen an input yet.
+
+    torch's ``UninitializedBuffer`` cannot be deep-copied (``copy.deepcopy`` of a fresh
+    ``nn.LazyBatchNorm2d`` raises ``ValueError``); the copy gets new uninitialized buffers of the same
+    device and dtype instead (there is nothing else to copy).
+    """
+    memo: dict[int, object] = {}
+    for b in model.buffers():
+        if isinstance(b, UninitializedBuffer):
+            memo[id(b)] = UninitializedBuffer(b.requires_grad, b.device, b.dtype)
+    return copy.deepcopy(model, memo)
 
 
 def move_hooks(src: nn.Module, dst: nn.Module, hook_dicts: Iterable[str] = CALL_HOOK_DICTS) -> None:

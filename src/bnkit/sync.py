@@ -42,7 +42,7 @@ from ._engine_checks import _check_param
 from ._layer_support import document_bn_arguments
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .errors import InputDtypeError
-from .family import bn_form, bn_tail, ranked, torch_dims
+from .family import bn_form, bn_tail, ranked, still_lazy, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
 from .surgery import carry_extras, rebuild, replace_modules, snapshot, take_over_tensors
 from .sync_autograd import _all_gather_flat, _Comm, _SyncBatchNormFunction, _SyncMaskedFunction, sync_payload_bytes
@@ -212,11 +212,13 @@ def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
 
 
 def _convertible(module: nn.Module) -> bool:
-    return isinstance(module, (SyncBatchNorm, nn.modules.batchnorm._BatchNorm)) or type(module) in _BNKIT_CLASSES
+    return isinstance(module, (SyncBatchNorm, nn.modules.batchnorm._BatchNorm)) or type(module) in _BNKIT_CLASSES or (
+        isinstance(module, BatchNorm) and still_lazy(module)  # bnkit's lazy layers: refused as torch's are
+    )
 
 
 def _check_convertible(module: nn.Module, name: str) -> None:
-    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+    if still_lazy(module):
         raise ValueError(f"convert_sync_batchnorm: {type(module).__name__} is not initialized yet")
     form = bn_form(module)
     if form is not None and form.kind == "unknown":

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..family import check_initialized
 from ..stats import Moments, merge, merge_all
 from ._bnlayers import (  # noqa: F401 - has_stats, is_bn_layer: kept importable from here
     _batches,
@@ -319,6 +320,7 @@ def adapt(
         >>> h.active
         False
     """
+    check_initialized(model, "adapt")
     if not isinstance(model, nn.Module):
         raise TypeError(f"adapt: expected an nn.Module, got {type(model).__name__}")
     if mode not in MODES:

@@ -55,6 +55,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from ..family import check_initialized
 from ..stats import Moments, merge
 from ._family import bn_axis, has_running_stats, is_bn
 
@@ -270,6 +271,7 @@ def recalibrate(
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), bnkit.BatchNorm1d(4))
         >>> _ = bnkit.recalibrate(model, [torch.randn(8, 3) for _ in range(4)])
     """
+    check_initialized(model, "recalibrate")
     if estimator not in ESTIMATORS:
         raise ValueError(f"recalibrate: estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if num_batches is not None and (

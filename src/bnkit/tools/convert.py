@@ -22,21 +22,22 @@ torch) is left as it is, and named with the reason in the
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import layers
 from .._warn import warn
-from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, torch_dims
+from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, still_lazy, torch_dims
 from ..surgery import (
     CALL_HOOK_DICTS,
     STATE_HOOK_DICTS,
     carry_extras,
+    copy_model,
     rebuild,
     replace_modules,
     snapshot,
@@ -65,6 +66,12 @@ _FUSED = "_bnkit_fused_activation"
 
 _TORCH_TO_BNKIT: dict[type, type] = {torch_cls: ranked(layers.BatchNorm, dims) for dims, (torch_cls, _) in TORCH_BATCHNORM.items()}
 _BNKIT_TO_TORCH: dict[type, type] = {v: k for k, v in _TORCH_TO_BNKIT.items()}
+# Lazy layers that have not seen an input yet (num_features 0) become the other library's lazy class.
+_LAZY_TO_BNKIT: dict[type, type] = {
+    torch_lazy: getattr(layers, "Lazy" + ranked(layers.BatchNorm, dims).__name__)
+    for dims, (_, torch_lazy) in TORCH_BATCHNORM.items()
+}
+_LAZY_TO_TORCH: dict[type, type] = {v: k for k, v in _LAZY_TO_BNKIT.items()}
 
 
 def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
@@ -83,6 +90,18 @@ def _swap(old: nn.Module, new_cls: type) -> nn.Module:
     """A ``new_cls`` layer that takes over ``old``'s tensors and flags (hooks: :func:`replace_modules`)."""
     c = old.num_features
     ref = old.running_mean if old.running_mean is not None else old.weight
+    if issubclass(new_cls, LazyModuleMixin):  # no num_features yet: the lazy constructor, on the tensors' device
+        new = new_cls(affine=old.affine, track_running_stats=old.track_running_stats,
+                      device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        new.eps, new.momentum = old.eps, old.momentum
+        take_over_tensors(new, old, _TENSORS)
+        new.train(old.training)
+        # The old layer's own first-call and load hooks stay behind (replace_modules moves only the user's);
+        # the new layer's are registered again after the move (_arm_lazy).
+        for hook in ("_initialize_hook", "_load_hook"):
+            if hasattr(old, hook):
+                getattr(old, hook).remove()
+        return new
     # Built on the meta device: the real tensors are taken over from ``old`` below. eps and momentum are
     # assigned afterwards, as a torch layer may hold values bnkit's constructor refuses (eps=0, momentum=1.5):
     # they behave as torch's there (eps=0 fails in training, as torch's does).
@@ -147,8 +166,10 @@ def _plan_bnkit(m: nn.Module, form: BNForm) -> tuple[type | None, str]:
         return None, "a SyncBatchNorm: use bnkit.convert_sync_batchnorm"
     if parametrize.is_parametrized(m):  # its tensors live in m.parametrizations, behind properties of its class
         return None, _PARAMETRIZED
-    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-        return None, "a lazy layer that has not seen an input yet"
+    if still_lazy(m):
+        if type(m) in _LAZY_TO_BNKIT:
+            return _LAZY_TO_BNKIT[type(m)], ""
+        return None, "a lazy layer that has not seen an input yet (a subclass of torch's lazy classes)"
     dims = torch_dims(m)
     if dims is None:
         return None, "no fixed input rank (not a BatchNorm1d/2d/3d)"
@@ -162,7 +183,7 @@ def _to_bnkit(old: nn.Module, cls: type, form: BNForm) -> nn.Module:
         new._modules.update(bn_tail(old, form))  # the very modules: their parameters and hooks stay
         new.bn_tail = form.tail
     carry_extras(new, old, _TENSORS)  # a subclass's own children and tensors: in the state_dict, and back with to="torch"
-    if type(old) not in _TORCH_TO_BNKIT:
+    if type(old) not in _TORCH_TO_BNKIT and type(old) not in _LAZY_TO_BNKIT:
         new.__dict__[_ORIGIN] = snapshot(old)
     return new
 
@@ -170,7 +191,7 @@ def _to_bnkit(old: nn.Module, cls: type, form: BNForm) -> nn.Module:
 def _to_torch(old: nn.Module) -> nn.Module:
     origin = old.__dict__.get(_ORIGIN)
     if origin is None:
-        return _swap(old, _BNKIT_TO_TORCH[type(old)])
+        return _swap(old, _BNKIT_TO_TORCH.get(type(old)) or _LAZY_TO_TORCH[type(old)])
     # Rebuilt as the subclass it came from: its own attributes, the current values and children.
     new = rebuild(origin, old, (*old._parameters, *old._buffers), old._modules)
     new.eps, new.momentum = old.eps, old.momentum
@@ -198,7 +219,7 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
             continue
         if not _is_bnkit(m):
             continue
-        if type(m) in _BNKIT_TO_TORCH or type(m) in _ACT_CLASSES:
+        if type(m) in _BNKIT_TO_TORCH or type(m) in _ACT_CLASSES or type(m) in _LAZY_TO_TORCH:
             _check_torch_compatible(m, name)
             origin = m.__dict__.get(_ORIGIN)
             if _FUSED in m.__dict__:
@@ -214,9 +235,10 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
                     "torch has no BN layer with an activation (it was not converted from one, e.g. timm's BatchNormAct2d)"
                 )
             targets[id(m)] = "torch"
-            new_name = (_BNKIT_TO_TORCH[type(m)] if origin is None else origin["cls"]).__name__
+            torch_cls = _BNKIT_TO_TORCH.get(type(m)) or _LAZY_TO_TORCH.get(type(m))
+            new_name = (torch_cls if origin is None else origin["cls"]).__name__
             rep.converted.append((name, _qualname(m), new_name))
-        elif type(m) is layers.BatchNorm:
+        elif type(m) in (layers.BatchNorm, layers.LazyBatchNorm):
             # Not skipped silently: the generic layer accepts any rank (and any axis),
             # while each torch class accepts fixed ranks with channels on axis 1.
             raise ValueError(
@@ -229,6 +251,15 @@ def _plan(model: nn.Module, to: str) -> tuple[dict[int, Any], ConvertReport]:
         else:
             rep.left.append((name, _qualname(m), "a bnkit layer with no torch class (a variant, or frozen)"))
     return targets, rep
+
+
+def _arm_lazy(m: nn.Module) -> None:
+    """A lazy layer made by convert gets its own first-call hook (first among the pre-hooks, as when it is
+    constructed) and load hook; the hook dictionaries it has are those moved over from the layer it replaced."""
+    for hook in ("_initialize_hook", "_load_hook"):
+        getattr(m, hook).remove()
+    m._initialize_hook = m.register_forward_pre_hook(m._infer_parameters, with_kwargs=True, prepend=True)
+    m._load_hook = m._register_load_state_dict_pre_hook(m._lazy_load_hook)
 
 
 def _fused_slot(model: nn.Module, name: str, layer: nn.Module) -> str:
@@ -320,7 +351,7 @@ def convert(
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     _plan(model, to)  # raises before anything is copied or changed
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     targets, rep = _plan(model, to)
     sites = fusion_sites(model, lambda m: targets.get(id(m)) in _BNKIT_TO_TORCH) if fuse_activations else {}
     # One replacement per activation module that several fused layers share (its after_fused_bn form, or
@@ -357,6 +388,7 @@ def convert(
             return new
         return _to_bnkit(m, targets[id(m)], bn_form(m))
 
+    before = {id(m) for m in model.modules()}
     out = replace_modules(
         model,
         lambda m: id(m) in targets,
@@ -366,6 +398,9 @@ def convert(
     for slot, module in restore:
         parent_name, _, key = slot.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, key, module)
+    for m in out.modules():
+        if id(m) not in before and isinstance(m, LazyModuleMixin):
+            _arm_lazy(m)
     if report:
         return out, rep
     if rep.left:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..family import check_initialized
 from ..stats import Moments, merge
 from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, has_stats, learns_stats
 from .calibrate import _input_of, _model_device, _model_input, call_site, site_keyword
@@ -173,6 +174,7 @@ def inspect(
         >>> sorted(inspect(net).codes())
         ['never_updated']
     """
+    check_initialized(model, "inspect")
     if not isinstance(model, nn.Module):
         raise TypeError(f"inspect: expected an nn.Module, got {type(model).__name__}")
     for nm, v in (("dead_tol", dead_tol), ("shift_tol", shift_tol), ("log_var_tol", log_var_tol)):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import layers
-from ..family import TORCH_BATCHNORM, ranked
+from ..family import TORCH_BATCHNORM, check_initialized, ranked
 from ..surgery import replace_modules
 from ..variants.domain import DomainBatchNorm
 
@@ -137,6 +137,7 @@ def convert_domain_bn(
     are. The new parameters are new tensors: build the optimizer after
     converting. Returns the converted model (a deep copy unless ``inplace``).
     """
+    check_initialized(model, "convert_domain_bn")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_domain_bn: expected an nn.Module, got {type(model).__name__}")
     if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains <= 0:

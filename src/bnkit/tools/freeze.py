@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers
-from ..family import bn_form, bn_tail, ranked, torch_dims
+from ..family import bn_form, bn_tail, ranked, still_lazy, torch_dims
 from ..surgery import CALL_HOOK_DICTS, replace_modules
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
 from ..variants.act import BatchNormAct, FrozenBatchNormAct
@@ -73,7 +73,7 @@ def _check_freezable(bn: nn.Module, name: str) -> None:
             f"freeze: layer {name or '<root>'!r} ({_qualname(bn)}) cannot be frozen without changing what it "
             f"computes: {form.reason}. Nothing was changed."
         )
-    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+    if still_lazy(bn):
         raise ValueError(f"{where} is a lazy layer that has not seen an input yet, so it has no values to freeze")
     if not isinstance(getattr(bn, "running_mean", None), Tensor) or not isinstance(
         getattr(bn, "running_var", None), Tensor

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .._warn import warn
+from ..family import check_initialized
 from .affine import Affine
 from .fuse_common import _check_eval, _Ctx, _unknown, is_bn
 from .fuse_report import FusedPair, FuseReport, UnfusedBN
@@ -108,6 +109,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, report: bool = False, examp
     statistics back. Modules reachable more than once (shared layers) are
     copied before a fold changes them.
     """
+    check_initialized(model, "fuse")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected an nn.Module, got {type(model).__name__}")
     _check_eval(model)

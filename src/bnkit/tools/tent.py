@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..family import check_initialized
 from ._bnlayers import _batches, _check_num_batches, bn_layers, feature_axis, learns_stats
 from .adapt import AdaptHandle, _Snapshot, adapt
 from .calibrate import _model_device, _model_input
@@ -273,6 +274,7 @@ def tent(
         >>> net, h = tent(net, torch.randn(8, 1, 8, 8), steps=2)
         >>> _ = h.restore()
     """
+    check_initialized(model, "tent")
     if not isinstance(model, nn.Module):
         raise TypeError(f"tent: expected an nn.Module, got {type(model).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

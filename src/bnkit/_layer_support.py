@@ -12,6 +12,7 @@ import re
 from operator import itemgetter
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._warn import warn
@@ -20,7 +21,7 @@ from .errors import ChannelMismatchError
 from .kernels import aten_graph
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "bn_arguments", "check_feature_input",
-           "check_per_channel_tensors", "document_bn_arguments", "masked_one_valid", "masked_tiny_batch", "registered_tensors",
+           "check_per_channel_tensors", "document_bn_arguments", "fill_legacy_count", "masked_one_valid", "masked_tiny_batch", "registered_tensors",
            "tiny_batch_forward"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
@@ -31,6 +32,21 @@ _BN_ARGUMENTS = (
     "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
     "share_affine", "nonfinite", "convention", "tiny_batch",
 )
+
+
+def fill_legacy_count(state_dict: dict, prefix: str, local_metadata: dict, count: Tensor | None, *,
+                      versioned: bool = True) -> None:
+    """torch's rule for a checkpoint without ``num_batches_tracked`` (version < 2, or any with ``versioned=False``):
+    the layer keeps its ``count`` (a count on the meta device, or none, loads as zeros; a ``None`` count then
+    reports the key as unexpected, as torch does)."""
+    key = prefix + "num_batches_tracked"
+    version = local_metadata.get("version", None)
+    if key in state_dict or (versioned and version is not None and version >= 2):
+        return
+    if count is not None and count.device.type != "meta":
+        state_dict[key] = count
+    else:
+        state_dict[key] = torch.zeros(() if count is None else count.shape, dtype=torch.long)
 
 
 def registered_tensors(module: nn.Module, names: tuple[str, ...]) -> tuple[Tensor | None, ...]:

@@ -26,6 +26,7 @@ from ._layer_support import (
     bn_arguments,
     check_feature_input,
     check_per_channel_tensors,
+    fill_legacy_count,
     masked_one_valid,
     masked_tiny_batch,
     registered_tensors,
@@ -231,15 +232,10 @@ class BatchNorm(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats:
+        if self.track_running_stats:
             # Version 2 added num_batches_tracked. A dict without it (an old checkpoint, or a
             # plain dict without metadata) keeps the layer's current count, as torch does.
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                nbt = self.num_batches_tracked
-                keep = nbt is not None and nbt.device.type != "meta"
-                state_dict[key] = nbt if keep else torch.tensor(0, dtype=torch.long)
+            fill_legacy_count(state_dict, prefix, local_metadata, self.num_batches_tracked)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

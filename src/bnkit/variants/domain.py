@@ -9,6 +9,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .. import family
+from .._layer_support import fill_legacy_count
 from ..engine import check_domain, domain_module_call, fold, per_channel
 from ..family import specialize
 from ..layers import BatchNorm, bn_arguments
@@ -173,11 +174,8 @@ class DomainBatchNorm(BatchNorm):
                     "or load a plain BN checkpoint into a plain model and call bnkit.convert_domain_bn"
                 )
                 return
-        key = prefix + "num_batches_tracked"
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            nbt = self.num_batches_tracked  # kept, as torch keeps its layer's count
-            state_dict[key] = nbt if nbt.device.type != "meta" else torch.zeros_like(nbt, device="cpu")
+        if self.track_running_stats:  # the per-domain counts are kept, as torch keeps its layer's count
+            fill_legacy_count(state_dict, prefix, local_metadata, self.num_batches_tracked)
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

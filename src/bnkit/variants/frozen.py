@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .._layer_support import registered_tensors
+from .._layer_support import fill_legacy_count, registered_tensors
 from ..engine import CallSpec, batch_norm_module_call, call_spec, check_input, check_mask, fold, per_channel
 from ..family import specialize
 from ._common import is_int
@@ -131,9 +131,9 @@ class FrozenBatchNorm(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         # Checkpoints of layers without num_batches_tracked (old torch, torchvision's frozen BN) load too.
-        key = prefix + "num_batches_tracked"
-        if key not in state_dict and self.num_batches_tracked is not None:
-            state_dict[key] = self.num_batches_tracked.detach().clone()
+        if self.num_batches_tracked is not None:
+            fill_legacy_count(state_dict, prefix, local_metadata, self.num_batches_tracked.detach().clone(),
+                              versioned=False)
         # A shared (one-element) or per-channel weight/bias loads into either shape.
         for name in ("weight", "bias"):
             t = self._buffers.get(name)

@@ -236,8 +236,8 @@ class GhostBatchNorm(BatchNorm):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if not self.training and self.running_mean is not None:
-            return super().forward(input, mask)
+        if not self.training and (self.running_mean is not None or self.running_var is not None):
+            return super().forward(input, mask)  # the running statistics (one of them None: torch's error)
         no_training_trace(self, input)
         self.check_input(input)
         if input.dim() < 2 or self.axis % input.dim() == 0:

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .._layer_support import document_bn_arguments
+from .._layer_support import document_bn_arguments, fill_legacy_count
 from ..engine import batch_norm_module_call, fold, masked_module_call, per_channel
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int
@@ -109,12 +109,8 @@ class SharedBatchNorm(BatchNorm):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        key = prefix + "num_batches_tracked"
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Keep the current per-site counts, as torch keeps its layer's count.
-            nbt = self.num_batches_tracked
-            state_dict[key] = nbt if nbt.device.type != "meta" else torch.zeros_like(nbt, device="cpu")
+        if self.track_running_stats:  # the current per-site counts are kept, as torch keeps its layer's count
+            fill_legacy_count(state_dict, prefix, local_metadata, self.num_batches_tracked)
         nn.Module._load_from_state_dict(
             self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -127,11 +123,12 @@ class SharedBatchNorm(BatchNorm):
         return check_site(self, site)
 
     def _site_buffers(self, site: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        if not self.track_running_stats:
-            return None, None, None
+        """The running buffers of ``site`` (``None`` where the layer has none; ``call_buffers`` applies
+        torch's rules to them, ``track_running_stats`` included)."""
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
         if self.share_stats:
-            return self.running_mean, self.running_var, self.num_batches_tracked
-        return self.running_mean[site], self.running_var[site], self.num_batches_tracked[site]
+            return buffers
+        return tuple(None if t is None else t[site] for t in buffers)
 
     def inference_affine(self, site: int | None = None) -> tuple[Tensor, Tensor]:
         """The eval-mode map at ``site`` as per-channel ``(scale, shift)``.
@@ -139,7 +136,7 @@ class SharedBatchNorm(BatchNorm):
         Raises ``RuntimeError`` without running statistics, or when the sites
         have separate statistics and no ``site`` is given.
         """
-        if not self.track_running_stats:
+        if self.running_mean is None or self.running_var is None:
             raise RuntimeError(f"{self.describe()} has no running statistics, so no fixed inference form")
         if site is None and self.per_site_stats and self.sites > 1:
             raise RuntimeError(

@@ -581,3 +581,18 @@ def test_fuse_linear_bn_eval_with_a_bnkit_layer_equals_torchs_fusion(make):
     torch.testing.assert_close(ours.bias, theirs.bias)
     x = torch.randn(5, 4, dtype=D)
     torch.testing.assert_close(ours(x), bn(lin(x)))
+
+
+@pytest.mark.parametrize("make", [lambda: bnkit.DomainBatchNorm2d(C, 2), lambda: bnkit.SharedBatchNorm(C, 2, share_stats=True),
+                                  lambda: bnkit.BatchNorm2d(C)], ids=["domain", "shared_pooled", "plain"])
+def test_a_layer_without_a_count_loads_a_checkpoint_without_one_like_torch(make):
+    """torch: a dict without num_batches_tracked into a layer whose count is None reports the filled-in key as
+    unexpected (strict=False), and the layer's other buffers load."""
+    results = []
+    for layer in (make(), nn.BatchNorm2d(C)):
+        sd = {k: v.clone().fill_(0.5) for k, v in layer.state_dict().items() if k != "num_batches_tracked"}
+        layer.num_batches_tracked = None
+        r = layer.load_state_dict(sd, strict=False)
+        results.append((r.missing_keys, r.unexpected_keys))
+        assert layer.num_batches_tracked is None and torch.all(layer.running_var == 0.5)
+    assert results[0] == results[1] == ([], ["num_batches_tracked"])

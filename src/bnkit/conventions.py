@@ -172,23 +172,25 @@ def _renorm_variance(layer: nn.Module) -> Tensor:
 
 def _tensor_update(layer: nn.Module, averages: dict[str, Tensor]) -> None:
     """:func:`_update` without a host synchronisation: the policy by one ``torch.where`` per buffer, a tensor factor."""
-    with torch.no_grad():
-        finite = None
-        if layer.nonfinite != "propagate":  # ("raise" acts as "skip": no host check)
-            finite = torch.stack([torch.isfinite(v).all() for v in averages.values()]).all()
-        nbt = layer.num_batches_tracked
-        nbt.add_(1 if finite is None else finite)
-        factor = layer.momentum if layer.momentum is not None else 1.0 / nbt.double()
-        targets = [(getattr(layer, name), value) for name, value in averages.items()]
-        if "running_std" in averages:
-            targets.append((layer.running_var, None))
-        for moving, value in targets:
-            if value is None:  # (after running_std's update)
-                new = _renorm_variance(layer)
-            else:
-                f = factor.to(moving.dtype) if isinstance(factor, Tensor) else factor
-                new = moving - (moving - value.to(moving.dtype)) * f
-            moving.copy_(new if finite is None else torch.where(finite, new, moving))
+    # The values are detached batch statistics and the buffers need no grad, so no torch.no_grad() here:
+    # an exported training graph whose no_grad region only writes buffers fails torch.export.load
+    # (its node has no value, torch 2.13).
+    finite = None
+    if layer.nonfinite != "propagate":  # ("raise" acts as "skip": no host check)
+        finite = torch.stack([torch.isfinite(v).all() for v in averages.values()]).all()
+    nbt = layer.num_batches_tracked
+    nbt.add_(1 if finite is None else finite)
+    factor = layer.momentum if layer.momentum is not None else 1.0 / nbt.double()
+    targets = [(getattr(layer, name), value) for name, value in averages.items()]
+    if "running_std" in averages:
+        targets.append((layer.running_var, None))
+    for moving, value in targets:
+        if value is None:  # (after running_std's update)
+            new = _renorm_variance(layer)
+        else:
+            f = factor.to(moving.dtype) if isinstance(factor, Tensor) else factor
+            new = moving - (moving - value.to(moving.dtype)) * f
+        moving.copy_(new if finite is None else torch.where(finite, new, moving))
 
 
 def _normalize(layer: nn.Module, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

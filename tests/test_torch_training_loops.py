@@ -84,6 +84,19 @@ def _assert_same_model(a, e, tol, what, grads=False):
 
 
 # =========================================================================== autocast
+def _bf16_step(models, opts, x):
+    """One GradScaler-free bf16 autocast SGD step of each model on ``x``; their outputs."""
+    outs = []
+    for m, opt in zip(models, opts):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().mean().backward()
+        opt.step()
+        outs.append(y)
+    return outs
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("fuse", [False, True])
 def test_autocast_bf16_sgd_loop_matches_torch(fuse, channels_last):
@@ -93,15 +106,7 @@ def test_autocast_bf16_sgd_loop_matches_torch(fuse, channels_last):
     t, b = t.to(memory_format=fmt), b.to(memory_format=fmt)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (t, b)]
     for x in _batches(3):
-        x = x.contiguous(memory_format=fmt)
-        outs = []
-        for m, opt in zip((t, b), opts):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = m(x)
-            y.float().square().mean().backward()
-            opt.step()
-            outs.append(y)
+        outs = _bf16_step((t, b), opts, x.contiguous(memory_format=fmt))
         assert outs[1].dtype == outs[0].dtype == torch.bfloat16
         assert_close(outs[1], outs[0], 1e-2, "bf16 output")
     _assert_same_model(b, t, 1e-4, "after 3 bf16 steps")
@@ -138,14 +143,7 @@ def test_autocast_bf16_loop_with_variants_that_reduce_to_bn(name):
         v[5] = nn.Identity()
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (t, v)]
     for x in _batches(3):
-        outs = []
-        for m, opt in zip((t, v), opts):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = m(x)
-            y.float().square().mean().backward()
-            opt.step()
-            outs.append(y)
+        outs = _bf16_step((t, v), opts, x)
         assert outs[1].dtype == outs[0].dtype
         assert_close(outs[1], outs[0], 1e-2, f"{name} bf16 output")
     for k in ("running_mean", "running_var"):

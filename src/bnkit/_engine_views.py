@@ -20,7 +20,9 @@ def canonical_view(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Ten
     gradients keep it.
     """
     shape = x.shape
-    channels = shape[axis]
+    channels = shape[axis]  # (an axis out of range: IndexError here)
+    if axis < 0:  # counted from the end, as the layers take it
+        axis += len(shape)
     if x.is_contiguous():
         outer = math.prod(shape[:axis])
         inner = math.prod(shape[axis + 1 :])

@@ -225,6 +225,26 @@ def test_timm_model_attributes_repr_and_helpers_survive_conversion(timm):
             _assert_scaled(a, b, REL64, b.abs().max().item(), "feature map")
 
 
+def test_timm_norm_layer_argument_names_timms_own_layers_and_convert_is_the_way(timm):
+    """docs/deployment.md, "timm models": timm looks a norm-act layer up by class name, so
+    ``norm_layer=bnkit.BatchNorm2d`` builds timm's own BatchNormAct2d in an EfficientNet; converting the
+    created model gives bnkit's layers with the same outputs and gradients."""
+    torch.manual_seed(0)
+    built = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10, norm_layer=bnkit.BatchNorm2d)
+    assert any(type(m) is timm.layers.BatchNormAct2d for m in built.modules())
+    assert not any(isinstance(m, bnkit.BatchNorm) for m in built.modules())
+    built = built.double()  # (49 BN layers down to 1x1 maps of a batch of 4: float32 rounding grows)
+    ours, rep = bnkit.convert(built, report=True)
+    assert rep.left == [] and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for m in (built, ours):
+        m.train()
+        m(x).square().sum().backward()
+    torch.testing.assert_close(ours(x), built(x))
+    for (n, p), (_, q) in zip(built.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
 def test_timm_optimizer_factory_and_model_ema_see_the_same_model(timm):
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3

@@ -61,6 +61,8 @@ def check_input(spec: CallSpec, input: Tensor) -> None:
     where = spec.name
     if not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
+    if input.layout != torch.strided:  # torch's error type (its batch norm has no sparse kernel either)
+        raise NotImplementedError(f"{where}: {input.layout} inputs are not supported; use input.to_dense()")
     ndim = input.dim()
     if spec.min_rank and ndim < spec.min_rank:
         raise ValueError(f"{where}: expected an input with at least 2 dimensions (N, C, ...), got {ndim}D")

@@ -4,6 +4,7 @@ sentinel), defined once in ``csrc/bnkit_kernels.h`` and read here from the exten
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -52,6 +53,10 @@ def call_spec(
     """A :class:`CallSpec`, with the fused op's encodings (rank bit mask, cumulative-momentum sentinel) derived."""
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"{name}: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if not _is_scalar(eps):  # torch's type: its argument parser's TypeError
+        raise TypeError(f"{name}: eps must be a float, not {type(eps).__name__}")
+    if momentum is not None and not _is_scalar(momentum):
+        raise TypeError(f"{name}: momentum must be a float or None, not {type(momentum).__name__}")
     # Under dynamo (compile, export) the encodings are not needed (no fused op runs, and such a spec
     # is never cached): the extension is never loaded inside the traced region (its loader's lock
     # would break the graph).
@@ -72,6 +77,10 @@ def call_spec(
         name, axis, num_features, ranks, min_rank, eps, momentum, nonfinite, mask, fused_momentum,
         nonfinite != "propagate",
     )
+
+
+def _is_scalar(v: object) -> bool:
+    return isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.dim() == 0)
 
 
 cached_call_spec = lru_cache(maxsize=256)(call_spec)

@@ -10,6 +10,7 @@ through its one door, as every layer does.
 
 from __future__ import annotations
 
+import numbers
 from typing import Mapping, Sequence
 
 import torch
@@ -55,6 +56,11 @@ def _spec(where: str, axis: int, eps: float, momentum: float | None, nonfinite: 
     return call_spec(where, axis, 0, None, eps, momentum, nonfinite, min_rank)
 
 
+def _check_training(where: str, training: object) -> None:
+    if not isinstance(training, bool):  # torch's argument parser takes a bool only
+        raise TypeError(f"{where}: training must be a bool, not {type(training).__name__}")
+
+
 def batch_norm_core(
     input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
     bias: Tensor | None = None, training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
@@ -74,6 +80,7 @@ def batch_norm_core(
     ``input``'s shape without ``axis``, True = valid): training statistics
     from the valid entries only (:func:`bnkit.engine.masked_module_call`).
     """
+    _check_training(where, training)
     spec = _spec(where, axis, eps, momentum, nonfinite)
     if mask is not None:
         return masked_module_call(
@@ -106,6 +113,7 @@ def batch_norm(
     them and influence nothing else; eval ignores it. See
     :func:`bnkit.engine.masked_module_call`.
     """
+    _check_training("batch_norm", training)
     if mask is not None:
         spec = _spec("batch_norm", 1, eps, momentum, "propagate", min_rank=2)
         return masked_module_call(spec, input, mask, weight, bias, running_mean, running_var, None, training)
@@ -142,6 +150,8 @@ def normalize(
     variance_epsilon: float = 1e-3
 ) -> Tensor:
     """``(x - mean) / sqrt(variance + eps) * scale + offset`` with broadcasting, like ``tf.nn.batch_normalization``."""
+    if isinstance(variance_epsilon, bool) or not isinstance(variance_epsilon, numbers.Real):
+        raise TypeError(f"normalize: variance_epsilon must be a float, got {variance_epsilon!r}")
     if variance_epsilon < 0:
         raise ValueError(f"normalize: variance_epsilon must be >= 0, got {variance_epsilon}")
     inv = torch.rsqrt(variance + variance_epsilon)

@@ -11,6 +11,7 @@ arguments, checks, the tiny-batch policy) in :mod:`bnkit._layer_support`.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -159,8 +160,12 @@ class BatchNorm(nn.Module):
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         if not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"{name}: eps must be a positive number, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (numbers.Real, Tensor))):
+            raise TypeError(f"{name}: momentum must be a number in [0, 1] or None, got {momentum!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"{name}: axis must be an int (negative: counted from the end), got {axis!r}")
         if share_affine not in SHARE_AFFINE_MODES:
             raise ValueError(f"{name}: share_affine must be one of {SHARE_AFFINE_MODES}, got {share_affine!r}")
         if nonfinite not in NONFINITE_POLICIES:

@@ -30,6 +30,8 @@ Running statistics (PyTorch's convention)
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -66,6 +68,10 @@ def _normalize_dims(ndim: int, dims: int | Sequence[int]) -> tuple[int, ...]:
         dims = (dims,)
     out = []
     for d in dims:
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(f"axes must be ints, got {d!r} in {dims!r}") from None
         if not -ndim <= d < ndim:
             raise ValueError(f"axis {d} is out of range for a {ndim}-D input")
         out.append(d % ndim)
@@ -270,15 +276,20 @@ def update_running_stats(
         running.copy_(updated if valid is None else torch.where(valid, updated, running))
 
 
+def _check_momentum_value(m: object) -> None:
+    if isinstance(m, bool) or not isinstance(m, numbers.Real):
+        raise TypeError(f"momentum must be a number in [0, 1], got {m!r}")
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {m}")
+
+
 def momentum_from_keras(keras_momentum: float) -> float:
     """Keras' ``BatchNormalization(momentum=m)`` as a PyTorch momentum (``1 - m``)."""
-    if not 0.0 <= keras_momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {keras_momentum}")
+    _check_momentum_value(keras_momentum)
     return 1.0 - keras_momentum
 
 
 def momentum_to_keras(torch_momentum: float) -> float:
     """A PyTorch BN momentum as Keras' (``1 - m``): 0.01 becomes 0.99."""
-    if not 0.0 <= torch_momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {torch_momentum}")
+    _check_momentum_value(torch_momentum)
     return 1.0 - torch_momentum

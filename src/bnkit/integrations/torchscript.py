@@ -81,6 +81,25 @@ def _check(where: str, input: Tensor, expected_dims: list[int], axis: int, num_f
     return axis
 
 
+def _check_dtype(where: str, name: str, t: Tensor | None, input: Tensor) -> None:
+    """The eager layer's dtype rule (its DtypeMismatchError is a RuntimeError, as torch's "mixed dtype")."""
+    if t is not None and t.dtype != input.dtype:
+        if not ((input.dtype == torch.float16 or input.dtype == torch.bfloat16) and t.dtype == torch.float32):
+            raise RuntimeError(
+                where + ": " + name + " has dtype " + str(t.dtype) + " but the input has " + str(input.dtype)
+                + "; parameters and buffers must have the input's dtype (float16/bfloat16 inputs may also use "
+                "float32 ones)"
+            )
+
+
+def _check_dtypes(where: str, input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    _check_dtype(where, "weight", weight, input)
+    _check_dtype(where, "bias", bias, input)
+    _check_dtype(where, "running_mean", running_mean, input)
+    _check_dtype(where, "running_var", running_var, input)
+
+
 def _expand(t: Tensor | None, c: int) -> Tensor | None:
     if t is None:
         return None
@@ -226,6 +245,7 @@ class ScriptableBatchNorm(_Twin):
         bias = _expand(self.bias, c)
         running_mean = self.running_mean
         running_var = self.running_var
+        _check_dtypes(self.where, input, weight, bias, running_mean, running_var)  # before any update
         if not self.training and running_mean is not None and running_var is not None:
             return _affine_forward(input, axis, running_mean, running_var, weight, bias, self.eps)
         shape = _shape_for(input, axis)
@@ -277,6 +297,7 @@ class ScriptableFrozenBatchNorm(_Twin):
     def _bn(self, input: Tensor) -> Tensor:
         axis = _check(self.where, input, self.expected_dims, self.axis, self.num_features)
         c = self.num_features
+        _check_dtypes(self.where, input, self.weight, self.bias, self.running_mean, self.running_var)
         return _affine_forward(
             input, axis, self.running_mean, self.running_var, _expand(self.weight, c), _expand(self.bias, c), self.eps
         )
@@ -387,6 +408,8 @@ def scriptable(model: nn.Module) -> nn.Module:
     makes the replacement itself). Raises ``TypeError`` naming the first layer
     that has no TorchScript form, before anything is built.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"scriptable: expected an nn.Module, got {type(model).__name__}")
     for m in model.modules():
         if isinstance(m, _REPLACED):
             scriptable_layer(m)  # check every layer first

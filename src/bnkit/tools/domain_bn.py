@@ -36,6 +36,8 @@ _BNKIT_CLASSES = {ranked(layers.BatchNorm, dims): dims for dims in TORCH_BATCHNO
 
 def domain_layers(model: nn.Module) -> list[DomainBatchNorm]:
     """The :class:`~bnkit.DomainBatchNorm` layers of ``model`` (each once)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     seen: dict[int, DomainBatchNorm] = {}
     for m in model.modules():
         if isinstance(m, DomainBatchNorm):

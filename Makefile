@@ -6,7 +6,9 @@ TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.bnkit-installed
 # Packages that depend on torch: a plain install would pull a multi-GB CUDA torch, so --no-deps
 # (their other requirements are in the dev extra).
-TORCH_PACKAGES := timm==1.0.31 pytorch-lightning==2.6.6 torchmetrics==1.9.0
+# torchao: PT2E quantization (tests/test_quantization_pt2e.py); its compiled kernels are built for a given
+# torch, hence the pin.
+TORCH_PACKAGES := timm==1.0.31 pytorch-lightning==2.6.6 torchmetrics==1.9.0 torchao==0.18.0
 
 .PHONY: setup browser demo test test-cuda test-all build bench docs clean
 

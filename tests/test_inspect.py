@@ -202,7 +202,7 @@ def test_cli_inspect(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "state_dict", "bad_data", "data_mismatch", "json_dir_missing",
-                                  "html_is_dir"])
+                                  "html_is_dir", "lazy"])
 def test_cli_inspect_errors_are_one_line(case, tmp_path, capsys):
     m = _healthy()
     model = tmp_path / "model.pt"
@@ -225,11 +225,15 @@ def test_cli_inspect_errors_are_one_line(case, tmp_path, capsys):
         args += ["--json", str(tmp_path / "no" / "r.json")]
     elif case == "html_is_dir":
         args += ["--html", str(tmp_path)]
+    elif case == "lazy":  # a model saved before its lazy layer saw an input
+        torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), bnkit.LazyBatchNorm2d()), model)
     rc = cli.main(args)
     out, err = capsys.readouterr()
     assert rc == 2
     assert err.startswith("bnkit: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert out == ""  # a bad output path is found before the report is made, not after it is printed
+    if case == "lazy":
+        assert "lazy layer" in err and "'1'" in err
 
 
 def test_inspect_does_not_hide_the_stdlib_module():

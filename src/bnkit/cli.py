@@ -240,6 +240,7 @@ def _add_inspect_command(sub) -> None:
         import torch
         from torch import nn
 
+        from .family import still_lazy
         from .tools.doctor import inspect
 
         path = Path(args.model).expanduser()
@@ -261,6 +262,10 @@ def _add_inspect_command(sub) -> None:
             if not isinstance(model, nn.Module):
                 hint = " (a state_dict: save the model itself with torch.save(model, path))" if isinstance(model, dict) else ""
                 raise ValueError(f"{path} holds a {type(model).__name__}, not a pickled torch.nn.Module{hint}")  # noqa: TRY004
+            lazy = next((n for n, m in model.named_modules() if still_lazy(m)), None)
+            if lazy is not None:
+                raise ValueError(f"{path}: layer {lazy or '<root>'!r} is a lazy layer that has not seen an input yet "
+                                 "(save the model after one forward pass)")
             data = None
             if args.data:
                 x = load_data(args.data, args.data_dir)

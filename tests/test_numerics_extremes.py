@@ -31,16 +31,8 @@ import torch.nn.functional as F
 
 import bnkit
 import bnkit.functional as BF
-from bnkit import kernels
 
-BACKENDS = ["cpp", "torch", "reference"]
-EPS32 = float(torch.finfo(torch.float32).eps)
-
-
-def _use(backend):
-    if backend == "cpp" and not kernels.cpp_available():
-        pytest.skip("the C++ extension is not available here")
-    return kernels.use_backend(backend)
+from test_functional_edges import BACKENDS, EPS32, _use  # the backends and their switch, defined once
 
 
 def _acc(dtype):

@@ -141,7 +141,7 @@ def test_exception_leaves_everything_as_before():
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), k
     assert model[1].momentum is None and not model[1]._forward_hooks
-    assert engine._UPDATE_HOOK is None
+    assert engine.running_update_hook() is None and not engine._ANY_HOOK
     model(micro_batches([6])[0])  # and updates normally again
     assert int(model[0].num_batches_tracked) == 2
 
@@ -280,7 +280,7 @@ def test_bad_input_is_refused_before_any_change():
     with pytest.raises(NotImplementedError, match="keras"):
         with bnkit.accumulate_stats(keras):
             pass
-    assert keras[0].momentum == 0.1 and not keras[0]._forward_hooks and engine._UPDATE_HOOK is None
+    assert keras[0].momentum == 0.1 and not keras[0]._forward_hooks and engine.running_update_hook() is None and not engine._ANY_HOOK
     with pytest.raises(TypeError, match="nn.Module"):
         with bnkit.accumulate_stats([keras]):
             pass

@@ -181,7 +181,7 @@ def domain_module_call(
     # In a captured graph (torch.compile, export) which domains a batch holds is data: the statistics are
     # computed for all D domains with static shapes and the update is masked per row, without a host read
     # (a graph break). An update hook or a torch.func transform takes the per-row path of running_update.
-    graph = _capturing() and engine._UPDATE_HOOK is None and not kernels.transform_active()
+    graph = _capturing() and not engine._ANY_HOOK and not kernels.transform_active()
     dom, samples = _checked_domain(spec, input, domain, num_domains, host=not graph)
     present = [] if samples is None else [d for d, k in enumerate(samples) if k]
     if isinstance(dom, Tensor):
@@ -237,7 +237,7 @@ def domain_module_call(
 def _rows_fast_ok(num_batches_tracked: Tensor | None, mean: Tensor) -> bool:
     """Whether the rows can be written in one step here (plain eager mode: nothing redirects the update)."""
     return (
-        engine._UPDATE_HOOK is None
+        not engine._ANY_HOOK
         and not kernels.transform_active()
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()

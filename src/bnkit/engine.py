@@ -24,6 +24,7 @@ micro-batches, update once under activation checkpointing) belongs in
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable
 
 import torch
@@ -56,6 +57,7 @@ __all__ = [
     "per_channel",
     "refuse_one_valid",
     "running_update",
+    "running_update_hook",
     "set_running_update_hook",
     "valid_count",
 ]
@@ -102,16 +104,36 @@ def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | No
 # tensor of 2C + 1 values (the C means, the C M2s, the count) into which the fused op merges the batch's
 # moments itself (``bnkit::batch_norm_layer_accumulate_``: one op call, no moments returned), or None
 # where the hook would not take this update over.
-_UPDATE_HOOK: Callable[..., bool] | None = None
-_HOOK_TOTALS: Callable[..., Tensor | None] | None = None
+# The hook is per thread, as torch's grad mode and autocast state are: a block in one thread never sees
+# another thread's forwards. ``_ANY_HOOK`` is the hot path's one check, true while any thread has a hook
+# (the thread's own is then read); a compiled graph guards on it (it never reads the thread-local, which
+# Dynamo would take as a constant).
+class _ThreadHook(threading.local):
+    hook: Callable[..., bool] | None = None
+    totals: Callable[..., Tensor | None] | None = None
+
+
+_THREAD_HOOK = _ThreadHook()
+_HOOKED_THREADS = 0
+_HOOK_LOCK = threading.Lock()
+_ANY_HOOK = False
 
 
 def set_running_update_hook(hook: Callable[..., bool] | None) -> Callable[..., bool] | None:
-    """Install ``hook`` as the running update's redirect (``None``: none); returns the previous one."""
-    global _UPDATE_HOOK, _HOOK_TOTALS
-    previous, _UPDATE_HOOK = _UPDATE_HOOK, hook
-    _HOOK_TOTALS = getattr(hook, "totals", None)
+    """Install ``hook`` as this thread's running-update redirect (``None``: none); returns the previous one."""
+    global _ANY_HOOK, _HOOKED_THREADS
+    state = _THREAD_HOOK
+    previous = state.hook
+    state.hook, state.totals = hook, getattr(hook, "totals", None)
+    with _HOOK_LOCK:
+        _HOOKED_THREADS += (hook is not None) - (previous is not None)
+        _ANY_HOOK = _HOOKED_THREADS > 0
     return previous
+
+
+def running_update_hook() -> Callable[..., bool] | None:
+    """This thread's running-update hook (``None``: none installed)."""
+    return _THREAD_HOOK.hook
 
 
 def in_recompute() -> bool:
@@ -169,7 +191,7 @@ def running_update(
     (a masked batch's valid count in a captured graph) takes the tensor form;
     ``skip_one`` leaves a count of 1 uncounted there (``tiny_batch="running"``).
     """
-    if in_recompute() or (_UPDATE_HOOK is not None and (
+    if in_recompute() or (_ANY_HOOK and (
         _offer_to_hook_eagerly if torch.compiler.is_compiling() else _offer_to_hook
     )(spec, running_mean, running_var, num_batches_tracked, mean, var, count, checked)):
         return
@@ -232,10 +254,13 @@ def _offer_to_hook(
     var: Tensor, count: int, checked: bool
 ) -> bool:
     """The hook's turn; a batch the non-finite policy rejects is rejected here (raise or warn) and never reaches it."""
+    hook = _THREAD_HOOK.hook
+    if hook is None:  # another thread's block: this update is this thread's own
+        return False
     if not checked and count and spec.check_finite and var.numel() and not math.isfinite(var.max().item()):
         _reject_nonfinite(spec.name, spec.nonfinite)
         return True
-    return _UPDATE_HOOK(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
+    return hook(spec, running_mean, running_var, num_batches_tracked, mean, var, count)
 
 
 # Under torch.compile the hook runs outside the graph, on every call of the compiled code with the real
@@ -339,7 +364,7 @@ def batch_norm_module_call(
     if batch_stats and running_mean is not None:
         if in_recompute():  # checkpointing's recompute: the same batch statistics, no second update
             running_mean = running_var = num_batches_tracked = None
-        elif _UPDATE_HOOK is not None:
+        elif _ANY_HOOK and (torch.compiler.is_compiling() or _THREAD_HOOK.hook is not None):
             y = _hooked_call(spec, input, weight, bias, running_mean, running_var, num_batches_tracked)
             return y if activation is None else apply_activation(y, activation)
     y = fused_call(
@@ -368,7 +393,8 @@ def _hooked_call(
     general path reports them itself.
     """
     if spec.fused_momentum is not None and _fusable(input):
-        totals = None if _HOOK_TOTALS is None else _HOOK_TOTALS(spec, running_mean, running_var, num_batches_tracked)
+        hook_totals = _THREAD_HOOK.totals
+        totals = None if hook_totals is None else hook_totals(spec, running_mean, running_var, num_batches_tracked)
         args = (input, weight, bias, running_mean, running_var, num_batches_tracked, spec.fused_momentum, spec.eps,
                 spec.axis, spec.num_features, spec.rank_mask, spec.check_finite)
         if totals is not None:

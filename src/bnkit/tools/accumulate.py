@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -124,7 +125,7 @@ class _Accumulator:
 
     def totals(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None) -> Tensor | None:
         """The fused route's question: the totals to merge this layer's batch into (``None``: no block collects it)."""
-        if _EXCLUDED and _excluded_buffer(running_mean):
+        if _BLOCKS.excluded and _excluded_buffer(running_mean):
             return None
         layer = self.by_buffer.get(id(running_mean))
         if layer is None:
@@ -137,7 +138,7 @@ class _Accumulator:
     def __call__(self, spec: Any, running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor,
                  var: Tensor, count: int) -> bool:
         """The running-update hook: the batch's moments merged into the layer's totals (False: not collected)."""
-        if _EXCLUDED and _excluded_buffer(running_mean):
+        if _BLOCKS.excluded and _excluded_buffer(running_mean):
             return False
         layer = self._layer(spec, running_mean, running_var, nbt)
         if layer is None:
@@ -201,10 +202,19 @@ class _Accumulator:
             layer.release()
 
 
-_ACCUMULATORS: list[_Accumulator] = []
+class _Blocks(threading.local):
+    """This thread's open blocks, innermost last, and the layers excluded from them (as the engine's hook,
+    they are per thread: two threads' blocks never see each other's forwards)."""
+
+    def __init__(self) -> None:
+        self.stack: list[_Accumulator] = []
+        # Layers (their ids, and their running_mean buffers') whose forwards no block collects:
+        # bnkit.preserve_stats'.
+        self.excluded: dict[int, int] = {}
+
+
+_BLOCKS = _Blocks()
 _NONE = object()
-# Layers (their ids, and their running_mean buffers') whose forwards no block collects: bnkit.preserve_stats'.
-_EXCLUDED: dict[int, int] = {}
 
 
 def _storage_owner(t: Tensor) -> Tensor:
@@ -213,7 +223,7 @@ def _storage_owner(t: Tensor) -> Tensor:
 
 
 def _excluded_buffer(running_mean: Tensor) -> bool:
-    return id(_storage_owner(running_mean)) in _EXCLUDED
+    return id(_storage_owner(running_mean)) in _BLOCKS.excluded
 
 
 @contextlib.contextmanager
@@ -223,9 +233,10 @@ def excluded_from_blocks(modules: Iterable[nn.Module]) -> Iterator[None]:
     Their buffers then update as outside a block (torch's layers at the block's momentum 1), for the
     caller to put back: :func:`bnkit.preserve_stats`' forwards do not count, in a block or not.
     """
-    if not _ACCUMULATORS:
+    if not _BLOCKS.stack:
         yield
         return
+    excluded = _BLOCKS.excluded
     keys = []
     for m in modules:
         keys.append(id(m))
@@ -233,16 +244,16 @@ def excluded_from_blocks(modules: Iterable[nn.Module]) -> Iterator[None]:
         if isinstance(rm, Tensor):
             keys.append(id(_storage_owner(rm)))
     for k in keys:
-        _EXCLUDED[k] = _EXCLUDED.get(k, 0) + 1
+        excluded[k] = excluded.get(k, 0) + 1
     try:
         yield
     finally:
         for k in keys:
-            left = _EXCLUDED[k] - 1
+            left = excluded[k] - 1
             if left:
-                _EXCLUDED[k] = left
+                excluded[k] = left
             else:
-                del _EXCLUDED[k]
+                del excluded[k]
 
 
 class _CollectingForward:
@@ -277,8 +288,9 @@ class _CollectingForward:
             if module.training and module.track_running_stats:
                 _collect_eagerly(self, n)
             return y
-        if not (module.training and module.track_running_stats and _ACCUMULATORS) or in_recompute() \
-                or torch._C._is_tracing() or (_EXCLUDED and id(module) in _EXCLUDED):
+        blocks = _BLOCKS
+        if not (module.training and module.track_running_stats and blocks.stack) or in_recompute() \
+                or torch._C._is_tracing() or id(module) in blocks.excluded:
             return self.forward(input, *args, **kwargs)
         if self.lean and not args and not kwargs and type(input) is Tensor:
             module._check_input_dim(input)
@@ -290,13 +302,14 @@ class _CollectingForward:
             )
         else:
             y = self.forward(input, *args, **kwargs)
-        self._take(_ACCUMULATORS[-1], n)
+        self._take(blocks.stack[-1], n)
         return y
 
     def collect(self, n: int) -> None:
         """The batch statistics a forward left in the buffers merged into the innermost block (if any)."""
-        if _ACCUMULATORS and not in_recompute() and id(self.module) not in _EXCLUDED:
-            self._take(_ACCUMULATORS[-1], n)
+        blocks = _BLOCKS
+        if blocks.stack and not in_recompute() and id(self.module) not in blocks.excluded:
+            self._take(blocks.stack[-1], n)
 
     def _take(self, block: _Accumulator, n: int) -> None:
         """The buffers' batch statistics (of ``n`` values per channel) merged into ``block``'s entry."""
@@ -395,7 +408,9 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     hold each forward's batch statistics, which their forward (wrapped for the
     block) merges into the totals; their buffers, momentum and forward are
     restored at exit. Nested blocks merge into the
-    enclosing one (the outermost applies). On an exception nothing is
+    enclosing one (the outermost applies). Blocks are per thread, as torch's
+    grad mode is: threads training their own copies each accumulate their
+    own forwards, whatever the order their blocks open and close in. On an exception nothing is
     applied and every BN buffer is as it was at entry. Forwards recomputed by
     activation checkpointing are not counted; eval-mode forwards are
     untouched. Non-finite micro-batches follow each layer's ``nonfinite``
@@ -410,6 +425,8 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         NotImplementedError: for ``convention="keras"`` layers and for
             ``torch.nn.SyncBatchNorm`` under ``torch.distributed``.
+        RuntimeError: for a model whose torch BN layers are in another
+            thread's open block.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), bnkit.BatchNorm1d(4))
@@ -423,15 +440,24 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         raise TypeError(f"accumulate_stats: expected an nn.Module, got {type(model).__name__}")
     layers = _bn_layers(model)  # walked once: the checks, the buffers collected, the snapshot
     _check_accumulable(layers)
-    parent = _ACCUMULATORS[-1] if _ACCUMULATORS else None
+    stack = _BLOCKS.stack
+    wrapped = set().union(*(a.wrapped for a in stack)) if stack else set()
+    torch_layers = []
+    for name, m in layers:
+        if isinstance(m, _BatchNorm) and id(m) not in wrapped and has_running_stats(m):
+            if isinstance(m.__dict__.get("forward"), _CollectingForward):
+                raise RuntimeError(
+                    f"accumulate_stats: the torch BN layer {name or '<root>'!r} is in another thread's open "
+                    "block; a model accumulates in one thread at a time (give each thread its own copy)"
+                )
+            torch_layers.append(m)
+    parent = stack[-1] if stack else None
     acc = _Accumulator(layers, parent)
-    wrapped = set().union(*(a.wrapped for a in _ACCUMULATORS)) if _ACCUMULATORS else set()
-    torch_layers = [m for _, m in layers if isinstance(m, _BatchNorm) and id(m) not in wrapped and has_running_stats(m)]
     snapshot = BufferSnapshot(m for _, m in layers)
     momenta = [(m, m.momentum) for m in torch_layers]
     forwards: list[tuple[nn.Module, Any]] = []  # each wrapped torch layer and its own forward attribute, if any
     previous = set_running_update_hook(acc)
-    _ACCUMULATORS.append(acc)
+    stack.append(acc)
     ok = False
     try:
         for m in torch_layers:
@@ -443,7 +469,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         ok = True
     finally:
-        _ACCUMULATORS.pop()
+        stack.pop()
         set_running_update_hook(previous)
         for m, forward in forwards:
             m.__dict__.pop("__getstate__", None)

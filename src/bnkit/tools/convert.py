@@ -88,30 +88,21 @@ def _check_torch_compatible(bn: layers.BatchNorm, name: str) -> None:
 
 def _swap(old: nn.Module, new_cls: type) -> nn.Module:
     """A ``new_cls`` layer that takes over ``old``'s tensors and flags (hooks: :func:`replace_modules`)."""
-    c = old.num_features
     ref = old.running_mean if old.running_mean is not None else old.weight
+    dtype = None if ref is None else ref.dtype
     if issubclass(new_cls, LazyModuleMixin):  # no num_features yet: the lazy constructor, on the tensors' device
         new = new_cls(affine=old.affine, track_running_stats=old.track_running_stats,
-                      device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
-        new.eps, new.momentum = old.eps, old.momentum
-        take_over_tensors(new, old, _TENSORS)
-        new.train(old.training)
+                      device=None if ref is None else ref.device, dtype=dtype)
         # The old layer's own first-call and load hooks stay behind (replace_modules moves only the user's);
         # the new layer's are registered again after the move (_arm_lazy).
         for hook in ("_initialize_hook", "_load_hook"):
             if hasattr(old, hook):
                 getattr(old, hook).remove()
-        return new
-    # Built on the meta device: the real tensors are taken over from ``old`` below. eps and momentum are
-    # assigned afterwards, as a torch layer may hold values bnkit's constructor refuses (eps=0, momentum=1.5):
-    # they behave as torch's there (eps=0 fails in training, as torch's does).
-    new = new_cls(
-        c,
-        affine=old.affine,
-        track_running_stats=old.track_running_stats,
-        device="meta",
-        dtype=None if ref is None else ref.dtype,
-    )
+    else:  # built on the meta device: the real tensors are taken over from ``old`` below
+        new = new_cls(old.num_features, affine=old.affine, track_running_stats=old.track_running_stats,
+                      device="meta", dtype=dtype)
+    # eps and momentum are assigned after construction, as a torch layer may hold values bnkit's constructor
+    # refuses (eps=0, momentum=1.5): they behave as torch's there (eps=0 fails in training, as torch's does).
     new.eps, new.momentum = old.eps, old.momentum
     take_over_tensors(new, old, _TENSORS)
     new.train(old.training)

@@ -577,3 +577,33 @@ def test_compiled_model_accumulates_once_per_block_without_recompiling(kind):
     with torch.no_grad():
         ref(model[0](x))
     assert_buffers(layer, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_buffers_written_inside_the_block_before_the_first_forward_are_the_base(compiled):
+    """What DDP's broadcast_buffers does at each forward (rank 0's buffers copied into every rank's): the
+    block's one update starts from the buffers as the layer's first forward in the block found them,
+    for torch's layers as for bnkit's (whose buffers are live); writes after the first forward are the
+    forwards' business (DDP's later copies hold rank 0's micro-batch statistics) and change nothing."""
+    torch._dynamo.reset()
+    results = {}
+    for kind in ("bnkit", "torch"):
+        torch.manual_seed(0)
+        layer = bnkit.BatchNorm1d(4, dtype=D) if kind == "bnkit" else nn.BatchNorm1d(4, dtype=D)
+        model = nn.Sequential(nn.Linear(4, 4, dtype=D), layer)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        parts = micro_batches([6, 5, 7], seed=3, shift=1.0)
+        with bnkit.accumulate_stats(model):
+            with torch.no_grad():
+                layer.running_mean.fill_(2.0)  # the "broadcast" before the first forward
+                layer.running_var.fill_(3.0)
+            for x in parts:
+                run(x).square().sum().backward()
+        results[kind] = layer
+        ref = nn.BatchNorm1d(4, dtype=D)
+        with torch.no_grad():
+            ref.running_mean.fill_(2.0)
+            ref.running_var.fill_(3.0)
+            ref(torch.cat([model[0](x) for x in parts]))
+        assert_buffers(layer, ref, rtol=1e-10, atol=1e-12)
+    assert_buffers(results["bnkit"], results["torch"], rtol=1e-10, atol=1e-12)

@@ -22,6 +22,8 @@ __all__ = ["accumulate_stats"]
 
 # A layer's totals, kept per running_mean buffer from one block to the next (see _spares).
 _TOTALS = SparePool()
+# A torch layer's buffers as its first forward in a block found them (_CollectingForward.capture), likewise.
+_BASES = SparePool()
 
 
 class _Layer:
@@ -267,9 +269,14 @@ class _CollectingForward:
     ``num_batches_tracked`` alone (the block restores it and counts the step once): the same op
     count as torch's forward, whose second op is that counter's ``add_``. Pickled or copied, it is
     the layer's plain forward.
+
+    Before its first collected forward it copies the running buffers (``base``): the values the
+    block's one update starts from, as a bnkit layer's live buffers are. They are the entry's unless
+    something wrote them in between: DDP with ``broadcast_buffers=True`` copies rank 0's buffers
+    into every rank's at the start of each forward.
     """
 
-    __slots__ = ("module", "forward", "buffers", "block", "layer", "merge", "lean")
+    __slots__ = ("module", "forward", "buffers", "block", "layer", "merge", "lean", "base")
 
     def __init__(self, module: nn.Module, forward: Any, block: _Accumulator) -> None:
         self.module, self.forward, self.buffers = module, forward, module._buffers
@@ -279,19 +286,21 @@ class _CollectingForward:
         self.merge = torch.ops.bnkit.merge_moments_.default if direct else None  # what _Layer.add calls
         # torch's own classes, with their own forward: their forward is known, the rest is called as it is.
         self.lean = type(module) in _TORCH_CLASSES and "forward" not in module.__dict__
+        self.base: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # the two buffers, then their copies
 
     def __call__(self, input: Tensor, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         n = input.numel() // input.shape[1] if input.dim() > 1 else 0  # values per channel
-        if torch.compiler.is_compiling():  # traced: torch's forward, then the merge outside the graph
-            y = self.forward(input, *args, **kwargs)
-            if module.training and module.track_running_stats:
-                _collect_eagerly(self, n)
-            return y
+        if torch.compiler.is_compiling():
+            if module.training and module.track_running_stats:  # outside the graph: see _forward_eagerly
+                return _forward_eagerly(self, input, args, kwargs, n)
+            return self.forward(input, *args, **kwargs)
         blocks = _BLOCKS
         if not (module.training and module.track_running_stats and blocks.stack) or in_recompute() \
                 or torch._C._is_tracing() or id(module) in blocks.excluded:
             return self.forward(input, *args, **kwargs)
+        if self.base is None:
+            self.capture()
         if self.lean and not args and not kwargs and type(input) is Tensor:
             module._check_input_dim(input)
             if n == 1:
@@ -305,11 +314,36 @@ class _CollectingForward:
         self._take(blocks.stack[-1], n)
         return y
 
-    def collect(self, n: int) -> None:
-        """The batch statistics a forward left in the buffers merged into the innermost block (if any)."""
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Copy the running buffers as they are before the block's first collected forward (``base``)."""
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        self.base = (rm, rv, _BASES.take(rm, rm.shape, rm.dtype).copy_(rm), _BASES.take(rv, rv.shape, rv.dtype).copy_(rv))
+
+    @torch.no_grad()
+    def put_base_back(self) -> None:
+        """The buffers from ``base`` (if a forward captured it), for the block's update to start from."""
+        if self.base is not None:
+            self.buffers["running_mean"].copy_(self.base[2])
+            self.buffers["running_var"].copy_(self.base[3])
+
+    def release(self) -> None:
+        if self.base is not None:
+            rm, rv, rm_copy, rv_copy = self.base
+            _BASES.give_back(rm, rm_copy)
+            _BASES.give_back(rv, rv_copy)
+            self.base = None
+
+    def forward_collected(self, input: Tensor, args: tuple, kwargs: dict, n: int) -> Any:
+        """The forward and its merge, both run eagerly (under torch.compile)."""
         blocks = _BLOCKS
-        if blocks.stack and not in_recompute() and id(self.module) not in blocks.excluded:
+        collected = blocks.stack and not in_recompute() and id(self.module) not in blocks.excluded
+        if collected and self.base is None:
+            self.capture()
+        y = self.forward(input, *args, **kwargs)
+        if collected:
             self._take(blocks.stack[-1], n)
+        return y
 
     def _take(self, block: _Accumulator, n: int) -> None:
         """The buffers' batch statistics (of ``n`` values per channel) merged into ``block``'s entry."""
@@ -346,9 +380,11 @@ class _StateAtEntry:
         return state
 
 
-# Under torch.compile: run on each call of the compiled code, outside the graph (a graph break), with the
-# real buffers; the blocks it reads change from one step to the next and so never enter a guard.
-_collect_eagerly = torch.compiler.disable(_CollectingForward.collect, recursive=True)
+# Under torch.compile: the layer's training forward and its merge run on each call of the compiled code,
+# outside the graph (one graph break), with the real buffers: the base is copied before the forward and
+# the batch's statistics read after it; the blocks read here change from one step to the next and so
+# never enter a guard.
+_forward_eagerly = torch.compiler.disable(_CollectingForward.forward_collected, recursive=True)
 
 
 _TORCH_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -456,6 +492,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     snapshot = BufferSnapshot(m for _, m in layers)
     momenta = [(m, m.momentum) for m in torch_layers]
     forwards: list[tuple[nn.Module, Any]] = []  # each wrapped torch layer and its own forward attribute, if any
+    wrappers: list[_CollectingForward] = []
     previous = set_running_update_hook(acc)
     stack.append(acc)
     ok = False
@@ -463,7 +500,8 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         for m in torch_layers:
             forwards.append((m, m.__dict__.get("forward", _NONE)))
             m.__getstate__ = _StateAtEntry(m, snapshot.saved(m))
-            m.forward = _CollectingForward(m, m.forward, acc)
+            m.forward = wrapper = _CollectingForward(m, m.forward, acc)
+            wrappers.append(wrapper)
             acc.wrapped.add(id(m))
             m.momentum = 1.0
         yield model
@@ -482,6 +520,10 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         # bnkit buffers never moved inside; torch's hold the last batch's statistics. On an exception, all go back.
         snapshot.restore(None if not ok else lambda m: isinstance(m, _BatchNorm))
         snapshot.release()
+        for wrapper in wrappers:
+            if ok:  # the one update starts from what the first forward found (DDP's broadcast, say)
+                wrapper.put_base_back()
+            wrapper.release()
         try:
             if ok:
                 if parent is not None:

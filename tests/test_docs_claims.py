@@ -1857,12 +1857,11 @@ def test_every_variant_is_one_node_under_fx_symbolic_trace(name, make, kw, train
     layer = make().train(train)
     model = nn.Sequential(nn.Conv2d(3, 3, 1), layer).train(train)
     gm = torch.fx.symbolic_trace(model)
-    # the parameters and buffers enter as get_attr nodes and the call's constant spec is built by a
-    # CallSpec node; the layer's computation itself must be one node
-    compute = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")
-               and "CallSpec" not in str(n.target)]
-    assert len(compute) == 2 and compute[0].target == "0"
-    assert compute[1].args[1] is compute[0] and [u.op for u in compute[1].users] == ["output"]
+    # the layer is a leaf, as torch's BN is: one call_module node of the layer itself
+    compute = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    assert [(n.op, n.target) for n in compute] == [("call_module", "0"), ("call_module", "1")]
+    assert compute[1].args == (compute[0],) and [u.op for u in compute[1].users] == ["output"]
+    assert gm.get_submodule("1") is layer
     x = torch.randn(4, 3, 2, 2)
     ref = copy.deepcopy(model)
     torch.testing.assert_close(gm(x), ref(x), **TOL)

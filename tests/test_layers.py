@@ -217,9 +217,29 @@ def test_torch_compile_matches_eager():
 
 
 def test_fx_symbolic_trace_of_a_model_with_bnkit_layers():
+    """A leaf, as torch's BN is: the graph of the bnkit model is the torch model's, node for node, and the
+    traced module calls the layer itself (its mode and state live)."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), bnkit.BatchNorm1d(6), torch.nn.ReLU())
-    model.eval()
-    gm = torch.fx.symbolic_trace(model)
+    ref = bnkit.convert(copy.deepcopy(model), to="torch")
+    gm, gm_ref = torch.fx.symbolic_trace(model), torch.fx.symbolic_trace(ref)
+    shape = lambda g: [(n.op, n.target, len(n.args)) for n in g.graph.nodes]  # noqa: E731
+    assert shape(gm) == shape(gm_ref)
+    assert gm.get_submodule("1") is model[1] and gm.state_dict().keys() == gm_ref.state_dict().keys()
     x = torch.randn(5, 4)
-    torch.testing.assert_close(gm(x), model(x))
-    assert any(n.op == "call_function" and "batch_norm_module_call" in str(n.target) for n in gm.graph.nodes)
+    for train in (True, False):  # traced in training mode, run in both, as torch's traced model runs
+        gm.train(train)
+        gm_ref.train(train)
+        torch.testing.assert_close(gm(x), gm_ref(x))
+        torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+
+
+def test_fx_leaf_layer_runs_its_forward_hooks_at_trace_time_and_at_every_call():
+    """docs/differences.md: the leaf node is made by the layer's forward, so its forward hooks run once while
+    it is traced (on the Proxy), then at every call of the traced module, as on the layer."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), bnkit.BatchNorm1d(6))
+    seen = []
+    model[1].register_forward_hook(lambda m, args, out: seen.append(type(out).__name__))
+    gm = torch.fx.symbolic_trace(model)
+    assert seen == ["Proxy"]
+    gm(torch.randn(5, 4))
+    assert seen == ["Proxy", "Tensor"]

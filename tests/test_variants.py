@@ -660,13 +660,18 @@ def test_fx_symbolic_trace_records_each_variant_as_one_node():
     net = Net()
     for _ in range(2):
         net(torch.randn(6, 3))
-    net.eval()
-    gm = torch.fx.symbolic_trace(net)
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and "batch_norm_module_call" in str(n.target)]
-    assert len(calls) == 4
-    x = torch.randn(5, 3)
-    torch.testing.assert_close(gm(x), net(x))
-    with pytest.raises(RuntimeError, match="eval mode"):
+    for train in (True, False):  # a leaf each, as torch's BN is: traced in either mode, run in either
+        gm = torch.fx.symbolic_trace(net.train(train))
+        calls = [n for n in gm.graph.nodes if n.op == "call_module"]
+        assert [n.target for n in calls] == ["shared", "renorm", "ghost", "frozen"]
+        assert calls[0].args[1:] == (1,)  # the site, recorded
+        for run_train in (True, False):
+            x = torch.randn(6, 3)
+            twin = copy.deepcopy(net)
+            gm.train(run_train)
+            torch.testing.assert_close(gm(x), twin.train(run_train)(x))
+            torch.testing.assert_close(net.renorm.running_mean, twin.renorm.running_mean)
+    with pytest.raises(RuntimeError, match="eval mode"):  # the root is traced into, not a leaf
         torch.fx.symbolic_trace(BatchRenorm(3))
 
 

@@ -21,7 +21,7 @@ from .errors import ChannelMismatchError
 from .kernels import aten_graph
 
 __all__ = ["SHARE_AFFINE_MODES", "TINY_BATCH_POLICIES", "bn_arguments", "check_feature_input",
-           "check_per_channel_tensors", "document_bn_arguments", "fill_legacy_count", "masked_one_valid", "masked_tiny_batch", "registered_tensors",
+           "check_per_channel_tensors", "document_bn_arguments", "fill_legacy_count", "fx_leaf_call", "masked_one_valid", "masked_tiny_batch", "registered_tensors",
            "tiny_batch_forward"]
 
 SHARE_AFFINE_MODES = ("none", "weight", "all")
@@ -32,6 +32,26 @@ _BN_ARGUMENTS = (
     "num_features", "eps", "momentum", "affine", "track_running_stats", "device", "dtype", "bias", "axis",
     "share_affine", "nonfinite", "convention", "tiny_batch",
 )
+
+
+def fx_leaf_call(module: nn.Module, input: Any, *args: Any) -> Any:
+    """Under ``torch.fx.symbolic_trace``: the layer's call recorded as one ``call_module`` node; else ``None``.
+
+    fx keeps modules from ``torch.nn`` as leaves and traces into all others; a bnkit layer makes itself a
+    leaf, as torch's BN is, so that the traced module holds the layer itself: its mode, momentum and eps
+    stay live, its ``state_dict`` is the layer's, and a graph rewritten by ``fx.Transformer`` traces again.
+    The root of a trace is traced into (``None``: the layer's own forward, one engine node). Each forward
+    calls this first with its positional arguments, which the node records (trailing ``None`` left out).
+    """
+    if type(input) is Tensor or not isinstance(input, torch.fx.Proxy):
+        return None
+    tracer = input.tracer
+    if module is getattr(tracer, "root", None):
+        return None
+    args = list(args)
+    while args and args[-1] is None:  # defaults left out, as a call of torch's layer records them
+        args.pop()
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input, *args), {})
 
 
 def fill_legacy_count(state_dict: dict, prefix: str, local_metadata: dict, count: Tensor | None, *,

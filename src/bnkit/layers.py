@@ -28,6 +28,7 @@ from ._layer_support import (
     check_feature_input,
     check_per_channel_tensors,
     fill_legacy_count,
+    fx_leaf_call,
     masked_one_valid,
     masked_tiny_batch,
     registered_tensors,
@@ -348,6 +349,8 @@ class BatchNorm(nn.Module):
         )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, mask)) is not None:
+            return traced
         if mask is not None:
             return self.masked_forward(input, mask)
         return self._forward(input, None)

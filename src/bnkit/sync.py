@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._engine_checks import _check_param
-from ._layer_support import document_bn_arguments
+from ._layer_support import document_bn_arguments, fx_leaf_call
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .errors import InputDtypeError
 from .family import bn_form, bn_tail, ranked, still_lazy, torch_dims
@@ -147,6 +147,8 @@ class SyncBatchNorm(BatchNorm):
         self._checked_groups.add(key)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, mask)) is not None:
+            return traced
         sync = self._group() if self.training and not isinstance(input, torch.fx.Proxy) else None
         if sync is None:
             return super().forward(input, mask)

@@ -371,8 +371,23 @@ def _twin_computes_it(layer: nn.Module) -> bool:
     return getattr(layer, "convention", "torch") == "torch" and getattr(layer, "tiny_batch", "raise") == "raise"
 
 
+# The module hooks torch.jit.script compiles with a module (forward and pre-forward hooks; it refuses the
+# others, for torch's layers too): the twin takes them over, so a scripted model runs them as torch's does.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def scriptable_layer(layer: nn.Module) -> nn.Module:
-    """The scriptable twin of one bnkit layer (``TypeError`` for layers without one)."""
+    """The scriptable twin of one bnkit layer, with its forward hooks (``TypeError`` for layers without one)."""
+    twin = _twin_of(layer)
+    for name in _HOOK_DICTS:
+        hooks = getattr(layer, name, None)
+        if hooks:
+            setattr(twin, name, type(hooks)(hooks))
+    return twin
+
+
+def _twin_of(layer: nn.Module) -> nn.Module:
     if isinstance(layer, _AfterFusedBN):  # an activation shared with a fused BN layer: the torch class
         return plain_activation(layer)
     if isinstance(layer, BatchNorm) and not _twin_computes_it(layer):

@@ -6,6 +6,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .._layer_support import fx_leaf_call
 from ._family import bn_affine, bn_axis
 
 __all__ = ["Affine", "affine_call"]
@@ -50,6 +51,8 @@ class Affine(nn.Module):
         return self.scale, self.shift
 
     def forward(self, input: Tensor) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input)) is not None:
+            return traced
         return affine_call(input, self.scale, self.shift, self.axis)
 
     def extra_repr(self) -> str:

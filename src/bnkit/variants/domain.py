@@ -9,7 +9,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .. import family
-from .._layer_support import fill_legacy_count
+from .._layer_support import fill_legacy_count, fx_leaf_call
 from ..engine import check_domain, domain_module_call, fold, per_channel
 from ..family import specialize
 from ..layers import BatchNorm, bn_arguments
@@ -210,6 +210,8 @@ class DomainBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor, domain: Any = None) -> Tensor:
         """``bn(x, domain=d)``: ``d`` an int or an int64 ``(N,)`` tensor (default: :attr:`current_domain`)."""
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, domain)) is not None:
+            return traced
         running_mean, running_var, nbt, batch_stats = self.call_buffers()
         return domain_module_call(
             self.call_spec(), input, self._domain(domain), self.num_domains, self.weight, self.bias, running_mean,

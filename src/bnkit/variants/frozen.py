@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .._layer_support import fill_legacy_count, registered_tensors
+from .._layer_support import fill_legacy_count, fx_leaf_call, registered_tensors
 from ..engine import CallSpec, batch_norm_module_call, call_spec, check_input, check_mask, fold, per_channel
 from ..family import specialize
 from ._common import is_int
@@ -171,6 +171,8 @@ class FrozenBatchNorm(nn.Module):
         )
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, mask)) is not None:
+            return traced
         if mask is not None:  # frozen statistics: a mask is checked, then ignored (as in eval)
             check_mask(self.call_spec(), input, mask)
         return self._forward(input, None)
@@ -237,6 +239,8 @@ class FrozenSharedBatchNorm(FrozenBatchNorm):
         return self._affine(self.check_site(site))
 
     def forward(self, input: Tensor, site: int | None = None, mask: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, site, mask)) is not None:
+            return traced
         if mask is not None:
             check_mask(self.call_spec(), input, mask)
         return self._forward(input, self.check_site(site))

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels, stats
-from .._layer_support import document_bn_arguments
+from .._layer_support import document_bn_arguments, fx_leaf_call
 from ..engine import (
     call_spec,
     canonical_mask,
@@ -236,6 +236,8 @@ class GhostBatchNorm(BatchNorm):
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, mask)) is not None:
+            return traced
         if not self.training and (self.running_mean is not None or self.running_var is not None):
             return super().forward(input, mask)  # the running statistics (one of them None: torch's error)
         no_training_trace(self, input)

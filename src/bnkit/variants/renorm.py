@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import conventions, kernels
+from .._layer_support import fx_leaf_call
 from ..engine import (
     batch_norm_module_call,
     canonical_mask,
@@ -259,6 +260,8 @@ class BatchRenorm(BatchNorm):
         return r, d
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, mask)) is not None:
+            return traced
         if not self.training:
             return super().forward(input, mask)
         if mask is not None:

@@ -8,7 +8,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .._layer_support import document_bn_arguments, fill_legacy_count
+from .._layer_support import document_bn_arguments, fill_legacy_count, fx_leaf_call
 from ..engine import batch_norm_module_call, fold, masked_module_call, per_channel
 from ..layers import BatchNorm, bn_arguments
 from ._common import is_int
@@ -149,6 +149,8 @@ class SharedBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor, site: int | None = None, mask: Tensor | None = None) -> Tensor:
         """``bn(x, site=i)``; ``mask`` (bool, ``x``'s shape without the feature axis) as :meth:`BatchNorm.masked_forward`."""
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, site, mask)) is not None:
+            return traced
         running_mean, running_var, nbt, batch_stats = self.call_buffers(*self._site_buffers(self.check_site(site)))
         if mask is not None:
             return masked_module_call(

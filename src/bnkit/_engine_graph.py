@@ -169,9 +169,10 @@ def refuse_one_valid(count: Tensor, message: str) -> None:
     calls it before any write changes nothing. On an accelerator, where a
     device-side assert would end the process's device context, nothing is
     checked: the caller writes no statistics for such a batch instead (the
-    tensor running update keeps the old values for a count below 2).
+    tensor running update keeps the old values for a count below 2). Under vmap (a count per mapped
+    batch) nothing is checked either: the assert has no batching rule.
     """
-    if count.is_cpu:
+    if count.is_cpu and not _functorch.is_batchedtensor(count):
         torch._assert_async(count != 1, message)
 
 

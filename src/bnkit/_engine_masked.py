@@ -28,7 +28,10 @@ def valid_count(m2: Tensor, capturing: bool | None = None) -> int | Tensor:
     has it already (one answer for many masks).
     """
     count = m2.sum()
-    return count if (aten_graph.capturing() if capturing is None else capturing) else int(count)
+    if aten_graph.capturing() if capturing is None else capturing:
+        return count
+    # Under vmap with one mask per mapped batch the count is per batch: no host int (the graph's form).
+    return count if kernels.transform_active() and torch._C._functorch.is_batchedtensor(count) else int(count)
 
 
 def masked_module_call(

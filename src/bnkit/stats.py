@@ -118,6 +118,12 @@ class Moments:
         mean = mean_c + shift
         return cls(count, mean.squeeze(dims_t), m2)
 
+    @classmethod
+    def of_valid(cls, x: Tensor, mask: Tensor, axis: int) -> "Moments":
+        """Moments per feature (along ``axis``) of the entries ``mask`` marks valid (``mask``: ``x``'s shape
+        without ``axis``, bool), as :meth:`of` gives them for those entries alone."""
+        return cls.of(x.movedim(axis, -1)[mask], 0)
+
     def variance(self, correction: int = 0) -> Tensor:
         """``M2 / (count - correction)``; NaN where that denominator is not positive."""
         denom = self.count - correction

@@ -66,7 +66,7 @@ from ._bnlayers import (  # noqa: F401 - has_stats, is_bn_layer: kept importable
     is_bn_layer,
     learns_stats,
 )
-from .calibrate import _model_device, _model_input
+from .calibrate import _model_device, _model_input, call_mask, mask_position
 
 __all__ = ["MODES", "AdaptHandle", "adapt", "bn_parameters", "tent"]  # noqa: F822 - the last two: from .tent
 
@@ -216,11 +216,14 @@ class _LayerState:
         w = n / (self.prior + n) if self.prior + n > 0 else 1.0
         return (1 - w) * mean_s + w * target.mean, (1 - w) * var_s + w * var_t
 
-    def observe(self, x: Tensor, site: Any) -> tuple[Tensor, Tensor]:
-        """Add a batch; returns the (mean, var) this batch is normalized with."""
+    def observe(self, x: Tensor, site: Any, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Add a batch (its valid entries, with a padding ``mask``); returns the (mean, var) it is normalized with."""
         axis = self.axis % x.dim()
-        dims = [d for d in range(x.dim()) if d != axis]
-        b = Moments.of(x.detach().to(torch.float64), dims)
+        x64 = x.detach().to(torch.float64)
+        if mask is not None:
+            b = Moments.of_valid(x64, mask, axis)
+        else:
+            b = Moments.of(x64, [d for d in range(x.dim()) if d != axis])
         n = x.shape[0] if axis != 0 else 1
         self.samples[site] = self.samples.get(site, 0) + n
         if self.mode == "reestimate":
@@ -256,6 +259,8 @@ class _LayerState:
 
 
 def _make_hook(state: _LayerState, online: bool) -> Callable:
+    position = mask_position(state.m)
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not args or not isinstance(args[0], Tensor):
             return
@@ -265,7 +270,7 @@ def _make_hook(state: _LayerState, online: bool) -> Callable:
         if site is False:
             return
         with torch.no_grad():
-            mean, var = state.observe(args[0], site)
+            mean, var = state.observe(args[0], site, call_mask(position, args, kwargs))
             state.write(site, mean, var)
 
     return hook

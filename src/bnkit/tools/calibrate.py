@@ -111,11 +111,15 @@ class _Accumulator:
         self.batches = 0
         self.skipped: list[int] = []
 
-    def add(self, x: Tensor, batch: int) -> None:
+    def add(self, x: Tensor, batch: int, mask: Tensor | None = None) -> None:
+        """A batch (its valid entries only, with a padding ``mask``: as the layer's masked call counts them)."""
         axis = self.axis % x.dim()
-        dims = [d for d in range(x.dim()) if d != axis]
         # float64 copies: the float32 mean of N(0, 1) data is otherwise hundreds of ulps off.
-        m = Moments.of(x.detach().to(torch.float64), dims)
+        x64 = x.detach().to(torch.float64)
+        if mask is not None:
+            m = Moments.of_valid(x64, mask, axis)
+        else:
+            m = Moments.of(x64, [d for d in range(x.dim()) if d != axis])
         if m.count == 0:
             return
         if self.policy != "propagate" and not bool(torch.isfinite(m.m2).all() and torch.isfinite(m.mean).all()):
@@ -223,6 +227,21 @@ def site_keyword(layer: nn.Module) -> str:
     return names[2] if len(names) > 2 else "site"
 
 
+def mask_position(layer: nn.Module) -> int | None:
+    """Where a layer's forward takes its validity ``mask`` (the index of ``args`` in a forward pre-hook),
+    or ``None``: it takes none (torch's layers)."""
+    names = list(inspect.signature(type(layer).forward).parameters)[1:]  # without self
+    return names.index("mask") if "mask" in names else None
+
+
+def call_mask(position: int | None, args: tuple, kwargs: dict) -> Tensor | None:
+    """The ``mask`` of one call (from a forward pre-hook's ``args`` and ``kwargs``), or ``None``."""
+    if position is None:
+        return None
+    mask = kwargs.get("mask", args[position] if len(args) > position else None)
+    return mask if isinstance(mask, Tensor) else None
+
+
 def call_site(layer: nn.Module, key: str, args: tuple, kwargs: dict) -> int:
     """The int site of one call of a per-site layer (from a forward pre-hook's ``args`` and ``kwargs``), as the layer
     itself reads it (``layer._check_site``: a default, the current domain, its errors)."""
@@ -316,6 +335,7 @@ def recalibrate(
     def make_hook(m: nn.Module):
         per_site = m.running_mean.dim() == 2 and callable(getattr(m, "_check_site", None))
         key = site_keyword(m)
+        position = mask_position(m)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not args or not isinstance(args[0], Tensor):
@@ -323,7 +343,7 @@ def recalibrate(
             site = None
             if per_site:
                 site = call_site(module, key, args, kwargs)
-            accs[(id(module), site)].add(args[0], batch_index[0])
+            accs[(id(module), site)].add(args[0], batch_index[0], call_mask(position, args, kwargs))
 
         return hook
 

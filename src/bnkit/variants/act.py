@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from .._layer_support import fx_leaf_call
 from ..family import specialize
 from ..layers import BatchNorm
 from .frozen import FrozenBatchNorm
@@ -165,8 +166,11 @@ class _WithTail:
         activation = fusable_activation(act)
         return None if activation is None or _global_hooks() else activation
 
-    def forward(self, input: Tensor) -> Tensor:
-        activation = self.fused_activation()
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``act(drop(BN(x)))``; ``mask`` (bool, ``x``'s shape without the feature axis) as the BN base's."""
+        if type(input) is not Tensor and (traced := fx_leaf_call(self, input, mask)) is not None:
+            return traced
+        activation = None if mask is not None else self.fused_activation()
         shared = isinstance(self._modules.get("act"), _AfterFusedBN)
         if shared and activation is not None and (
             torch.compiler.is_compiling() or (torch.is_inference_mode_enabled() and self._forward_hooks)
@@ -180,7 +184,7 @@ class _WithTail:
             if shared:
                 _PENDING[self.act] = (weakref.ref(y), None if y.is_inference() else y._version)
             return y
-        y = super().forward(input)
+        y = super().forward(input) if mask is None else super().forward(input, mask)
         for name in self.bn_tail:
             child = self._modules.get(name)
             if child is not None and not isinstance(child, _AfterFusedBN):

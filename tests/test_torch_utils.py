@@ -1218,10 +1218,6 @@ def test_fake_tensor_mode_eval_forward_matches_torch():
     assert results[1] == results[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: engine.running_update calls the data-pointer op bnkit::running_update_ for fake tensors "
-    "(_fused_update_ok only checks device 'cpu'; the op has no Meta/fake kernel): RuntimeError "
-    "'data is not allocated yet'"))
 def test_fake_tensor_mode_training_flop_count_matches_torch():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

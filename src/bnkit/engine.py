@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import kernels, stats
 from ._engine_checks import _check_param, _empty_output, check_input, check_mask
@@ -71,10 +72,16 @@ def _reject_nonfinite(where: str, nonfinite: str) -> None:
     warn(message + "; the running statistics were left unchanged", RuntimeWarning)
 
 
+def _fake(t: Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (``FakeTensorMode``): metadata only, no data."""
+    return type(t) is not Tensor and isinstance(t, FakeTensor)
+
+
 def _fused_update_ok(running_mean: Tensor, running_var: Tensor, nbt: Tensor | None, mean: Tensor) -> bool:
     """Whether ``bnkit::running_update_`` applies (eager CPU with the C++ kernels, plain buffers)."""
     if not (
         mean.device.type == "cpu"
+        and not _fake(mean)
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and running_mean.is_contiguous()
@@ -218,7 +225,8 @@ def running_update(
             _reject_nonfinite(spec.name, nonfinite)
         return
     check = spec.check_finite
-    tracing = torch.jit.is_tracing() or aten_graph.capturing()
+    # Fake tensors (FakeTensorMode: shapes only, as for counting flops) have no values to read on the host.
+    tracing = torch.jit.is_tracing() or aten_graph.capturing() or _fake(mean)
     if tracing or (check and nonfinite == "skip" and mean.device.type != "cpu") or isinstance(count, Tensor):
         # A trace or a captured graph records tensor ops only: "raise" acts as "skip" there (no host check).
         tensor_running_update(spec, running_mean, running_var, nbt, mean, var, count, skip_one)

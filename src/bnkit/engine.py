@@ -279,10 +279,12 @@ _offer_to_hook_eagerly = torch.compiler.disable(_offer_to_hook, recursive=True)
 
 # --------------------------------------------------------------------------- the door
 def _fusable(input: Tensor) -> bool:
-    """Whether the fused op may see ``input``: a plain CPU tensor in eager mode, with the C++ kernels selected."""
+    """Whether the fused op may see ``input``: a plain non-empty CPU tensor in eager mode, with the C++ kernels
+    selected (an empty batch takes the general path, whose output is torch's: the input's copy, its layout kept)."""
     return (
         type(input) is Tensor
         and input.is_cpu
+        and input.numel() > 0
         and not torch.compiler.is_compiling()
         and not torch._C._is_tracing()  # torch.jit.is_tracing() without its two Python frames
         and kernels.select(input) == "cpp"
@@ -440,8 +442,13 @@ def _general(
     axis = spec.axis % ndim
     if input.numel() == 0:
         # As torch: an empty batch is counted (training) and returns an empty output, whatever the buffers' dtype.
-        if batch_stats and running_mean is not None and isinstance(num_batches_tracked, Tensor):
-            running_update(spec, running_mean, running_var, num_batches_tracked, input, input, 0)
+        if batch_stats and not eps > 0:
+            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
+        if batch_stats and isinstance(num_batches_tracked, Tensor):
+            if running_mean is not None:
+                running_update(spec, running_mean, running_var, num_batches_tracked, input, input, 0)
+            elif running_var is not None and not in_recompute():  # torch counts it with one buffer too
+                num_batches_tracked.add_(1)
         return _empty_output(input, weight, bias)
     channels = input.shape[axis]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):

@@ -118,6 +118,8 @@ def batch_norm(
         spec = _spec("batch_norm", 1, eps, momentum, "propagate", min_rank=2)
         return masked_module_call(spec, input, mask, weight, bias, running_mean, running_var, None, training)
     if isinstance(input, Tensor) and input.numel() == 0 and input.dtype.is_floating_point:
+        if training and isinstance(eps, (int, float)) and not eps > 0:
+            raise ValueError(f"batch_norm: eps must be positive during training, got {eps}")
         return _empty_output(input, weight, bias)  # as torch, 1-D included
     spec = _spec("batch_norm", 1, eps, momentum, "propagate", min_rank=2)
     return batch_norm_module_call(spec, input, weight, bias, running_mean, running_var, None, training)

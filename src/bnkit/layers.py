@@ -316,7 +316,7 @@ class BatchNorm(nn.Module):
                 return None, None, None, True
             if num_batches_tracked is not None and running_mean is None and running_var is None:
                 num_batches_tracked.add_(1)  # as torch: the batch is counted though there is nothing to update
-            elif num_batches_tracked is None and self.momentum is None:
+            elif num_batches_tracked is None and self.momentum is None and (running_mean is None) == (running_var is None):
                 return None, None, None, True  # torch's factor is then 0: batch statistics, running ones unchanged
             return running_mean, running_var, num_batches_tracked, True
         return running_mean, running_var, None, running_mean is None and running_var is None

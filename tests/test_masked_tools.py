@@ -553,6 +553,17 @@ def _bn_of(net):
     return net.bn.bn if hasattr(net.bn, "bn") else net.bn
 
 
+def _train_like_oracle(run, ours, ref, seed, steps=2):
+    """``steps`` forward+backward calls of ``run`` (``ours``, or a wrapper of it) and ``ref`` on the same token
+    batches, ``ours`` compared with ``ref`` after each."""
+    for step in range(steps):
+        x, mask, target = _token_batch(seed + step)
+        for net in (run, ref):
+            net.zero_grad()
+            _masked_loss(net(x, mask), target, mask).backward()
+        _assert_nets(ours, ref, TOL32)
+
+
 def _assert_nets(ours, ref, tol, grads=True):
     for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.to(q.dtype), q, **tol, msg=name)
@@ -946,12 +957,7 @@ def test_compile_model_calling_checkpoint_updates_once():
     torch._dynamo.reset()
     ours, ref = _nets()
     compiled = torch.compile(CheckpointedTokenNet(ours, use_reentrant=False), backend="aot_eager")
-    for step in range(2):
-        x, mask, target = _token_batch(730 + step)
-        for net in (compiled, ref):
-            net.zero_grad()
-            _masked_loss(net(x, mask), target, mask).backward()
-        _assert_nets(ours, ref, TOL32)
+    _train_like_oracle(compiled, ours, ref, seed=730)
 
 
 # =========================================================================== torch.export
@@ -1223,12 +1229,7 @@ def test_convert_fuse_activations_keeps_the_masked_call(backend):
     _, ref = _nets()
     ref.lin1.load_state_dict(ours.lin1.state_dict())
     ref.lin2.load_state_dict(ours.lin2.state_dict())
-    for step in range(2):
-        x, mask, target = _token_batch(1100 + step)
-        for net in (ours, ref):
-            net.zero_grad()
-            _masked_loss(net(x, mask), target, mask).backward()
-        _assert_nets(ours, ref, TOL32)
+    _train_like_oracle(ours, ours, ref, seed=1100)
 
 
 def test_batch_norm_act_takes_a_mask():

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 
 from ._warn import warn
 from .engine import batch_norm_module_call, call_spec, check_input, check_mask, masked_module_call
@@ -35,13 +36,17 @@ _BN_ARGUMENTS = (
 
 
 def fx_leaf_call(module: nn.Module, input: Any, *args: Any) -> Any:
-    """Under ``torch.fx.symbolic_trace``: the layer's call recorded as one ``call_module`` node; else ``None``.
+    """Under ``torch.fx.symbolic_trace``: the layer's call recorded as one node; else ``None``.
 
     fx keeps modules from ``torch.nn`` as leaves and traces into all others; a bnkit layer makes itself a
-    leaf, as torch's BN is, so that the traced module holds the layer itself: its mode, momentum and eps
-    stay live, its ``state_dict`` is the layer's, and a graph rewritten by ``fx.Transformer`` traces again.
-    The root of a trace is traced into (``None``: the layer's own forward, one engine node). Each forward
-    calls this first with its positional arguments, which the node records (trailing ``None`` left out).
+    leaf, as torch's BN is (one ``call_module`` node), so that the traced module holds the layer itself:
+    its mode, momentum and eps stay live, its ``state_dict`` is the layer's, and a graph rewritten by
+    ``fx.Transformer`` traces again. The node is made inside the layer's call, after its forward
+    pre-hooks and before its forward hooks have run on the proxies (fx records what they compute); for a
+    layer with hooks the node calls the layer's ``forward`` (``get_attr`` + ``call_method``), so that
+    they apply once, as fx applies those of any module it traces into. The root of a trace is traced into
+    (``None``: the layer's own forward). Each forward calls this first with its positional arguments,
+    which the node records (trailing ``None`` left out).
     """
     if type(input) is Tensor or not isinstance(input, torch.fx.Proxy):
         return None
@@ -51,7 +56,12 @@ def fx_leaf_call(module: nn.Module, input: Any, *args: Any) -> Any:
     args = list(args)
     while args and args[-1] is None:  # defaults left out, as a call of torch's layer records them
         args.pop()
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input, *args), {})
+    path = tracer.path_of_module(module)
+    if module._forward_hooks or module._forward_pre_hooks or _module_hooks._global_forward_hooks \
+            or _module_hooks._global_forward_pre_hooks:
+        layer = tracer.create_proxy("get_attr", path, (), {})
+        return tracer.create_proxy("call_method", "forward", (layer, input, *args), {})
+    return tracer.create_proxy("call_module", path, (input, *args), {})
 
 
 def fill_legacy_count(state_dict: dict, prefix: str, local_metadata: dict, count: Tensor | None, *,

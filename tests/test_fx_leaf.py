@@ -581,9 +581,6 @@ def test_generic_batchnorm_axis_and_sync_bn_are_leaves_like_torch():
 # -------------------------------------------------------------------------------- lazy, shared, unregistered
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the leaf is made inside forward (_layer_support.py:fx_leaf_call), after "
-                   "Module.__call__ ran LazyModuleMixin's pre-hook on the Proxy: _LazyBatchNorm.initialize_parameters "
-                   "-> check_input raises TypeError (torch's LazyBatchNorm2d is a leaf, its hook never sees the Proxy)")
 def test_uninitialized_lazy_layer_traces_like_torch():
     torch.manual_seed(0)
     theirs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())

@@ -57,7 +57,11 @@ def fx_leaf_call(module: nn.Module, input: Any, *args: Any) -> Any:
     while args and args[-1] is None:  # defaults left out, as a call of torch's layer records them
         args.pop()
     path = tracer.path_of_module(module)
-    if module._forward_hooks or module._forward_pre_hooks or _module_hooks._global_forward_hooks \
+    pre_hooks = len(module._forward_pre_hooks)
+    lazy = module.__dict__.get("_initialize_hook")  # a lazy layer's own first-call hook: it stays a leaf
+    if lazy is not None and lazy.id in module._forward_pre_hooks:
+        pre_hooks -= 1
+    if module._forward_hooks or pre_hooks or _module_hooks._global_forward_hooks \
             or _module_hooks._global_forward_pre_hooks:
         layer = tracer.create_proxy("get_attr", path, (), {})
         return tracer.create_proxy("call_method", "forward", (layer, input, *args), {})

@@ -477,6 +477,13 @@ class _LazyBatchNorm(LazyModuleMixin):
         if not self.has_uninitialized_params() and self.num_features != 0:
             super().reset_parameters()
 
+    def _infer_parameters(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        # Under torch.fx.symbolic_trace the layer stays lazy (a leaf, as torch's lazy BN is): its first
+        # real call, in the traced module, materializes it.
+        if args and isinstance(args[0], torch.fx.Proxy):
+            return
+        super()._infer_parameters(module, args, kwargs)
+
     def initialize_parameters(self, input: Tensor, mask: Tensor | None = None) -> None:
         if self.num_features == 0:
             self.check_input(input)  # before anything is materialized: a wrong first input leaves the layer lazy

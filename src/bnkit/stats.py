@@ -119,10 +119,14 @@ class Moments:
         return cls(count, mean.squeeze(dims_t), m2)
 
     @classmethod
-    def of_valid(cls, x: Tensor, mask: Tensor, axis: int) -> "Moments":
-        """Moments per feature (along ``axis``) of the entries ``mask`` marks valid (``mask``: ``x``'s shape
-        without ``axis``, bool), as :meth:`of` gives them for those entries alone."""
-        return cls.of(x.movedim(axis, -1)[mask], 0)
+    def per_feature(cls, x: Tensor, axis: int, mask: Tensor | None = None) -> "Moments":
+        """Moments per feature along ``axis`` (``axis % x.dim()``) over every other dim; with ``mask`` (bool,
+        ``x``'s shape without ``axis``) over the entries it marks valid only, as :meth:`of` gives them for
+        those entries alone."""
+        axis = axis % x.dim()
+        if mask is not None:
+            return cls.of(x.movedim(axis, -1)[mask], 0)
+        return cls.of(x, [d for d in range(x.dim()) if d != axis])
 
     def variance(self, correction: int = 0) -> Tensor:
         """``M2 / (count - correction)``; NaN where that denominator is not positive."""

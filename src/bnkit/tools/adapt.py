@@ -218,13 +218,8 @@ class _LayerState:
 
     def observe(self, x: Tensor, site: Any, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Add a batch (its valid entries, with a padding ``mask``); returns the (mean, var) it is normalized with."""
-        axis = self.axis % x.dim()
-        x64 = x.detach().to(torch.float64)
-        if mask is not None:
-            b = Moments.of_valid(x64, mask, axis)
-        else:
-            b = Moments.of(x64, [d for d in range(x.dim()) if d != axis])
-        n = x.shape[0] if axis != 0 else 1
+        b = Moments.per_feature(x.detach().to(torch.float64), self.axis, mask)
+        n = x.shape[0] if self.axis % x.dim() != 0 else 1
         self.samples[site] = self.samples.get(site, 0) + n
         if self.mode == "reestimate":
             self.total[site] = b if site not in self.total else merge(self.total[site], b)

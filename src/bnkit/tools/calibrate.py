@@ -113,13 +113,8 @@ class _Accumulator:
 
     def add(self, x: Tensor, batch: int, mask: Tensor | None = None) -> None:
         """A batch (its valid entries only, with a padding ``mask``: as the layer's masked call counts them)."""
-        axis = self.axis % x.dim()
         # float64 copies: the float32 mean of N(0, 1) data is otherwise hundreds of ulps off.
-        x64 = x.detach().to(torch.float64)
-        if mask is not None:
-            m = Moments.of_valid(x64, mask, axis)
-        else:
-            m = Moments.of(x64, [d for d in range(x.dim()) if d != axis])
+        m = Moments.per_feature(x.detach().to(torch.float64), self.axis, mask)
         if m.count == 0:
             return
         if self.policy != "propagate" and not bool(torch.isfinite(m.m2).all() and torch.isfinite(m.mean).all()):

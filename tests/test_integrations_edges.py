@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnkit
+from bnkit.family import is_torch_bn
 
 try:  # before the torchvision stand-in (see the module docstring)
     import pytorch_lightning as pl
@@ -127,7 +128,7 @@ def test_timm_model_sgd_steps_match_timm(timm, name, fuse):
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ref.modules())
     new, rep = bnkit.convert(ref, report=True, fuse_activations=fuse)
     assert len(rep.converted) == n_bn and rep.left == []
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in new.modules())
+    assert not any(is_torch_bn(m) for m in new.modules())
     if name == "resnet10t" and fuse:
         # the stem's two Sequential ReLUs and every block's act1 (through drop_block, an nn.Identity)
         assert ("layer1.0.bn1", "layer1.0.act1") in rep.fused and ("conv1.1", "conv1.2") in rep.fused
@@ -235,7 +236,7 @@ def test_timm_norm_layer_argument_names_timms_own_layers_and_convert_is_the_way(
     assert not any(isinstance(m, bnkit.BatchNorm) for m in built.modules())
     built = built.double()  # (49 BN layers down to 1x1 maps of a batch of 4: float32 rounding grows)
     ours, rep = bnkit.convert(built, report=True)
-    assert rep.left == [] and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+    assert rep.left == [] and not any(is_torch_bn(m) for m in ours.modules())
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     for m in (built, ours):
         m.train()

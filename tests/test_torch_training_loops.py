@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import bnkit
+from bnkit.family import is_torch_bn
 from bnkit.variants import BatchNormAct
 
 D = torch.float64
@@ -56,7 +57,7 @@ def _twins(dtype=torch.float32, fuse=False, momentum=0.1):
     t = _conv_net(dtype, momentum)
     b = bnkit.convert(t, fuse_activations=fuse)
     kinds = (bnkit.BatchNorm, BatchNormAct) if fuse else (bnkit.BatchNorm,)
-    assert not any(isinstance(m, TORCH_BN) for m in b.modules())
+    assert not any(is_torch_bn(m) for m in b.modules())
     assert sum(isinstance(m, kinds) for m in b.modules()) == 3
     return t, b
 
@@ -193,28 +194,29 @@ def test_checkpointed_conv_bn_relu_under_bf16_autocast_is_the_plain_torch_step(m
 
 
 # =========================================================================== SWA / EMA
-def test_update_bn_passes_an_all_bnkit_model_by_and_recalibrate_does_its_work():
-    """docs/differences.md: update_bn finds BN layers by isinstance(_BatchNorm), which bnkit's are not; on a
-    model without torch BN layers it returns before any forward. bnkit.recalibrate(estimator="paper") gives
-    what update_bn gives the torch model."""
+def test_update_bn_recalibrates_an_all_bnkit_model_as_the_torch_model():
+    """docs/differences.md: update_bn finds BN layers by isinstance(_BatchNorm); bnkit's BatchNorm1d/2d/3d are
+    subclasses of torch's classes, so it resets them and takes their cumulative average, as on the torch model
+    (the oracle), and bnkit.recalibrate(estimator="paper") gives the same statistics."""
     t, b = _twins()
     loader = _batches(3)
     swas = [AveragedModel(m) for m in (t, b)]
-    before = copy.deepcopy(swas[1].module.state_dict())
-    update_bn(loader, swas[1])
-    for k, v in swas[1].module.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    paper = copy.deepcopy(swas[1])
     update_bn(loader, swas[0])
-    bnkit.recalibrate(swas[1], loader, estimator="paper")
+    update_bn(loader, swas[1])
+    bnkit.recalibrate(paper, loader, estimator="paper")
     for i in (1, 4, 8):
-        for k in ("running_mean", "running_var"):
-            assert_close(getattr(swas[1].module[i], k), getattr(swas[0].module[i], k), 1e-5, f"{i} {k}")
+        exp = swas[0].module[i]
+        for got in (swas[1].module[i], paper.module[i]):
+            for k in ("running_mean", "running_var"):
+                assert_close(getattr(got, k), getattr(exp, k), 1e-5, f"{i} {k}")
+        got = swas[1].module[i]
+        assert got.momentum == exp.momentum == 0.1 and int(got.num_batches_tracked) == int(exp.num_batches_tracked) == 3
+    assert not torch.equal(swas[1].module[4].running_var, b[4].running_var)  # the statistics did change
 
 
-def test_update_bn_on_a_mixed_model_resets_torch_layers_and_ema_updates_bnkit_ones():
-    """docs/differences.md: update_bn resets and averages torch's layers; bnkit's keep their EMA update.
-
-    (That holds when the model has at least one torch layer: update_bn returns early otherwise.)"""
+def test_update_bn_on_a_mixed_model_resets_and_averages_every_layer():
+    """docs/differences.md: update_bn resets and averages torch's layers and bnkit's drop-ins alike."""
     t = _conv_net()
     mixed = copy.deepcopy(t)
     for i in (4, 8):
@@ -228,8 +230,8 @@ def test_update_bn_on_a_mixed_model_resets_torch_layers_and_ema_updates_bnkit_on
             oracle_ema(x)
     update_bn(loader, mixed)
     # train-mode outputs use batch statistics only, so every layer sees the same inputs in all three models
-    for i, oracle in ((1, oracle_avg), (4, oracle_ema), (8, oracle_ema)):
-        got, exp = mixed[i], oracle[i]
+    for i in (1, 4, 8):
+        got, exp = mixed[i], oracle_avg[i]
         assert got.momentum == 0.1
         for k in ("running_mean", "running_var"):
             assert_close(getattr(got, k), getattr(exp, k), 1e-5, f"{i} {k}")

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights, fuse_linear_bn_eval
 
 import bnkit
+from bnkit.family import is_torch_bn
 
 TOL = 1e-5
 
@@ -95,7 +96,7 @@ def twins(torch_model: nn.Module):
     """(torch model, the same model with bnkit's layers): equal parameters and buffers, not shared."""
     ours = bnkit.convert(copy.deepcopy(torch_model))
     assert any(isinstance(m, bnkit.BatchNorm) for m in ours.modules())
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ours.modules())
+    assert not any(is_torch_bn(m) for m in ours.modules())
     return torch_model, ours
 
 

@@ -27,7 +27,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = [
     "RANKS", "SHAPES", "TORCH_BATCHNORM", "BNForm", "bn_form", "bn_tail", "check_initialized", "family_of",
-    "frozen_affine", "ranked", "register_bn_subclass", "specialize", "still_lazy", "torch_dims",
+    "frozen_affine", "is_torch_bn", "ranked", "register_bn_subclass", "specialize", "still_lazy", "torch_dims",
 ]
 
 #: suffix -> accepted input ranks
@@ -49,7 +49,9 @@ TORCH_BATCHNORM: dict[tuple[int, ...], tuple[type, type]] = {
 _FAMILIES: dict[type, dict[tuple[int, ...] | None, type]] = {}
 
 
-def specialize(base: type, docs: dict[str, str] | None = None) -> tuple[type, type, type]:
+def specialize(
+    base: type, docs: dict[str, str] | None = None, torch_classes: bool = False
+) -> tuple[type, type, type]:
     """The ``1d``, ``2d`` and ``3d`` classes of the family of ``base``, registered.
 
     Each is ``class <base>Nd(base)`` with ``expected_dims`` set and, unless
@@ -57,6 +59,11 @@ def specialize(base: type, docs: dict[str, str] | None = None) -> tuple[type, ty
     it takes, its Shape and an Example). Assign the result to module-level names
     of the same spelling (``BatchRenorm1d, BatchRenorm2d, BatchRenorm3d =
     specialize(BatchRenorm)``) so that pickle finds them.
+
+    ``torch_classes=True`` also derives each from torch's class of its rank
+    (``class BatchNorm2d(base, torch.nn.BatchNorm2d)``), so that code finding
+    BN layers by torch's class finds it; ``base`` comes first in the method
+    resolution order, so every method it defines is the one that runs.
     """
     members: dict[tuple[int, ...] | None, type] = {None: base}
     made = []
@@ -71,9 +78,10 @@ def specialize(base: type, docs: dict[str, str] | None = None) -> tuple[type, ty
             f"Example:\n    >>> import torch, bnkit\n    >>> bn = bnkit.{name}(3)\n"
             f"    >>> bn(torch.randn({example})).shape\n    torch.Size([{example}])\n"
         )
+        bases = (base, TORCH_BATCHNORM[dims][0]) if torch_classes else (base,)
         cls = type(base)(
             name,
-            (base,),
+            bases,
             {"__module__": base.__module__, "__qualname__": name, "__doc__": doc, "expected_dims": dims},
         )
         members[dims] = cls
@@ -115,8 +123,17 @@ def check_initialized(model: nn.Module, tool: str) -> None:
             )
 
 
+def is_torch_bn(module: nn.Module) -> bool:
+    """A layer of torch's BN classes or a subclass of them that is not a bnkit layer (bnkit's ``BatchNorm1d/2d/3d``
+    also derive from torch's classes, so that code finding BN layers by torch's class finds them, but they run
+    bnkit's engine)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not _is_bnkit_layer(module)
+
+
 def torch_dims(module: nn.Module) -> tuple[int, ...] | None:
     """The input ranks of a torch BN layer (``None`` for SyncBatchNorm and other subclasses: any rank)."""
+    if not is_torch_bn(module):
+        return None
     for dims, classes in TORCH_BATCHNORM.items():
         if isinstance(module, classes):
             return dims
@@ -227,7 +244,7 @@ def bn_form(module: nn.Module) -> BNForm | None:
         if "forward" in c.__dict__:
             break  # the forward that runs is c's, and c is not declared
     name = f"{cls.__module__}.{cls.__qualname__}"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if is_torch_bn(module):
         owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
         if owner not in _TORCH_FORWARDS:
             return BNForm("unknown", reason=f"{name} overrides forward ({owner.__qualname__}.forward), so bnkit "

@@ -4,7 +4,9 @@
 (Keras-style, negative allowed), so one implementation serves every rank and
 layout. :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`
 are thin specializations with ``torch.nn.BatchNormNd``'s arguments,
-parameters, buffers, state_dict keys and input checks. The math lives in
+parameters, buffers, state_dict keys and input checks; they also derive from
+torch's classes, so that code finding BN layers by class finds them (this
+module's classes come first in their MRO and define every method torch's do). The math lives in
 :mod:`bnkit.functional` / :mod:`bnkit.reference`; the protocol the variants share (constructor
 arguments, checks, the tiny-batch policy) in :mod:`bnkit._layer_support`.
 """
@@ -150,7 +152,9 @@ class BatchNorm(nn.Module):
         convention: str = "torch",
         tiny_batch: str = "raise",
     ) -> None:
-        super().__init__()
+        # nn.Module's directly: the 1d/2d/3d classes also derive from torch's (which would come next in the MRO),
+        # and nothing of torch's _NormBase is built or run; this class defines the whole interface.
+        nn.Module.__init__(self)
         name = type(self).__name__
         conventions.check_convention(name, convention)
         if tiny_batch not in TINY_BATCH_POLICIES:
@@ -242,8 +246,8 @@ class BatchNorm(nn.Module):
             # Version 2 added num_batches_tracked. A dict without it (an old checkpoint, or a
             # plain dict without metadata) keeps the layer's current count, as torch does.
             fill_legacy_count(state_dict, prefix, local_metadata, self.num_batches_tracked)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        nn.Module._load_from_state_dict(
+            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def inference_affine(self) -> tuple[Tensor, Tensor]:
@@ -263,7 +267,7 @@ class BatchNorm(nn.Module):
     _call_spec: CallSpec | None = None  # built by call_spec(), dropped by __setattr__
 
     def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
+        nn.Module.__setattr__(self, name, value)
         self.__dict__["_call_spec"] = None  # made of plain attributes: rebuilt on the next call
 
     @property
@@ -328,6 +332,9 @@ class BatchNorm(nn.Module):
     def _check_input(self, input: Tensor) -> None:  # the former name of check_input
         self.check_input(input)
 
+    def _check_input_dim(self, input: Tensor) -> None:  # torch's name, which code written for torch's layers calls
+        self.check_input(input)
+
     def masked_forward(self, input: Tensor, mask: Tensor) -> Tensor:
         """``forward(input, mask)``: BN whose training statistics use the entries where ``mask`` is True.
 
@@ -386,7 +393,8 @@ class BatchNorm(nn.Module):
 
 BatchNorm1d, BatchNorm2d, BatchNorm3d = specialize(
     BatchNorm,
-    {
+    torch_classes=True,
+    docs={
         "1d": """Drop-in for ``torch.nn.BatchNorm1d``: `BatchNorm` with ``axis=1`` over ``(N, C)`` or ``(N, C, L)``.
 
         It takes `BatchNorm`'s arguments (torch's, then bnkit's keyword-only ones).

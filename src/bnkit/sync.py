@@ -42,7 +42,7 @@ from ._engine_checks import _check_param
 from ._layer_support import document_bn_arguments, fx_leaf_call
 from .engine import canonical_mask, canonical_view, check_mask, per_channel, running_update
 from .errors import InputDtypeError
-from .family import bn_form, bn_tail, ranked, still_lazy, torch_dims
+from .family import bn_form, bn_tail, is_torch_bn, ranked, still_lazy, torch_dims
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_arguments
 from .surgery import carry_extras, rebuild, replace_modules, snapshot, take_over_tensors
 from .sync_autograd import _all_gather_flat, _Comm, _SyncBatchNormFunction, _SyncMaskedFunction, sync_payload_bytes
@@ -214,7 +214,7 @@ def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
 
 
 def _convertible(module: nn.Module) -> bool:
-    return isinstance(module, (SyncBatchNorm, nn.modules.batchnorm._BatchNorm)) or type(module) in _BNKIT_CLASSES or (
+    return isinstance(module, SyncBatchNorm) or is_torch_bn(module) or type(module) in _BNKIT_CLASSES or (
         isinstance(module, BatchNorm) and still_lazy(module)  # bnkit's lazy layers: refused as torch's are
     )
 
@@ -259,7 +259,7 @@ def _to_sync(module: nn.Module, process_group: Any) -> SyncBatchNorm | None:
         if process_group is not None:
             module.process_group = process_group
         return module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if is_torch_bn(module):
         if process_group is None:
             process_group = getattr(module, "process_group", None)
         extra: dict[str, Any] = {}

@@ -1,8 +1,10 @@
 """``torch.func`` helpers that know bnkit's layers.
 
 ``torch.func.replace_all_batch_norm_modules_`` finds torch's BN layers by
-class (``torch.nn.modules.batchnorm._BatchNorm``), so it passes bnkit's by:
-:func:`replace_all_batch_norm_modules_` is the same patch for both.
+class (``torch.nn.modules.batchnorm._BatchNorm``): it patches bnkit's
+``BatchNorm1d/2d/3d`` (subclasses of torch's) and passes the generic layer and
+the variants by: :func:`replace_all_batch_norm_modules_` is the same patch for
+all of them.
 """
 
 from __future__ import annotations

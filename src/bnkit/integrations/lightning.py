@@ -1,8 +1,10 @@
 """PyTorch Lightning: synchronize BN layers with :class:`bnkit.SyncBatchNorm` (CPU included).
 
 ``Trainer(sync_batchnorm=True)`` converts layers with
-``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which leaves bnkit's layers
-unsynchronized, and torch's SyncBatchNorm does not run on CPU. This plugin
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which leaves bnkit's generic
+layer and its variants unsynchronized and turns its ``BatchNorm1d/2d/3d``
+(subclasses of torch's) into torch's class, dropping bnkit's options; and
+torch's SyncBatchNorm does not run on CPU. This plugin
 is a subclass of Lightning's ``TorchSyncBatchNorm`` (Lightning accepts
 ``plugins=[...]`` with ``sync_batchnorm=True`` only for such a subclass) that
 converts with :func:`bnkit.convert_sync_batchnorm` instead:

@@ -4,8 +4,9 @@ timm finds BN layers by class: ``timm.layers.freeze_batch_norm_2d`` freezes
 ``torch.nn.BatchNorm2d``/``SyncBatchNorm`` and timm's ``BatchNormAct2d``, and
 the re-parameterization of RepVGG/MobileOne/FastViT blocks asserts that their
 branches hold ``torch.nn.BatchNorm2d``. On a model converted with
-:func:`bnkit.convert` the first silently freezes nothing and the second
-fails. The functions here are the same operations for both kinds of layers,
+:func:`bnkit.convert` the first turns ``bnkit.BatchNorm2d`` (a subclass of
+torch's) into timm's frozen layer, which unfreezes into torch's class, and
+freezes none of bnkit's other 2-D layers; the second fails. The functions here are the same operations for both kinds of layers,
 with timm's own result on timm's and torch's layers:
 
 * :func:`freeze_batch_norm_2d` / :func:`unfreeze_batch_norm_2d`: timm's, and
@@ -74,8 +75,10 @@ def freeze_batch_norm_2d(module: nn.Module) -> nn.Module:
     Like timm's, edits ``module`` in place and returns it, or the frozen layer
     when ``module`` is one of these layers.
     """
-    module = _timm_layers.freeze_batch_norm_2d(module)
-    return _replace_selected(module, _BNKIT_2D, freeze)
+    # bnkit's first: its BatchNorm2d is also a torch.nn.BatchNorm2d, which timm's function would freeze into timm's
+    # class (and unfreeze into torch's).
+    module = _replace_selected(module, _BNKIT_2D, freeze)
+    return _timm_layers.freeze_batch_norm_2d(module)
 
 
 def unfreeze_batch_norm_2d(module: nn.Module) -> nn.Module:

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..family import is_torch_bn
 from ..layers import BatchNorm
 from ..variants import FrozenBatchNorm
 
@@ -17,13 +17,13 @@ __all__ = ["bn_layers", "feature_axis", "has_stats", "is_bn_layer", "learns_stat
 
 def is_bn_layer(m: nn.Module) -> bool:
     """Torch BN, bnkit BN/variants/frozen layers, or anything with ``inference_affine``, ``axis``, ``num_features``."""
-    if isinstance(m, (_BatchNorm, BatchNorm, FrozenBatchNorm)):
+    if is_torch_bn(m) or isinstance(m, (BatchNorm, FrozenBatchNorm)):
         return True
     return callable(getattr(m, "inference_affine", None)) and hasattr(m, "axis") and hasattr(m, "num_features")
 
 
 def feature_axis(m: nn.Module) -> int:
-    return 1 if isinstance(m, _BatchNorm) else int(m.axis)
+    return 1 if is_torch_bn(m) else int(m.axis)
 
 
 def has_stats(m: nn.Module) -> bool:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine import fold
+from ..family import is_torch_bn
 from ..surgery import CALL_HOOK_DICTS, STATE_HOOK_DICTS
 
 __all__ = ["CALL_HOOK_DICTS", "STATE_HOOK_DICTS", "bn_affine", "bn_axis", "has_running_stats", "is_bn"]
 
 def is_bn(module: nn.Module) -> bool:
     """True for torch BN layers and any module exposing ``inference_affine``, ``axis`` and ``num_features``."""
-    if isinstance(module, _BatchNorm):
+    if is_torch_bn(module):
         return True
     return callable(getattr(module, "inference_affine", None)) and hasattr(module, "axis") and hasattr(
         module, "num_features"
@@ -29,7 +29,7 @@ def is_bn(module: nn.Module) -> bool:
 
 def bn_axis(module: nn.Module) -> int:
     """The feature axis of a BN-family layer (torch's layers: 1)."""
-    if isinstance(module, _BatchNorm):
+    if is_torch_bn(module):
         return 1
     return int(module.axis)
 
@@ -48,7 +48,7 @@ def bn_affine(module: nn.Module) -> tuple[Tensor, Tensor]:
     Raises ``RuntimeError`` when the layer has no fixed inference form (e.g.
     ``track_running_stats=False``).
     """
-    if isinstance(module, _BatchNorm):
+    if is_torch_bn(module):
         if not has_running_stats(module):
             raise RuntimeError(
                 f"{type(module).__name__}({module.num_features}) has no running statistics "

@@ -8,10 +8,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import kernels
 from ..engine import in_recompute, running_update, set_running_update_hook
+from ..family import is_torch_bn
 from ..stats import Moments, merge, update_running_stats
 from ._family import has_running_stats
 from ._spares import BufferSnapshot, SparePool
@@ -100,7 +100,7 @@ class _Accumulator:
         self.by_buffer: dict[int, _Layer] = {}
         self.wrapped: set[int] = set()  # the torch layers whose forward this block wrapped
         # The buffers this block collects for: the bnkit layers' running_mean tensors (per-site views share them).
-        own = [m for _, m in layers if has_running_stats(m) and not isinstance(m, _BatchNorm)]
+        own = [m for _, m in layers if has_running_stats(m) and not is_torch_bn(m)]
         self.owned = {id(m.running_mean) for m in own}
         # Each layer's own buffers get their entry now, not at the first batch: a forward inside the block
         # then costs one dictionary lookup more than outside (its spec is the one its calls pass).
@@ -480,7 +480,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
     wrapped = set().union(*(a.wrapped for a in stack)) if stack else set()
     torch_layers = []
     for name, m in layers:
-        if isinstance(m, _BatchNorm) and id(m) not in wrapped and has_running_stats(m):
+        if is_torch_bn(m) and id(m) not in wrapped and has_running_stats(m):
             if isinstance(m.__dict__.get("forward"), _CollectingForward):
                 raise RuntimeError(
                     f"accumulate_stats: the torch BN layer {name or '<root>'!r} is in another thread's open "
@@ -518,7 +518,7 @@ def accumulate_stats(model: nn.Module) -> Iterator[nn.Module]:
         for m, momentum in momenta:
             m.momentum = momentum
         # bnkit buffers never moved inside; torch's hold the last batch's statistics. On an exception, all go back.
-        snapshot.restore(None if not ok else lambda m: isinstance(m, _BatchNorm))
+        snapshot.restore(None if not ok else is_torch_bn)
         snapshot.release()
         for wrapper in wrappers:
             if ok:  # the one update starts from what the first forward found (DDP's broadcast, say)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine import in_recompute
+from ..family import is_torch_bn
 from ._family import has_running_stats, is_bn
 
 __all__ = ["checkpoint_safe"]
@@ -25,7 +25,7 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _torch_bn_layers(model: nn.Module) -> list[nn.Module]:
     """torch's own BN layers of ``model`` (bnkit's layers handle checkpointing and accumulation in the engine)."""
-    return [m for _, m in _bn_layers(model) if isinstance(m, _BatchNorm)]
+    return [m for _, m in _bn_layers(model) if is_torch_bn(m)]
 
 
 class _HookHandles:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from .. import layers
 from .._warn import warn
-from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, ranked, still_lazy, torch_dims
+from ..family import TORCH_BATCHNORM, BNForm, bn_form, bn_tail, is_torch_bn, ranked, still_lazy, torch_dims
 from ..surgery import (
     CALL_HOOK_DICTS,
     STATE_HOOK_DICTS,
@@ -141,7 +140,7 @@ def _qualname(m: nn.Module) -> str:
 
 
 def _is_bnkit(m: nn.Module) -> bool:
-    return not isinstance(m, _BatchNorm) and callable(getattr(m, "inference_affine", None))
+    return not is_torch_bn(m) and callable(getattr(m, "inference_affine", None))
 
 
 _PARAMETRIZED = "a parametrized layer (torch.nn.utils.parametrize): convert the model before registering the parametrizations"

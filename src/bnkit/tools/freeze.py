@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers
-from ..family import bn_form, bn_tail, ranked, still_lazy, torch_dims
+from ..family import bn_form, bn_tail, is_torch_bn, ranked, still_lazy, torch_dims
 from ..surgery import CALL_HOOK_DICTS, replace_modules
 from ..variants import FrozenBatchNorm, FrozenSharedBatchNorm, SharedBatchNorm
 from ..variants.act import BatchNormAct, FrozenBatchNormAct
@@ -51,7 +50,7 @@ _REMEMBERED = "_bnkit_unfrozen_form"
 
 def is_freezable(module: nn.Module) -> bool:
     """True for the layers :func:`freeze` converts: torch's ``_BatchNorm`` and bnkit's ``BatchNorm`` family."""
-    return isinstance(module, (_BatchNorm, layers.BatchNorm)) and not isinstance(module, FrozenBatchNorm)
+    return (is_torch_bn(module) or isinstance(module, layers.BatchNorm)) and not isinstance(module, FrozenBatchNorm)
 
 
 def _expected_dims(bn: nn.Module) -> tuple[int, ...] | None:

@@ -281,11 +281,13 @@ _offer_to_hook_eagerly = torch.compiler.disable(_offer_to_hook, recursive=True)
 def _fusable(input: Tensor) -> bool:
     """Whether the fused op may see ``input``: a plain non-empty CPU tensor in eager mode, with the C++ kernels
     selected (an empty batch takes the general path, whose output is torch's: the input's copy, its layout kept)."""
+    # is_compiling first: under dynamo any tensor query before it would leave a dead node on the input (a second
+    # user of a conv output keeps inductor from fusing the conv with what follows).
     return (
-        type(input) is Tensor
+        not torch.compiler.is_compiling()
+        and type(input) is Tensor
         and input.is_cpu
         and input.numel() > 0
-        and not torch.compiler.is_compiling()
         and not torch._C._is_tracing()  # torch.jit.is_tracing() without its two Python frames
         and kernels.select(input) == "cpp"
     )

@@ -175,8 +175,6 @@ def test_torch_func_replace_all_batch_norm_modules_then_vmap_matches_torch():
 def test_torch_convert_sync_batchnorm_converts_drop_ins_as_torch_layers():
     """torch's converter takes bnkit's drop-ins as its own (into torch's SyncBatchNorm, the same tensors)."""
     t, b = _twins()
-    bk = bnkit.convert_sync_batchnorm  # bnkit's keeps bnkit's engine (tests/test_sync_edges.py)
-    assert callable(bk)
     ts, bs = (nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m)) for m in (t, b))
     assert [type(m) for m in bs.modules()] == [type(m) for m in ts.modules()]
     for (n, p), (_, q) in zip(bs.state_dict().items(), ts.state_dict().items()):

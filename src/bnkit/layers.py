@@ -6,8 +6,8 @@ layout. :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`
 are thin specializations with ``torch.nn.BatchNormNd``'s arguments,
 parameters, buffers, state_dict keys and input checks; they also derive from
 torch's classes, so that code finding BN layers by class finds them (this
-module's classes come first in their MRO and define every method torch's do). The math lives in
-:mod:`bnkit.functional` / :mod:`bnkit.reference`; the protocol the variants share (constructor
+module's classes come first in their MRO and define every method torch's do).
+The math lives in :mod:`bnkit.functional` / :mod:`bnkit.reference`; the protocol the variants share (constructor
 arguments, checks, the tiny-batch policy) in :mod:`bnkit._layer_support`.
 """
 

@@ -6,8 +6,9 @@ the re-parameterization of RepVGG/MobileOne/FastViT blocks asserts that their
 branches hold ``torch.nn.BatchNorm2d``. On a model converted with
 :func:`bnkit.convert` the first turns ``bnkit.BatchNorm2d`` (a subclass of
 torch's) into timm's frozen layer, which unfreezes into torch's class, and
-freezes none of bnkit's other 2-D layers; the second fails. The functions here are the same operations for both kinds of layers,
-with timm's own result on timm's and torch's layers:
+freezes none of bnkit's other 2-D layers; the second fails. The functions here
+are the same operations for both kinds of layers, with timm's own result on
+timm's and torch's layers:
 
 * :func:`freeze_batch_norm_2d` / :func:`unfreeze_batch_norm_2d`: timm's, and
   :func:`bnkit.freeze` / :func:`bnkit.unfreeze` for bnkit's 2-D layers;

@@ -8,26 +8,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..family import is_torch_bn
-from ..layers import BatchNorm
-from ..variants import FrozenBatchNorm
+from ._family import bn_axis as feature_axis
+from ._family import has_running_stats as has_stats
+from ._family import is_bn as is_bn_layer
 
 __all__ = ["bn_layers", "feature_axis", "has_stats", "is_bn_layer", "learns_stats"]
-
-
-def is_bn_layer(m: nn.Module) -> bool:
-    """Torch BN, bnkit BN/variants/frozen layers, or anything with ``inference_affine``, ``axis``, ``num_features``."""
-    if is_torch_bn(m) or isinstance(m, (BatchNorm, FrozenBatchNorm)):
-        return True
-    return callable(getattr(m, "inference_affine", None)) and hasattr(m, "axis") and hasattr(m, "num_features")
-
-
-def feature_axis(m: nn.Module) -> int:
-    return 1 if is_torch_bn(m) else int(m.axis)
-
-
-def has_stats(m: nn.Module) -> bool:
-    return isinstance(getattr(m, "running_mean", None), Tensor) and isinstance(getattr(m, "running_var", None), Tensor)
 
 
 def learns_stats(m: nn.Module) -> bool:

@@ -75,6 +75,16 @@ def state_close(a, b, what=""):
         close(sb[k], sa[k], what=f"{what} {k}")
 
 
+def calls_alike(expected, actual, shape, seed, what, *args, modes=(True, False)):
+    """Both models in each mode of ``modes`` on the same input: the same output, then the same state."""
+    for training in modes:
+        expected.train(training)
+        actual.train(training)
+        x = data(*shape, seed=seed)
+        close(actual(x, *args), expected(x, *args), what=f"{what}, training={training}")
+        state_close(expected, actual, f"{what} state")
+
+
 def structure(gm):
     return [(n.op, n.name, str(n.target), len(n.args), sorted(n.kwargs), list(n.meta.get("nn_module_stack", {})))
             for n in gm.graph.nodes]
@@ -500,12 +510,7 @@ def test_shared_bn_two_sites_records_the_site_and_matches_eager():
     nodes = [n for n in gm.graph.nodes if n.op == "call_module"]
     assert [n.target for n in nodes] == ["bn", "bn"]
     assert [n.args[1] for n in nodes] == [0, 1]
-    for training in (True, False):
-        eager.train(training)
-        gm.train(training)
-        x = data(8, 4, 5, seed=12)
-        close(gm(x), eager(x), what=f"shared sites, training={training}")
-        state_close(eager, gm, "shared sites state")
+    calls_alike(eager, gm, (8, 4, 5), 12, "shared sites")
 
 
 class DomainNet(nn.Module):
@@ -530,12 +535,7 @@ def test_domain_bn_with_int_and_tensor_domain_matches_eager(kind):
         assert isinstance(node.args[1], fx.Node) and node.args[1].op == "placeholder"
     domain = {"int": torch.tensor(0), "long tensor": torch.tensor(1),
               "per-sample": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}[kind]
-    for training in (True, False):
-        eager.train(training)
-        gm.train(training)
-        x = data(*(8, 4, 5, 5), seed=13)
-        close(gm(x, domain), eager(x, domain), what=f"domain {kind}, training={training}")
-        state_close(eager, gm, "domain state")
+    calls_alike(eager, gm, (8, 4, 5, 5), 13, f"domain {kind}", domain)
 
 
 @pytest.mark.parametrize("cls", ["BatchNormAct2d", "GhostBatchNorm2d", "BatchRenorm2d", "FrozenBatchNorm2d",
@@ -550,12 +550,7 @@ def test_variant_is_a_leaf_and_matches_eager(cls):
     gm = fx.symbolic_trace(copy.deepcopy(eager))
     ref = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     assert structure(gm) == structure(ref)
-    for training in (True, False, True):
-        eager.train(training)
-        gm.train(training)
-        x = data(*X, seed=14)
-        close(gm(x), eager(x), what=f"{cls}, training={training}")
-        state_close(eager, gm, f"{cls} state")
+    calls_alike(eager, gm, X, 14, cls, modes=(True, False, True))
 
 
 def test_generic_batchnorm_axis_and_sync_bn_are_leaves_like_torch():
@@ -638,12 +633,7 @@ def test_layer_called_on_a_buffer_while_tracing_is_a_leaf_like_torch():
     gt, go = fx.symbolic_trace(theirs), fx.symbolic_trace(ours)
     state_close(theirs, ours, "state right after tracing")
     assert structure(go) == structure(gt)
-    for training in (True, False):
-        gt.train(training)
-        go.train(training)
-        x = data(5, 3, seed=25)
-        close(go(x), gt(x), what=f"training={training}")
-        state_close(gt, go, "state")
+    calls_alike(gt, go, (5, 3), 25, "on a buffer")
 
 
 class Unregistered(nn.Module):

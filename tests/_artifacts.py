@@ -24,3 +24,18 @@ def run_and_check_artifacts(name: str, overrides: Dict, out: Path) -> Tuple[Dict
     page = (out / "report.html").read_text()
     assert "<h2>Checks</h2>" in page and all(k in page for k in checks)
     return m, saved
+
+
+# What differs between two identical runs: wall-clock times and where/when they ran (train._result's "timing";
+# the summaries' "ms_per_step*" and fig1's "time_per_step_ratio"; registry's "wall_seconds_this_call",
+# "finished", "out_dir", "environment").
+TIMING_KEYS = ("timing", "time_per_step_ratio", "wall_seconds_this_call", "finished", "out_dir", "environment")
+
+
+def strip_timing(obj):
+    """``obj`` (metrics, a run result) without the keys that differ between two identical runs."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if not k.startswith("ms_per_step") and k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -47,3 +49,17 @@ def accelerate_off():
     bnkit.accelerate_counts(reset=True)
     yield
     bnkit.accelerate(False)
+
+
+@pytest.fixture
+def quiet_lightning():
+    """Lightning's logs at ERROR and its warnings ignored for one test, restored afterwards."""
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    for n, lvl in levels.items():
+        logging.getLogger(n).setLevel(lvl)

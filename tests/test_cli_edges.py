@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
+from _artifacts import strip_timing
 from hypothesis import strategies as st
 
 from bnkit import cli
@@ -110,15 +111,7 @@ def _snapshot(d: Path):
     return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(Path(d).rglob("*"))}
 
 
-_TIMING = ("timing", "time_per_step_ratio", "wall_seconds_this_call", "finished", "out_dir", "environment")
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not k.startswith("ms_per_step") and k not in _TIMING}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
+_strip = strip_timing
 
 
 def _same_results(out: Path, ref: Path):

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import copy
 
-import logging
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -95,19 +92,6 @@ _X64 = _X.double()
 
 # =========================================================================== Lightning's Tuner
 needs_pl = pytest.mark.skipif(pl is None, reason="pytorch_lightning is not installed")
-
-
-@pytest.fixture
-def quiet_lightning():
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    for n, lvl in levels.items():
-        logging.getLogger(n).setLevel(lvl)
 
 
 if pl is not None:

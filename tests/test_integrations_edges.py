@@ -15,7 +15,6 @@ probes ``torchvision.__spec__``, which the stand-in lacks).
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import warnings
 
@@ -485,19 +484,6 @@ def test_accelerate_on_an_unconverted_timm_model_is_the_same(timm, accelerate_of
 
 # =========================================================================== Lightning
 needs_pl = pytest.mark.skipif(pl is None, reason="pytorch_lightning is not installed")
-
-
-@pytest.fixture
-def quiet_lightning():
-    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")
-    levels = {n: logging.getLogger(n).level for n in names}
-    for n in names:
-        logging.getLogger(n).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    for n, lvl in levels.items():
-        logging.getLogger(n).setLevel(lvl)
 
 
 def _pl_net(kind: str) -> nn.Sequential:

@@ -19,6 +19,7 @@ from typing import Dict
 import numpy as np
 import pytest
 import torch
+from _artifacts import strip_timing
 
 from bnkit.experiments.registry import EXPERIMENTS, run_experiment
 from bnkit.experiments.train import RunInterrupted
@@ -48,18 +49,7 @@ TINY: Dict[str, Dict] = {
 }
 COST = {"rounds": 2, "train_inner": 1, "infer_inner": 1, "infer_batch": 32}
 
-# what differs between two identical runs: wall-clock times and where/when they ran
-# (train._result "timing"; the summaries' "ms_per_step*" and fig1's "time_per_step_ratio"; registry's
-# "wall_seconds_this_call", "finished", "out_dir", "environment")
-_TIMING = ("timing", "time_per_step_ratio", "wall_seconds_this_call", "finished", "out_dir", "environment")
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not k.startswith("ms_per_step") and k not in _TIMING}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
+_strip = strip_timing  # the fields that differ between two identical runs left out
 
 
 @pytest.fixture(scope="module", autouse=True)

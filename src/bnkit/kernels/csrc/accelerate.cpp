@@ -85,6 +85,15 @@ Tensor empty_in(const Tensor& x, AtenLayout l) {
   return at::empty(x.sizes(), x.options().memory_format(fmt));
 }
 
+// The input gradient's memory: in layout l, but for an input both contiguous
+// and channels-last (C = 1 or all spatial sizes 1; l is kContig) in the format
+// ATen picks from its and grad_out's strides (the kernels' view is the same).
+Tensor empty_grad_in(const Tensor& x, const Tensor& grad_out, AtenLayout l) {
+  if (l == kContig && bnkit::ambiguous_channels_last(x, 1))
+    return at::empty(x.sizes(), x.options().memory_format(bnkit::ambiguous_grad_format(x, grad_out)));
+  return empty_in(x, l);
+}
+
 bool is_half(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf;
 }
@@ -191,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
   g_counts[2].fetch_add(1, std::memory_order_relaxed);
   RECORD_FUNCTION("bnkit::accelerated_batch_norm_backward", std::vector<c10::IValue>());
   if (!train) { // eval mode in a graph: the running statistics normalized
-    Tensor dx = mask[0] ? empty_in(input, layout) : Tensor();
+    Tensor dx = mask[0] ? empty_grad_in(input, grad_out, layout) : Tensor();
     auto [dw, db] = batch_norm_infer_backward_into(
         view3(grad_out, layout), view3(input, layout), *running_mean, *running_var, weight, std::nullopt, eps,
         nullptr, mask[0] ? view3(dx, layout) : Tensor());
@@ -207,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor> native_batch_norm_backward_kernel(
       v[c] = static_cast<scalar_t>(1.0 / (is * is) - eps);
     }
   });
-  Tensor dx = empty_in(input, layout);
+  Tensor dx = empty_grad_in(input, grad_out, layout);
   auto [dw, db] = batch_norm_backward_into(
       view3(grad_out, layout), view3(input, layout), *save_mean, var, weight, eps, view3(dx, layout));
   return {mask[0] ? dx : Tensor(), mask[1] ? dw : Tensor(), mask[2] ? db : Tensor()};

@@ -98,11 +98,46 @@ Tensor per_channel(const Tensor& t) {
 // Safe because the backward kernel reduces a channel's dy before it writes any
 // of that channel's dx, then maps each dy element to its dx in place; a
 // gradient kept by the caller, a hook or retain_grad() has another reference.
-bool reusable_grad(const Tensor& gy, const Tensor& x) {
+// `strides`: those the input gradient gets (x's, but see input_grad_memory);
+// dense only (the kernels write a non-dense one's copy).
+bool reusable_grad(const Tensor& gy, const Tensor& x, c10::IntArrayRef strides) {
   return tuning().reuse_grad.load(std::memory_order_relaxed) != 0 && gy.use_count() == 2 && gy.has_storage() &&
       gy.storage().use_count() == 1 && gy.layout() == at::kStrided && gy.scalar_type() == x.scalar_type() &&
-      gy.device() == x.device() && gy.sizes().equals(x.sizes()) && gy.strides().equals(x.strides()) &&
-      !gy.is_conj() && !gy.is_neg() && !gy.requires_grad();
+      gy.device() == x.device() && gy.sizes().equals(x.sizes()) && gy.strides().equals(strides) &&
+      gy.is_non_overlapping_and_dense() && !gy.is_conj() && !gy.is_neg() && !gy.requires_grad();
+}
+
+// The memory the layer call's backward kernels write the input gradient
+// into, in the layout torch's BN gives it: x's layout, but for an input both
+// contiguous and channels-last (ambiguous_channels_last: the kernels' view is
+// the same either way) the format ATen picks from x's and gy's strides. gy's
+// own memory where reusable_grad allows.
+Tensor input_grad_memory(const Tensor& gy, const Tensor& x, int64_t axis, Layout layout) {
+  if (layout == kContiguous && ambiguous_channels_last(x, axis)) {
+    const auto fmt = ambiguous_grad_format(x, gy);
+    if (reusable_grad(gy, x, strides_in_format(x.sizes(), fmt))) {
+      RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>()); // marks the reuse in a profile
+      return gy;
+    }
+    return at::empty(x.sizes(), x.options().memory_format(fmt));
+  }
+  if (reusable_grad(gy, x, x.strides())) {
+    RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>());
+    return gy;
+  }
+  return empty_in_layout(x, layout);
+}
+
+// dx (x's shape, from the differentiable composite: standard strides for
+// kContiguous) in input_grad_memory's layout; a relabelling of the size-1
+// axes' strides (one memory order), for ambiguous inputs only; not under
+// torch.func (a vmapped gy or dx answers no memory-format queries).
+Tensor composite_input_grad(const Tensor& dx, const Tensor& gy, const Tensor& x, int64_t axis, Layout layout) {
+  if (layout != kContiguous || !ambiguous_channels_last(x, axis) || !gy.has_storage() || !dx.has_storage())
+    return dx;
+  const auto fmt = ambiguous_grad_format(x, gy);
+  if (fmt == at::MemoryFormat::Contiguous || !dx.is_contiguous()) return dx;
+  return dx.as_strided(x.sizes(), strides_in_format(x.sizes(), fmt));
 }
 
 // ------------------------------------------------------------ autograd fns --
@@ -188,17 +223,12 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
         const Tensor x3 = view3(x, axis, layout);
         if (act) g3 = activation_grad(g3, x3, w, saved[5], eps, act_params, activation);
         std::tie(dx3, dw, db) = train_backward_composite(g3, x3, w, eps);
-        dx = unview3(dx3, x, axis, layout);
+        dx = composite_input_grad(unview3(dx3, x, axis, layout), gy, x, axis, layout);
       } else {
         std::tie(dx, dw, db) = train_backward_composite(gy, x, w, eps);
       }
     } else if (layer) {
-      if (reusable_grad(gy, x)) {
-        RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>()); // marks the reuse in a profile
-        dx = gy;
-      } else {
-        dx = empty_in_layout(x, layout);
-      }
+      dx = input_grad_memory(gy, x, axis, layout);
       std::tie(dw, db) = batch_norm_backward_into(
           view3(gy, axis, layout), view3(x, axis, layout), saved[2], saved[3], opt(w), eps, view3(dx, axis, layout),
           act ? &activation : nullptr, &act_params);
@@ -326,7 +356,7 @@ class InferFn : public torch::autograd::Function<InferFn> {
     const Tensor x3 = layer ? view3(x, axis, layout) : x;
     if (layer && !at::GradMode::is_enabled() && gy.has_storage() && !need_stats) {
       Tensor dx; // (the one-pass kernel; gy's memory is reused for dx where only autograd holds it)
-      if (need_x) dx = reusable_grad(gy, x) ? gy : empty_in_layout(x, layout);
+      if (need_x) dx = input_grad_memory(gy, x, axis, layout);
       auto [dw, db] = batch_norm_infer_backward_into(
           view3(gy, axis, layout), x3, mean, var, opt(w), opt(b), eps, act,
           need_x ? view3(dx, axis, layout) : Tensor());
@@ -343,7 +373,7 @@ class InferFn : public torch::autograd::Function<InferFn> {
     if (act != nullptr) g = activation_grad(g, xc, scale, b, x3.scalar_type(), *act);
     if (need_x) {
       const Tensor dx3 = (g * per_channel(scale)).to(x3.scalar_type());
-      out[0] = layer ? unview3(dx3, x, axis, layout) : dx3;
+      out[0] = layer ? composite_input_grad(unview3(dx3, x, axis, layout), gy, x, axis, layout) : dx3;
     }
     Tensor gsum;
     if (need_stats || need_b) gsum = g.sum({0, 2});

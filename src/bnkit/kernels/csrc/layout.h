@@ -7,6 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/strides.h>
 
 namespace bnkit {
 
@@ -37,7 +39,59 @@ inline bool feature_last_contiguous(const at::Tensor& t, int64_t axis) {
 inline Layout layout_of(const at::Tensor& x, int64_t axis) {
   if (x.is_contiguous()) return kContiguous;
   if (feature_last_contiguous(x, axis)) return kFeatureLast;
+  // Not dense in either order.  Torch's BN (feature axis 1, 4-D / 5-D) gives
+  // such an input's output and gradient x's suggested format, channels-last
+  // for a slice of channels-last memory: copied in that order, x then has the
+  // feature-last layout (view3 copies it; empty_in_layout's Preserve gives a
+  // non-dense x's suggested format).  Asked only here, off the dense paths.
+  if (axis == 1) {
+    const auto fmt = x.suggest_memory_format(); // contiguous for other ranks
+    if (fmt == at::MemoryFormat::ChannelsLast || fmt == at::MemoryFormat::ChannelsLast3d) return kFeatureLast;
+  }
   return kCopied;
+}
+
+// Whether x's sizes make it both contiguous and channels-last(_3d) for
+// feature axis 1 (C = 1, or all spatial sizes 1): then the two orders are one
+// memory order, only the strides of the size-1 axes tell the formats apart,
+// and layout_of says kContiguous.  From the sizes alone: cheap on every call.
+inline bool ambiguous_channels_last(const at::Tensor& x, int64_t axis) {
+  const auto sizes = x.sizes();
+  const size_t nd = sizes.size();
+  if (axis != 1 || (nd != 4 && nd != 5)) return false;
+  if (sizes[1] == 1) return true;
+  for (size_t d = 2; d < nd; ++d)
+    if (sizes[d] != 1) return false;
+  return true;
+}
+
+inline bool dense_in_a_format(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// The memory format of ATen's BN input gradient (batch_norm_backward_cpu_template)
+// for an input x with ambiguous_channels_last sizes and the output gradient gy:
+// the standard one on its fast path (x and gy dense, one suggested format; x
+// is contiguous), else x's suggested format (channels-last when x's size-1
+// axes have channels-last strides, as .to(memory_format=...) gives them).
+inline at::MemoryFormat ambiguous_grad_format(const at::Tensor& x, const at::Tensor& gy) {
+  const auto fx = x.suggest_memory_format();
+  if (fx == at::MemoryFormat::Contiguous) return fx;
+  return dense_in_a_format(gy) && gy.suggest_memory_format() == fx ? at::MemoryFormat::Contiguous : fx;
+}
+
+// The strides at::empty gives x's sizes in format fmt.
+inline c10::DimVector strides_in_format(c10::IntArrayRef sizes, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    const auto s = c10::get_channels_last_strides_2d(sizes);
+    return c10::DimVector(s.begin(), s.end());
+  }
+  if (fmt == at::MemoryFormat::ChannelsLast3d) {
+    const auto s = c10::get_channels_last_strides_3d(sizes);
+    return c10::DimVector(s.begin(), s.end());
+  }
+  return c10::contiguous_strides(sizes);
 }
 
 // t (x's shape) as the 3-D view in x's layout; copies only when t's memory

@@ -860,7 +860,12 @@ def test_functional_call_updates_the_passed_buffers_like_torch(momentum, api):
             assert torch.equal(do[k], dt[k]), k
         else:
             close(do[k], dt[k], what=f"passed {k}")
-        if dt[k].requires_grad:
+        if k == "0.bias":
+            # the conv bias feeds a training-mode BN: its exact gradient is zero, and both are the rounding of a
+            # per-channel sum of N*H*W terms (|term| <~ max|g|): the oracle is zero, at that sum's rounding bound
+            bound = yt[:, 0].numel() * torch.finfo(torch.float32).eps * g.abs().max().item()
+            assert dt[k].grad.abs().max() <= bound and do[k].grad.abs().max() <= bound, (dt[k].grad, do[k].grad)
+        elif dt[k].requires_grad:
             close(do[k].grad, dt[k].grad, what=f"grad of passed {k}")
     assert_same_state(theirs, ours, what="the module's own tensors (untouched)")
     assert all(p.grad is None for p in ours.parameters())

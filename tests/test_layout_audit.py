@@ -596,6 +596,29 @@ def test_gradcheck_on_strided_float64_input(backend, mode):
         assert_close(a, e, 1e-10, "grad")
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", ["cl_hw1", "cl_c1", "cl3_dhw1"])
+def test_gradcheck_on_an_input_both_contiguous_and_channels_last(backend, case, mode):
+    """The input-gradient layout choice for C=1 / HW=1 inputs keeps the gradient right: gradcheck (with its
+    undefined-gradient check), gradgradcheck, and torch's analytic gradient, in float64."""
+    x = INPUTS[case]().double().requires_grad_()
+    c = x.shape[1]
+    w = (torch.rand(c, dtype=F64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=F64, requires_grad=True)
+    rm, rv = torch.randn(c, dtype=F64), torch.rand(c, dtype=F64) + 0.5
+
+    def f(x, w, b, fn=bnkit.functional.batch_norm):
+        return fn(x, rm.clone(), rv.clone(), w, b, mode == "train")
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    g = rand(x.shape, 7, F64)
+    ours = torch.autograd.grad(f(x, w, b), (x, w, b), g)
+    theirs = torch.autograd.grad(f(x, w, b, F.batch_norm), (x, w, b), g)
+    for a, e in zip(ours, theirs):
+        assert_close(a, e, 1e-10, "grad")
+
+
 # ----------------------------------------------------------------------------- 6. under bnkit.accelerated()
 ACCEL_CASES = ["cl", "cl_n1", "cl_hw1", "cl_c1", "cl3", "cl3_dhw1", "permuted_to_cl", "transposed_hw",
                "expand_n", "channel_slice", "as_strided_gaps", "narrow_offset", "cl_channel_slice", "nc_transposed",

@@ -91,7 +91,10 @@ class _GradNote:
         self.fmt = fmt
         self.standard = False  # torch's answer for a standard-layout gradient: the input's suggested format
 
-    def __call__(self, grad: Tensor) -> None:
+    def __call__(self, grad: Tensor | None) -> None:
+        if grad is None:  # an undefined gradient (autograd.grad's allow_unused paths, gradcheck): the default
+            self.standard = False
+            return
         # ATen's batch_norm_backward_cpu_template: an input and a gradient both dense in one suggested format take
         # its contiguous kernel, which allocates the input gradient contiguous (the input is); otherwise the
         # input's suggested format

@@ -14,7 +14,7 @@ namespace bnkit {
 
 enum Layout : int64_t {
   kContiguous = 0, // a view: (prod(shape[:axis]), C, prod(shape[axis+1:]))
-  kFeatureLast = 1, // channels-last-like: movedim(axis, -1) is contiguous; (rest, C, 1)
+  kFeatureLast = 1, // channels-last-like: movedim(axis, -1) is contiguous (or, not dense, copied so); (rest, C, 1)
   kCopied = 2, // neither: a contiguous copy
 };
 

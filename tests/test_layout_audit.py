@@ -24,8 +24,12 @@ used: every size-1 axis here has the stride ``.to(memory_format=...)`` gives it.
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from _compare import assert_close, input_grad_scale, output_scale
@@ -245,6 +249,56 @@ def test_input_cases_are_the_layouts_they_claim():
     x = INPUTS["cl_channel_slice"]()
     assert x.untyped_storage().nbytes() > x.numel() * x.element_size()  # gaps: not dense
     assert x.stride()[1] < x.stride()[3] < x.stride()[2] < x.stride()[0]  # channels_last order
+
+
+def _random_view(draw, st):
+    """A 3-D to 5-D tensor as a random permutation of its memory, sliced, narrowed or expanded on some dims."""
+    nd = draw(st.integers(3, 5))
+    sizes = draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd))
+    # the memory order: standard, channels-last-like (feature axis innermost) or any
+    perm = draw(st.sampled_from([list(range(nd)), [0, *range(2, nd), 1]]) | st.permutations(range(nd)))
+    base = rand([sizes[d] * 2 for d in perm], draw(st.integers(0, 99)))
+    x = base.permute(*[perm.index(d) for d in range(nd)])  # shape 2 * sizes, memory in perm's order
+    for d in range(nd):
+        how = draw(st.sampled_from(["all", "step", "narrow", "expand"] if sizes[d] == 1 else ["all", "step", "narrow"]))
+        if how == "step":
+            x = x.narrow(d, 0, 2 * sizes[d] - 1)[(slice(None),) * d + (slice(None, None, 2),)]
+        elif how == "narrow":
+            x = x.narrow(d, draw(st.integers(0, sizes[d])), sizes[d])
+        elif how == "expand":
+            x = x.narrow(d, 0, 1).expand(*x.shape[:d], 3, *x.shape[d + 1:])
+    return x
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_suggested_format_is_torchs_rule(data):
+    """``_engine_views.suggested_format`` is ATen's ``suggest_memory_format`` (mirrored by torch's
+    ``_prims_common.suggest_memory_format``, which torch's meta kernels use)."""
+    from torch._prims_common import suggest_memory_format
+
+    from bnkit._engine_views import suggested_format
+
+    x = _random_view(data.draw, st)
+    assert suggested_format(x) == suggest_memory_format(x), (x.shape, x.stride())
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), mode=st.sampled_from(MODES))
+def test_random_views_match_torch(backend, data, mode):
+    """Random permuted / sliced / narrowed / expanded 4-D and 5-D inputs: torch's layouts, and the values of
+    torch on a contiguous copy (torch 2.13 itself is wrong for some size-1 strides: docs/differences.md)."""
+    x0 = _random_view(data.draw, st)
+    if x0.dim() == 3 or (mode == "train" and x0.shape[0] * math.prod(x0.shape[2:]) < 2):
+        return  # (3-D feature-last inputs keep their layout, a documented difference; one value: an error)
+    t, b = twins(x0.dim(), x0.shape[1])
+    t_layout = copy.deepcopy(t)
+    make_g = plain_grad()
+    truth = run_layer(t, lambda: x0.contiguous(), make_g, mode == "train")
+    theirs = run_layer(t_layout, lambda: x0.detach(), make_g, mode == "train")
+    ours = run_layer(b, lambda: x0.detach(), make_g, mode == "train")
+    compare(ours, truth, x0, make_g(truth["y"]), mode == "train", check="values")
+    compare(ours, theirs, x0, make_g(truth["y"]), mode == "train", check="layout")
 
 
 # ----------------------------------------------------------------------------- 2. gradient layouts

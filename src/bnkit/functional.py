@@ -48,12 +48,17 @@ __all__ = [
 
 
 def _spec(where: str, axis: int, eps: float, momentum: float | None, nonfinite: str, min_rank: int = 0) -> CallSpec:
-    if not torch.compiler.is_compiling():  # (dynamo traces through caches: build it there)
+    # Cached for plain numbers only: dynamo traces through caches (built there), an unhashable argument cannot
+    # be a key, and a tensor (torch takes a 0-d one) would be a key by identity that the cache keeps alive
+    if type(eps) in _NUMBERS and type(momentum) in _NUMBERS and not torch.compiler.is_compiling():
         try:
             return cached_call_spec(where, axis, 0, None, eps, momentum, nonfinite, min_rank)
-        except TypeError:  # an unhashable argument: the spec is built for this call only
+        except TypeError:  # (an unhashable axis or policy: the spec's own error, or built for this call only)
             pass
     return call_spec(where, axis, 0, None, eps, momentum, nonfinite, min_rank)
+
+
+_NUMBERS = (float, int, type(None))
 
 
 def _check_training(where: str, training: object) -> None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -160,7 +161,9 @@ class _LayerState:
     """Source statistics and the target statistics seen so far, per call site (``None`` for plain layers)."""
 
     def __init__(self, m: nn.Module, mode: str, prior: float, momentum: float | None, window: int | None) -> None:
-        self.m = m
+        # weakly: the layer's forward pre-hook holds this state, so a strong reference would be a cycle that
+        # keeps an online-adapted model dropped without restore() alive until the cyclic GC runs
+        self._layer = weakref.ref(m)
         self.axis = feature_axis(m)
         self.per_site = m.running_mean.dim() == 2
         self.mode, self.prior, self.momentum, self.window = mode, float(prior), momentum, window
@@ -169,6 +172,11 @@ class _LayerState:
         self.samples: dict[Any, int] = {}
         self.recent: dict[Any, collections.deque] = {}
         self.ema: dict[Any, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def m(self) -> nn.Module:
+        """The layer (alive while anything uses this state: its hook, or the handle, which holds the model)."""
+        return self._layer()
 
     def samples_total(self) -> int:
         return sum(self.samples.values())

@@ -40,6 +40,16 @@ def backend(request):
         yield name
 
 
+@pytest.fixture(params=[pytest.param(n, id=n) for n in ("cpp", "torch")])
+def model_backend(request):
+    """The two backends a model runs on (not the NumPy reference): the test once per backend, ``cpp`` skipped
+    when the extension is unavailable."""
+    if request.param == "cpp" and not kernels.cpp_available():
+        pytest.skip("the C++ extension is not available on this machine")
+    with kernels.use_backend(request.param):
+        yield request.param
+
+
 @pytest.fixture
 def accelerate_off():
     """The test starts and ends with ``bnkit.accelerate()`` off and its counts reset (it is process-wide)."""

@@ -46,13 +46,10 @@ BNKIT_CLS = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5
 MODES = ("train", "eval")
 
 
-@pytest.fixture(params=["cpp", "torch"])
-def backend(request):
-    """Each test once per bnkit backend (cpp skipped where the extension cannot be built)."""
-    if request.param == "cpp" and not kernels.cpp_available():
-        pytest.skip("the C++ extension is not available here")
-    with kernels.use_backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(model_backend):
+    """Each test once per backend a model runs on (conftest's model_backend)."""
+    return model_backend
 
 
 def rand(shape, seed, dtype=F32, loc=0.3, scale=1.7):

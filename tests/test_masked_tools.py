@@ -29,7 +29,6 @@ from torch.utils.checkpoint import checkpoint
 
 import bnkit
 import bnkit.functional as BF
-from bnkit import kernels
 
 F32, F64 = torch.float32, torch.float64
 TOL32 = dict(rtol=1e-5, atol=1e-5)
@@ -45,15 +44,10 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-BACKENDS = ["cpp", "torch"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cpp" and not kernels.cpp_available():
-        pytest.skip("the C++ extension is not available")
-    with kernels.use_backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(model_backend):
+    """Each test once per backend a model runs on (conftest's model_backend)."""
+    return model_backend
 
 
 def _lengths_mask(lengths, length):

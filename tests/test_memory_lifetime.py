@@ -105,13 +105,10 @@ def kind(request):
         yield name.split("_")[0]
 
 
-@pytest.fixture(params=["cpp", "torch"])
-def backend(request):
-    """Each test once per bnkit backend (cpp skipped where the extension cannot be built)."""
-    if request.param == "cpp" and not kernels.cpp_available():
-        pytest.skip("the C++ extension is not available here")
-    with kernels.use_backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(model_backend):
+    """Each test once per backend a model runs on (conftest's model_backend)."""
+    return model_backend
 
 
 @contextlib.contextmanager

@@ -49,8 +49,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -158,12 +157,15 @@ class AdaptHandle:
 
 # ------------------------------------------------------------------ per-layer statistics
 class _LayerState:
-    """Source statistics and the target statistics seen so far, per call site (``None`` for plain layers)."""
+    """Source statistics and the target statistics seen so far, per call site (``None`` for plain layers).
+
+    The layer itself is not kept: its forward pre-hook holds this state (a reference back would be a cycle that
+    keeps an online-adapted model dropped without ``restore()`` alive until the cyclic GC runs), and the methods
+    that need it are handed the module the hook is called on (that of a ``deepcopy`` too, whose hook and state
+    are copies).
+    """
 
     def __init__(self, m: nn.Module, mode: str, prior: float, momentum: float | None, window: int | None) -> None:
-        # weakly: the layer's forward pre-hook holds this state, so a strong reference would be a cycle that
-        # keeps an online-adapted model dropped without restore() alive until the cyclic GC runs
-        self._layer = weakref.ref(m)
         self.axis = feature_axis(m)
         self.per_site = m.running_mean.dim() == 2
         self.mode, self.prior, self.momentum, self.window = mode, float(prior), momentum, window
@@ -173,21 +175,16 @@ class _LayerState:
         self.recent: dict[Any, collections.deque] = {}
         self.ema: dict[Any, tuple[Tensor, Tensor]] = {}
 
-    @property
-    def m(self) -> nn.Module:
-        """The layer (alive while anything uses this state: its hook, or the handle, which holds the model)."""
-        return self._layer()
-
     def samples_total(self) -> int:
         return sum(self.samples.values())
 
-    def site_of(self, args: tuple, kwargs: dict) -> Any:
-        """The row of a per-site layer this call uses, or ``False`` when the call is not one to adapt."""
+    def site_of(self, m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The row of per-site layer ``m`` this call uses, or ``False`` when the call is not one to adapt."""
         if not self.per_site:
             return None
-        rows = self.m.running_mean.shape[0]
-        if hasattr(self.m, "num_domains"):  # DomainBatchNorm: the row is the call's domain
-            return self._domain_row(args, kwargs, rows)
+        rows = m.running_mean.shape[0]
+        if hasattr(m, "num_domains"):  # DomainBatchNorm: the row is the call's domain
+            return self._domain_row(m, args, kwargs, rows)
         site = kwargs.get("site", args[1] if len(args) > 1 else None)
         if site is None:
             return 0 if rows == 1 else False  # the layer itself raises its own error
@@ -195,10 +192,10 @@ class _LayerState:
             return False
         return site
 
-    def _domain_row(self, args: tuple, kwargs: dict, rows: int) -> Any:
+    def _domain_row(self, m: nn.Module, args: tuple, kwargs: dict, rows: int) -> Any:
         domain = kwargs.get("domain", args[1] if len(args) > 1 else None)
         if domain is None:
-            domain = self.m.__dict__.get("current_domain")
+            domain = m.__dict__.get("current_domain")
         if isinstance(domain, Tensor) and domain.numel() > 0:
             present = torch.unique(domain)
             if present.numel() > 1:
@@ -253,30 +250,35 @@ class _LayerState:
         return self.mix(site, t, self.samples[site])
 
     @torch.no_grad()
-    def write(self, site: Any, mean: Tensor, var: Tensor) -> None:
-        rm, rv = self.m.running_mean, self.m.running_var
+    def write(self, m: nn.Module, site: Any, mean: Tensor, var: Tensor) -> None:
+        rm, rv = m.running_mean, m.running_var
         if site is not None:
             rm, rv = rm[site], rv[site]
         rm.copy_(mean.to(rm.dtype))
         rv.copy_(var.to(rv.dtype))
 
 
-def _make_hook(state: _LayerState, online: bool) -> Callable:
-    position = mask_position(state.m)
+class _AdaptHook:
+    """A layer's forward pre-hook: each input batch observed, and the statistics it is normalized with written.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    An object (not a closure), so that a ``deepcopy`` of an adapted model copies it and its state: the copy
+    then adapts its own statistics.
+    """
+
+    def __init__(self, state: _LayerState, online: bool, position: Any) -> None:
+        self.state, self.online, self.position = state, online, position
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not args or not isinstance(args[0], Tensor):
             return
-        if online and module.training and learns_stats(module):
+        if self.online and module.training and learns_stats(module):
             return  # a training-mode layer normalizes with batch statistics and keeps its own averages
-        site = state.site_of(args, kwargs)
+        site = self.state.site_of(module, args, kwargs)
         if site is False:
             return
         with torch.no_grad():
-            mean, var = state.observe(args[0], site, call_mask(position, args, kwargs))
-            state.write(site, mean, var)
-
-    return hook
+            mean, var = self.state.observe(args[0], site, call_mask(self.position, args, kwargs))
+            self.state.write(module, site, mean, var)
 
 
 # ------------------------------------------------------------------ adapt
@@ -356,8 +358,8 @@ def adapt(
     states = [_LayerState(m, mode, prior, momentum, window) for _, m in layers]
     handle._states = states
     online = mode == "online"
-    for st in states:
-        handle._hooks.append(st.m.register_forward_pre_hook(_make_hook(st, online), with_kwargs=True))
+    for (_, m), st in zip(layers, states):
+        handle._hooks.append(m.register_forward_pre_hook(_AdaptHook(st, online, mask_position(m)), with_kwargs=True))
 
     if online:
         _online_modes(snapshot, layers)
@@ -378,11 +380,11 @@ def adapt(
         h.remove()
     handle._hooks.clear()
     unseen = []
-    for (name, _), st in zip(layers, states):
+    for (name, m), st in zip(layers, states):
         if not st.total:
             unseen.append(name or "<root>")
         for site in st.total:
-            st.write(site, *st.final(site))
+            st.write(m, site, *st.final(site))
     for m, training in snapshot.flags:
         m.training = training
     if unseen:

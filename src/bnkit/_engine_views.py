@@ -18,7 +18,10 @@ _CL_ORDER = {4: ((1, 3, 2, 0), torch.channels_last), 5: ((1, 4, 3, 2, 0), torch.
 
 
 def suggested_format(t: Tensor) -> torch.memory_format:
-    """``t.suggest_memory_format()`` (ATen's, not exposed in Python): the layout torch's BN gives its results.
+    """ATen's ``t.suggest_memory_format()``: the layout torch's BN gives its results.
+
+    (Python has only a private mirror, ``torch._prims_common.suggest_memory_format``, which the tests compare
+    this with; bnkit does not depend on it.)
 
     Channels-last (3d) when the strides of a 4-D (5-D) tensor are ordered as
     that format's, dense or not; otherwise contiguous, as are the ambiguous

@@ -172,29 +172,6 @@ def test_online_warm_up_leaves_dropout_flag_alone():
         h.restore()
 
 
-def test_online_adapted_model_deep_copied_adapts_its_own_statistics():
-    """A deepcopy of an online-adapted model (an EMA copy, a snapshot) has copies of the hooks and their state: the
-    copy's statistics follow the batches the copy sees, from where the original was, and the original's stay."""
-    m = _net()
-    h = bnkit.adapt(m, [torch.randn(4, 1, 6, 6)], mode="online")
-    try:
-        twin = copy.deepcopy(m)  # the oracle: the same adapted model, fed the copy's stream
-        copied = copy.deepcopy(m)
-        before = _state(m)
-        stream = [torch.randn(4, 1, 6, 6) * 2 + 1 for _ in range(3)]
-        for x in stream:
-            torch.testing.assert_close(copied(x), twin(x), rtol=0, atol=0)
-        assert _same_state(m, before)  # the original saw nothing
-        for (_, a), (_, b) in zip(bn_layers(copied), bn_layers(twin)):
-            assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
-        assert not torch.equal(bn_layers(copied)[0][1].running_mean, bn_layers(m)[0][1].running_mean)
-        del twin
-        for x in stream:  # the copy keeps adapting with its own twin gone
-            copied(x)
-    finally:
-        h.restore()
-
-
 # ------------------------------------------------------------------ tent: hand-written loop
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_tent_matches_a_hand_written_loop(optimizer):

@@ -113,19 +113,14 @@ bool reusable_grad(const Tensor& gy, const Tensor& x, c10::IntArrayRef strides) 
 // the same either way) the format ATen picks from x's and gy's strides. gy's
 // own memory where reusable_grad allows.
 Tensor input_grad_memory(const Tensor& gy, const Tensor& x, int64_t axis, Layout layout) {
-  if (layout == kContiguous && ambiguous_channels_last(x, axis)) {
-    const auto fmt = ambiguous_grad_format(x, gy);
-    if (reusable_grad(gy, x, strides_in_format(x.sizes(), fmt))) {
-      RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>()); // marks the reuse in a profile
-      return gy;
-    }
-    return at::empty(x.sizes(), x.options().memory_format(fmt));
-  }
-  if (reusable_grad(gy, x, x.strides())) {
-    RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>());
+  const bool ambiguous = layout == kContiguous && ambiguous_channels_last(x, axis);
+  const auto fmt = ambiguous ? ambiguous_grad_format(x, gy) : at::MemoryFormat::Contiguous;
+  const c10::DimVector fmt_strides = ambiguous ? strides_in_format(x.sizes(), fmt) : c10::DimVector();
+  if (reusable_grad(gy, x, ambiguous ? c10::IntArrayRef(fmt_strides) : x.strides())) {
+    RECORD_FUNCTION("bnkit::reuse_grad", std::vector<c10::IValue>()); // marks the reuse in a profile
     return gy;
   }
-  return empty_in_layout(x, layout);
+  return ambiguous ? at::empty(x.sizes(), x.options().memory_format(fmt)) : empty_in_layout(x, layout);
 }
 
 // dx (x's shape, from the differentiable composite: standard strides for

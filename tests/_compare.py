@@ -5,6 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import bnkit
+
+# The BN classes of each input rank: torch's (the oracle) and bnkit's drop-ins
+TORCH_BN_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+BNKIT_BN_BY_RANK = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str, scale: float = 1.0) -> None:
     """``max|actual - expected| <= tol * max(scale, max|expected|)``, compared in float64; shapes must agree."""

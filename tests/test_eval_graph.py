@@ -22,7 +22,7 @@ import bnkit
 from bnkit import kernels
 from bnkit.kernels import cpp
 from bnkit.tools._bnlayers import bn_layers
-from _compare import assert_close
+from _compare import TORCH_BN_BY_RANK, assert_close
 
 if not cpp.available():  # pragma: no cover - depends on the machine
     pytest.skip(f"the C++ extension cannot be built here: {cpp.build_error()}", allow_module_level=True)
@@ -35,7 +35,6 @@ ACTS = {
     "hardswish": lambda: nn.Hardswish(),
     "silu": lambda: nn.SiLU(),
 }
-TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 SPATIAL = {2: (), 3: (7,), 4: (5, 6), 5: (2, 3, 4)}
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
@@ -50,7 +49,7 @@ def eval_twins(rank: int, channels: int, act: str, dtype=torch.float32, seed: in
     """A torch BN (+ activation) in eval mode with non-trivial statistics and parameters, and its bnkit
     conversion (the activation fused)."""
     torch.manual_seed(seed)
-    bn = TORCH_BN[rank](channels)
+    bn = TORCH_BN_BY_RANK[rank](channels)
     with torch.no_grad():
         bn.weight.uniform_(-1.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
@@ -295,7 +294,7 @@ def test_op_on_views_with_statistics_gradients():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    rank=st.sampled_from(sorted(TORCH_BN)),
+    rank=st.sampled_from(sorted(TORCH_BN_BY_RANK)),
     channels=st.integers(1, 24),
     batch=st.integers(1, 6),
     act=st.sampled_from(sorted(ACTS)),

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
-from _compare import assert_close, input_grad_scale, output_scale
+from _compare import BNKIT_BN_BY_RANK, TORCH_BN_BY_RANK, assert_close, input_grad_scale, output_scale
 from torch import nn
 
 import bnkit
@@ -41,8 +41,6 @@ from bnkit import kernels
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 TOL = 1e-5
-TORCH_CLS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-BNKIT_CLS = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}
 MODES = ("train", "eval")
 
 
@@ -64,14 +62,14 @@ def strides_of(t: torch.Tensor) -> tuple:
 # ----------------------------------------------------------------------------- the comparison
 def twins(ndim: int, channels: int, dtype=F32, seed=0):
     """A torch layer and a bnkit layer with the same non-trivial weights and buffers."""
-    t = TORCH_CLS[ndim](channels)
+    t = TORCH_BN_BY_RANK[ndim](channels)
     with torch.no_grad():
         t.weight.copy_(rand(channels, seed + 100, scale=0.3, loc=1.0))
         t.bias.copy_(rand(channels, seed + 101, scale=0.5, loc=0.0))
         t.running_mean.copy_(rand(channels, seed + 102, scale=0.5, loc=0.0))
         t.running_var.copy_(rand(channels, seed + 103, scale=0.2, loc=0.0).abs() + 0.5)
         t.num_batches_tracked.fill_(3)
-    b = BNKIT_CLS[ndim](channels)
+    b = BNKIT_BN_BY_RANK[ndim](channels)
     b.load_state_dict(t.state_dict())
     return t.to(dtype), b.to(dtype)
 
@@ -138,7 +136,7 @@ def check_layer_case(make_x, make_g, train: bool, dtype=F32, ctx_ours=contextlib
     ndim, channels = x.dim(), x.shape[1]
     t, b = twins(ndim, channels, dtype)
     if ours_cls == "torch":  # torch's own layer under bnkit.accelerated()
-        b = TORCH_CLS[ndim](channels).to(dtype)
+        b = TORCH_BN_BY_RANK[ndim](channels).to(dtype)
         b.load_state_dict(t.state_dict())
     if train and x.numel() // max(channels, 1) <= 1:
         pytest.skip("one value per channel in training: an error in both (tested elsewhere)")
@@ -375,7 +373,7 @@ def test_engine_made_gradient_layout_matches_torch(case, grad_fmt, route, mode, 
     if route == "accelerated":
         if not kernels.cpp_available():
             pytest.skip("bnkit.accelerate needs the C++ extension")
-        b = TORCH_CLS[x.dim()](x.shape[1])
+        b = TORCH_BN_BY_RANK[x.dim()](x.shape[1])
         b.load_state_dict(t.state_dict())
         bnkit.accelerate(False)
         try:
@@ -466,7 +464,7 @@ def _oracle64(make_x, make_g, train, dtype_params):
     """torch's BN in float64 on the same (upcast) values: the exact result the others round."""
     x = make_x()
     t, _ = twins(x.dim(), x.shape[1], F32)
-    t64 = TORCH_CLS[x.dim()](x.shape[1]).double()
+    t64 = TORCH_BN_BY_RANK[x.dim()](x.shape[1]).double()
     t64.load_state_dict({k: v.to(dtype_params).double() if v.is_floating_point() else v
                          for k, v in t.state_dict().items()})
     return run_layer(t64, lambda: make_x().double(), lambda y: make_g(y).double(), train)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 from torch import nn
+from _compare import BNKIT_BN_BY_RANK, TORCH_BN_BY_RANK
 from torch.utils.checkpoint import checkpoint
 
 import bnkit
@@ -63,8 +64,6 @@ N = 200  # calls per growth loop of a layer
 N_VARIANT = 100  # ... of a variant
 N_TOOL = 40  # blocks per growth loop of a tool (each runs a small model a few times)
 SLACK = 5  # objects a loop may leave once (a lazily made thread-local, ...); a per-call leak leaves >= N
-TORCH_CLS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-BNKIT_CLS = {2: bnkit.BatchNorm1d, 3: bnkit.BatchNorm1d, 4: bnkit.BatchNorm2d, 5: bnkit.BatchNorm3d}
 
 # name -> (shape, memory format); the "_1x1" and "_C1" inputs are both contiguous and channels-last, which
 # the torch backend sends through the hooked autograd.Function of _engine_views._ambiguous_view
@@ -413,7 +412,7 @@ def test_layer_lifetime(backend, inp, mode, backward):
     contiguous, channels-last and contiguous-and-channels-last inputs, in train and eval mode."""
     ndim = len(INPUTS[inp][0])
     c = INPUTS[inp][0][1]
-    t, b = TORCH_CLS[ndim](c).train(mode == "train"), BNKIT_CLS[ndim](c).train(mode == "train")
+    t, b = TORCH_BN_BY_RANK[ndim](c).train(mode == "train"), BNKIT_BN_BY_RANK[ndim](c).train(mode == "train")
     assert_same_lifetime(b, t, make_input(inp), backward)
 
 
@@ -426,7 +425,7 @@ def test_ambiguous_input_goes_through_the_hooked_function_and_frees(inp, mode, g
     gradient in either layout (the two branches of the note)."""
     shape, fmt = INPUTS[inp]
     c = shape[1]
-    t, b = TORCH_CLS[len(shape)](c).train(mode == "train"), BNKIT_CLS[len(shape)](c).train(mode == "train")
+    t, b = TORCH_BN_BY_RANK[len(shape)](c).train(mode == "train"), BNKIT_BN_BY_RANK[len(shape)](c).train(mode == "train")
     make_x = make_input(inp)
     grad = (lambda y: torch.ones_like(y)) if grad_format == "contiguous" else (
         lambda y: torch.ones_like(y).to(memory_format=fmt))
@@ -612,7 +611,7 @@ def test_accelerated_torch_bn_lifetime(accelerate_off, inp, mode, backward, how)
     if not kernels.cpp_available():
         pytest.skip("the C++ extension is not available here")
     shape = INPUTS[inp][0]
-    layer = TORCH_CLS[len(shape)](shape[1]).train(mode == "train")
+    layer = TORCH_BN_BY_RANK[len(shape)](shape[1]).train(mode == "train")
     make_x = make_input(inp)
     theirs = lifetime(layer, make_x, backward)
     if how == "accelerate_global":
@@ -709,9 +708,9 @@ def test_calls_do_not_grow(backend, case, inp, mode):
     shape = INPUTS[inp][0]
     n = N if case in GROWTH_CASES[:2] else N_VARIANT
     c = shape[1]
-    theirs = TORCH_CLS[len(shape)](c)
+    theirs = TORCH_BN_BY_RANK[len(shape)](c)
     if case == "BatchNorm":
-        ours = BNKIT_CLS[len(shape)](c)
+        ours = BNKIT_BN_BY_RANK[len(shape)](c)
     elif case == "functional":
         rm, rv, w, b = torch.zeros(c), torch.ones(c), torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
         ours = lambda x: bnkit.functional.batch_norm(x, rm, rv, w, b, mode == "train")
